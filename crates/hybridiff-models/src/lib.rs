@@ -1,0 +1,10 @@
+//! Diffusers-faithful models on candle: the SDXL/SD U-Net (`UNet2DConditionModel`), the
+//! VAE (`AutoencoderKL`), and the weight loader. Module paths equal diffusers' weight
+//! names, so any diffusers checkpoint loads. Nothing here knows about distribution: a
+//! denoiser exposes its forward as a sequence of named modules over an explicit state,
+//! and the engine decides who runs which.
+
+pub mod error;
+pub mod weights;
+
+pub use error::{Error, Result};
