@@ -8,3 +8,6 @@ pub mod error;
 pub mod weights;
 
 pub use error::{Error, Result};
+pub mod nn;
+pub mod unet;
+pub mod vae;

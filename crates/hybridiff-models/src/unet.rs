@@ -1,0 +1,1 @@
+//! `UNet2DConditionModel` (SD 1.5, SD 2.1, SDXL).

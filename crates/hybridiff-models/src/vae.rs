@@ -1,0 +1,1 @@
+//! `AutoencoderKL` decoder (SDXL and SD3 VAEs).
