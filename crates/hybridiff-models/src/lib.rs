@@ -4,9 +4,11 @@
 //! denoiser exposes its forward as a sequence of named modules over an explicit state,
 //! and the engine decides who runs which.
 
+pub mod denoiser;
 pub mod error;
 pub mod weights;
 
+pub use denoiser::{Conditioning, Denoiser, State};
 pub use error::{Error, Result};
 pub mod nn;
 pub mod unet;

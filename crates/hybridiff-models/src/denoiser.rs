@@ -1,0 +1,83 @@
+//! The interface between a denoiser and whoever schedules its work: the forward pass
+//! as a sequence of named modules over an explicit [`State`]. The engine may run a
+//! module ([`Denoiser::run_module`]) or substitute an output computed elsewhere
+//! (another rank, a previous step) and feed it in with [`Denoiser::apply_module`].
+
+use candle_core::Tensor;
+
+use crate::Result;
+
+/// Per-branch conditioning, batched like the sample (`B` = 1 per branch, 2 for CFG).
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// `[B, L, D]` text embeddings (`encoder_hidden_states`).
+    pub prompt_embeds: Tensor,
+    /// `[B, P]` pooled text embeddings (SDXL `text_embeds`, SD3 `pooled_projections`).
+    pub pooled: Option<Tensor>,
+    /// `[B, 6]` SDXL micro-conditioning (`time_ids`).
+    pub time_ids: Option<Tensor>,
+}
+
+impl Conditioning {
+    /// Stacks two conditionings along the batch (e.g. uncond then cond).
+    pub fn cat(a: &Conditioning, b: &Conditioning) -> Result<Conditioning> {
+        let cat = |x: &Tensor, y: &Tensor| Tensor::cat(&[x, y], 0);
+        Ok(Conditioning {
+            prompt_embeds: cat(&a.prompt_embeds, &b.prompt_embeds)?,
+            pooled: match (&a.pooled, &b.pooled) {
+                (Some(x), Some(y)) => Some(cat(x, y)?),
+                _ => None,
+            },
+            time_ids: match (&a.time_ids, &b.time_ids) {
+                (Some(x), Some(y)) => Some(cat(x, y)?),
+                _ => None,
+            },
+        })
+    }
+}
+
+/// The state threaded through a denoiser's modules. Fields a model does not use stay
+/// empty (`skips` for a DiT).
+#[derive(Debug, Clone)]
+pub struct State {
+    /// The main activation (`hidden_states`).
+    pub hidden: Tensor,
+    /// The text context: fixed for a U-Net, updated block by block in an MMDiT.
+    pub context: Tensor,
+    /// The (time + added) embedding every block reads.
+    pub temb: Tensor,
+    /// A U-Net's skip residuals, pushed by down blocks, popped by up resnets.
+    pub skips: Vec<Tensor>,
+    /// Spatial size of the input sample, `(height, width)` in latent pixels.
+    pub sample_hw: (usize, usize),
+}
+
+/// A denoiser whose forward pass is a fixed sequence of named modules.
+///
+/// Invariant: `forward` equals `begin`, then for every module in order
+/// `apply_module(i, run_module(i))`, then `end`; substituting a module's output by a
+/// tensor list of the same shapes keeps the state consistent.
+pub trait Denoiser: Send + Sync {
+    /// Module names in execution order; they equal diffusers' weight prefixes.
+    fn module_names(&self) -> &[String];
+    /// Rough cost of each module in FLOPs for a `[1, C, h, w]` sample, for stage planning.
+    fn module_flops(&self, h: usize, w: usize) -> Vec<f64>;
+    /// Runs the parts that are not modules (time and text embeddings) and sets up the state.
+    fn begin(&self, sample: &Tensor, timestep: f64, cond: &Conditioning) -> Result<State>;
+    /// Computes module `idx` on `state` without changing it.
+    fn run_module(&self, idx: usize, state: &State) -> Result<Vec<Tensor>>;
+    /// Feeds module `idx`'s output (computed here or elsewhere) into the state.
+    fn apply_module(&self, idx: usize, state: &mut State, output: Vec<Tensor>) -> Result<()>;
+    /// The prediction after the last module.
+    fn end(&self, state: State) -> Result<Tensor>;
+
+    /// The plain forward pass.
+    fn forward(&self, sample: &Tensor, timestep: f64, cond: &Conditioning) -> Result<Tensor> {
+        let mut state = self.begin(sample, timestep, cond)?;
+        for idx in 0..self.module_names().len() {
+            let out = self.run_module(idx, &state)?;
+            self.apply_module(idx, &mut state, out)?;
+        }
+        self.end(state)
+    }
+}

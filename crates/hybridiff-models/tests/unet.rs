@@ -1,0 +1,168 @@
+//! U-Net parity with diffusers on the tiny SDXL fixture.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use hybridiff_models::unet::UNet2DConditionModel;
+use hybridiff_models::{Conditioning, Denoiser};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn max_abs(a: &Tensor) -> f32 {
+    a.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+struct Case {
+    unet: UNet2DConditionModel,
+    sample: Tensor,
+    timestep: f64,
+    cond: Conditioning,
+    uncond: Conditioning,
+    out_cond: Tensor,
+    out_uncond: Tensor,
+}
+
+fn load_case() -> Case {
+    let dev = Device::Cpu;
+    let root = fixtures().join("tiny-sdxl");
+    let unet = UNet2DConditionModel::load(&root.join("unet"), DType::F32, &dev).unwrap();
+    let inputs = candle_core::safetensors::load(root.join("inputs.safetensors"), &dev).unwrap();
+    let exp =
+        candle_core::safetensors::load(root.join("expected/denoiser_forward.safetensors"), &dev)
+            .unwrap();
+    let time_ids = exp["time_ids"].clone();
+    let timestep = exp["timestep"].to_vec1::<f32>().unwrap()[0] as f64;
+    Case {
+        unet,
+        sample: exp["sample"].clone(),
+        timestep,
+        cond: Conditioning {
+            prompt_embeds: inputs["prompt_embeds"].clone(),
+            pooled: Some(inputs["pooled_prompt_embeds"].clone()),
+            time_ids: Some(time_ids.clone()),
+        },
+        uncond: Conditioning {
+            prompt_embeds: inputs["negative_prompt_embeds"].clone(),
+            pooled: Some(inputs["negative_pooled_prompt_embeds"].clone()),
+            time_ids: Some(time_ids),
+        },
+        out_cond: exp["out_cond"].clone(),
+        out_uncond: exp["out_uncond"].clone(),
+    }
+}
+
+fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
+    let tol = 1e-4 * max_abs(want).max(1.0);
+    let d = max_abs_diff(got, want);
+    assert!(d < tol, "{what}: max abs diff {d} >= tolerance {tol}");
+}
+
+#[test]
+fn forward_matches_diffusers_cond_and_uncond() {
+    let c = load_case();
+    let got = c.unet.forward(&c.sample, c.timestep, &c.cond).unwrap();
+    assert_close(&got, &c.out_cond, "out_cond");
+    let got = c.unet.forward(&c.sample, c.timestep, &c.uncond).unwrap();
+    assert_close(&got, &c.out_uncond, "out_uncond");
+    // The branches must differ, or the test could not tell them apart.
+    assert!(max_abs_diff(&c.out_cond, &c.out_uncond) > 1e-3);
+}
+
+#[test]
+fn cfg_batch_of_two_matches_each_branch() {
+    let c = load_case();
+    let sample = Tensor::cat(&[&c.sample, &c.sample], 0).unwrap();
+    let cond = Conditioning::cat(&c.uncond, &c.cond).unwrap();
+    let got = c.unet.forward(&sample, c.timestep, &cond).unwrap();
+    assert_close(&got.narrow(0, 0, 1).unwrap(), &c.out_uncond, "batch[0]");
+    assert_close(&got.narrow(0, 1, 1).unwrap(), &c.out_cond, "batch[1]");
+}
+
+#[test]
+fn modules_run_one_by_one_with_substituted_outputs_match_forward() {
+    let c = load_case();
+    let names = c.unet.module_names().to_vec();
+    let expected_names = [
+        "conv_in",
+        "down_blocks.0",
+        "down_blocks.1",
+        "down_blocks.2",
+        "mid_block",
+        "up_blocks.0.resnets.0",
+        "up_blocks.0.attentions.0",
+        "up_blocks.0.resnets.1",
+        "up_blocks.0.attentions.1",
+        "up_blocks.0.resnets.2",
+        "up_blocks.0.attentions.2",
+        "up_blocks.0.upsamplers",
+        "up_blocks.1.resnets.0",
+        "up_blocks.1.attentions.0",
+        "up_blocks.1.resnets.1",
+        "up_blocks.1.attentions.1",
+        "up_blocks.1.resnets.2",
+        "up_blocks.1.attentions.2",
+        "up_blocks.1.upsamplers",
+        "up_blocks.2.resnets.0",
+        "up_blocks.2.resnets.1",
+        "up_blocks.2.resnets.2",
+        "conv_norm_out",
+        "conv_out",
+    ];
+    assert_eq!(names, expected_names);
+
+    // Pass 1: run every module, keeping its output.
+    let mut state = c.unet.begin(&c.sample, c.timestep, &c.cond).unwrap();
+    let mut cache = Vec::new();
+    for i in 0..names.len() {
+        let out = c.unet.run_module(i, &state).unwrap();
+        cache.push(out.clone());
+        c.unet.apply_module(i, &mut state, out).unwrap();
+    }
+    assert!(state.skips.is_empty(), "every skip residual consumed");
+    let first = c.unet.end(state).unwrap();
+    assert_close(&first, &c.out_cond, "module-by-module");
+
+    // Pass 2: every odd module's output is substituted from the cache, as a pipelined
+    // rank does with the modules it does not own.
+    let mut state = c.unet.begin(&c.sample, c.timestep, &c.cond).unwrap();
+    for (i, cached) in cache.into_iter().enumerate() {
+        let out = if i % 2 == 1 {
+            cached
+        } else {
+            c.unet.run_module(i, &state).unwrap()
+        };
+        c.unet.apply_module(i, &mut state, out).unwrap();
+    }
+    let second = c.unet.end(state).unwrap();
+    assert_eq!(max_abs_diff(&first, &second), 0.0);
+}
+
+#[test]
+fn module_flops_are_positive_per_module() {
+    let c = load_case();
+    let f = c.unet.module_flops(16, 16);
+    assert_eq!(f.len(), c.unet.module_names().len());
+    assert!(f.iter().all(|x| *x > 0.0));
+}
