@@ -447,13 +447,15 @@ impl UNetConfig {
                 .iter()
                 .map(|v| layers(v, "transformer_layers_per_block"))
                 .collect::<Result<Vec<_>>>()?,
-            Some(list) => return Err(Error::Config {
-                path: path.to_path_buf(),
-                msg: format!(
+            Some(list) => {
+                return Err(Error::Config {
+                    path: path.to_path_buf(),
+                    msg: format!(
                     "`transformer_layers_per_block` has {} entries, expected one per block ({n})",
                     list.len()
                 ),
-            }),
+                })
+            }
         };
         let reverse_transformer_layers_per_block = match &raw.reverse_transformer_layers_per_block {
             None | Some(serde_json::Value::Null) => {
