@@ -1,0 +1,99 @@
+//! A diffusers model folder: which denoiser it holds, its scheduler config and VAE.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use hybridiff_models::unet::UNet2DConditionModel;
+use hybridiff_models::vae::AutoencoderKL;
+use hybridiff_models::Denoiser;
+use hybridiff_schedulers::SchedulerConfig;
+
+use crate::io::InputSpec;
+use crate::{Error, Result};
+
+/// A loaded model folder.
+pub struct Model {
+    pub dir: PathBuf,
+    pub denoiser: Arc<dyn Denoiser>,
+    pub scheduler_config: SchedulerConfig,
+    pub input_spec: InputSpec,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+/// Pixels per latent pixel, from `vae/config.json` when there is one (diffusers' default 8).
+fn vae_factor(dir: &Path) -> Result<usize> {
+    let path = dir.join("vae").join("config.json");
+    if !path.is_file() {
+        return Ok(8);
+    }
+    let v: serde_json::Value = hybridiff_models::weights::read_config(&path)?;
+    let n = v
+        .get("block_out_channels")
+        .and_then(|b| b.as_array())
+        .map(|a| a.len())
+        .unwrap_or(4);
+    Ok(1 << n.saturating_sub(1))
+}
+
+impl Model {
+    /// Loads the denoiser and scheduler config of a diffusers model folder.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::io(
+                dir,
+                "model folder not found (expected a diffusers folder with unet/ and scheduler/)",
+            ));
+        }
+        let sched_path = dir.join("scheduler").join("scheduler_config.json");
+        if !sched_path.is_file() {
+            return Err(Error::io(&sched_path, "scheduler config not found"));
+        }
+        let scheduler_config = SchedulerConfig::from_file(&sched_path)?;
+        let unet_dir = dir.join("unet");
+        if unet_dir.is_dir() {
+            let unet = UNet2DConditionModel::load(&unet_dir, dtype, device)?;
+            let c = &unet.config;
+            let input_spec = InputSpec {
+                latent_channels: c.in_channels,
+                latent_multiple: 1 << c.num_downsamples(),
+                context_dim: c.cross_attention_dim[0],
+                pooled_dim: c.text_time.map(|(t, p)| p - 6 * t),
+                time_ids: c.text_time.is_some(),
+                vae_factor: vae_factor(dir)?,
+            };
+            return Ok(Self {
+                dir: dir.to_path_buf(),
+                denoiser: Arc::new(unet),
+                scheduler_config,
+                input_spec,
+                dtype,
+                device: device.clone(),
+            });
+        }
+        if dir.join("transformer").is_dir() {
+            return Err(Error::Input(format!(
+                "{}: an MMDiT (SD3) model; this build runs U-Net models (SD 1.5, SD 2.1, SDXL) only",
+                dir.display()
+            )));
+        }
+        Err(Error::io(
+            dir,
+            "no denoiser found: expected a unet/ folder (diffusers layout)",
+        ))
+    }
+
+    /// Loads the folder's VAE (for `--decode`).
+    pub fn load_vae(&self) -> Result<AutoencoderKL> {
+        let vae_dir = self.dir.join("vae");
+        if !vae_dir.is_dir() {
+            return Err(Error::io(
+                &vae_dir,
+                "no VAE in the model folder; cannot decode",
+            ));
+        }
+        // The VAE runs in f32 whatever the denoiser's dtype, like diffusers' force_upcast.
+        Ok(AutoencoderKL::load(&vae_dir, DType::F32, &self.device)?)
+    }
+}

@@ -1,0 +1,48 @@
+//! The per-step record of a run, written as JSON by `--trace`.
+
+use serde::Serialize;
+
+/// How a step's prediction was computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepMode {
+    /// Both CFG branches computed exactly on current inputs.
+    Exact,
+    /// First pipelined step: every rank runs the whole denoiser to fill the caches.
+    Fill,
+    /// Stages run on one-step-stale inputs.
+    Pipelined,
+}
+
+/// One step of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepTrace {
+    pub index: usize,
+    pub timestep: f64,
+    pub mode: StepMode,
+    /// `mean|eps_c - eps_u| / mean|eps_u|` (0 where one prediction stands for both).
+    pub rel_mae: f64,
+    /// Wall-clock seconds of the step on rank 0.
+    pub wall_seconds: f64,
+    /// Seconds each rank spent in denoiser compute during the step.
+    pub rank_compute_seconds: Vec<f64>,
+    /// Bytes sent by all ranks during the step.
+    pub bytes_sent: u64,
+}
+
+/// A whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Trace {
+    pub strategy: String,
+    pub world_size: usize,
+    pub threads_per_rank: usize,
+    pub scheduler: String,
+    pub num_steps: usize,
+    pub guidance: f64,
+    pub total_seconds: f64,
+    pub bytes_sent: u64,
+    pub tau1: Option<usize>,
+    pub tau2: Option<usize>,
+    pub rel_mae_log: Vec<f64>,
+    pub steps: Vec<StepTrace>,
+}
