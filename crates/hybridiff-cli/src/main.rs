@@ -1,1 +1,92 @@
-fn main() {}
+//! `hybridiff`: fast multi-device text-to-image diffusion.
+
+mod bench;
+mod denoise;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Fast text-to-image diffusion on several devices (Hybridiff, AsyncDiff, CFG split).
+#[derive(Parser, Debug)]
+#[command(name = "hybridiff", version, about)]
+struct Cli {
+    /// Log more (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Denoise latents from a safetensors inputs file with a model folder.
+    Denoise(denoise::DenoiseArgs),
+    /// Write a random-weight model folder from a U-Net config (for benchmarks).
+    Init(InitArgs),
+    /// Time the denoiser forward and compare strategies on one machine.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct InitArgs {
+    /// A diffusers `unet/config.json`.
+    #[arg(long)]
+    config: std::path::PathBuf,
+    /// The model folder to write (created if missing).
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Sets the per-rank thread budget that candle's matmul reads, before any pool exists.
+pub(crate) fn set_compute_threads(threads_per_rank: usize) {
+    // candle sizes its gemm parallelism from RAYON_NUM_THREADS on every call; each rank
+    // runs inside its own pool of this size, so the two must agree.
+    std::env::set_var("RAYON_NUM_THREADS", threads_per_rank.to_string());
+}
+
+/// Threads per rank when the user gives none: the cores shared evenly.
+pub(crate) fn default_threads(world_size: usize) -> usize {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    (cores / world_size.max(1)).max(1)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Denoise(args) => denoise::run(args),
+        Command::Init(args) => {
+            hybridiff_engine::init::init_unet_folder(&args.config, &args.out, args.seed)
+                .map(|()| println!("wrote random-weight model to {}", args.out.display()))
+                .map_err(anyhow::Error::from)
+        }
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hybridiff: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

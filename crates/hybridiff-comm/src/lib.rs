@@ -1,1 +1,64 @@
-//! placeholder
+//! The parallel runtime of hybridiff: how the ranks of a distributed denoising job exchange
+//! tensors.
+//!
+//! The engine only talks to the [`Communicator`] trait, so the transport can change (threads of
+//! one process today, NCCL or TCP later) without touching it. The trait is deliberately
+//! transport-neutral: tensors go in and new tensors come out, and nothing may rely on sender and
+//! receiver sharing memory or a device.
+//!
+//! Two promises hold for every transport: no call blocks longer than the configured timeout, and
+//! [`Communicator::abort`] makes every pending and future wait on every rank fail promptly, so a
+//! failing rank stops the whole job instead of leaving the others hung.
+
+mod error;
+mod in_process;
+mod run;
+
+use candle_core::Tensor;
+
+pub use error::{Error, Op, Result};
+pub use in_process::{InProcessComm, InProcessGroup};
+pub use run::{run_ranks, RunError};
+
+/// One rank's handle on a group of ranks.
+///
+/// Point-to-point messages are FIFO per (source, destination) pair. Collectives must be called
+/// by every rank of the group, in the same order; they may be called repeatedly, and a fast
+/// rank's next collective never mixes with a slow rank's current one.
+pub trait Communicator: Send {
+    /// This rank, in `0..world_size()`.
+    fn rank(&self) -> usize;
+
+    /// Number of ranks in the group.
+    fn world_size(&self) -> usize;
+
+    /// Sends `tensor` to `dst`; the matching [`recv`](Self::recv) on `dst` gets it, in order.
+    fn send(&self, tensor: &Tensor, dst: usize) -> Result<()>;
+
+    /// Receives the next tensor `src` sent to this rank, waiting at most the timeout.
+    fn recv(&self, src: usize) -> Result<Tensor>;
+
+    /// Root passes `Some(tensor)`, others `None`; every rank gets root's tensor.
+    fn broadcast(&self, tensor: Option<&Tensor>, root: usize) -> Result<Tensor>;
+
+    /// Every rank contributes one tensor; every rank gets all, index = rank.
+    fn all_gather(&self, tensor: &Tensor) -> Result<Vec<Tensor>>;
+
+    /// Returns once every rank has entered the barrier.
+    fn barrier(&self) -> Result<()>;
+
+    /// Bytes this rank has sent so far, counted as a wire transport would: elements × dtype size
+    /// of every tensor, once per destination (a broadcast from the root to 3 others counts 3×, an
+    /// all_gather sends its tensor to `world_size - 1` peers, a barrier sends nothing). Lets us
+    /// compare the communication volume of parallel strategies independently of the transport.
+    fn bytes_sent(&self) -> u64;
+
+    /// Marks the whole group failed with `reason`: every pending and future wait on every rank
+    /// returns [`Error::Aborted`] promptly. The first abort's reason is the one reported.
+    fn abort(&self, reason: &str);
+}
+
+/// What sending `t` costs on a real wire: its elements in its dtype, views included.
+pub fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as u64
+}

@@ -1,6 +1,7 @@
 //! The denoising engine: model folders, job inputs and outputs, the per-rank sampling
 //! loop and the parallel strategies that share its work.
 
+pub mod bench;
 pub mod error;
 pub mod init;
 pub mod io;

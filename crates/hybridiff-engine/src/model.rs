@@ -20,6 +20,7 @@ pub struct Model {
     pub input_spec: InputSpec,
     pub dtype: DType,
     pub device: Device,
+    sample_size: Option<usize>,
 }
 
 /// Pixels per latent pixel, from `vae/config.json` when there is one (diffusers' default 8).
@@ -55,6 +56,7 @@ impl Model {
         if unet_dir.is_dir() {
             let unet = UNet2DConditionModel::load(&unet_dir, dtype, device)?;
             let c = &unet.config;
+            let sample_size = c.sample_size;
             let input_spec = InputSpec {
                 latent_channels: c.in_channels,
                 latent_multiple: 1 << c.num_downsamples(),
@@ -70,6 +72,7 @@ impl Model {
                 input_spec,
                 dtype,
                 device: device.clone(),
+                sample_size,
             });
         }
         if dir.join("transformer").is_dir() {
@@ -82,6 +85,11 @@ impl Model {
             dir,
             "no denoiser found: expected a unet/ folder (diffusers layout)",
         ))
+    }
+
+    /// The latent size the denoiser was configured for, if its config says.
+    pub fn sample_size(&self) -> Option<usize> {
+        self.sample_size
     }
 
     /// Loads the folder's VAE (for `--decode`).

@@ -219,6 +219,8 @@ pub struct UNetConfig {
     pub resnet_out_scale_factor: f64,
     pub conv_in_kernel: usize,
     pub conv_out_kernel: usize,
+    /// The latent size the model was trained at (`sample_size`), when it is square.
+    pub sample_size: Option<usize>,
 }
 
 /// The block types this engine implements.
@@ -526,6 +528,11 @@ impl UNetConfig {
             resnet_out_scale_factor: raw.resnet_out_scale_factor,
             conv_in_kernel: raw.conv_in_kernel,
             conv_out_kernel: raw.conv_out_kernel,
+            sample_size: raw
+                .sample_size
+                .as_ref()
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize),
         })
     }
 

@@ -1,0 +1,153 @@
+//! `hybridiff denoise`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use hybridiff_engine::io::{check_output_path, save_png, save_safetensors, write_bytes_atomic};
+use hybridiff_engine::{denoise, DenoiseInputs, Job, Model, RunOptions, StrategyKind};
+use hybridiff_schedulers::SchedulerKind;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Arguments of `hybridiff denoise`.
+#[derive(clap::Args, Debug)]
+pub struct DenoiseArgs {
+    /// A diffusers model folder (with unet/ and scheduler/; vae/ for --decode).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// safetensors with `latents`, `prompt_embeds`, `negative_prompt_embeds`,
+    /// `pooled_prompt_embeds`, `negative_pooled_prompt_embeds` (and optionally `time_ids`).
+    #[arg(long)]
+    pub inputs: PathBuf,
+    /// Where to write `latents` and `step_latents` (safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 5.0)]
+    pub guidance: f64,
+    /// ddim, euler, dpmpp-2m or flow-euler [default: the model's scheduler_config.json]
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// serial (1 rank) or cfg (2 or 4 ranks).
+    #[arg(long, default_value = "serial")]
+    pub strategy: String,
+    /// Number of ranks [default: 1 for serial, 2 otherwise].
+    #[arg(long)]
+    pub world_size: Option<usize>,
+    /// Compute threads per rank [default: cores / world size].
+    #[arg(long)]
+    pub threads_per_rank: Option<usize>,
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Write a per-step JSON trace here.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Decode the final latents with the model's VAE and write this PNG.
+    #[arg(long)]
+    pub decode: Option<PathBuf>,
+    /// Seconds any rank waits for another before the job fails.
+    #[arg(long, default_value_t = 600)]
+    pub comm_timeout: u64,
+}
+
+pub(crate) fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => anyhow::bail!("--dtype: unknown dtype `{other}`; expected f32, f16 or bf16"),
+    }
+}
+
+pub(crate) fn parse_scheduler(s: Option<&str>, model: &Model) -> Result<SchedulerKind> {
+    Ok(match s {
+        Some(s) => s.parse().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?,
+        None => model.scheduler_config.default_kind()?,
+    })
+}
+
+pub fn run(args: DenoiseArgs) -> Result<()> {
+    let strategy_kind: StrategyKind = args.strategy.parse()?;
+    let world_size = args.world_size.unwrap_or(match strategy_kind {
+        StrategyKind::Serial => 1,
+        _ => 2,
+    });
+    let strategy = strategy_kind.build();
+    strategy.check(world_size)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    check_output_path(&args.out, "--out")?;
+    if let Some(p) = &args.trace {
+        check_output_path(p, "--trace")?;
+    }
+    if let Some(p) = &args.decode {
+        check_output_path(p, "--decode")?;
+    }
+    let threads = args
+        .threads_per_rank
+        .unwrap_or_else(|| crate::default_threads(world_size));
+    crate::set_compute_threads(threads);
+
+    let device = Device::Cpu;
+    let model = Model::load(&args.model, dtype, &device)?;
+    let scheduler = parse_scheduler(args.scheduler.as_deref(), &model)?;
+    let inputs = DenoiseInputs::load(&args.inputs, &model.input_spec, &device)?;
+    let vae = match &args.decode {
+        Some(_) => Some(model.load_vae()?),
+        None => None,
+    };
+
+    let bar = ProgressBar::new(args.steps as u64).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed_precise} eta {eta}")
+            .expect("valid template"),
+    );
+    let progress = |done: usize, _total: usize| bar.set_position(done as u64);
+    let job = Job {
+        model: model.denoiser.as_ref(),
+        scheduler_config: &model.scheduler_config,
+        scheduler,
+        steps: args.steps,
+        guidance: args.guidance,
+        inputs: &inputs,
+        progress: Some(&progress),
+    };
+    let opts = RunOptions {
+        world_size,
+        threads_per_rank: threads,
+        comm_timeout: Duration::from_secs(args.comm_timeout),
+    };
+    let out = denoise(&job, strategy.as_ref(), &opts)?;
+    bar.finish_and_clear();
+
+    let mut tensors = HashMap::new();
+    tensors.insert("latents".to_string(), out.latents.to_dtype(DType::F32)?);
+    tensors.insert(
+        "step_latents".to_string(),
+        out.step_latents.to_dtype(DType::F32)?,
+    );
+    save_safetensors(&args.out, &tensors)?;
+    if let Some(path) = &args.trace {
+        let json = serde_json::to_string_pretty(&out.trace).context("serialising the trace")?;
+        write_bytes_atomic(path, json.as_bytes())?;
+    }
+    if let (Some(path), Some(vae)) = (&args.decode, vae) {
+        let image = vae.decode_latents(&out.latents.to_dtype(DType::F32)?)?;
+        let (w, h, rgb) = hybridiff_models::vae::to_rgb8(&image)?;
+        save_png(path, w, h, rgb)?;
+    }
+    println!(
+        "{} on {} rank(s) x {} thread(s): {} steps in {:.3} s, {} bytes sent; wrote {}",
+        out.trace.strategy,
+        world_size,
+        threads,
+        args.steps,
+        out.trace.total_seconds,
+        out.trace.bytes_sent,
+        args.out.display()
+    );
+    Ok(())
+}

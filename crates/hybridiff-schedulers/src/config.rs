@@ -1,0 +1,267 @@
+//! Reading diffusers' `scheduler_config.json`.
+//!
+//! The file is kept as a JSON object and each scheduler reads the keys it
+//! knows, with its own diffusers defaults, when it is built. That mirrors
+//! diffusers' `from_config`, where a key means something only to the classes
+//! whose `__init__` takes it (running Euler with a DDIM config ignores DDIM's
+//! `clip_sample`).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::{Error, Result, SchedulerKind};
+
+/// A parsed diffusers `scheduler_config.json`; keeps its path for error messages.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    path: PathBuf,
+    values: Map<String, Value>,
+}
+
+impl SchedulerConfig {
+    /// Reads and parses `path`. Keys are only checked when a scheduler is built.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Parses config text; `path` is only used to name the source in errors.
+    pub fn from_json_str(text: &str, path: impl Into<PathBuf>) -> Result<Self> {
+        let path = path.into();
+        // Python's json module writes non-finite floats (e.g. DPM-Solver's
+        // `lambda_min_clipped: -inf`) as bare tokens that strict JSON rejects.
+        let text = quote_non_finite(text);
+        let value: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: path.clone(),
+            source,
+        })?;
+        match value {
+            Value::Object(values) => Ok(Self { path, values }),
+            other => Err(Error::InvalidValue {
+                path,
+                key: "<root>".into(),
+                value: short(&other),
+                expected: "a JSON object",
+            }),
+        }
+    }
+
+    /// The file this config was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The diffusers class named by `_class_name`, if any.
+    pub fn class_name(&self) -> Option<&str> {
+        self.values.get("_class_name").and_then(Value::as_str)
+    }
+
+    /// The scheduler kind that `_class_name` names.
+    pub fn default_kind(&self) -> Result<SchedulerKind> {
+        let key = "_class_name";
+        match self.values.get(key) {
+            None | Some(Value::Null) => Err(Error::InvalidValue {
+                path: self.path.clone(),
+                key: key.into(),
+                value: "absent".into(),
+                expected: "a scheduler class name",
+            }),
+            Some(Value::String(s)) => match s.as_str() {
+                "DDIMScheduler" => Ok(SchedulerKind::Ddim),
+                "EulerDiscreteScheduler" => Ok(SchedulerKind::Euler),
+                "DPMSolverMultistepScheduler" => Ok(SchedulerKind::DpmPp2M),
+                "FlowMatchEulerDiscreteScheduler" => Ok(SchedulerKind::FlowEuler),
+                _ => Err(self.unsupported(
+                    key,
+                    "implemented: DDIMScheduler, EulerDiscreteScheduler, \
+                     DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler; \
+                     name a kind explicitly to run one of those from this config",
+                )),
+            },
+            Some(other) => Err(self.invalid(key, other, "a string")),
+        }
+    }
+
+    /// An error saying that the value present under `key` is not implemented.
+    pub(crate) fn unsupported(&self, key: &str, reason: &str) -> Error {
+        let value = self
+            .values
+            .get(key)
+            .map(short)
+            .unwrap_or_else(|| "absent".into());
+        self.unsupported_value(key, value, reason)
+    }
+
+    /// Like [`Self::unsupported`] for a value implied by a default.
+    pub(crate) fn unsupported_value(&self, key: &str, value: String, reason: &str) -> Error {
+        Error::Unsupported {
+            path: self.path.clone(),
+            key: key.into(),
+            value,
+            reason: reason.into(),
+        }
+    }
+
+    fn invalid(&self, key: &str, value: &Value, expected: &'static str) -> Error {
+        Error::InvalidValue {
+            path: self.path.clone(),
+            key: key.into(),
+            value: short(value),
+            expected,
+        }
+    }
+
+    /// The value under `key`, treating JSON `null` like an absent key.
+    fn present(&self, key: &str) -> Option<&Value> {
+        self.values.get(key).filter(|v| !v.is_null())
+    }
+
+    pub(crate) fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        match self.present(key) {
+            None => Ok(default),
+            Some(v) => match v.as_u64() {
+                Some(n) => Ok(n as usize),
+                // Hand-edited configs sometimes write integers as `1000.0`.
+                None => match v.as_f64() {
+                    Some(f) if f >= 0.0 && f.fract() == 0.0 && f < 1e15 => Ok(f as usize),
+                    _ => Err(self.invalid(key, v, "a non-negative integer")),
+                },
+            },
+        }
+    }
+
+    pub(crate) fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        Ok(self.opt_f64(key)?.unwrap_or(default))
+    }
+
+    pub(crate) fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => number(v)
+                .map(Some)
+                .ok_or_else(|| self.invalid(key, v, "a number")),
+        }
+    }
+
+    /// Booleans follow Python truthiness for `null`: it reads as false.
+    pub(crate) fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.values.get(key) {
+            None => Ok(default),
+            Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(self.invalid(key, v, "true or false")),
+        }
+    }
+
+    pub(crate) fn str_or<'a>(&'a self, key: &str, default: &'a str) -> Result<&'a str> {
+        match self.present(key) {
+            None => Ok(default),
+            Some(Value::String(s)) => Ok(s),
+            Some(v) => Err(self.invalid(key, v, "a string")),
+        }
+    }
+
+    pub(crate) fn opt_str(&self, key: &str) -> Result<Option<&str>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(self.invalid(key, v, "a string or null")),
+        }
+    }
+
+    pub(crate) fn opt_f64_list(&self, key: &str) -> Result<Option<Vec<f64>>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(number)
+                .collect::<Option<Vec<f64>>>()
+                .map(Some)
+                .ok_or_else(|| self.invalid(key, &self.values[key], "a list of numbers")),
+            Some(v) => Err(self.invalid(key, v, "a list of numbers or null")),
+        }
+    }
+}
+
+fn number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => match s.as_str() {
+            "Infinity" => Some(f64::INFINITY),
+            "-Infinity" => Some(f64::NEG_INFINITY),
+            "NaN" => Some(f64::NAN),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// A JSON value rendered for an error message, cut short when long (e.g. `trained_betas`).
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 80 {
+        let head: String = s.chars().take(77).collect();
+        format!("{head}...")
+    } else {
+        s
+    }
+}
+
+/// Turns the bare `NaN`, `Infinity` and `-Infinity` tokens that Python's json
+/// module emits into strings, leaving string contents alone.
+fn quote_non_finite(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains("Infinity") && !text.contains("NaN") {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else {
+            // Outside strings valid JSON only has the lowercase literals, so these
+            // prefixes cannot cut into another token.
+            let token = ["-Infinity", "Infinity", "NaN"]
+                .into_iter()
+                .find(|t| rest.starts_with(t));
+            if let Some(token) = token {
+                out.push('"');
+                out.push_str(token);
+                out.push('"');
+                rest = &rest[token.len()..];
+                continue;
+            }
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_tokens_are_quoted_outside_strings_only() {
+        let text = r#"{"a": -Infinity, "b": "NaN and -Infinity", "c": [NaN, Infinity]}"#;
+        let cfg = SchedulerConfig::from_json_str(text, "x.json").unwrap();
+        assert_eq!(cfg.f64_or("a", 0.0).unwrap(), f64::NEG_INFINITY);
+        assert_eq!(cfg.str_or("b", "").unwrap(), "NaN and -Infinity");
+        assert_eq!(cfg.values["c"], serde_json::json!(["NaN", "Infinity"]));
+    }
+}
