@@ -6,7 +6,7 @@ use crate::{Error, Result, SchedulerConfig};
 
 /// What the denoiser predicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PredictionType {
+pub(crate) enum PredictionType {
     /// The added noise.
     Epsilon,
     /// The velocity `alpha_t * noise - sigma_t * x_0`.
@@ -15,7 +15,7 @@ pub enum PredictionType {
 
 /// How inference timesteps are spread over the training ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TimestepSpacing {
+pub(crate) enum TimestepSpacing {
     /// Evenly spread over `[0, num_train_timesteps - 1]`.
     Linspace,
     /// Multiples of `num_train_timesteps / n` counted from 0, plus `steps_offset`.

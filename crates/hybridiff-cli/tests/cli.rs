@@ -1,0 +1,417 @@
+//! The `hybridiff` command line, end to end, and its handling of bad input.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{Device, Tensor};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures")).join(name)
+}
+
+fn hybridiff(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hybridiff"))
+        .args(args)
+        .output()
+        .expect("run hybridiff")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// Runs `denoise` on the tiny SDXL with `inputs` and extra flags, expecting failure whose
+/// message contains every `needles`, no panic, and no file at `out`.
+fn expect_failure(model: &Path, inputs: &Path, out: &Path, extra: &[&str], needles: &[&str]) {
+    let mut args = vec![
+        "denoise",
+        "--model",
+        s(model),
+        "--inputs",
+        s(inputs),
+        "--out",
+        s(out),
+        "--steps",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    let o = hybridiff(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure for {args:?}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
+    }
+    assert!(!out.exists(), "an output file was left behind");
+}
+
+#[test]
+fn denoise_serial_matches_fixture_and_writes_trace_and_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixture("tiny-sdxl");
+    let out = dir.path().join("out.safetensors");
+    let trace = dir.path().join("trace.json");
+    let png = dir.path().join("x.png");
+    let o = hybridiff(&[
+        "denoise",
+        "--model",
+        s(&root),
+        "--inputs",
+        s(&root.join("inputs.safetensors")),
+        "--out",
+        s(&out),
+        "--steps",
+        "20",
+        "--guidance",
+        "5",
+        "--scheduler",
+        "ddim",
+        "--strategy",
+        "serial",
+        "--threads-per-rank",
+        "1",
+        "--trace",
+        s(&trace),
+        "--decode",
+        s(&png),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let want =
+        candle_core::safetensors::load(root.join("expected/serial.safetensors"), &Device::Cpu)
+            .unwrap();
+    for key in ["latents", "step_latents"] {
+        assert_eq!(got[key].dims(), want[key].dims(), "{key}");
+        let d = max_abs(&(&got[key] - &want[key]).unwrap());
+        assert!(d < 1e-3 * max_abs(&want[key]).max(1.0), "{key} off by {d}");
+    }
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let steps = t["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 20);
+    for (i, st) in steps.iter().enumerate() {
+        assert_eq!(st["index"].as_u64().unwrap() as usize, i);
+        assert_eq!(st["mode"], "exact");
+        assert!(st["rel_mae"].as_f64().unwrap() > 0.0);
+        assert!(st["wall_seconds"].as_f64().unwrap() > 0.0);
+        assert!(st["bytes_sent"].is_u64());
+    }
+    assert_eq!(steps[0]["timestep"].as_f64().unwrap(), 951.0);
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (128, 128));
+}
+
+#[test]
+fn denoise_cfg_two_ranks_matches_fixture() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixture("tiny-sdxl");
+    let out = dir.path().join("out.safetensors");
+    let o = hybridiff(&[
+        "denoise",
+        "--model",
+        s(&root),
+        "--inputs",
+        s(&root.join("inputs.safetensors")),
+        "--out",
+        s(&out),
+        "--strategy",
+        "cfg",
+        "--world-size",
+        "2",
+        "--threads-per-rank",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let want =
+        candle_core::safetensors::load(root.join("expected/serial.safetensors"), &Device::Cpu)
+            .unwrap();
+    let d = max_abs(&(&got["step_latents"] - &want["step_latents"]).unwrap());
+    assert!(
+        d < 1e-3 * max_abs(&want["step_latents"]).max(1.0),
+        "off by {d}"
+    );
+}
+
+#[test]
+fn missing_model_folder_and_inputs_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixture("tiny-sdxl");
+    let out = dir.path().join("out.safetensors");
+    let inputs = root.join("inputs.safetensors");
+    let nowhere = dir.path().join("no-such-model");
+    expect_failure(
+        &nowhere,
+        &inputs,
+        &out,
+        &[],
+        &["no-such-model", "not found"],
+    );
+    let missing = dir.path().join("missing.safetensors");
+    expect_failure(
+        &root,
+        &missing,
+        &out,
+        &[],
+        &["missing.safetensors", "not found"],
+    );
+}
+
+#[test]
+fn truncated_inputs_and_weights_are_reported_with_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixture("tiny-sdxl");
+    let out = dir.path().join("out.safetensors");
+    let bytes = std::fs::read(root.join("inputs.safetensors")).unwrap();
+    let bad = dir.path().join("truncated.safetensors");
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    expect_failure(
+        &root,
+        &bad,
+        &out,
+        &[],
+        &["truncated.safetensors", "corrupt"],
+    );
+    std::fs::write(&bad, b"not a safetensors file at all").unwrap();
+    expect_failure(&root, &bad, &out, &[], &["truncated.safetensors"]);
+
+    // A model folder whose U-Net weights are cut short.
+    let model = dir.path().join("model");
+    for sub in ["unet", "scheduler"] {
+        std::fs::create_dir_all(model.join(sub)).unwrap();
+    }
+    std::fs::copy(
+        root.join("scheduler/scheduler_config.json"),
+        model.join("scheduler/scheduler_config.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        root.join("unet/config.json"),
+        model.join("unet/config.json"),
+    )
+    .unwrap();
+    let w = std::fs::read(root.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::write(
+        model.join("unet/diffusion_pytorch_model.safetensors"),
+        &w[..w.len() - 1000],
+    )
+    .unwrap();
+    let inputs = root.join("inputs.safetensors");
+    expect_failure(
+        &model,
+        &inputs,
+        &out,
+        &[],
+        &[
+            "diffusion_pytorch_model.safetensors",
+            "truncated or corrupt",
+        ],
+    );
+}
+
+fn write_inputs(path: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+    let mut t = candle_core::safetensors::load(
+        fixture("tiny-sdxl").join("inputs.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    edit(&mut t);
+    candle_core::safetensors::save(&t, path).unwrap();
+}
+
+#[test]
+fn wrong_shapes_in_inputs_name_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixture("tiny-sdxl");
+    let out = dir.path().join("out.safetensors");
+    let bad = dir.path().join("bad.safetensors");
+    write_inputs(&bad, |t| {
+        t.insert(
+            "latents".into(),
+            Tensor::zeros((1, 3, 16, 16), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    expect_failure(
+        &root,
+        &bad,
+        &out,
+        &[],
+        &["`latents`", "[1, 3, 16, 16]", "[1, 4, h, w]"],
+    );
+    write_inputs(&bad, |t| {
+        t.insert(
+            "pooled_prompt_embeds".into(),
+            Tensor::zeros((1, 31), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    expect_failure(
+        &root,
+        &bad,
+        &out,
+        &[],
+        &["`pooled_prompt_embeds`", "[1, 32]"],
+    );
+    write_inputs(&bad, |t| {
+        t.remove("negative_prompt_embeds");
+    });
+    expect_failure(
+        &root,
+        &bad,
+        &out,
+        &[],
+        &["`negative_prompt_embeds`", "missing"],
+    );
+}
+
+#[test]
+fn nan_in_latents_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixture("tiny-sdxl");
+    let out = dir.path().join("out.safetensors");
+    let bad = dir.path().join("nan.safetensors");
+    write_inputs(&bad, |t| {
+        let mut v = t["latents"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        v[17] = f32::NAN;
+        t.insert(
+            "latents".into(),
+            Tensor::from_vec(v, (1, 4, 16, 16), &Device::Cpu).unwrap(),
+        );
+    });
+    expect_failure(
+        &root,
+        &bad,
+        &out,
+        &[],
+        &["`latents`", "non-finite", "index 17"],
+    );
+}
+
+#[test]
+fn world_size_three_with_cfg_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixture("tiny-sdxl");
+    let out = dir.path().join("out.safetensors");
+    let inputs = root.join("inputs.safetensors");
+    expect_failure(
+        &root,
+        &inputs,
+        &out,
+        &["--strategy", "cfg", "--world-size", "3"],
+        &["--world-size 3", "2 or 4"],
+    );
+}
+
+#[test]
+fn output_in_missing_folder_is_rejected_before_compute() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixture("tiny-sdxl");
+    let out = dir.path().join("no/such/dir/out.safetensors");
+    let inputs = root.join("inputs.safetensors");
+    expect_failure(&root, &inputs, &out, &[], &["--out", "does not exist"]);
+    let out_ok = dir.path().join("out.safetensors");
+    let trace = dir.path().join("nope/trace.json");
+    expect_failure(
+        &root,
+        &inputs,
+        &out_ok,
+        &["--trace", s(&trace)],
+        &["--trace", "does not exist"],
+    );
+}
+
+#[test]
+fn unsupported_config_value_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixture("tiny-sdxl");
+    let cfg_text = std::fs::read_to_string(root.join("unet/config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&cfg_text).unwrap();
+    v["resnet_time_scale_shift"] = "scale_shift".into();
+    let cfg = dir.path().join("config.json");
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let o = hybridiff(&[
+        "init",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&dir.path().join("m")),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("resnet_time_scale_shift") && err.contains("scale_shift"),
+        "{err}"
+    );
+    assert!(err.contains("config.json"), "{err}");
+}
+
+#[test]
+fn init_writes_a_loadable_model_and_bench_prints_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    let cfg = fixture("tiny-sdxl").join("unet/config.json");
+    let o = hybridiff(&[
+        "init",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&model),
+        "--seed",
+        "7",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Same seed, same weights.
+    let again = dir.path().join("m2");
+    let o = hybridiff(&[
+        "init",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&again),
+        "--seed",
+        "7",
+    ]);
+    assert!(o.status.success());
+    let w = "unet/diffusion_pytorch_model.safetensors";
+    assert_eq!(
+        std::fs::read(model.join(w)).unwrap(),
+        std::fs::read(again.join(w)).unwrap()
+    );
+    let json = dir.path().join("bench.json");
+    let o = hybridiff(&[
+        "bench",
+        "--model",
+        s(&model),
+        "--steps",
+        "2",
+        "--repeats",
+        "1",
+        "--json",
+        s(&json),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout.contains("batch 1") && stdout.contains("| cfg | 2 |"),
+        "{stdout}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(v["forward_seconds"]["batch1"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["runs"].as_array().unwrap().len(), 2);
+}
