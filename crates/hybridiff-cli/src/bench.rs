@@ -46,7 +46,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     crate::set_compute_threads(args.threads_per_rank);
     let device = Device::Cpu;
-    let dtype = crate::denoise::parse_dtype(&args.dtype)?;
+    let dtype = crate::denoise::parse_dtype(&args.dtype, &device)?;
     let model = Model::load(&args.model, dtype, &device)?;
     let size = args.latent_size.or(model.sample_size()).unwrap_or(64);
     let inputs = random_inputs(

@@ -55,10 +55,13 @@ pub struct DenoiseArgs {
     pub comm_timeout: u64,
 }
 
-pub(crate) fn parse_dtype(s: &str) -> Result<DType> {
+pub(crate) fn parse_dtype(s: &str, device: &Device) -> Result<DType> {
     match s {
         "f32" => Ok(DType::F32),
         "f16" => Ok(DType::F16),
+        "bf16" if device.is_cpu() => anyhow::bail!(
+            "--dtype bf16: candle's CPU backend has no bf16 matmul or conv2d; use f32 or f16 on CPU (bf16 runs on CUDA builds)"
+        ),
         "bf16" => Ok(DType::BF16),
         other => anyhow::bail!("--dtype: unknown dtype `{other}`; expected f32, f16 or bf16"),
     }
@@ -79,7 +82,8 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
     });
     let strategy = strategy_kind.build();
     strategy.check(world_size)?;
-    let dtype = parse_dtype(&args.dtype)?;
+    let device = Device::Cpu;
+    let dtype = parse_dtype(&args.dtype, &device)?;
     check_output_path(&args.out, "--out")?;
     if let Some(p) = &args.trace {
         check_output_path(p, "--trace")?;
@@ -92,7 +96,6 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
         .unwrap_or_else(|| crate::default_threads(world_size));
     crate::set_compute_threads(threads);
 
-    let device = Device::Cpu;
     let model = Model::load(&args.model, dtype, &device)?;
     let scheduler = parse_scheduler(args.scheduler.as_deref(), &model)?;
     let inputs = DenoiseInputs::load(&args.inputs, &model.input_spec, &device)?;

@@ -43,7 +43,7 @@ struct InitArgs {
 
 fn init_logging(verbose: u8) {
     let default = match verbose {
-        0 => "warn",
+        0 => "warn,hybridiff_comm=error",
         1 => "debug",
         _ => "trace",
     };

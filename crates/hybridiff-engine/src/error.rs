@@ -12,7 +12,7 @@ pub enum Error {
     #[error(transparent)]
     Comm(#[from] hybridiff_comm::Error),
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
     /// An input file or tensor that is not what the job needs.
     #[error("{0}")]
     Input(String),
@@ -32,6 +32,16 @@ impl Error {
         Error::Io {
             path: path.into(),
             msg: e.to_string(),
+        }
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        // candle attaches a backtrace when RUST_BACKTRACE is set; users need the message.
+        match e {
+            candle_core::Error::WithBacktrace { inner, .. } => Error::Candle(*inner),
+            e => Error::Candle(e),
         }
     }
 }

@@ -27,7 +27,7 @@ pub enum Error {
     Input(String),
     /// An error from candle while computing.
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
 }
 
 /// The models crate's result type.
@@ -38,6 +38,16 @@ impl Error {
         Error::Io {
             path: path.into(),
             msg: err.to_string(),
+        }
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        // candle attaches a backtrace when RUST_BACKTRACE is set; users need the message.
+        match e {
+            candle_core::Error::WithBacktrace { inner, .. } => Error::Candle(*inner),
+            e => Error::Candle(e),
         }
     }
 }

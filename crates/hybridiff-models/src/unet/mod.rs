@@ -237,9 +237,9 @@ impl UNet2DConditionModel {
         push(Module_::ConvIn(conv_in), "conv_in".into(), 0, c.in_channels);
 
         let mut out_ch = ch[0];
-        for i in 0..n {
+        for (i, &block_ch) in ch.iter().enumerate() {
             let cin = out_ch;
-            out_ch = ch[i];
+            out_ch = block_ch;
             let vbb = vb.pp("down_blocks").pp(i);
             let layers = c.layers_per_block[i];
             let mut resnets = Vec::new();
@@ -478,7 +478,7 @@ impl UNet2DConditionModel {
             }
         }
         let f = 1usize << c.num_downsamples();
-        if dims[2] % f != 0 || dims[3] % f != 0 {
+        if !dims[2].is_multiple_of(f) || !dims[3].is_multiple_of(f) {
             return Err(Error::Input(format!(
                 "latent size {}x{} is not divisible by {f} (the U-Net downsamples {} times)",
                 dims[2],
