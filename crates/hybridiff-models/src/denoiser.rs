@@ -52,6 +52,13 @@ pub struct State {
     pub sample_hw: (usize, usize),
 }
 
+/// One output tensor of one module: `index` into the list `run_module(module)` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OutputRef {
+    pub module: usize,
+    pub index: usize,
+}
+
 /// A denoiser whose forward pass is a fixed sequence of named modules.
 ///
 /// Invariant: `forward` equals `begin`, then for every module in order
@@ -62,6 +69,13 @@ pub trait Denoiser: Send + Sync {
     fn module_names(&self) -> &[String];
     /// Rough cost of each module in FLOPs for a `[1, C, h, w]` sample, for stage planning.
     fn module_flops(&self, h: usize, w: usize) -> Vec<f64>;
+    /// How many tensors module `idx` outputs.
+    fn module_output_count(&self, idx: usize) -> usize;
+    /// The earlier module outputs whose values module `idx` reads (its input activation,
+    /// a skip residual, ...). Outputs not listed are only carried along, so a rank that
+    /// substitutes them needs nothing but their shapes. The last module's last output is
+    /// the prediction.
+    fn module_reads(&self, idx: usize) -> Vec<OutputRef>;
     /// Runs the parts that are not modules (time and text embeddings) and sets up the state.
     fn begin(&self, sample: &Tensor, timestep: f64, cond: &Conditioning) -> Result<State>;
     /// Computes module `idx` on `state` without changing it.

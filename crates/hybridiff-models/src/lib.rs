@@ -8,7 +8,7 @@ pub mod denoiser;
 pub mod error;
 pub mod weights;
 
-pub use denoiser::{Conditioning, Denoiser, State};
+pub use denoiser::{Conditioning, Denoiser, OutputRef, State};
 pub use error::{Error, Result};
 pub mod nn;
 pub mod unet;

@@ -166,3 +166,65 @@ fn module_flops_are_positive_per_module() {
     assert_eq!(f.len(), c.unet.module_names().len());
     assert!(f.iter().all(|x| *x > 0.0));
 }
+
+#[test]
+fn module_reads_are_all_a_module_needs() {
+    // For each module, feed true values only for the outputs it declares it reads and
+    // zeros for every other earlier output: its result must not change. This is what
+    // lets a pipelined rank receive only the outputs it reads.
+    let c = load_case();
+    let n = c.unet.module_names().len();
+    let mut state = c.unet.begin(&c.sample, c.timestep, &c.cond).unwrap();
+    let mut truth = Vec::new();
+    for i in 0..n {
+        let out = c.unet.run_module(i, &state).unwrap();
+        assert_eq!(out.len(), c.unet.module_output_count(i));
+        truth.push(out.clone());
+        c.unet.apply_module(i, &mut state, out).unwrap();
+    }
+    for i in 0..n {
+        let reads = c.unet.module_reads(i);
+        let mut s = c.unet.begin(&c.sample, c.timestep, &c.cond).unwrap();
+        for (j, outs) in truth.iter().enumerate().take(i) {
+            let masked = outs
+                .iter()
+                .enumerate()
+                .map(|(k, t)| {
+                    let r = hybridiff_models::OutputRef {
+                        module: j,
+                        index: k,
+                    };
+                    if reads.contains(&r) {
+                        t.clone()
+                    } else {
+                        t.zeros_like().unwrap()
+                    }
+                })
+                .collect();
+            c.unet.apply_module(j, &mut s, masked).unwrap();
+        }
+        let got = c.unet.run_module(i, &s).unwrap();
+        for (g, w) in got.iter().zip(&truth[i]) {
+            assert_eq!(
+                max_abs_diff(g, w),
+                0.0,
+                "module {}",
+                c.unet.module_names()[i]
+            );
+        }
+    }
+    // Up resnets read a skip; the first reads the bottom down block's last output.
+    let names = c.unet.module_names();
+    let up0 = names
+        .iter()
+        .position(|m| m == "up_blocks.0.resnets.0")
+        .unwrap();
+    let down2 = names.iter().position(|m| m == "down_blocks.2").unwrap();
+    assert!(c
+        .unet
+        .module_reads(up0)
+        .contains(&hybridiff_models::OutputRef {
+            module: down2,
+            index: 1
+        }));
+}

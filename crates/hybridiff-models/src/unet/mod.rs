@@ -15,7 +15,7 @@ pub use transformer::{CrossAttention, Transformer2DModel, TransformerConfig};
 
 use crate::nn::{conv2d, ResnetBlock2D, ResnetConfig};
 use crate::weights::Weights;
-use crate::{Conditioning, Denoiser, Error, Result, State};
+use crate::{Conditioning, Denoiser, Error, OutputRef, Result, State};
 
 /// Sinusoidal timestep embedding, computed in f32 exactly as diffusers'
 /// `get_timestep_embedding` does (so the fixture's low bits match).
@@ -159,6 +159,8 @@ pub struct UNet2DConditionModel {
     levels: Vec<usize>,
     /// Channels at each module's input.
     channels_in: Vec<usize>,
+    /// What each module reads, derived once from the skip-stack discipline.
+    reads: Vec<Vec<OutputRef>>,
     dtype: DType,
     device: Device,
 }
@@ -410,6 +412,7 @@ impl UNet2DConditionModel {
         .map_err(w)?;
         push(Module_::ConvOut(conv_out), "conv_out".into(), 0, ch[0]);
 
+        let reads = data_flow(&modules);
         Ok(Self {
             time_embedding,
             add_embedding,
@@ -417,6 +420,7 @@ impl UNet2DConditionModel {
             names,
             levels,
             channels_in,
+            reads,
             dtype: vb.dtype(),
             device: vb.device().clone(),
             config,
@@ -490,9 +494,55 @@ impl UNet2DConditionModel {
     }
 }
 
+fn output_count(m: &Module_) -> usize {
+    match m {
+        Module_::Down(b) => b.resnets.len() + usize::from(b.downsampler.is_some()),
+        _ => 1,
+    }
+}
+
+/// Which outputs each module reads: the previous module's activation, and for up resnets
+/// the skip on top of the stack that `conv_in` and the down blocks push.
+fn data_flow(modules: &[Module_]) -> Vec<Vec<OutputRef>> {
+    let mut stack: Vec<OutputRef> = Vec::new();
+    let mut reads = Vec::with_capacity(modules.len());
+    for (i, m) in modules.iter().enumerate() {
+        let mut r = Vec::new();
+        if i > 0 {
+            r.push(OutputRef {
+                module: i - 1,
+                index: output_count(&modules[i - 1]) - 1,
+            });
+        }
+        match m {
+            Module_::ConvIn(_) => stack.push(OutputRef {
+                module: i,
+                index: 0,
+            }),
+            Module_::Down(_) => {
+                stack.extend((0..output_count(m)).map(|index| OutputRef { module: i, index }))
+            }
+            Module_::UpResnet(..) => r.extend(stack.pop()),
+            _ => {}
+        }
+        r.sort();
+        r.dedup();
+        reads.push(r);
+    }
+    reads
+}
+
 impl Denoiser for UNet2DConditionModel {
     fn module_names(&self) -> &[String] {
         &self.names
+    }
+
+    fn module_output_count(&self, idx: usize) -> usize {
+        output_count(&self.modules[idx])
+    }
+
+    fn module_reads(&self, idx: usize) -> Vec<OutputRef> {
+        self.reads[idx].clone()
     }
 
     fn module_flops(&self, h: usize, w: usize) -> Vec<f64> {
