@@ -56,7 +56,8 @@ def main():
     config = {k: v for k, v in config.items() if not k.startswith("_")}
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(config).to(torch.float32).eval()
+    unet = UNet2DConditionModel.from_config(config).eval()  # float32 by default
+    assert next(unet.parameters()).dtype == torch.float32
     n_params = sum(p.numel() for p in unet.parameters())
 
     s = args.latent_size
@@ -81,6 +82,7 @@ def main():
             }
         return sample, timestep, ehs, kw
 
+    load_before = os.getloadavg()
     results = {}
     with torch.inference_mode():
         # Warm-up (allocator, oneDNN primitive caches).
@@ -105,7 +107,8 @@ def main():
     for batch, times in results.items():
         print(f"diffusers forward, batch {batch}: {statistics.median(times):.4f} s"
               f"  (runs: {', '.join(f'{x:.4f}' for x in times)})")
-    print(f"load average after run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"load average before run: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}; "
+          f"after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
     if args.json:
         doc = {
@@ -122,7 +125,8 @@ def main():
             "batch2_median_s": statistics.median(results[2]),
             "batch1_runs_s": results[1],
             "batch2_runs_s": results[2],
-            "loadavg": list(load),
+            "loadavg_before": list(load_before),
+            "loadavg_after": list(load),
         }
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2)

@@ -1,13 +1,12 @@
 //! `hybridiff bench`.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Result;
 use candle_core::Device;
-use hybridiff_engine::bench::{forward_seconds, random_inputs};
+use hybridiff_engine::bench::{compare, forward_seconds, markdown_table, random_inputs};
 use hybridiff_engine::io::{check_output_path, write_bytes_atomic};
-use hybridiff_engine::{denoise, Job, Model, RunOptions, StrategyKind};
+use hybridiff_engine::{DenoiseInputs, Job, Model, StrategyKind};
 
 /// Arguments of `hybridiff bench`.
 #[derive(clap::Args, Debug)]
@@ -15,62 +14,106 @@ pub struct BenchArgs {
     /// A diffusers model folder (see `hybridiff init` for random-weight ones).
     #[arg(long)]
     pub model: PathBuf,
-    /// Latent height and width [default: the U-Net's sample_size].
+    /// Start from this inputs file (as for `denoise`) instead of seeded random inputs.
+    #[arg(long)]
+    pub inputs: Option<PathBuf>,
+    /// Latent height and width of random inputs [default: the U-Net's sample_size].
     #[arg(long)]
     pub latent_size: Option<usize>,
-    /// Text tokens in the stand-in prompt embeddings.
+    /// Text tokens in random prompt embeddings.
     #[arg(long, default_value_t = 77)]
     pub context_len: usize,
-    /// Steps of the whole-run comparison.
+    /// Comma-separated strategies to compare (serial always runs as the baseline).
+    #[arg(long, default_value = "serial,cfg")]
+    pub strategies: String,
+    /// Ranks of the parallel strategies (serial uses 1).
+    #[arg(long, default_value_t = 2)]
+    pub world_size: usize,
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
     #[arg(long, default_value_t = 5.0)]
     pub guidance: f64,
+    /// ddim, euler, dpmpp-2m or flow-euler [default: the model's scheduler_config.json]
+    #[arg(long)]
+    pub scheduler: Option<String>,
     /// Compute threads per rank (serial gets the same, on one rank).
     #[arg(long, default_value_t = 1)]
     pub threads_per_rank: usize,
-    /// Timed forwards per batch size (the median is reported).
+    /// Timed forwards per batch size (the median is reported); 0 skips them.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
-    /// f32, f16 or bf16.
+    /// f32 or f16 (bf16 on CUDA builds).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Also write the results as JSON here.
+    /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write the table as Markdown here.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+    /// Write each strategy's per-step trace here as `<strategy>.json` (folder must exist).
+    #[arg(long)]
+    pub trace_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub strategy_args: crate::strategy_args::StrategyArgs,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    if let Some(p) = &args.json {
-        check_output_path(p, "--json")?;
+    for (p, flag) in [(&args.json, "--json"), (&args.markdown, "--markdown")] {
+        if let Some(p) = p {
+            check_output_path(p, flag)?;
+        }
     }
+    if let Some(d) = &args.trace_dir {
+        if !d.is_dir() {
+            anyhow::bail!("--trace-dir {}: not a folder; create it first", d.display());
+        }
+    }
+    let kinds = args
+        .strategies
+        .split(',')
+        .map(|s| s.trim().parse::<StrategyKind>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let options = args.strategy_args.options()?;
     crate::set_compute_threads(args.threads_per_rank);
     let device = Device::Cpu;
     let dtype = crate::denoise::parse_dtype(&args.dtype, &device)?;
     let model = Model::load(&args.model, dtype, &device)?;
-    let size = args.latent_size.or(model.sample_size()).unwrap_or(64);
-    let inputs = random_inputs(
-        &model.input_spec,
-        (size, size),
-        args.context_len,
-        0,
-        &device,
-    )?;
-    let scheduler = crate::denoise::parse_scheduler(None, &model)?;
+    let inputs = match &args.inputs {
+        Some(p) => DenoiseInputs::load(p, &model.input_spec, &device)?,
+        None => {
+            let size = args.latent_size.or(model.sample_size()).unwrap_or(64);
+            random_inputs(
+                &model.input_spec,
+                (size, size),
+                args.context_len,
+                0,
+                &device,
+            )?
+        }
+    };
+    let (h, w) = (inputs.latents.dim(2)?, inputs.latents.dim(3)?);
+    let scheduler = crate::denoise::parse_scheduler(args.scheduler.as_deref(), &model)?;
     let tpr = args.threads_per_rank;
-
     println!(
-        "model {} | latents {size}x{size} | {} | {tpr} thread(s) per rank",
+        "model {} | latents {h}x{w} | {} | {} steps {scheduler} guidance {} | {tpr} thread(s) per rank | {} cores",
         args.model.display(),
-        args.dtype
+        args.dtype,
+        args.steps,
+        args.guidance,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
-    let f1 = forward_seconds(&model, &inputs, 1, args.repeats, tpr)?;
-    let f2 = forward_seconds(&model, &inputs, 2, args.repeats, tpr)?;
-    println!("denoiser forward, batch 1: {f1:.4} s");
-    println!(
-        "denoiser forward, batch 2: {f2:.4} s  ({:.2}x batch 1)",
-        f2 / f1
-    );
+    let mut forward = None;
+    if args.repeats > 0 {
+        let f1 = forward_seconds(&model, &inputs, 1, args.repeats, tpr)?;
+        let f2 = forward_seconds(&model, &inputs, 2, args.repeats, tpr)?;
+        println!("denoiser forward, batch 1: {f1:.4} s");
+        println!(
+            "denoiser forward, batch 2: {f2:.4} s  ({:.2}x batch 1)",
+            f2 / f1
+        );
+        forward = Some((f1, f2));
+    }
 
     let job = Job {
         model: model.denoiser.as_ref(),
@@ -81,48 +124,44 @@ pub fn run(args: BenchArgs) -> Result<()> {
         inputs: &inputs,
         progress: None,
     };
-    let mut rows = Vec::new();
-    let mut serial_seconds = None;
-    for (kind, world) in [(StrategyKind::Serial, 1), (StrategyKind::Cfg, 2)] {
-        let opts = RunOptions {
-            world_size: world,
-            threads_per_rank: tpr,
-            comm_timeout: Duration::from_secs(3600),
-        };
-        let out = denoise(&job, kind.build().as_ref(), &opts)?;
-        let secs = out.trace.total_seconds;
-        let base = *serial_seconds.get_or_insert(secs);
-        rows.push(serde_json::json!({
-            "strategy": kind.to_string(),
-            "world_size": world,
-            "seconds": secs,
-            "speedup": base / secs,
-            "bytes_sent": out.trace.bytes_sent,
-        }));
-    }
+    let runs: Vec<(StrategyKind, usize)> = kinds
+        .iter()
+        .map(|&k| {
+            (
+                k,
+                if k == StrategyKind::Serial {
+                    1
+                } else {
+                    args.world_size
+                },
+            )
+        })
+        .collect();
+    let results = compare(&job, &runs, &options, tpr)?;
+    let rows: Vec<_> = results.iter().map(|(r, _)| r.clone()).collect();
+    let table = markdown_table(&rows);
     println!();
-    println!(
-        "| strategy | ranks | {} steps (s) | speedup | bytes sent |",
-        args.steps
-    );
-    println!("|---|---|---|---|---|");
-    for r in &rows {
-        println!(
-            "| {} | {} | {:.3} | {:.2}x | {} |",
-            r["strategy"].as_str().unwrap_or(""),
-            r["world_size"],
-            r["seconds"].as_f64().unwrap_or(0.0),
-            r["speedup"].as_f64().unwrap_or(0.0),
-            r["bytes_sent"]
-        );
+    print!("{table}");
+    if let Some(d) = &args.trace_dir {
+        for (row, trace) in &results {
+            let p = d.join(format!("{}.json", row.strategy));
+            write_bytes_atomic(&p, serde_json::to_string_pretty(trace)?.as_bytes())?;
+        }
+    }
+    if let Some(p) = &args.markdown {
+        write_bytes_atomic(p, table.as_bytes())?;
     }
     if let Some(p) = &args.json {
         let v = serde_json::json!({
             "model": args.model.display().to_string(),
-            "latent_size": size,
+            "latent_size": [h, w],
+            "steps": args.steps,
+            "scheduler": scheduler.to_string(),
+            "guidance": args.guidance,
             "threads_per_rank": tpr,
             "dtype": args.dtype,
-            "forward_seconds": { "batch1": f1, "batch2": f2 },
+            "forward_seconds": forward.map(|(a, b)| serde_json::json!({ "batch1": a, "batch2": b })),
+            "switch": options.switch,
             "runs": rows,
         });
         write_bytes_atomic(p, serde_json::to_string_pretty(&v)?.as_bytes())?;

@@ -32,7 +32,7 @@ pub struct DenoiseArgs {
     /// ddim, euler, dpmpp-2m or flow-euler [default: the model's scheduler_config.json]
     #[arg(long)]
     pub scheduler: Option<String>,
-    /// serial (1 rank) or cfg (2 or 4 ranks).
+    /// serial (1 rank), cfg (2 or 4), async (2+), hybrid (2 or 4).
     #[arg(long, default_value = "serial")]
     pub strategy: String,
     /// Number of ranks [default: 1 for serial, 2 otherwise].
@@ -53,6 +53,8 @@ pub struct DenoiseArgs {
     /// Seconds any rank waits for another before the job fails.
     #[arg(long, default_value_t = 600)]
     pub comm_timeout: u64,
+    #[command(flatten)]
+    pub strategy_args: crate::strategy_args::StrategyArgs,
 }
 
 pub(crate) fn parse_dtype(s: &str, device: &Device) -> Result<DType> {
@@ -80,8 +82,10 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
         StrategyKind::Serial => 1,
         _ => 2,
     });
-    let strategy = strategy_kind.build();
-    strategy.check(world_size)?;
+    if world_size == 0 {
+        anyhow::bail!("--world-size must be at least 1");
+    }
+    let strategy = strategy_kind.build(&args.strategy_args.options()?);
     let device = Device::Cpu;
     let dtype = parse_dtype(&args.dtype, &device)?;
     check_output_path(&args.out, "--out")?;
@@ -99,6 +103,16 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
     let model = Model::load(&args.model, dtype, &device)?;
     let scheduler = parse_scheduler(args.scheduler.as_deref(), &model)?;
     let inputs = DenoiseInputs::load(&args.inputs, &model.input_spec, &device)?;
+    let check_job = Job {
+        model: model.denoiser.as_ref(),
+        scheduler_config: &model.scheduler_config,
+        scheduler,
+        steps: args.steps,
+        guidance: args.guidance,
+        inputs: &inputs,
+        progress: None,
+    };
+    strategy.check(&check_job, world_size)?;
     let vae = match &args.decode {
         Some(_) => Some(model.load_vae()?),
         None => None,

@@ -2,6 +2,7 @@
 
 mod bench;
 mod denoise;
+mod strategy_args;
 
 use std::process::ExitCode;
 

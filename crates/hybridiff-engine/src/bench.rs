@@ -84,3 +84,106 @@ pub fn forward_seconds(
     t.sort_by(f64::total_cmp);
     Ok(t[t.len() / 2])
 }
+
+/// One strategy's row of the comparison table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchRow {
+    pub strategy: String,
+    pub world_size: usize,
+    pub seconds: f64,
+    /// Serial seconds / this strategy's seconds, measured in the same process.
+    pub speedup: f64,
+    pub bytes_sent: u64,
+    /// What the reference implementation would have sent.
+    pub reference_bytes_sent: u64,
+    /// Final latents against serial's.
+    pub psnr_db: f64,
+    pub max_abs_diff: f64,
+    pub tau1: Option<usize>,
+    pub tau2: Option<usize>,
+    pub pipelined_steps: usize,
+    /// Summed per-rank compute seconds over the run, per rank.
+    pub rank_compute_seconds: Vec<f64>,
+}
+
+/// Runs `serial` and each strategy on the same job, one after the other, and compares.
+/// Returns the rows and each run's trace.
+pub fn compare(
+    job: &crate::Job,
+    strategies: &[(crate::StrategyKind, usize)],
+    options: &crate::StrategyOptions,
+    threads_per_rank: usize,
+) -> Result<Vec<(BenchRow, crate::Trace)>> {
+    use crate::{denoise, RunOptions, StrategyKind};
+    let run = |kind: StrategyKind, world: usize| {
+        let opts = RunOptions {
+            world_size: world,
+            threads_per_rank,
+            comm_timeout: Duration::from_secs(3600),
+        };
+        denoise(job, kind.build(options).as_ref(), &opts)
+    };
+    let serial = run(StrategyKind::Serial, 1)?;
+    let base = serial.trace.total_seconds;
+    let mut rows = Vec::new();
+    for &(kind, world) in strategies {
+        let out = if kind == StrategyKind::Serial {
+            serial.clone()
+        } else {
+            run(kind, world)?
+        };
+        let t = &out.trace;
+        let ranks = t
+            .steps
+            .first()
+            .map(|s| s.rank_compute_seconds.len())
+            .unwrap_or(0);
+        let row = BenchRow {
+            strategy: kind.to_string(),
+            world_size: world,
+            seconds: t.total_seconds,
+            speedup: base / t.total_seconds,
+            bytes_sent: t.bytes_sent,
+            reference_bytes_sent: t.reference_bytes_sent,
+            psnr_db: crate::metrics::psnr(&out.latents, &serial.latents)?,
+            max_abs_diff: crate::metrics::max_abs_diff(&out.latents, &serial.latents)?,
+            tau1: t.tau1,
+            tau2: t.tau2,
+            pipelined_steps: t
+                .steps
+                .iter()
+                .filter(|s| s.mode != crate::trace::StepMode::Exact)
+                .count(),
+            rank_compute_seconds: (0..ranks)
+                .map(|r| t.steps.iter().map(|s| s.rank_compute_seconds[r]).sum())
+                .collect(),
+        };
+        rows.push((row, out.trace));
+    }
+    Ok(rows)
+}
+
+/// The rows as a Markdown table.
+pub fn markdown_table(rows: &[BenchRow]) -> String {
+    let mut s = String::from(
+        "| strategy | ranks | latency (s) | speedup | bytes sent | reference bytes | PSNR vs serial (dB) | max abs diff | tau1 | tau2 | staged steps |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let opt = |v: Option<usize>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {:.3} | {:.2}x | {} | {} | {:.2} | {:.3e} | {} | {} | {} |\n",
+            r.strategy,
+            r.world_size,
+            r.seconds,
+            r.speedup,
+            r.bytes_sent,
+            r.reference_bytes_sent,
+            r.psnr_db,
+            r.max_abs_diff,
+            opt(r.tau1),
+            opt(r.tau2),
+            r.pipelined_steps
+        ));
+    }
+    s
+}

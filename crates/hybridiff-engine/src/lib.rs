@@ -5,9 +5,12 @@ pub mod bench;
 pub mod error;
 pub mod init;
 pub mod io;
+pub mod metrics;
 pub mod model;
 pub mod sampler;
+pub mod stages;
 pub mod strategy;
+pub mod switch;
 pub mod trace;
 
 use std::time::{Duration, Instant};
@@ -21,7 +24,7 @@ pub use error::{Error, Result};
 pub use io::DenoiseInputs;
 pub use model::Model;
 pub use sampler::Sampler;
-pub use strategy::{Strategy, StrategyKind};
+pub use strategy::{PipelinedGuidance, Strategy, StrategyKind, StrategyOptions};
 pub use trace::{StepTrace, Trace};
 
 /// Everything a rank needs to denoise one image.
@@ -65,7 +68,8 @@ pub fn denoise(job: &Job, strategy: &dyn Strategy, opts: &RunOptions) -> Result<
             "--threads-per-rank must be at least 1".into(),
         ));
     }
-    strategy.check(opts.world_size)?;
+    strategy.check(job, opts.world_size)?;
+    let stage_plan = strategy.plan_summary(job, opts.world_size)?;
     let start = Instant::now();
     let results = hybridiff_comm::run_ranks(
         opts.world_size,
@@ -90,7 +94,12 @@ pub fn denoise(job: &Job, strategy: &dyn Strategy, opts: &RunOptions) -> Result<
                 rel_mae: s.rel_mae,
                 wall_seconds: s.wall_seconds,
                 rank_compute_seconds: results.iter().map(|r| r.steps[i].compute_seconds).collect(),
-                bytes_sent: results.iter().map(|r| r.steps[i].bytes_sent).sum(),
+                bytes_sent: results.iter().map(|r| r.steps[i].bytes_sent).sum::<u64>(),
+                reference_bytes_sent: results.iter().map(|r| r.steps[i].bytes_sent).sum::<u64>()
+                    + s.reference_extra_bytes,
+                slope: s.slope,
+                tau1: s.tau1,
+                tau2: s.tau2,
             }
         })
         .collect();
@@ -103,8 +112,10 @@ pub fn denoise(job: &Job, strategy: &dyn Strategy, opts: &RunOptions) -> Result<
         guidance: job.guidance,
         total_seconds,
         bytes_sent: steps.iter().map(|s| s.bytes_sent).sum(),
-        tau1: None,
-        tau2: None,
+        reference_bytes_sent: steps.iter().map(|s| s.reference_bytes_sent).sum(),
+        stage_plan,
+        tau1: rank0.steps.last().and_then(|s| s.tau1),
+        tau2: rank0.steps.last().and_then(|s| s.tau2),
         rel_mae_log: steps.iter().map(|s| s.rel_mae).collect(),
         steps,
     };

@@ -28,6 +28,14 @@ pub struct StepTrace {
     pub rank_compute_seconds: Vec<f64>,
     /// Bytes sent by all ranks during the step.
     pub bytes_sent: u64,
+    /// What the reference implementation would have sent (every cache to every rank).
+    pub reference_bytes_sent: u64,
+    /// The switching slope, when one was computed after this step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slope: Option<f64>,
+    /// `tau1` and `tau2` once known.
+    pub tau1: Option<usize>,
+    pub tau2: Option<usize>,
 }
 
 /// A whole run.
@@ -41,6 +49,9 @@ pub struct Trace {
     pub guidance: f64,
     pub total_seconds: f64,
     pub bytes_sent: u64,
+    pub reference_bytes_sent: u64,
+    /// The modules of each stage, for staged strategies.
+    pub stage_plan: Option<serde_json::Value>,
     pub tau1: Option<usize>,
     pub tau2: Option<usize>,
     pub rel_mae_log: Vec<f64>,

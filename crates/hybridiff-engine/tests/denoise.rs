@@ -42,7 +42,7 @@ fn run(strategy: StrategyKind, world_size: usize) -> hybridiff_engine::DenoiseOu
         threads_per_rank: 1,
         comm_timeout: Duration::from_secs(120),
     };
-    denoise(&job, strategy.build().as_ref(), &opts).unwrap()
+    denoise(&job, strategy.build(&Default::default()).as_ref(), &opts).unwrap()
 }
 
 fn assert_matches_serial_fixture(out: &hybridiff_engine::DenoiseOutput, what: &str) {
@@ -139,7 +139,7 @@ fn bad_world_sizes_are_rejected_before_compute() {
             threads_per_rank: 1,
             comm_timeout: Duration::from_secs(5),
         };
-        let err = denoise(&job, kind.build().as_ref(), &opts)
+        let err = denoise(&job, kind.build(&Default::default()).as_ref(), &opts)
             .unwrap_err()
             .to_string();
         assert!(err.contains(&format!("--world-size {w}")), "{err}");
@@ -167,7 +167,12 @@ fn f16_run_stays_close_to_the_f32_reference() {
         threads_per_rank: 1,
         comm_timeout: Duration::from_secs(120),
     };
-    let out = denoise(&job, StrategyKind::Cfg.build().as_ref(), &opts).unwrap();
+    let out = denoise(
+        &job,
+        StrategyKind::Cfg.build(&Default::default()).as_ref(),
+        &opts,
+    )
+    .unwrap();
     let exp =
         candle_core::safetensors::load(root.join("expected/serial.safetensors"), &dev).unwrap();
     let want = &exp["latents"];

@@ -3,71 +3,101 @@
 //! denoiser at batch 1 on its branch and the two predictions are exchanged each step.
 //!
 //! With W = 4 the reference has both ranks of a group compute the same thing; here the
-//! second rank only receives the predictions (same latency, half the energy) until a
-//! strategy gives it real work (pipelining inside the group).
+//! second rank only receives the predictions (same latency, half the energy).
+
+use std::time::Instant;
 
 use candle_core::Tensor;
 use hybridiff_comm::Communicator;
 
-use super::Strategy;
+use super::{StepOutput, Strategy, Worker};
 use crate::{Error, Job, Result};
 
 /// Condition-based partitioning.
 pub struct CfgSplit;
+
+struct CfgWorker<'a> {
+    job: &'a Job<'a>,
+}
+
+/// Checks a world size for the condition split: 2 or 4 ranks.
+pub fn check_world(world_size: usize, strategy: &str) -> Result<()> {
+    if world_size != 2 && world_size != 4 {
+        return Err(Error::Options(format!(
+            "--world-size {world_size}: the {strategy} strategy needs 2 or 4 ranks (one or two per CFG branch)"
+        )));
+    }
+    Ok(())
+}
+
+/// One exact condition-split step: the group leaders compute their branch, exchange
+/// predictions and hand them to their group. Returns `(eps_u, eps_c)` on every rank
+/// and this rank's compute seconds.
+pub fn exact_step(
+    job: &Job,
+    comm: &mut dyn Communicator,
+    x: &Tensor,
+    t: f64,
+) -> Result<(Tensor, Tensor, f64)> {
+    let w = comm.world_size();
+    let rank = comm.rank();
+    let half = w / 2;
+    let (leader_u, leader_c) = (0, half);
+    let group: Vec<usize> = if rank < half {
+        (1..half).collect()
+    } else {
+        (half + 1..w).collect()
+    };
+    if rank == leader_u || rank == leader_c {
+        let (branch, peer) = if rank == leader_u {
+            (&job.inputs.uncond, leader_c)
+        } else {
+            (&job.inputs.cond, leader_u)
+        };
+        let start = Instant::now();
+        let mine = job.model.forward(x, t, branch)?;
+        let secs = start.elapsed().as_secs_f64();
+        comm.send(&mine, peer)?;
+        let theirs = comm.recv(peer)?;
+        let (u, c) = if rank == leader_u {
+            (mine, theirs)
+        } else {
+            (theirs, mine)
+        };
+        for &member in &group {
+            comm.send(&u, member)?;
+            comm.send(&c, member)?;
+        }
+        Ok((u, c, secs))
+    } else {
+        let leader = if rank < half { leader_u } else { leader_c };
+        Ok((comm.recv(leader)?, comm.recv(leader)?, 0.0))
+    }
+}
 
 impl Strategy for CfgSplit {
     fn name(&self) -> &'static str {
         "cfg"
     }
 
-    fn check(&self, world_size: usize) -> Result<()> {
-        if world_size != 2 && world_size != 4 {
-            return Err(Error::Options(format!(
-                "--world-size {world_size}: the cfg strategy needs 2 or 4 ranks (one or two per CFG branch)"
-            )));
-        }
-        Ok(())
+    fn check(&self, _job: &Job, world_size: usize) -> Result<()> {
+        check_world(world_size, "cfg")
     }
 
-    fn predict(
-        &self,
-        job: &Job,
+    fn worker<'a>(&'a self, job: &'a Job<'a>, _: usize, _: usize) -> Result<Box<dyn Worker + 'a>> {
+        Ok(Box::new(CfgWorker { job }))
+    }
+}
+
+impl Worker for CfgWorker<'_> {
+    fn step(
+        &mut self,
         comm: &mut dyn Communicator,
+        _: usize,
         x: &Tensor,
         t: f64,
-    ) -> Result<(Tensor, Tensor)> {
-        let w = comm.world_size();
-        let rank = comm.rank();
-        let half = w / 2;
-        let (leader_u, leader_c) = (0, half);
-        let group: Vec<usize> = if rank < half {
-            (1..half).collect()
-        } else {
-            (half + 1..w).collect()
-        };
-        let (eps_u, eps_c) = if rank == leader_u || rank == leader_c {
-            let (branch, peer) = if rank == leader_u {
-                (&job.inputs.uncond, leader_c)
-            } else {
-                (&job.inputs.cond, leader_u)
-            };
-            let mine = job.model.forward(x, t, branch)?;
-            comm.send(&mine, peer)?;
-            let theirs = comm.recv(peer)?;
-            let pair = if rank == leader_u {
-                (mine, theirs)
-            } else {
-                (theirs, mine)
-            };
-            for &member in &group {
-                comm.send(&pair.0, member)?;
-                comm.send(&pair.1, member)?;
-            }
-            pair
-        } else {
-            let leader = if rank < half { leader_u } else { leader_c };
-            (comm.recv(leader)?, comm.recv(leader)?)
-        };
-        Ok((eps_u, eps_c))
+    ) -> Result<StepOutput> {
+        let (u, c, secs) = exact_step(self.job, comm, x, t)?;
+        StepOutput::exact(u, c, secs)
     }
 }

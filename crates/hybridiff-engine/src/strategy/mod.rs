@@ -1,8 +1,10 @@
 //! Parallel strategies: how the ranks of a job share the work of each denoising step.
-//! One file each; every strategy runs the same per-rank [`Sampler`] loop and differs in
-//! how a step's two CFG predictions are obtained.
+//! One file each. Every rank runs the same sampling loop ([`run_rank`]); a strategy's
+//! per-rank [`Worker`] supplies each step's prediction, identical on every rank.
 
+pub mod asyncdiff;
 pub mod cfg;
+pub mod hybrid;
 pub mod serial;
 
 use std::str::FromStr;
@@ -11,16 +13,27 @@ use std::time::Instant;
 use candle_core::Tensor;
 use hybridiff_comm::Communicator;
 
+use crate::stages::PlanKind;
+use crate::switch::SwitchParams;
 use crate::trace::StepMode;
 use crate::{Error, Job, Result, Sampler};
 
-/// The strategies `hybridiff denoise --strategy` accepts.
+/// The strategies `--strategy` accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StrategyKind {
     /// One rank, the CFG batch of 2.
     Serial,
     /// Condition-based partitioning: uncond and cond branches on different ranks.
     Cfg,
+    /// AsyncDiff: stages over the CFG batch on one-step-stale inputs.
+    Async,
+    /// Hybridiff: condition split, switching to stages where the branches agree.
+    Hybrid,
+}
+
+impl StrategyKind {
+    /// Every strategy, in the order benchmarks list them.
+    pub const ALL: [StrategyKind; 4] = [Self::Serial, Self::Cfg, Self::Async, Self::Hybrid];
 }
 
 impl FromStr for StrategyKind {
@@ -29,8 +42,10 @@ impl FromStr for StrategyKind {
         match s {
             "serial" => Ok(Self::Serial),
             "cfg" => Ok(Self::Cfg),
+            "async" => Ok(Self::Async),
+            "hybrid" => Ok(Self::Hybrid),
             other => Err(Error::Options(format!(
-                "--strategy: unknown strategy `{other}`; expected serial or cfg"
+                "--strategy: unknown strategy `{other}`; expected serial, cfg, async or hybrid"
             ))),
         }
     }
@@ -41,17 +56,147 @@ impl std::fmt::Display for StrategyKind {
         f.write_str(match self {
             Self::Serial => "serial",
             Self::Cfg => "cfg",
+            Self::Async => "async",
+            Self::Hybrid => "hybrid",
         })
     }
 }
 
+/// What the model's prediction is in pipelined Hybridiff steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipelinedGuidance {
+    /// The reference: the last stage's output, unguided.
+    None,
+    /// The last stage's output plus the last exact step's `w (eps_c - eps_u)`.
+    Reuse,
+}
+
+impl FromStr for PipelinedGuidance {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Self::None),
+            "reuse" => Ok(Self::Reuse),
+            other => Err(Error::Options(format!(
+                "--pipelined-guidance: unknown mode `{other}`; expected none or reuse"
+            ))),
+        }
+    }
+}
+
+/// The knobs of every strategy (each reads its own).
+#[derive(Debug, Clone)]
+pub struct StrategyOptions {
+    /// `async`: exact steps before pipelining.
+    pub warmup: usize,
+    /// `hybrid`: the switching parameters.
+    pub switch: SwitchParams,
+    /// `async`, `hybrid`: how stages are planned.
+    pub stages: PlanKind,
+    /// `hybrid`: the prediction of pipelined steps.
+    pub pipelined_guidance: PipelinedGuidance,
+}
+
+impl Default for StrategyOptions {
+    fn default() -> Self {
+        Self {
+            warmup: 1,
+            switch: SwitchParams::SDXL,
+            stages: PlanKind::Reference,
+            pipelined_guidance: PipelinedGuidance::None,
+        }
+    }
+}
+
 impl StrategyKind {
-    /// The strategy's implementation.
-    pub fn build(self) -> Box<dyn Strategy> {
+    /// The strategy's implementation with its options.
+    pub fn build(self, opts: &StrategyOptions) -> Box<dyn Strategy> {
         match self {
             Self::Serial => Box::new(serial::Serial),
             Self::Cfg => Box::new(cfg::CfgSplit),
+            Self::Async => Box::new(asyncdiff::AsyncDiff {
+                warmup: opts.warmup,
+                stages: opts.stages,
+            }),
+            Self::Hybrid => Box::new(hybrid::Hybrid {
+                switch: opts.switch,
+                stages: opts.stages,
+                guidance: opts.pipelined_guidance,
+            }),
         }
+    }
+}
+
+/// A step's prediction.
+pub enum Prediction {
+    /// Both branches; the sampler applies guidance.
+    Branches(Tensor, Tensor),
+    /// One prediction used as is (pipelined Hybridiff steps).
+    Guided(Tensor),
+}
+
+/// What a worker returns for one step.
+pub struct StepOutput {
+    pub mode: StepMode,
+    pub prediction: Prediction,
+    /// The branches' rel-MAE (0 where one prediction stands for both).
+    pub rel_mae: f64,
+    /// The switching slope, when one was computed this step.
+    pub slope: Option<f64>,
+    pub tau1: Option<usize>,
+    pub tau2: Option<usize>,
+    /// Seconds of denoiser compute on this rank.
+    pub compute_seconds: f64,
+    /// Bytes the reference implementation would have sent beyond ours this step (it sends
+    /// every cached module output to every rank); reported by rank 0 only.
+    pub reference_extra_bytes: u64,
+}
+
+impl StepOutput {
+    /// An exact step with both branches.
+    pub fn exact(eps_u: Tensor, eps_c: Tensor, compute_seconds: f64) -> Result<Self> {
+        let rel_mae = crate::sampler::rel_mae(&eps_u, &eps_c)?;
+        Ok(Self {
+            mode: StepMode::Exact,
+            prediction: Prediction::Branches(eps_u, eps_c),
+            rel_mae,
+            slope: None,
+            tau1: None,
+            tau2: None,
+            compute_seconds,
+            reference_extra_bytes: 0,
+        })
+    }
+}
+
+/// One rank's stateful part of a strategy.
+pub trait Worker {
+    /// Produces step `i`'s prediction for denoiser input `x` at timestep `t`.
+    fn step(
+        &mut self,
+        comm: &mut dyn Communicator,
+        i: usize,
+        x: &Tensor,
+        t: f64,
+    ) -> Result<StepOutput>;
+}
+
+/// A way of sharing each step's work among ranks.
+pub trait Strategy: Sync {
+    /// The name used on the command line and in traces.
+    fn name(&self) -> &'static str;
+    /// Rejects world sizes and options that cannot work, before any compute.
+    fn check(&self, job: &Job, world_size: usize) -> Result<()>;
+    /// The worker of one rank.
+    fn worker<'a>(
+        &'a self,
+        job: &'a Job<'a>,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<Box<dyn Worker + 'a>>;
+    /// A description of the stage plan, if the strategy uses one.
+    fn plan_summary(&self, _job: &Job, _world_size: usize) -> Result<Option<serde_json::Value>> {
+        Ok(None)
     }
 }
 
@@ -61,9 +206,13 @@ pub struct RankStep {
     pub timestep: f64,
     pub mode: StepMode,
     pub rel_mae: f64,
+    pub slope: Option<f64>,
+    pub tau1: Option<usize>,
+    pub tau2: Option<usize>,
     pub compute_seconds: f64,
     pub wall_seconds: f64,
     pub bytes_sent: u64,
+    pub reference_extra_bytes: u64,
 }
 
 /// What one rank returns from a run.
@@ -74,29 +223,13 @@ pub struct RankOutput {
     pub steps: Vec<RankStep>,
 }
 
-/// A way of sharing each step's work among ranks.
-pub trait Strategy: Sync {
-    /// The name used on the command line and in traces.
-    fn name(&self) -> &'static str;
-    /// Rejects world sizes the strategy cannot use, before any compute.
-    fn check(&self, world_size: usize) -> Result<()>;
-    /// Obtains step `i`'s unconditional and conditional predictions on this rank, given
-    /// the denoiser input `x` and timestep `t`. Every rank must return the same pair.
-    fn predict(
-        &self,
-        job: &Job,
-        comm: &mut dyn Communicator,
-        x: &Tensor,
-        t: f64,
-    ) -> Result<(Tensor, Tensor)>;
-}
-
 /// Runs the sampling loop on one rank with `strategy` providing the predictions.
-pub fn run_rank(
-    strategy: &dyn Strategy,
-    job: &Job,
+pub fn run_rank<'a>(
+    strategy: &'a dyn Strategy,
+    job: &'a Job<'a>,
     comm: &mut dyn Communicator,
 ) -> Result<RankOutput> {
+    let mut worker = strategy.worker(job, comm.rank(), comm.world_size())?;
     let mut sampler = Sampler::new(job)?;
     let mut steps = Vec::with_capacity(job.steps);
     let mut step_latents = Vec::with_capacity(job.steps);
@@ -105,19 +238,23 @@ pub fn run_rank(
         let bytes0 = comm.bytes_sent();
         let x = sampler.model_input(i)?;
         let t = sampler.timestep(i);
-        let compute = Instant::now();
-        let (eps_u, eps_c) = strategy.predict(job, comm, &x, t)?;
-        let compute_seconds = compute.elapsed().as_secs_f64();
-        let rel_mae = crate::sampler::rel_mae(&eps_u, &eps_c)?;
-        sampler.step_guided(i, &eps_u, &eps_c)?;
+        let out = worker.step(comm, i, &x, t)?;
+        match &out.prediction {
+            Prediction::Branches(u, c) => sampler.step_guided(i, u, c)?,
+            Prediction::Guided(eps) => sampler.step(i, eps)?,
+        }
         step_latents.push(sampler.latents.clone());
         steps.push(RankStep {
             timestep: t,
-            mode: StepMode::Exact,
-            rel_mae,
-            compute_seconds,
+            mode: out.mode,
+            rel_mae: out.rel_mae,
+            slope: out.slope,
+            tau1: out.tau1,
+            tau2: out.tau2,
+            compute_seconds: out.compute_seconds,
             wall_seconds: start.elapsed().as_secs_f64(),
             bytes_sent: comm.bytes_sent() - bytes0,
+            reference_extra_bytes: out.reference_extra_bytes,
         });
         if comm.rank() == 0 {
             if let Some(p) = job.progress {

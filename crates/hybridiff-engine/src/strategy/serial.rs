@@ -1,39 +1,54 @@
 //! `serial`: one rank runs the CFG batch of 2 (uncond, cond), as diffusers does.
 
+use std::time::Instant;
+
 use candle_core::Tensor;
 use hybridiff_comm::Communicator;
 use hybridiff_models::Conditioning;
 
-use super::Strategy;
+use super::{StepOutput, Strategy, Worker};
 use crate::{Error, Job, Result};
 
 /// The single-device baseline.
 pub struct Serial;
+
+struct SerialWorker<'a> {
+    job: &'a Job<'a>,
+    cond: Conditioning,
+}
 
 impl Strategy for Serial {
     fn name(&self) -> &'static str {
         "serial"
     }
 
-    fn check(&self, world_size: usize) -> Result<()> {
+    fn check(&self, _job: &Job, world_size: usize) -> Result<()> {
         if world_size != 1 {
             return Err(Error::Options(format!(
-                "--world-size {world_size}: the serial strategy runs on 1 rank; use --strategy cfg for 2 or 4"
+                "--world-size {world_size}: the serial strategy runs on 1 rank; use --strategy cfg, async or hybrid for more"
             )));
         }
         Ok(())
     }
 
-    fn predict(
-        &self,
-        job: &Job,
-        _comm: &mut dyn Communicator,
+    fn worker<'a>(&'a self, job: &'a Job<'a>, _: usize, _: usize) -> Result<Box<dyn Worker + 'a>> {
+        let cond = Conditioning::cat(&job.inputs.uncond, &job.inputs.cond)?;
+        Ok(Box::new(SerialWorker { job, cond }))
+    }
+}
+
+impl Worker for SerialWorker<'_> {
+    fn step(
+        &mut self,
+        _: &mut dyn Communicator,
+        _: usize,
         x: &Tensor,
         t: f64,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<StepOutput> {
+        let start = Instant::now();
         let batch = Tensor::cat(&[x, x], 0)?;
-        let cond = Conditioning::cat(&job.inputs.uncond, &job.inputs.cond)?;
-        let eps = job.model.forward(&batch, t, &cond)?;
-        Ok((eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?))
+        let eps = self.job.model.forward(&batch, t, &self.cond)?;
+        let secs = start.elapsed().as_secs_f64();
+        StepOutput::exact(eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?, secs)
     }
 }

@@ -1,0 +1,325 @@
+//! Staged execution: a denoiser's modules cut into stages owned by ranks, each rank
+//! computing its own stage on inputs that are one step stale (AsyncDiff). Generic over
+//! [`Denoiser`]: it needs only module names, costs and the outputs each module reads.
+
+use std::collections::BTreeSet;
+use std::str::FromStr;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use hybridiff_comm::{tensor_bytes, Communicator};
+use hybridiff_models::{Conditioning, Denoiser, OutputRef};
+
+use crate::{Error, Result};
+
+/// How a stage plan is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanKind {
+    /// The hand-picked plans of the reference code (SDXL U-Net, n = 2 or 4).
+    Reference,
+    /// Contiguous stages balanced by the denoiser's counted FLOPs.
+    Auto,
+}
+
+impl FromStr for PlanKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "reference" => Ok(Self::Reference),
+            "auto" => Ok(Self::Auto),
+            other => Err(Error::Options(format!(
+                "--stages: unknown plan `{other}`; expected reference or auto"
+            ))),
+        }
+    }
+}
+
+/// Which rank owns each module. Stage `j` is owned by rank `j`; the last stage owns the
+/// output layer, so its rank produces the pipelined prediction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StagePlan {
+    pub n: usize,
+    /// `owner[m]` is the stage of module `m`.
+    pub owner: Vec<usize>,
+    /// Counted FLOPs per stage, for reporting balance.
+    pub stage_flops: Vec<f64>,
+}
+
+const SDXL_N2_STAGE0: &[&str] = &[
+    "down_blocks.2",
+    "mid_block",
+    "up_blocks.0.resnets.0",
+    "up_blocks.0.attentions.0",
+    "up_blocks.0.resnets.1",
+    "up_blocks.0.attentions.1",
+];
+
+const SDXL_N4: [&[&str]; 3] = [
+    &["down_blocks.1", "down_blocks.2"],
+    &[
+        "mid_block",
+        "up_blocks.0.resnets.0",
+        "up_blocks.0.attentions.0",
+    ],
+    &[
+        "up_blocks.0.resnets.1",
+        "up_blocks.0.attentions.1",
+        "up_blocks.0.resnets.2",
+        "up_blocks.0.attentions.2",
+        "up_blocks.0.upsamplers",
+    ],
+];
+
+impl StagePlan {
+    /// Builds and validates a plan for `model` at latent size `hw`.
+    pub fn new(kind: PlanKind, model: &dyn Denoiser, n: usize, hw: (usize, usize)) -> Result<Self> {
+        let names = model.module_names();
+        if n < 2 || n > names.len() {
+            return Err(Error::Options(format!(
+                "{n} stages do not fit a denoiser of {} modules (need 2..={})",
+                names.len(),
+                names.len()
+            )));
+        }
+        let flops = model.module_flops(hw.0, hw.1);
+        let owner = match kind {
+            PlanKind::Auto => balanced_contiguous(&flops, n),
+            PlanKind::Reference => reference_owner(names, n)?,
+        };
+        Self::from_owner(owner, n, &flops, names)
+    }
+
+    /// A plan from an explicit owner list; checks every module is owned by a stage in
+    /// `0..n`, every stage owns something, and the last stage owns the output layer.
+    pub fn from_owner(
+        owner: Vec<usize>,
+        n: usize,
+        flops: &[f64],
+        names: &[String],
+    ) -> Result<Self> {
+        if owner.len() != names.len() {
+            return Err(Error::Options(format!(
+                "stage plan covers {} modules, the denoiser has {}",
+                owner.len(),
+                names.len()
+            )));
+        }
+        if let Some((m, s)) = owner.iter().enumerate().find(|(_, s)| **s >= n) {
+            return Err(Error::Options(format!(
+                "stage plan puts `{}` on stage {s}, but there are only {n} stages",
+                names[m]
+            )));
+        }
+        for s in 0..n {
+            if !owner.contains(&s) {
+                return Err(Error::Options(format!("stage plan leaves stage {s} empty")));
+            }
+        }
+        if owner.last() != Some(&(n - 1)) {
+            return Err(Error::Options(format!(
+                "the last stage ({}) must own the output layer `{}`",
+                n - 1,
+                names[names.len() - 1]
+            )));
+        }
+        let mut stage_flops = vec![0.0; n];
+        for (m, s) in owner.iter().enumerate() {
+            stage_flops[*s] += flops[m];
+        }
+        Ok(Self {
+            n,
+            owner,
+            stage_flops,
+        })
+    }
+
+    /// The module outputs that stage `rank` reads but another stage computes, sorted.
+    pub fn needs(&self, model: &dyn Denoiser, rank: usize) -> Vec<OutputRef> {
+        let mut set = BTreeSet::new();
+        for (m, &s) in self.owner.iter().enumerate() {
+            if s == rank {
+                for r in model.module_reads(m) {
+                    if self.owner[r.module] != rank {
+                        set.insert(r);
+                    }
+                }
+            }
+        }
+        set.into_iter().collect()
+    }
+}
+
+fn reference_owner(names: &[String], n: usize) -> Result<Vec<usize>> {
+    let groups: Vec<&[&str]> = match n {
+        2 => vec![SDXL_N2_STAGE0],
+        4 => SDXL_N4.to_vec(),
+        _ => {
+            return Err(Error::Options(format!(
+                "--stages reference: the reference has plans for 2 and 4 stages, not {n}; use --stages auto"
+            )))
+        }
+    };
+    // Modules not listed go to the last stage (the outer layers, with the output).
+    let mut owner = vec![n - 1; names.len()];
+    for (stage, list) in groups.iter().enumerate() {
+        for want in *list {
+            let m = names.iter().position(|x| x == want).ok_or_else(|| {
+                Error::Options(format!(
+                    "--stages reference: this denoiser has no module `{want}` (the reference plans are for the SDXL U-Net); use --stages auto"
+                ))
+            })?;
+            owner[m] = stage;
+        }
+    }
+    Ok(owner)
+}
+
+/// Cuts the module sequence into `n` contiguous stages minimising the most expensive
+/// stage (exact linear-partition DP); every stage gets at least one module.
+pub fn balanced_contiguous(cost: &[f64], n: usize) -> Vec<usize> {
+    let m = cost.len();
+    let mut prefix = vec![0.0; m + 1];
+    for i in 0..m {
+        prefix[i + 1] = prefix[i] + cost[i];
+    }
+    // best[k][i]: minimal max-stage cost splitting the first i modules into k stages.
+    let inf = f64::INFINITY;
+    let mut best = vec![vec![inf; m + 1]; n + 1];
+    let mut cut = vec![vec![0usize; m + 1]; n + 1];
+    best[0][0] = 0.0;
+    for k in 1..=n {
+        for i in k..=m {
+            for j in (k - 1)..i {
+                let v = best[k - 1][j].max(prefix[i] - prefix[j]);
+                if v < best[k][i] {
+                    best[k][i] = v;
+                    cut[k][i] = j;
+                }
+            }
+        }
+    }
+    let mut owner = vec![0; m];
+    let mut i = m;
+    for k in (1..=n).rev() {
+        let j = cut[k][i];
+        for o in owner.iter_mut().take(i).skip(j) {
+            *o = k - 1;
+        }
+        i = j;
+    }
+    owner
+}
+
+/// One rank's side of staged execution: the module output cache and the exchange.
+pub struct StagedRunner<'a> {
+    model: &'a dyn Denoiser,
+    plan: StagePlan,
+    rank: usize,
+    /// Per stage rank: the outputs it needs from others (sorted; both sides agree).
+    needs: Vec<Vec<OutputRef>>,
+    cache: Vec<Vec<Tensor>>,
+    /// Seconds of denoiser compute in the last call.
+    pub compute_seconds: f64,
+}
+
+impl<'a> StagedRunner<'a> {
+    /// A runner for stage `rank` of `plan`.
+    pub fn new(model: &'a dyn Denoiser, plan: StagePlan, rank: usize) -> Self {
+        let needs = (0..plan.n).map(|r| plan.needs(model, r)).collect();
+        Self {
+            model,
+            plan,
+            rank,
+            needs,
+            cache: Vec::new(),
+            compute_seconds: 0.0,
+        }
+    }
+
+    /// The plan this runner follows.
+    pub fn plan(&self) -> &StagePlan {
+        &self.plan
+    }
+
+    /// Whether the cache holds a full forward's outputs.
+    pub fn is_filled(&self) -> bool {
+        !self.cache.is_empty()
+    }
+
+    /// Drops the cache (back to exact steps).
+    pub fn clear(&mut self) {
+        self.cache.clear();
+    }
+
+    /// Runs the whole denoiser, caching every module's output (the fill step).
+    pub fn fill(&mut self, x: &Tensor, t: f64, cond: &Conditioning) -> Result<Tensor> {
+        let start = Instant::now();
+        let mut state = self.model.begin(x, t, cond)?;
+        self.cache.clear();
+        for m in 0..self.plan.owner.len() {
+            let out = self.model.run_module(m, &state)?;
+            self.cache.push(out.clone());
+            self.model.apply_module(m, &mut state, out)?;
+        }
+        let y = self.model.end(state)?;
+        self.compute_seconds = start.elapsed().as_secs_f64();
+        Ok(y)
+    }
+
+    /// Sends this rank's cached outputs that other stages read, and receives the ones it
+    /// reads from their owners: the start of a pipelined step.
+    pub fn exchange(&mut self, comm: &mut dyn Communicator) -> Result<()> {
+        for (dst, needs) in self.needs.iter().enumerate() {
+            if dst == self.rank {
+                continue;
+            }
+            for r in needs
+                .iter()
+                .filter(|r| self.plan.owner[r.module] == self.rank)
+            {
+                comm.send(&self.cache[r.module][r.index], dst)?;
+            }
+        }
+        for r in self.needs[self.rank].clone() {
+            let src = self.plan.owner[r.module];
+            self.cache[r.module][r.index] = comm.recv(src)?;
+        }
+        Ok(())
+    }
+
+    /// A pipelined forward: own modules compute and refresh their cache, the others
+    /// return the cached (owner's, one step old) output. Returns this rank's output.
+    pub fn pipelined(&mut self, x: &Tensor, t: f64, cond: &Conditioning) -> Result<Tensor> {
+        let start = Instant::now();
+        let mut state = self.model.begin(x, t, cond)?;
+        for m in 0..self.plan.owner.len() {
+            let out = if self.plan.owner[m] == self.rank {
+                let out = self.model.run_module(m, &state)?;
+                self.cache[m] = out.clone();
+                out
+            } else {
+                self.cache[m].clone()
+            };
+            self.model.apply_module(m, &mut state, out)?;
+        }
+        let y = self.model.end(state)?;
+        self.compute_seconds = start.elapsed().as_secs_f64();
+        Ok(y)
+    }
+
+    /// Bytes one pipelined step's exchange sends in all (every rank together).
+    pub fn exchange_bytes(&self) -> u64 {
+        self.needs
+            .iter()
+            .flatten()
+            .map(|r| tensor_bytes(&self.cache[r.module][r.index]))
+            .sum()
+    }
+
+    /// Bytes the reference's exchange would send: every module's cached outputs from its
+    /// owner to every other rank.
+    pub fn reference_exchange_bytes(&self) -> u64 {
+        let per_copy: u64 = self.cache.iter().flatten().map(tensor_bytes).sum();
+        per_copy * (self.plan.n as u64 - 1)
+    }
+}

@@ -1,0 +1,105 @@
+//! `async`: the AsyncDiff baseline. Every rank works on the whole CFG batch (uncond and
+//! cond stacked); the first `warmup` steps run the full denoiser on every rank (filling
+//! the module caches), every later step is pipelined: each rank computes its stage on
+//! one-step-stale inputs and the last stage's output, guided as usual, is the
+//! prediction. Stride 1 (one stage per rank per step).
+
+use candle_core::Tensor;
+use hybridiff_comm::Communicator;
+use hybridiff_models::Conditioning;
+
+use super::hybrid::{plan_for, plan_json};
+use super::{StepOutput, Strategy, Worker};
+use crate::stages::{PlanKind, StagedRunner};
+use crate::trace::StepMode;
+use crate::{Error, Job, Result};
+
+/// AsyncDiff with `warmup` exact steps.
+pub struct AsyncDiff {
+    pub warmup: usize,
+    pub stages: PlanKind,
+}
+
+struct AsyncWorker<'a> {
+    rank: usize,
+    warmup: usize,
+    runner: StagedRunner<'a>,
+    cond: Conditioning,
+}
+
+impl Strategy for AsyncDiff {
+    fn name(&self) -> &'static str {
+        "async"
+    }
+
+    fn check(&self, job: &Job, world_size: usize) -> Result<()> {
+        if world_size < 2 {
+            return Err(Error::Options(format!(
+                "--world-size {world_size}: the async strategy needs at least 2 ranks (one stage each)"
+            )));
+        }
+        plan_for(job, self.stages, world_size).map(|_| ())
+    }
+
+    fn worker<'a>(
+        &'a self,
+        job: &'a Job<'a>,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<Box<dyn Worker + 'a>> {
+        let plan = plan_for(job, self.stages, world_size)?;
+        Ok(Box::new(AsyncWorker {
+            rank,
+            warmup: self.warmup,
+            runner: StagedRunner::new(job.model, plan, rank),
+            cond: Conditioning::cat(&job.inputs.uncond, &job.inputs.cond)?,
+        }))
+    }
+
+    fn plan_summary(&self, job: &Job, world_size: usize) -> Result<Option<serde_json::Value>> {
+        Ok(Some(plan_json(
+            job,
+            &plan_for(job, self.stages, world_size)?,
+        )))
+    }
+}
+
+impl Worker for AsyncWorker<'_> {
+    fn step(
+        &mut self,
+        comm: &mut dyn Communicator,
+        i: usize,
+        x: &Tensor,
+        t: f64,
+    ) -> Result<StepOutput> {
+        let batch = Tensor::cat(&[x, x], 0)?;
+        let (mode, y, extra) = if i < self.warmup || !self.runner.is_filled() {
+            // Every rank computes the whole batch: exact, and it fills the caches.
+            let mode = if i < self.warmup {
+                StepMode::Exact
+            } else {
+                StepMode::Fill
+            };
+            (mode, self.runner.fill(&batch, t, &self.cond)?, 0)
+        } else {
+            let extra = if self.rank == 0 {
+                self.runner.reference_exchange_bytes() - self.runner.exchange_bytes()
+            } else {
+                0
+            };
+            self.runner.exchange(comm)?;
+            let y = self.runner.pipelined(&batch, t, &self.cond)?;
+            let root = self.runner.plan().n - 1;
+            let y = comm.broadcast((self.rank == root).then_some(&y), root)?;
+            (StepMode::Pipelined, y, extra)
+        };
+        let mut out = StepOutput::exact(
+            y.narrow(0, 0, 1)?,
+            y.narrow(0, 1, 1)?,
+            self.runner.compute_seconds,
+        )?;
+        out.mode = mode;
+        out.reference_extra_bytes = extra;
+        Ok(out)
+    }
+}
