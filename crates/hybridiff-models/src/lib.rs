@@ -4,6 +4,7 @@
 //! denoiser exposes its forward as a sequence of named modules over an explicit state,
 //! and the engine decides who runs which.
 
+pub mod conv;
 pub mod denoiser;
 pub mod error;
 pub mod weights;

@@ -2,16 +2,13 @@
 //! attention. Weight names follow diffusers.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
+
+pub use crate::conv::Conv2d;
 
 /// 3x3 (or kxk) convolution with "same" padding, as diffusers builds them.
 pub fn conv2d(vb: VarBuilder, cin: usize, cout: usize, k: usize, stride: usize) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: k / 2,
-        stride,
-        ..Default::default()
-    };
-    candle_nn::conv2d(cin, cout, k, cfg, vb)
+    Conv2d::new(vb, cin, cout, k, stride, k / 2)
 }
 
 /// diffusers' `ResnetBlock2D` with `time_embedding_norm="default"`.

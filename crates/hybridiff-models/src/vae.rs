@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
 
-use crate::nn::{attention, conv2d, ResnetBlock2D, ResnetConfig};
+use crate::nn::{attention, conv2d, Conv2d, ResnetBlock2D, ResnetConfig};
 use crate::weights::{read_config, Weights};
 use crate::{Error, Result};
 

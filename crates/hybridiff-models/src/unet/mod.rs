@@ -8,12 +8,12 @@ mod transformer;
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
 
 pub use config::{BlockKind, RawUNetConfig, UNetConfig};
 pub use transformer::{CrossAttention, Transformer2DModel, TransformerConfig};
 
-use crate::nn::{conv2d, ResnetBlock2D, ResnetConfig};
+use crate::nn::{conv2d, Conv2d, ResnetBlock2D, ResnetConfig};
 use crate::weights::Weights;
 use crate::{Conditioning, Denoiser, Error, OutputRef, Result, State};
 
@@ -272,12 +272,7 @@ impl UNet2DConditionModel {
             }
             let downsampler = if i + 1 < n {
                 let pad = c.downsample_padding;
-                let cfg = candle_nn::Conv2dConfig {
-                    padding: pad,
-                    stride: 2,
-                    ..Default::default()
-                };
-                let conv = candle_nn::conv2d(out_ch, out_ch, 3, cfg, vbb.pp("downsamplers.0.conv"))
+                let conv = Conv2d::new(vbb.pp("downsamplers.0.conv"), out_ch, out_ch, 3, 2, pad)
                     .map_err(w)?;
                 Some(Downsample {
                     conv,

@@ -2,9 +2,9 @@
 //! the SD / SDXL U-Nets use it.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, LayerNorm, Linear, VarBuilder};
 
-use crate::nn::{attention, conv2d, gelu};
+use crate::nn::{attention, conv2d, gelu, Conv2d};
 
 /// diffusers' `Attention` without norms: self-attention, or cross-attention on a context.
 #[derive(Debug, Clone)]
