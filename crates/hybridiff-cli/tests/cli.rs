@@ -415,3 +415,148 @@ fn init_writes_a_loadable_model_and_bench_prints_numbers() {
     assert!(v["forward_seconds"]["batch1"].as_f64().unwrap() > 0.0);
     assert_eq!(v["runs"].as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn denoise_hybrid_writes_switch_points_to_the_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixture("tiny-sdxl");
+    let out = dir.path().join("out.safetensors");
+    let trace = dir.path().join("trace.json");
+    let o = hybridiff(&[
+        "denoise",
+        "--model",
+        s(&root),
+        "--inputs",
+        s(&root.join("inputs.safetensors")),
+        "--out",
+        s(&out),
+        "--strategy",
+        "hybrid",
+        "--world-size",
+        "2",
+        "--threads-per-rank",
+        "1",
+        "--l-slope",
+        "3",
+        "--eps-slope",
+        "0.05",
+        "--k",
+        "4",
+        "--tau-cap",
+        "10",
+        "--trace",
+        s(&trace),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    assert_eq!(t["tau1"], 3);
+    assert_eq!(t["tau2"], 7);
+    assert_eq!(t["rel_mae_log"].as_array().unwrap().len(), 20);
+    let modes: Vec<&str> = t["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        &modes[3..9],
+        &[
+            "exact",
+            "fill",
+            "pipelined",
+            "pipelined",
+            "pipelined",
+            "exact"
+        ]
+    );
+    assert!(t["steps"][3]["slope"].as_f64().is_some());
+    assert_eq!(t["stage_plan"].as_array().unwrap().len(), 2);
+    let rank_secs = t["steps"][6]["rank_compute_seconds"].as_array().unwrap();
+    assert_eq!(rank_secs.len(), 2);
+}
+
+#[test]
+fn hybrid_switch_that_overruns_the_steps_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixture("tiny-sdxl");
+    let out = dir.path().join("out.safetensors");
+    let inputs = root.join("inputs.safetensors");
+    expect_failure(
+        &root,
+        &inputs,
+        &out,
+        &["--strategy", "hybrid", "--tau-cap", "2", "--k", "5"],
+        &["--tau-cap 2", "--steps 2"],
+    );
+    expect_failure(
+        &root,
+        &inputs,
+        &out,
+        &[
+            "--strategy",
+            "hybrid",
+            "--world-size",
+            "4",
+            "--stages",
+            "bogus",
+        ],
+        &["--stages", "bogus"],
+    );
+}
+
+#[test]
+fn bench_compares_all_strategies_and_writes_json_and_markdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixture("tiny-sdxl");
+    let json = dir.path().join("b.json");
+    let md = dir.path().join("b.md");
+    let o = hybridiff(&[
+        "bench",
+        "--model",
+        s(&root),
+        "--inputs",
+        s(&root.join("inputs.safetensors")),
+        "--strategies",
+        "serial,cfg,async,hybrid",
+        "--world-size",
+        "2",
+        "--steps",
+        "20",
+        "--repeats",
+        "0",
+        "--l-slope",
+        "3",
+        "--eps-slope",
+        "0.05",
+        "--k",
+        "4",
+        "--tau-cap",
+        "10",
+        "--json",
+        s(&json),
+        "--markdown",
+        s(&md),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    let names: Vec<&str> = runs
+        .iter()
+        .map(|r| r["strategy"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["serial", "cfg", "async", "hybrid"]);
+    assert_eq!(runs[0]["speedup"], 1.0);
+    assert!(
+        runs[1]["psnr_db"].as_f64().unwrap_or(f64::INFINITY) > 100.0
+            || runs[1]["psnr_db"].is_null()
+    );
+    assert_eq!(runs[3]["tau1"], 3);
+    assert!(runs[3]["max_abs_diff"].as_f64().unwrap() > 0.0);
+    assert!(
+        runs[2]["bytes_sent"].as_u64().unwrap() < runs[2]["reference_bytes_sent"].as_u64().unwrap()
+    );
+    let table = std::fs::read_to_string(&md).unwrap();
+    assert!(table.contains("| hybrid | 2 |"), "{table}");
+}
