@@ -22,7 +22,8 @@ pub struct StrategyArgs {
     /// hybrid: tau1 when no flattening is seen before this step [paper SDXL: 15].
     #[arg(long, default_value_t = SwitchParams::SDXL.tau_cap)]
     pub tau_cap: usize,
-    /// async, hybrid: stage plan, `reference` (SDXL presets) or `auto` (FLOP-balanced).
+    /// async, hybrid: stage plan, `reference` (SDXL presets), `auto` (balanced by counted
+    /// FLOPs) or `measured` (balanced by module times measured before the run).
     #[arg(long, default_value = "reference")]
     pub stages: String,
     /// hybrid: prediction in pipelined steps, `none` (reference) or `reuse` (add the

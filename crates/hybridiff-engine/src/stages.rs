@@ -19,6 +19,9 @@ pub enum PlanKind {
     Reference,
     /// Contiguous stages balanced by the denoiser's counted FLOPs.
     Auto,
+    /// Contiguous stages balanced by module times measured on this machine before the
+    /// run (one timed forward on the job's inputs).
+    Measured,
 }
 
 impl FromStr for PlanKind {
@@ -27,8 +30,9 @@ impl FromStr for PlanKind {
         match s {
             "reference" => Ok(Self::Reference),
             "auto" => Ok(Self::Auto),
+            "measured" => Ok(Self::Measured),
             other => Err(Error::Options(format!(
-                "--stages: unknown plan `{other}`; expected reference or auto"
+                "--stages: unknown plan `{other}`; expected reference, auto or measured"
             ))),
         }
     }
@@ -85,8 +89,55 @@ impl StagePlan {
         let owner = match kind {
             PlanKind::Auto => balanced_contiguous(&flops, n),
             PlanKind::Reference => reference_owner(names, n)?,
+            PlanKind::Measured => {
+                return Err(Error::Options(
+                    "a measured plan needs inputs to time: use StagePlan::measured".into(),
+                ))
+            }
         };
         Self::from_owner(owner, n, &flops, names)
+    }
+
+    /// Contiguous stages balanced by each module's measured time on `x` (median of
+    /// `repeats` timed passes after a warm-up).
+    pub fn measured(
+        model: &dyn Denoiser,
+        n: usize,
+        x: &Tensor,
+        t: f64,
+        cond: &Conditioning,
+        repeats: usize,
+    ) -> Result<Self> {
+        let names = model.module_names();
+        if n < 2 || n > names.len() {
+            return Err(Error::Options(format!(
+                "{n} stages do not fit a denoiser of {} modules (need 2..={})",
+                names.len(),
+                names.len()
+            )));
+        }
+        let mut samples = vec![Vec::new(); names.len()];
+        for pass in 0..=repeats.max(1) {
+            let mut state = model.begin(x, t, cond)?;
+            for (m, s) in samples.iter_mut().enumerate() {
+                let start = Instant::now();
+                let out = model.run_module(m, &state)?;
+                if pass > 0 {
+                    s.push(start.elapsed().as_secs_f64());
+                }
+                model.apply_module(m, &mut state, out)?;
+            }
+        }
+        let secs: Vec<f64> = samples
+            .into_iter()
+            .map(|mut v| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            })
+            .collect();
+        let owner = balanced_contiguous(&secs, n);
+        let (h, w) = (x.dim(2)?, x.dim(3)?);
+        Self::from_owner(owner, n, &model.module_flops(h, w), names)
     }
 
     /// A plan from an explicit owner list; checks every module is owned by a stage in
@@ -208,6 +259,46 @@ pub fn balanced_contiguous(cost: &[f64], n: usize) -> Vec<usize> {
         i = j;
     }
     owner
+}
+
+/// Computes a job's plan once and hands the same plan to every rank (a measured plan
+/// timed separately on each rank could differ, and ranks must agree).
+pub struct PlanCache {
+    kind: PlanKind,
+    cell: std::sync::Mutex<Option<(usize, (usize, usize), StagePlan)>>,
+}
+
+impl PlanCache {
+    pub fn new(kind: PlanKind) -> Self {
+        Self {
+            kind,
+            cell: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The plan for `job` on `world_size` ranks, one stage each.
+    pub fn get(&self, job: &crate::Job, world_size: usize) -> Result<StagePlan> {
+        let hw = (job.inputs.latents.dim(2)?, job.inputs.latents.dim(3)?);
+        let mut cell = self.cell.lock().expect("no panic while planning");
+        if let Some((w, h, plan)) = cell.as_ref() {
+            if *w == world_size && *h == hw {
+                return Ok(plan.clone());
+            }
+        }
+        let plan = match self.kind {
+            PlanKind::Measured => StagePlan::measured(
+                job.model,
+                world_size,
+                &job.inputs.latents,
+                500.0,
+                &job.inputs.cond,
+                3,
+            )?,
+            kind => StagePlan::new(kind, job.model, world_size, hw)?,
+        };
+        *cell = Some((world_size, hw, plan.clone()));
+        Ok(plan)
+    }
 }
 
 /// One rank's side of staged execution: the module output cache and the exchange.

@@ -339,3 +339,23 @@ fn bad_plans_and_switch_parameters_fail_before_compute() {
         .to_string();
     assert!(err.contains("--world-size 1"), "{err}");
 }
+
+#[test]
+fn measured_plans_are_valid_and_shared_by_all_ranks() {
+    let s = setup();
+    let model: &dyn Denoiser = s.model.denoiser.as_ref();
+    let x = &s.inputs.latents;
+    for n in [2, 4] {
+        let plan = StagePlan::measured(model, n, x, 500.0, &s.inputs.cond, 1).unwrap();
+        assert_eq!(plan.owner.len(), model.module_names().len());
+        assert!(plan.owner.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(*plan.owner.last().unwrap(), n - 1);
+    }
+    let (v, _) = reference();
+    let opts = StrategyOptions {
+        stages: PlanKind::Measured,
+        ..fixture_options(&v)
+    };
+    let out = run(&s, StrategyKind::Hybrid, 2, &opts).unwrap();
+    assert_eq!((out.trace.tau1, out.trace.tau2), (Some(3), Some(7)));
+}

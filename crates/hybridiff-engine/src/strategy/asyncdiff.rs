@@ -8,16 +8,16 @@ use candle_core::Tensor;
 use hybridiff_comm::Communicator;
 use hybridiff_models::Conditioning;
 
-use super::hybrid::{plan_for, plan_json};
+use super::hybrid::plan_json;
 use super::{StepOutput, Strategy, Worker};
-use crate::stages::{PlanKind, StagedRunner};
+use crate::stages::{PlanCache, StagedRunner};
 use crate::trace::StepMode;
 use crate::{Error, Job, Result};
 
 /// AsyncDiff with `warmup` exact steps.
 pub struct AsyncDiff {
     pub warmup: usize,
-    pub stages: PlanKind,
+    pub stages: PlanCache,
 }
 
 struct AsyncWorker<'a> {
@@ -38,7 +38,7 @@ impl Strategy for AsyncDiff {
                 "--world-size {world_size}: the async strategy needs at least 2 ranks (one stage each)"
             )));
         }
-        plan_for(job, self.stages, world_size).map(|_| ())
+        self.stages.get(job, world_size).map(|_| ())
     }
 
     fn worker<'a>(
@@ -47,7 +47,7 @@ impl Strategy for AsyncDiff {
         rank: usize,
         world_size: usize,
     ) -> Result<Box<dyn Worker + 'a>> {
-        let plan = plan_for(job, self.stages, world_size)?;
+        let plan = self.stages.get(job, world_size)?;
         Ok(Box::new(AsyncWorker {
             rank,
             warmup: self.warmup,
@@ -57,10 +57,7 @@ impl Strategy for AsyncDiff {
     }
 
     fn plan_summary(&self, job: &Job, world_size: usize) -> Result<Option<serde_json::Value>> {
-        Ok(Some(plan_json(
-            job,
-            &plan_for(job, self.stages, world_size)?,
-        )))
+        Ok(Some(plan_json(job, &self.stages.get(job, world_size)?)))
     }
 }
 

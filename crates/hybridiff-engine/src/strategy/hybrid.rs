@@ -9,7 +9,7 @@ use hybridiff_models::Conditioning;
 
 use super::cfg::{check_world, exact_step};
 use super::{PipelinedGuidance, Prediction, StepOutput, Strategy, Worker};
-use crate::stages::{PlanKind, StagePlan, StagedRunner};
+use crate::stages::{PlanCache, StagePlan, StagedRunner};
 use crate::switch::{Phase, SwitchParams, Switcher};
 use crate::trace::StepMode;
 use crate::{Job, Result};
@@ -17,7 +17,7 @@ use crate::{Job, Result};
 /// Hybridiff with its switching parameters.
 pub struct Hybrid {
     pub switch: SwitchParams,
-    pub stages: PlanKind,
+    pub stages: PlanCache,
     pub guidance: PipelinedGuidance,
 }
 
@@ -30,12 +30,6 @@ struct HybridWorker<'a> {
     guidance: PipelinedGuidance,
     /// `w (eps_c - eps_u)` of the last exact step, for `--pipelined-guidance reuse`.
     correction: Option<Tensor>,
-}
-
-/// The stage plan a job gets: one stage per rank.
-pub fn plan_for(job: &Job, kind: PlanKind, world_size: usize) -> Result<StagePlan> {
-    let (h, w) = (job.inputs.latents.dim(2)?, job.inputs.latents.dim(3)?);
-    StagePlan::new(kind, job.model, world_size, (h, w))
 }
 
 /// The plan as JSON: the modules of each stage and its counted FLOPs.
@@ -64,7 +58,7 @@ impl Strategy for Hybrid {
     fn check(&self, job: &Job, world_size: usize) -> Result<()> {
         check_world(world_size, "hybrid")?;
         self.switch.check(job.steps)?;
-        plan_for(job, self.stages, world_size).map(|_| ())
+        self.stages.get(job, world_size).map(|_| ())
     }
 
     fn worker<'a>(
@@ -73,7 +67,7 @@ impl Strategy for Hybrid {
         rank: usize,
         world_size: usize,
     ) -> Result<Box<dyn Worker + 'a>> {
-        let plan = plan_for(job, self.stages, world_size)?;
+        let plan = self.stages.get(job, world_size)?;
         let branch = if rank < world_size / 2 {
             &job.inputs.uncond
         } else {
@@ -91,10 +85,7 @@ impl Strategy for Hybrid {
     }
 
     fn plan_summary(&self, job: &Job, world_size: usize) -> Result<Option<serde_json::Value>> {
-        Ok(Some(plan_json(
-            job,
-            &plan_for(job, self.stages, world_size)?,
-        )))
+        Ok(Some(plan_json(job, &self.stages.get(job, world_size)?)))
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use hybridiff_comm::Communicator;
 
-use crate::stages::PlanKind;
+use crate::stages::{PlanCache, PlanKind};
 use crate::switch::SwitchParams;
 use crate::trace::StepMode;
 use crate::{Error, Job, Result, Sampler};
@@ -116,11 +116,11 @@ impl StrategyKind {
             Self::Cfg => Box::new(cfg::CfgSplit),
             Self::Async => Box::new(asyncdiff::AsyncDiff {
                 warmup: opts.warmup,
-                stages: opts.stages,
+                stages: PlanCache::new(opts.stages),
             }),
             Self::Hybrid => Box::new(hybrid::Hybrid {
                 switch: opts.switch,
-                stages: opts.stages,
+                stages: PlanCache::new(opts.stages),
                 guidance: opts.pipelined_guidance,
             }),
         }
