@@ -201,6 +201,13 @@ impl StagePlan {
 }
 
 fn reference_owner(names: &[String], n: usize) -> Result<Vec<usize>> {
+    let blocks = names
+        .iter()
+        .filter(|m| m.starts_with("transformer_blocks."))
+        .count();
+    if blocks > 0 {
+        return dit_reference_owner(names, blocks, n);
+    }
     let groups: Vec<&[&str]> = match n {
         2 => vec![SDXL_N2_STAGE0],
         4 => SDXL_N4.to_vec(),
@@ -223,6 +230,24 @@ fn reference_owner(names: &[String], n: usize) -> Result<Vec<usize>> {
         }
     }
     Ok(owner)
+}
+
+/// The reference's DiT plans: the transformer blocks split evenly and in order (SD3 n=2:
+/// blocks 0-11 | 12-23), the output layers with the last stage.
+fn dit_reference_owner(names: &[String], blocks: usize, n: usize) -> Result<Vec<usize>> {
+    if !blocks.is_multiple_of(n) {
+        return Err(Error::Options(format!(
+            "--stages reference: {blocks} transformer blocks do not split evenly into {n} stages; use --stages auto"
+        )));
+    }
+    let per = blocks / n;
+    Ok(names
+        .iter()
+        .map(|m| match m.strip_prefix("transformer_blocks.") {
+            Some(i) => i.parse::<usize>().map(|i| i / per).unwrap_or(n - 1),
+            None => n - 1,
+        })
+        .collect())
 }
 
 /// Cuts the module sequence into `n` contiguous stages minimising the most expensive
@@ -265,8 +290,11 @@ pub fn balanced_contiguous(cost: &[f64], n: usize) -> Vec<usize> {
 /// timed separately on each rank could differ, and ranks must agree).
 pub struct PlanCache {
     kind: PlanKind,
-    cell: std::sync::Mutex<Option<(usize, (usize, usize), StagePlan)>>,
+    cell: std::sync::Mutex<Option<CachedPlan>>,
 }
+
+/// A plan with the world size and latent size it was made for.
+type CachedPlan = (usize, (usize, usize), StagePlan);
 
 impl PlanCache {
     pub fn new(kind: PlanKind) -> Self {

@@ -68,7 +68,11 @@ impl Im2Col {
     }
 
     /// `src` is contiguous `[b, c, h, w]`; returns `[c * k * k, b * ho * wo]`.
-    fn run<T: Copy + Default>(&self, src: &[T], (b, c, h, w): (usize, usize, usize, usize)) -> Vec<T> {
+    fn run<T: Copy + Default>(
+        &self,
+        src: &[T],
+        (b, c, h, w): (usize, usize, usize, usize),
+    ) -> Vec<T> {
         let (k, s, p) = (self.k, self.stride, self.padding as isize);
         let (ho, wo) = self.out_hw(h, w);
         let n = b * ho * wo;
@@ -89,8 +93,14 @@ impl Im2Col {
                             let dst = &mut dst_row[(bi * ho + y) * wo..(bi * ho + y + 1) * wo];
                             // Output columns whose input column lies inside the image.
                             let off = kw as isize - p;
-                            let x0 = if off < 0 { ((-off) as usize).div_ceil(s) } else { 0 };
-                            let x1 = (((w as isize - off) + s as isize - 1) / s as isize).clamp(0, wo as isize) as usize;
+                            let x0 = if off < 0 {
+                                ((-off) as usize).div_ceil(s)
+                            } else {
+                                0
+                            };
+                            let x1 = (((w as isize - off) + s as isize - 1) / s as isize)
+                                .clamp(0, wo as isize)
+                                as usize;
                             if x0 >= x1 {
                                 continue;
                             }
@@ -161,7 +171,10 @@ impl Module for Conv2d {
         let y = if self.k == 1 && self.stride == 1 && self.padding == 0 {
             // A 1x1 convolution is a plain GEMM on the input's channel rows.
             let x = x.reshape((b, x.dim(1)?, h * w))?;
-            self.weight2d.broadcast_left(b)?.contiguous()?.matmul(&x.contiguous()?)?
+            self.weight2d
+                .broadcast_left(b)?
+                .contiguous()?
+                .matmul(&x.contiguous()?)?
         } else {
             let col = x.contiguous()?.apply_op1_no_bwd(&op)?;
             let y = self.weight2d.matmul(&col)?; // [cout, b * ho * wo]

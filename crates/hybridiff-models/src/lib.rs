@@ -11,6 +11,7 @@ pub mod weights;
 
 pub use denoiser::{Conditioning, Denoiser, OutputRef, State};
 pub use error::{Error, Result};
+pub mod mmdit;
 pub mod nn;
 pub mod unet;
 pub mod vae;
