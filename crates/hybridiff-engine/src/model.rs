@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
+use hybridiff_models::mmdit::SD3Transformer2DModel;
 use hybridiff_models::unet::UNet2DConditionModel;
 use hybridiff_models::vae::AutoencoderKL;
 use hybridiff_models::Denoiser;
@@ -75,15 +76,32 @@ impl Model {
                 sample_size,
             });
         }
-        if dir.join("transformer").is_dir() {
-            return Err(Error::Input(format!(
-                "{}: an MMDiT (SD3) model; this build runs U-Net models (SD 1.5, SD 2.1, SDXL) only",
-                dir.display()
-            )));
+        let dit_dir = dir.join("transformer");
+        if dit_dir.is_dir() {
+            let dit = SD3Transformer2DModel::load(&dit_dir, dtype, device)?;
+            let c = &dit.config;
+            let input_spec = InputSpec {
+                latent_channels: c.in_channels,
+                latent_multiple: c.patch_size,
+                context_dim: c.joint_attention_dim,
+                pooled_dim: Some(c.pooled_projection_dim),
+                time_ids: false,
+                vae_factor: vae_factor(dir)?,
+            };
+            let sample_size = Some(c.sample_size);
+            return Ok(Self {
+                dir: dir.to_path_buf(),
+                denoiser: Arc::new(dit),
+                scheduler_config,
+                input_spec,
+                dtype,
+                device: device.clone(),
+                sample_size,
+            });
         }
         Err(Error::io(
             dir,
-            "no denoiser found: expected a unet/ folder (diffusers layout)",
+            "no denoiser found: expected a unet/ (SD, SDXL) or transformer/ (SD3) folder in diffusers layout",
         ))
     }
 

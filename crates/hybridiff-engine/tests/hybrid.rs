@@ -1,102 +1,14 @@
 //! Hybridiff and AsyncDiff against the authors' code (`expected/hybrid.*`) and serial.
 
-use std::path::PathBuf;
-use std::time::Duration;
+mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
+use common::*;
 use hybridiff_engine::stages::{balanced_contiguous, PlanKind, StagePlan};
 use hybridiff_engine::switch::SwitchParams;
 use hybridiff_engine::trace::StepMode;
-use hybridiff_engine::{
-    denoise, DenoiseInputs, DenoiseOutput, Job, Model, PipelinedGuidance, RunOptions, StrategyKind,
-    StrategyOptions,
-};
+use hybridiff_engine::{PipelinedGuidance, StrategyKind, StrategyOptions};
 use hybridiff_models::Denoiser;
-use hybridiff_schedulers::SchedulerKind;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures")).join(name)
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-struct Setup {
-    model: Model,
-    inputs: DenoiseInputs,
-}
-
-fn setup() -> Setup {
-    let dev = Device::Cpu;
-    let root = fixture("tiny-sdxl");
-    let model = Model::load(&root, DType::F32, &dev).unwrap();
-    let inputs =
-        DenoiseInputs::load(&root.join("inputs.safetensors"), &model.input_spec, &dev).unwrap();
-    Setup { model, inputs }
-}
-
-fn run(
-    s: &Setup,
-    kind: StrategyKind,
-    world: usize,
-    opts: &StrategyOptions,
-) -> hybridiff_engine::Result<DenoiseOutput> {
-    let job = Job {
-        model: s.model.denoiser.as_ref(),
-        scheduler_config: &s.model.scheduler_config,
-        scheduler: SchedulerKind::Ddim,
-        steps: 20,
-        guidance: 5.0,
-        inputs: &s.inputs,
-        progress: None,
-    };
-    let ro = RunOptions {
-        world_size: world,
-        threads_per_rank: 1,
-        comm_timeout: Duration::from_secs(120),
-    };
-    denoise(&job, kind.build(opts).as_ref(), &ro)
-}
-
-fn reference() -> (serde_json::Value, std::collections::HashMap<String, Tensor>) {
-    let root = fixture("tiny-sdxl/expected");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("hybrid.json")).unwrap()).unwrap();
-    let t = candle_core::safetensors::load(root.join("hybrid.safetensors"), &Device::Cpu).unwrap();
-    (v, t)
-}
-
-fn fixture_options(v: &serde_json::Value) -> StrategyOptions {
-    StrategyOptions {
-        switch: SwitchParams {
-            l_slope: v["l_slope"].as_u64().unwrap() as usize,
-            eps_slope: v["eps_slope"].as_f64().unwrap(),
-            k: v["k"].as_u64().unwrap() as usize,
-            tau_cap: v["tau_cap"].as_u64().unwrap() as usize,
-        },
-        stages: PlanKind::Reference,
-        ..Default::default()
-    }
-}
-
-fn assert_steps_close(got: &Tensor, want: &Tensor, what: &str) {
-    assert_eq!(got.dims(), want.dims());
-    for i in 0..want.dim(0).unwrap() {
-        let w = want.get(i).unwrap();
-        let g = got.get(i).unwrap();
-        let tol = 1e-3 * max_abs(&w).max(1.0);
-        let d = max_abs(&(&g - &w).unwrap());
-        assert!(d < tol, "{what}: step {i}: max abs diff {d} >= {tol}");
-    }
-}
 
 #[test]
 fn hybrid_two_ranks_matches_the_authors_code() {
