@@ -23,7 +23,7 @@ struct Cli {
 enum Command {
     /// Denoise latents from a safetensors inputs file with a model folder.
     Denoise(denoise::DenoiseArgs),
-    /// Write a random-weight model folder from a U-Net config (for benchmarks).
+    /// Write a random-weight model folder from a U-Net or MMDiT config (for benchmarks).
     Init(InitArgs),
     /// Time the denoiser forward and compare strategies on one machine.
     Bench(bench::BenchArgs),
@@ -31,7 +31,7 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct InitArgs {
-    /// A diffusers `unet/config.json`.
+    /// A diffusers `unet/config.json` or `transformer/config.json`.
     #[arg(long)]
     config: std::path::PathBuf,
     /// The model folder to write (created if missing).
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Denoise(args) => denoise::run(args),
         Command::Init(args) => {
-            hybridiff_engine::init::init_unet_folder(&args.config, &args.out, args.seed)
+            hybridiff_engine::init::init_model_folder(&args.config, &args.out, args.seed)
                 .map(|()| println!("wrote random-weight model to {}", args.out.display()))
                 .map_err(anyhow::Error::from)
         }

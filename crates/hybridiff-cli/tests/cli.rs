@@ -560,3 +560,82 @@ fn bench_compares_all_strategies_and_writes_json_and_markdown() {
     let table = std::fs::read_to_string(&md).unwrap();
     assert!(table.contains("| hybrid | 2 |"), "{table}");
 }
+
+#[test]
+fn denoise_sd3_folder_with_flow_matching_and_16_channel_decode() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixture("tiny-sd3");
+    let out = dir.path().join("out.safetensors");
+    let png = dir.path().join("sd3.png");
+    let o = hybridiff(&[
+        "denoise",
+        "--model",
+        s(&root),
+        "--inputs",
+        s(&root.join("inputs.safetensors")),
+        "--out",
+        s(&out),
+        "--guidance",
+        "7",
+        "--strategy",
+        "cfg",
+        "--decode",
+        s(&png),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let want =
+        candle_core::safetensors::load(root.join("expected/serial.safetensors"), &Device::Cpu)
+            .unwrap();
+    let d = max_abs(&(&got["latents"] - &want["latents"]).unwrap());
+    assert!(d < 1e-3 * max_abs(&want["latents"]).max(1.0), "off by {d}");
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (128, 128));
+}
+
+#[test]
+fn init_writes_a_random_sd3_folder_that_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = fixture("tiny-sd3").join("transformer/config.json");
+    let model = dir.path().join("sd3");
+    let o = hybridiff(&[
+        "init",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&model),
+        "--seed",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(model
+        .join("transformer/diffusion_pytorch_model.safetensors")
+        .is_file());
+    let o = hybridiff(&[
+        "bench",
+        "--model",
+        s(&model),
+        "--strategies",
+        "serial,hybrid",
+        "--steps",
+        "6",
+        "--repeats",
+        "0",
+        "--l-slope",
+        "2",
+        "--tau-cap",
+        "3",
+        "--k",
+        "2",
+        "--guidance",
+        "7",
+        "--context-len",
+        "8",
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout.contains("flow-euler") && stdout.contains("| hybrid | 2 |"),
+        "{stdout}"
+    );
+}

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
+use hybridiff_models::mmdit::{MMDiTConfig, SD3Transformer2DModel};
 use hybridiff_models::unet::{UNet2DConditionModel, UNetConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -99,19 +100,58 @@ pub const SDXL_SCHEDULER_CONFIG: &str = r#"{
 }
 "#;
 
-/// Writes `out/unet/{config.json, diffusion_pytorch_model.safetensors}`,
-/// `out/scheduler/scheduler_config.json` and a `model_index.json`.
-pub fn init_unet_folder(config_path: &Path, out: &Path, seed: u64) -> Result<()> {
-    let config = UNetConfig::from_file(config_path)?;
+/// The scheduler config written next to a random MMDiT: SD3's flow matching, shift 3.
+pub const SD3_SCHEDULER_CONFIG: &str = r#"{
+  "_class_name": "FlowMatchEulerDiscreteScheduler",
+  "num_train_timesteps": 1000,
+  "shift": 3.0,
+  "use_dynamic_shifting": false
+}
+"#;
+
+/// Writes a random-weight model folder for a denoiser config: a U-Net config
+/// (`UNet2DConditionModel`) gives `unet/` with SDXL's DDIM scheduler, an MMDiT config
+/// (`SD3Transformer2DModel`) gives `transformer/` with SD3's flow-matching scheduler;
+/// plus `scheduler/scheduler_config.json` and a `model_index.json`.
+pub fn init_model_folder(config_path: &Path, out: &Path, seed: u64) -> Result<()> {
     let config_text =
         std::fs::read_to_string(config_path).map_err(|e| Error::io(config_path, e))?;
+    let raw: serde_json::Value = serde_json::from_str(&config_text).map_err(|e| Error::Io {
+        path: config_path.to_path_buf(),
+        msg: format!("invalid JSON: {e}"),
+    })?;
+    let class = raw
+        .get("_class_name")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
     let backend = Arc::new(RandomBackend {
         seed,
         made: Mutex::new(HashMap::new()),
     });
     let vb = VarBuilder::from_backend(Box::new(Shared(backend.clone())), DType::F32, Device::Cpu);
     // Building the model asks the backend for every tensor with its shape and init.
-    UNet2DConditionModel::new(vb, config)?;
+    let (component, pipeline, denoiser_class, scheduler_class, scheduler_text) = match class {
+        "SD3Transformer2DModel" => {
+            SD3Transformer2DModel::new(vb, MMDiTConfig::from_file(config_path)?)?;
+            (
+                "transformer",
+                "StableDiffusion3Pipeline",
+                "SD3Transformer2DModel",
+                "FlowMatchEulerDiscreteScheduler",
+                SD3_SCHEDULER_CONFIG,
+            )
+        }
+        _ => {
+            UNet2DConditionModel::new(vb, UNetConfig::from_file(config_path)?)?;
+            (
+                "unet",
+                "StableDiffusionXLPipeline",
+                "UNet2DConditionModel",
+                "DDIMScheduler",
+                SDXL_SCHEDULER_CONFIG,
+            )
+        }
+    };
     let made = std::mem::take(
         &mut *backend
             .made
@@ -119,22 +159,25 @@ pub fn init_unet_folder(config_path: &Path, out: &Path, seed: u64) -> Result<()>
             .expect("no panics while holding the lock"),
     );
 
-    let unet_dir = out.join("unet");
+    let model_dir = out.join(component);
     let sched_dir = out.join("scheduler");
-    for d in [&unet_dir, &sched_dir] {
+    for d in [&model_dir, &sched_dir] {
         std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
     }
-    write_bytes_atomic(&unet_dir.join("config.json"), config_text.as_bytes())?;
-    save_safetensors(&unet_dir.join("diffusion_pytorch_model.safetensors"), &made)?;
+    write_bytes_atomic(&model_dir.join("config.json"), config_text.as_bytes())?;
+    save_safetensors(
+        &model_dir.join("diffusion_pytorch_model.safetensors"),
+        &made,
+    )?;
     write_bytes_atomic(
         &sched_dir.join("scheduler_config.json"),
-        SDXL_SCHEDULER_CONFIG.as_bytes(),
+        scheduler_text.as_bytes(),
     )?;
     let index = serde_json::json!({
-        "_class_name": "StableDiffusionXLPipeline",
+        "_class_name": pipeline,
         "_hybridiff_init": { "seed": seed },
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
+        component: ["diffusers", denoiser_class],
+        "scheduler": ["diffusers", scheduler_class],
     });
     write_bytes_atomic(
         &out.join("model_index.json"),
