@@ -1,6 +1,7 @@
 //! `hybridiff`: fast multi-device text-to-image diffusion.
 
 mod bench;
+mod compare;
 mod denoise;
 mod strategy_args;
 
@@ -27,6 +28,8 @@ enum Command {
     Init(InitArgs),
     /// Time the denoiser forward and compare strategies on one machine.
     Bench(bench::BenchArgs),
+    /// PSNR and SSIM between two folders of images, paired by file name.
+    Compare(compare::CompareArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
         }
         Command::Bench(args) => bench::run(args),
+        Command::Compare(args) => compare::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -639,3 +639,66 @@ fn init_writes_a_random_sd3_folder_that_runs() {
         "{stdout}"
     );
 }
+
+#[test]
+fn compare_matches_scikit_image_and_known_values() {
+    let root = fixture("metrics");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("expected.json")).unwrap())
+            .unwrap();
+    let o = hybridiff(&["compare", s(&root.join("a")), s(&root.join("b")), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let images = v["images"].as_array().unwrap();
+    let pair = images.iter().find(|i| i["file"] == "pair.png").unwrap();
+    let same = images.iter().find(|i| i["file"] == "same.png").unwrap();
+    let want = &expected["pair.png"];
+    let (p, w) = (
+        pair["psnr_db"].as_f64().unwrap(),
+        want["psnr"].as_f64().unwrap(),
+    );
+    assert!((p - w).abs() < 1e-6, "psnr {p} vs scikit-image {w}");
+    let (p, w) = (
+        pair["ssim"].as_f64().unwrap(),
+        want["ssim"].as_f64().unwrap(),
+    );
+    assert!((p - w).abs() < 1e-6, "ssim {p} vs scikit-image {w}");
+    assert!(same["psnr_db"].is_null());
+    assert_eq!(same["ssim"].as_f64().unwrap(), 1.0);
+    assert_eq!(v["identical"], 1);
+}
+
+#[test]
+fn compare_known_noise_level_and_bad_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    // A uniform offset of 5 on every channel: MSE 25, PSNR = 10 log10(255^2 / 25).
+    let img = image::RgbImage::from_fn(16, 16, |x, y| {
+        image::Rgb([(x * 9) as u8, (y * 9) as u8, 100])
+    });
+    let shifted = image::RgbImage::from_fn(16, 16, |x, y| {
+        image::Rgb([(x * 9) as u8 + 5, (y * 9) as u8 + 5, 105])
+    });
+    img.save(a.join("x.png")).unwrap();
+    shifted.save(b.join("x.png")).unwrap();
+    let o = hybridiff(&["compare", s(&a), s(&b), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let want = 10.0 * (255.0f64 * 255.0 / 25.0).log10();
+    assert!((v["mean_psnr_db"].as_f64().unwrap() - want).abs() < 1e-9);
+    // No common names.
+    std::fs::rename(b.join("x.png"), b.join("y.png")).unwrap();
+    let o = hybridiff(&["compare", s(&a), s(&b)]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("share no PNG file names"));
+    // Different sizes.
+    image::RgbImage::new(8, 8).save(b.join("x.png")).unwrap();
+    let o = hybridiff(&["compare", s(&a), s(&b)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("16x16") && err.contains("8x8"),
+        "{err}"
+    );
+}

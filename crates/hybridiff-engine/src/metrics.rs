@@ -41,3 +41,133 @@ mod tests {
         assert!((max_abs_diff(&x, &r).unwrap() - 0.1).abs() < 1e-6);
     }
 }
+
+/// PSNR in dB between two 8-bit images of the same size (peak 255, all channels), as
+/// scikit-image's `peak_signal_noise_ratio`; infinite for identical images.
+pub fn psnr_u8(a: &[u8], b: &[u8]) -> f64 {
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| {
+            let d = *x as f64 - *y as f64;
+            d * d
+        })
+        .sum::<f64>()
+        / a.len().max(1) as f64;
+    if mse == 0.0 {
+        return f64::INFINITY;
+    }
+    10.0 * (255.0f64 * 255.0 / mse).log10()
+}
+
+/// Mean SSIM of two interleaved 8-bit images (`channels` per pixel), as scikit-image's
+/// `structural_similarity` with its defaults: 7x7 uniform window, K1 = 0.01, K2 = 0.03,
+/// data range 255, sample covariance, the 3-pixel border cropped, channels averaged.
+pub fn ssim_u8(a: &[u8], b: &[u8], width: usize, height: usize, channels: usize) -> f64 {
+    const WIN: usize = 7;
+    let r = WIN / 2;
+    if width < WIN || height < WIN {
+        return f64::NAN;
+    }
+    let np = (WIN * WIN) as f64;
+    let cov_norm = np / (np - 1.0);
+    let (c1, c2) = ((0.01f64 * 255.0).powi(2), (0.03f64 * 255.0).powi(2));
+    let mut total = 0.0;
+    for c in 0..channels {
+        let px = |img: &[u8], x: usize, y: usize| img[(y * width + x) * channels + c] as f64;
+        let mut sum = 0.0;
+        let mut count = 0usize;
+        // Only windows that lie fully inside the image survive scikit-image's crop.
+        for y in r..height - r {
+            for x in r..width - r {
+                let (mut sx, mut sy, mut sxx, mut syy, mut sxy) = (0.0, 0.0, 0.0, 0.0, 0.0);
+                for wy in y - r..=y + r {
+                    for wx in x - r..=x + r {
+                        let (p, q) = (px(a, wx, wy), px(b, wx, wy));
+                        sx += p;
+                        sy += q;
+                        sxx += p * p;
+                        syy += q * q;
+                        sxy += p * q;
+                    }
+                }
+                let (ux, uy) = (sx / np, sy / np);
+                let vx = cov_norm * (sxx / np - ux * ux);
+                let vy = cov_norm * (syy / np - uy * uy);
+                let vxy = cov_norm * (sxy / np - ux * uy);
+                let s = ((2.0 * ux * uy + c1) * (2.0 * vxy + c2))
+                    / ((ux * ux + uy * uy + c1) * (vx + vy + c2));
+                sum += s;
+                count += 1;
+            }
+        }
+        total += sum / count as f64;
+    }
+    total / channels as f64
+}
+
+/// PSNR and SSIM of one image pair.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImagePair {
+    pub file: String,
+    /// `None` (JSON null) for identical images.
+    pub psnr_db: Option<f64>,
+    pub ssim: f64,
+}
+
+/// Pairs the PNG files of two folders by name and measures each pair.
+pub fn compare_dirs(a: &std::path::Path, b: &std::path::Path) -> crate::Result<Vec<ImagePair>> {
+    use crate::Error;
+    let list = |d: &std::path::Path| -> crate::Result<Vec<String>> {
+        let rd = std::fs::read_dir(d).map_err(|e| Error::io(d, e))?;
+        let mut v = Vec::new();
+        for e in rd {
+            let e = e.map_err(|e| Error::io(d, e))?;
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.to_ascii_lowercase().ends_with(".png") {
+                v.push(name);
+            }
+        }
+        v.sort();
+        Ok(v)
+    };
+    let names_a = list(a)?;
+    let names_b = list(b)?;
+    let common: Vec<&String> = names_a.iter().filter(|n| names_b.contains(n)).collect();
+    if common.is_empty() {
+        return Err(Error::Input(format!(
+            "{} and {} share no PNG file names; compare pairs images by name",
+            a.display(),
+            b.display()
+        )));
+    }
+    let load = |p: &std::path::Path| -> crate::Result<image::RgbImage> {
+        Ok(image::open(p)
+            .map_err(|e| Error::io(p, format!("cannot read the image: {e}")))?
+            .to_rgb8())
+    };
+    let mut out = Vec::new();
+    for name in common {
+        let (pa, pb) = (a.join(name), b.join(name));
+        let (ia, ib) = (load(&pa)?, load(&pb)?);
+        if ia.dimensions() != ib.dimensions() {
+            return Err(Error::Input(format!(
+                "{name}: {}x{} in {} but {}x{} in {}",
+                ia.width(),
+                ia.height(),
+                a.display(),
+                ib.width(),
+                ib.height(),
+                b.display()
+            )));
+        }
+        let (w, h) = (ia.width() as usize, ia.height() as usize);
+        let psnr = psnr_u8(ia.as_raw(), ib.as_raw());
+        out.push(ImagePair {
+            file: name.clone(),
+            psnr_db: psnr.is_finite().then_some(psnr),
+            ssim: ssim_u8(ia.as_raw(), ib.as_raw(), w, h, 3),
+        });
+    }
+    Ok(out)
+}
