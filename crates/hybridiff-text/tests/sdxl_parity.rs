@@ -1,0 +1,125 @@
+//! SDXL prompt encoding against diffusers' `StableDiffusionXLPipeline.encode_prompt` on
+//! tests/fixtures/tiny-sdxl-pipeline.
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::*;
+use hybridiff_text::{PipelineKind, PromptEncoder};
+
+const REL: f32 = 1e-4;
+
+fn pipeline() -> std::path::PathBuf {
+    fixtures().join("tiny-sdxl-pipeline")
+}
+
+fn prompts() -> (String, String) {
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(pipeline().join("expected/t2i.json")).unwrap(),
+    )
+    .unwrap();
+    (
+        meta["prompt"].as_str().unwrap().to_owned(),
+        meta["negative_prompt"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[test]
+fn sdxl_encode_prompt_matches_diffusers() {
+    let expected = load(&pipeline().join("expected/t2i.safetensors"));
+    let (prompt, negative) = prompts();
+    let enc = PromptEncoder::load(&pipeline(), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(enc.kind(), PipelineKind::StableDiffusionXl);
+    let out = enc.encode(&prompt, &negative).unwrap();
+
+    // input_ids / input_ids_2 are the prompt's ids for tokenizer / tokenizer_2.
+    assert_eq!(out.input_ids.len(), 2);
+    assert_eq!(out.input_ids[0], ids(get(&expected, "input_ids")));
+    assert_eq!(out.input_ids[1], ids(get(&expected, "input_ids_2")));
+    assert_eq!(out.negative_input_ids.len(), 2);
+
+    assert_close(
+        "prompt_embeds",
+        &out.prompt_embeds,
+        get(&expected, "prompt_embeds"),
+        REL,
+    );
+    assert_close(
+        "negative_prompt_embeds",
+        &out.negative_prompt_embeds,
+        get(&expected, "negative_prompt_embeds"),
+        REL,
+    );
+    assert_close(
+        "pooled_prompt_embeds",
+        out.pooled_prompt_embeds.as_ref().unwrap(),
+        get(&expected, "pooled_prompt_embeds"),
+        REL,
+    );
+    assert_close(
+        "negative_pooled_prompt_embeds",
+        out.negative_pooled_prompt_embeds.as_ref().unwrap(),
+        get(&expected, "negative_pooled_prompt_embeds"),
+        REL,
+    );
+}
+
+#[test]
+fn sdxl_empty_negative_prompt_gives_zeros() {
+    let (prompt, _) = prompts();
+    let enc = PromptEncoder::load(&pipeline(), DType::F32, &Device::Cpu).unwrap();
+    let out = enc.encode(&prompt, "").unwrap();
+    assert_zeros("negative_prompt_embeds", &out.negative_prompt_embeds);
+    assert_zeros(
+        "negative_pooled_prompt_embeds",
+        out.negative_pooled_prompt_embeds.as_ref().unwrap(),
+    );
+    assert_eq!(out.negative_prompt_embeds.dims(), out.prompt_embeds.dims());
+    assert!(out.negative_input_ids.is_empty());
+
+    // diffusers zeroes only for `negative_prompt=None`; an explicit "" is encoded.
+    let explicit = enc.encode_opt(&prompt, Some("")).unwrap();
+    let (d, _) = diff(
+        &explicit.negative_prompt_embeds,
+        &out.negative_prompt_embeds,
+    );
+    assert!(d > 0.0);
+    assert_eq!(&explicit.negative_input_ids[1][..3], &[49406, 49407, 0]);
+}
+
+#[test]
+fn sdxl_without_force_zeros_encodes_the_empty_string() {
+    let tmp = linked_copy(&pipeline(), &[], |index| {
+        index["force_zeros_for_empty_prompt"] = serde_json::Value::Bool(false);
+    });
+    let (prompt, _) = prompts();
+    let enc = PromptEncoder::load(tmp.path(), DType::F32, &Device::Cpu).unwrap();
+    let out = enc.encode(&prompt, "").unwrap();
+    let (d, _) = diff(&out.negative_prompt_embeds, &out.prompt_embeds);
+    assert!(d > 0.0);
+    assert_eq!(out.negative_input_ids[0][..3], [49406, 49407, 49407]);
+}
+
+#[test]
+fn missing_component_folder_is_named() {
+    let tmp = linked_copy(&pipeline(), &["text_encoder_2"], |_| {});
+    let err = PromptEncoder::load(tmp.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("text_encoder_2"), "{err}");
+
+    let tmp = linked_copy(&pipeline(), &["tokenizer"], |_| {});
+    let err = PromptEncoder::load(tmp.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("tokenizer"), "{err}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let err = PromptEncoder::load(tmp.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("model_index.json"), "{err}");
+}
