@@ -3,6 +3,7 @@
 mod bench;
 mod compare;
 mod denoise;
+mod generate;
 mod strategy_args;
 
 use std::process::ExitCode;
@@ -22,6 +23,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Text to image with a diffusers pipeline folder.
+    Generate(generate::GenerateArgs),
     /// Denoise latents from a safetensors inputs file with a model folder.
     Denoise(denoise::DenoiseArgs),
     /// Write a random-weight model folder from a U-Net or MMDiT config (for benchmarks).
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
         Command::Denoise(args) => denoise::run(args),
         Command::Init(args) => {
             hybridiff_engine::init::init_model_folder(&args.config, &args.out, args.seed)

@@ -702,3 +702,193 @@ fn compare_known_noise_level_and_bad_folders() {
         "{err}"
     );
 }
+
+fn t2i_expected() -> (serde_json::Value, HashMap<String, Tensor>) {
+    let root = fixture("tiny-sdxl-pipeline/expected");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("t2i.json")).unwrap()).unwrap();
+    let t = candle_core::safetensors::load(root.join("t2i.safetensors"), &Device::Cpu).unwrap();
+    (v, t)
+}
+
+fn psnr_vs_expected_image(png: &Path, image: &Tensor) -> f64 {
+    let got = image::open(png).unwrap().to_rgb8();
+    let want: Vec<f32> = image.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(got.as_raw().len(), want.len());
+    let mse = got
+        .as_raw()
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| {
+            let d = *g as f64 - (255.0 * *w as f64).round();
+            d * d
+        })
+        .sum::<f64>()
+        / want.len() as f64;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    }
+}
+
+#[test]
+fn generate_reproduces_the_diffusers_pipeline_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let (v, t) = t2i_expected();
+    let model = fixture("tiny-sdxl-pipeline");
+    let latents = model.join("expected/t2i.safetensors");
+    for (strategy, world) in [("serial", "1"), ("cfg", "2")] {
+        let png = dir.path().join(format!("{strategy}.png"));
+        let o = hybridiff(&[
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            v["prompt"].as_str().unwrap(),
+            "--negative-prompt",
+            v["negative_prompt"].as_str().unwrap(),
+            "--steps",
+            "20",
+            "--guidance",
+            "5",
+            "--scheduler",
+            "ddim",
+            "--latents",
+            s(&latents),
+            "--strategy",
+            strategy,
+            "--world-size",
+            world,
+            "--out",
+            s(&png),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let p = psnr_vs_expected_image(&png, &t["image"]);
+        assert!(
+            p >= 45.0,
+            "{strategy}: PSNR {p} dB against diffusers' image"
+        );
+    }
+}
+
+#[test]
+fn generate_batch_writes_images_and_a_manifest_and_seeds_reproduce() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-sdxl-pipeline");
+    let prompts = dir.path().join("prompts.json");
+    std::fs::write(
+        &prompts,
+        r#"[{"prompt": "a red circle", "seed": 3}, {"prompt": "a blue square", "negative_prompt": "blurry"}]"#,
+    )
+    .unwrap();
+    let out = dir.path().join("batch");
+    let o = hybridiff(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompts",
+        s(&prompts),
+        "--steps",
+        "3",
+        "--seed",
+        "10",
+        "--out",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let m = m.as_array().unwrap();
+    assert_eq!(m.len(), 2);
+    assert_eq!(m[0]["seed"], 3);
+    assert_eq!(m[1]["seed"], 11);
+    assert_eq!(m[1]["negative_prompt"], "blurry");
+    for e in m {
+        assert!(out.join(e["file"].as_str().unwrap()).is_file());
+        assert!(e["seconds"].as_f64().unwrap() > 0.0);
+    }
+    // The same seed gives the same image, whatever the strategy.
+    let single = dir.path().join("single.png");
+    let o = hybridiff(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "3",
+        "--seed",
+        "3",
+        "--strategy",
+        "cfg",
+        "--out",
+        s(&single),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a = image::open(out.join("0000.png")).unwrap().to_rgb8();
+    let b = image::open(&single).unwrap().to_rgb8();
+    let max = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap();
+    assert!(max <= 1, "seeded images differ by {max}");
+}
+
+#[test]
+fn generate_rejects_bad_folders_and_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    // A denoiser folder, not a pipeline.
+    let o = hybridiff(&[
+        "generate",
+        "--model",
+        s(&fixture("tiny-sdxl")),
+        "--prompt",
+        "x",
+        "--out",
+        s(&out),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("model_index.json"),
+        "{err}"
+    );
+    let o = hybridiff(&[
+        "generate",
+        "--model",
+        s(&fixture("tiny-sdxl-pipeline")),
+        "--prompt",
+        "x",
+        "--height",
+        "100",
+        "--steps",
+        "2",
+        "--out",
+        s(&out),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--height 100"), "{err}");
+    assert!(!out.exists());
+    // A pipeline folder without its tokenizer.
+    let broken = dir.path().join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    for f in ["model_index.json"] {
+        std::fs::copy(fixture("tiny-sdxl-pipeline").join(f), broken.join(f)).unwrap();
+    }
+    let o = hybridiff(&[
+        "generate",
+        "--model",
+        s(&broken),
+        "--prompt",
+        "x",
+        "--out",
+        s(&out),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("tokenizer"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

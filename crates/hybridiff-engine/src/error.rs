@@ -12,6 +12,8 @@ pub enum Error {
     #[error(transparent)]
     Comm(#[from] hybridiff_comm::Error),
     #[error(transparent)]
+    Text(#[from] hybridiff_text::Error),
+    #[error(transparent)]
     Candle(candle_core::Error),
     /// An input file or tensor that is not what the job needs.
     #[error("{0}")]

@@ -7,6 +7,7 @@ pub mod init;
 pub mod io;
 pub mod metrics;
 pub mod model;
+pub mod pipeline;
 pub mod sampler;
 pub mod stages;
 pub mod strategy;

@@ -1,0 +1,281 @@
+//! `hybridiff generate`: prompts in, PNGs out.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use hybridiff_engine::io::{check_output_path, load_safetensors, save_png, write_bytes_atomic};
+use hybridiff_engine::pipeline::{Pipeline, Request};
+use hybridiff_engine::{RunOptions, Strategy, StrategyKind};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
+
+/// Arguments of `hybridiff generate`.
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// A diffusers pipeline folder (with model_index.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The prompt (or use --prompts for a batch).
+    #[arg(long, conflicts_with = "prompts")]
+    pub prompt: Option<String>,
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// A batch: one prompt per line, or a JSON list of {prompt, negative_prompt, seed};
+    /// --out is then a folder that gets one PNG per prompt and manifest.json.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// Guidance scale [default: 7 for SD3, 5 otherwise].
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// ddim, euler, dpmpp-2m or flow-euler [default: the model's scheduler_config.json]
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Image height in pixels [default: the denoiser's sample size].
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Image width in pixels [default: the denoiser's sample size].
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Seed of the starting noise (ChaCha8 + standard normal; the same on every machine
+    /// and strategy). In a batch, prompt i without its own seed uses seed + i.
+    #[arg(long, default_value_t = 0, conflicts_with = "latents")]
+    pub seed: u64,
+    /// Start from the `latents` tensor of this safetensors file instead.
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+    /// serial, cfg, async or hybrid.
+    #[arg(long, default_value = "serial")]
+    pub strategy: String,
+    /// Number of ranks [default: 1 for serial, 2 otherwise].
+    #[arg(long)]
+    pub world_size: Option<usize>,
+    /// Compute threads per rank [default: cores / world size].
+    #[arg(long)]
+    pub threads_per_rank: Option<usize>,
+    /// f32 or f16 (bf16 on CUDA builds).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Write the per-step JSON trace here (single image).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Output PNG (single prompt) or folder (--prompts).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seconds any rank waits for another before the job fails.
+    #[arg(long, default_value_t = 600)]
+    pub comm_timeout: u64,
+    #[command(flatten)]
+    pub strategy_args: crate::strategy_args::StrategyArgs,
+}
+
+#[derive(Debug, Deserialize)]
+struct BatchItem {
+    prompt: String,
+    #[serde(default)]
+    negative_prompt: Option<String>,
+    #[serde(default)]
+    seed: Option<u64>,
+}
+
+fn read_batch(path: &Path, negative: &str, base_seed: u64) -> Result<Vec<BatchItem>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--prompts {}: cannot read the file", path.display()))?;
+    let mut items: Vec<BatchItem> = if text.trim_start().starts_with('[') {
+        serde_json::from_str(&text).with_context(|| {
+            format!(
+                "--prompts {}: expected a JSON list of {{prompt, negative_prompt, seed}}",
+                path.display()
+            )
+        })?
+    } else {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(|l| BatchItem {
+                prompt: l.to_string(),
+                negative_prompt: None,
+                seed: None,
+            })
+            .collect()
+    };
+    if items.is_empty() {
+        bail!("--prompts {}: no prompts in the file", path.display());
+    }
+    for (i, it) in items.iter_mut().enumerate() {
+        it.negative_prompt
+            .get_or_insert_with(|| negative.to_string());
+        it.seed.get_or_insert(base_seed + i as u64);
+    }
+    Ok(items)
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let kind: StrategyKind = args.strategy.parse()?;
+    let world_size = args.world_size.unwrap_or(match kind {
+        StrategyKind::Serial => 1,
+        _ => 2,
+    });
+    let strategy = kind.build(&args.strategy_args.options()?);
+    let device = Device::Cpu;
+    let dtype = crate::denoise::parse_dtype(&args.dtype, &device)?;
+    let batch = match (&args.prompt, &args.prompts) {
+        (Some(_), _) => None,
+        (None, Some(p)) => Some(read_batch(p, &args.negative_prompt, args.seed)?),
+        (None, None) => bail!("give --prompt TEXT or --prompts FILE"),
+    };
+    match &batch {
+        None => check_output_path(&args.out, "--out")?,
+        Some(_) => std::fs::create_dir_all(&args.out)
+            .with_context(|| format!("--out {}: cannot create the folder", args.out.display()))?,
+    }
+    if let Some(p) = &args.trace {
+        check_output_path(p, "--trace")?;
+    }
+    let threads = args
+        .threads_per_rank
+        .unwrap_or_else(|| crate::default_threads(world_size));
+    crate::set_compute_threads(threads);
+    let pipeline = Pipeline::load(&args.model, dtype, &device)?;
+    let scheduler = match &args.scheduler {
+        Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?),
+        None => None,
+    };
+    let latents = match &args.latents {
+        Some(p) => Some(
+            load_safetensors(p, &device)?
+                .remove("latents")
+                .with_context(|| format!("--latents {}: no tensor named `latents`", p.display()))?,
+        ),
+        None => None,
+    };
+    let opts = RunOptions {
+        world_size,
+        threads_per_rank: threads,
+        comm_timeout: Duration::from_secs(args.comm_timeout),
+    };
+    let request = |prompt: &str, negative: &str, seed: u64| Request {
+        prompt: prompt.to_string(),
+        negative_prompt: negative.to_string(),
+        steps: args.steps,
+        guidance: args.guidance,
+        scheduler,
+        height: args.height,
+        width: args.width,
+        latents: latents.clone(),
+        seed,
+    };
+    match batch {
+        None => {
+            let prompt = args.prompt.as_deref().unwrap_or_default();
+            let req = request(prompt, &args.negative_prompt, args.seed);
+            let start = Instant::now();
+            let img = generate_one(&pipeline, &req, strategy.as_ref(), &opts)?;
+            save_png(&args.out, img.width, img.height, img.rgb)?;
+            if let Some(p) = &args.trace {
+                write_bytes_atomic(p, serde_json::to_string_pretty(&img.trace)?.as_bytes())?;
+            }
+            println!(
+                "wrote {} ({}x{}, {} steps, {} on {world_size} rank(s), {:.2} s)",
+                args.out.display(),
+                img.width,
+                img.height,
+                args.steps,
+                kind,
+                start.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Some(items) => run_batch(
+            &pipeline,
+            &items,
+            &request,
+            strategy.as_ref(),
+            &opts,
+            &args.out,
+            kind,
+        ),
+    }
+}
+
+fn generate_one(
+    pipeline: &Pipeline,
+    req: &Request,
+    strategy: &dyn Strategy,
+    opts: &RunOptions,
+) -> Result<hybridiff_engine::pipeline::Generated> {
+    let bar = ProgressBar::new(req.steps as u64).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed_precise} eta {eta}")
+            .expect("valid template"),
+    );
+    let progress = |done: usize, _total: usize| bar.set_position(done as u64);
+    let img = pipeline.generate(req, strategy, opts, Some(&progress))?;
+    bar.finish_and_clear();
+    Ok(img)
+}
+
+fn run_batch(
+    pipeline: &Pipeline,
+    items: &[BatchItem],
+    request: &dyn Fn(&str, &str, u64) -> Request,
+    strategy: &dyn Strategy,
+    opts: &RunOptions,
+    out: &Path,
+    kind: StrategyKind,
+) -> Result<()> {
+    let mut manifest = Vec::new();
+    let mut failed = 0;
+    for (i, it) in items.iter().enumerate() {
+        let file = format!("{i:04}.png");
+        let seed = it.seed.unwrap_or_default();
+        let negative = it.negative_prompt.clone().unwrap_or_default();
+        let start = Instant::now();
+        let result = generate_one(
+            pipeline,
+            &request(&it.prompt, &negative, seed),
+            strategy,
+            opts,
+        )
+        .and_then(|img| {
+            save_png(&out.join(&file), img.width, img.height, img.rgb)?;
+            Ok(img.trace)
+        });
+        let mut entry = serde_json::json!({
+            "prompt": it.prompt,
+            "negative_prompt": negative,
+            "seed": seed,
+            "strategy": kind.to_string(),
+            "seconds": start.elapsed().as_secs_f64(),
+        });
+        match result {
+            Ok(trace) => {
+                entry["file"] = file.clone().into();
+                entry["tau1"] = serde_json::json!(trace.tau1);
+                entry["tau2"] = serde_json::json!(trace.tau2);
+                println!("{file}: {}", it.prompt);
+            }
+            Err(e) => {
+                failed += 1;
+                entry["error"] = format!("{e:#}").into();
+                eprintln!("hybridiff: prompt {i} failed: {e:#}");
+            }
+        }
+        manifest.push(entry);
+        // Rewritten after each prompt so an interrupted batch keeps its record.
+        write_bytes_atomic(
+            &out.join("manifest.json"),
+            serde_json::to_string_pretty(&manifest)?.as_bytes(),
+        )?;
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} prompts failed; see {}",
+            items.len(),
+            out.join("manifest.json").display()
+        );
+    }
+    Ok(())
+}
