@@ -876,9 +876,11 @@ fn generate_rejects_bad_folders_and_sizes() {
     // A pipeline folder without its tokenizer.
     let broken = dir.path().join("broken");
     std::fs::create_dir_all(&broken).unwrap();
-    for f in ["model_index.json"] {
-        std::fs::copy(fixture("tiny-sdxl-pipeline").join(f), broken.join(f)).unwrap();
-    }
+    std::fs::copy(
+        fixture("tiny-sdxl-pipeline").join("model_index.json"),
+        broken.join("model_index.json"),
+    )
+    .unwrap();
     let o = hybridiff(&[
         "generate",
         "--model",
