@@ -14,9 +14,10 @@ use serde::Deserialize;
 /// Arguments of `hybridiff generate`.
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// A diffusers pipeline folder (with model_index.json).
+    /// A diffusers pipeline folder (with model_index.json) [default: the model built
+    /// into this binary: coloured shapes, see models/default/MODEL_CARD.md].
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// The prompt (or use --prompts for a batch).
     #[arg(long, conflicts_with = "prompts")]
     pub prompt: Option<String>,
@@ -26,8 +27,9 @@ pub struct GenerateArgs {
     /// --out is then a folder that gets one PNG per prompt and manifest.json.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    #[arg(long, default_value_t = 50)]
-    pub steps: usize,
+    /// Denoising steps [default: the model folder's hybridiff.json, else 50].
+    #[arg(long)]
+    pub steps: Option<usize>,
     /// Guidance scale [default: 7 for SD3, 5 otherwise].
     #[arg(long)]
     pub guidance: Option<f64>,
@@ -70,6 +72,26 @@ pub struct GenerateArgs {
     pub comm_timeout: u64,
     #[command(flatten)]
     pub strategy_args: crate::strategy_args::StrategyArgs,
+}
+
+/// Recommended settings a model folder may carry in `hybridiff.json`.
+#[derive(Debug, Default, Deserialize)]
+struct Defaults {
+    steps: Option<usize>,
+    guidance: Option<f64>,
+}
+
+impl Defaults {
+    fn read(dir: &Path) -> Result<Self> {
+        let p = dir.join("hybridiff.json");
+        if !p.is_file() {
+            return Ok(Self::default());
+        }
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: expected {{steps, guidance}}", p.display()))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,7 +161,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .threads_per_rank
         .unwrap_or_else(|| crate::default_threads(world_size));
     crate::set_compute_threads(threads);
-    let pipeline = Pipeline::load(&args.model, dtype, &device)?;
+    let model_dir = match &args.model {
+        Some(d) => d.clone(),
+        None => crate::default_model::dir()?,
+    };
+    let defaults = Defaults::read(&model_dir)?;
+    let steps = args.steps.or(defaults.steps).unwrap_or(50);
+    let pipeline = Pipeline::load(&model_dir, dtype, &device)?;
     let scheduler = match &args.scheduler {
         Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?),
         None => None,
@@ -160,8 +188,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let request = |prompt: &str, negative: &str, seed: u64| Request {
         prompt: prompt.to_string(),
         negative_prompt: negative.to_string(),
-        steps: args.steps,
-        guidance: args.guidance,
+        steps,
+        guidance: args.guidance.or(defaults.guidance),
         scheduler,
         height: args.height,
         width: args.width,
@@ -183,7 +211,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 args.out.display(),
                 img.width,
                 img.height,
-                args.steps,
+                steps,
                 kind,
                 start.elapsed().as_secs_f64()
             );

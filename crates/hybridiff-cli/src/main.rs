@@ -2,6 +2,7 @@
 
 mod bench;
 mod compare;
+mod default_model;
 mod denoise;
 mod generate;
 mod strategy_args;

@@ -1,0 +1,82 @@
+//! The default model compiled into the binary (`models/default/`), unpacked on first use
+//! into a cache folder named by its content hash.
+
+use std::hash::Hasher;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/embedded.rs"));
+}
+
+fn cache_root() -> PathBuf {
+    if let Some(p) = std::env::var_os("HYBRIDIFF_CACHE") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(p).join("hybridiff");
+    }
+    if let Some(p) = std::env::var_os("HOME") {
+        return PathBuf::from(p).join(".cache").join("hybridiff");
+    }
+    std::env::temp_dir().join("hybridiff-cache")
+}
+
+fn content_hash() -> u64 {
+    // FNV-1a over names and bytes: stable across builds and Rust versions.
+    struct Fnv(u64);
+    impl Hasher for Fnv {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for b in bytes {
+                self.0 ^= *b as u64;
+                self.0 = self.0.wrapping_mul(0x100000001b3);
+            }
+        }
+    }
+    let mut h = Fnv(0xcbf29ce484222325);
+    for (name, bytes) in embedded::FILES {
+        h.write(name.as_bytes());
+        h.write(bytes);
+    }
+    h.finish()
+}
+
+/// The folder of the embedded default model, unpacked if needed.
+pub fn dir() -> Result<PathBuf> {
+    if embedded::FILES.is_empty() {
+        bail!("this binary was built without an embedded default model (models/default/ was missing at build time); pass --model DIR");
+    }
+    let target = cache_root().join(format!("default-{:016x}", content_hash()));
+    if target.join("model_index.json").is_file() {
+        return Ok(target);
+    }
+    let parent = target.parent().expect("has a parent");
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create the cache folder {}", parent.display()))?;
+    // Unpack into a temporary folder and rename it into place, so an interrupted unpack
+    // never looks complete.
+    let tmp = tempfile::Builder::new()
+        .prefix(".default-")
+        .tempdir_in(parent)
+        .with_context(|| format!("cannot create a folder in {}", parent.display()))?;
+    for (name, bytes) in embedded::FILES {
+        let path = tmp.path().join(name);
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let tmp = tmp.keep();
+    if std::fs::rename(&tmp, &target).is_err() {
+        // Another process unpacked it first; theirs is as good as ours.
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !target.join("model_index.json").is_file() {
+            bail!("cannot unpack the default model into {}", target.display());
+        }
+    }
+    Ok(target)
+}
