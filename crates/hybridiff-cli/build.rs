@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-fn collect(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
@@ -11,7 +11,7 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
     entries.sort();
     for p in entries {
         if p.is_dir() {
-            collect(root, &p, out);
+            collect(&p, out);
         } else if p.is_file() {
             out.push(p);
         }
@@ -23,7 +23,7 @@ fn main() {
     let root = manifest.join("../../models/default");
     println!("cargo:rerun-if-changed={}", root.display());
     let mut files = Vec::new();
-    collect(&root, &root, &mut files);
+    collect(&root, &mut files);
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }
