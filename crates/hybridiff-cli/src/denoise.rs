@@ -2,12 +2,11 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use hybridiff_engine::io::{check_output_path, save_png, save_safetensors, write_bytes_atomic};
-use hybridiff_engine::{denoise, DenoiseInputs, Job, Model, RunOptions, StrategyKind};
+use hybridiff_engine::{denoise, DenoiseInputs, Job, Model};
 use hybridiff_schedulers::SchedulerKind;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -29,32 +28,14 @@ pub struct DenoiseArgs {
     /// Classifier-free guidance scale.
     #[arg(long, default_value_t = 5.0)]
     pub guidance: f64,
-    /// ddim, euler, dpmpp-2m or flow-euler [default: the model's scheduler_config.json]
-    #[arg(long)]
-    pub scheduler: Option<String>,
-    /// serial (1 rank), cfg (2 or 4), async (2+), hybrid (2 or 4).
-    #[arg(long, default_value = "serial")]
-    pub strategy: String,
-    /// Number of ranks [default: 1 for serial, 2 otherwise].
-    #[arg(long)]
-    pub world_size: Option<usize>,
-    /// Compute threads per rank [default: cores / world size].
-    #[arg(long)]
-    pub threads_per_rank: Option<usize>,
-    /// f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
     /// Write a per-step JSON trace here.
     #[arg(long)]
     pub trace: Option<PathBuf>,
     /// Decode the final latents with the model's VAE and write this PNG.
     #[arg(long)]
     pub decode: Option<PathBuf>,
-    /// Seconds any rank waits for another before the job fails.
-    #[arg(long, default_value_t = 600)]
-    pub comm_timeout: u64,
     #[command(flatten)]
-    pub strategy_args: crate::strategy_args::StrategyArgs,
+    pub run: crate::strategy_args::RunArgs,
 }
 
 pub(crate) fn parse_dtype(s: &str, device: &Device) -> Result<DType> {
@@ -77,17 +58,8 @@ pub(crate) fn parse_scheduler(s: Option<&str>, model: &Model) -> Result<Schedule
 }
 
 pub fn run(args: DenoiseArgs) -> Result<()> {
-    let strategy_kind: StrategyKind = args.strategy.parse()?;
-    let world_size = args.world_size.unwrap_or(match strategy_kind {
-        StrategyKind::Serial => 1,
-        _ => 2,
-    });
-    if world_size == 0 {
-        anyhow::bail!("--world-size must be at least 1");
-    }
-    let strategy = strategy_kind.build(&args.strategy_args.options()?);
     let device = Device::Cpu;
-    let dtype = parse_dtype(&args.dtype, &device)?;
+    let run = args.run.resolve(&device)?;
     check_output_path(&args.out, "--out")?;
     if let Some(p) = &args.trace {
         check_output_path(p, "--trace")?;
@@ -95,24 +67,12 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
     if let Some(p) = &args.decode {
         check_output_path(p, "--decode")?;
     }
-    let threads = args
-        .threads_per_rank
-        .unwrap_or_else(|| crate::default_threads(world_size));
-    crate::set_compute_threads(threads);
-
-    let model = Model::load(&args.model, dtype, &device)?;
-    let scheduler = parse_scheduler(args.scheduler.as_deref(), &model)?;
-    let inputs = DenoiseInputs::load(&args.inputs, &model.input_spec, &device)?;
-    let check_job = Job {
-        model: model.denoiser.as_ref(),
-        scheduler_config: &model.scheduler_config,
-        scheduler,
-        steps: args.steps,
-        guidance: args.guidance,
-        inputs: &inputs,
-        progress: None,
+    let model = Model::load(&args.model, run.dtype, &device)?;
+    let scheduler = match run.scheduler {
+        Some(s) => s,
+        None => model.scheduler_config.default_kind()?,
     };
-    strategy.check(&check_job, world_size)?;
+    let inputs = DenoiseInputs::load(&args.inputs, &model.input_spec, &device)?;
     let vae = match &args.decode {
         Some(_) => Some(model.load_vae()?),
         None => None,
@@ -132,12 +92,8 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
         inputs: &inputs,
         progress: Some(&progress),
     };
-    let opts = RunOptions {
-        world_size,
-        threads_per_rank: threads,
-        comm_timeout: Duration::from_secs(args.comm_timeout),
-    };
-    let out = denoise(&job, strategy.as_ref(), &opts)?;
+    let opts = &run.options;
+    let out = denoise(&job, run.strategy.as_ref(), opts)?;
     bar.finish_and_clear();
 
     let mut tensors = HashMap::new();
@@ -159,8 +115,8 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
     println!(
         "{} on {} rank(s) x {} thread(s): {} steps in {:.3} s, {} bytes sent; wrote {}",
         out.trace.strategy,
-        world_size,
-        threads,
+        opts.world_size,
+        opts.threads_per_rank,
         args.steps,
         out.trace.total_seconds,
         out.trace.bytes_sent,

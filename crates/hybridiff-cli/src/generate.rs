@@ -1,7 +1,7 @@
 //! `hybridiff generate`: prompts in, PNGs out.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -33,9 +33,6 @@ pub struct GenerateArgs {
     /// Guidance scale [default: 7 for SD3, 5 otherwise].
     #[arg(long)]
     pub guidance: Option<f64>,
-    /// ddim, euler, dpmpp-2m or flow-euler [default: the model's scheduler_config.json]
-    #[arg(long)]
-    pub scheduler: Option<String>,
     /// Image height in pixels [default: the denoiser's sample size].
     #[arg(long)]
     pub height: Option<usize>,
@@ -49,29 +46,14 @@ pub struct GenerateArgs {
     /// Start from the `latents` tensor of this safetensors file instead.
     #[arg(long)]
     pub latents: Option<PathBuf>,
-    /// serial, cfg, async or hybrid.
-    #[arg(long, default_value = "serial")]
-    pub strategy: String,
-    /// Number of ranks [default: 1 for serial, 2 otherwise].
-    #[arg(long)]
-    pub world_size: Option<usize>,
-    /// Compute threads per rank [default: cores / world size].
-    #[arg(long)]
-    pub threads_per_rank: Option<usize>,
-    /// f32 or f16 (bf16 on CUDA builds).
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
     /// Write the per-step JSON trace here (single image).
     #[arg(long)]
     pub trace: Option<PathBuf>,
     /// Output PNG (single prompt) or folder (--prompts).
     #[arg(long)]
     pub out: PathBuf,
-    /// Seconds any rank waits for another before the job fails.
-    #[arg(long, default_value_t = 600)]
-    pub comm_timeout: u64,
     #[command(flatten)]
-    pub strategy_args: crate::strategy_args::StrategyArgs,
+    pub run: crate::strategy_args::RunArgs,
 }
 
 /// Recommended settings a model folder may carry in `hybridiff.json`.
@@ -136,14 +118,8 @@ fn read_batch(path: &Path, negative: &str, base_seed: u64) -> Result<Vec<BatchIt
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let kind: StrategyKind = args.strategy.parse()?;
-    let world_size = args.world_size.unwrap_or(match kind {
-        StrategyKind::Serial => 1,
-        _ => 2,
-    });
-    let strategy = kind.build(&args.strategy_args.options()?);
     let device = Device::Cpu;
-    let dtype = crate::denoise::parse_dtype(&args.dtype, &device)?;
+    let run = args.run.resolve(&device)?;
     let batch = match (&args.prompt, &args.prompts) {
         (Some(_), _) => None,
         (None, Some(p)) => Some(read_batch(p, &args.negative_prompt, args.seed)?),
@@ -157,21 +133,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Some(p) = &args.trace {
         check_output_path(p, "--trace")?;
     }
-    let threads = args
-        .threads_per_rank
-        .unwrap_or_else(|| crate::default_threads(world_size));
-    crate::set_compute_threads(threads);
     let model_dir = match &args.model {
         Some(d) => d.clone(),
         None => crate::default_model::dir()?,
     };
     let defaults = Defaults::read(&model_dir)?;
     let steps = args.steps.or(defaults.steps).unwrap_or(50);
-    let pipeline = Pipeline::load(&model_dir, dtype, &device)?;
-    let scheduler = match &args.scheduler {
-        Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?),
-        None => None,
-    };
+    let pipeline = Pipeline::load(&model_dir, run.dtype, &device)?;
     let latents = match &args.latents {
         Some(p) => Some(
             load_safetensors(p, &device)?
@@ -180,11 +148,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ),
         None => None,
     };
-    let opts = RunOptions {
-        world_size,
-        threads_per_rank: threads,
-        comm_timeout: Duration::from_secs(args.comm_timeout),
-    };
+    let opts = &run.options;
+    let scheduler = run.scheduler;
     let request = |prompt: &str, negative: &str, seed: u64| Request {
         prompt: prompt.to_string(),
         negative_prompt: negative.to_string(),
@@ -201,18 +166,19 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             let prompt = args.prompt.as_deref().unwrap_or_default();
             let req = request(prompt, &args.negative_prompt, args.seed);
             let start = Instant::now();
-            let img = generate_one(&pipeline, &req, strategy.as_ref(), &opts)?;
+            let img = generate_one(&pipeline, &req, run.strategy.as_ref(), opts)?;
             save_png(&args.out, img.width, img.height, img.rgb)?;
             if let Some(p) = &args.trace {
                 write_bytes_atomic(p, serde_json::to_string_pretty(&img.trace)?.as_bytes())?;
             }
             println!(
-                "wrote {} ({}x{}, {} steps, {} on {world_size} rank(s), {:.2} s)",
+                "wrote {} ({}x{}, {} steps, {} on {} rank(s), {:.2} s)",
                 args.out.display(),
                 img.width,
                 img.height,
                 steps,
-                kind,
+                run.kind,
+                opts.world_size,
                 start.elapsed().as_secs_f64()
             );
             Ok(())
@@ -221,10 +187,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             &pipeline,
             &items,
             &request,
-            strategy.as_ref(),
-            &opts,
+            run.strategy.as_ref(),
+            opts,
             &args.out,
-            kind,
+            run.kind,
         ),
     }
 }

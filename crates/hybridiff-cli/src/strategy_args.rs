@@ -48,3 +48,71 @@ impl StrategyArgs {
         })
     }
 }
+
+/// How a job runs: strategy, ranks, threads, precision. Shared by `denoise` and `generate`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// serial (1 rank), cfg (2 or 4), async (2+), hybrid (2 or 4).
+    #[arg(long, default_value = "serial")]
+    pub strategy: String,
+    /// Number of ranks [default: 1 for serial, 2 otherwise].
+    #[arg(long)]
+    pub world_size: Option<usize>,
+    /// Compute threads per rank [default: cores / world size].
+    #[arg(long)]
+    pub threads_per_rank: Option<usize>,
+    /// f32 or f16 (bf16 on CUDA builds).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// ddim, euler, dpmpp-2m or flow-euler [default: the model's scheduler_config.json]
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Seconds any rank waits for another before the job fails.
+    #[arg(long, default_value_t = 600)]
+    pub comm_timeout: u64,
+    #[command(flatten)]
+    pub strategy_args: StrategyArgs,
+}
+
+/// [`RunArgs`] checked and resolved.
+pub struct Run {
+    pub kind: hybridiff_engine::StrategyKind,
+    pub strategy: Box<dyn hybridiff_engine::Strategy>,
+    pub options: hybridiff_engine::RunOptions,
+    pub dtype: candle_core::DType,
+    pub scheduler: Option<hybridiff_schedulers::SchedulerKind>,
+}
+
+impl RunArgs {
+    /// Resolves the flags and sets the per-rank thread budget.
+    pub fn resolve(&self, device: &candle_core::Device) -> Result<Run> {
+        use hybridiff_engine::StrategyKind;
+        let kind: StrategyKind = self.strategy.parse()?;
+        let world_size = self.world_size.unwrap_or(match kind {
+            StrategyKind::Serial => 1,
+            _ => 2,
+        });
+        if world_size == 0 {
+            anyhow::bail!("--world-size must be at least 1");
+        }
+        let threads = self
+            .threads_per_rank
+            .unwrap_or_else(|| crate::default_threads(world_size));
+        crate::set_compute_threads(threads);
+        let scheduler = match &self.scheduler {
+            Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?),
+            None => None,
+        };
+        Ok(Run {
+            kind,
+            strategy: kind.build(&self.strategy_args.options()?),
+            options: hybridiff_engine::RunOptions {
+                world_size,
+                threads_per_rank: threads,
+                comm_timeout: std::time::Duration::from_secs(self.comm_timeout),
+            },
+            dtype: crate::denoise::parse_dtype(&self.dtype, device)?,
+            scheduler,
+        })
+    }
+}

@@ -426,6 +426,32 @@ impl<'a> StagedRunner<'a> {
         Ok(y)
     }
 
+    /// A whole pipelined step: exchange, this rank's stage, and the last stage's output
+    /// given to every rank. Returns the prediction and, on rank 0, how many more bytes the
+    /// reference's exchange would have sent (0 elsewhere).
+    pub fn pipelined_step(
+        &mut self,
+        comm: &mut dyn Communicator,
+        x: &Tensor,
+        t: f64,
+        cond: &Conditioning,
+    ) -> Result<(Tensor, u64)> {
+        let extra = if self.rank == 0 {
+            self.reference_exchange_bytes() - self.exchange_bytes()
+        } else {
+            0
+        };
+        self.exchange(comm)?;
+        let y = self.pipelined(x, t, cond)?;
+        Ok((self.from_last_stage(comm, &y)?, extra))
+    }
+
+    /// The last stage's `y` on every rank.
+    pub fn from_last_stage(&self, comm: &mut dyn Communicator, y: &Tensor) -> Result<Tensor> {
+        let root = self.plan.n - 1;
+        Ok(comm.broadcast((self.rank == root).then_some(y), root)?)
+    }
+
     /// Bytes one pipelined step's exchange sends in all (every rank together).
     pub fn exchange_bytes(&self) -> u64 {
         self.needs

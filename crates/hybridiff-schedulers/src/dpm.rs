@@ -150,18 +150,6 @@ impl Scheduler for DPMSolverMultistepScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(
-        &self,
-        sample: &Tensor,
-        _step_index: usize,
-    ) -> candle_core::Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     /// Calling with `step_index == 0` starts a new run and drops the history.
     fn step(
         &mut self,

@@ -136,10 +136,18 @@ impl fmt::Display for SchedulerKind {
 pub trait Scheduler: Send {
     /// The inference timesteps, as diffusers' `scheduler.timesteps` after `set_timesteps`.
     fn timesteps(&self) -> &[f64];
-    /// The factor that scales unit-variance initial noise.
-    fn init_noise_sigma(&self) -> f64;
-    /// Scales the denoiser input at step `step_index` (identity for most samplers).
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> candle_core::Result<Tensor>;
+    /// The factor that scales unit-variance initial noise (1 unless overridden).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// Scales the denoiser input at step `step_index` (the identity unless overridden).
+    fn scale_model_input(
+        &self,
+        sample: &Tensor,
+        _step_index: usize,
+    ) -> candle_core::Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// One step; step_index is i in 0..num_steps (schedulers keep their own multistep history).
     fn step(
         &mut self,

@@ -21,7 +21,6 @@ pub struct AsyncDiff {
 }
 
 struct AsyncWorker<'a> {
-    rank: usize,
     warmup: usize,
     runner: StagedRunner<'a>,
     cond: Conditioning,
@@ -49,7 +48,6 @@ impl Strategy for AsyncDiff {
     ) -> Result<Box<dyn Worker + 'a>> {
         let plan = self.stages.get(job, world_size)?;
         Ok(Box::new(AsyncWorker {
-            rank,
             warmup: self.warmup,
             runner: StagedRunner::new(job.model, plan, rank),
             cond: Conditioning::cat(&job.inputs.uncond, &job.inputs.cond)?,
@@ -79,15 +77,7 @@ impl Worker for AsyncWorker<'_> {
             };
             (mode, self.runner.fill(&batch, t, &self.cond)?, 0)
         } else {
-            let extra = if self.rank == 0 {
-                self.runner.reference_exchange_bytes() - self.runner.exchange_bytes()
-            } else {
-                0
-            };
-            self.runner.exchange(comm)?;
-            let y = self.runner.pipelined(&batch, t, &self.cond)?;
-            let root = self.runner.plan().n - 1;
-            let y = comm.broadcast((self.rank == root).then_some(&y), root)?;
+            let (y, extra) = self.runner.pipelined_step(comm, &batch, t, &self.cond)?;
             (StepMode::Pipelined, y, extra)
         };
         let mut out = StepOutput::exact(

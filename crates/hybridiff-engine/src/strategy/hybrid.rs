@@ -23,7 +23,6 @@ pub struct Hybrid {
 
 struct HybridWorker<'a> {
     job: &'a Job<'a>,
-    rank: usize,
     switcher: Switcher,
     runner: StagedRunner<'a>,
     branch: &'a Conditioning,
@@ -75,7 +74,6 @@ impl Strategy for Hybrid {
         };
         Ok(Box::new(HybridWorker {
             job,
-            rank,
             switcher: Switcher::new(self.switch),
             runner: StagedRunner::new(job.model, plan, rank),
             branch,
@@ -109,23 +107,13 @@ impl Worker for HybridWorker<'_> {
                 out
             }
             Phase::Pipelined => {
-                let (mode, y, extra) = if self.runner.is_filled() {
-                    let extra = if self.rank == 0 {
-                        self.runner.reference_exchange_bytes() - self.runner.exchange_bytes()
-                    } else {
-                        0
-                    };
-                    self.runner.exchange(comm)?;
-                    (
-                        StepMode::Pipelined,
-                        self.runner.pipelined(x, t, self.branch)?,
-                        extra,
-                    )
+                let (mode, pred, extra) = if self.runner.is_filled() {
+                    let (y, extra) = self.runner.pipelined_step(comm, x, t, self.branch)?;
+                    (StepMode::Pipelined, y, extra)
                 } else {
-                    (StepMode::Fill, self.runner.fill(x, t, self.branch)?, 0)
+                    let y = self.runner.fill(x, t, self.branch)?;
+                    (StepMode::Fill, self.runner.from_last_stage(comm, &y)?, 0)
                 };
-                let root = self.runner.plan().n - 1;
-                let pred = comm.broadcast((self.rank == root).then_some(&y), root)?;
                 self.switcher.record(i, 0.0);
                 let eps = match (&self.correction, self.guidance) {
                     (Some(corr), PipelinedGuidance::Reuse) => (pred + corr)?,
