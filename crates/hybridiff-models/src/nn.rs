@@ -107,8 +107,15 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
     let (q, k, v) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
     let scale = 1.0 / (d as f64).sqrt();
     let dtype = q.dtype();
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+    // Half-precision scores can overflow on real checkpoints (diffusers' upcast_attention):
+    // take the scores and the softmax in f32, and scale before the product.
+    let (qs, ks) = if dtype == DType::F32 {
+        (q, k)
+    } else {
+        (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+    };
+    let scores = (qs * scale)?.matmul(&ks.t()?)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
     let out = probs.matmul(&v)?;
     out.transpose(1, 2)?.reshape((b, lq, inner))
 }

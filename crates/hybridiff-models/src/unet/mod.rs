@@ -49,6 +49,12 @@ pub fn timestep_embedding(
     Ok(Tensor::from_vec(out, (timesteps.len(), dim), device)?)
 }
 
+/// Output scale of the down/up blocks' resnets. diffusers' `get_down_block` /
+/// `get_up_block` pass `resnet_out_scale_factor` only to the ResnetDownsample /
+/// SimpleCrossAttn block types; `DownBlock2D`, `CrossAttnDownBlock2D`, `UpBlock2D` and
+/// `CrossAttnUpBlock2D` keep their default of 1, so the config value is ignored here.
+const BLOCK_RESNET_SCALE: f64 = 1.0;
+
 /// diffusers' `TimestepEmbedding`: `linear_1`, SiLU, `linear_2`.
 #[derive(Debug, Clone)]
 struct TimestepEmbedding {
@@ -249,13 +255,7 @@ impl UNet2DConditionModel {
             for j in 0..layers {
                 let rin = if j == 0 { cin } else { out_ch };
                 resnets.push(
-                    resnet(
-                        vbb.pp("resnets").pp(j),
-                        rin,
-                        out_ch,
-                        c.resnet_out_scale_factor,
-                    )
-                    .map_err(w)?,
+                    resnet(vbb.pp("resnets").pp(j), rin, out_ch, BLOCK_RESNET_SCALE).map_err(w)?,
                 );
                 if c.down_block_types[i] == BlockKind::CrossAttn {
                     attentions.push(
@@ -358,7 +358,7 @@ impl UNet2DConditionModel {
                     vbu.pp("resnets").pp(j),
                     rin + res_skip,
                     out_ch,
-                    c.resnet_out_scale_factor,
+                    BLOCK_RESNET_SCALE,
                 )
                 .map_err(w)?;
                 push(
