@@ -22,9 +22,10 @@ pub struct StrategyArgs {
     /// hybrid: tau1 when no flattening is seen before this step [paper SDXL: 15].
     #[arg(long, default_value_t = SwitchParams::SDXL.tau_cap)]
     pub tau_cap: usize,
-    /// async, hybrid: stage plan, `reference` (SDXL presets), `auto` (balanced by counted
-    /// FLOPs) or `measured` (balanced by module times measured before the run).
-    #[arg(long, default_value = "reference")]
+    /// async, hybrid: stage plan, `reference` (the authors' presets: SDXL n=2/4, even DiT
+    /// splits), `auto` (balanced by counted FLOPs), `measured` (balanced by module times
+    /// measured before the run), or `default` (reference where one exists, else auto).
+    #[arg(long, default_value = "default")]
     pub stages: String,
     /// hybrid: prediction in pipelined steps, `none` (reference) or `reuse` (add the
     /// last exact step's guidance correction).

@@ -15,6 +15,8 @@ use crate::{Error, Result};
 /// How a stage plan is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlanKind {
+    /// `Reference` where the model has a reference preset for the stage count, else `Auto`.
+    Default,
     /// The hand-picked plans of the reference code (SDXL U-Net, n = 2 or 4).
     Reference,
     /// Contiguous stages balanced by the denoiser's counted FLOPs.
@@ -28,11 +30,12 @@ impl FromStr for PlanKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
+            "default" => Ok(Self::Default),
             "reference" => Ok(Self::Reference),
             "auto" => Ok(Self::Auto),
             "measured" => Ok(Self::Measured),
             other => Err(Error::Options(format!(
-                "--stages: unknown plan `{other}`; expected reference, auto or measured"
+                "--stages: unknown plan `{other}`; expected default, reference, auto or measured"
             ))),
         }
     }
@@ -89,6 +92,9 @@ impl StagePlan {
         let owner = match kind {
             PlanKind::Auto => balanced_contiguous(&flops, n),
             PlanKind::Reference => reference_owner(names, n)?,
+            PlanKind::Default => {
+                reference_owner(names, n).unwrap_or_else(|_| balanced_contiguous(&flops, n))
+            }
             PlanKind::Measured => {
                 return Err(Error::Options(
                     "a measured plan needs inputs to time: use StagePlan::measured".into(),

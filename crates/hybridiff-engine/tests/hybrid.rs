@@ -271,3 +271,31 @@ fn measured_plans_are_valid_and_shared_by_all_ranks() {
     let out = run(&s, StrategyKind::Hybrid, 2, &opts).unwrap();
     assert_eq!((out.trace.tau1, out.trace.tau2), (Some(3), Some(7)));
 }
+
+#[test]
+fn default_plan_is_the_reference_where_one_exists_else_auto() {
+    let s = setup();
+    let sdxl: &dyn Denoiser = s.model.denoiser.as_ref();
+    for n in [2, 4] {
+        assert_eq!(
+            StagePlan::new(PlanKind::Default, sdxl, n, (16, 16)).unwrap(),
+            StagePlan::new(PlanKind::Reference, sdxl, n, (16, 16)).unwrap()
+        );
+    }
+    assert_eq!(
+        StagePlan::new(PlanKind::Default, sdxl, 3, (16, 16)).unwrap(),
+        StagePlan::new(PlanKind::Auto, sdxl, 3, (16, 16)).unwrap()
+    );
+    // An SD 1.5 layout has no `up_blocks.0.attentions.0`: no reference plan.
+    let sd15 = hybridiff_models::unet::UNet2DConditionModel::load(
+        &fixture("models/unet-sd15"),
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(StagePlan::new(PlanKind::Reference, &sd15, 2, (16, 16)).is_err());
+    assert_eq!(
+        StagePlan::new(PlanKind::Default, &sd15, 2, (16, 16)).unwrap(),
+        StagePlan::new(PlanKind::Auto, &sd15, 2, (16, 16)).unwrap()
+    );
+}

@@ -102,7 +102,7 @@ impl Default for StrategyOptions {
         Self {
             warmup: 1,
             switch: SwitchParams::SDXL,
-            stages: PlanKind::Reference,
+            stages: PlanKind::Default,
             pipelined_guidance: PipelinedGuidance::None,
         }
     }
