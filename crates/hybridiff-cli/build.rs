@@ -31,8 +31,9 @@ fn main() {
     for f in &files {
         let rel = f.strip_prefix(&root).expect("under root");
         let rel = rel.to_string_lossy().replace('\\', "/");
-        if rel.ends_with(".md") {
-            // The model card stays in the repository; the binary needs only the model.
+        // The model card and training records stay in the repository; the binary needs
+        // only the pipeline: model_index.json, hybridiff.json and the component folders.
+        if !rel.contains('/') && rel != "model_index.json" && rel != "hybridiff.json" {
             continue;
         }
         let abs = f.canonicalize().expect("readable file");

@@ -1,0 +1,134 @@
+//! The embedded default model (models/default): `hybridiff generate` with no `--model`
+//! draws what the prompt says, checked with simple pixel statistics.
+
+use std::path::Path;
+use std::process::Command;
+
+fn generate(cache: &Path, out: &Path, prompts_json: &str, extra: &[&str]) {
+    let prompts = out.with_extension("json");
+    std::fs::write(&prompts, prompts_json).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_hybridiff"))
+        .env("HYBRIDIFF_CACHE", cache)
+        .args([
+            "generate",
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn rgb(path: &Path) -> image::RgbImage {
+    image::open(path).unwrap().to_rgb8()
+}
+
+fn mean_channel(img: &image::RgbImage, c: usize) -> f64 {
+    img.pixels().map(|p| p.0[c] as f64 / 255.0).sum::<f64>() / (img.width() * img.height()) as f64
+}
+
+fn is_red(p: &image::Rgb<u8>) -> bool {
+    p.0[0] as f64 > 0.55 * 255.0 && (p.0[1] as f64) < 0.35 * 255.0 && (p.0[2] as f64) < 0.35 * 255.0
+}
+
+/// Red pixels over the area of their bounding box: ~0.8 for squares, ~0.6 for circles.
+fn red_fill_ratio(img: &image::RgbImage) -> Option<f64> {
+    let pts: Vec<(u32, u32)> = img
+        .enumerate_pixels()
+        .filter(|(_, _, p)| is_red(p))
+        .map(|(x, y, _)| (x, y))
+        .collect();
+    if pts.len() < 8 {
+        return None;
+    }
+    let (x0, x1) = (
+        pts.iter().map(|p| p.0).min()?,
+        pts.iter().map(|p| p.0).max()?,
+    );
+    let (y0, y1) = (
+        pts.iter().map(|p| p.1).min()?,
+        pts.iter().map(|p| p.1).max()?,
+    );
+    Some(pts.len() as f64 / ((x1 - x0 + 1) * (y1 - y0 + 1)) as f64)
+}
+
+fn batch(prompt: &str) -> String {
+    let items: Vec<String> = (0..4)
+        .map(|s| format!(r#"{{"prompt": "{prompt}", "seed": {s}}}"#))
+        .collect();
+    format!("[{}]", items.join(","))
+}
+
+#[test]
+fn colour_shape_and_guidance_change_the_picture() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let mut runs = Vec::new();
+    for (name, prompt) in [
+        ("red_circle", "a red circle on a white background"),
+        ("blue_circle", "a blue circle on a white background"),
+        ("red_square", "a red square on a white background"),
+    ] {
+        let out = dir.path().join(name);
+        generate(&cache, &out, &batch(prompt), &[]);
+        let imgs: Vec<image::RgbImage> = (0..4)
+            .map(|i| rgb(&out.join(format!("{i:04}.png"))))
+            .collect();
+        assert!(imgs.iter().all(|i| i.dimensions() == (64, 64)));
+        runs.push(imgs);
+    }
+    let mean = |imgs: &[image::RgbImage], c: usize| {
+        imgs.iter().map(|i| mean_channel(i, c)).sum::<f64>() / imgs.len() as f64
+    };
+    let red_pixels = |imgs: &[image::RgbImage]| {
+        imgs.iter()
+            .map(|i| i.pixels().filter(|p| is_red(p)).count())
+            .sum::<usize>()
+    };
+    // Colour words: "red" raises the red channel and draws red pixels; "blue" does not.
+    let (r_red, r_blue) = (mean(&runs[0], 0), mean(&runs[1], 0));
+    assert!(
+        r_red - r_blue > 0.05,
+        "mean R: red {r_red:.3} vs blue {r_blue:.3}"
+    );
+    assert!(
+        red_pixels(&runs[0]) > 10 * red_pixels(&runs[1]).max(1),
+        "red pixel counts"
+    );
+    // Shape words: a square fills its bounding box more than a circle does.
+    let fill = |imgs: &[image::RgbImage]| {
+        let v: Vec<f64> = imgs.iter().filter_map(red_fill_ratio).collect();
+        assert!(!v.is_empty(), "no red shape drawn");
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    let (sq, ci) = (fill(&runs[2]), fill(&runs[0]));
+    assert!(
+        sq > ci + 0.05,
+        "fill ratio square {sq:.3} vs circle {ci:.3}"
+    );
+
+    // Guidance 1 and 5 give different pictures for the same seed.
+    let g1 = dir.path().join("g1");
+    generate(
+        &cache,
+        &g1,
+        &batch("a red circle on a white background"),
+        &["--guidance", "1"],
+    );
+    let d: f64 = (0..4)
+        .map(|i| {
+            let (a, b) = (rgb(&g1.join(format!("{i:04}.png"))), &runs[0][i]);
+            a.as_raw()
+                .iter()
+                .zip(b.as_raw())
+                .map(|(x, y)| x.abs_diff(*y) as f64)
+                .sum::<f64>()
+                / a.as_raw().len() as f64
+        })
+        .sum::<f64>()
+        / 4.0;
+    assert!(d > 3.0, "guidance 1 vs 5: mean abs pixel difference {d:.2}");
+}

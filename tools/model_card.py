@@ -1,0 +1,128 @@
+"""Writes models/default/MODEL_CARD.md from the training (and verification) stats."""
+
+import json
+import os
+import platform
+
+import torch
+
+
+def _dir_size(path):
+    rows, total = [], 0
+    for root, _, files in sorted(os.walk(path)):
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            s = os.path.getsize(p)
+            total += s
+            rows.append((os.path.relpath(p, path), s))
+    return rows, total
+
+
+def _cfg(out, sub, name):
+    with open(os.path.join(out, sub, name)) as f:
+        return json.load(f)
+
+
+def write(out, stats, verify=None):
+    a = stats["args"]
+    cmd = "/work/venv/bin/python tools/train_default_model.py"
+    defaults_changed = []
+    if a.get("max_unet_minutes"):
+        defaults_changed.append(f"--max-unet-minutes {a['max_unet_minutes']:g}")
+    cmd = " ".join([cmd] + defaults_changed)
+    p = stats["params"]
+    rows, total = _dir_size(out)
+    vae = _cfg(out, "vae", "config.json")
+    unet = _cfg(out, "unet", "config.json")
+    te = _cfg(out, "text_encoder", "config.json")
+    L = []
+    w = L.append
+    w("# hybridiff default model: \"shapes world\"\n")
+    w("A tiny latent text-to-image diffusion model trained from scratch by "
+      "`tools/train_default_model.py` (no pretrained weights, no downloaded data). "
+      "It draws 64x64 pictures of one or two flat shapes (circle, square, triangle) in "
+      "red, green, blue, yellow, purple, orange, white or black on a white, black or gray "
+      "background. It is a demo / test model, not a general image generator.\n")
+    w("## Layout\n")
+    w("diffusers `StableDiffusionPipeline` layout (SD 1.5 style, epsilon prediction); all weights fp16 safetensors.\n")
+    w("| file | bytes |\n|---|---|")
+    for r, s in rows:
+        w(f"| `{r}` | {s:,} |")
+    w(f"| **total** | **{total:,}** |\n")
+    w("## Components\n")
+    w(f"- `vae/`: AutoencoderKL, block_out_channels {vae['block_out_channels']}, layers_per_block "
+      f"{vae['layers_per_block']}, norm_num_groups {vae['norm_num_groups']}, latent_channels "
+      f"{vae['latent_channels']} (downsampling x4: 64x64 px <-> 4x16x16 latents), mid-block attention, "
+      f"scaling_factor {vae['scaling_factor']} (= 1/std of the sampled latents of 2000 training images). "
+      f"{p['vae']:,} parameters.")
+    w(f"- `text_encoder/`: CLIPTextModel from scratch, hidden {te['hidden_size']}, {te['num_hidden_layers']} layers, "
+      f"{te['num_attention_heads']} heads, intermediate {te['intermediate_size']}, {te['hidden_act']}, vocab 49408, "
+      f"77 positions. {p['text_encoder']:,} parameters (of which 49408x{te['hidden_size']} token embeddings; only "
+      "the ~30 tokens of the caption grammar are trained, the other rows keep their random init). Trained jointly "
+      "with the U-Net: a frozen random encoder would give the U-Net near-identical embeddings for "
+      "\"red\" vs \"blue\" at this size.")
+    w("- `tokenizer/`: the real CLIP BPE files (vocab.json / merges.txt), copied from "
+      "`tests/fixtures/tiny-sdxl-pipeline/tokenizer`; captions are padded to 77 with `<|endoftext|>`, no attention mask.")
+    w(f"- `unet/`: UNet2DConditionModel, SD 1.5 layout: down {unet['down_block_types']}, up "
+      f"{unet['up_block_types']}, mid UNetMidBlock2DCrossAttn, block_out_channels {unet['block_out_channels']}, "
+      f"layers_per_block {unet['layers_per_block']}, attention_head_dim {unet['attention_head_dim']} (= head count), "
+      f"cross_attention_dim {unet['cross_attention_dim']}, norm_num_groups {unet['norm_num_groups']}, "
+      f"use_linear_projection {unet['use_linear_projection']}, sample_size {unet['sample_size']}. {p['unet']:,} parameters.")
+    w("- `scheduler/`: DDIMScheduler, 1000 train steps, scaled_linear 0.00085..0.012 (the schedule used in "
+      "training), epsilon, timestep_spacing leading, steps_offset 1, set_alpha_to_one false, clip_sample false.\n")
+    w("## Data\n")
+    w(f"Generated on the fly by `tools/shapes_world.py` (numpy `default_rng`, seed {stats['seed']} for the VAE stream, "
+      f"{stats['seed'] + 1} for the {a['dataset']} U-Net training images). 64x64 RGB, 2x supersampled edges. "
+      "65% one shape (radius 9-14 px; 40% of these captioned without position and placed near the centre, "
+      "the rest at left/right/top/bottom/center), 35% two shapes (radius 7-10 px) related by above / below / "
+      "left of / right of. Shape colour never equals the background; two shapes have different colours. Caption grammar:\n")
+    w("    a {colour} {shape} on a {bg} background")
+    w("    a {colour} {shape} {at the left of|at the right of|at the top of|at the bottom of|in the center of} a {bg} background")
+    w("    a {colour} {shape} {above|below|left of|right of} a {colour} {shape} on a {bg} background\n")
+    w("Examples: " + "; ".join(f"\"{c}\"" for c in stats["caption_examples"][:5]) + ".\n")
+    w("## Training recipe\n")
+    w(f"- seeds: torch.manual_seed({stats['seed']}), np.random.seed({stats['seed']}), data rngs seed+1 / +2 / +3 / +4; "
+      f"torch.set_num_threads({a['threads']}); CPU only ({platform.processor() or platform.machine()}, torch {torch.__version__}).")
+    w(f"- VAE: {a['vae_steps']} AdamW steps (lr {a['vae_lr']:g}, warmup 100, cosine), batch {a['vae_batch']}, first "
+      f"{a['vae_crop_steps']} steps on random 32x32 crops, then full 64x64; loss L1 + MSE + {a['vae_kl']:g} x KL (per latent element).")
+    w(f"- Latents: {a['dataset']} images encoded once (posterior mean/std stored; a fresh posterior sample per training step).")
+    w(f"- Text encoder + U-Net jointly: {stats['args'].get('unet_steps_done', a['unet_steps'])} of {a['unet_steps']} "
+      f"AdamW steps (lr {a['lr']:g}, wd 0.01, warmup 200, cosine to 5%), batch {a['batch']}, "
+      f"caption dropout {a['cond_dropout']:g} (empty string, as the pipeline's negative prompt), "
+      f"epsilon MSE with min-SNR-{a['min_snr_gamma']:g} weighting, grad clip 1.0, EMA {a['ema']:g} (exported weights are the EMA).")
+    vl, ul = stats["vae_loss"], stats["unet_loss"]
+    w(f"- Final losses (mean of the last steps): VAE L1 {vl['l1']:.4f}, MSE {vl['mse']:.5f}, KL {vl['kl']:.3f}; "
+      f"U-Net eps-MSE {ul['eps_mse']:.4f} (min-SNR weighted {ul['weighted_loss']:.4f}).")
+    w(f"- Wall time: VAE {stats['vae_time_s']:.0f} s, encoding {stats['encode_time_s']:.0f} s, U-Net {stats['unet_time_s']:.0f} s, "
+      f"total {stats['train_total_s']:.0f} s ({stats['train_total_s'] / 60:.1f} min) on 2 CPU threads.\n")
+    w("Regenerate (from the repository root; overwrites models/default and docs/images/diffusers-*.png):\n")
+    w(f"    {cmd}\n")
+    if a.get("max_unet_minutes"):
+        w(f"(`--max-unet-minutes {a['max_unet_minutes']:g}` is only a safety stop; if it fires the step count above is "
+          "smaller than requested and the run is not bit-reproducible.)\n")
+    w("## Usage\n")
+    w("64x64 output (height = width = 64), DDIM 20-50 steps, guidance 5 (3-7 works). Best prompts follow the caption "
+      "grammar exactly, e.g. \"a red circle on a white background\", \"a blue square above a yellow triangle on a black background\".\n")
+    w("    from diffusers import StableDiffusionPipeline; import torch")
+    w("    pipe = StableDiffusionPipeline.from_pretrained(\"models/default\", torch_dtype=torch.float32, safety_checker=None)")
+    w("    img = pipe(\"a red circle on a white background\", num_inference_steps=20, guidance_scale=5,")
+    w("               generator=torch.Generator().manual_seed(0)).images[0]\n")
+    if verify:
+        w("## Verification (diffusers 20-step DDIM, guidance 5, seeds 0-7)\n")
+        w("| prompt | mean R,G,B | red frac | blue frac | green frac | fill ratio |\n|---|---|---|---|---|---|")
+        for pr, st in verify["prompts"].items():
+            fr = next((v for k, v in st.items() if k.endswith("_fill_ratio")), "")
+            w(f"| {pr} | {', '.join(f'{x:.3f}' for x in st['mean_rgb'])} | {st['red_frac']} | {st['blue_frac']} | "
+              f"{st['green_frac']} | {fr} |")
+        w("\nfill ratio = pixels of the named colour / area of their bounding box (circle ~0.79, square ~1, triangle ~0.5).")
+        w(f"Guidance 1 vs 5 (red circle, seeds 0-3), mean |pixel diff|: {verify['cfg1_vs_cfg5_mean_abs_diff']}.\n")
+        w("rel-MAE = mean|eps_c - eps_u| / mean|eps_u| over a 50-step DDIM run, guidance 5:\n")
+        for pr, r in verify["relmae"].items():
+            w(f"- \"{pr}\" (seed {r['seed']}): tau1 with the paper's SDXL thresholds = {r['tau1_paper_sdxl']}; curve "
+              + ", ".join(f"{v:.3f}" for v in r["curve"]))
+        w("")
+    w("## Limitations\n")
+    w("Tiny model, minutes of CPU training: edges are soft, two-shape prompts and rare colour/background "
+      "combinations are less reliable than single shapes; prompts outside the grammar give arbitrary shapes.")
+    with open(os.path.join(out, "MODEL_CARD.md"), "w") as f:
+        f.write("\n".join(L) + "\n")

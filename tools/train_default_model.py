@@ -1,0 +1,375 @@
+#!/usr/bin/env python3
+"""Train hybridiff's embedded default model ("shapes world") from scratch, on CPU.
+
+One command regenerates everything: procedural data (tools/shapes_world.py),
+the VAE, the CLIP text encoder + U-Net (trained jointly, caption dropout for
+classifier-free guidance), the diffusers-layout export to models/default/,
+diffusers-made sample images in docs/images/ and models/default/MODEL_CARD.md.
+
+    /work/venv/bin/python tools/train_default_model.py
+
+Needs: torch, diffusers, transformers, safetensors, numpy, pillow.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import shapes_world as sw  # noqa: E402
+
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+TOKENIZER_SRC = os.path.join(ROOT, "tests/fixtures/tiny-sdxl-pipeline/tokenizer")
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 3,
+    up_block_types=["UpDecoderBlock2D"] * 3,
+    block_out_channels=[32, 64, 64],
+    layers_per_block=1,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=16,
+    sample_size=64,
+    scaling_factor=1.0,  # replaced by 1/std of the measured latents
+    mid_block_add_attention=True,
+)
+TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+    projection_dim=64,
+)
+UNET_CONFIG = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    block_out_channels=[32, 64, 64],
+    layers_per_block=1,
+    cross_attention_dim=64,
+    attention_head_dim=4,  # diffusers quirk: this is the head count
+    norm_num_groups=16,
+    use_linear_projection=True,
+    act_fn="silu",
+)
+SCHED_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    timestep_spacing="leading",
+)
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+def to_tensor(imgs):
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def nparams(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def lr_at(step, total, base, warmup):
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def train_vae(args, rng):
+    vae = AutoencoderKL(**VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    t0 = time.time()
+    hist = []
+    for step in range(args.vae_steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.vae_steps, args.vae_lr, 100)
+        imgs, _ = sw.batch(rng, args.vae_batch)
+        x = to_tensor(imgs)
+        if step < args.vae_crop_steps:  # cheap phase: random 32x32 crops (fully convolutional)
+            oy, ox = (int(v) for v in rng.integers(0, 33, size=2))
+            x = x[:, :, oy : oy + 32, ox : ox + 32]
+        post = vae.encode(x).latent_dist
+        z = post.sample()
+        rec = vae.decode(z).sample
+        l1 = (rec - x).abs().mean()
+        l2 = F.mse_loss(rec, x)
+        kl = post.kl().mean() / z[0].numel()  # per latent element
+        loss = l1 + l2 + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        hist.append((l1.item(), l2.item(), kl.item()))
+        if step % 50 == 0 or step == args.vae_steps - 1:
+            m = np.mean(hist[-50:], axis=0)
+            log(f"vae step {step:5d} l1 {m[0]:.4f} mse {m[1]:.5f} kl {m[2]:.3f} ({time.time() - t0:.0f}s)")
+    vae.eval()
+    return vae, dict(zip(("l1", "mse", "kl"), np.mean(hist[-50:], axis=0).tolist())), time.time() - t0
+
+
+@torch.no_grad()
+def encode_dataset(vae, rng, n, tokenizer):
+    means, stds, ids, caps = [], [], [], []
+    for i in range(0, n, 250):
+        imgs, c = sw.batch(rng, min(250, n - i))
+        d = vae.encode(to_tensor(imgs)).latent_dist
+        means.append(d.mean.half())
+        stds.append(d.std.half())
+        caps += c
+    tok = tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    return torch.cat(means), torch.cat(stds), tok.input_ids, caps
+
+
+class EMA:
+    def __init__(self, modules, decay):
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self):
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s)
+
+
+def train_unet(args, lat_mean, lat_std, ids, empty_ids, scale, gen):
+    if args.resume:
+        te = CLIPTextModel.from_pretrained(os.path.join(args.resume, "text_encoder"), torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(args.resume, "unet"), torch_dtype=torch.float32)
+    else:
+        te = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+        unet = UNet2DConditionModel(**UNET_CONFIG)
+    if args.te_embed_std:
+        # token-identity-dominated text features: a from-scratch CLIP with std-0.02 token rows gives
+        # near-identical outputs for all captions and the U-Net learns to ignore them
+        with torch.no_grad():
+            emb = te.get_input_embeddings().weight
+            emb.normal_(0.0, args.te_embed_std, generator=torch.Generator().manual_seed(args.seed + 5))
+    sched = DDIMScheduler(**SCHED_CONFIG)
+    acp = sched.alphas_cumprod.float()
+    params = list(te.parameters()) + list(unet.parameters())
+    opt = torch.optim.AdamW(
+        [
+            dict(params=list(te.parameters()), lr_mult=args.te_lr_mult),
+            dict(params=list(unet.parameters()), lr_mult=1.0),
+        ],
+        lr=args.lr,
+        weight_decay=0.01,
+    )
+    ema = EMA([te, unet], args.ema)
+    n = lat_mean.shape[0]
+    t0 = time.time()
+    hist = []
+    for step in range(args.unet_steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.unet_steps, args.lr, 200 if not args.resume else 50) * g["lr_mult"]
+        idx = torch.randint(0, n, (args.batch,), generator=gen)
+        z0 = (lat_mean[idx].float() + lat_std[idx].float() * torch.randn(args.batch, 4, 16, 16, generator=gen)) * scale
+        tok = ids[idx].clone()
+        drop = torch.rand(args.batch, generator=gen) < args.cond_dropout
+        tok[drop] = empty_ids
+        t = torch.randint(0, 1000, (args.batch,), generator=gen)
+        if args.high_t_frac:  # oversample high-noise steps, where the caption decides colour / layout
+            hi = torch.rand(args.batch, generator=gen) < args.high_t_frac
+            t = torch.where(hi, torch.randint(600, 1000, (args.batch,), generator=gen), t)
+        noise = torch.randn(z0.shape, generator=gen)
+        if args.offset_noise:  # offset noise: scaled_linear leaks low frequencies at t=999; force use of the text
+            noise = noise + args.offset_noise * torch.randn(args.batch, 4, 1, 1, generator=gen)
+        a = acp[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        cond = te(tok).last_hidden_state
+        pred = unet(zt, t, encoder_hidden_states=cond).sample
+        snr = acp[t] / (1 - acp[t])
+        w = torch.clamp(snr, max=args.min_snr_gamma) / snr  # min-SNR weighting (epsilon)
+        mse = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = (w * mse).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(step)
+        hist.append((loss.item(), mse.mean().item()))
+        if args.max_unet_minutes and time.time() - t0 > 60 * args.max_unet_minutes:
+            log(f"unet: time budget hit, stopping after {step + 1} steps")
+            args.unet_steps_done = step + 1
+            break
+        if step % 100 == 0 or step == args.unet_steps - 1:
+            m = np.mean(hist[-100:], axis=0)
+            el = time.time() - t0
+            log(f"unet step {step:5d} wloss {m[0]:.4f} eps-mse {m[1]:.4f} ({el:.0f}s, {el / (step + 1):.2f}s/step)")
+    args.unet_steps_done = getattr(args, "unet_steps_done", args.unet_steps)
+    ema.copy_to()
+    te.eval()
+    unet.eval()
+    return te, unet, dict(zip(("weighted_loss", "eps_mse"), np.mean(hist[-200:], axis=0).tolist())), time.time() - t0
+
+
+def export(out, vae, te, unet, scale):
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(out)
+    vae.register_to_config(scaling_factor=float(scale))
+    vae.to(torch.float16).save_pretrained(os.path.join(out, "vae"))
+    unet.to(torch.float16).save_pretrained(os.path.join(out, "unet"))
+    te.to(torch.float16).save_pretrained(os.path.join(out, "text_encoder"))
+    for m in (vae, unet, te):
+        m.to(torch.float32)
+    tdir = os.path.join(out, "tokenizer")
+    os.makedirs(tdir)
+    for f in TOKENIZER_FILES:
+        shutil.copy(os.path.join(TOKENIZER_SRC, f), tdir)
+    DDIMScheduler(**SCHED_CONFIG).save_pretrained(os.path.join(out, "scheduler"))
+    import diffusers
+
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    with open(os.path.join(out, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+        f.write("\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(ROOT, "models/default"))
+    ap.add_argument("--images-dir", default=os.path.join(ROOT, "docs/images"))
+    ap.add_argument("--seed", type=int, default=20261126)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vae-steps", type=int, default=800)
+    ap.add_argument("--vae-crop-steps", type=int, default=600)
+    ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--vae-lr", type=float, default=2e-3)
+    ap.add_argument("--vae-kl", type=float, default=1e-3)
+    ap.add_argument("--dataset", type=int, default=10000)
+    ap.add_argument("--unet-steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ema", type=float, default=0.998)
+    ap.add_argument("--cond-dropout", type=float, default=0.12)
+    ap.add_argument("--min-snr-gamma", type=float, default=5.0)
+    ap.add_argument("--max-unet-minutes", type=float, default=0, help="safety stop (0 = off)")
+    ap.add_argument("--offset-noise", type=float, default=0.0)
+    ap.add_argument("--high-t-frac", type=float, default=0.0)
+    ap.add_argument("--te-lr-mult", type=float, default=1.0)
+    ap.add_argument("--te-embed-std", type=float, default=0.0, help="re-init token embeddings with this std (0 = keep)")
+    ap.add_argument("--resume", default=None, help="stage 2: start from an exported folder (VAE, text encoder, U-Net)")
+    ap.add_argument("--skip-verify", action="store_true")
+    args = ap.parse_args()
+
+    t_start = time.time()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    rng_vae = np.random.default_rng(args.seed)
+    rng_data = np.random.default_rng(args.seed + 1)
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_SRC)
+
+    if args.resume:
+        log("stage 2: resuming from", args.resume)
+        vae = AutoencoderKL.from_pretrained(os.path.join(args.resume, "vae"), torch_dtype=torch.float32).eval()
+        with open(os.path.join(args.resume, "training_stats.json")) as f:
+            prev = json.load(f)
+        vae_loss, vae_time = prev["vae_loss"], prev["vae_time_s"]
+    else:
+        log("training VAE", VAE_CONFIG["block_out_channels"])
+        vae, vae_loss, vae_time = train_vae(args, rng_vae)
+    log(f"encoding {args.dataset} images")
+    t_enc = time.time()
+    lat_mean, lat_std, ids, caps = encode_dataset(vae, rng_data, args.dataset, tokenizer)
+    enc_time = time.time() - t_enc
+    g = torch.Generator().manual_seed(args.seed + 3)
+    sample_lat = lat_mean[:2000].float() + lat_std[:2000].float() * torch.randn(lat_mean[:2000].shape, generator=g)
+    lat_std_all = sample_lat.std().item()
+    scale = round(1.0 / lat_std_all, 5) if not args.resume else vae.config.scaling_factor
+    log(f"latent mean {sample_lat.mean().item():.4f} std {lat_std_all:.4f} -> scaling_factor {scale}; posterior std mean {lat_std.float().mean().item():.4f}")
+    empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+
+    log("training text encoder + U-Net", UNET_CONFIG["block_out_channels"])
+    torch.manual_seed(args.seed + 4)
+    te, unet, unet_loss, unet_time = train_unet(args, lat_mean, lat_std, ids, empty_ids, scale, gen)
+    prev_stats = None
+    if args.resume:
+        with open(os.path.join(args.resume, "training_stats.json")) as f:
+            prev_stats = json.load(f)
+    export(args.out, vae, te, unet, scale)
+    total_time = time.time() - t_start
+    log(f"exported to {args.out}; total {total_time:.0f}s")
+
+    stats = dict(
+        seed=args.seed,
+        args=vars(args),
+        vae_loss=vae_loss,
+        unet_loss=unet_loss,
+        vae_time_s=vae_time,
+        encode_time_s=enc_time,
+        unet_time_s=unet_time,
+        train_total_s=total_time,
+        scaling_factor=scale,
+        params=dict(vae=nparams(vae), text_encoder=nparams(te), unet=nparams(unet)),
+        caption_examples=caps[:8],
+        stage1=prev_stats,
+    )
+    with open(os.path.join(args.out, "training_stats.json"), "w") as f:
+        json.dump(stats, f, indent=2)
+    verify = None
+    if not args.skip_verify:
+        import verify_default_model
+
+        verify = verify_default_model.run(args.out, args.images_dir, threads=args.threads)
+    import model_card
+
+    model_card.write(args.out, stats, verify)
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
