@@ -2,6 +2,9 @@
 //! the errors for checkpoints that do not match their config, on copies of the tiny
 //! SDXL U-Net written into scratch folders.
 
+mod common;
+use common::*;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -10,10 +13,6 @@ use hybridiff_models::unet::UNet2DConditionModel;
 use hybridiff_models::{Conditioning, Denoiser, Error};
 
 const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
-}
 
 fn unet_dir() -> PathBuf {
     fixtures().join("tiny-sdxl/unet")
@@ -56,32 +55,6 @@ impl Drop for Scratch {
 
 fn fixture_weights() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(unet_dir().join(WEIGHTS), &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor) -> f32 {
-    a.to_dtype(DType::F32)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// The fixture's forward inputs (conditional branch).

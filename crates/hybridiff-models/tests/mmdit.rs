@@ -1,5 +1,8 @@
 //! SD3 MMDiT parity with diffusers on the tiny SD3 fixture, and the module interface.
 
+mod common;
+use common::*;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -8,44 +11,8 @@ use candle_nn::VarBuilder;
 use hybridiff_models::mmdit::{get_2d_sincos_pos_embed, MMDiTConfig, SD3Transformer2DModel};
 use hybridiff_models::{Conditioning, Denoiser, Error, OutputRef};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
-}
-
 fn transformer_dir() -> PathBuf {
     fixtures().join("tiny-sd3/transformer")
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor) -> f32 {
-    a.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
-    assert_eq!(got.dims(), want.dims(), "{what}: shape");
-    let tol = 1e-4 * max_abs(want).max(1.0);
-    let d = max_abs_diff(got, want);
-    println!("{what}: max abs diff {d:e} (tolerance {tol:e})");
-    assert!(d < tol, "{what}: max abs diff {d} >= tolerance {tol}");
 }
 
 struct Case {

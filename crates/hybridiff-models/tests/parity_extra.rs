@@ -2,6 +2,9 @@
 //! with unusual config values, and an SD3.5-medium-style MMDiT (RMS qk norm, dual
 //! attention). Fixtures: `tests/fixtures/models/*`, made by `tools/make_model_fixtures.py`.
 
+mod common;
+use common::*;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -11,45 +14,7 @@ use hybridiff_models::unet::UNet2DConditionModel;
 use hybridiff_models::{Conditioning, Denoiser};
 
 fn models_dir() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/fixtures/models"
-    ))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor) -> f32 {
-    a.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
-    assert_eq!(got.dims(), want.dims(), "{what}: shape");
-    let tol = 1e-4 * max_abs(want).max(1.0);
-    let d = max_abs_diff(got, want);
-    println!(
-        "{what}: max abs diff {d:e} (tolerance {tol:e}, max |expected| {})",
-        max_abs(want)
-    );
-    assert!(d < tol, "{what}: max abs diff {d} >= tolerance {tol}");
+    fixtures().join("models")
 }
 
 fn expected(dir: &Path) -> HashMap<String, Tensor> {

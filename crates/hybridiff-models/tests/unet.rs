@@ -1,38 +1,11 @@
 //! U-Net parity with diffusers on the tiny SDXL fixture.
 
-use std::path::PathBuf;
+mod common;
+use common::*;
 
 use candle_core::{DType, Device, Tensor};
 use hybridiff_models::unet::UNet2DConditionModel;
 use hybridiff_models::{Conditioning, Denoiser};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor) -> f32 {
-    a.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 struct Case {
     unet: UNet2DConditionModel,
@@ -71,12 +44,6 @@ fn load_case() -> Case {
         out_cond: exp["out_cond"].clone(),
         out_uncond: exp["out_uncond"].clone(),
     }
-}
-
-fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
-    let tol = 1e-4 * max_abs(want).max(1.0);
-    let d = max_abs_diff(got, want);
-    assert!(d < tol, "{what}: max abs diff {d} >= tolerance {tol}");
 }
 
 #[test]
