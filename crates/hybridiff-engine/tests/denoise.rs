@@ -1,65 +1,22 @@
 //! Whole 20-step runs against the diffusers reference (`expected/serial.safetensors`).
 
-use std::path::PathBuf;
-use std::time::Duration;
+mod common;
 
-use candle_core::{DType, Device, Tensor};
-use hybridiff_engine::{denoise, DenoiseInputs, Job, Model, RunOptions, StrategyKind};
-use hybridiff_schedulers::SchedulerKind;
+use candle_core::{DType, Device};
+use common::*;
+use hybridiff_engine::{DenoiseOutput, StrategyKind, StrategyOptions};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures")).join(name)
+fn serial_run(kind: StrategyKind, world: usize) -> DenoiseOutput {
+    run(&setup(), kind, world, &StrategyOptions::default()).unwrap()
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-fn run(strategy: StrategyKind, world_size: usize) -> hybridiff_engine::DenoiseOutput {
-    let dev = Device::Cpu;
-    let root = fixture("tiny-sdxl");
-    let model = Model::load(&root, DType::F32, &dev).unwrap();
-    let inputs =
-        DenoiseInputs::load(&root.join("inputs.safetensors"), &model.input_spec, &dev).unwrap();
-    let job = Job {
-        model: model.denoiser.as_ref(),
-        scheduler_config: &model.scheduler_config,
-        scheduler: SchedulerKind::Ddim,
-        steps: 20,
-        guidance: 5.0,
-        inputs: &inputs,
-        progress: None,
-    };
-    let opts = RunOptions {
-        world_size,
-        threads_per_rank: 1,
-        comm_timeout: Duration::from_secs(120),
-    };
-    denoise(&job, strategy.build(&Default::default()).as_ref(), &opts).unwrap()
-}
-
-fn assert_matches_serial_fixture(out: &hybridiff_engine::DenoiseOutput, what: &str) {
+fn assert_matches_serial_fixture(out: &DenoiseOutput, what: &str) {
     let exp = candle_core::safetensors::load(
         fixture("tiny-sdxl").join("expected/serial.safetensors"),
         &Device::Cpu,
     )
     .unwrap();
-    let want = &exp["step_latents"];
-    assert_eq!(out.step_latents.dims(), want.dims());
-    for i in 0..want.dim(0).unwrap() {
-        let w = want.get(i).unwrap();
-        let g = out.step_latents.get(i).unwrap();
-        let tol = 1e-3 * max_abs(&w).max(1.0);
-        let d = max_abs(&(&g - &w).unwrap());
-        assert!(d < tol, "{what}: step {i}: max abs diff {d} >= {tol}");
-    }
+    assert_steps_close(&out.step_latents, &exp["step_latents"], what);
     let d = max_abs(&(&out.latents - &exp["latents"]).unwrap());
     assert!(
         d < 1e-3 * max_abs(&exp["latents"]).max(1.0),
@@ -69,7 +26,7 @@ fn assert_matches_serial_fixture(out: &hybridiff_engine::DenoiseOutput, what: &s
 
 #[test]
 fn serial_matches_diffusers_20_steps() {
-    let out = run(StrategyKind::Serial, 1);
+    let out = serial_run(StrategyKind::Serial, 1);
     assert_matches_serial_fixture(&out, "serial");
     assert_eq!(out.trace.steps.len(), 20);
     assert_eq!(out.trace.steps[0].timestep, 951.0);
@@ -79,7 +36,7 @@ fn serial_matches_diffusers_20_steps() {
 
 #[test]
 fn cfg_on_two_ranks_matches_serial_fixture() {
-    let out = run(StrategyKind::Cfg, 2);
+    let out = serial_run(StrategyKind::Cfg, 2);
     assert_matches_serial_fixture(&out, "cfg x2");
     // Each step both leaders send one [1, 4, 16, 16] f32 prediction.
     let per_step = 2 * 4 * 16 * 16 * 4;
@@ -89,16 +46,15 @@ fn cfg_on_two_ranks_matches_serial_fixture() {
 
 #[test]
 fn cfg_on_four_ranks_matches_serial_fixture() {
-    let out = run(StrategyKind::Cfg, 4);
+    let out = serial_run(StrategyKind::Cfg, 4);
     assert_matches_serial_fixture(&out, "cfg x4");
 }
 
 #[test]
 fn rel_mae_log_matches_reference_exact_steps() {
     // The reference hybrid run logs the same rel-MAE as serial on its first exact steps.
-    let out = run(StrategyKind::Cfg, 2);
-    let text = std::fs::read_to_string(fixture("tiny-sdxl").join("expected/hybrid.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let out = serial_run(StrategyKind::Cfg, 2);
+    let (v, _) = reference();
     let log: Vec<f64> = v["rel_mae_log"]
         .as_array()
         .unwrap()
@@ -115,31 +71,13 @@ fn rel_mae_log_matches_reference_exact_steps() {
 
 #[test]
 fn bad_world_sizes_are_rejected_before_compute() {
-    let dev = Device::Cpu;
-    let root = fixture("tiny-sdxl");
-    let model = Model::load(&root, DType::F32, &dev).unwrap();
-    let inputs =
-        DenoiseInputs::load(&root.join("inputs.safetensors"), &model.input_spec, &dev).unwrap();
-    let job = Job {
-        model: model.denoiser.as_ref(),
-        scheduler_config: &model.scheduler_config,
-        scheduler: SchedulerKind::Ddim,
-        steps: 20,
-        guidance: 5.0,
-        inputs: &inputs,
-        progress: None,
-    };
+    let s = setup();
     for (kind, w) in [
         (StrategyKind::Cfg, 3),
         (StrategyKind::Cfg, 1),
         (StrategyKind::Serial, 2),
     ] {
-        let opts = RunOptions {
-            world_size: w,
-            threads_per_rank: 1,
-            comm_timeout: Duration::from_secs(5),
-        };
-        let err = denoise(&job, kind.build(&Default::default()).as_ref(), &opts)
+        let err = run(&s, kind, w, &StrategyOptions::default())
             .unwrap_err()
             .to_string();
         assert!(err.contains(&format!("--world-size {w}")), "{err}");
@@ -148,33 +86,13 @@ fn bad_world_sizes_are_rejected_before_compute() {
 
 #[test]
 fn f16_run_stays_close_to_the_f32_reference() {
-    let dev = Device::Cpu;
-    let root = fixture("tiny-sdxl");
-    let model = Model::load(&root, DType::F16, &dev).unwrap();
-    let inputs =
-        DenoiseInputs::load(&root.join("inputs.safetensors"), &model.input_spec, &dev).unwrap();
-    let job = Job {
-        model: model.denoiser.as_ref(),
-        scheduler_config: &model.scheduler_config,
-        scheduler: SchedulerKind::Ddim,
-        steps: 20,
-        guidance: 5.0,
-        inputs: &inputs,
-        progress: None,
-    };
-    let opts = RunOptions {
-        world_size: 2,
-        threads_per_rank: 1,
-        comm_timeout: Duration::from_secs(120),
-    };
-    let out = denoise(
-        &job,
-        StrategyKind::Cfg.build(&Default::default()).as_ref(),
-        &opts,
+    let s = setup_with("tiny-sdxl", DType::F16);
+    let out = run(&s, StrategyKind::Cfg, 2, &StrategyOptions::default()).unwrap();
+    let exp = candle_core::safetensors::load(
+        fixture("tiny-sdxl").join("expected/serial.safetensors"),
+        &Device::Cpu,
     )
     .unwrap();
-    let exp =
-        candle_core::safetensors::load(root.join("expected/serial.safetensors"), &dev).unwrap();
     let want = &exp["latents"];
     let got = out.latents.to_dtype(DType::F32).unwrap();
     let rel = max_abs(&(&got - want).unwrap()) / max_abs(want);

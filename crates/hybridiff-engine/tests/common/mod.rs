@@ -37,9 +37,14 @@ pub struct Setup {
 
 /// The tiny SDXL fixture (DDIM, guidance 5) or the tiny SD3 one (flow Euler, guidance 7).
 pub fn setup_named(name: &'static str) -> Setup {
+    setup_with(name, DType::F32)
+}
+
+/// A fixture loaded in `dtype`.
+pub fn setup_with(name: &'static str, dtype: DType) -> Setup {
     let dev = Device::Cpu;
     let root = fixture(name);
-    let model = Model::load(&root, DType::F32, &dev).unwrap();
+    let model = Model::load(&root, dtype, &dev).unwrap();
     let inputs =
         DenoiseInputs::load(&root.join("inputs.safetensors"), &model.input_spec, &dev).unwrap();
     let scheduler = model.scheduler_config.default_kind().unwrap();
