@@ -74,7 +74,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .split(',')
         .map(|s| s.trim().parse::<StrategyKind>())
         .collect::<Result<Vec<_>, _>>()?;
-    let options = args.strategy_args.options()?;
+    let options = args
+        .strategy_args
+        .options(&crate::strategy_args::ModelDefaults::read(&args.model)?)?;
     crate::set_compute_threads(args.threads_per_rank);
     let device = Device::Cpu;
     let dtype = crate::denoise::parse_dtype(&args.dtype, &device)?;

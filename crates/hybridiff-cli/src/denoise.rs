@@ -59,7 +59,10 @@ pub(crate) fn parse_scheduler(s: Option<&str>, model: &Model) -> Result<Schedule
 
 pub fn run(args: DenoiseArgs) -> Result<()> {
     let device = Device::Cpu;
-    let run = args.run.resolve(&device)?;
+    let run = args.run.resolve(
+        &device,
+        &crate::strategy_args::ModelDefaults::read(&args.model)?,
+    )?;
     check_output_path(&args.out, "--out")?;
     if let Some(p) = &args.trace {
         check_output_path(p, "--trace")?;

@@ -11,6 +11,8 @@ use hybridiff_engine::{RunOptions, Strategy, StrategyKind};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
+use crate::strategy_args::ModelDefaults;
+
 /// Arguments of `hybridiff generate`.
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
@@ -56,26 +58,6 @@ pub struct GenerateArgs {
     pub run: crate::strategy_args::RunArgs,
 }
 
-/// Recommended settings a model folder may carry in `hybridiff.json`.
-#[derive(Debug, Default, Deserialize)]
-struct Defaults {
-    steps: Option<usize>,
-    guidance: Option<f64>,
-}
-
-impl Defaults {
-    fn read(dir: &Path) -> Result<Self> {
-        let p = dir.join("hybridiff.json");
-        if !p.is_file() {
-            return Ok(Self::default());
-        }
-        let text =
-            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("{}: expected {{steps, guidance}}", p.display()))
-    }
-}
-
 #[derive(Debug, Deserialize)]
 struct BatchItem {
     prompt: String,
@@ -119,7 +101,12 @@ fn read_batch(path: &Path, negative: &str, base_seed: u64) -> Result<Vec<BatchIt
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let device = Device::Cpu;
-    let run = args.run.resolve(&device)?;
+    let model_dir = match &args.model {
+        Some(d) => d.clone(),
+        None => crate::default_model::dir()?,
+    };
+    let defaults = ModelDefaults::read(&model_dir)?;
+    let run = args.run.resolve(&device, &defaults)?;
     let batch = match (&args.prompt, &args.prompts) {
         (Some(_), _) => None,
         (None, Some(p)) => Some(read_batch(p, &args.negative_prompt, args.seed)?),
@@ -133,11 +120,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Some(p) = &args.trace {
         check_output_path(p, "--trace")?;
     }
-    let model_dir = match &args.model {
-        Some(d) => d.clone(),
-        None => crate::default_model::dir()?,
-    };
-    let defaults = Defaults::read(&model_dir)?;
     let steps = args.steps.or(defaults.steps).unwrap_or(50);
     let pipeline = Pipeline::load(&model_dir, run.dtype, &device)?;
     let latents = match &args.latents {

@@ -10,18 +10,21 @@ pub struct StrategyArgs {
     /// async: exact steps before pipelining.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    /// hybrid: window L of the rel-MAE slope [paper SDXL: 12].
-    #[arg(long, default_value_t = SwitchParams::SDXL.l_slope)]
-    pub l_slope: usize,
-    /// hybrid: slope below which the rel-MAE curve counts as flat [paper SDXL: 0.4e-3].
-    #[arg(long, default_value_t = SwitchParams::SDXL.eps_slope)]
-    pub eps_slope: f64,
-    /// hybrid: pipelined steps after tau1 [paper: 5].
-    #[arg(long, default_value_t = SwitchParams::SDXL.k)]
-    pub k: usize,
-    /// hybrid: tau1 when no flattening is seen before this step [paper SDXL: 15].
-    #[arg(long, default_value_t = SwitchParams::SDXL.tau_cap)]
-    pub tau_cap: usize,
+    /// hybrid: window L of the rel-MAE slope [default: the model folder's hybridiff.json,
+    /// else the paper's SDXL 12].
+    #[arg(long)]
+    pub l_slope: Option<usize>,
+    /// hybrid: slope below which the rel-MAE curve counts as flat [default: hybridiff.json,
+    /// else 0.4e-3].
+    #[arg(long)]
+    pub eps_slope: Option<f64>,
+    /// hybrid: pipelined steps after tau1 [default: hybridiff.json, else 5].
+    #[arg(long)]
+    pub k: Option<usize>,
+    /// hybrid: tau1 when no flattening is seen before this step [default: hybridiff.json,
+    /// else 15].
+    #[arg(long)]
+    pub tau_cap: Option<usize>,
     /// async, hybrid: stage plan, `reference` (the authors' presets: SDXL n=2/4, even DiT
     /// splits), `auto` (balanced by counted FLOPs), `measured` (balanced by module times
     /// measured before the run), or `default` (reference where one exists, else auto).
@@ -34,18 +37,53 @@ pub struct StrategyArgs {
 }
 
 impl StrategyArgs {
-    /// The engine's strategy options.
-    pub fn options(&self) -> Result<StrategyOptions> {
+    /// The engine's strategy options: flags first, then the model's recommendations.
+    pub fn options(&self, defaults: &ModelDefaults) -> Result<StrategyOptions> {
+        let paper = SwitchParams::SDXL;
         Ok(StrategyOptions {
             warmup: self.warmup,
             switch: SwitchParams {
-                l_slope: self.l_slope,
-                eps_slope: self.eps_slope,
-                k: self.k,
-                tau_cap: self.tau_cap,
+                l_slope: self.l_slope.or(defaults.l_slope).unwrap_or(paper.l_slope),
+                eps_slope: self
+                    .eps_slope
+                    .or(defaults.eps_slope)
+                    .unwrap_or(paper.eps_slope),
+                k: self.k.or(defaults.k).unwrap_or(paper.k),
+                tau_cap: self.tau_cap.or(defaults.tau_cap).unwrap_or(paper.tau_cap),
             },
             stages: self.stages.parse()?,
             pipelined_guidance: self.pipelined_guidance.parse::<PipelinedGuidance>()?,
+        })
+    }
+}
+
+/// Recommended settings a model folder may carry in `hybridiff.json`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDefaults {
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub l_slope: Option<usize>,
+    pub eps_slope: Option<f64>,
+    pub k: Option<usize>,
+    pub tau_cap: Option<usize>,
+}
+
+impl ModelDefaults {
+    /// Reads `<dir>/hybridiff.json`; none is no recommendation.
+    pub fn read(dir: &std::path::Path) -> Result<Self> {
+        use anyhow::Context;
+        let p = dir.join("hybridiff.json");
+        if !p.is_file() {
+            return Ok(Self::default());
+        }
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{}: expected {{steps, guidance, l_slope, eps_slope, k, tau_cap}}",
+                p.display()
+            )
         })
     }
 }
@@ -86,7 +124,7 @@ pub struct Run {
 
 impl RunArgs {
     /// Resolves the flags and sets the per-rank thread budget.
-    pub fn resolve(&self, device: &candle_core::Device) -> Result<Run> {
+    pub fn resolve(&self, device: &candle_core::Device, defaults: &ModelDefaults) -> Result<Run> {
         use hybridiff_engine::StrategyKind;
         let kind: StrategyKind = self.strategy.parse()?;
         let world_size = self.world_size.unwrap_or(match kind {
@@ -106,7 +144,7 @@ impl RunArgs {
         };
         Ok(Run {
             kind,
-            strategy: kind.build(&self.strategy_args.options()?),
+            strategy: kind.build(&self.strategy_args.options(defaults)?),
             options: hybridiff_engine::RunOptions {
                 world_size,
                 threads_per_rank: threads,

@@ -132,3 +132,43 @@ fn colour_shape_and_guidance_change_the_picture() {
         / 4.0;
     assert!(d > 3.0, "guidance 1 vs 5: mean abs pixel difference {d:.2}");
 }
+
+#[test]
+fn hybrid_on_the_default_model_uses_its_switching_thresholds() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("t.json");
+    let out = dir.path().join("h.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_hybridiff"))
+        .env("HYBRIDIFF_CACHE", dir.path().join("cache"))
+        .args([
+            "generate",
+            "--prompt",
+            "a red circle on a white background",
+            "--seed",
+            "1",
+        ])
+        .args([
+            "--strategy",
+            "hybrid",
+            "--world-size",
+            "2",
+            "--threads-per-rank",
+            "1",
+        ])
+        .args([
+            "--trace",
+            trace.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    // models/default/hybridiff.json: 20 steps, L 6, eps 1e-3, k 5, tau_cap 15.
+    assert_eq!(t["num_steps"], 20);
+    let tau1 = t["tau1"].as_u64().unwrap();
+    assert!((6..=15).contains(&tau1), "tau1 {tau1}");
+    assert_eq!(t["tau2"].as_u64().unwrap(), tau1 + 5);
+}
