@@ -103,34 +103,15 @@ fn module_names_are_the_blocks_then_norm_out_then_proj_out() {
 #[test]
 fn modules_run_one_by_one_with_substituted_outputs_match_forward() {
     let c = load_case();
-    let n = c.model.module_names().len();
-
-    // Pass 1: run every module, keeping its output.
-    let mut state = c.model.begin(&c.sample, c.timestep, &c.cond).unwrap();
-    let mut cache = Vec::new();
-    for i in 0..n {
-        let out = c.model.run_module(i, &state).unwrap();
-        cache.push(out.clone());
-        c.model.apply_module(i, &mut state, out).unwrap();
-    }
+    let (cache, state) = run_modules(&c.model, &c.sample, c.timestep, &c.cond);
     let first = c.model.end(state).unwrap();
     assert_close(&first, &c.out_cond, "module-by-module");
     // The last module's last output is the prediction.
-    assert_eq!(max_abs_diff(cache[n - 1].last().unwrap(), &first), 0.0);
-
-    // Pass 2: every odd module's output is substituted from the cache, as a pipelined
-    // rank does with the modules it does not own.
-    let mut state = c.model.begin(&c.sample, c.timestep, &c.cond).unwrap();
-    for (i, cached) in cache.into_iter().enumerate() {
-        let out = if i % 2 == 1 {
-            cached
-        } else {
-            c.model.run_module(i, &state).unwrap()
-        };
-        c.model.apply_module(i, &mut state, out).unwrap();
-    }
-    let second = c.model.end(state).unwrap();
-    assert_eq!(max_abs_diff(&first, &second), 0.0);
+    assert_eq!(
+        max_abs_diff(cache.last().unwrap().last().unwrap(), &first),
+        0.0
+    );
+    assert_substitution_reproduces(&c.model, &c.sample, c.timestep, &c.cond, cache, &first);
 }
 
 #[test]
@@ -147,49 +128,8 @@ fn module_flops_are_positive_per_module() {
 
 #[test]
 fn module_reads_are_all_a_module_needs() {
-    // For each module, feed true values only for the outputs it declares it reads and
-    // zeros for every other earlier output: its result must not change. This is what
-    // lets a pipelined rank receive only the outputs it reads.
     let c = load_case();
-    let n = c.model.module_names().len();
-    let mut state = c.model.begin(&c.sample, c.timestep, &c.cond).unwrap();
-    let mut truth = Vec::new();
-    for i in 0..n {
-        let out = c.model.run_module(i, &state).unwrap();
-        assert_eq!(out.len(), c.model.module_output_count(i));
-        truth.push(out.clone());
-        c.model.apply_module(i, &mut state, out).unwrap();
-    }
-    for i in 0..n {
-        let reads = c.model.module_reads(i);
-        let mut s = c.model.begin(&c.sample, c.timestep, &c.cond).unwrap();
-        for (j, outs) in truth.iter().enumerate().take(i) {
-            let masked = outs
-                .iter()
-                .enumerate()
-                .map(|(k, t)| {
-                    if reads.contains(&OutputRef {
-                        module: j,
-                        index: k,
-                    }) {
-                        t.clone()
-                    } else {
-                        t.zeros_like().unwrap()
-                    }
-                })
-                .collect();
-            c.model.apply_module(j, &mut s, masked).unwrap();
-        }
-        let got = c.model.run_module(i, &s).unwrap();
-        for (g, w) in got.iter().zip(&truth[i]) {
-            assert_eq!(
-                max_abs_diff(g, w),
-                0.0,
-                "module {}",
-                c.model.module_names()[i]
-            );
-        }
-    }
+    assert_reads_suffice(&c.model, &c.sample, c.timestep, &c.cond);
     // The declared reads themselves: a block reads its predecessor's context and
     // hidden, norm_out the last block's hidden, proj_out norm_out's output.
     let r = |module, index| OutputRef { module, index };

@@ -116,12 +116,7 @@ fn unet_odd_config_module_by_module_matches_forward() {
     let unet = UNet2DConditionModel::load(&dir, DType::F32, &Device::Cpu).unwrap();
     let exp = expected(&dir);
     let cond = unet_cond(&exp);
-    let mut state = unet.begin(&exp["sample"], timestep(&exp), &cond).unwrap();
-    for i in 0..unet.module_names().len() {
-        let out = unet.run_module(i, &state).unwrap();
-        assert_eq!(out.len(), unet.module_output_count(i));
-        unet.apply_module(i, &mut state, out).unwrap();
-    }
+    let (_, state) = run_modules(&unet, &exp["sample"], timestep(&exp), &cond);
     assert!(state.skips.is_empty(), "every skip residual consumed");
     let got = unet.end(state).unwrap();
     assert_close(&got, &exp["out"], "unet-odd module by module");
@@ -237,11 +232,7 @@ fn mmdit_sd35_module_by_module_matches_forward() {
     let model = SD3Transformer2DModel::load(&dir, DType::F32, &Device::Cpu).unwrap();
     let exp = expected(&dir);
     let cond = mmdit_cond(&exp, "");
-    let mut state = model.begin(&exp["sample"], timestep(&exp), &cond).unwrap();
-    for i in 0..model.module_names().len() {
-        let out = model.run_module(i, &state).unwrap();
-        model.apply_module(i, &mut state, out).unwrap();
-    }
+    let (_, state) = run_modules(&model, &exp["sample"], timestep(&exp), &cond);
     let got = model.end(state).unwrap();
     assert_close(&got, &exp["out"], "mmdit-sd35 module by module");
 }

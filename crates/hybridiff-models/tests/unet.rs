@@ -99,31 +99,11 @@ fn modules_run_one_by_one_with_substituted_outputs_match_forward() {
     ];
     assert_eq!(names, expected_names);
 
-    // Pass 1: run every module, keeping its output.
-    let mut state = c.unet.begin(&c.sample, c.timestep, &c.cond).unwrap();
-    let mut cache = Vec::new();
-    for i in 0..names.len() {
-        let out = c.unet.run_module(i, &state).unwrap();
-        cache.push(out.clone());
-        c.unet.apply_module(i, &mut state, out).unwrap();
-    }
+    let (cache, state) = run_modules(&c.unet, &c.sample, c.timestep, &c.cond);
     assert!(state.skips.is_empty(), "every skip residual consumed");
     let first = c.unet.end(state).unwrap();
     assert_close(&first, &c.out_cond, "module-by-module");
-
-    // Pass 2: every odd module's output is substituted from the cache, as a pipelined
-    // rank does with the modules it does not own.
-    let mut state = c.unet.begin(&c.sample, c.timestep, &c.cond).unwrap();
-    for (i, cached) in cache.into_iter().enumerate() {
-        let out = if i % 2 == 1 {
-            cached
-        } else {
-            c.unet.run_module(i, &state).unwrap()
-        };
-        c.unet.apply_module(i, &mut state, out).unwrap();
-    }
-    let second = c.unet.end(state).unwrap();
-    assert_eq!(max_abs_diff(&first, &second), 0.0);
+    assert_substitution_reproduces(&c.unet, &c.sample, c.timestep, &c.cond, cache, &first);
 }
 
 #[test]
@@ -136,50 +116,8 @@ fn module_flops_are_positive_per_module() {
 
 #[test]
 fn module_reads_are_all_a_module_needs() {
-    // For each module, feed true values only for the outputs it declares it reads and
-    // zeros for every other earlier output: its result must not change. This is what
-    // lets a pipelined rank receive only the outputs it reads.
     let c = load_case();
-    let n = c.unet.module_names().len();
-    let mut state = c.unet.begin(&c.sample, c.timestep, &c.cond).unwrap();
-    let mut truth = Vec::new();
-    for i in 0..n {
-        let out = c.unet.run_module(i, &state).unwrap();
-        assert_eq!(out.len(), c.unet.module_output_count(i));
-        truth.push(out.clone());
-        c.unet.apply_module(i, &mut state, out).unwrap();
-    }
-    for i in 0..n {
-        let reads = c.unet.module_reads(i);
-        let mut s = c.unet.begin(&c.sample, c.timestep, &c.cond).unwrap();
-        for (j, outs) in truth.iter().enumerate().take(i) {
-            let masked = outs
-                .iter()
-                .enumerate()
-                .map(|(k, t)| {
-                    let r = hybridiff_models::OutputRef {
-                        module: j,
-                        index: k,
-                    };
-                    if reads.contains(&r) {
-                        t.clone()
-                    } else {
-                        t.zeros_like().unwrap()
-                    }
-                })
-                .collect();
-            c.unet.apply_module(j, &mut s, masked).unwrap();
-        }
-        let got = c.unet.run_module(i, &s).unwrap();
-        for (g, w) in got.iter().zip(&truth[i]) {
-            assert_eq!(
-                max_abs_diff(g, w),
-                0.0,
-                "module {}",
-                c.unet.module_names()[i]
-            );
-        }
-    }
+    assert_reads_suffice(&c.unet, &c.sample, c.timestep, &c.cond);
     // Up resnets read a skip; the first reads the bottom down block's last output.
     let names = c.unet.module_names();
     let up0 = names

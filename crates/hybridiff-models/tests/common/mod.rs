@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Tensor};
+use hybridiff_models::{Conditioning, Denoiser, OutputRef, State};
 
 /// The repository's `tests/fixtures`.
 pub fn fixtures() -> PathBuf {
@@ -40,4 +41,83 @@ pub fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
         max_abs(want)
     );
     assert!(d < tol, "{what}: max abs diff {d} >= tolerance {tol}");
+}
+
+/// Runs `model` module by module, checking each output count; returns every module's
+/// outputs and the state after the last module.
+pub fn run_modules(
+    model: &dyn Denoiser,
+    x: &Tensor,
+    t: f64,
+    cond: &Conditioning,
+) -> (Vec<Vec<Tensor>>, State) {
+    let mut state = model.begin(x, t, cond).unwrap();
+    let mut outs = Vec::new();
+    for i in 0..model.module_names().len() {
+        let out = model.run_module(i, &state).unwrap();
+        assert_eq!(out.len(), model.module_output_count(i), "module {i}");
+        outs.push(out.clone());
+        model.apply_module(i, &mut state, out).unwrap();
+    }
+    (outs, state)
+}
+
+/// Substituting every odd module's output from `cache` (as a pipelined rank does with the
+/// modules it does not own) reproduces `expected` exactly.
+pub fn assert_substitution_reproduces(
+    model: &dyn Denoiser,
+    x: &Tensor,
+    t: f64,
+    cond: &Conditioning,
+    cache: Vec<Vec<Tensor>>,
+    expected: &Tensor,
+) {
+    let mut state = model.begin(x, t, cond).unwrap();
+    for (i, cached) in cache.into_iter().enumerate() {
+        let out = if i % 2 == 1 {
+            cached
+        } else {
+            model.run_module(i, &state).unwrap()
+        };
+        model.apply_module(i, &mut state, out).unwrap();
+    }
+    let got = model.end(state).unwrap();
+    assert_eq!(max_abs_diff(&got, expected), 0.0);
+}
+
+/// For each module, feeds true values only for the outputs it declares it reads and
+/// zeros for every other earlier output: its result must not change. This is what lets
+/// a pipelined rank receive only the outputs it reads.
+pub fn assert_reads_suffice(model: &dyn Denoiser, x: &Tensor, t: f64, cond: &Conditioning) {
+    let (truth, _) = run_modules(model, x, t, cond);
+    for (i, want) in truth.iter().enumerate() {
+        let reads = model.module_reads(i);
+        let mut s = model.begin(x, t, cond).unwrap();
+        for (j, outs) in truth.iter().enumerate().take(i) {
+            let masked = outs
+                .iter()
+                .enumerate()
+                .map(|(k, t)| {
+                    if reads.contains(&OutputRef {
+                        module: j,
+                        index: k,
+                    }) {
+                        t.clone()
+                    } else {
+                        t.zeros_like().unwrap()
+                    }
+                })
+                .collect();
+            model.apply_module(j, &mut s, masked).unwrap();
+        }
+        let got = model.run_module(i, &s).unwrap();
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(
+                max_abs_diff(g, w),
+                0.0,
+                "module {}",
+                model.module_names()[i]
+            );
+        }
+    }
 }
