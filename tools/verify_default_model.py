@@ -61,6 +61,19 @@ def colour_masks(img):
     }
 
 
+def colour_confusion(img, palette, bg):
+    """Share of the shape's pixels (farther than 60/255 from the background colour) whose
+    nearest palette colour is each palette entry; {} when nothing is drawn."""
+    px = img.reshape(-1, 3) * 255.0
+    shape = np.linalg.norm(px - np.array(bg, dtype=np.float64), axis=1) > 60
+    if shape.sum() < 8:
+        return {}
+    names = list(palette)
+    cols = np.array([palette[n] for n in names], dtype=np.float64)
+    nearest = np.argmin(np.linalg.norm(px[shape][:, None, :] - cols[None], axis=2), axis=1)
+    return {n: float((nearest == i).mean()) for i, n in enumerate(names)}
+
+
 def fill_ratio(mask):
     """Pixels of the mask / area of its bounding box (circle ~0.79, square ~1, triangle ~0.5)."""
     ys, xs = np.nonzero(mask)
@@ -137,6 +150,33 @@ def run(model_dir, images_dir, threads=2):
         if p in PROMPTS[:4] or "above" in p:
             save_png(imgs[0], os.path.join(images_dir, f"diffusers-{slug}-seed0.png"))
     save_png(np.concatenate(grid, axis=0), os.path.join(images_dir, "diffusers-grid.png"), scale=2)
+
+    # colour words: which palette colour the drawn circle's pixels are nearest to
+    sys.path.insert(0, HERE)
+    import shapes_world as sw
+
+    palette = {k: v for k, v in sw.COLORS.items() if k != "white"}
+    res["colour_accuracy"] = {}
+    for c in ("red", "green", "blue", "yellow", "purple", "orange"):
+        shares = [colour_confusion(gen(pipe, f"a {c} circle on a white background", s), palette, (255, 255, 255))
+                  for s in SEEDS[:4]]
+        shares = [x for x in shares if x]
+        mean = {k: round(float(np.mean([x[k] for x in shares])), 3) for k in palette} if shares else {}
+        top = max(mean, key=mean.get) if mean else None
+        res["colour_accuracy"][c] = dict(named=mean.get(c, 0.0), most=top, most_share=mean.get(top, 0.0),
+                                         drawn=len(shares))
+        print("colour", c, res["colour_accuracy"][c], flush=True)
+
+    # shape words: how much of its bounding box the drawn (non-background) shape fills
+    res["shape_fill"] = {}
+    for shp in ("circle", "square", "triangle"):
+        fr = []
+        for c in ("red", "blue"):
+            for s in SEEDS[:4]:
+                img = gen(pipe, f"a {c} {shp} on a white background", s)
+                fr.append(fill_ratio(np.linalg.norm(img * 255.0 - 255.0, axis=2) > 60))
+        res["shape_fill"][shp] = round(float(np.nanmean(fr)), 3)
+    print("shape fill", res["shape_fill"], flush=True)
 
     # guidance 1 vs 5
     p = PROMPTS[0]
