@@ -18,39 +18,15 @@ fn unet_dir() -> PathBuf {
     fixtures().join("tiny-sdxl/unet")
 }
 
-/// A scratch folder under the system temp dir, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "hybridiff-loading-{tag}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    /// A U-Net folder holding the fixture's config.json and no weights.
-    fn with_config(tag: &str) -> Self {
-        let s = Self::new(tag);
-        std::fs::copy(unet_dir().join("config.json"), s.0.join("config.json")).unwrap();
-        s
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A scratch U-Net folder holding the fixture's config.json and no weights.
+fn folder_with_config() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        unet_dir().join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    dir
 }
 
 fn fixture_weights() -> HashMap<String, Tensor> {
@@ -127,7 +103,7 @@ fn to_f16(weights: &HashMap<String, Tensor>) -> HashMap<String, Tensor> {
 
 #[test]
 fn sharded_checkpoint_loads_and_matches_the_single_file_exactly() {
-    let tmp = Scratch::with_config("sharded");
+    let tmp = folder_with_config();
     write_sharded(tmp.path(), &fixture_weights(), "");
     assert!(!tmp.path().join(WEIGHTS).exists());
     let sharded = forward(tmp.path(), DType::F32);
@@ -138,7 +114,7 @@ fn sharded_checkpoint_loads_and_matches_the_single_file_exactly() {
 
 #[test]
 fn sharded_index_missing_a_shard_names_the_shard() {
-    let tmp = Scratch::with_config("sharded-missing");
+    let tmp = folder_with_config();
     let files = write_sharded(tmp.path(), &fixture_weights(), "");
     std::fs::remove_file(tmp.path().join(&files[1])).unwrap();
     let err = UNet2DConditionModel::load(tmp.path(), DType::F32, &Device::Cpu)
@@ -150,7 +126,7 @@ fn sharded_index_missing_a_shard_names_the_shard() {
 
 #[test]
 fn fp16_variant_loads_in_f32_and_f16() {
-    let tmp = Scratch::with_config("fp16");
+    let tmp = folder_with_config();
     let w16 = to_f16(&fixture_weights());
     candle_core::safetensors::save(
         &w16,
@@ -178,7 +154,7 @@ fn fp16_variant_loads_in_f32_and_f16() {
 
 #[test]
 fn sharded_fp16_variant_loads() {
-    let tmp = Scratch::with_config("sharded-fp16");
+    let tmp = folder_with_config();
     let w16 = to_f16(&fixture_weights());
     write_sharded(tmp.path(), &w16, ".fp16");
     let reference = forward(&unet_dir(), DType::F32);
@@ -190,7 +166,7 @@ fn sharded_fp16_variant_loads() {
 #[test]
 fn single_file_is_preferred_over_fp16_variant() {
     // diffusers loads the f32 file unless asked for the variant.
-    let tmp = Scratch::with_config("both");
+    let tmp = folder_with_config();
     let w = fixture_weights();
     candle_core::safetensors::save(&w, tmp.path().join(WEIGHTS)).unwrap();
     candle_core::safetensors::save(
@@ -213,7 +189,7 @@ fn wrong_shape_names_tensor_expected_shape_and_file() {
         Tensor::zeros((64, 32), DType::F32, &Device::Cpu).unwrap(),
     );
 
-    let tmp = Scratch::with_config("wrong-shape");
+    let tmp = folder_with_config();
     candle_core::safetensors::save(&w, tmp.path().join(WEIGHTS)).unwrap();
     let err = UNet2DConditionModel::load(tmp.path(), DType::F32, &Device::Cpu)
         .err()
@@ -230,7 +206,7 @@ fn wrong_shape_names_tensor_expected_shape_and_file() {
     );
 
     // Sharded: the message names the shard that holds the tensor.
-    let tmp = Scratch::with_config("wrong-shape-sharded");
+    let tmp = folder_with_config();
     let files = write_sharded(tmp.path(), &w, "");
     let mut names: Vec<&String> = w.keys().collect();
     names.sort();
@@ -250,7 +226,7 @@ fn missing_tensor_is_named() {
     let name = "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_k.weight";
     let mut w = fixture_weights();
     assert!(w.remove(name).is_some());
-    let tmp = Scratch::with_config("missing");
+    let tmp = folder_with_config();
     candle_core::safetensors::save(&w, tmp.path().join(WEIGHTS)).unwrap();
     let err = UNet2DConditionModel::load(tmp.path(), DType::F32, &Device::Cpu)
         .err()
@@ -264,7 +240,7 @@ fn missing_tensor_is_named() {
 
 #[test]
 fn folder_without_weights_says_what_it_looked_for() {
-    let tmp = Scratch::with_config("empty");
+    let tmp = folder_with_config();
     let err = UNet2DConditionModel::load(tmp.path(), DType::F32, &Device::Cpu)
         .err()
         .expect("no weights must fail");

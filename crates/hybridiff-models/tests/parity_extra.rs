@@ -122,50 +122,22 @@ fn unet_odd_config_module_by_module_matches_forward() {
     assert_close(&got, &exp["out"], "unet-odd module by module");
 }
 
-/// A scratch folder under the system temp dir, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "hybridiff-parity-extra-{tag}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn unet_explicit_num_attention_heads_overrides_attention_head_dim() {
     // diffusers 0.42.1 refuses `num_attention_heads` in a U-Net config (a historical
     // naming issue); the intended meaning is "heads per block", with
     // `attention_head_dim` then unused by the cross-attention blocks. Same weights,
     // heads given the new way, and a different (valid) `attention_head_dim`.
-    let src = models_dir().join("unet-odd");
-    let tmp = Scratch::new("heads");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-    assert_eq!(cfg["attention_head_dim"], serde_json::json!([2, 3, 4]));
-    cfg["num_attention_heads"] = serde_json::json!([2, 3, 4]);
-    cfg["attention_head_dim"] = serde_json::json!(4);
-    std::fs::write(tmp.0.join("config.json"), cfg.to_string()).unwrap();
-    std::fs::copy(
-        src.join("diffusion_pytorch_model.safetensors"),
-        tmp.0.join("diffusion_pytorch_model.safetensors"),
-    )
-    .unwrap();
-    let unet = check_unet(&tmp.0, "unet-odd");
+    let tmp = edited_copy(
+        "unet-odd",
+        |cfg| {
+            assert_eq!(cfg["attention_head_dim"], serde_json::json!([2, 3, 4]));
+            cfg["num_attention_heads"] = serde_json::json!([2, 3, 4]);
+            cfg["attention_head_dim"] = serde_json::json!(4);
+        },
+        None,
+    );
+    let unet = check_unet(tmp.path(), "unet-odd");
     assert_eq!(unet.config.num_attention_heads, [2, 3, 4]);
 }
 
@@ -173,19 +145,13 @@ fn unet_explicit_num_attention_heads_overrides_attention_head_dim() {
 fn unet_head_count_is_not_ignored() {
     // Guards the fixture's sensitivity: the same weights with other head counts must
     // give a different output, or a head-split bug could pass unnoticed.
-    let src = models_dir().join("unet-sd21");
-    let tmp = Scratch::new("heads-differ");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-    cfg["attention_head_dim"] = serde_json::json!([2, 4, 2]);
-    std::fs::write(tmp.0.join("config.json"), cfg.to_string()).unwrap();
-    std::fs::copy(
-        src.join("diffusion_pytorch_model.safetensors"),
-        tmp.0.join("diffusion_pytorch_model.safetensors"),
-    )
-    .unwrap();
-    let unet = UNet2DConditionModel::load(&tmp.0, DType::F32, &Device::Cpu).unwrap();
-    let exp = expected(&src);
+    let tmp = edited_copy(
+        "unet-sd21",
+        |cfg| cfg["attention_head_dim"] = serde_json::json!([2, 4, 2]),
+        None,
+    );
+    let unet = UNet2DConditionModel::load(tmp.path(), DType::F32, &Device::Cpu).unwrap();
+    let exp = expected(&models_dir().join("unet-sd21"));
     let got = unet
         .forward(&exp["sample"], timestep(&exp), &unet_cond(&exp))
         .unwrap();
@@ -241,17 +207,16 @@ fn mmdit_sd35_module_by_module_matches_forward() {
 /// when given, its weights replaced.
 fn edited_copy(
     fixture: &str,
-    tag: &str,
     edit: impl FnOnce(&mut serde_json::Value),
     weights: Option<&HashMap<String, Tensor>>,
-) -> Scratch {
+) -> tempfile::TempDir {
     let src = models_dir().join(fixture);
-    let tmp = Scratch::new(tag);
+    let tmp = tempfile::tempdir().unwrap();
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     edit(&mut cfg);
-    std::fs::write(tmp.0.join("config.json"), cfg.to_string()).unwrap();
-    let dst = tmp.0.join("diffusion_pytorch_model.safetensors");
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    let dst = tmp.path().join("diffusion_pytorch_model.safetensors");
     match weights {
         Some(w) => candle_core::safetensors::save(w, &dst).unwrap(),
         None => {
@@ -274,8 +239,8 @@ fn unet_odd_options_each_move_the_output() {
         ("flip_sin_to_cos", serde_json::json!(true)),
         ("freq_shift", serde_json::json!(0)),
     ] {
-        let tmp = edited_copy("unet-odd", key, |c| c[key] = value, None);
-        let unet = UNet2DConditionModel::load(&tmp.0, DType::F32, &Device::Cpu).unwrap();
+        let tmp = edited_copy("unet-odd", |c| c[key] = value, None);
+        let unet = UNet2DConditionModel::load(tmp.path(), DType::F32, &Device::Cpu).unwrap();
         let got = unet
             .forward(&exp["sample"], timestep(&exp), &unet_cond(&exp))
             .unwrap();
@@ -287,11 +252,10 @@ fn unet_odd_options_each_move_the_output() {
     // not receive `resnet_out_scale_factor`; the value must not matter.
     let tmp = edited_copy(
         "unet-odd",
-        "resnet-scale",
         |c| c["resnet_out_scale_factor"] = serde_json::json!(1.0),
         None,
     );
-    let unet = UNet2DConditionModel::load(&tmp.0, DType::F32, &Device::Cpu).unwrap();
+    let unet = UNet2DConditionModel::load(tmp.path(), DType::F32, &Device::Cpu).unwrap();
     let got = unet
         .forward(&exp["sample"], timestep(&exp), &unet_cond(&exp))
         .unwrap();
@@ -332,27 +296,26 @@ fn mmdit_sd35_features_each_move_the_output() {
     let no_attn2 = edit_weights(&|k| k.contains(".attn2.to_out."), &|v| {
         v.zeros_like().unwrap()
     });
-    let cases: [(&str, Scratch); 3] = [
+    let cases: [(&str, tempfile::TempDir); 3] = [
         (
             "qk_norm null",
             edited_copy(
                 "mmdit-sd35",
-                "qk-null",
                 |c| c["qk_norm"] = serde_json::Value::Null,
                 None,
             ),
         ),
         (
             "unit qk-norm weights",
-            edited_copy("mmdit-sd35", "qk-unit", |_| {}, Some(&unit_norms)),
+            edited_copy("mmdit-sd35", |_| {}, Some(&unit_norms)),
         ),
         (
             "attn2 silenced",
-            edited_copy("mmdit-sd35", "no-attn2", |_| {}, Some(&no_attn2)),
+            edited_copy("mmdit-sd35", |_| {}, Some(&no_attn2)),
         ),
     ];
     for (what, tmp) in &cases {
-        let model = SD3Transformer2DModel::load(&tmp.0, DType::F32, &Device::Cpu).unwrap();
+        let model = SD3Transformer2DModel::load(tmp.path(), DType::F32, &Device::Cpu).unwrap();
         let got = model
             .forward(&exp["sample"], timestep(&exp), &mmdit_cond(&exp, ""))
             .unwrap();
