@@ -34,6 +34,8 @@ import time
 import numpy as np
 from PIL import Image
 
+from verify_default_model import TAU, tau1  # the authors' detector, one copy for both tools
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -45,17 +47,6 @@ PROMPTS = [
     "a green triangle on a black background",
 ]
 SEED = 1
-PAPER_SDXL = dict(L=12, eps=0.4e-3, k=5, tau_cap=15)
-
-
-def tau1(values, L, eps, tau_cap, **_):
-    """The authors' detector: first step i with 0 <= (v[i+1-L] - v[i]) / L < eps once
-    more than L values are logged; tau_cap if none."""
-    for i in range(len(values)):
-        n = i + 1
-        if n > L and 0 <= (values[n - L] - values[n - 1]) / L < eps:
-            return i
-    return tau_cap
 
 
 def run(binary, cache, args):
@@ -124,7 +115,7 @@ def main():
     }
     times = {c: [] for c in configs}
     traces = {c: [] for c in configs}
-    for c, flags in configs.items():
+    for c in configs:
         os.makedirs(os.path.join(tmp, c))
     for rep in range(a.repeats):
         for i, p in enumerate(PROMPTS):
@@ -185,8 +176,8 @@ def main():
     curves = {}
     for p, t in zip(PROMPTS, traces["serial-1t"]):
         curve = [s["rel_mae"] for s in t["steps"]]
-        curves[p] = dict(curve=[round(v, 5) for v in curve], tau1_model=tau1(curve, **ours),
-                         tau1_paper_sdxl=tau1(curve, **PAPER_SDXL))
+        curves[p] = dict(curve=[round(v, 5) for v in curve], tau1_model=tau1(curve, **ours)[0],
+                         tau1_paper_sdxl=tau1(curve, **TAU)[0])
     hyb = [dict(tau1=t["tau1"], tau2=t["tau2"]) for t in traces["hybrid-2x1"]]
     res = dict(
         prompts=PROMPTS,

@@ -97,12 +97,11 @@ def write(out, stats, verify=None):
       f"samples drawn with t in [600, 1000), where colour and layout are decided; token embeddings initialised "
       f"N(0, {a['te_embed_std']:g}) instead of CLIP's N(0, 0.02) and the text encoder at {a['te_lr_mult']:g}x the "
       f"learning rate (a from-scratch CLIP with small token rows gives near-identical outputs for every caption).")
-    ul0 = stats["unet_loss"]
-    if "gap_probes" in ul0:
-        w("- Caption sensitivity during training, mean|eps_c - eps_u| / mean|eps_u| on 32 fixed training latents at "
-          "t = 900 (step: gap): " + ", ".join(f"{s}: {g:.3f}" for s, g in ul0["gap_probes"][:: max(1, len(ul0["gap_probes"]) // 10)])
-          + f"; exported EMA weights: {ul0['gap_ema']:.3f}.")
     vl, ul = stats["vae_loss"], stats["unet_loss"]
+    if "gap_probes" in ul:
+        w("- Caption sensitivity during training, mean|eps_c - eps_u| / mean|eps_u| on 32 fixed training latents at "
+          "t = 900 (step: gap): " + ", ".join(f"{s}: {g:.3f}" for s, g in ul["gap_probes"][:: max(1, len(ul["gap_probes"]) // 10)])
+          + f"; exported EMA weights: {ul['gap_ema']:.3f}.")
     w(f"- Final losses (mean of the last steps): VAE L1 {vl['l1']:.4f}, MSE {vl['mse']:.5f}, KL {vl['kl']:.3f}; "
       f"U-Net eps-MSE {ul['eps_mse']:.4f} (min-SNR weighted {ul['weighted_loss']:.4f}).")
     w(f"- Wall time: VAE {stats['vae_time_s']:.0f} s, encoding {stats['encode_time_s']:.0f} s, U-Net {stats['unet_time_s']:.0f} s, "

@@ -142,7 +142,7 @@ def train_vae(args, rng):
 
 @torch.no_grad()
 def encode_dataset(vae, rng, n, tokenizer):
-    means, stds, ids, caps = [], [], [], []
+    means, stds, caps = [], [], []
     for i in range(0, n, 250):
         imgs, c = sw.batch(rng, min(250, n - i))
         d = vae.encode(to_tensor(imgs)).latent_dist
@@ -264,13 +264,13 @@ def train_unet(args, lat_mean, lat_std, ids, empty_ids, scale, gen):
 def export(out, vae, te, unet, scale):
     # hybridiff.json (the engine's recommended steps and switching thresholds) is chosen by
     # hand from the exported model's rel-MAE curves (README), so it survives a retrain
-    keep = os.path.join(out, "hybridiff.json")
-    keep = open(keep).read() if os.path.isfile(keep) else None
+    rec = os.path.join(out, "hybridiff.json")
+    keep = open(rec).read() if os.path.isfile(rec) else None
     if os.path.isdir(out):
         shutil.rmtree(out)
     os.makedirs(out)
     if keep is not None:
-        with open(os.path.join(out, "hybridiff.json"), "w") as f:
+        with open(rec, "w") as f:
             f.write(keep)
     vae.register_to_config(scaling_factor=float(scale))
     vae.to(torch.float16).save_pretrained(os.path.join(out, "vae"))

@@ -11,11 +11,12 @@ between conditional and unconditional noise predictions over a 50-step DDIM run.
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 import torch
 from PIL import Image
+
+import shapes_world as sw  # tools/ is on sys.path: run as a script or imported by the trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -61,16 +62,21 @@ def colour_masks(img):
     }
 
 
+def drawn_mask(img, bg):
+    """Pixels of an HxWx3 [0,1] image farther than 60/255 from the background colour."""
+    return np.linalg.norm(img * 255.0 - np.array(bg, dtype=np.float64), axis=-1) > 60
+
+
 def colour_confusion(img, palette, bg):
-    """Share of the shape's pixels (farther than 60/255 from the background colour) whose
-    nearest palette colour is each palette entry; {} when nothing is drawn."""
-    px = img.reshape(-1, 3) * 255.0
-    shape = np.linalg.norm(px - np.array(bg, dtype=np.float64), axis=1) > 60
+    """Share of the drawn pixels whose nearest palette colour is each palette entry;
+    {} when nothing is drawn."""
+    shape = drawn_mask(img, bg)
     if shape.sum() < 8:
         return {}
     names = list(palette)
     cols = np.array([palette[n] for n in names], dtype=np.float64)
-    nearest = np.argmin(np.linalg.norm(px[shape][:, None, :] - cols[None], axis=2), axis=1)
+    px = img[shape] * 255.0
+    nearest = np.argmin(np.linalg.norm(px[:, None, :] - cols[None], axis=2), axis=1)
     return {n: float((nearest == i).mean()) for i, n in enumerate(names)}
 
 
@@ -152,9 +158,6 @@ def run(model_dir, images_dir, threads=2):
     save_png(np.concatenate(grid, axis=0), os.path.join(images_dir, "diffusers-grid.png"), scale=2)
 
     # colour words: which palette colour the drawn circle's pixels are nearest to
-    sys.path.insert(0, HERE)
-    import shapes_world as sw
-
     palette = {k: v for k, v in sw.COLORS.items() if k != "white"}
     res["colour_accuracy"] = {}
     for c in ("red", "green", "blue", "yellow", "purple", "orange"):
@@ -174,7 +177,7 @@ def run(model_dir, images_dir, threads=2):
         for c in ("red", "blue"):
             for s in SEEDS[:4]:
                 img = gen(pipe, f"a {c} {shp} on a white background", s)
-                fr.append(fill_ratio(np.linalg.norm(img * 255.0 - 255.0, axis=2) > 60))
+                fr.append(fill_ratio(drawn_mask(img, (255, 255, 255))))
         res["shape_fill"][shp] = round(float(np.nanmean(fr)), 3)
     print("shape fill", res["shape_fill"], flush=True)
 
