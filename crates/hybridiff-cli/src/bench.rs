@@ -31,7 +31,7 @@ pub struct BenchArgs {
     pub world_size: usize,
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, allow_hyphen_values = true)]
     pub guidance: f64,
     /// ddim, euler, dpmpp-2m or flow-euler [default: the model's scheduler_config.json]
     #[arg(long)]
@@ -74,9 +74,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .split(',')
         .map(|s| s.trim().parse::<StrategyKind>())
         .collect::<Result<Vec<_>, _>>()?;
-    let options = args
-        .strategy_args
-        .options(&crate::strategy_args::ModelDefaults::read(&args.model)?)?;
+    hybridiff_engine::check_guidance(args.guidance)?;
+    let (options, note) = args.strategy_args.options(
+        &crate::strategy_args::ModelDefaults::read(&args.model)?,
+        args.steps,
+    )?;
+    if let (true, Some(note)) = (kinds.contains(&StrategyKind::Hybrid), note) {
+        eprintln!("hybridiff: {note}");
+    }
     crate::set_compute_threads(args.threads_per_rank);
     let device = Device::Cpu;
     let dtype = crate::denoise::parse_dtype(&args.dtype, &device)?;

@@ -25,8 +25,9 @@ pub struct DenoiseArgs {
     pub out: PathBuf,
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
-    /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 5.0)]
+    /// Classifier-free guidance scale; 1 or less turns guidance off (one conditional
+    /// forward per step, as in diffusers).
+    #[arg(long, default_value_t = 5.0, allow_hyphen_values = true)]
     pub guidance: f64,
     /// Write a per-step JSON trace here.
     #[arg(long)]
@@ -59,9 +60,11 @@ pub(crate) fn parse_scheduler(s: Option<&str>, model: &Model) -> Result<Schedule
 
 pub fn run(args: DenoiseArgs) -> Result<()> {
     let device = Device::Cpu;
+    hybridiff_engine::check_guidance(args.guidance)?;
     let run = args.run.resolve(
         &device,
         &crate::strategy_args::ModelDefaults::read(&args.model)?,
+        args.steps,
     )?;
     check_output_path(&args.out, "--out")?;
     if let Some(p) = &args.trace {

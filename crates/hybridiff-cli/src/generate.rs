@@ -23,8 +23,12 @@ pub struct GenerateArgs {
     /// The prompt (or use --prompts for a batch).
     #[arg(long, conflicts_with = "prompts")]
     pub prompt: Option<String>,
-    #[arg(long, default_value = "")]
-    pub negative_prompt: String,
+    /// What to steer away from. As in diffusers, leaving it out differs from
+    /// `--negative-prompt ""` on SDXL pipelines whose model_index.json sets
+    /// force_zeros_for_empty_prompt: left out, the negative embeddings are zeros; given,
+    /// even empty, the text is encoded. Other pipelines encode "" when it is left out.
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
     /// A batch: one prompt per line, or a JSON list of {prompt, negative_prompt, seed};
     /// --out is then a folder that gets one PNG per prompt and manifest.json.
     #[arg(long)]
@@ -32,13 +36,17 @@ pub struct GenerateArgs {
     /// Denoising steps [default: the model folder's hybridiff.json, else 50].
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Guidance scale [default: 7 for SD3, 5 otherwise].
-    #[arg(long)]
+    /// Guidance scale [default: the model folder's hybridiff.json, else 7 for SD3, 5
+    /// otherwise]. 1 or less turns classifier-free guidance off, as in diffusers: one
+    /// conditional forward per step and no negative branch (guidance-distilled "turbo"
+    /// checkpoints are run so, with --guidance 0 and 1 to 4 --steps).
+    #[arg(long, allow_hyphen_values = true)]
     pub guidance: Option<f64>,
-    /// Image height in pixels [default: the denoiser's sample size].
+    /// Image height in pixels, a multiple of the VAE factor (8 for SD, SDXL; 16 for SD3,
+    /// whose transformer also patches by 2) [default: the denoiser's sample size].
     #[arg(long)]
     pub height: Option<usize>,
-    /// Image width in pixels [default: the denoiser's sample size].
+    /// Image width in pixels, as --height [default: the denoiser's sample size].
     #[arg(long)]
     pub width: Option<usize>,
     /// Seed of the starting noise (ChaCha8 + standard normal; the same on every machine
@@ -67,7 +75,7 @@ struct BatchItem {
     seed: Option<u64>,
 }
 
-fn read_batch(path: &Path, negative: &str, base_seed: u64) -> Result<Vec<BatchItem>> {
+fn read_batch(path: &Path, negative: Option<&str>, base_seed: u64) -> Result<Vec<BatchItem>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("--prompts {}: cannot read the file", path.display()))?;
     let mut items: Vec<BatchItem> = if text.trim_start().starts_with('[') {
@@ -92,8 +100,9 @@ fn read_batch(path: &Path, negative: &str, base_seed: u64) -> Result<Vec<BatchIt
         bail!("--prompts {}: no prompts in the file", path.display());
     }
     for (i, it) in items.iter_mut().enumerate() {
-        it.negative_prompt
-            .get_or_insert_with(|| negative.to_string());
+        if it.negative_prompt.is_none() {
+            it.negative_prompt = negative.map(str::to_string);
+        }
         it.seed.get_or_insert(base_seed + i as u64);
     }
     Ok(items)
@@ -106,10 +115,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         None => crate::default_model::dir()?,
     };
     let defaults = ModelDefaults::read(&model_dir)?;
-    let run = args.run.resolve(&device, &defaults)?;
+    let steps = args.steps.or(defaults.steps).unwrap_or(50);
+    if let Some(g) = args.guidance.or(defaults.guidance) {
+        hybridiff_engine::check_guidance(g)?;
+    }
+    let run = args.run.resolve(&device, &defaults, steps)?;
     let batch = match (&args.prompt, &args.prompts) {
         (Some(_), _) => None,
-        (None, Some(p)) => Some(read_batch(p, &args.negative_prompt, args.seed)?),
+        (None, Some(p)) => Some(read_batch(p, args.negative_prompt.as_deref(), args.seed)?),
         (None, None) => bail!("give --prompt TEXT or --prompts FILE"),
     };
     match &batch {
@@ -120,7 +133,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Some(p) = &args.trace {
         check_output_path(p, "--trace")?;
     }
-    let steps = args.steps.or(defaults.steps).unwrap_or(50);
     let pipeline = Pipeline::load(&model_dir, run.dtype, &device)?;
     let latents = match &args.latents {
         Some(p) => Some(
@@ -132,9 +144,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let opts = &run.options;
     let scheduler = run.scheduler;
-    let request = |prompt: &str, negative: &str, seed: u64| Request {
+    let request = |prompt: &str, negative: Option<&str>, seed: u64| Request {
         prompt: prompt.to_string(),
-        negative_prompt: negative.to_string(),
+        negative_prompt: negative.map(str::to_string),
         steps,
         guidance: args.guidance.or(defaults.guidance),
         scheduler,
@@ -146,7 +158,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     match batch {
         None => {
             let prompt = args.prompt.as_deref().unwrap_or_default();
-            let req = request(prompt, &args.negative_prompt, args.seed);
+            let req = request(prompt, args.negative_prompt.as_deref(), args.seed);
             let start = Instant::now();
             let img = generate_one(&pipeline, &req, run.strategy.as_ref(), opts)?;
             save_png(&args.out, img.width, img.height, img.rgb)?;
@@ -196,7 +208,7 @@ fn generate_one(
 fn run_batch(
     pipeline: &Pipeline,
     items: &[BatchItem],
-    request: &dyn Fn(&str, &str, u64) -> Request,
+    request: &dyn Fn(&str, Option<&str>, u64) -> Request,
     strategy: &dyn Strategy,
     opts: &RunOptions,
     out: &Path,
@@ -207,11 +219,11 @@ fn run_batch(
     for (i, it) in items.iter().enumerate() {
         let file = format!("{i:04}.png");
         let seed = it.seed.unwrap_or_default();
-        let negative = it.negative_prompt.clone().unwrap_or_default();
+        let negative = it.negative_prompt.as_deref();
         let start = Instant::now();
         let result = generate_one(
             pipeline,
-            &request(&it.prompt, &negative, seed),
+            &request(&it.prompt, negative, seed),
             strategy,
             opts,
         )

@@ -1,7 +1,7 @@
 //! Strategy flags shared by `denoise` and `bench`.
 
 use anyhow::Result;
-use hybridiff_engine::switch::SwitchParams;
+use hybridiff_engine::switch::{self, PartialSwitch};
 use hybridiff_engine::{PipelinedGuidance, StrategyOptions};
 
 /// Knobs of the staged strategies (`async`, `hybrid`).
@@ -11,18 +11,19 @@ pub struct StrategyArgs {
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// hybrid: window L of the rel-MAE slope [default: the model folder's hybridiff.json,
-    /// else the paper's SDXL 12].
+    /// else the paper's SDXL 12 for 50 steps; either scaled to --steps].
     #[arg(long)]
     pub l_slope: Option<usize>,
     /// hybrid: slope below which the rel-MAE curve counts as flat [default: hybridiff.json,
-    /// else 0.4e-3].
+    /// else 0.4e-3 for 50 steps; either scaled to --steps].
     #[arg(long)]
     pub eps_slope: Option<f64>,
-    /// hybrid: pipelined steps after tau1 [default: hybridiff.json, else 5].
+    /// hybrid: pipelined steps after tau1 [default: hybridiff.json, else 5 for 50 steps;
+    /// either scaled to --steps and fitted into it].
     #[arg(long)]
     pub k: Option<usize>,
     /// hybrid: tau1 when no flattening is seen before this step [default: hybridiff.json,
-    /// else 15].
+    /// else 15 for 50 steps; either scaled to --steps and fitted into it].
     #[arg(long)]
     pub tau_cap: Option<usize>,
     /// async, hybrid: stage plan, `reference` (the authors' presets: SDXL n=2/4, even DiT
@@ -37,23 +38,37 @@ pub struct StrategyArgs {
 }
 
 impl StrategyArgs {
-    /// The engine's strategy options: flags first, then the model's recommendations.
-    pub fn options(&self, defaults: &ModelDefaults) -> Result<StrategyOptions> {
-        let paper = SwitchParams::SDXL;
-        Ok(StrategyOptions {
-            warmup: self.warmup,
-            switch: SwitchParams {
-                l_slope: self.l_slope.or(defaults.l_slope).unwrap_or(paper.l_slope),
-                eps_slope: self
-                    .eps_slope
-                    .or(defaults.eps_slope)
-                    .unwrap_or(paper.eps_slope),
-                k: self.k.or(defaults.k).unwrap_or(paper.k),
-                tau_cap: self.tau_cap.or(defaults.tau_cap).unwrap_or(paper.tau_cap),
+    /// The engine's strategy options for a run of `steps` steps: flags first, then the
+    /// model's recommendations, then the paper's values, the last two scaled to `steps`
+    /// (see [`switch::resolve`]). Also returns the line that says which thresholds were
+    /// derived, when any was.
+    pub fn options(
+        &self,
+        defaults: &ModelDefaults,
+        steps: usize,
+    ) -> Result<(StrategyOptions, Option<String>)> {
+        let flags = PartialSwitch {
+            l_slope: self.l_slope,
+            eps_slope: self.eps_slope,
+            k: self.k,
+            tau_cap: self.tau_cap,
+        };
+        let recommended = PartialSwitch {
+            l_slope: defaults.l_slope,
+            eps_slope: defaults.eps_slope,
+            k: defaults.k,
+            tau_cap: defaults.tau_cap,
+        };
+        let resolved = switch::resolve(flags, recommended, defaults.steps, steps);
+        Ok((
+            StrategyOptions {
+                warmup: self.warmup,
+                switch: resolved.params,
+                stages: self.stages.parse()?,
+                pipelined_guidance: self.pipelined_guidance.parse::<PipelinedGuidance>()?,
             },
-            stages: self.stages.parse()?,
-            pipelined_guidance: self.pipelined_guidance.parse::<PipelinedGuidance>()?,
-        })
+            resolved.note,
+        ))
     }
 }
 
@@ -123,8 +138,14 @@ pub struct Run {
 }
 
 impl RunArgs {
-    /// Resolves the flags and sets the per-rank thread budget.
-    pub fn resolve(&self, device: &candle_core::Device, defaults: &ModelDefaults) -> Result<Run> {
+    /// Resolves the flags for a run of `steps` steps and sets the per-rank thread budget.
+    /// Says on stderr which hybrid thresholds were derived, when any was.
+    pub fn resolve(
+        &self,
+        device: &candle_core::Device,
+        defaults: &ModelDefaults,
+        steps: usize,
+    ) -> Result<Run> {
         use hybridiff_engine::StrategyKind;
         let kind: StrategyKind = self.strategy.parse()?;
         let world_size = self.world_size.unwrap_or(match kind {
@@ -142,9 +163,13 @@ impl RunArgs {
             Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?),
             None => None,
         };
+        let (options, note) = self.strategy_args.options(defaults, steps)?;
+        if let (StrategyKind::Hybrid, Some(note)) = (kind, note) {
+            eprintln!("hybridiff: {note}");
+        }
         Ok(Run {
             kind,
-            strategy: kind.build(&self.strategy_args.options(defaults)?),
+            strategy: kind.build(&options),
             options: hybridiff_engine::RunOptions {
                 world_size,
                 threads_per_rank: threads,

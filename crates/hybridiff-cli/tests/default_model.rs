@@ -222,3 +222,82 @@ fn hybrid_on_the_default_model_uses_its_switching_thresholds() {
     );
     assert_eq!(t["tau2"].as_u64().unwrap(), tau1 + field("k"));
 }
+
+#[test]
+fn guidance_0_follows_the_prompt() {
+    // guidance <= 1 turns CFG off (diffusers): the conditional branch alone, so the prompt
+    // still decides the picture (it used to be ignored: eps_u + 0 (eps_c - eps_u)).
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let mut runs = Vec::new();
+    for (name, prompt) in [
+        ("red", "a red circle on a white background"),
+        ("blue", "a blue square on a white background"),
+    ] {
+        let out = dir.path().join(name);
+        generate(&cache, &out, &batch(prompt), &["--guidance", "0"]);
+        runs.push(
+            (0..4)
+                .map(|i| rgb(&out.join(format!("{i:04}.png"))))
+                .collect::<Vec<_>>(),
+        );
+    }
+    let mean = |imgs: &[image::RgbImage], c: usize| {
+        imgs.iter().map(|i| mean_channel(i, c)).sum::<f64>() / imgs.len() as f64
+    };
+    let (r_red, r_blue) = (mean(&runs[0], 0), mean(&runs[1], 0));
+    let (b_red, b_blue) = (mean(&runs[0], 2), mean(&runs[1], 2));
+    eprintln!("guidance 0: mean R red/blue {r_red:.3}/{r_blue:.3}, mean B {b_red:.3}/{b_blue:.3}");
+    assert!(
+        r_red - r_blue > 0.02,
+        "mean R: red {r_red:.3} vs blue {r_blue:.3}"
+    );
+    assert!(
+        b_blue - b_red > 0.02,
+        "mean B: blue {b_blue:.3} vs red {b_red:.3}"
+    );
+}
+
+#[test]
+fn hybrid_with_few_steps_derives_thresholds_that_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    for steps in ["4", "8"] {
+        let trace = dir.path().join(format!("t{steps}.json"));
+        let out = dir.path().join(format!("h{steps}.png"));
+        let o = Command::new(env!("CARGO_BIN_EXE_hybridiff"))
+            .env("HYBRIDIFF_CACHE", dir.path().join("cache"))
+            .args(["generate", "--prompt", "a red circle", "--steps", steps])
+            .args(["--strategy", "hybrid", "--threads-per-rank", "1"])
+            .args(["--trace", trace.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{steps} steps: {err}");
+        assert!(
+            err.contains(&format!("hybrid thresholds for {steps} steps")),
+            "{err}"
+        );
+        let t: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+        let staged = t["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["mode"] != "exact")
+            .count();
+        assert!(staged >= 1, "{steps} steps: no pipelined step");
+    }
+    // Flags that cannot fit are kept and reported with the value that would fit.
+    let o = Command::new(env!("CARGO_BIN_EXE_hybridiff"))
+        .env("HYBRIDIFF_CACHE", dir.path().join("cache"))
+        .args(["generate", "--prompt", "a red circle", "--steps", "6"])
+        .args(["--strategy", "hybrid", "--k", "2", "--tau-cap", "15"])
+        .args(["--out", dir.path().join("x.png").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("use --tau-cap 4 or lower"), "{err}");
+    assert!(!dir.path().join("x.png").exists());
+}

@@ -21,6 +21,9 @@ pub enum Error {
     /// Options that do not fit together (world size, strategy, steps...).
     #[error("{0}")]
     Options(String),
+    /// Values that became NaN or infinite during the run.
+    #[error("{0}")]
+    Numerics(String),
     /// A file that could not be read or written.
     #[error("{}: {msg}", path.display())]
     Io { path: PathBuf, msg: String },

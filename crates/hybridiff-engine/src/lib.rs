@@ -40,6 +40,34 @@ pub struct Job<'a> {
     pub progress: Option<&'a (dyn Fn(usize, usize) + Sync)>,
 }
 
+impl Job<'_> {
+    /// Whether classifier-free guidance is on: `guidance > 1`, diffusers'
+    /// `do_classifier_free_guidance`. Off, each step is one conditional forward and the
+    /// negative branch is never computed.
+    pub fn cfg(&self) -> bool {
+        self.guidance > 1.0
+    }
+}
+
+/// The largest `|--guidance|` accepted: diffusers' pipelines are used with 0 to about 20,
+/// and far larger values only overflow the latents.
+pub const MAX_GUIDANCE: f64 = 1000.0;
+
+/// Rejects a guidance scale that can only produce NaN or garbage, naming the flag.
+pub fn check_guidance(guidance: f64) -> Result<()> {
+    if !guidance.is_finite() || guidance.abs() > MAX_GUIDANCE {
+        let shown = if guidance.abs() >= 1e6 {
+            format!("{guidance:e}")
+        } else {
+            guidance.to_string()
+        };
+        return Err(Error::Options(format!(
+            "--guidance {shown}: expected a finite number between -{MAX_GUIDANCE} and {MAX_GUIDANCE} (values above 1 turn classifier-free guidance on; diffusers' pipelines use about 1 to 20)"
+        )));
+    }
+    Ok(())
+}
+
 /// How the ranks are laid out.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -69,6 +97,7 @@ pub fn denoise(job: &Job, strategy: &dyn Strategy, opts: &RunOptions) -> Result<
             "--threads-per-rank must be at least 1".into(),
         ));
     }
+    check_guidance(job.guidance)?;
     strategy.check(job, opts.world_size)?;
     let stage_plan = strategy.plan_summary(job, opts.world_size)?;
     let start = Instant::now();
@@ -111,6 +140,8 @@ pub fn denoise(job: &Job, strategy: &dyn Strategy, opts: &RunOptions) -> Result<
         scheduler: job.scheduler.to_string(),
         num_steps: job.steps,
         guidance: job.guidance,
+        classifier_free_guidance: job.cfg(),
+        note: (!job.cfg()).then(|| strategy.without_cfg().to_string()),
         total_seconds,
         bytes_sent: steps.iter().map(|s| s.bytes_sent).sum(),
         reference_bytes_sent: steps.iter().map(|s| s.reference_bytes_sent).sum(),

@@ -60,7 +60,9 @@ impl Model {
             let sample_size = c.sample_size;
             let input_spec = InputSpec {
                 latent_channels: c.in_channels,
-                latent_multiple: 1 << c.num_downsamples(),
+                // Any latent size: the upsamplers take their skip's size, as diffusers'
+                // `forward_upsample_size` does.
+                latent_multiple: 1,
                 context_dim: c.cross_attention_dim[0],
                 pooled_dim: c.text_time.map(|(t, p)| p - 6 * t),
                 time_ids: c.text_time.is_some(),

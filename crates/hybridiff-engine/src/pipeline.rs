@@ -25,7 +25,9 @@ pub struct Pipeline {
 #[derive(Debug, Clone)]
 pub struct Request {
     pub prompt: String,
-    pub negative_prompt: String,
+    /// `None` is diffusers' default: zero negative embeddings on SDXL pipelines with
+    /// `force_zeros_for_empty_prompt`, the empty string elsewhere. `Some("")` is encoded.
+    pub negative_prompt: Option<String>,
     pub steps: usize,
     /// Guidance scale; `None` takes the pipeline's default (SD3 7.0, others 5.0).
     pub guidance: Option<f64>,
@@ -93,11 +95,20 @@ impl Pipeline {
         let spec = &self.model.input_spec;
         let default = self.model.sample_size().unwrap_or(128) * f;
         let (h, w) = (req.height.unwrap_or(default), req.width.unwrap_or(default));
+        // diffusers' check_inputs: multiples of the VAE factor (times SD3's patch size);
+        // the U-Net copes with any latent size (`forward_upsample_size`).
         let multiple = f * spec.latent_multiple;
         if h == 0 || w == 0 || h % multiple != 0 || w % multiple != 0 {
+            let why = if spec.latent_multiple == 1 {
+                format!("the VAE's factor {f}")
+            } else {
+                format!(
+                    "the VAE's factor {f} times the denoiser's patch size {}",
+                    spec.latent_multiple
+                )
+            };
             return Err(Error::Options(format!(
-                "--height {h} --width {w}: both must be positive multiples of {multiple} (VAE factor {f} times the denoiser's {})",
-                spec.latent_multiple
+                "--height {h} --width {w}: both must be positive multiples of {multiple} ({why}), as in diffusers"
             )));
         }
         let (lh, lw) = (h / f, w / f);
@@ -115,7 +126,9 @@ impl Pipeline {
             }
             None => seeded_latents(req.seed, (spec.latent_channels, lh, lw), device)?,
         };
-        let e = self.text.encode(&req.prompt, &req.negative_prompt)?;
+        let e = self
+            .text
+            .encode_opt(&req.prompt, req.negative_prompt.as_deref())?;
         let time_ids = if spec.time_ids {
             let (hf, wf) = (h as f32, w as f32);
             Some(Tensor::new(&[[hf, wf, 0.0, 0.0, hf, wf]], device)?)

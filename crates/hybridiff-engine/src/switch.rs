@@ -28,10 +28,37 @@ impl SwitchParams {
         tau_cap: 15,
     };
 
-    /// Rejects parameters that cannot fit `steps` steps, before any compute.
+    /// The step count the [`SDXL`](Self::SDXL) values were tuned for (the paper's 50 steps).
+    pub const SDXL_STEPS: usize = 50;
+
+    /// These thresholds, tuned for `from` steps, carried to a run of `to` steps: the window
+    /// `L`, `k` and `tau_cap` in proportion (at least 1 each), `eps_slope` inversely (the
+    /// rel-MAE curve falls by as much over fewer steps, so by more per step).
+    pub fn scaled(&self, from: usize, to: usize) -> SwitchParams {
+        if from == to || from == 0 || to == 0 {
+            return *self;
+        }
+        let r = to as f64 / from as f64;
+        let scale = |v: usize| ((v as f64 * r).round() as usize).max(1);
+        SwitchParams {
+            l_slope: scale(self.l_slope),
+            eps_slope: self.eps_slope / r,
+            k: scale(self.k),
+            tau_cap: scale(self.tau_cap),
+        }
+    }
+
+    /// Rejects parameters that cannot fit `steps` steps, before any compute, saying which
+    /// flag to change and to what.
     pub fn check(&self, steps: usize) -> Result<()> {
         if self.l_slope == 0 {
             return Err(Error::Options("--l-slope must be at least 1".into()));
+        }
+        if !self.eps_slope.is_finite() || self.eps_slope < 0.0 {
+            return Err(Error::Options(format!(
+                "--eps-slope {}: expected a finite number >= 0 (the rel-MAE slope below which the curve counts as flat)",
+                self.eps_slope
+            )));
         }
         if self.k == 0 {
             return Err(Error::Options("--k must be at least 1".into()));
@@ -39,9 +66,23 @@ impl SwitchParams {
         if self.tau_cap == 0 {
             return Err(Error::Options("--tau-cap must be at least 1".into()));
         }
-        if self.tau_cap + self.k > steps {
+        if steps < 2 {
             return Err(Error::Options(format!(
-                "--tau-cap {} + --k {} = {} exceeds --steps {steps}: the fallback switch would run past the last step; lower --tau-cap or --k",
+                "--steps {steps}: hybrid needs at least 2 steps (one exact step, then one pipelined); for a 1-step run use --strategy cfg (exact, the same speed)"
+            )));
+        }
+        if self.tau_cap + self.k > steps {
+            let fix = if self.k < steps {
+                format!(
+                    "use --tau-cap {} or lower (with --k {}), or a smaller --k",
+                    steps - self.k,
+                    self.k
+                )
+            } else {
+                format!("use --k {} or lower and --tau-cap 1", steps - 1)
+            };
+            return Err(Error::Options(format!(
+                "--tau-cap {} + --k {} = {} exceeds --steps {steps}: the fallback switch would run past the last step; {fix}",
                 self.tau_cap,
                 self.k,
                 self.tau_cap + self.k
@@ -49,6 +90,87 @@ impl SwitchParams {
         }
         Ok(())
     }
+}
+
+/// Switching parameters that may each be unset (flags, a model's `hybridiff.json`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PartialSwitch {
+    pub l_slope: Option<usize>,
+    pub eps_slope: Option<f64>,
+    pub k: Option<usize>,
+    pub tau_cap: Option<usize>,
+}
+
+/// The switching parameters of a run and, when any was not given by the user, a line
+/// saying which values were used and where they came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedSwitch {
+    pub params: SwitchParams,
+    pub note: Option<String>,
+}
+
+/// Picks each switching parameter for a run of `steps` steps: the user's flag as given;
+/// else the model's recommendation (tuned for `recommended_steps`, or for `steps` when the
+/// model says nothing) scaled to `steps`; else the paper's SDXL values (tuned for 50 steps)
+/// scaled to `steps`. Values that were not flags are then lowered so that
+/// `tau_cap + k <= steps`, which makes few-step schedules (4 to 8 steps) work without flags.
+/// Flags are never changed: [`SwitchParams::check`] reports those that cannot fit.
+pub fn resolve(
+    flags: PartialSwitch,
+    recommended: PartialSwitch,
+    recommended_steps: Option<usize>,
+    steps: usize,
+) -> ResolvedSwitch {
+    let paper = SwitchParams::SDXL.scaled(SwitchParams::SDXL_STEPS, steps);
+    let rec = |v: Option<usize>| {
+        v.map(|v| {
+            let from = recommended_steps.unwrap_or(steps);
+            ((v as f64 * steps as f64 / from.max(1) as f64).round() as usize).max(1)
+        })
+    };
+    let rec_eps = recommended
+        .eps_slope
+        .map(|e| e * recommended_steps.unwrap_or(steps) as f64 / steps.max(1) as f64);
+    let mut p = SwitchParams {
+        l_slope: flags
+            .l_slope
+            .or(rec(recommended.l_slope))
+            .unwrap_or(paper.l_slope),
+        eps_slope: flags.eps_slope.or(rec_eps).unwrap_or(paper.eps_slope),
+        k: flags.k.or(rec(recommended.k)).unwrap_or(paper.k),
+        tau_cap: flags
+            .tau_cap
+            .or(rec(recommended.tau_cap))
+            .unwrap_or(paper.tau_cap),
+    };
+    if flags.k.is_none() {
+        p.k = p.k.min(steps.saturating_sub(1)).max(1);
+    }
+    if flags.tau_cap.is_none() {
+        p.tau_cap = p.tau_cap.min(steps.saturating_sub(p.k)).max(1);
+    }
+    let all_flags = flags.l_slope.is_some()
+        && flags.eps_slope.is_some()
+        && flags.k.is_some()
+        && flags.tau_cap.is_some();
+    let source = if recommended == PartialSwitch::default() {
+        format!(
+            "the paper's SDXL values for {} steps",
+            SwitchParams::SDXL_STEPS
+        )
+    } else {
+        match recommended_steps {
+            Some(n) => format!("the model's hybridiff.json for {n} steps"),
+            None => "the model's hybridiff.json".to_string(),
+        }
+    };
+    let note = (!all_flags).then(|| {
+        format!(
+            "hybrid thresholds for {steps} steps: --l-slope {} --eps-slope {:.3e} --k {} --tau-cap {} (unset flags from {source}, scaled to {steps} steps and fitted so that tau_cap + k <= steps)",
+            p.l_slope, p.eps_slope, p.k, p.tau_cap
+        )
+    });
+    ResolvedSwitch { params: p, note }
 }
 
 /// The phase of a step.
@@ -182,6 +304,64 @@ mod tests {
             err.contains("--tau-cap 15") && err.contains("--steps 18"),
             "{err}"
         );
+        assert!(err.contains("use --tau-cap 13 or lower"), "{err}");
         assert!(params(12, 0.4e-3, 5, 15).check(20).is_ok());
+        let err = params(2, 0.1, 6, 1).check(4).unwrap_err().to_string();
+        assert!(err.contains("use --k 3 or lower"), "{err}");
+        let err = params(1, 0.1, 1, 1).check(1).unwrap_err().to_string();
+        assert!(err.contains("--strategy cfg"), "{err}");
+        for eps in [f64::NAN, f64::INFINITY, -1.0] {
+            let err = params(2, eps, 1, 2).check(10).unwrap_err().to_string();
+            assert!(err.contains("--eps-slope"), "{err}");
+        }
+    }
+
+    #[test]
+    fn unset_thresholds_are_scaled_to_few_step_runs_and_fit() {
+        let none = PartialSwitch::default();
+        for steps in 2..=60 {
+            let r = resolve(none, none, None, steps);
+            r.params.check(steps).unwrap();
+            assert!(r.note.is_some());
+        }
+        // The paper's values at their own step count are unchanged.
+        assert_eq!(resolve(none, none, None, 50).params, SwitchParams::SDXL);
+        let p = resolve(none, none, None, 8).params;
+        assert_eq!((p.l_slope, p.k, p.tau_cap), (2, 1, 2));
+        assert!((p.eps_slope - 0.4e-3 * 50.0 / 8.0).abs() < 1e-12);
+        // A model's recommendation for 20 steps, used at 20 and scaled to 4.
+        let rec = PartialSwitch {
+            l_slope: Some(4),
+            eps_slope: Some(2e-3),
+            k: Some(5),
+            tau_cap: Some(15),
+        };
+        let p20 = resolve(none, rec, Some(20), 20).params;
+        assert_eq!(p20, params(4, 2e-3, 5, 15));
+        let p4 = resolve(none, rec, Some(20), 4).params;
+        assert_eq!((p4.l_slope, p4.k, p4.tau_cap), (1, 1, 3));
+        p4.check(4).unwrap();
+    }
+
+    #[test]
+    fn flags_are_kept_as_given_even_when_they_cannot_fit() {
+        let flags = PartialSwitch {
+            l_slope: None,
+            eps_slope: None,
+            k: Some(5),
+            tau_cap: Some(15),
+        };
+        let r = resolve(flags, PartialSwitch::default(), None, 8);
+        assert_eq!((r.params.k, r.params.tau_cap), (5, 15));
+        assert!(r.params.check(8).is_err());
+        let all = PartialSwitch {
+            l_slope: Some(3),
+            eps_slope: Some(0.05),
+            k: Some(4),
+            tau_cap: Some(10),
+        };
+        let r = resolve(all, PartialSwitch::default(), None, 20);
+        assert_eq!(r.params, params(3, 0.05, 4, 10));
+        assert_eq!(r.note, None);
     }
 }

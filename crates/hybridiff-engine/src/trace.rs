@@ -6,7 +6,8 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StepMode {
-    /// Both CFG branches computed exactly on current inputs.
+    /// Computed exactly on current inputs (both CFG branches, or the conditional one
+    /// when guidance is off).
     Exact,
     /// First pipelined step: every rank runs the whole denoiser to fill the caches.
     Fill,
@@ -47,6 +48,11 @@ pub struct Trace {
     pub scheduler: String,
     pub num_steps: usize,
     pub guidance: f64,
+    /// Whether classifier-free guidance ran (`guidance > 1`, as in diffusers).
+    pub classifier_free_guidance: bool,
+    /// What the strategy did differently for this run (e.g. without CFG), if anything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
     pub total_seconds: f64,
     pub bytes_sent: u64,
     pub reference_bytes_sent: u64,

@@ -491,6 +491,13 @@ pub fn to_rgb8(image: &Tensor) -> Result<(u32, u32, Vec<u8>)> {
         .permute((1, 2, 0))?
         .flatten_all()?
         .to_vec1::<f32>()?;
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Input(format!(
+            "the VAE decoded a non-finite value ({}) at pixel {} of {w}x{h}: refusing to write it as black (NaN or inf in the VAE's weights, or latents out of range)",
+            values[i],
+            i / 3
+        )));
+    }
     let bytes = values
         .into_iter()
         .map(|v| ((v / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round_ties_even() as u8)

@@ -2,7 +2,8 @@
 //! cond stacked); the first `warmup` steps run the full denoiser on every rank (filling
 //! the module caches), every later step is pipelined: each rank computes its stage on
 //! one-step-stale inputs and the last stage's output, guided as usual, is the
-//! prediction. Stride 1 (one stage per rank per step).
+//! prediction. Stride 1 (one stage per rank per step). Without classifier-free guidance
+//! (`guidance <= 1`) the batch is the conditional branch alone, pipelined the same way.
 
 use candle_core::Tensor;
 use hybridiff_comm::Communicator;
@@ -23,7 +24,9 @@ pub struct AsyncDiff {
 struct AsyncWorker<'a> {
     warmup: usize,
     runner: StagedRunner<'a>,
+    /// The CFG batch (uncond, cond), or the conditional branch alone without CFG.
     cond: Conditioning,
+    cfg: bool,
 }
 
 impl Strategy for AsyncDiff {
@@ -50,8 +53,17 @@ impl Strategy for AsyncDiff {
         Ok(Box::new(AsyncWorker {
             warmup: self.warmup,
             runner: StagedRunner::new(job.model, plan, rank),
-            cond: Conditioning::cat(&job.inputs.uncond, &job.inputs.cond)?,
+            cond: if job.cfg() {
+                Conditioning::cat(&job.inputs.uncond, &job.inputs.cond)?
+            } else {
+                job.inputs.cond.clone()
+            },
+            cfg: job.cfg(),
         }))
+    }
+
+    fn without_cfg(&self) -> &'static str {
+        "guidance <= 1 turns classifier-free guidance off (as in diffusers): the stages pipeline the conditional branch alone at batch 1"
     }
 
     fn plan_summary(&self, job: &Job, world_size: usize) -> Result<Option<serde_json::Value>> {
@@ -67,7 +79,11 @@ impl Worker for AsyncWorker<'_> {
         x: &Tensor,
         t: f64,
     ) -> Result<StepOutput> {
-        let batch = Tensor::cat(&[x, x], 0)?;
+        let batch = if self.cfg {
+            Tensor::cat(&[x, x], 0)?
+        } else {
+            x.clone()
+        };
         let (mode, y, extra) = if i < self.warmup || !self.runner.is_filled() {
             // Every rank computes the whole batch: exact, and it fills the caches.
             let mode = if i < self.warmup {
@@ -80,11 +96,12 @@ impl Worker for AsyncWorker<'_> {
             let (y, extra) = self.runner.pipelined_step(comm, &batch, t, &self.cond)?;
             (StepMode::Pipelined, y, extra)
         };
-        let mut out = StepOutput::exact(
-            y.narrow(0, 0, 1)?,
-            y.narrow(0, 1, 1)?,
-            self.runner.compute_seconds,
-        )?;
+        let secs = self.runner.compute_seconds;
+        let mut out = if self.cfg {
+            StepOutput::exact(y.narrow(0, 0, 1)?, y.narrow(0, 1, 1)?, secs)?
+        } else {
+            StepOutput::conditional(y, secs)
+        };
         out.mode = mode;
         out.reference_extra_bytes = extra;
         Ok(out)

@@ -2,6 +2,9 @@
 //! form the uncond group and `[W/2, W)` the cond group; each group's leader runs the
 //! denoiser at batch 1 on its branch and the two predictions are exchanged each step.
 //!
+//! With guidance off (`guidance <= 1`) there are no branches to split: rank 0 runs the
+//! conditional branch and the others wait for its prediction (exact, no speedup).
+//!
 //! With W = 4 the reference has both ranks of a group compute the same thing; here the
 //! second rank only receives the predictions (same latency, half the energy).
 
@@ -10,11 +13,14 @@ use std::time::Instant;
 use candle_core::Tensor;
 use hybridiff_comm::Communicator;
 
-use super::{StepOutput, Strategy, Worker};
+use super::{conditional_step, StepOutput, Strategy, Worker};
 use crate::{Error, Job, Result};
 
 /// Condition-based partitioning.
 pub struct CfgSplit;
+
+/// What `cfg` and `hybrid` do without classifier-free guidance.
+pub(crate) const NO_BRANCHES: &str = "guidance <= 1 turns classifier-free guidance off (as in diffusers), so there are no branches to split: rank 0 runs the conditional branch at batch 1 and the other ranks idle (exact, the speed of serial); --strategy async pipelines that single branch over the ranks (approximate)";
 
 struct CfgWorker<'a> {
     job: &'a Job<'a>,
@@ -84,6 +90,10 @@ impl Strategy for CfgSplit {
         check_world(world_size, "cfg")
     }
 
+    fn without_cfg(&self) -> &'static str {
+        NO_BRANCHES
+    }
+
     fn worker<'a>(&'a self, job: &'a Job<'a>, _: usize, _: usize) -> Result<Box<dyn Worker + 'a>> {
         Ok(Box::new(CfgWorker { job }))
     }
@@ -97,6 +107,9 @@ impl Worker for CfgWorker<'_> {
         x: &Tensor,
         t: f64,
     ) -> Result<StepOutput> {
+        if !self.job.cfg() {
+            return conditional_step(self.job, comm, x, t);
+        }
         let (u, c, secs) = exact_step(self.job, comm, x, t)?;
         StepOutput::exact(u, c, secs)
     }

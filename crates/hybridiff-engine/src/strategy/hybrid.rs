@@ -2,13 +2,16 @@
 //! rel-MAE curve flattens (`tau1`), then `k` steps where the denoiser runs as a
 //! pipeline of stages, one per rank, each rank on its own branch's conditioning and
 //! one-step-stale inputs, then exact again after `tau2`.
+//!
+//! Without classifier-free guidance (`guidance <= 1`) there is no rel-MAE between
+//! branches to switch on: every step runs as `cfg` does then (rank 0, conditional branch).
 
 use candle_core::Tensor;
 use hybridiff_comm::Communicator;
 use hybridiff_models::Conditioning;
 
-use super::cfg::{check_world, exact_step};
-use super::{PipelinedGuidance, Prediction, StepOutput, Strategy, Worker};
+use super::cfg::{check_world, exact_step, NO_BRANCHES};
+use super::{conditional_step, PipelinedGuidance, Prediction, StepOutput, Strategy, Worker};
 use crate::stages::{PlanCache, StagePlan, StagedRunner};
 use crate::switch::{Phase, SwitchParams, Switcher};
 use crate::trace::StepMode;
@@ -56,8 +59,15 @@ impl Strategy for Hybrid {
 
     fn check(&self, job: &Job, world_size: usize) -> Result<()> {
         check_world(world_size, "hybrid")?;
+        if !job.cfg() {
+            return Ok(());
+        }
         self.switch.check(job.steps)?;
         self.stages.get(job, world_size).map(|_| ())
+    }
+
+    fn without_cfg(&self) -> &'static str {
+        NO_BRANCHES
     }
 
     fn worker<'a>(
@@ -83,6 +93,9 @@ impl Strategy for Hybrid {
     }
 
     fn plan_summary(&self, job: &Job, world_size: usize) -> Result<Option<serde_json::Value>> {
+        if !job.cfg() {
+            return Ok(None);
+        }
         Ok(Some(plan_json(job, &self.stages.get(job, world_size)?)))
     }
 }
@@ -95,6 +108,9 @@ impl Worker for HybridWorker<'_> {
         x: &Tensor,
         t: f64,
     ) -> Result<StepOutput> {
+        if !self.job.cfg() {
+            return conditional_step(self.job, comm, x, t);
+        }
         let mut out = match self.switcher.phase(i) {
             Phase::Exact => {
                 self.runner.clear();

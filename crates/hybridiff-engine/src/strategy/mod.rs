@@ -153,6 +153,20 @@ pub struct StepOutput {
 }
 
 impl StepOutput {
+    /// An exact step without classifier-free guidance: the conditional prediction alone.
+    pub fn conditional(eps: Tensor, compute_seconds: f64) -> Self {
+        Self {
+            mode: StepMode::Exact,
+            prediction: Prediction::Guided(eps),
+            rel_mae: 0.0,
+            slope: None,
+            tau1: None,
+            tau2: None,
+            compute_seconds,
+            reference_extra_bytes: 0,
+        }
+    }
+
     /// An exact step with both branches.
     pub fn exact(eps_u: Tensor, eps_c: Tensor, compute_seconds: f64) -> Result<Self> {
         let rel_mae = crate::sampler::rel_mae(&eps_u, &eps_c)?;
@@ -194,10 +208,84 @@ pub trait Strategy: Sync {
         rank: usize,
         world_size: usize,
     ) -> Result<Box<dyn Worker + 'a>>;
+    /// What the strategy does when classifier-free guidance is off (`guidance <= 1`),
+    /// for the trace and the user.
+    fn without_cfg(&self) -> &'static str {
+        "guidance <= 1 turns classifier-free guidance off (as in diffusers): one conditional forward per step"
+    }
     /// A description of the stage plan, if the strategy uses one.
     fn plan_summary(&self, _job: &Job, _world_size: usize) -> Result<Option<serde_json::Value>> {
         Ok(None)
     }
+}
+
+/// One exact step without classifier-free guidance: rank 0 runs the conditional branch
+/// at batch 1 and hands the prediction to the other ranks, who have nothing to split
+/// (the fallback of `cfg` and `hybrid` when `guidance <= 1`).
+pub fn conditional_step(
+    job: &Job,
+    comm: &mut dyn Communicator,
+    x: &Tensor,
+    t: f64,
+) -> Result<StepOutput> {
+    let (eps, secs) = if comm.rank() == 0 {
+        let start = Instant::now();
+        let eps = job.model.forward(x, t, &job.inputs.cond)?;
+        (Some(eps), start.elapsed().as_secs_f64())
+    } else {
+        (None, 0.0)
+    };
+    let eps = if comm.world_size() > 1 {
+        comm.broadcast(eps.as_ref(), 0)?
+    } else {
+        eps.expect("rank 0 computed it")
+    };
+    Ok(StepOutput::conditional(eps, secs))
+}
+
+/// Fails the job when step `i` left non-finite latents (checked with one reduction per
+/// step), naming the step, the strategy and the likely causes, so that NaN never becomes
+/// a silent black image.
+fn check_latents(
+    latents: &Tensor,
+    i: usize,
+    job: &Job,
+    strategy: &str,
+    out: &StepOutput,
+) -> Result<()> {
+    let sum = latents
+        .to_dtype(candle_core::DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    if sum.is_finite() {
+        return Ok(());
+    }
+    let mode = match out.mode {
+        StepMode::Exact => "exact",
+        StepMode::Fill => "fill",
+        StepMode::Pipelined => "pipelined",
+    };
+    let mut causes = vec![
+        "NaN or inf in the model's weights",
+        "a scheduler config that divides by zero (betas, sigmas)",
+    ];
+    let pred_dtype = match &out.prediction {
+        Prediction::Branches(u, _) => u.dtype(),
+        Prediction::Guided(eps) => eps.dtype(),
+    };
+    if pred_dtype != candle_core::DType::F32 {
+        causes.insert(0, "overflow in half precision (try --dtype f32)");
+    }
+    if job.cfg() && job.guidance.abs() > 50.0 {
+        causes.insert(0, "a very large --guidance");
+    }
+    Err(Error::Numerics(format!(
+        "the latents became non-finite (NaN or inf) at step {} of {} ({mode} step of strategy {strategy}, guidance {}); likely causes: {}; no output was written",
+        i + 1,
+        job.steps,
+        job.guidance,
+        causes.join("; ")
+    )))
 }
 
 /// What one rank measured in one step.
@@ -243,6 +331,7 @@ pub fn run_rank<'a>(
             Prediction::Branches(u, c) => sampler.step_guided(i, u, c)?,
             Prediction::Guided(eps) => sampler.step(i, eps)?,
         }
+        check_latents(&sampler.latents, i, job, strategy.name(), &out)?;
         step_latents.push(sampler.latents.clone());
         steps.push(RankStep {
             timestep: t,

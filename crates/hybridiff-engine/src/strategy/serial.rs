@@ -1,4 +1,5 @@
-//! `serial`: one rank runs the CFG batch of 2 (uncond, cond), as diffusers does.
+//! `serial`: one rank runs the CFG batch of 2 (uncond, cond), as diffusers does; with
+//! guidance off (`guidance <= 1`) the conditional branch alone at batch 1.
 
 use std::time::Instant;
 
@@ -6,7 +7,7 @@ use candle_core::Tensor;
 use hybridiff_comm::Communicator;
 use hybridiff_models::Conditioning;
 
-use super::{StepOutput, Strategy, Worker};
+use super::{conditional_step, StepOutput, Strategy, Worker};
 use crate::{Error, Job, Result};
 
 /// The single-device baseline.
@@ -40,11 +41,14 @@ impl Strategy for Serial {
 impl Worker for SerialWorker<'_> {
     fn step(
         &mut self,
-        _: &mut dyn Communicator,
+        comm: &mut dyn Communicator,
         _: usize,
         x: &Tensor,
         t: f64,
     ) -> Result<StepOutput> {
+        if !self.job.cfg() {
+            return conditional_step(self.job, comm, x, t);
+        }
         let start = Instant::now();
         let batch = Tensor::cat(&[x, x], 0)?;
         let eps = self.job.model.forward(&batch, t, &self.cond)?;

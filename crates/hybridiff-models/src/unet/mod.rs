@@ -476,13 +476,9 @@ impl UNet2DConditionModel {
                 None => return Err(Error::Input("this SDXL U-Net needs `time_ids`".into())),
             }
         }
-        let f = 1usize << c.num_downsamples();
-        if !dims[2].is_multiple_of(f) || !dims[3].is_multiple_of(f) {
+        if dims[2] == 0 || dims[3] == 0 {
             return Err(Error::Input(format!(
-                "latent size {}x{} is not divisible by {f} (the U-Net downsamples {} times)",
-                dims[2],
-                dims[3],
-                c.num_downsamples()
+                "`sample` has shape {dims:?}: latent height and width must be at least 1"
             )));
         }
         Ok(())
@@ -558,7 +554,11 @@ impl Denoiser for UNet2DConditionModel {
             .iter()
             .enumerate()
             .map(|(i, m)| {
-                let (hh, ww) = (h >> self.levels[i], w >> self.levels[i]);
+                // Each downsampler rounds up (stride 2, padding 1), so odd sizes do too.
+                let (hh, ww) = (
+                    h.div_ceil(1 << self.levels[i]),
+                    w.div_ceil(1 << self.levels[i]),
+                );
                 let cin = self.channels_in[i];
                 match m {
                     Module_::ConvIn(_) => conv(
