@@ -75,13 +75,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .map(|s| s.trim().parse::<StrategyKind>())
         .collect::<Result<Vec<_>, _>>()?;
     hybridiff_engine::check_guidance(args.guidance)?;
-    let (options, note) = args.strategy_args.options(
+    let (options, switch) = args.strategy_args.options(
         &crate::strategy_args::ModelDefaults::read(&args.model)?,
         args.steps,
     )?;
-    if let (true, Some(note)) = (kinds.contains(&StrategyKind::Hybrid), note) {
-        eprintln!("hybridiff: {note}");
-    }
+    let built: Vec<Box<dyn hybridiff_engine::Strategy>> =
+        kinds.iter().map(|k| k.build(&options)).collect();
+    let refs: Vec<&dyn hybridiff_engine::Strategy> = built.iter().map(|b| b.as_ref()).collect();
+    crate::strategy_args::announce(&kinds, &refs, &switch, args.guidance, args.steps)?;
     crate::set_compute_threads(args.threads_per_rank);
     let device = Device::Cpu;
     let dtype = crate::denoise::parse_dtype(&args.dtype, &device)?;
@@ -165,6 +166,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "steps": args.steps,
             "scheduler": scheduler.to_string(),
             "guidance": args.guidance,
+            "classifier_free_guidance": args.guidance > 1.0,
             "threads_per_rank": tpr,
             "dtype": args.dtype,
             "forward_seconds": forward.map(|(a, b)| serde_json::json!({ "batch1": a, "batch2": b })),

@@ -66,6 +66,7 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
         &crate::strategy_args::ModelDefaults::read(&args.model)?,
         args.steps,
     )?;
+    run.announce(args.guidance, args.steps)?;
     check_output_path(&args.out, "--out")?;
     if let Some(p) = &args.trace {
         check_output_path(p, "--trace")?;

@@ -120,6 +120,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         hybridiff_engine::check_guidance(g)?;
     }
     let run = args.run.resolve(&device, &defaults, steps)?;
+    // Every pipeline's own default guidance (5 or 7) turns CFG on.
+    run.announce(args.guidance.or(defaults.guidance).unwrap_or(5.0), steps)?;
     let batch = match (&args.prompt, &args.prompts) {
         (Some(_), _) => None,
         (None, Some(p)) => Some(read_batch(p, args.negative_prompt.as_deref(), args.seed)?),
@@ -241,6 +243,8 @@ fn run_batch(
         match result {
             Ok(trace) => {
                 entry["file"] = file.clone().into();
+                entry["guidance"] = serde_json::json!(trace.guidance);
+                entry["classifier_free_guidance"] = trace.classifier_free_guidance.into();
                 entry["tau1"] = serde_json::json!(trace.tau1);
                 entry["tau2"] = serde_json::json!(trace.tau2);
                 println!("{file}: {}", it.prompt);

@@ -1,7 +1,7 @@
 //! Strategy flags shared by `denoise` and `bench`.
 
 use anyhow::Result;
-use hybridiff_engine::switch::{self, PartialSwitch};
+use hybridiff_engine::switch::{self, PartialSwitch, ResolvedSwitch};
 use hybridiff_engine::{PipelinedGuidance, StrategyOptions};
 
 /// Knobs of the staged strategies (`async`, `hybrid`).
@@ -40,26 +40,21 @@ pub struct StrategyArgs {
 impl StrategyArgs {
     /// The engine's strategy options for a run of `steps` steps: flags first, then the
     /// model's recommendations, then the paper's values, the last two scaled to `steps`
-    /// (see [`switch::resolve`]). Also returns the line that says which thresholds were
-    /// derived, when any was.
+    /// (see [`switch::resolve`]). Also returns the resolved thresholds, with the line that
+    /// says where they came from. The flags' domains are checked whatever the strategy.
     pub fn options(
         &self,
         defaults: &ModelDefaults,
         steps: usize,
-    ) -> Result<(StrategyOptions, Option<String>)> {
+    ) -> Result<(StrategyOptions, ResolvedSwitch)> {
         let flags = PartialSwitch {
             l_slope: self.l_slope,
             eps_slope: self.eps_slope,
             k: self.k,
             tau_cap: self.tau_cap,
         };
-        let recommended = PartialSwitch {
-            l_slope: defaults.l_slope,
-            eps_slope: defaults.eps_slope,
-            k: defaults.k,
-            tau_cap: defaults.tau_cap,
-        };
-        let resolved = switch::resolve(flags, recommended, defaults.steps, steps);
+        flags.check_domains(None)?;
+        let resolved = switch::resolve(flags, defaults.switch(), defaults.steps, steps);
         Ok((
             StrategyOptions {
                 warmup: self.warmup,
@@ -67,9 +62,36 @@ impl StrategyArgs {
                 stages: self.stages.parse()?,
                 pipelined_guidance: self.pipelined_guidance.parse::<PipelinedGuidance>()?,
             },
-            resolved.note,
+            resolved,
         ))
     }
+}
+
+/// Says on stderr what a run will do that the user may not expect, before it starts:
+/// that `cfg`/`hybrid` have no branches to split without CFG (`guidance <= 1`), or which
+/// hybrid thresholds were derived. Hybrid thresholds that cannot fit are an error that
+/// names the values that were derived rather than given.
+pub fn announce(
+    kinds: &[hybridiff_engine::StrategyKind],
+    strategies: &[&dyn hybridiff_engine::Strategy],
+    switch: &ResolvedSwitch,
+    guidance: f64,
+    steps: usize,
+) -> Result<()> {
+    use hybridiff_engine::StrategyKind;
+    for (kind, strategy) in kinds.iter().zip(strategies) {
+        match kind {
+            StrategyKind::Cfg | StrategyKind::Hybrid if guidance <= 1.0 => {
+                eprintln!("hybridiff: {kind}: {}", strategy.without_cfg());
+            }
+            StrategyKind::Hybrid => {
+                switch.check(steps)?;
+                eprintln!("hybridiff: {}", switch.note);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Recommended settings a model folder may carry in `hybridiff.json`.
@@ -94,12 +116,31 @@ impl ModelDefaults {
         }
         let text =
             std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-        serde_json::from_str(&text).with_context(|| {
+        let d: Self = serde_json::from_str(&text).with_context(|| {
             format!(
                 "{}: expected {{steps, guidance, l_slope, eps_slope, k, tau_cap}}",
                 p.display()
             )
-        })
+        })?;
+        if d.steps == Some(0) {
+            anyhow::bail!("{}: `steps` = 0: expected 1 or more", p.display());
+        }
+        if let Some(g) = d.guidance {
+            hybridiff_engine::check_guidance(g)
+                .with_context(|| format!("{}: `guidance` = {g}", p.display()))?;
+        }
+        d.switch().check_domains(Some(&p))?;
+        Ok(d)
+    }
+
+    /// The switching thresholds it recommends.
+    pub fn switch(&self) -> PartialSwitch {
+        PartialSwitch {
+            l_slope: self.l_slope,
+            eps_slope: self.eps_slope,
+            k: self.k,
+            tau_cap: self.tau_cap,
+        }
     }
 }
 
@@ -135,11 +176,25 @@ pub struct Run {
     pub options: hybridiff_engine::RunOptions,
     pub dtype: candle_core::DType,
     pub scheduler: Option<hybridiff_schedulers::SchedulerKind>,
+    /// The hybrid thresholds and where they came from.
+    pub switch: ResolvedSwitch,
+}
+
+impl Run {
+    /// [`announce`] for this run's strategy.
+    pub fn announce(&self, guidance: f64, steps: usize) -> Result<()> {
+        announce(
+            &[self.kind],
+            &[self.strategy.as_ref()],
+            &self.switch,
+            guidance,
+            steps,
+        )
+    }
 }
 
 impl RunArgs {
     /// Resolves the flags for a run of `steps` steps and sets the per-rank thread budget.
-    /// Says on stderr which hybrid thresholds were derived, when any was.
     pub fn resolve(
         &self,
         device: &candle_core::Device,
@@ -163,10 +218,7 @@ impl RunArgs {
             Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?),
             None => None,
         };
-        let (options, note) = self.strategy_args.options(defaults, steps)?;
-        if let (StrategyKind::Hybrid, Some(note)) = (kind, note) {
-            eprintln!("hybridiff: {note}");
-        }
+        let (options, switch) = self.strategy_args.options(defaults, steps)?;
         Ok(Run {
             kind,
             strategy: kind.build(&options),
@@ -177,6 +229,7 @@ impl RunArgs {
             },
             dtype: crate::denoise::parse_dtype(&self.dtype, device)?,
             scheduler,
+            switch,
         })
     }
 }

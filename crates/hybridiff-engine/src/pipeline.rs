@@ -122,7 +122,15 @@ impl Pipeline {
                         spec.latent_channels
                     )));
                 }
-                l.to_dtype(DType::F32)?
+                let l = l.to_dtype(DType::F32)?;
+                let v = l.flatten_all()?.to_vec1::<f32>()?;
+                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                    return Err(Error::Input(format!(
+                        "--latents: tensor `latents` holds a non-finite value ({}) at flat index {i}",
+                        v[i]
+                    )));
+                }
+                l
             }
             None => seeded_latents(req.seed, (spec.latent_channels, lh, lw), device)?,
         };
