@@ -43,10 +43,12 @@ pub struct GenerateArgs {
     #[arg(long, allow_hyphen_values = true)]
     pub guidance: Option<f64>,
     /// Image height in pixels, a multiple of the VAE factor (8 for SD, SDXL; 16 for SD3,
-    /// whose transformer also patches by 2) [default: the denoiser's sample size].
+    /// whose transformer also patches by 2) [default: that of --latents, else the
+    /// denoiser's sample size].
     #[arg(long)]
     pub height: Option<usize>,
-    /// Image width in pixels, as --height [default: the denoiser's sample size].
+    /// Image width in pixels, as --height [default: that of --latents, else the denoiser's
+    /// sample size].
     #[arg(long)]
     pub width: Option<usize>,
     /// Seed of the starting noise (ChaCha8 + standard normal; the same on every machine

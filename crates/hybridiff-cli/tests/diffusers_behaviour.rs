@@ -123,6 +123,25 @@ fn a_size_that_is_a_multiple_of_8_but_not_of_32_matches_diffusers() {
         let png = assert_matches_diffusers("odd_size", extra);
         assert_eq!(image::open(&png).unwrap().to_rgb8().dimensions(), (88, 72));
     }
+    // Without --height/--width the size comes from --latents (9x11 latents).
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("l.png");
+    let (_, latents, _) = case("odd_size");
+    let o = hybridiff(&[
+        "generate",
+        "--model",
+        s(&fixture("tiny-sdxl-pipeline")),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--latents",
+        s(&latents),
+        "--out",
+        s(&png),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(image::open(&png).unwrap().to_rgb8().dimensions(), (88, 72));
     // hybrid pipelines some steps (approximate) at this size too.
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("h.png");

@@ -32,7 +32,8 @@ pub struct Request {
     /// Guidance scale; `None` takes the pipeline's default (SD3 7.0, others 5.0).
     pub guidance: Option<f64>,
     pub scheduler: Option<SchedulerKind>,
-    /// Pixel size; `None` takes the denoiser's `sample_size` times the VAE factor.
+    /// Pixel size; `None` takes the size of `latents` when given, else the denoiser's
+    /// `sample_size`, times the VAE factor.
     pub height: Option<usize>,
     pub width: Option<usize>,
     /// Starting noise: given latents, or drawn from `seed` (see [`seeded_latents`]).
@@ -93,8 +94,18 @@ impl Pipeline {
     pub fn prepare(&self, req: &Request) -> Result<DenoiseInputs> {
         let f = self.vae_factor();
         let spec = &self.model.input_spec;
-        let default = self.model.sample_size().unwrap_or(128) * f;
-        let (h, w) = (req.height.unwrap_or(default), req.width.unwrap_or(default));
+        // Given latents set the size (times the VAE factor); else the denoiser's sample size.
+        let default = match req.latents.as_ref().map(|l| l.dims()) {
+            Some([_, _, lh, lw]) => (lh * f, lw * f),
+            _ => {
+                let d = self.model.sample_size().unwrap_or(128) * f;
+                (d, d)
+            }
+        };
+        let (h, w) = (
+            req.height.unwrap_or(default.0),
+            req.width.unwrap_or(default.1),
+        );
         // diffusers' check_inputs: multiples of the VAE factor (times SD3's patch size);
         // the U-Net copes with any latent size (`forward_upsample_size`).
         let multiple = f * spec.latent_multiple;
