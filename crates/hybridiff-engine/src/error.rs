@@ -21,6 +21,9 @@ pub enum Error {
     /// Options that do not fit together (world size, strategy, steps...).
     #[error("{0}")]
     Options(String),
+    /// A job whose estimated memory exceeds what the machine has (see `memory`).
+    #[error("{0}")]
+    Memory(String),
     /// A file that could not be read or written.
     #[error("{}: {msg}", path.display())]
     Io { path: PathBuf, msg: String },

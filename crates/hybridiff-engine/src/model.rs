@@ -36,6 +36,12 @@ fn vae_factor(dir: &Path) -> Result<usize> {
         .and_then(|b| b.as_array())
         .map(|a| a.len())
         .unwrap_or(4);
+    if n > 8 {
+        return Err(Error::Input(format!(
+            "{}: `block_out_channels` has {n} levels; at most 8 (each doubles the image side)",
+            path.display()
+        )));
+    }
     Ok(1 << n.saturating_sub(1))
 }
 
@@ -108,6 +114,17 @@ impl Model {
     /// The latent size the denoiser was configured for, if its config says.
     pub fn sample_size(&self) -> Option<usize> {
         self.sample_size
+    }
+
+    /// Refuses decoding `h x w` latents when the VAE's estimated memory does not fit
+    /// (see [`crate::memory::estimate_decode`]); a folder without a VAE passes.
+    pub fn check_decode_memory(&self, (h, w): (usize, usize)) -> Result<()> {
+        let path = self.dir.join("vae").join("config.json");
+        if !path.is_file() {
+            return Ok(());
+        }
+        let config = hybridiff_models::vae::VaeConfig::from_file(&path)?;
+        crate::memory::estimate_decode(&config, (h, w)).check()
     }
 
     /// Loads the folder's VAE (for `--decode`).

@@ -111,7 +111,7 @@ impl Pipeline {
                         spec.latent_channels
                     )));
                 }
-                l.to_dtype(DType::F32)?
+                crate::io::float_tensor(Path::new("--latents"), "latents", l)?
             }
             None => seeded_latents(req.seed, (spec.latent_channels, lh, lw), device)?,
         };
@@ -139,6 +139,60 @@ impl Pipeline {
         })
     }
 
+    /// Refuses a request whose job or VAE decode would not fit in memory (see
+    /// [`crate::memory`]), before its latents are drawn. The text length is taken at its
+    /// upper bound (512 tokens), as the prompts are not encoded yet.
+    pub fn check_memory(
+        &self,
+        req: &Request,
+        strategy: &dyn Strategy,
+        opts: &RunOptions,
+    ) -> Result<()> {
+        let f = self.vae_factor();
+        let default = self.model.sample_size().unwrap_or(128) * f;
+        let (h, w) = (req.height.unwrap_or(default), req.width.unwrap_or(default));
+        let (lh, lw) = (h.div_ceil(f), w.div_ceil(f));
+        crate::memory::check_counts(req.steps, 77)?;
+        let shape = crate::memory::JobShape::for_strategy(
+            strategy.name(),
+            opts.world_size,
+            (self.model.input_spec.latent_channels, lh, lw),
+            512,
+            req.steps,
+        );
+        crate::memory::estimate_job(self.model.denoiser.as_ref(), &shape).check()?;
+        crate::memory::estimate_decode(&self.vae.config, (lh, lw)).check()
+    }
+
+    /// Checks everything about `req` that does not depend on its prompt (sizes, memory,
+    /// steps against the scheduler, the strategy's layout) without denoising, so that a
+    /// batch reports a request-wide error once, before any prompt runs.
+    pub fn check_request(
+        &self,
+        req: &Request,
+        strategy: &dyn Strategy,
+        opts: &RunOptions,
+    ) -> Result<()> {
+        opts.check(crate::cores())?;
+        self.check_memory(req, strategy, opts)?;
+        let inputs = self.prepare(req)?;
+        let scheduler = match req.scheduler {
+            Some(s) => s,
+            None => self.model.scheduler_config.default_kind()?,
+        };
+        hybridiff_schedulers::build(&self.model.scheduler_config, scheduler, req.steps)?;
+        let job = Job {
+            model: self.model.denoiser.as_ref(),
+            scheduler_config: &self.model.scheduler_config,
+            scheduler,
+            steps: req.steps,
+            guidance: req.guidance.unwrap_or_else(|| self.default_guidance()),
+            inputs: &inputs,
+            progress: None,
+        };
+        strategy.check(&job, opts.world_size)
+    }
+
     /// Makes one image.
     pub fn generate(
         &self,
@@ -147,6 +201,7 @@ impl Pipeline {
         opts: &RunOptions,
         progress: Option<&(dyn Fn(usize, usize) + Sync)>,
     ) -> Result<Generated> {
+        self.check_memory(req, strategy, opts)?;
         let inputs = self.prepare(req)?;
         let scheduler = match req.scheduler {
             Some(s) => s,

@@ -177,6 +177,31 @@ impl VaeConfig {
                 "`latent_channels` and `out_channels` must be positive".into(),
             ));
         }
+        use crate::unet::{MAX_CHANNELS, MAX_LAYERS};
+        // Each level doubles the image side; 8 levels (x128) is far past any real VAE.
+        let mut counts = vec![
+            ("block_out_channels (levels)", self.block_out_channels.len(), 8),
+            ("layers_per_block", self.layers_per_block, MAX_LAYERS),
+            ("latent_channels", self.latent_channels, MAX_CHANNELS),
+            ("out_channels", self.out_channels, MAX_CHANNELS),
+        ];
+        for &c in &self.block_out_channels {
+            counts.push(("block_out_channels", c, MAX_CHANNELS));
+        }
+        for (key, v, max) in counts {
+            if v > max || (v == 0 && key == "block_out_channels") {
+                return Err(invalid(format!("`{key}` = {v}: expected 1 to {max}")));
+            }
+        }
+        if let Some(s) = self.shift_factor {
+            if !s.is_finite() {
+                return Err(unsupported(
+                    "shift_factor",
+                    s.to_string(),
+                    "must be finite or null",
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -403,8 +428,11 @@ impl AutoencoderKL {
     /// Loads the decoder from a diffusers `vae/` folder (`config.json` + weights).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config = VaeConfig::from_file(&dir.join("config.json"))?;
-        let vb = Weights::from_component_dir(dir)?.into_var_builder(dtype, device);
-        Self::new(vb, config)
+        // The encoder half shares the file; the decoder never reads it.
+        let encoder_only = ["encoder.", "quant_conv."];
+        Weights::load_component(dir, dtype, device, &encoder_only, |vb| {
+            Self::new(vb, config)
+        })
     }
 
     /// Builds the decoder from weights named as diffusers' `AutoencoderKL` state dict.
