@@ -59,10 +59,23 @@ impl Model {
             return Err(Error::io(&sched_path, "scheduler config not found"));
         }
         let scheduler_config = SchedulerConfig::from_file(&sched_path)?;
+        // The samplers step the latents with the prediction: both need the same channels
+        // (a learned-variance model's extra outputs would need splitting first).
+        let same_channels = |path: PathBuf, cin: usize, cout: usize| {
+            if cin == cout {
+                Ok(())
+            } else {
+                Err(Error::Input(format!(
+                    "{}: `out_channels` = {cout} differs from `in_channels` = {cin}; the samplers need a prediction shaped like the latents",
+                    path.display()
+                )))
+            }
+        };
         let unet_dir = dir.join("unet");
         if unet_dir.is_dir() {
             let unet = UNet2DConditionModel::load(&unet_dir, dtype, device)?;
             let c = &unet.config;
+            same_channels(c.path.clone(), c.in_channels, c.out_channels)?;
             let sample_size = c.sample_size;
             let input_spec = InputSpec {
                 latent_channels: c.in_channels,
@@ -86,6 +99,7 @@ impl Model {
         if dit_dir.is_dir() {
             let dit = SD3Transformer2DModel::load(&dit_dir, dtype, device)?;
             let c = &dit.config;
+            same_channels(c.path.clone(), c.in_channels, c.out_channels())?;
             let input_spec = InputSpec {
                 latent_channels: c.in_channels,
                 latent_multiple: c.patch_size,

@@ -272,8 +272,11 @@ mod tests {
         let small = unet_forward(&cfg, 2, (16, 16), 77, 4);
         let big = unet_forward(&cfg, 2, (64, 64), 77, 4);
         assert!(small.peak() > 0 && big.peak() > 8 * small.peak());
-        // Self-attention over 16x16 latents at level 0 alone: 2 x 4 B x 2 x 256^2 per head.
-        assert!(small.attention >= 2 * 4 * 2 * 256 * 256);
+        // Level 1 (8x8 = 64 pixels, 4 heads) has the first attention: self-attention
+        // scores and softmax of batch 2 in f32, 2 x 4 B x 2 x 4 x 64^2; the cross-attention
+        // over 77 tokens is larger still.
+        assert_eq!(small.attention, 2 * 4 * 2 * 4 * 64 * 77);
+        assert!(small.attention > 2 * 4 * 2 * 4 * 64 * 64);
         let huge = unet_forward(&cfg, 2, (usize::MAX / 2, usize::MAX / 2), usize::MAX, 4);
         assert_eq!(huge.peak(), u128::MAX);
     }

@@ -120,7 +120,13 @@ impl SD3Transformer2DModel {
             ));
         }
         let config = MMDiTConfig::from_file(&dir.join("config.json"))?;
-        Weights::load_component(dir, dtype, device, &[], |vb| Self::new(vb, config))
+        // The last block (context_pre_only) has an `add_q_proj` whose output only feeds
+        // the context tokens that block discards: diffusers computes it, we skip it.
+        let last = config.num_layers.saturating_sub(1);
+        let skipped = format!("transformer_blocks.{last}.attn.add_q_proj.");
+        Weights::load_component(dir, dtype, device, &[skipped.as_str()], |vb| {
+            Self::new(vb, config)
+        })
     }
 
     /// Builds the model from a var builder rooted at the transformer's weights.
