@@ -19,18 +19,18 @@ pub struct BenchArgs {
     #[arg(long)]
     pub inputs: Option<PathBuf>,
     /// Latent height and width of random inputs [default: the U-Net's sample_size].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub latent_size: Option<usize>,
     /// Text tokens in random prompt embeddings.
-    #[arg(long, default_value_t = 77)]
+    #[arg(long, default_value_t = 77, allow_negative_numbers = true)]
     pub context_len: usize,
     /// Comma-separated strategies to compare (serial always runs as the baseline).
     #[arg(long, default_value = "serial,cfg")]
     pub strategies: String,
     /// Ranks of the parallel strategies (serial uses 1).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, allow_negative_numbers = true)]
     pub world_size: usize,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, allow_negative_numbers = true)]
     pub steps: usize,
     #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
     pub guidance: f64,
@@ -38,10 +38,10 @@ pub struct BenchArgs {
     #[arg(long)]
     pub scheduler: Option<String>,
     /// Compute threads per rank (serial gets the same, on one rank).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub threads_per_rank: usize,
-    /// Timed forwards per batch size (the median is reported); 0 skips them.
-    #[arg(long, default_value_t = 3)]
+    /// Timed forwards per batch size (the median is reported; at most 1000); 0 skips them.
+    #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=1000), allow_negative_numbers = true)]
     pub repeats: usize,
     /// f32 or f16 (bf16 on CUDA builds).
     #[arg(long, default_value = "f32")]

@@ -25,7 +25,7 @@ pub struct DenoiseArgs {
     /// Where to write `latents` and `step_latents` (safetensors).
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, allow_negative_numbers = true)]
     pub steps: usize,
     /// Classifier-free guidance scale.
     #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]

@@ -38,20 +38,20 @@ pub struct GenerateArgs {
     #[arg(long, requires = "prompts")]
     pub prompts_format: Option<String>,
     /// Denoising steps [default: the model folder's hybridiff.json, else 50].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub steps: Option<usize>,
     /// Guidance scale [default: 7 for SD3, 5 otherwise].
     #[arg(long, allow_negative_numbers = true)]
     pub guidance: Option<f64>,
     /// Image height in pixels [default: the denoiser's sample size].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub height: Option<usize>,
     /// Image width in pixels [default: the denoiser's sample size].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub width: Option<usize>,
     /// Seed of the starting noise (ChaCha8 + standard normal; the same on every machine
     /// and strategy). In a batch, prompt i without its own seed uses seed + i.
-    #[arg(long, default_value_t = 0, conflicts_with = "latents")]
+    #[arg(long, default_value_t = 0, conflicts_with = "latents", allow_negative_numbers = true)]
     pub seed: u64,
     /// Start from the `latents` tensor of this safetensors file instead.
     #[arg(long)]

@@ -84,12 +84,25 @@ impl SdParams {
             });
         }
         let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
+        let alphas_cumprod = torch_cumprod_f32(&alphas);
+        // Betas that are each valid can still multiply to 0 in f32 (e.g. beta_start 0.5):
+        // every sigma after that point is infinite and the latents become NaN.
+        if let Some(i) = alphas_cumprod.iter().position(|&a| !(a > 0.0)) {
+            return Err(Error::InvalidValue {
+                path: cfg.path().to_path_buf(),
+                key: "beta_start".into(),
+                value: format!(
+                    "a schedule whose alphas_cumprod underflow to 0 at timestep {i} of {num_train_timesteps}"
+                ),
+                expected: "smaller betas (diffusers' SD schedules keep alphas_cumprod above 1e-3)",
+            });
+        }
         Ok(Self {
             num_train_timesteps,
             prediction_type,
             timestep_spacing,
             steps_offset,
-            alphas_cumprod: torch_cumprod_f32(&alphas),
+            alphas_cumprod,
         })
     }
 

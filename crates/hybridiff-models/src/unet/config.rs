@@ -483,10 +483,24 @@ impl UNetConfig {
                 raw.norm_eps
             )));
         }
-        if raw.mid_block_scale_factor == 0.0 {
-            return Err(invalid(
-                "`mid_block_scale_factor` = 0: the mid block divides by it".into(),
-            ));
+        // Resnet outputs are divided by these scales; diffusers' models all use 1.
+        for (key, v) in [
+            ("mid_block_scale_factor", raw.mid_block_scale_factor),
+            ("resnet_out_scale_factor", raw.resnet_out_scale_factor),
+        ] {
+            if !(1e-3..=1e3).contains(&v.abs()) {
+                return Err(invalid(format!(
+                    "`{key}` = {v}: expected a scale between 1e-3 and 1e3 in size (outputs are divided by it; diffusers' models use 1)"
+                )));
+            }
+        }
+        // The timestep embedding divides by (half its width - freq_shift).
+        let half = raw.block_out_channels[0] / 2;
+        if raw.freq_shift >= half as f64 {
+            return Err(invalid(format!(
+                "`freq_shift` = {}: expected less than half the time embedding width ({half}), which it is subtracted from before a division",
+                raw.freq_shift
+            )));
         }
         if let Some((t, p)) = text_time {
             if p <= 6 * t {
