@@ -101,11 +101,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
             // Before the random latents and embeddings are drawn.
             let max_ctx = hybridiff_engine::memory::MAX_CONTEXT_LEN;
             if args.context_len == 0 || args.context_len > max_ctx {
-                anyhow::bail!("--context-len {}: expected 1 to {max_ctx}", args.context_len);
+                anyhow::bail!(
+                    "--context-len {}: expected 1 to {max_ctx}",
+                    args.context_len
+                );
             }
             hybridiff_engine::memory::check_counts(args.steps, args.context_len)?;
             for kind in &kinds {
-                let world = if *kind == StrategyKind::Serial { 1 } else { args.world_size };
+                let world = if *kind == StrategyKind::Serial {
+                    1
+                } else {
+                    args.world_size
+                };
                 let shape = JobShape::for_strategy(
                     &kind.to_string(),
                     world,

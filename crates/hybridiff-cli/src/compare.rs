@@ -30,7 +30,11 @@ pub fn run(args: CompareArgs) -> Result<()> {
                 only.len(),
                 dir.display(),
                 shown.join(", "),
-                if only.len() > shown.len() { ", ..." } else { "" }
+                if only.len() > shown.len() {
+                    ", ..."
+                } else {
+                    ""
+                }
             );
         }
     }

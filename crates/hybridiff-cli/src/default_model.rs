@@ -70,7 +70,10 @@ fn remove_stale_unpacks(cache: &std::path::Path) {
         if stale {
             match std::fs::remove_dir_all(e.path()) {
                 Ok(()) => tracing::debug!("removed the stale unpack {}", e.path().display()),
-                Err(err) => tracing::warn!("cannot remove the stale unpack {}: {err}", e.path().display()),
+                Err(err) => tracing::warn!(
+                    "cannot remove the stale unpack {}: {err}",
+                    e.path().display()
+                ),
             }
         }
     }

@@ -51,7 +51,12 @@ pub struct GenerateArgs {
     pub width: Option<usize>,
     /// Seed of the starting noise (ChaCha8 + standard normal; the same on every machine
     /// and strategy). In a batch, prompt i without its own seed uses seed + i.
-    #[arg(long, default_value_t = 0, conflicts_with = "latents", allow_negative_numbers = true)]
+    #[arg(
+        long,
+        default_value_t = 0,
+        conflicts_with = "latents",
+        allow_negative_numbers = true
+    )]
     pub seed: u64,
     /// Start from the `latents` tensor of this safetensors file instead.
     #[arg(long)]
@@ -215,10 +220,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             }
             // The folder is made only once the model and the request are known good.
             if let Some(kind) = special_file_kind(&args.out).filter(|k| *k != "a folder") {
-                bail!("--out {}: is {kind}; with --prompts it must be a folder", args.out.display());
+                bail!(
+                    "--out {}: is {kind}; with --prompts it must be a folder",
+                    args.out.display()
+                );
             }
             if args.out.exists() && !args.out.is_dir() {
-                bail!("--out {}: is a file; with --prompts it must be a folder", args.out.display());
+                bail!(
+                    "--out {}: is a file; with --prompts it must be a folder",
+                    args.out.display()
+                );
             }
             // The batch writes NNNN.png and manifest.json into --out; none may be an input.
             let n = batch.as_ref().map_or(0, Vec::len);

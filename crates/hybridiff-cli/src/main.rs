@@ -88,11 +88,14 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Denoise(args) => denoise::run(args),
-        Command::Init(args) => {
-            hybridiff_engine::init::init_model_folder(&args.config, &args.out, args.seed, args.force)
-                .map(|()| println!("wrote random-weight model to {}", args.out.display()))
-                .map_err(anyhow::Error::from)
-        }
+        Command::Init(args) => hybridiff_engine::init::init_model_folder(
+            &args.config,
+            &args.out,
+            args.seed,
+            args.force,
+        )
+        .map(|()| println!("wrote random-weight model to {}", args.out.display()))
+        .map_err(anyhow::Error::from),
         Command::Bench(args) => bench::run(args),
         Command::Compare(args) => compare::run(args),
     };

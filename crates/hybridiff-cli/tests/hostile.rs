@@ -162,7 +162,11 @@ fn outputs_onto_devices_and_fifos_are_refused_and_left_alone() {
         ("--trace", &fifo, "FIFO"),
         ("--decode", &null, "character device"),
     ] {
-        let out = if flag == "--out" { target.clone() } else { ok.clone() };
+        let out = if flag == "--out" {
+            target.clone()
+        } else {
+            ok.clone()
+        };
         let mut extra = vec![];
         if flag != "--out" {
             extra = vec![flag, s(target)];
@@ -180,7 +184,10 @@ fn outputs_onto_devices_and_fifos_are_refused_and_left_alone() {
         s(&null),
     ]);
     fails_with(&o, &["--out", "character device"]);
-    assert!(std::fs::symlink_metadata(&null).unwrap().file_type().is_symlink());
+    assert!(std::fs::symlink_metadata(&null)
+        .unwrap()
+        .file_type()
+        .is_symlink());
     assert!(!ok.exists());
     let o = run(&[
         "bench",
@@ -230,14 +237,29 @@ fn init_never_replaces_a_model_without_force_and_leaves_nothing_on_failure() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = fixture("tiny-sdxl").join("unet/config.json");
     let m = dir.path().join("m");
-    succeeds(&run(&["init", "--config", s(&cfg), "--out", s(&m), "--seed", "1"]));
+    succeeds(&run(&[
+        "init",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&m),
+        "--seed",
+        "1",
+    ]));
     let w = m.join("unet/diffusion_pytorch_model.safetensors");
     let first = std::fs::read(&w).unwrap();
     let o = run(&["init", "--config", s(&cfg), "--out", s(&m), "--seed", "2"]);
     fails_with(&o, &["not empty", "--force"]);
     assert_eq!(std::fs::read(&w).unwrap(), first, "weights were replaced");
     succeeds(&run(&[
-        "init", "--config", s(&cfg), "--out", s(&m), "--seed", "2", "--force",
+        "init",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&m),
+        "--seed",
+        "2",
+        "--force",
     ]));
     assert_ne!(std::fs::read(&w).unwrap(), first);
     // Onto a file.
@@ -277,8 +299,19 @@ fn sizes_too_big_for_memory_are_refused_with_the_estimate_and_the_limit() {
     let out = dir.path().join("x.png");
     let pipeline = fixture("tiny-sdxl-pipeline");
     let o = run(&[
-        "generate", "--model", s(&pipeline), "--prompt", "x", "--height", "100000", "--width",
-        "100000", "--steps", "2", "--out", s(&out),
+        "generate",
+        "--model",
+        s(&pipeline),
+        "--prompt",
+        "x",
+        "--height",
+        "100000",
+        "--width",
+        "100000",
+        "--steps",
+        "2",
+        "--out",
+        s(&out),
     ]);
     fails_with(&o, &["needs an estimated", "attention", "available"]);
     let o = run(&[
@@ -305,8 +338,15 @@ fn sizes_too_big_for_memory_are_refused_with_the_estimate_and_the_limit() {
     // A limit set by the user: the tiny job itself no longer fits.
     let o = run_env(
         &[
-            "denoise", "--model", s(&fixture("tiny-sdxl")), "--inputs", s(&tiny_inputs()),
-            "--out", s(&dir.path().join("o")), "--steps", "2",
+            "denoise",
+            "--model",
+            s(&fixture("tiny-sdxl")),
+            "--inputs",
+            s(&tiny_inputs()),
+            "--out",
+            s(&dir.path().join("o")),
+            "--steps",
+            "2",
         ],
         &[("HYBRIDIFF_MEMORY_LIMIT", "64K")],
         Duration::from_secs(60),
@@ -314,8 +354,13 @@ fn sizes_too_big_for_memory_are_refused_with_the_estimate_and_the_limit() {
     fails_with(&o, &["64.0 KiB (HYBRIDIFF_MEMORY_LIMIT)"]);
     let o = run_env(
         &[
-            "denoise", "--model", s(&fixture("tiny-sdxl")), "--inputs", s(&tiny_inputs()),
-            "--out", s(&dir.path().join("o")),
+            "denoise",
+            "--model",
+            s(&fixture("tiny-sdxl")),
+            "--inputs",
+            s(&tiny_inputs()),
+            "--out",
+            s(&dir.path().join("o")),
         ],
         &[("HYBRIDIFF_MEMORY_LIMIT", "lots")],
         Duration::from_secs(60),
@@ -329,8 +374,17 @@ fn the_default_model_at_512_pixels_is_refused_under_8_gib() {
     let cache = dir.path().join("cache");
     let o = run_env(
         &[
-            "generate", "--prompt", "a red circle", "--height", "512", "--width", "512",
-            "--steps", "2", "--out", s(&dir.path().join("x.png")),
+            "generate",
+            "--prompt",
+            "a red circle",
+            "--height",
+            "512",
+            "--width",
+            "512",
+            "--steps",
+            "2",
+            "--out",
+            s(&dir.path().join("x.png")),
         ],
         &[
             ("HYBRIDIFF_CACHE", s(&cache)),
@@ -351,19 +405,35 @@ fn counts_from_configs_and_flags_are_bounded() {
     let cases: Vec<(&str, serde_json::Value, &str)> = vec![
         ("sample_size", (-1).into(), "`sample_size`"),
         ("sample_size", 1e9.into(), "`sample_size`"),
-        ("block_out_channels", serde_json::json!([32, 64, 100000]), "block_out_channels[2]"),
-        ("block_out_channels", serde_json::json!([32, 64, 0]), "block_out_channels[2]"),
+        (
+            "block_out_channels",
+            serde_json::json!([32, 64, 100000]),
+            "block_out_channels[2]",
+        ),
+        (
+            "block_out_channels",
+            serde_json::json!([32, 64, 0]),
+            "block_out_channels[2]",
+        ),
         ("norm_num_groups", 0.into(), "`norm_num_groups`"),
         ("layers_per_block", 0.into(), "`layers_per_block`"),
         ("layers_per_block", 100000.into(), "`layers_per_block`"),
-        ("transformer_layers_per_block", 100000.into(), "transformer_layers_per_block"),
+        (
+            "transformer_layers_per_block",
+            100000.into(),
+            "transformer_layers_per_block",
+        ),
         ("cross_attention_dim", 0.into(), "`cross_attention_dim`"),
         ("attention_head_dim", 0.into(), "attention heads"),
         ("in_channels", 0.into(), "`in_channels`"),
         ("conv_in_kernel", 0.into(), "conv_in_kernel"),
         ("conv_in_kernel", 10001.into(), "conv_in_kernel"),
         ("downsample_padding", 5000.into(), "downsample_padding"),
-        ("projection_class_embeddings_input_dim", 40.into(), "projection_class_embeddings_input_dim"),
+        (
+            "projection_class_embeddings_input_dim",
+            40.into(),
+            "projection_class_embeddings_input_dim",
+        ),
         ("norm_eps", (-1.0).into(), "`norm_eps`"),
         ("norm_eps", 0.into(), "`norm_eps`"),
         ("mid_block_scale_factor", 0.into(), "mid_block_scale_factor"),
@@ -378,15 +448,26 @@ fn counts_from_configs_and_flags_are_bounded() {
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(1), "{key} = {value}: {err}");
         assert!(!err.contains("panicked"), "{key} = {value}: {err}");
-        assert!(err.contains(needle) && err.contains("config.json"), "{key} = {value}: {err}");
+        assert!(
+            err.contains(needle) && err.contains("config.json"),
+            "{key} = {value}: {err}"
+        );
         assert!(!out.exists());
     }
     // Scheduler counts, through a linked copy of the tiny model.
     let model = dir.path().join("model");
     linked_copy(&fixture("tiny-sdxl"), &model);
     for (key, value, needle) in [
-        ("num_train_timesteps", serde_json::json!(1e12), "num_train_timesteps"),
-        ("num_train_timesteps", serde_json::json!(0), "num_train_timesteps"),
+        (
+            "num_train_timesteps",
+            serde_json::json!(1e12),
+            "num_train_timesteps",
+        ),
+        (
+            "num_train_timesteps",
+            serde_json::json!(0),
+            "num_train_timesteps",
+        ),
     ] {
         edit_json(&model, "scheduler/scheduler_config.json", |v| {
             v[key] = value.clone()
@@ -397,12 +478,25 @@ fn counts_from_configs_and_flags_are_bounded() {
     // Flags.
     let model = fixture("tiny-sdxl");
     let o = run(&[
-        "denoise", "--model", s(&model), "--inputs", s(&tiny_inputs()), "--out",
-        s(&dir.path().join("o")), "--steps", "100000",
+        "denoise",
+        "--model",
+        s(&model),
+        "--inputs",
+        s(&tiny_inputs()),
+        "--out",
+        s(&dir.path().join("o")),
+        "--steps",
+        "100000",
     ]);
     fails_with(&o, &["--steps 100000", "at most"]);
     let o = run(&[
-        "bench", "--model", s(&model), "--context-len", "0", "--repeats", "0",
+        "bench",
+        "--model",
+        s(&model),
+        "--context-len",
+        "0",
+        "--repeats",
+        "0",
     ]);
     fails_with(&o, &["--context-len 0"]);
 }
@@ -430,7 +524,12 @@ fn integer_tensors_in_inputs_are_refused_by_name_and_float_ones_converted() {
         let o = denoise(&model, &bad, &out, &[]);
         fails_with(
             &o,
-            &[&format!("`{name}`"), "ints.safetensors", &format!("{dtype:?}"), "floating point"],
+            &[
+                &format!("`{name}`"),
+                "ints.safetensors",
+                &format!("{dtype:?}"),
+                "floating point",
+            ],
         );
         assert!(!out.exists());
     }
@@ -451,8 +550,14 @@ fn thread_and_rank_counts_are_bounded_by_the_cores() {
     let model = fixture("tiny-sdxl");
     let out = dir.path().join("o");
     for (extra, needle) in [
-        (vec!["--threads-per-rank", "10000"], "--threads-per-rank 10000"),
-        (vec!["--threads-per-rank", "0"], "--threads-per-rank must be at least 1"),
+        (
+            vec!["--threads-per-rank", "10000"],
+            "--threads-per-rank 10000",
+        ),
+        (
+            vec!["--threads-per-rank", "0"],
+            "--threads-per-rank must be at least 1",
+        ),
         (
             vec!["--strategy", "async", "--world-size", "10000"],
             "--world-size 10000",
@@ -474,14 +579,34 @@ fn thread_and_rank_counts_are_bounded_by_the_cores() {
 fn empty_and_odd_latent_sizes_fail_fast() {
     let model = fixture("tiny-sdxl");
     let o = run_env(
-        &["bench", "--model", s(&model), "--latent-size", "0", "--repeats", "1", "--steps", "1"],
+        &[
+            "bench",
+            "--model",
+            s(&model),
+            "--latent-size",
+            "0",
+            "--repeats",
+            "1",
+            "--steps",
+            "1",
+        ],
         &[],
         Duration::from_secs(20),
     );
     fails_with(&o, &["--latent-size 0x0"]);
     // Not a multiple of the U-Net's downsampling: an error (or a run), never a hang.
     let o = run_env(
-        &["bench", "--model", s(&model), "--latent-size", "3", "--repeats", "1", "--steps", "1"],
+        &[
+            "bench",
+            "--model",
+            s(&model),
+            "--latent-size",
+            "3",
+            "--repeats",
+            "1",
+            "--steps",
+            "1",
+        ],
         &[],
         Duration::from_secs(30),
     );
@@ -498,7 +623,10 @@ fn comm_timeout_zero_blames_the_flag() {
         &["--comm-timeout", "0"],
     );
     let err = stderr(&o);
-    assert!(!o.status.success() && err.contains("--comm-timeout"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("--comm-timeout"),
+        "{err}"
+    );
     assert!(!err.contains("rank"), "{err}");
 }
 
@@ -511,9 +639,18 @@ fn nan_weights_are_refused_by_tensor_and_file() {
     linked_copy(&fixture("tiny-sdxl"), &model);
     let poison = |t: &mut HashMap<String, Tensor>, name: &str| {
         let w = &t[name];
-        let mut v = w.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        let mut v = w
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         v[3] = f32::NAN;
-        let nw = Tensor::from_vec(v, w.dims(), &Device::Cpu).unwrap().to_dtype(w.dtype()).unwrap();
+        let nw = Tensor::from_vec(v, w.dims(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(w.dtype())
+            .unwrap();
         t.insert(name.into(), nw);
     };
     edit_tensors(&model, "unet/diffusion_pytorch_model.safetensors", |t| {
@@ -550,7 +687,9 @@ fn bad_scheduler_and_text_encoder_numbers_are_refused_by_key() {
         let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
         v[key] = serde_json::json!(0);
         // Python writes NaN and Infinity as bare tokens; so do we.
-        let text = v.to_string().replace(&format!("\"{key}\":0"), &format!("\"{key}\":{value}"));
+        let text = v
+            .to_string()
+            .replace(&format!("\"{key}\":0"), &format!("\"{key}\":{value}"));
         let p = model.join(sched);
         std::fs::remove_file(&p).unwrap();
         std::fs::write(&p, text).unwrap();
@@ -578,7 +717,14 @@ fn bad_scheduler_and_text_encoder_numbers_are_refused_by_key() {
         v["layer_norm_eps"] = (-1.0).into()
     });
     let o = run(&[
-        "generate", "--model", s(&pipe), "--prompt", "x", "--steps", "2", "--out",
+        "generate",
+        "--model",
+        s(&pipe),
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--out",
         s(&dir.path().join("x.png")),
     ]);
     fails_with(&o, &["`layer_norm_eps`", "text_encoder"]);
@@ -632,7 +778,14 @@ fn prompts_format_follows_the_extension_or_the_flag() {
     let model = fixture("tiny-sdxl-pipeline");
     let gen = |prompts: &Path, out: &Path, extra: &[&str]| {
         let mut args = vec![
-            "generate", "--model", s(&model), "--prompts", s(prompts), "--steps", "1", "--out",
+            "generate",
+            "--model",
+            s(&model),
+            "--prompts",
+            s(prompts),
+            "--steps",
+            "1",
+            "--out",
             s(out),
         ];
         args.extend_from_slice(extra);
@@ -658,8 +811,15 @@ fn prompts_format_follows_the_extension_or_the_flag() {
     let out2 = dir.path().join("b");
     succeeds(&gen(&list, &out2, &["--prompts-format", "json"]));
     let lines = dir.path().join("p.jsonl");
-    std::fs::write(&lines, "{\"prompt\": \"x\"}\n\n{\"prompt\": \"y\", \"sed\": 1}\n").unwrap();
-    fails_with(&gen(&lines, &dir.path().join("c"), &[]), &["p.jsonl line 3", "sed"]);
+    std::fs::write(
+        &lines,
+        "{\"prompt\": \"x\"}\n\n{\"prompt\": \"y\", \"sed\": 1}\n",
+    )
+    .unwrap();
+    fails_with(
+        &gen(&lines, &dir.path().join("c"), &[]),
+        &["p.jsonl line 3", "sed"],
+    );
 }
 
 // 8. Nothing half-made is left behind.
@@ -709,10 +869,18 @@ fn stale_unpacks_of_the_default_model_are_removed_and_fresh_ones_kept() {
         std::fs::write(d.join("unet/config.json"), "{").unwrap();
     }
     let old = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
-    std::fs::File::open(&stale).unwrap().set_modified(old).unwrap();
+    std::fs::File::open(&stale)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
     let o = run_env(
         &[
-            "generate", "--prompt", "a red circle", "--steps", "1", "--out",
+            "generate",
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "1",
+            "--out",
             s(&dir.path().join("x.png")),
         ],
         &[("HYBRIDIFF_CACHE", s(&cache))],
@@ -720,7 +888,10 @@ fn stale_unpacks_of_the_default_model_are_removed_and_fresh_ones_kept() {
     );
     succeeds(&o);
     assert!(!stale.exists(), "a stale unpack was kept");
-    assert!(fresh.exists(), "a recent unpack (maybe in progress) was removed");
+    assert!(
+        fresh.exists(),
+        "a recent unpack (maybe in progress) was removed"
+    );
 }
 
 // 9. Messages that name what is wrong.
@@ -736,7 +907,14 @@ fn inputs_that_are_folders_or_fifos_are_named_as_such_without_blocking() {
     mkfifo(&fifo);
     let o = run_env(
         &[
-            "denoise", "--model", s(&model), "--inputs", s(&fifo), "--out", s(&out), "--steps",
+            "denoise",
+            "--model",
+            s(&model),
+            "--inputs",
+            s(&fifo),
+            "--out",
+            s(&out),
+            "--steps",
             "2",
         ],
         &[],
@@ -750,7 +928,13 @@ fn inputs_that_are_folders_or_fifos_are_named_as_such_without_blocking() {
     mkfifo(&m.join("unet/config.json"));
     let o = run_env(
         &[
-            "denoise", "--model", s(&m), "--inputs", s(&tiny_inputs()), "--out", s(&out),
+            "denoise",
+            "--model",
+            s(&m),
+            "--inputs",
+            s(&tiny_inputs()),
+            "--out",
+            s(&out),
         ],
         &[],
         Duration::from_secs(20),
@@ -767,7 +951,11 @@ fn negative_numbers_and_dash_prompts_are_values_not_flags() {
         &dir.path().join("o"),
         &["--guidance", "-5"],
     );
-    assert!(!stderr(&o).contains("unexpected argument"), "{}", stderr(&o));
+    assert!(
+        !stderr(&o).contains("unexpected argument"),
+        "{}",
+        stderr(&o)
+    );
     let o = run(&[
         "generate",
         "--model",
@@ -801,7 +989,10 @@ fn the_truncation_warning_shows_the_dropped_part_shortened() {
         s(&dir.path().join("x.png")),
     ]);
     let err = succeeds(&o);
-    assert!(err.contains("truncated") && err.contains("characters in all"), "{err}");
+    assert!(
+        err.contains("truncated") && err.contains("characters in all"),
+        "{err}"
+    );
     assert!(err.len() < 4_000, "{} bytes of warnings", err.len());
 }
 
@@ -820,7 +1011,10 @@ fn compare_refuses_images_below_the_ssim_window_and_reports_unpaired_files() {
     img.save(b.join("only-b.png")).unwrap();
     let o = run(&["compare", s(&a), s(&b), "--json"]);
     let err = succeeds(&o);
-    assert!(err.contains("only-a.png") && err.contains("only-b.png"), "{err}");
+    assert!(
+        err.contains("only-a.png") && err.contains("only-b.png"),
+        "{err}"
+    );
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["only_in_a"], serde_json::json!(["only-a.png"]));
     assert_eq!(v["only_in_b"], serde_json::json!(["only-b.png"]));

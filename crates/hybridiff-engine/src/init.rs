@@ -54,7 +54,11 @@ impl SimpleBackend for Shared {
         {
             // Checked before each tensor is made: the weights are held twice at the end
             // (the tensors and the file's bytes as they are written).
-            let mut made = self.0.bytes.lock().expect("no panics while holding the lock");
+            let mut made = self
+                .0
+                .bytes
+                .lock()
+                .expect("no panics while holding the lock");
             let after = made.saturating_add(n as u128 * 4);
             if let Some(l) = self.0.limit {
                 if after.saturating_mul(2) > l.bytes {
@@ -207,7 +211,17 @@ pub fn init_model_folder(config_path: &Path, out: &Path, seed: u64, force: bool)
     );
 
     if exists {
-        return write_folder(out, component, &config_text, &made, scheduler_text, pipeline, denoiser_class, scheduler_class, seed);
+        return write_folder(
+            out,
+            component,
+            &config_text,
+            &made,
+            scheduler_text,
+            pipeline,
+            denoiser_class,
+            scheduler_class,
+            seed,
+        );
     }
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -218,11 +232,24 @@ pub fn init_model_folder(config_path: &Path, out: &Path, seed: u64, force: bool)
         .prefix(".hybridiff-init-")
         .tempdir_in(parent)
         .map_err(|e| Error::io(parent, format!("cannot create a temporary folder: {e}")))?;
-    write_folder(staging.path(), component, &config_text, &made, scheduler_text, pipeline, denoiser_class, scheduler_class, seed)?;
+    write_folder(
+        staging.path(),
+        component,
+        &config_text,
+        &made,
+        scheduler_text,
+        pipeline,
+        denoiser_class,
+        scheduler_class,
+        seed,
+    )?;
     let staged = staging.keep();
     std::fs::rename(&staged, out).map_err(|e| {
         let _ = std::fs::remove_dir_all(&staged);
-        Error::io(out, format!("cannot move the finished folder into place: {e}"))
+        Error::io(
+            out,
+            format!("cannot move the finished folder into place: {e}"),
+        )
     })?;
     Ok(())
 }
@@ -245,10 +272,7 @@ fn write_folder(
         std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
     }
     write_bytes_atomic(&model_dir.join("config.json"), config_text.as_bytes())?;
-    save_safetensors(
-        &model_dir.join("diffusion_pytorch_model.safetensors"),
-        made,
-    )?;
+    save_safetensors(&model_dir.join("diffusion_pytorch_model.safetensors"), made)?;
     write_bytes_atomic(
         &sched_dir.join("scheduler_config.json"),
         scheduler_text.as_bytes(),

@@ -93,7 +93,9 @@ fn same_file(a: &Path, b: &Path) -> bool {
             _ => Path::new("."),
         };
         (
-            parent.canonicalize().unwrap_or_else(|_| parent.to_path_buf()),
+            parent
+                .canonicalize()
+                .unwrap_or_else(|_| parent.to_path_buf()),
             p.file_name().map(|n| n.to_os_string()),
         )
     };
@@ -229,7 +231,9 @@ pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
     }
     // The tensors take about the file's size once loaded (a sparse file can claim more
     // than the disk holds).
-    let len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
     hybridiff_models::memory::check(&format!("reading {}", path.display()), len as u128)
         .map_err(Error::Memory)?;
     candle_core::safetensors::load(path, device).map_err(|e| {
@@ -401,4 +405,58 @@ pub struct InputSpec {
     pub time_ids: bool,
     /// Pixels per latent pixel.
     pub vae_factor: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn special_files_are_named_and_regular_ones_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        assert_eq!(special_file_kind(&file), None);
+        assert_eq!(special_file_kind(&dir.path().join("missing")), None);
+        assert_eq!(special_file_kind(dir.path()), Some("a folder"));
+        #[cfg(unix)]
+        {
+            let null = dir.path().join("null");
+            std::os::unix::fs::symlink("/dev/null", &null).unwrap();
+            assert_eq!(special_file_kind(&null), Some("a character device"));
+            let e = check_output_path(&null, "--out").unwrap_err().to_string();
+            assert!(e.contains("only replace regular files"), "{e}");
+            // Written through the atomic writer too: refused, and /dev/null untouched.
+            let e = write_bytes_atomic(&null, b"x").unwrap_err().to_string();
+            assert!(e.contains("character device"), "{e}");
+            assert!(std::fs::symlink_metadata(&null)
+                .unwrap()
+                .file_type()
+                .is_symlink());
+        }
+    }
+
+    #[test]
+    fn outputs_must_differ_from_each_other_and_from_inputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        assert!(check_distinct_paths(&[("--out", &a), ("--trace", &b)], &[]).is_ok());
+        // Not yet existing: compared by folder and name, whatever the spelling.
+        let a2 = dir.path().join(".").join("a");
+        let e = check_distinct_paths(&[("--out", &a), ("--decode", &a2)], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--out and --decode"), "{e}");
+        // Existing: the same file under another name.
+        std::fs::write(&a, "in").unwrap();
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(&a, &b).unwrap();
+            let e = check_distinct_paths(&[("--out", &b)], &[("--inputs", &a)])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--inputs"), "{e}");
+        }
+    }
 }

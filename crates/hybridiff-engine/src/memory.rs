@@ -115,21 +115,14 @@ fn estimate_from(fwd: ForwardMemory, shape: &JobShape, c: usize, h: usize, w: us
     // Each rank keeps its latents, a few scheduler temporaries and one latent per step;
     // the result stacks rank 0's steps once more.
     let sampler = latent.saturating_mul(shape.steps as u128 + 8);
-    let cache = if shape.staged {
-        fwd.module_outputs
-    } else {
-        0
-    };
+    let cache = if shape.staged { fwd.module_outputs } else { 0 };
     Estimate {
         what: format!(
             "this job ({}x{} latents, {} rank(s), {} steps)",
             h, w, shape.world_size, shape.steps
         ),
         parts: vec![
-            (
-                "activations".into(),
-                fwd.activations.saturating_mul(ranks),
-            ),
+            ("activations".into(), fwd.activations.saturating_mul(ranks)),
             (
                 "attention matrices".into(),
                 fwd.attention.saturating_mul(ranks),

@@ -40,6 +40,15 @@ mod tests {
         assert!(psnr(&r, &r).unwrap().is_infinite());
         assert!((max_abs_diff(&x, &r).unwrap() - 0.1).abs() < 1e-6);
     }
+
+    #[test]
+    fn ssim_needs_a_whole_window() {
+        let img = vec![7u8; 7 * 7 * 3];
+        assert_eq!(ssim_u8(&img, &img, 7, 7, 3), Some(1.0));
+        let small = vec![7u8; 6 * 9 * 3];
+        assert_eq!(ssim_u8(&small, &small, 6, 9, 3), None);
+        assert_eq!(ssim_u8(&small, &small, 9, 6, 3), None);
+    }
 }
 
 /// PSNR in dB between two 8-bit images of the same size (peak 255, all channels), as

@@ -162,7 +162,12 @@ impl Module for Conv2d {
         }
         let (b, _, h, w) = x.dims4()?;
         // An empty or too small input would underflow the output size below.
-        if h == 0 || w == 0 || b == 0 || h + 2 * self.padding < self.k || w + 2 * self.padding < self.k {
+        if h == 0
+            || w == 0
+            || b == 0
+            || h + 2 * self.padding < self.k
+            || w + 2 * self.padding < self.k
+        {
             return Err(candle_core::Error::Msg(format!(
                 "conv2d: input of {h}x{w} pixels (batch {b}) is too small for a {k}x{k} kernel with padding {p}",
                 k = self.k,

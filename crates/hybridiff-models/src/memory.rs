@@ -120,8 +120,7 @@ pub fn check(what: &str, need: u128) -> std::result::Result<(), String> {
 
 /// The product of sizes, saturating instead of overflowing.
 fn prod(v: &[usize]) -> u128 {
-    v.iter()
-        .fold(1u128, |a, &b| a.saturating_mul(b as u128))
+    v.iter().fold(1u128, |a, &b| a.saturating_mul(b as u128))
 }
 
 /// What one denoiser forward needs beyond its weights, in bytes.
@@ -170,7 +169,9 @@ pub fn unet_forward(
         // through a 3x3 im2col buffer, and write a few states of the same size.
         let im2col = act(2 * wider).saturating_mul(9);
         let mut layer = im2col.saturating_add(act(wider).saturating_mul(4));
-        if c.down_block_types[i] == crate::unet::BlockKind::CrossAttn || (i + 1 == n && c.has_mid_block) {
+        if c.down_block_types[i] == crate::unet::BlockKind::CrossAttn
+            || (i + 1 == n && c.has_mid_block)
+        {
             let heads = c.num_attention_heads[i] as u128;
             // GEGLU's projection is 8x the width; scores and softmax are both alive.
             layer = layer.max(act(ch).saturating_mul(10));

@@ -180,7 +180,11 @@ impl VaeConfig {
         use crate::unet::{MAX_CHANNELS, MAX_LAYERS};
         // Each level doubles the image side; 8 levels (x128) is far past any real VAE.
         let mut counts = vec![
-            ("block_out_channels (levels)", self.block_out_channels.len(), 8),
+            (
+                "block_out_channels (levels)",
+                self.block_out_channels.len(),
+                8,
+            ),
             ("layers_per_block", self.layers_per_block, MAX_LAYERS),
             ("latent_channels", self.latent_channels, MAX_CHANNELS),
             ("out_channels", self.out_channels, MAX_CHANNELS),

@@ -63,7 +63,9 @@ pub fn read_text_bounded(path: &Path, max: u64) -> Result<String> {
     if let Some(kind) = non_regular_kind(path) {
         return Err(Error::io(path, kind));
     }
-    let len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
     if len > max {
         return Err(Error::io(
             path,
@@ -75,7 +77,8 @@ pub fn read_text_bounded(path: &Path, max: u64) -> Result<String> {
         ));
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let text = String::from_utf8(bytes).map_err(|e| Error::io(path, format!("not UTF-8 text: {e}")))?;
+    let text =
+        String::from_utf8(bytes).map_err(|e| Error::io(path, format!("not UTF-8 text: {e}")))?;
     // Editors on Windows may start UTF-8 files with a byte-order mark.
     Ok(match text.strip_prefix('\u{feff}') {
         Some(rest) => rest.to_string(),
@@ -89,9 +92,7 @@ pub fn first_non_finite(t: &Tensor) -> candle_core::Result<Option<(usize, f64)>>
         return Ok(None);
     }
     let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    Ok(v.iter()
-        .position(|x| !x.is_finite())
-        .map(|i| (i, v[i])))
+    Ok(v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i])))
 }
 
 impl Weights {
@@ -101,7 +102,11 @@ impl Weights {
         let mut routing = HashMap::new();
         for (idx, path) in paths.iter().enumerate() {
             if let Some(kind) = non_regular_kind(path) {
-                let kind = if kind == "not found" { "weight file not found" } else { kind };
+                let kind = if kind == "not found" {
+                    "weight file not found"
+                } else {
+                    kind
+                };
                 return Err(Error::io(path, kind));
             }
             // SAFETY: the file is mapped read-only; like every mmap user we rely on it
@@ -160,7 +165,7 @@ impl Weights {
             &format!("loading the weights of {}", dir.display()),
             weights.bytes_in(dtype),
         )
-        .map_err(|m| Error::Weights(m))?;
+        .map_err(Error::Weights)?;
         let used = weights.used.clone();
         let names: Vec<String> = weights.routing.keys().cloned().collect();
         let files = weights.file_list();

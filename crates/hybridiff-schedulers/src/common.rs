@@ -87,7 +87,7 @@ impl SdParams {
         let alphas_cumprod = torch_cumprod_f32(&alphas);
         // Betas that are each valid can still multiply to 0 in f32 (e.g. beta_start 0.5):
         // every sigma after that point is infinite and the latents become NaN.
-        if let Some(i) = alphas_cumprod.iter().position(|&a| !(a > 0.0)) {
+        if let Some(i) = alphas_cumprod.iter().position(|&a| a.is_nan() || a <= 0.0) {
             return Err(Error::InvalidValue {
                 path: cfg.path().to_path_buf(),
                 key: "beta_start".into(),

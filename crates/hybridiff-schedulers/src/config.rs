@@ -50,7 +50,7 @@ impl SchedulerConfig {
             source,
         })?;
         let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-        Self::from_json_str(&text, path)
+        Self::from_json_str(text, path)
     }
 
     /// Parses config text; `path` is only used to name the source in errors.

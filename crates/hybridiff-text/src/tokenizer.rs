@@ -39,10 +39,7 @@ pub fn shorten(text: &str, max_chars: usize) -> String {
     }
     let head: String = text.chars().take(max_chars * 3 / 4).collect();
     let tail: String = text.chars().skip(n - max_chars / 4).collect();
-    format!(
-        "{head:?} ... {tail:?} ({} characters in all)",
-        n
-    )
+    format!("{head:?} ... {tail:?} ({} characters in all)", n)
 }
 
 /// Token ids of one text, padded or truncated to a fixed length.
@@ -429,7 +426,10 @@ impl T5Tokenizer {
                 "The following part of your input was truncated because `max_sequence_length` \
                  is set to {max_length} tokens ({} tokens dropped): {}",
                 removed.len(),
-                shorten(&self.tokenizer.decode(removed, true).unwrap_or_default(), 80)
+                shorten(
+                    &self.tokenizer.decode(removed, true).unwrap_or_default(),
+                    80
+                )
             );
         }
         Ok(Encoded {
@@ -441,5 +441,25 @@ impl T5Tokenizer {
     /// The id of the pad token.
     pub fn pad_id(&self) -> u32 {
         self.pad_id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shorten;
+
+    #[test]
+    fn long_text_is_shown_by_its_ends_and_length() {
+        assert_eq!(shorten("short", 80), "\"short\"");
+        let long = format!("{}{}", "a".repeat(1_000_000), "END");
+        let s = shorten(&long, 80);
+        assert!(s.len() < 200, "{s}");
+        assert!(
+            s.contains("END\"") && s.contains("1000003 characters in all"),
+            "{s}"
+        );
+        // Cut by characters, never inside one.
+        let wide = "é".repeat(500);
+        assert!(shorten(&wide, 10).starts_with("\"ééééééé\""));
     }
 }

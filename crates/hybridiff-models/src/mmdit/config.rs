@@ -130,9 +130,21 @@ impl MMDiTConfig {
             ("num_layers", self.num_layers, MAX_LAYERS),
             ("attention_head_dim", self.attention_head_dim, MAX_CHANNELS),
             ("num_attention_heads", self.num_attention_heads, 1024),
-            ("joint_attention_dim", self.joint_attention_dim, MAX_CHANNELS),
-            ("caption_projection_dim", self.caption_projection_dim, MAX_CHANNELS),
-            ("pooled_projection_dim", self.pooled_projection_dim, MAX_CHANNELS),
+            (
+                "joint_attention_dim",
+                self.joint_attention_dim,
+                MAX_CHANNELS,
+            ),
+            (
+                "caption_projection_dim",
+                self.caption_projection_dim,
+                MAX_CHANNELS,
+            ),
+            (
+                "pooled_projection_dim",
+                self.pooled_projection_dim,
+                MAX_CHANNELS,
+            ),
             ("out_channels", self.out_channels(), MAX_CHANNELS),
             ("sample_size", self.sample_size, MAX_SAMPLE_SIZE),
         ] {

@@ -346,7 +346,13 @@ impl Denoiser for SD3Transformer2DModel {
         ctx_len: usize,
     ) -> Option<crate::memory::ForwardMemory> {
         let elem = self.dtype.size_in_bytes();
-        Some(crate::memory::mmdit_forward(&self.config, batch, hw, ctx_len, elem))
+        Some(crate::memory::mmdit_forward(
+            &self.config,
+            batch,
+            hw,
+            ctx_len,
+            elem,
+        ))
     }
 
     fn module_output_count(&self, idx: usize) -> usize {

@@ -536,7 +536,9 @@ impl UNetConfig {
                 )
             })?;
             if x > MAX_LAYERS as u64 {
-                return Err(invalid(format!("`{key}` = {x}: expected at most {MAX_LAYERS}")));
+                return Err(invalid(format!(
+                    "`{key}` = {x}: expected at most {MAX_LAYERS}"
+                )));
             }
             Ok(x as usize)
         };
@@ -602,9 +604,9 @@ impl UNetConfig {
         let layers_per_block = raw
             .layers_per_block
             .per_block(n, "layers_per_block", path)?;
-        let cross_attention_dim = raw
-            .cross_attention_dim
-            .per_block(n, "cross_attention_dim", path)?;
+        let cross_attention_dim =
+            raw.cross_attention_dim
+                .per_block(n, "cross_attention_dim", path)?;
         for (key, list, max) in [
             ("layers_per_block", &layers_per_block, MAX_LAYERS),
             ("cross_attention_dim", &cross_attention_dim, MAX_CHANNELS),
@@ -630,7 +632,10 @@ impl UNetConfig {
                 match v.as_array() {
                     // Non-square sizes are valid in diffusers; there is no square default then.
                     Some(pair) if pair.len() == 2 => {
-                        let (h, w) = (side(&pair[0]).ok_or_else(bad)?, side(&pair[1]).ok_or_else(bad)?);
+                        let (h, w) = (
+                            side(&pair[0]).ok_or_else(bad)?,
+                            side(&pair[1]).ok_or_else(bad)?,
+                        );
                         (h == w).then_some(h)
                     }
                     Some(_) => return Err(bad()),

@@ -538,7 +538,13 @@ impl Denoiser for UNet2DConditionModel {
         ctx_len: usize,
     ) -> Option<crate::memory::ForwardMemory> {
         let elem = self.dtype.size_in_bytes();
-        Some(crate::memory::unet_forward(&self.config, batch, hw, ctx_len, elem))
+        Some(crate::memory::unet_forward(
+            &self.config,
+            batch,
+            hw,
+            ctx_len,
+            elem,
+        ))
     }
 
     fn module_output_count(&self, idx: usize) -> usize {
