@@ -710,6 +710,21 @@ fn bad_scheduler_and_text_encoder_numbers_are_refused_by_key() {
         &["--scheduler", "ddim"],
     );
     fails_with(&o, &["clip_sample_range"]);
+    // A VAE scale that would blow the latents up to infinity.
+    let model3 = dir.path().join("model3");
+    linked_copy(&fixture("tiny-sdxl"), &model3);
+    edit_json(&model3, "vae/config.json", |v| {
+        v["scaling_factor"] = (-1e-30).into()
+    });
+    let png = dir.path().join("x.png");
+    let o = denoise(
+        &model3,
+        &tiny_inputs(),
+        &dir.path().join("o3"),
+        &["--decode", s(&png)],
+    );
+    fails_with(&o, &["`scaling_factor`", "vae"]);
+    assert!(!png.exists());
     // A text encoder with a negative layer-norm epsilon.
     let pipe = dir.path().join("pipe");
     linked_copy(&fixture("tiny-sdxl-pipeline"), &pipe);

@@ -145,11 +145,13 @@ impl VaeConfig {
                 ));
             }
         }
-        if !(self.scaling_factor.is_finite() && self.scaling_factor != 0.0) {
+        // Latents are divided by it: real VAEs use 0.13 to 1.5; far outside, the decoder
+        // sees values that overflow to NaN.
+        if !(1e-4..=1e4).contains(&self.scaling_factor.abs()) {
             return Err(unsupported(
                 "scaling_factor",
                 self.scaling_factor.to_string(),
-                "must be finite and non-zero",
+                "must be finite, between 1e-4 and 1e4 in size",
             ));
         }
         if self.block_out_channels.is_empty() {
@@ -523,6 +525,13 @@ pub fn to_rgb8(image: &Tensor) -> Result<(u32, u32, Vec<u8>)> {
         .permute((1, 2, 0))?
         .flatten_all()?
         .to_vec1::<f32>()?;
+    // A NaN would silently become a black pixel.
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Input(format!(
+            "the decoded image holds a non-finite value ({}) at flat index {i}; check the VAE's weights and `scaling_factor`",
+            values[i]
+        )));
+    }
     let bytes = values
         .into_iter()
         .map(|v| ((v / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round_ties_even() as u8)
