@@ -399,6 +399,60 @@ def prompts_cases():
     return cases
 
 
+def pipeline_cases():
+    """model_index.json, tokenizer files, --latents and hybridiff.json of a pipeline."""
+    cases = []
+    for label, edit in [
+        ("index-unet-class", lambda v: v.__setitem__("unet", ["diffusers", "SomethingElse"])),
+        ("index-no-text-encoder", lambda v: v.pop("text_encoder")),
+        ("index-class", lambda v: v.__setitem__("_class_name", "KandinskyPipeline")),
+        ("index-null-tokenizer", lambda v: v.__setitem__("tokenizer", [None, None])),
+        ("index-number", lambda v: v.__setitem__("tokenizer", 3)),
+    ]:
+        def setup(ctx, edit=edit):
+            with_model(PIPE)(ctx)
+            replace_json(ctx["w"] / "m" / "model_index.json", edit)
+        cases.append(Case(f"pipeline {label}", GENERATE, setup))
+    for rel, content in [
+        ("tokenizer/vocab.json", "{}"),
+        ("tokenizer/vocab.json", "[]"),
+        ("tokenizer/vocab.json", ""),
+        ("tokenizer/merges.txt", "garbage\n\u0000"),
+        ("tokenizer/merges.txt", ""),
+        ("tokenizer/special_tokens_map.json", '{"eos_token": 5}'),
+        ("hybridiff.json", '{"steps": 0}'),
+        ("hybridiff.json", '{"steps": 100000000}'),
+        ("hybridiff.json", '{"guidance": "x"}'),
+        ("hybridiff.json", '{"stepz": 3}'),
+    ]:
+        def setup(ctx, rel=rel, content=content):
+            with_model(PIPE)(ctx)
+            p = ctx["w"] / "m" / rel
+            if p.exists() or p.is_symlink():
+                p.unlink()
+            p.write_text(content)
+        args = [a for a in GENERATE]
+        if rel == "hybridiff.json":
+            args = [a for a in GENERATE if a not in ("--steps", "2")]
+        cases.append(Case(f"pipeline {rel} {content[:20]!r}", args, setup))
+    for label, tensors in [
+        ("int64", {"latents": ("I64", [1, 4, 16, 16], [0] * 1024)}),
+        ("nan", {"latents": ("F32", [1, 4, 16, 16], [float("nan")] * 1024)}),
+        ("shape", {"latents": ("F32", [1, 4, 8, 8], [0.0] * 256)}),
+        ("missing", {"other": ("F32", [1], [0.0])}),
+    ]:
+        def setup(ctx, tensors=tensors):
+            with_model(PIPE)(ctx)
+            write_safetensors(ctx["w"] / "l.safetensors", tensors)
+        cases.append(Case(f"generate --latents {label}", GENERATE + ["--latents", "{w}/l.safetensors"], setup))
+
+    def latents_fifo(ctx):
+        with_model(PIPE)(ctx)
+        os.mkfifo(ctx["w"] / "l.safetensors")
+    cases.append(Case("generate --latents fifo", GENERATE + ["--latents", "{w}/l.safetensors"], latents_fifo, timeout=20))
+    return cases
+
+
 def compare_cases():
     cases = []
     png_1x1 = bytes.fromhex(
@@ -428,7 +482,7 @@ def main():
     ap.add_argument("--only", default=None, help="run the cases whose name contains this")
     ap.add_argument(
         "--groups",
-        default="config,tensor,flag,output,prompts,compare",
+        default="config,tensor,flag,output,prompts,pipeline,compare",
         help="comma-separated case groups to run",
     )
     ap.add_argument("--jobs", type=int, default=2)
@@ -439,6 +493,7 @@ def main():
         "flag": flag_cases,
         "output": output_cases,
         "prompts": prompts_cases,
+        "pipeline": pipeline_cases,
         "compare": compare_cases,
     }
     cases = [c for g in a.groups.split(",") for c in groups[g.strip()]()]

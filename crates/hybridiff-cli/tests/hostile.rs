@@ -1043,3 +1043,31 @@ fn compare_refuses_images_below_the_ssim_window_and_reports_unpaired_files() {
         assert!(!String::from_utf8_lossy(&o.stdout).contains("NaN"));
     }
 }
+
+#[test]
+fn a_pipeline_whose_parts_do_not_fit_together_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = dir.path().join("pipe");
+    linked_copy(&fixture("tiny-sdxl-pipeline"), &pipe);
+    // Without its first text encoder the SDXL pipeline's embeddings are too narrow.
+    edit_json(&pipe, "model_index.json", |v| {
+        v.as_object_mut().unwrap().remove("text_encoder");
+    });
+    let out = dir.path().join("x.png");
+    let o = run(&[
+        "generate",
+        "--model",
+        s(&pipe),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--out",
+        s(&out),
+    ]);
+    fails_with(
+        &o,
+        &["pipe", "32-wide embeddings", "takes 64", "model_index.json"],
+    );
+    assert!(!out.exists());
+}

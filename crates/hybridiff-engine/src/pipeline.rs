@@ -87,6 +87,35 @@ impl Pipeline {
         }
     }
 
+    /// Refuses text embeddings whose widths are not what the denoiser takes: the folder's
+    /// components do not belong together (e.g. a text encoder missing from
+    /// `model_index.json`), and the denoiser would fail on a bare shape mismatch.
+    fn check_text_widths(&self, e: &hybridiff_text::EncodedPrompts) -> Result<()> {
+        let spec = &self.model.input_spec;
+        let width = e.prompt_embeds.dims().last().copied().unwrap_or(0);
+        let pooled = e
+            .pooled_prompt_embeds
+            .as_ref()
+            .and_then(|p| p.dims().last().copied());
+        let pooled_ok = match (spec.pooled_dim, pooled) {
+            (Some(want), Some(got)) => want == got,
+            (Some(_), None) => false,
+            (None, _) => true,
+        };
+        if width != spec.context_dim || !pooled_ok {
+            return Err(Error::Input(format!(
+                "{}: the text encoders give {width}-wide embeddings{} but the denoiser takes {}{}; do the components named in model_index.json belong together?",
+                self.model.dir.display(),
+                pooled.map(|p| format!(" and {p}-wide pooled ones")).unwrap_or_default(),
+                spec.context_dim,
+                spec.pooled_dim
+                    .map(|p| format!(" and {p}-wide pooled embeddings"))
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(())
+    }
+
     /// Encodes the prompts and draws or checks the starting latents.
     pub fn prepare(&self, req: &Request) -> Result<DenoiseInputs> {
         let f = self.vae_factor();
@@ -116,6 +145,7 @@ impl Pipeline {
             None => seeded_latents(req.seed, (spec.latent_channels, lh, lw), device)?,
         };
         let e = self.text.encode(&req.prompt, &req.negative_prompt)?;
+        self.check_text_widths(&e)?;
         let time_ids = if spec.time_ids {
             let (hf, wf) = (h as f32, w as f32);
             Some(Tensor::new(&[[hf, wf, 0.0, 0.0, hf, wf]], device)?)
