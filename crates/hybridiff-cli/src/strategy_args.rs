@@ -16,7 +16,7 @@ pub struct StrategyArgs {
     pub l_slope: Option<usize>,
     /// hybrid: slope below which the rel-MAE curve counts as flat [default: hybridiff.json,
     /// else 0.4e-3 for 50 steps; either scaled to --steps].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub eps_slope: Option<f64>,
     /// hybrid: pipelined steps after tau1 [default: hybridiff.json, else 5 for 50 steps;
     /// either scaled to --steps and fitted into it].
@@ -114,8 +114,11 @@ impl ModelDefaults {
         if !p.is_file() {
             return Ok(Self::default());
         }
-        let text =
-            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        let text = hybridiff_models::weights::read_text_bounded(
+            &p,
+            hybridiff_models::weights::MAX_CONFIG_BYTES,
+        )
+        .with_context(|| format!("reading {}", p.display()))?;
         let d: Self = serde_json::from_str(&text).with_context(|| {
             format!(
                 "{}: expected {{steps, guidance, l_slope, eps_slope, k, tau_cap}}",
@@ -150,10 +153,11 @@ pub struct RunArgs {
     /// serial (1 rank), cfg (2 or 4), async (2+), hybrid (2 or 4).
     #[arg(long, default_value = "serial")]
     pub strategy: String,
-    /// Number of ranks [default: 1 for serial, 2 otherwise].
+    /// Number of ranks [default: 1 for serial, 2 otherwise]. Ranks are threads of this
+    /// process: at most 64, and at most 4 threads per core in all.
     #[arg(long)]
     pub world_size: Option<usize>,
-    /// Compute threads per rank [default: cores / world size].
+    /// Compute threads per rank, at most the machine's cores [default: cores / world size].
     #[arg(long)]
     pub threads_per_rank: Option<usize>,
     /// f32 or f16 (bf16 on CUDA builds).
@@ -162,8 +166,8 @@ pub struct RunArgs {
     /// ddim, euler, dpmpp-2m or flow-euler [default: the model's scheduler_config.json]
     #[arg(long)]
     pub scheduler: Option<String>,
-    /// Seconds any rank waits for another before the job fails.
-    #[arg(long, default_value_t = 600)]
+    /// Seconds any rank waits for another before the job fails (1 to 604800).
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub comm_timeout: u64,
     #[command(flatten)]
     pub strategy_args: StrategyArgs,
@@ -207,12 +211,16 @@ impl RunArgs {
             StrategyKind::Serial => 1,
             _ => 2,
         });
-        if world_size == 0 {
-            anyhow::bail!("--world-size must be at least 1");
-        }
         let threads = self
             .threads_per_rank
             .unwrap_or_else(|| crate::default_threads(world_size));
+        let run_options = hybridiff_engine::RunOptions {
+            world_size,
+            threads_per_rank: threads,
+            comm_timeout: std::time::Duration::from_secs(self.comm_timeout),
+        };
+        // Before any pool exists: rayon panics when it cannot create its threads.
+        run_options.check(hybridiff_engine::cores())?;
         crate::set_compute_threads(threads);
         let scheduler = match &self.scheduler {
             Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?),
@@ -222,11 +230,7 @@ impl RunArgs {
         Ok(Run {
             kind,
             strategy: kind.build(&options),
-            options: hybridiff_engine::RunOptions {
-                world_size,
-                threads_per_rank: threads,
-                comm_timeout: std::time::Duration::from_secs(self.comm_timeout),
-            },
+            options: run_options,
             dtype: crate::denoise::parse_dtype(&self.dtype, device)?,
             scheduler,
             switch,
