@@ -79,7 +79,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .options(&crate::strategy_args::ModelDefaults::read(&args.model)?)?;
     crate::set_compute_threads(args.threads_per_rank);
     let device = Device::Cpu;
-    let dtype = crate::denoise::parse_dtype(&args.dtype, &device)?;
+    let dtype = crate::strategy_args::parse_dtype(&args.dtype, &device)?;
     let model = Model::load(&args.model, dtype, &device)?;
     let inputs = match &args.inputs {
         Some(p) => DenoiseInputs::load(p, &model.input_spec, &device)?,

@@ -21,6 +21,9 @@ pub enum Error {
     /// Options that do not fit together (world size, strategy, steps...).
     #[error("{0}")]
     Options(String),
+    /// The job was cancelled by its caller (see [`crate::Runner::denoise`]).
+    #[error("the job was cancelled")]
+    Cancelled,
     /// A file that could not be read or written.
     #[error("{}: {msg}", path.display())]
     Io { path: PathBuf, msg: String },
