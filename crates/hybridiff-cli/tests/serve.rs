@@ -241,7 +241,7 @@ fn sigterm_finishes_the_running_job_answers_the_queue_503_and_exits_0() {
             (status, r.json::<Value>().unwrap())
         })
     };
-    let running = post(json!({"prompt": "a red circle", "num_inference_steps": 150}));
+    let running = post(json!({"prompt": "a red circle", "num_inference_steps": 40}));
     s.wait_health("the long job to run", |h| h["running"] == true);
     let q1 = post(json!({"prompt": "a"}));
     let q2 = post(json!({"prompt": "b"}));
@@ -403,7 +403,10 @@ fn api_key_from_the_environment_and_flag_checks() {
     for (flags, needle) in [
         (&["--max-n", "0"][..], "--max-n"),
         (&["--steps", "500"][..], "--max-steps"),
-        (&["--width", "60", "--height", "64"][..], "multiples of 8"),
+        (
+            &["--width", "60", "--height", "64"][..],
+            "both must be multiples of",
+        ),
     ] {
         let o = Command::new(env!("CARGO_BIN_EXE_hybridiff"))
             .args(["serve", "--port", "0"])
