@@ -236,9 +236,11 @@ async fn bad_requests_name_the_field() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn api_key_guards_every_route_but_health_and_the_page() {
-    let mut cfg = Config::default();
-    cfg.api_key = Some("s3cret-key".into());
-    let srv = TestServer::start(cfg).await;
+    let srv = TestServer::start(Config {
+        api_key: Some("s3cret-key".into()),
+        ..Config::default()
+    })
+    .await;
     let c = reqwest::Client::new();
     for (method, path) in [
         ("POST", "/v1/images/generations"),
