@@ -40,7 +40,7 @@ pub struct ServeArgs {
     /// Image width when a request gives no size.
     #[arg(long, requires = "height")]
     pub width: Option<u32>,
-    /// Requests that may wait behind the running one; more get 429.
+    /// Requests that may wait behind the running one; more get 429 (0: run only when idle).
     #[arg(long, default_value_t = 8)]
     pub max_queue: usize,
     /// Seconds from arrival to answer (queue wait included); then 504 and the job is

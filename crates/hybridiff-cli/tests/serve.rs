@@ -268,6 +268,24 @@ fn sigterm_finishes_the_running_job_answers_the_queue_503_and_exits_0() {
     assert!(err.contains("stopping"), "{err}");
 }
 
+#[cfg(unix)]
+#[test]
+fn sigint_stops_an_idle_service_with_exit_0() {
+    let mut s = Served::start(&[]);
+    assert_eq!(s.health()["status"], "ok");
+    let rc = unsafe { libc::kill(s.child.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(rc, 0);
+    let t0 = Instant::now();
+    let code = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code.code(), Some(0));
+}
+
 #[test]
 fn fifty_requests_from_ten_clients_get_an_image_or_a_429() {
     let s = Served::start(&["--max-queue", "2", "--threads-per-rank", "1"]);

@@ -61,7 +61,8 @@ pub struct Limits {
     pub max_pixels: u64,
     /// `guidance_scale` (`--max-guidance`).
     pub max_guidance: f64,
-    /// Requests waiting behind the running one (`--max-queue`); more get 429.
+    /// Requests waiting behind the running one (`--max-queue`); more get 429. With 0 a
+    /// request runs only when the ranks are idle.
     pub max_queue: usize,
     /// From arrival to answer, queue wait included (`--request-timeout`); then 504 and the
     /// job is dropped or cancelled.
@@ -178,7 +179,7 @@ impl Service {
         &self.state.info
     }
 
-    /// The HTTP routes (for tests that drive the service without a socket).
+    /// The HTTP routes, to mount elsewhere or drive without a socket.
     pub fn router(&self) -> Router {
         router(Arc::clone(&self.state))
     }

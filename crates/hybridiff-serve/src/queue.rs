@@ -117,7 +117,9 @@ impl Queue {
             return Err(ApiError::shutting_down());
         }
         let ahead = inner.waiting.len() + usize::from(inner.running.is_some());
-        if inner.waiting.len() >= self.max_queue {
+        // `max_queue` 0 still runs a request when nothing else is waiting or running.
+        let busy = inner.running.is_some() || !inner.waiting.is_empty();
+        if busy && inner.waiting.len() >= self.max_queue {
             let secs = (inner.mean_seconds * ahead as f64).ceil().max(1.0) as u64;
             return Err(ApiError::queue_full(secs, self.max_queue));
         }

@@ -522,3 +522,19 @@ async fn stream_true_sends_queued_progress_and_completed_events() {
     assert_eq!(body["data"].as_array().unwrap().len(), 2);
     decode_b64_png(body["data"][1]["b64_json"].as_str().unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_queue_0_runs_only_on_idle_ranks() {
+    let srv = TestServer::start(config(|l| l.max_queue = 0)).await;
+    let c = reqwest::Client::new();
+    let url = srv.url("/v1/images/generations");
+    let running = spawn_post(&c, &url, json!({"prompt": "hold"}));
+    srv.wait_health("the held job to run", |h| h["running"] == true)
+        .await;
+    let r = post(&c, &url, json!({"prompt": "busy"})).await;
+    expect_error(r, 429, None).await;
+    srv.record.release();
+    assert_eq!(running.await.unwrap().status(), 200);
+    let r = post(&c, &url, json!({"prompt": "idle again"})).await;
+    assert_eq!(r.status(), 200);
+}
