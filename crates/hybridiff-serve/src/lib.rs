@@ -186,7 +186,8 @@ impl Service {
 
     /// Answers HTTP on `listener` until `shutdown` completes; then stops accepting, answers
     /// the queued requests 503, lets the running job finish and its answer go out, and
-    /// returns once every connection is done and the job thread has stopped.
+    /// returns once every connection is done (or the request timeout plus a second has
+    /// passed) and the job thread has stopped.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
@@ -199,13 +200,28 @@ impl Service {
             .unwrap_or_else(PoisonError::into_inner) = listener.local_addr().ok();
         let queue = Arc::clone(&self.state.queue);
         let app = self.router();
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                tracing::info!("shutting down: no new requests, queued ones get 503");
-                queue.close();
-            })
-            .await;
+        let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new requests, queued ones get 503");
+            queue.close();
+            let _ = fired_tx.send(());
+        });
+        // Every request is answered within the request timeout; a connection still open
+        // after that (a client that never finishes its request) does not hold the exit.
+        let grace = self.state.limits.request_timeout + Duration::from_secs(1);
+        let result = tokio::select! {
+            r = std::future::IntoFuture::into_future(server) => r,
+            _ = async {
+                match fired_rx.await {
+                    Ok(()) => tokio::time::sleep(grace).await,
+                    Err(_) => std::future::pending().await,
+                }
+            } => {
+                tracing::warn!("connections still open {grace:?} after the stop signal: closing them");
+                Ok(())
+            }
+        };
         let Service { state, jobs } = self;
         drop(state);
         // Joining waits for the running job, which graceful shutdown has already awaited.

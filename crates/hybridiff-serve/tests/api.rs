@@ -538,3 +538,27 @@ async fn max_queue_0_runs_only_on_idle_ranks() {
     let r = post(&c, &url, json!({"prompt": "idle again"})).await;
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_half_sent_request_does_not_hold_the_exit() {
+    let mut srv =
+        TestServer::start(config(|l| l.request_timeout = Duration::from_millis(500))).await;
+    let addr = srv.base.trim_start_matches("http://").to_string();
+    let mut sock = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        sock,
+        "POST /v1/images/generations HTTP/1.1\r\nHost: {addr}\r\n"
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = std::time::Instant::now();
+    srv.stop();
+    let done = srv.done.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), done)
+        .await
+        .expect("serve returns within the request timeout + 1 s")
+        .unwrap()
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    drop(sock);
+}
