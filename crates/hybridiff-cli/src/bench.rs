@@ -98,7 +98,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     crate::strategy_args::announce(&kinds, &refs, &switch, args.guidance, args.steps)?;
     crate::set_compute_threads(args.threads_per_rank);
     let device = Device::Cpu;
-    let dtype = crate::denoise::parse_dtype(&args.dtype, &device)?;
+    let dtype = crate::strategy_args::parse_dtype(&args.dtype, &device)?;
     let model = Model::load(&args.model, dtype, &device)?;
     let inputs = match &args.inputs {
         Some(p) => DenoiseInputs::load(p, &model.input_spec, &device)?,

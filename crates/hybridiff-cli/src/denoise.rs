@@ -41,18 +41,6 @@ pub struct DenoiseArgs {
     pub run: crate::strategy_args::RunArgs,
 }
 
-pub(crate) fn parse_dtype(s: &str, device: &Device) -> Result<DType> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" if device.is_cpu() => anyhow::bail!(
-            "--dtype bf16: candle's CPU backend has no bf16 matmul or conv2d; use f32 or f16 on CPU (bf16 runs on CUDA builds)"
-        ),
-        "bf16" => Ok(DType::BF16),
-        other => anyhow::bail!("--dtype: unknown dtype `{other}`; expected f32, f16 or bf16"),
-    }
-}
-
 pub(crate) fn parse_scheduler(s: Option<&str>, model: &Model) -> Result<SchedulerKind> {
     Ok(match s {
         Some(s) => s.parse().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?,

@@ -10,7 +10,7 @@ use hybridiff_engine::io::{
     special_file_kind, write_bytes_atomic,
 };
 use hybridiff_engine::pipeline::{Pipeline, Request};
-use hybridiff_engine::{RunOptions, Strategy, StrategyKind};
+use hybridiff_engine::{Runner, Strategy, StrategyKind};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
@@ -274,6 +274,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         None => None,
     };
     let opts = &run.options;
+    // Started once: a batch runs every prompt on the same ranks.
+    let runner = Runner::start(opts.clone())?;
     let scheduler = run.scheduler;
     let request = |prompt: &str, negative: Option<&str>, seed: u64| Request {
         prompt: prompt.to_string(),
@@ -291,7 +293,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             let prompt = args.prompt.as_deref().unwrap_or_default();
             let req = request(prompt, args.negative_prompt.as_deref(), args.seed);
             let start = Instant::now();
-            let img = generate_one(&pipeline, &req, run.strategy.as_ref(), opts)?;
+            let img = generate_one(&pipeline, &req, run.strategy.as_ref(), &runner)?;
             save_png(&args.out, img.width, img.height, img.rgb)?;
             if let Some(p) = &args.trace {
                 write_bytes_atomic(p, serde_json::to_string_pretty(&img.trace)?.as_bytes())?;
@@ -329,7 +331,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 &items,
                 &request,
                 run.strategy.as_ref(),
-                opts,
+                &runner,
                 &args.out,
                 run.kind,
             )
@@ -341,14 +343,14 @@ fn generate_one(
     pipeline: &Pipeline,
     req: &Request,
     strategy: &dyn Strategy,
-    opts: &RunOptions,
+    runner: &Runner,
 ) -> Result<hybridiff_engine::pipeline::Generated> {
     let bar = ProgressBar::new(req.steps as u64).with_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed_precise} eta {eta}")
             .expect("valid template"),
     );
     let progress = |done: usize, _total: usize| bar.set_position(done as u64);
-    let img = pipeline.generate(req, strategy, opts, Some(&progress))?;
+    let img = pipeline.generate_on(runner, req, strategy, Some(&progress), None)?;
     bar.finish_and_clear();
     Ok(img)
 }
@@ -358,7 +360,7 @@ fn run_batch(
     items: &[BatchItem],
     request: &dyn Fn(&str, Option<&str>, u64) -> Request,
     strategy: &dyn Strategy,
-    opts: &RunOptions,
+    runner: &Runner,
     out: &Path,
     kind: StrategyKind,
 ) -> Result<()> {
@@ -373,7 +375,7 @@ fn run_batch(
             pipeline,
             &request(&it.prompt, negative, seed),
             strategy,
-            opts,
+            runner,
         )
         .and_then(|img| {
             save_png(&out.join(&file), img.width, img.height, img.rgb)?;

@@ -5,6 +5,7 @@ mod compare;
 mod default_model;
 mod denoise;
 mod generate;
+mod serve;
 mod strategy_args;
 
 use std::process::ExitCode;
@@ -34,6 +35,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// PSNR and SSIM between two folders of images, paired by file name.
     Compare(compare::CompareArgs),
+    /// HTTP image service (OpenAI images API, web page) on ranks kept warm.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -98,6 +101,7 @@ fn main() -> ExitCode {
         .map_err(anyhow::Error::from),
         Command::Bench(args) => bench::run(args),
         Command::Compare(args) => compare::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

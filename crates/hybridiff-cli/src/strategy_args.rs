@@ -1,4 +1,4 @@
-//! Strategy flags shared by `denoise` and `bench`.
+//! The run flags that `generate`, `denoise`, `bench` and `serve` share.
 
 use anyhow::Result;
 use hybridiff_engine::switch::{self, PartialSwitch, ResolvedSwitch};
@@ -173,6 +173,20 @@ pub struct RunArgs {
     pub strategy_args: StrategyArgs,
 }
 
+/// `--dtype`: f32 or f16, and bf16 where the device has bf16 kernels.
+pub(crate) fn parse_dtype(s: &str, device: &candle_core::Device) -> Result<candle_core::DType> {
+    use candle_core::DType;
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" if device.is_cpu() => anyhow::bail!(
+            "--dtype bf16: candle's CPU backend has no bf16 matmul or conv2d; use f32 or f16 on CPU (bf16 runs on CUDA builds)"
+        ),
+        "bf16" => Ok(DType::BF16),
+        other => anyhow::bail!("--dtype: unknown dtype `{other}`; expected f32, f16 or bf16"),
+    }
+}
+
 /// [`RunArgs`] checked and resolved.
 pub struct Run {
     pub kind: hybridiff_engine::StrategyKind,
@@ -231,7 +245,7 @@ impl RunArgs {
             kind,
             strategy: kind.build(&options),
             options: run_options,
-            dtype: crate::denoise::parse_dtype(&self.dtype, device)?,
+            dtype: parse_dtype(&self.dtype, device)?,
             scheduler,
             switch,
         })

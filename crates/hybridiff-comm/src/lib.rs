@@ -13,12 +13,14 @@
 mod error;
 mod in_process;
 mod run;
+mod warm;
 
 use candle_core::Tensor;
 
 pub use error::{Error, Op, Result};
 pub use in_process::{InProcessComm, InProcessGroup};
-pub use run::{run_ranks, RunError};
+pub use run::{run_ranks, threads_started, RunError};
+pub use warm::WarmRanks;
 
 /// One rank's handle on a group of ranks.
 ///

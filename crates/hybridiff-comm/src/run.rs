@@ -3,7 +3,7 @@
 use std::any::Any;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -57,8 +57,34 @@ impl<E: fmt::Display> fmt::Display for RunError<E> {
 
 impl<E: fmt::Display + fmt::Debug> std::error::Error for RunError<E> {}
 
+/// Rank threads and rank pool workers this process has started (see [`threads_started`]).
+static THREADS_STARTED: AtomicU64 = AtomicU64::new(0);
+
+/// How many rank threads and rank-pool worker threads this process has started so far, by
+/// [`run_ranks`] and [`WarmRanks`](crate::WarmRanks) together. A service shows with it that
+/// requests run on warm ranks: the count stays put while jobs come and go.
+pub fn threads_started() -> u64 {
+    THREADS_STARTED.load(Ordering::SeqCst)
+}
+
+pub(crate) fn count_thread_start() {
+    THREADS_STARTED.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Rank `rank`'s rayon pool of `threads` workers (counted in [`threads_started`] once built:
+/// rayon starts exactly that many, though not all may be running yet).
+pub(crate) fn rank_pool(rank: usize, threads: usize) -> Result<rayon::ThreadPool, String> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("hybridiff-rank-{rank}-worker-{i}"))
+        .build()
+        .map_err(|e| format!("could not build its rayon pool of {threads}: {e}"))?;
+    THREADS_STARTED.fetch_add(threads as u64, Ordering::SeqCst);
+    Ok(pool)
+}
+
 /// How one rank ended; `order` ranks failures by time, so the first can be told from echoes.
-enum Outcome<T, E> {
+pub(crate) enum Outcome<T, E> {
     Done(T),
     Failed { order: usize, error: RunError<E> },
 }
@@ -104,6 +130,7 @@ where
         let mut outcomes = Vec::with_capacity(world_size);
         for comm in comms {
             let rank = comm.rank();
+            count_thread_start();
             let spawned = thread::Builder::new()
                 .name(format!("hybridiff-rank-{rank}"))
                 .spawn_scoped(s, move || {
@@ -146,8 +173,17 @@ where
         outcomes.into_iter().map(|(_, o)| o).collect()
     });
 
+    root_cause(&shared, outcomes)
+}
+
+/// The results in rank order, or the root cause among the failed ranks: the rank that
+/// aborted the group (whatever the timing), else the earliest failure.
+pub(crate) fn root_cause<T, E>(
+    shared: &Shared,
+    outcomes: Vec<Outcome<T, E>>,
+) -> Result<Vec<T>, RunError<E>> {
     let by_rank = shared.aborted_by();
-    let mut results = Vec::with_capacity(world_size);
+    let mut results = Vec::with_capacity(outcomes.len());
     let mut first: Option<(usize, RunError<E>)> = None;
     for outcome in outcomes {
         match outcome {
@@ -183,47 +219,75 @@ where
     F: Fn(&mut dyn Communicator) -> Result<T, E> + Sync,
 {
     let rank = comm.rank();
-    let fail = |error: RunError<E>, reason: String| {
-        let o = order.fetch_add(1, Ordering::SeqCst);
-        // Abort before `comm` is dropped so peers see the reason, not just "exited".
-        shared.abort_as(rank, &reason);
-        Outcome::Failed { order: o, error }
-    };
-    let pool = match rayon::ThreadPoolBuilder::new()
-        .num_threads(threads_per_rank)
-        .thread_name(move |i| format!("hybridiff-rank-{rank}-worker-{i}"))
-        .build()
-    {
-        Ok(p) => p,
-        Err(e) => {
-            let message = format!("could not build its rayon pool of {threads_per_rank}: {e}");
-            return fail(
-                RunError::Setup {
-                    rank: Some(rank),
-                    message: message.clone(),
-                },
-                message,
-            );
-        }
-    };
-    let result = catch_unwind(AssertUnwindSafe(|| {
-        pool.install(|| f(&mut comm as &mut dyn Communicator))
-    }));
+    match rank_pool(rank, threads_per_rank) {
+        Ok(pool) => pool.install(|| run_body(&mut comm, f, order, shared)),
+        Err(message) => fail(
+            rank,
+            RunError::Setup {
+                rank: Some(rank),
+                message: message.clone(),
+            },
+            message,
+            order,
+            shared,
+        ),
+    }
+}
+
+/// Runs `f` on one rank and turns an error or a panic into a failed [`Outcome`], aborting
+/// the group so that peers stop waiting for this rank.
+pub(crate) fn run_body<T, E, F>(
+    comm: &mut InProcessComm,
+    f: &F,
+    order: &AtomicUsize,
+    shared: &Shared,
+) -> Outcome<T, E>
+where
+    E: fmt::Display,
+    F: Fn(&mut dyn Communicator) -> Result<T, E> + ?Sized,
+{
+    let rank = comm.rank();
+    let result = catch_unwind(AssertUnwindSafe(|| f(comm as &mut dyn Communicator)));
     match result {
         Ok(Ok(v)) => Outcome::Done(v),
         Ok(Err(error)) => {
             let reason = error.to_string();
-            fail(RunError::Failed { rank, error }, reason)
+            fail(
+                rank,
+                RunError::Failed { rank, error },
+                reason,
+                order,
+                shared,
+            )
         }
         Err(payload) => {
             let message = panic_message(payload.as_ref());
             let reason = format!("panicked: {message}");
-            fail(RunError::Panicked { rank, message }, reason)
+            fail(
+                rank,
+                RunError::Panicked { rank, message },
+                reason,
+                order,
+                shared,
+            )
         }
     }
 }
 
-fn panic_message(payload: &(dyn Any + Send)) -> String {
+pub(crate) fn fail<T, E>(
+    rank: usize,
+    error: RunError<E>,
+    reason: String,
+    order: &AtomicUsize,
+    shared: &Shared,
+) -> Outcome<T, E> {
+    let o = order.fetch_add(1, Ordering::SeqCst);
+    // Abort before the rank's communicator is dropped so peers see the reason, not "exited".
+    shared.abort_as(rank, &reason);
+    Outcome::Failed { order: o, error }
+}
+
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {

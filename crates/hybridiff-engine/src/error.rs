@@ -27,6 +27,9 @@ pub enum Error {
     /// A job whose estimated memory exceeds what the machine has (see `memory`).
     #[error("{0}")]
     Memory(String),
+    /// The job was cancelled by its caller (see [`crate::Runner::denoise`]).
+    #[error("the job was cancelled")]
+    Cancelled,
     /// A file that could not be read or written.
     #[error("{}: {msg}", path.display())]
     Io { path: PathBuf, msg: String },

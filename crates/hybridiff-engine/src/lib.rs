@@ -9,6 +9,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod runner;
 pub mod sampler;
 pub mod stages;
 pub mod strategy;
@@ -18,13 +19,14 @@ pub mod trace;
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
-use hybridiff_comm::RunError;
+use hybridiff_comm::{Communicator, RunError, WarmRanks};
 use hybridiff_models::Denoiser;
 use hybridiff_schedulers::{SchedulerConfig, SchedulerKind};
 
 pub use error::{Error, Result};
 pub use io::DenoiseInputs;
 pub use model::Model;
+pub use runner::Runner;
 pub use sampler::Sampler;
 pub use strategy::{PipelinedGuidance, Strategy, StrategyKind, StrategyOptions};
 pub use trace::{StepTrace, Trace};
@@ -145,8 +147,19 @@ pub struct DenoiseOutput {
     pub trace: Trace,
 }
 
-/// Runs a whole denoising job with `strategy` on `opts.world_size` in-process ranks.
+/// Runs a whole denoising job with `strategy` on `opts.world_size` in-process ranks started
+/// for this job (see [`Runner`] for ranks kept warm across jobs).
 pub fn denoise(job: &Job, strategy: &dyn Strategy, opts: &RunOptions) -> Result<DenoiseOutput> {
+    denoise_on(job, strategy, opts, None)
+}
+
+/// [`denoise`] on `warm` ranks when given (their layout must be `opts`), else on fresh ones.
+pub(crate) fn denoise_on(
+    job: &Job,
+    strategy: &dyn Strategy,
+    opts: &RunOptions,
+    warm: Option<&WarmRanks>,
+) -> Result<DenoiseOutput> {
     if job.steps == 0 {
         return Err(Error::Options("--steps must be at least 1".into()));
     }
@@ -166,12 +179,16 @@ pub fn denoise(job: &Job, strategy: &dyn Strategy, opts: &RunOptions) -> Result<
     memory::estimate_job(job.model, &shape).check()?;
     let stage_plan = strategy.plan_summary(job, opts.world_size)?;
     let start = Instant::now();
-    let results = hybridiff_comm::run_ranks(
-        opts.world_size,
-        opts.threads_per_rank,
-        opts.comm_timeout,
-        |comm| strategy::run_rank(strategy, job, comm),
-    )
+    let body = |comm: &mut dyn Communicator| strategy::run_rank(strategy, job, comm);
+    let results = match warm {
+        Some(ranks) => ranks.run(body),
+        None => hybridiff_comm::run_ranks(
+            opts.world_size,
+            opts.threads_per_rank,
+            opts.comm_timeout,
+            body,
+        ),
+    }
     .map_err(|e| match e {
         RunError::Failed { error, .. } if opts.world_size == 1 => error,
         RunError::Failed { rank, error } => Error::Options(format!("rank {rank}: {error}")),

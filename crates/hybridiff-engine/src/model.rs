@@ -45,9 +45,19 @@ fn vae_factor(dir: &Path) -> Result<usize> {
     Ok(1 << n.saturating_sub(1))
 }
 
+/// Calls of [`Model::load`] in this process (see [`loads`]).
+static LOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times this process has loaded a model folder: a service shows with it that it
+/// loads its model once, not per request.
+pub fn loads() -> u64 {
+    LOADS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 impl Model {
     /// Loads the denoiser and scheduler config of a diffusers model folder.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        LOADS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if !dir.is_dir() {
             return Err(Error::io(
                 dir,

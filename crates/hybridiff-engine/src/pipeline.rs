@@ -12,7 +12,10 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::{denoise, DenoiseInputs, Error, Job, Model, Result, RunOptions, Strategy, Trace};
+use crate::{
+    denoise, DenoiseInputs, DenoiseOutput, Error, Job, Model, Result, RunOptions, Runner, Strategy,
+    Trace,
+};
 
 /// A loaded text-to-image pipeline.
 pub struct Pipeline {
@@ -255,7 +258,7 @@ impl Pipeline {
         strategy.check(&job, opts.world_size)
     }
 
-    /// Makes one image.
+    /// Makes one image on ranks started for it.
     pub fn generate(
         &self,
         req: &Request,
@@ -264,6 +267,29 @@ impl Pipeline {
         progress: Option<&(dyn Fn(usize, usize) + Sync)>,
     ) -> Result<Generated> {
         self.check_memory(req, strategy, opts)?;
+        self.generate_with(req, progress, |job| denoise(job, strategy, opts))
+    }
+
+    /// Makes one image on `runner`'s warm ranks: the same image as [`Pipeline::generate`]
+    /// with the runner's options. Setting `cancel` stops the job ([`Error::Cancelled`]).
+    pub fn generate_on(
+        &self,
+        runner: &Runner,
+        req: &Request,
+        strategy: &dyn Strategy,
+        progress: Option<&(dyn Fn(usize, usize) + Sync)>,
+        cancel: Option<&std::sync::atomic::AtomicBool>,
+    ) -> Result<Generated> {
+        self.check_memory(req, strategy, runner.options())?;
+        self.generate_with(req, progress, |job| runner.denoise(job, strategy, cancel))
+    }
+
+    fn generate_with(
+        &self,
+        req: &Request,
+        progress: Option<&(dyn Fn(usize, usize) + Sync)>,
+        denoise: impl FnOnce(&Job) -> Result<DenoiseOutput>,
+    ) -> Result<Generated> {
         let inputs = self.prepare(req)?;
         let scheduler = match req.scheduler {
             Some(s) => s,
@@ -278,7 +304,7 @@ impl Pipeline {
             inputs: &inputs,
             progress,
         };
-        let out = denoise(&job, strategy, opts)?;
+        let out = denoise(&job)?;
         let image = self
             .vae
             .decode_latents(&out.latents.to_dtype(DType::F32)?)?;

@@ -1,0 +1,233 @@
+//! `hybridiff serve`: the flags, then the service of `hybridiff-serve` on a tokio runtime.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use hybridiff_engine::pipeline::Pipeline;
+use hybridiff_engine::Runner;
+use hybridiff_serve::{Backend, Config, Limits, PipelineBackend, RequestDefaults, Service};
+
+use crate::strategy_args::ModelDefaults;
+
+/// Arguments of `hybridiff serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// A diffusers pipeline folder [default: the model built into this binary].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Address to bind. Anything but loopback exposes the service: give --api-key.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Port to bind (0: any free port; the bound address is printed).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every route but /health and the page.
+    #[arg(long, env = "HYBRIDIFF_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Steps when a request gives no num_inference_steps [default: hybridiff.json, else 50].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Guidance when a request gives no guidance_scale [default: hybridiff.json, else 7 for
+    /// SD3, 5 otherwise].
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// Image height when a request gives no size [default: the denoiser's sample size].
+    #[arg(long, requires = "width")]
+    pub height: Option<u32>,
+    /// Image width when a request gives no size.
+    #[arg(long, requires = "height")]
+    pub width: Option<u32>,
+    /// Requests that may wait behind the running one; more get 429 (0: run only when idle).
+    #[arg(long, default_value_t = 8)]
+    pub max_queue: usize,
+    /// Seconds from arrival to answer (queue wait included); then 504 and the job is
+    /// dropped or stopped.
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout: u64,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+    /// Longest prompt (and negative prompt) in characters.
+    #[arg(long, default_value_t = 2000)]
+    pub max_prompt_chars: usize,
+    /// Most images per request (`n`).
+    #[arg(long, default_value_t = 4)]
+    pub max_n: usize,
+    /// Most num_inference_steps.
+    #[arg(long, default_value_t = 150)]
+    pub max_steps: usize,
+    /// Most pixels (width x height) per image.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    pub max_pixels: u64,
+    /// Largest guidance_scale.
+    #[arg(long, default_value_t = 50.0)]
+    pub max_guidance: f64,
+    /// Images kept in memory for response_format "url" (oldest dropped first).
+    #[arg(long, default_value_t = 64)]
+    pub max_stored_images: usize,
+    #[command(flatten)]
+    pub run: crate::strategy_args::RunArgs,
+}
+
+/// Resolves once SIGTERM or SIGINT arrives.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!("cannot listen for Ctrl-C: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    eprintln!("hybridiff serve: stopping (finishing the running job; queued requests get 503)");
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    for (flag, v) in [
+        ("--max-body-bytes", args.max_body_bytes as u64),
+        ("--max-prompt-chars", args.max_prompt_chars as u64),
+        ("--max-n", args.max_n as u64),
+        ("--max-steps", args.max_steps as u64),
+        ("--max-pixels", args.max_pixels),
+        ("--request-timeout", args.request_timeout),
+        ("--max-stored-images", args.max_stored_images as u64),
+    ] {
+        if v == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    if !(args.max_guidance.is_finite() && args.max_guidance >= 0.0) {
+        bail!("--max-guidance must be a finite number >= 0");
+    }
+    if args.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        bail!("--api-key (or HYBRIDIFF_API_KEY) is empty");
+    }
+    let device = Device::Cpu;
+    let (model_dir, model_id) = match &args.model {
+        Some(d) => {
+            let name = d
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| d.display().to_string());
+            (d.clone(), name)
+        }
+        None => (
+            crate::default_model::dir()?,
+            "hybridiff-default".to_string(),
+        ),
+    };
+    let defaults = ModelDefaults::read(&model_dir)?;
+    let default_steps = args.steps.or(defaults.steps).unwrap_or(50);
+    // Sets the per-rank thread budget before any pool exists. Hybrid's thresholds are
+    // resolved for the default step count (requests with other counts keep them).
+    let run = args.run.resolve(&device, &defaults, default_steps)?;
+    run.announce(
+        args.guidance.or(defaults.guidance).unwrap_or(5.0),
+        default_steps,
+    )?;
+    let (strategy_options, _) = args.run.strategy_args.options(&defaults, default_steps)?;
+    let request_defaults = RequestDefaults {
+        steps: default_steps,
+        guidance: args.guidance.or(defaults.guidance),
+        size: args.width.zip(args.height),
+    };
+    if request_defaults.steps == 0 || request_defaults.steps > args.max_steps {
+        bail!(
+            "--steps {}: must be from 1 to --max-steps {}",
+            request_defaults.steps,
+            args.max_steps
+        );
+    }
+    let limits = Limits {
+        max_body_bytes: args.max_body_bytes,
+        max_prompt_chars: args.max_prompt_chars,
+        max_n: args.max_n,
+        max_steps: args.max_steps,
+        max_pixels: args.max_pixels,
+        max_guidance: args.max_guidance,
+        max_queue: args.max_queue,
+        request_timeout: Duration::from_secs(args.request_timeout),
+        max_stored_images: args.max_stored_images,
+    };
+    let config = Config {
+        limits,
+        api_key: args.api_key.clone(),
+    };
+    let (kind, dtype, scheduler, options) = (run.kind, run.dtype, run.scheduler, run.options);
+    // The model is loaded and the ranks started once, on the service's job thread.
+    let make = move || -> std::result::Result<Box<dyn Backend>, String> {
+        let pipeline = Pipeline::load(&model_dir, dtype, &device).map_err(|e| e.to_string())?;
+        let runner = Runner::start(options).map_err(|e| e.to_string())?;
+        let strategy = kind.build(&strategy_options);
+        Ok(Box::new(PipelineBackend::new(
+            model_id,
+            pipeline,
+            runner,
+            strategy,
+            scheduler,
+            request_defaults,
+        )))
+    };
+    let service = Service::start(make, config).map_err(anyhow::Error::msg)?;
+    let info = service.info().clone();
+    if let Some((w, h)) = args.width.zip(args.height) {
+        let m = info.size_multiple;
+        if w % m != 0 || h % m != 0 {
+            bail!("--width {w} --height {h}: both must be multiples of {m} for this model");
+        }
+    }
+    if !args.host.is_loopback() && args.api_key.is_none() {
+        tracing::warn!(host = %args.host, "serving on a non-loopback address without --api-key");
+        eprintln!(
+            "hybridiff serve: warning: {} is reachable from other machines and no --api-key \
+             (or HYBRIDIFF_API_KEY) is set: anyone who can reach it can use it",
+            args.host
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("hybridiff-serve-io")
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async move {
+        let addr = SocketAddr::new(args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--host {} --port {}: cannot bind", args.host, args.port))?;
+        let bound = listener.local_addr()?;
+        // Tests and scripts read this line for the port.
+        println!(
+            "hybridiff serve: listening on http://{bound} ({} on {} rank(s), model {})",
+            info.strategy, info.world_size, info.model_id
+        );
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        service
+            .serve(listener, shutdown_signal())
+            .await
+            .context("serving HTTP")?;
+        eprintln!("hybridiff serve: stopped");
+        Ok(())
+    })
+}

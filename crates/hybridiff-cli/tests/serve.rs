@@ -1,0 +1,513 @@
+//! `hybridiff serve` as a process on 127.0.0.1 with the embedded default model: the same
+//! PNG as `hybridiff generate`, warm ranks (counted), SIGTERM, a bounded load test, the
+//! official `openai` Python client and the web page in headless Chromium.
+//!
+//! The last two need what `.ci/run` installs (a venv with `openai` in `target/ci-venv`,
+//! `playwright-core` in `target/ci-node`, Debian's `chromium`); without them they fail and
+//! say how to install it.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+fn workspace() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
+/// A running `hybridiff serve`; killed when dropped.
+struct Served {
+    child: Child,
+    base: String,
+    _cache: tempfile::TempDir,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Served {
+    fn start(args: &[&str]) -> Self {
+        Self::start_with(args, &[])
+    }
+
+    fn start_with(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let cache = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hybridiff"));
+        cmd.env("HYBRIDIFF_CACHE", cache.path())
+            .env_remove("HYBRIDIFF_API_KEY")
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start hybridiff serve");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (err_tx, err_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = BufReader::new(stderr).read_to_string(&mut s);
+            let _ = err_tx.send(s);
+        });
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                let err = err_rx
+                    .recv_timeout(Duration::from_secs(5))
+                    .unwrap_or_default();
+                panic!("hybridiff serve printed no address; stderr:\n{err}")
+            });
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Served {
+            child,
+            base: format!("http://{addr}"),
+            _cache: cache,
+            stderr: err_rx,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    fn health(&self) -> Value {
+        reqwest::blocking::get(self.url("/health"))
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    fn wait_health(&self, what: &str, f: impl Fn(&Value) -> bool) {
+        let t0 = Instant::now();
+        loop {
+            let h = self.health();
+            if f(&h) {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "waited 60 s for {what}; /health: {h}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn metrics(&self) -> String {
+        reqwest::blocking::get(self.url("/metrics"))
+            .unwrap()
+            .text()
+            .unwrap()
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .unwrap()
+}
+
+fn generate_png(c: &reqwest::blocking::Client, s: &Served, body: Value) -> Vec<u8> {
+    let r = c
+        .post(s.url("/v1/images/generations"))
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().unwrap();
+    base64::engine::general_purpose::STANDARD
+        .decode(v["data"][0]["b64_json"].as_str().unwrap())
+        .unwrap()
+}
+
+#[test]
+fn serve_gives_generate_s_png_on_warm_ranks() {
+    let run = [
+        "--strategy",
+        "hybrid",
+        "--world-size",
+        "2",
+        "--threads-per-rank",
+        "1",
+    ];
+    let s = Served::start(&run);
+    let m0 = s.metrics();
+    assert_eq!(sample(&m0, "hybridiff_model_loads"), 1.0);
+    // 2 rank threads + 2 pools of 1 worker, started once.
+    assert_eq!(sample(&m0, "hybridiff_rank_threads_started"), 4.0);
+    let c = client();
+    let prompt = "a blue square on a white background";
+    let mut pngs = Vec::new();
+    for _ in 0..3 {
+        pngs.push(generate_png(
+            &c,
+            &s,
+            json!({"prompt": prompt, "seed": 7, "size": "64x64"}),
+        ));
+    }
+    assert!(pngs.windows(2).all(|w| w[0] == w[1]), "same seed, same PNG");
+    let m1 = s.metrics();
+    assert_eq!(sample(&m1, "hybridiff_model_loads"), 1.0, "no reload");
+    assert_eq!(
+        sample(&m1, "hybridiff_rank_threads_started"),
+        4.0,
+        "no thread started per request"
+    );
+    assert_eq!(sample(&m1, "hybridiff_images_generated_total"), 3.0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("gen.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_hybridiff"))
+        .env("HYBRIDIFF_CACHE", dir.path().join("cache"))
+        .args(["generate", "--prompt", prompt, "--seed", "7", "--out"])
+        .arg(&out)
+        .args(run)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let file = std::fs::read(&out).unwrap();
+    assert_eq!(
+        file, pngs[0],
+        "the service's PNG equals generate's, byte for byte"
+    );
+
+    // The hybridiff object of the same request.
+    let v: Value = c
+        .post(s.url("/v1/images/generations"))
+        .json(&json!({"prompt": prompt, "seed": 7}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let h = &v["hybridiff"];
+    assert_eq!(h["strategy"], "hybrid");
+    assert_eq!(h["world_size"], 2);
+    assert_eq!(h["steps"], 20, "the model's recommended steps");
+    assert!(h["tau1"].is_u64() && h["tau2"].is_u64(), "{h}");
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_finishes_the_running_job_answers_the_queue_503_and_exits_0() {
+    let mut s = Served::start(&[]);
+    let url = s.url("/v1/images/generations");
+    let post = |body: Value| {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            let r = client().post(&url).json(&body).send().unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().unwrap())
+        })
+    };
+    let running = post(json!({"prompt": "a red circle", "num_inference_steps": 40}));
+    s.wait_health("the long job to run", |h| h["running"] == true);
+    let q1 = post(json!({"prompt": "a"}));
+    let q2 = post(json!({"prompt": "b"}));
+    s.wait_health("two queued", |h| h["queue_depth"] == 2);
+    let rc = unsafe { libc::kill(s.child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    for q in [q1, q2] {
+        let (status, v) = q.join().unwrap();
+        assert_eq!(status, 503, "{v}");
+        assert_eq!(v["error"]["code"], "shutting_down");
+    }
+    let (status, v) = running.join().unwrap();
+    assert_eq!(status, 200, "the running job finishes: {v}");
+    let t0 = Instant::now();
+    let code = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code.code(), Some(0), "exit 0 after SIGTERM");
+    let err = s.stderr.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(err.contains("stopping"), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn sigint_stops_an_idle_service_with_exit_0() {
+    let mut s = Served::start(&[]);
+    assert_eq!(s.health()["status"], "ok");
+    let rc = unsafe { libc::kill(s.child.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(rc, 0);
+    let t0 = Instant::now();
+    let code = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code.code(), Some(0));
+}
+
+#[test]
+fn fifty_requests_from_ten_clients_get_an_image_or_a_429() {
+    let s = Served::start(&["--max-queue", "2", "--threads-per-rank", "1"]);
+    let url = s.url("/v1/images/generations");
+    let round = || -> (usize, usize) {
+        let handles: Vec<_> = (0..10)
+            .map(|client_no| {
+                let url = url.clone();
+                std::thread::spawn(move || {
+                    let c = client();
+                    let mut got = (0, 0);
+                    for i in 0..5 {
+                        let r = c
+                            .post(&url)
+                            .json(&json!({
+                                "prompt": "a green triangle on a black background",
+                                "seed": client_no * 10 + i,
+                                "num_inference_steps": 4,
+                            }))
+                            .send()
+                            .unwrap();
+                        match r.status().as_u16() {
+                            200 => {
+                                let v: Value = r.json().unwrap();
+                                let png = base64::engine::general_purpose::STANDARD
+                                    .decode(v["data"][0]["b64_json"].as_str().unwrap())
+                                    .unwrap();
+                                let img = image::load_from_memory(&png).unwrap();
+                                assert_eq!((img.width(), img.height()), (64, 64));
+                                got.0 += 1;
+                            }
+                            429 => {
+                                assert!(r.headers().contains_key("retry-after"));
+                                got.1 += 1;
+                            }
+                            other => panic!("status {other}: {}", r.text().unwrap()),
+                        }
+                    }
+                    got
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    };
+    let (ok1, busy1) = round();
+    let rss1 = s.rss_kib();
+    let (ok2, busy2) = round();
+    let rss2 = s.rss_kib();
+    let (ok, busy) = (ok1 + ok2, busy1 + busy2);
+    assert_eq!(ok + busy, 100);
+    assert!(ok1 >= 3 && busy1 >= 1, "{ok1} images, {busy1} 429s");
+    assert_eq!(s.health()["status"], "ok", "still up");
+    // Flat: once the first round has warmed allocators and caches, the second adds at most
+    // 8 MiB (a leak of request bodies, images or events would grow with every request).
+    eprintln!("RSS after rounds: {rss1} / {rss2} KiB; {ok} images, {busy} 429s");
+    assert!(
+        rss2 <= rss1 + 8 * 1024,
+        "RSS grew from {rss1} to {rss2} KiB"
+    );
+    let m = s.metrics();
+    let route = "route=\"/v1/images/generations\"";
+    assert_eq!(
+        sample(
+            &m,
+            &format!("hybridiff_http_requests_total{{{route},status=\"200\"}}")
+        ),
+        ok as f64
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!("hybridiff_http_requests_total{{{route},status=\"429\"}}")
+        ),
+        busy as f64
+    );
+    assert_eq!(sample(&m, "hybridiff_images_generated_total"), ok as f64);
+    assert_eq!(
+        sample(&m, "hybridiff_jobs_total{outcome=\"ok\"}"),
+        ok as f64
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!("hybridiff_http_request_duration_seconds_count{{{route}}}")
+        ),
+        100.0
+    );
+    assert_eq!(sample(&m, "hybridiff_queue_depth"), 0.0);
+    assert_eq!(sample(&m, "hybridiff_model_loads"), 1.0);
+    assert_eq!(sample(&m, "hybridiff_rank_threads_started"), 2.0);
+}
+
+#[test]
+fn api_key_from_the_environment_and_flag_checks() {
+    let s = Served::start_with(&[], &[("HYBRIDIFF_API_KEY", "k-123")]);
+    let c = client();
+    let body = json!({"prompt": "a red circle", "num_inference_steps": 2});
+    let r = c
+        .post(s.url("/v1/images/generations"))
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c
+        .post(s.url("/v1/images/generations"))
+        .bearer_auth("k-123")
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        reqwest::blocking::get(s.url("/health")).unwrap().status(),
+        200
+    );
+    drop(s);
+
+    // Non-loopback without a key: served, with a warning.
+    let mut s = Served::start(&["--host", "0.0.0.0"]);
+    let _ = s.child.kill();
+    let _ = s.child.wait();
+    let err = s.stderr.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        err.contains("warning") && err.contains("--api-key"),
+        "{err}"
+    );
+
+    for (flags, needle) in [
+        (&["--max-n", "0"][..], "--max-n"),
+        (&["--steps", "500"][..], "--max-steps"),
+        (
+            &["--width", "60", "--height", "64"][..],
+            "both must be multiples of",
+        ),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_hybridiff"))
+            .args(["serve", "--port", "0"])
+            .args(flags)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{flags:?}");
+        assert!(err.contains(needle) && !err.contains("panicked"), "{err}");
+    }
+}
+
+/// What `.ci/run` installs, or a failure that says how to get it.
+fn ci_tool(env: &str, default: PathBuf, what: &str) -> PathBuf {
+    let p = std::env::var_os(env).map(PathBuf::from).unwrap_or(default);
+    assert!(
+        p.exists(),
+        "{} not found: {what} (run `bash .ci/run`, which installs it, or set {env})",
+        p.display()
+    );
+    p
+}
+
+#[test]
+fn the_official_openai_python_client_gets_an_image() {
+    let python = ci_tool(
+        "HYBRIDIFF_TEST_PYTHON",
+        workspace().join("target/ci-venv/bin/python"),
+        "a Python with the `openai` package: python3 -m venv target/ci-venv && \
+         target/ci-venv/bin/pip install openai",
+    );
+    let s = Served::start_with(&[], &[("HYBRIDIFF_API_KEY", "py-key")]);
+    let o = Command::new(&python)
+        .arg(workspace().join("crates/hybridiff-cli/tests/openai_client.py"))
+        .arg(s.url("/v1"))
+        .arg("py-key")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "openai client failed:\n{out}\n{err}");
+    let v: Value = serde_json::from_str(out.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["b64_size"], json!([64, 64]));
+    assert_eq!(v["url_size"], json!([64, 64]));
+    assert_eq!(v["models"], json!(["hybridiff-default"]));
+    assert_eq!(v["auth_error"], 401);
+    assert_eq!(v["bad_request_param"], "size");
+}
+
+#[test]
+fn the_web_page_makes_an_image_in_headless_chromium() {
+    let node = ci_tool("HYBRIDIFF_NODE", PathBuf::from("/usr/bin/node"), "Node.js");
+    let pw = ci_tool(
+        "HYBRIDIFF_PLAYWRIGHT_CORE",
+        workspace().join("target/ci-node/node_modules/playwright-core"),
+        "npm's playwright-core: npm install --prefix target/ci-node playwright-core",
+    );
+    let chromium = ci_tool(
+        "HYBRIDIFF_CHROMIUM",
+        PathBuf::from("/usr/bin/chromium"),
+        "Debian's chromium: apt-get install chromium",
+    );
+    let s = Served::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let shot = std::env::var_os("HYBRIDIFF_SCREENSHOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dir.path().join("page.png"));
+    let o = Command::new(node)
+        .arg(workspace().join("crates/hybridiff-cli/tests/serve_page.cjs"))
+        .args([&s.base, pw.to_str().unwrap(), chromium.to_str().unwrap()])
+        .arg(&shot)
+        .arg(dir.path().join("profile"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "browser test failed:\n{out}\n{err}");
+    let v: Value = serde_json::from_str(out.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["natural"], json!([64, 64]), "{v}");
+    assert!(v["status"].as_str().unwrap().contains("serial"), "{v}");
+    assert!(v["progress_seen"].as_u64().unwrap() >= 1, "{v}");
+    let png = image::open(&shot).unwrap();
+    assert!(png.width() >= 600, "a screenshot of the page");
+    // The service counted the page's request.
+    let m = s.metrics();
+    assert_eq!(sample(&m, "hybridiff_images_generated_total"), 1.0);
+}

@@ -1,0 +1,365 @@
+//! The wire format: OpenAI's images API (`POST /v1/images/generations`) with hybridiff's
+//! extensions, and OpenAI's error shape.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Map, Value};
+
+use crate::backend::{BackendInfo, ImageJob};
+use crate::Limits;
+
+/// An error answer: `{"error": {"message", "type", "param", "code"}}` with its HTTP status.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// OpenAI's `type`: `invalid_request_error`, `authentication_error`, `rate_limit_error`,
+    /// `server_error`.
+    pub kind: &'static str,
+    /// The request field at fault, if one is.
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+    /// Seconds for `Retry-After` (429, 503).
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    /// 400 naming the field.
+    pub fn bad_field(param: &str, message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message);
+        e.param = Some(param.to_string());
+        e.code = Some("invalid_value");
+        e
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::UNAUTHORIZED, "authentication_error", message);
+        e.code = Some("invalid_api_key");
+        e
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message);
+        e.code = Some("not_found");
+        e
+    }
+
+    pub fn too_large(limit: usize) -> Self {
+        let mut e = Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("request body larger than {limit} bytes (--max-body-bytes)"),
+        );
+        e.code = Some("request_too_large");
+        e
+    }
+
+    pub fn queue_full(retry_after: u64, max_queue: usize) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            format!(
+                "the job queue is full ({max_queue} waiting, --max-queue); retry in about {retry_after} s"
+            ),
+        );
+        e.code = Some("queue_full");
+        e.retry_after = Some(retry_after);
+        e
+    }
+
+    pub fn shutting_down() -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "the service is shutting down; this request was not run",
+        );
+        e.code = Some("shutting_down");
+        e
+    }
+
+    pub fn timeout(seconds: f64) -> Self {
+        let mut e = Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "server_error",
+            format!("no image within the request timeout of {seconds} s (--request-timeout)"),
+        );
+        e.code = Some("timeout");
+        e
+    }
+
+    pub fn job_failed(message: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            format!("the image job failed: {message}"),
+        );
+        e.code = Some("job_failed");
+        e
+    }
+
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "method not allowed on this route",
+        )
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Value {
+        json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+/// How images come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFormat {
+    B64Json,
+    Url,
+}
+
+/// A checked `POST /v1/images/generations` body.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// One job per image; seeds `seed`, `seed + 1`, ...
+    pub jobs: Vec<ImageJob>,
+    pub response_format: ResponseFormat,
+    /// `stream: true`: answer as server-sent events with per-step progress (hybridiff's
+    /// extension; the web page uses it).
+    pub stream: bool,
+    /// Whether the seed came from the request (else it was drawn at random).
+    pub seed_given: bool,
+}
+
+/// The fields we accept; anything else is rejected by name.
+const FIELDS: &[&str] = &[
+    "prompt",
+    "n",
+    "size",
+    "response_format",
+    "model",
+    "user",
+    "negative_prompt",
+    "seed",
+    "num_inference_steps",
+    "guidance_scale",
+    "stream",
+];
+
+fn opt_str<'a>(m: &'a Map<String, Value>, k: &str) -> Result<Option<&'a str>, ApiError> {
+    match m.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::bad_field(k, format!("`{k}` must be a string"))),
+    }
+}
+
+fn opt_uint(m: &Map<String, Value>, k: &str, lo: u64, hi: u64) -> Result<Option<u64>, ApiError> {
+    match m.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(x) if (lo..=hi).contains(&x) => Ok(Some(x)),
+            _ => Err(ApiError::bad_field(
+                k,
+                format!("`{k}` must be an integer from {lo} to {hi}; got {v}"),
+            )),
+        },
+    }
+}
+
+fn check_text(k: &str, s: &str, max_chars: usize) -> Result<(), ApiError> {
+    let n = s.chars().count();
+    if n > max_chars {
+        return Err(ApiError::bad_field(
+            k,
+            format!("`{k}` has {n} characters; at most {max_chars} (--max-prompt-chars)"),
+        ));
+    }
+    Ok(())
+}
+
+/// `WxH` (or `auto`) checked against the model's multiple and `--max-pixels`.
+fn parse_size(s: &str, info: &BackendInfo, limits: &Limits) -> Result<(u32, u32), ApiError> {
+    if s == "auto" {
+        return Ok(info.default_size);
+    }
+    let bad = || {
+        ApiError::bad_field(
+            "size",
+            format!(
+                "`size` must be \"WIDTHxHEIGHT\" in pixels (e.g. \"{}x{}\") or \"auto\"; got {s:?}",
+                info.default_size.0, info.default_size.1
+            ),
+        )
+    };
+    let (w, h) = s.split_once('x').ok_or_else(bad)?;
+    let (w, h): (u32, u32) = (w.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?);
+    let m = info.size_multiple.max(1);
+    if w == 0 || h == 0 || w % m != 0 || h % m != 0 {
+        return Err(ApiError::bad_field(
+            "size",
+            format!(
+                "`size` {w}x{h}: width and height must be positive multiples of {m} for this model"
+            ),
+        ));
+    }
+    let pixels = w as u64 * h as u64;
+    if pixels > limits.max_pixels {
+        return Err(ApiError::bad_field(
+            "size",
+            format!(
+                "`size` {w}x{h} is {pixels} pixels; at most {} (--max-pixels)",
+                limits.max_pixels
+            ),
+        ));
+    }
+    Ok((w, h))
+}
+
+/// Parses and checks a request body; every error names the field.
+pub fn parse_generation(
+    body: &[u8],
+    info: &BackendInfo,
+    limits: &Limits,
+) -> Result<GenerationRequest, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    let Value::Object(m) = v else {
+        return Err(ApiError::bad_request("the body must be a JSON object"));
+    };
+    if let Some(k) = m.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(ApiError::bad_field(
+            k,
+            format!("unknown parameter `{k}`; accepted: {}", FIELDS.join(", ")),
+        ));
+    }
+    let prompt = opt_str(&m, "prompt")?
+        .ok_or_else(|| ApiError::bad_field("prompt", "`prompt` is required"))?;
+    if prompt.trim().is_empty() {
+        return Err(ApiError::bad_field("prompt", "`prompt` is empty"));
+    }
+    check_text("prompt", prompt, limits.max_prompt_chars)?;
+    // Absent (or null) is diffusers' None; "" is encoded, as `generate --negative-prompt ""`.
+    let negative = opt_str(&m, "negative_prompt")?;
+    if let Some(n) = negative {
+        check_text("negative_prompt", n, limits.max_prompt_chars)?;
+    }
+    if let Some(model) = opt_str(&m, "model")? {
+        if model != info.model_id {
+            let mut e = ApiError::not_found(format!(
+                "the model `{model}` does not exist; this service has `{}`",
+                info.model_id
+            ));
+            e.param = Some("model".into());
+            e.code = Some("model_not_found");
+            return Err(e);
+        }
+    }
+    opt_str(&m, "user")?; // accepted and ignored, as OpenAI's is for abuse tracking
+    let n = opt_uint(&m, "n", 1, limits.max_n as u64)?.unwrap_or(1) as usize;
+    let (width, height) = match opt_str(&m, "size")? {
+        Some(s) => parse_size(s, info, limits)?,
+        None => info.default_size,
+    };
+    let response_format = match opt_str(&m, "response_format")? {
+        None | Some("b64_json") => ResponseFormat::B64Json,
+        Some("url") => ResponseFormat::Url,
+        Some(other) => {
+            return Err(ApiError::bad_field(
+                "response_format",
+                format!("`response_format` must be \"b64_json\" or \"url\"; got {other:?}"),
+            ))
+        }
+    };
+    let steps = opt_uint(&m, "num_inference_steps", 1, limits.max_steps as u64)?
+        .map(|s| s as usize)
+        .unwrap_or(info.default_steps);
+    if steps > limits.max_steps {
+        return Err(ApiError::bad_field(
+            "num_inference_steps",
+            format!(
+                "the default of {steps} steps is above --max-steps {}; give `num_inference_steps`",
+                limits.max_steps
+            ),
+        ));
+    }
+    let guidance = match m.get("guidance_scale") {
+        None | Some(Value::Null) => info.default_guidance,
+        Some(v) => match v.as_f64() {
+            Some(g) if g.is_finite() && (0.0..=limits.max_guidance).contains(&g) => g,
+            _ => {
+                return Err(ApiError::bad_field(
+                    "guidance_scale",
+                    format!(
+                        "`guidance_scale` must be a number from 0 to {}; got {v}",
+                        limits.max_guidance
+                    ),
+                ))
+            }
+        },
+    };
+    let (seed, seed_given) = match opt_uint(&m, "seed", 0, u64::MAX - limits.max_n as u64)? {
+        Some(s) => (s, true),
+        None => (rand::random::<u64>() >> 1, false),
+    };
+    let stream = match m.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::bad_field(
+                "stream",
+                "`stream` must be true or false",
+            ))
+        }
+    };
+    let jobs = (0..n)
+        .map(|i| ImageJob {
+            prompt: prompt.to_string(),
+            negative_prompt: negative.map(str::to_string),
+            seed: seed + i as u64,
+            steps,
+            guidance,
+            width,
+            height,
+        })
+        .collect();
+    Ok(GenerationRequest {
+        jobs,
+        response_format,
+        stream,
+        seed_given,
+    })
+}

@@ -1,0 +1,197 @@
+//! What makes the images: a [`Backend`] runs one image job at a time on the service's single
+//! job thread, where it is also built (so it need not be `Send`). [`PipelineBackend`] is the
+//! real one (a loaded pipeline on warm ranks); tests may plug in their own to script failures
+//! and timings.
+
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use hybridiff_engine::pipeline::{Pipeline, Request};
+use hybridiff_engine::{Runner, Strategy};
+use hybridiff_schedulers::SchedulerKind;
+
+/// What the service tells clients about its model and how it runs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendInfo {
+    /// The id clients pass as `model` and see in `GET /v1/models`.
+    pub model_id: String,
+    /// Width and height in pixels when a request gives no `size`.
+    pub default_size: (u32, u32),
+    /// Width and height must be multiples of this (VAE factor x the denoiser's latent
+    /// multiple).
+    pub size_multiple: u32,
+    /// Steps when a request gives no `num_inference_steps`.
+    pub default_steps: usize,
+    /// Guidance when a request gives no `guidance_scale`.
+    pub default_guidance: f64,
+    /// `serial`, `cfg`, `async` or `hybrid`.
+    pub strategy: String,
+    pub world_size: usize,
+    pub threads_per_rank: usize,
+}
+
+/// One image to make (a request with `n` images is `n` jobs with seeds `seed`, `seed + 1`, ...).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageJob {
+    pub prompt: String,
+    /// `None`: not given (zero negative embeddings on SDXL with force_zeros_for_empty_prompt).
+    pub negative_prompt: Option<String>,
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance: f64,
+    /// Pixels; already checked against the limits and [`BackendInfo::size_multiple`].
+    pub width: u32,
+    pub height: u32,
+}
+
+/// A made image.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// The PNG file, byte for byte what `hybridiff generate` writes for the same job.
+    pub png: Vec<u8>,
+    pub width: u32,
+    pub height: u32,
+    /// Wall time of this image (text encoding, denoising, decoding, PNG).
+    pub seconds: f64,
+    /// Hybridiff's switching steps, when the strategy has them.
+    pub tau1: Option<usize>,
+    pub tau2: Option<usize>,
+}
+
+/// Why a job made no image.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The cancel flag was set (timeout, client gone).
+    #[error("cancelled")]
+    Cancelled,
+    /// The job failed; the message names the cause (a rank error, NaN, ...).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Makes images, one at a time, on the service's job thread.
+pub trait Backend {
+    fn info(&self) -> &BackendInfo;
+
+    /// Makes one image. Calls `progress(steps done, total)` as it goes, and stops with
+    /// [`BackendError::Cancelled`] soon after `cancel` is set.
+    fn generate(
+        &mut self,
+        job: &ImageJob,
+        progress: &(dyn Fn(usize, usize) + Sync),
+        cancel: &AtomicBool,
+    ) -> Result<Image, BackendError>;
+}
+
+/// A pipeline loaded once, denoising on ranks started once.
+pub struct PipelineBackend {
+    pipeline: Pipeline,
+    runner: Runner,
+    strategy: Box<dyn Strategy>,
+    scheduler: Option<SchedulerKind>,
+    info: BackendInfo,
+}
+
+/// What a request that leaves fields out gets.
+#[derive(Debug, Clone, Default)]
+pub struct RequestDefaults {
+    /// `num_inference_steps`.
+    pub steps: usize,
+    /// `guidance_scale`; `None` takes the pipeline's default.
+    pub guidance: Option<f64>,
+    /// `size` as (width, height); `None` takes the denoiser's sample size.
+    pub size: Option<(u32, u32)>,
+}
+
+impl PipelineBackend {
+    /// Serves `pipeline` with `strategy` on `runner`'s ranks; `scheduler` `None` takes the
+    /// model's.
+    pub fn new(
+        model_id: String,
+        pipeline: Pipeline,
+        runner: Runner,
+        strategy: Box<dyn Strategy>,
+        scheduler: Option<SchedulerKind>,
+        defaults: RequestDefaults,
+    ) -> Self {
+        let f = pipeline.vae_factor();
+        let multiple = (f * pipeline.model.input_spec.latent_multiple) as u32;
+        let side = (pipeline.model.sample_size().unwrap_or(128) * f) as u32;
+        let info = BackendInfo {
+            model_id,
+            default_size: defaults.size.unwrap_or((side, side)),
+            size_multiple: multiple,
+            default_steps: defaults.steps,
+            default_guidance: defaults
+                .guidance
+                .unwrap_or_else(|| pipeline.default_guidance()),
+            strategy: strategy.name().to_string(),
+            world_size: runner.options().world_size,
+            threads_per_rank: runner.options().threads_per_rank,
+        };
+        Self {
+            pipeline,
+            runner,
+            strategy,
+            scheduler,
+            info,
+        }
+    }
+}
+
+/// Encodes RGB8 as PNG the way `hybridiff generate` does (`image`'s default PNG encoder).
+pub fn encode_png(width: u32, height: u32, rgb: Vec<u8>) -> Result<Vec<u8>, String> {
+    let img = image::RgbImage::from_raw(width, height, rgb)
+        .ok_or_else(|| "image buffer does not match its size".to_string())?;
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| format!("PNG encoding failed: {e}"))?;
+    Ok(bytes)
+}
+
+impl Backend for PipelineBackend {
+    fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    fn generate(
+        &mut self,
+        job: &ImageJob,
+        progress: &(dyn Fn(usize, usize) + Sync),
+        cancel: &AtomicBool,
+    ) -> Result<Image, BackendError> {
+        let start = Instant::now();
+        let req = Request {
+            prompt: job.prompt.clone(),
+            negative_prompt: job.negative_prompt.clone(),
+            steps: job.steps,
+            guidance: Some(job.guidance),
+            scheduler: self.scheduler,
+            height: Some(job.height as usize),
+            width: Some(job.width as usize),
+            latents: None,
+            seed: job.seed,
+        };
+        let strategy: &dyn Strategy = self.strategy.as_ref();
+        let img = self
+            .pipeline
+            .generate_on(&self.runner, &req, strategy, Some(progress), Some(cancel))
+            .map_err(|e| match e {
+                hybridiff_engine::Error::Cancelled => BackendError::Cancelled,
+                e => BackendError::Failed(e.to_string()),
+            })?;
+        let (width, height) = (img.width, img.height);
+        let png = encode_png(width, height, img.rgb).map_err(BackendError::Failed)?;
+        Ok(Image {
+            png,
+            width,
+            height,
+            seconds: start.elapsed().as_secs_f64(),
+            tau1: img.trace.tau1,
+            tau2: img.trace.tau2,
+        })
+    }
+}

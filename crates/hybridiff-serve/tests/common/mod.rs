@@ -1,0 +1,219 @@
+//! A scripted backend and a server on 127.0.0.1:0 for the service tests.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use hybridiff_serve::{
+    encode_png, Backend, BackendError, BackendInfo, Config, Image, ImageJob, Service,
+};
+
+/// What the fake backend did, shared with the test.
+#[derive(Default)]
+pub struct Record {
+    /// Jobs started, by prompt.
+    pub started: Mutex<Vec<String>>,
+    pub cancelled: AtomicUsize,
+    /// Opened by `release`; jobs whose prompt is `hold` wait for it.
+    gate: Mutex<bool>,
+    gate_cv: Condvar,
+}
+
+impl Record {
+    pub fn release(&self) {
+        *self.gate.lock().unwrap() = true;
+        self.gate_cv.notify_all();
+    }
+    pub fn started(&self) -> Vec<String> {
+        self.started.lock().unwrap().clone()
+    }
+}
+
+/// Prompts script it: `fail` returns an error, `panic` panics, `hold` waits for
+/// `Record::release` (watching the cancel flag), `stubborn` too but ignores the flag;
+/// anything else takes `steps` x 2 ms. Images
+/// are a flat colour picked by the seed.
+pub struct Fake {
+    info: BackendInfo,
+    record: Arc<Record>,
+}
+
+pub fn fake_info() -> BackendInfo {
+    BackendInfo {
+        model_id: "fake-model".into(),
+        default_size: (64, 64),
+        size_multiple: 8,
+        default_steps: 4,
+        default_guidance: 5.0,
+        strategy: "serial".into(),
+        world_size: 1,
+        threads_per_rank: 1,
+    }
+}
+
+impl Backend for Fake {
+    fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    fn generate(
+        &mut self,
+        job: &ImageJob,
+        progress: &(dyn Fn(usize, usize) + Sync),
+        cancel: &AtomicBool,
+    ) -> Result<Image, BackendError> {
+        self.record.started.lock().unwrap().push(job.prompt.clone());
+        match job.prompt.as_str() {
+            "fail" => {
+                return Err(BackendError::Failed(
+                    "rank 1 failed: injected failure (NaN in the latents)".into(),
+                ))
+            }
+            "panic" => panic!("injected panic"),
+            "hold" | "stubborn" => {
+                let mut open = self.record.gate.lock().unwrap();
+                while !*open {
+                    if job.prompt == "hold" && cancel.load(Ordering::SeqCst) {
+                        self.record.cancelled.fetch_add(1, Ordering::SeqCst);
+                        return Err(BackendError::Cancelled);
+                    }
+                    open = self
+                        .record
+                        .gate_cv
+                        .wait_timeout(open, Duration::from_millis(5))
+                        .unwrap()
+                        .0;
+                }
+            }
+            _ => {}
+        }
+        for s in 1..=job.steps {
+            std::thread::sleep(Duration::from_millis(2));
+            if cancel.load(Ordering::SeqCst) {
+                self.record.cancelled.fetch_add(1, Ordering::SeqCst);
+                return Err(BackendError::Cancelled);
+            }
+            progress(s, job.steps);
+        }
+        let colour = [(job.seed % 251) as u8, 7, 9];
+        let rgb: Vec<u8> = (0..job.width * job.height).flat_map(|_| colour).collect();
+        Ok(Image {
+            png: encode_png(job.width, job.height, rgb).unwrap(),
+            width: job.width,
+            height: job.height,
+            seconds: 0.01,
+            tau1: None,
+            tau2: None,
+        })
+    }
+}
+
+/// A service on 127.0.0.1:0 with the fake backend.
+pub struct TestServer {
+    pub base: String,
+    pub record: Arc<Record>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    pub done: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start(config: Config) -> Self {
+        let record = Arc::new(Record::default());
+        let r = Arc::clone(&record);
+        let service = Service::start(
+            move || {
+                Ok(Box::new(Fake {
+                    info: fake_info(),
+                    record: r,
+                }) as Box<dyn Backend>)
+            },
+            config,
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let done = tokio::spawn(service.serve(listener, async move {
+            let _ = rx.await;
+        }));
+        Self {
+            base,
+            record,
+            shutdown: Some(tx),
+            done: Some(done),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Sends the stop signal (as SIGTERM would).
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    pub async fn health(&self) -> serde_json::Value {
+        reqwest::get(self.url("/health"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until `/health` satisfies `f` (at most 10 s).
+    pub async fn wait_health(&self, what: &str, f: impl Fn(&serde_json::Value) -> bool) {
+        let t0 = Instant::now();
+        loop {
+            let h = self.health().await;
+            if f(&h) {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "waited 10 s for {what}; /health says {h}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+/// The value of a Prometheus sample line `name{labels} value` (labels as written).
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+pub async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    body: serde_json::Value,
+) -> reqwest::Response {
+    client.post(url).json(&body).send().await.unwrap()
+}
+
+/// The decoded PNG of a `b64_json` item.
+pub fn decode_b64_png(b64: &str) -> image::RgbImage {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    image::load_from_memory(&bytes).unwrap().to_rgb8()
+}
