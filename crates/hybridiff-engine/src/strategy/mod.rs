@@ -235,6 +235,11 @@ pub trait Strategy: Sync {
     fn without_cfg(&self) -> &'static str {
         "guidance <= 1 turns classifier-free guidance off (as in diffusers): one conditional forward per step"
     }
+    /// The layout in a few words for tables (e.g. `patch`'s mode and band count); empty
+    /// when the name says it all.
+    fn describe(&self, _job: &Job, _world_size: usize) -> String {
+        String::new()
+    }
     /// A description of the stage plan, if the strategy uses one.
     fn plan_summary(&self, _job: &Job, _world_size: usize) -> Result<Option<serde_json::Value>> {
         Ok(None)

@@ -110,8 +110,7 @@ impl PatchParallel {
         })
     }
 
-    /// A one-line description for tables: mode, bands, CFG split.
-    pub fn describe(&self, job: &Job, world_size: usize) -> String {
+    fn describe_layout(&self, job: &Job, world_size: usize) -> String {
         match self.layout(job, world_size) {
             Ok(l) => format!(
                 "{} {} bands{}{}",
@@ -151,6 +150,11 @@ impl Strategy for PatchParallel {
 
     fn without_cfg(&self) -> &'static str {
         "guidance <= 1 turns classifier-free guidance off (as in diffusers): every rank runs the conditional branch on its band"
+    }
+
+    /// Mode, bands, CFG layout and warm-up, e.g. `displaced 2 bands x 2 CFG groups, warmup 1`.
+    fn describe(&self, job: &Job, world_size: usize) -> String {
+        self.describe_layout(job, world_size)
     }
 
     fn plan_summary(&self, job: &Job, world_size: usize) -> Result<Option<serde_json::Value>> {
