@@ -143,6 +143,18 @@ fn patch_displaced_with_every_step_warm_equals_serial_and_stale_steps_stay_close
         )
         .unwrap();
         assert!(max_diff(&warm, &serial) <= 1e-4 * scale.max(1.0), "{name}");
+        // One band per CFG group has nothing to displace: exact steps, as `cfg`.
+        let one = run_with(
+            &s,
+            16,
+            s.guidance,
+            StrategyKind::Patch,
+            2,
+            &patch_opts(PatchMode::Displaced, 1, true),
+        )
+        .unwrap();
+        assert!(one.trace.steps.iter().all(|s| s.mode == StepMode::Exact));
+        assert!(max_diff(&one, &serial) <= 1e-4 * scale.max(1.0), "{name}");
         for (world, split) in [(4, true), (2, false)] {
             let out = run_with(
                 &s,

@@ -112,6 +112,11 @@ impl PatchParallel {
 
     fn describe_layout(&self, job: &Job, world_size: usize) -> String {
         match self.layout(job, world_size) {
+            // One band per group exchanges nothing: it is `cfg` (or `serial`) by another name.
+            Ok(l) if l.bands == 1 => format!(
+                "1 band{} (no exchange)",
+                if l.groups == 2 { " x 2 CFG groups" } else { "" }
+            ),
             Ok(l) => format!(
                 "{} {} bands{}{}",
                 self.mode,
@@ -361,7 +366,8 @@ impl Worker for PatchWorker<'_> {
         t: f64,
     ) -> Result<StepOutput> {
         let job = self.job;
-        let displaced = self.mode == PatchMode::Displaced;
+        // One band exchanges nothing, so there is nothing to displace.
+        let displaced = self.mode == PatchMode::Displaced && self.band.count > 1;
         let sync = !displaced || i < self.warmup;
         let plan = StepPlan {
             sync,
