@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::Device;
 use hybridiff_engine::bench::{compare, forward_seconds, markdown_table, random_inputs};
-use hybridiff_engine::io::{check_output_path, write_bytes_atomic};
+use hybridiff_engine::io::{check_distinct_paths, check_output_path, write_bytes_atomic};
+use hybridiff_engine::memory::{estimate_job, JobShape};
 use hybridiff_engine::{DenoiseInputs, Job, Model, StrategyKind};
 
 /// Arguments of `hybridiff bench`.
@@ -18,18 +19,18 @@ pub struct BenchArgs {
     #[arg(long)]
     pub inputs: Option<PathBuf>,
     /// Latent height and width of random inputs [default: the U-Net's sample_size].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub latent_size: Option<usize>,
     /// Text tokens in random prompt embeddings.
-    #[arg(long, default_value_t = 77)]
+    #[arg(long, default_value_t = 77, allow_negative_numbers = true)]
     pub context_len: usize,
     /// Comma-separated strategies to compare (serial always runs as the baseline).
     #[arg(long, default_value = "serial,cfg")]
     pub strategies: String,
     /// Ranks of the parallel strategies (serial uses 1).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, allow_negative_numbers = true)]
     pub world_size: usize,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, allow_negative_numbers = true)]
     pub steps: usize,
     #[arg(long, default_value_t = 5.0, allow_hyphen_values = true)]
     pub guidance: f64,
@@ -37,10 +38,10 @@ pub struct BenchArgs {
     #[arg(long)]
     pub scheduler: Option<String>,
     /// Compute threads per rank (serial gets the same, on one rank).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub threads_per_rank: usize,
-    /// Timed forwards per batch size (the median is reported); 0 skips them.
-    #[arg(long, default_value_t = 3)]
+    /// Timed forwards per batch size (the median is reported; at most 1000); 0 skips them.
+    #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=1000), allow_negative_numbers = true)]
     pub repeats: usize,
     /// f32 or f16 (bf16 on CUDA builds).
     #[arg(long, default_value = "f32")]
@@ -64,10 +65,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
             check_output_path(p, flag)?;
         }
     }
+    if let (Some(j), Some(m)) = (&args.json, &args.markdown) {
+        check_distinct_paths(&[("--json", j), ("--markdown", m)], &[])?;
+    }
     if let Some(d) = &args.trace_dir {
         if !d.is_dir() {
             anyhow::bail!("--trace-dir {}: not a folder; create it first", d.display());
         }
+    }
+    // The serial baseline runs 1 rank, the others --world-size, all with these threads.
+    for world in [1, args.world_size] {
+        hybridiff_engine::RunOptions {
+            world_size: world,
+            threads_per_rank: args.threads_per_rank,
+            comm_timeout: std::time::Duration::from_secs(3600),
+        }
+        .check(hybridiff_engine::cores())?;
     }
     let kinds = args
         .strategies
@@ -75,13 +88,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .map(|s| s.trim().parse::<StrategyKind>())
         .collect::<Result<Vec<_>, _>>()?;
     hybridiff_engine::check_guidance(args.guidance)?;
-    let (options, note) = args.strategy_args.options(
+    let (options, switch) = args.strategy_args.options(
         &crate::strategy_args::ModelDefaults::read(&args.model)?,
         args.steps,
     )?;
-    if let (true, Some(note)) = (kinds.contains(&StrategyKind::Hybrid), note) {
-        eprintln!("hybridiff: {note}");
-    }
+    let built: Vec<Box<dyn hybridiff_engine::Strategy>> =
+        kinds.iter().map(|k| k.build(&options)).collect();
+    let refs: Vec<&dyn hybridiff_engine::Strategy> = built.iter().map(|b| b.as_ref()).collect();
+    crate::strategy_args::announce(&kinds, &refs, &switch, args.guidance, args.steps)?;
     crate::set_compute_threads(args.threads_per_rank);
     let device = Device::Cpu;
     let dtype = crate::denoise::parse_dtype(&args.dtype, &device)?;
@@ -90,6 +104,30 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Some(p) => DenoiseInputs::load(p, &model.input_spec, &device)?,
         None => {
             let size = args.latent_size.or(model.sample_size()).unwrap_or(64);
+            // Before the random latents and embeddings are drawn.
+            let max_ctx = hybridiff_engine::memory::MAX_CONTEXT_LEN;
+            if args.context_len == 0 || args.context_len > max_ctx {
+                anyhow::bail!(
+                    "--context-len {}: expected 1 to {max_ctx}",
+                    args.context_len
+                );
+            }
+            hybridiff_engine::memory::check_counts(args.steps, args.context_len)?;
+            for kind in &kinds {
+                let world = if *kind == StrategyKind::Serial {
+                    1
+                } else {
+                    args.world_size
+                };
+                let shape = JobShape::for_strategy(
+                    &kind.to_string(),
+                    world,
+                    (model.input_spec.latent_channels, size, size),
+                    args.context_len,
+                    args.steps,
+                );
+                estimate_job(model.denoiser.as_ref(), &shape).check()?;
+            }
             random_inputs(
                 &model.input_spec,
                 (size, size),
@@ -165,6 +203,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "steps": args.steps,
             "scheduler": scheduler.to_string(),
             "guidance": args.guidance,
+            "classifier_free_guidance": args.guidance > 1.0,
             "threads_per_rank": tpr,
             "dtype": args.dtype,
             "forward_seconds": forward.map(|(a, b)| serde_json::json!({ "batch1": a, "batch2": b })),

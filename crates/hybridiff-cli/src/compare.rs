@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use hybridiff_engine::metrics::compare_dirs;
 
-/// Arguments of `hybridiff compare`.
+/// Arguments of `hybridiff compare`. Images smaller than SSIM's 7x7 window are refused
+/// (as scikit-image refuses them); names found in only one folder are listed on stderr
+/// and in the JSON (`only_in_a`, `only_in_b`), and the means cover the pairs.
 #[derive(clap::Args, Debug)]
 pub struct CompareArgs {
     /// Folder of reference images (e.g. serial outputs).
@@ -19,7 +21,24 @@ pub struct CompareArgs {
 }
 
 pub fn run(args: CompareArgs) -> Result<()> {
-    let pairs = compare_dirs(&args.dir_a, &args.dir_b)?;
+    let cmp = compare_dirs(&args.dir_a, &args.dir_b)?;
+    for (only, dir) in [(&cmp.only_in_a, &args.dir_a), (&cmp.only_in_b, &args.dir_b)] {
+        if !only.is_empty() {
+            let shown: Vec<&str> = only.iter().take(10).map(String::as_str).collect();
+            eprintln!(
+                "hybridiff: warning: {} PNG file(s) only in {}, not compared: {}{}",
+                only.len(),
+                dir.display(),
+                shown.join(", "),
+                if only.len() > shown.len() {
+                    ", ..."
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    let pairs = cmp.pairs;
     let n = pairs.len() as f64;
     let mean_ssim = pairs.iter().map(|p| p.ssim).sum::<f64>() / n;
     // Identical pairs have infinite PSNR; the mean is over the others (null if none).
@@ -31,6 +50,8 @@ pub fn run(args: CompareArgs) -> Result<()> {
             "mean_psnr_db": mean_psnr,
             "identical": pairs.len() - finite.len(),
             "mean_ssim": mean_ssim,
+            "only_in_a": cmp.only_in_a,
+            "only_in_b": cmp.only_in_b,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());

@@ -45,6 +45,40 @@ fn content_hash() -> u64 {
     h.finish()
 }
 
+/// An unpack takes well under a second; a temporary folder this old was left by a run
+/// that was killed (Ctrl-C during the first unpack) and nobody will finish it.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes `.default-*` temporary folders older than [`STALE_AFTER`] from the cache.
+/// Younger ones may belong to a process unpacking right now and are left alone.
+fn remove_stale_unpacks(cache: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(cache) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().starts_with(".default-") {
+            continue;
+        }
+        let stale = e
+            .metadata()
+            .ok()
+            .filter(|m| m.is_dir())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_AFTER);
+        if stale {
+            match std::fs::remove_dir_all(e.path()) {
+                Ok(()) => tracing::debug!("removed the stale unpack {}", e.path().display()),
+                Err(err) => tracing::warn!(
+                    "cannot remove the stale unpack {}: {err}",
+                    e.path().display()
+                ),
+            }
+        }
+    }
+}
+
 /// The folder of the embedded default model, unpacked if needed.
 pub fn dir() -> Result<PathBuf> {
     if embedded::FILES.is_empty() {
@@ -57,6 +91,7 @@ pub fn dir() -> Result<PathBuf> {
     let parent = target.parent().expect("has a parent");
     std::fs::create_dir_all(parent)
         .with_context(|| format!("cannot create the cache folder {}", parent.display()))?;
+    remove_stale_unpacks(parent);
     // Unpack into a temporary folder and rename it into place, so an interrupted unpack
     // never looks complete.
     let tmp = tempfile::Builder::new()

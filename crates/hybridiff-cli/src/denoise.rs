@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
-use hybridiff_engine::io::{check_output_path, save_png, save_safetensors, write_bytes_atomic};
+use hybridiff_engine::io::{
+    check_distinct_paths, check_output_path, save_png, save_safetensors, write_bytes_atomic,
+};
 use hybridiff_engine::{denoise, DenoiseInputs, Job, Model};
 use hybridiff_schedulers::SchedulerKind;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -23,7 +25,7 @@ pub struct DenoiseArgs {
     /// Where to write `latents` and `step_latents` (safetensors).
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, allow_negative_numbers = true)]
     pub steps: usize,
     /// Classifier-free guidance scale; 1 or less turns guidance off (one conditional
     /// forward per step, as in diffusers).
@@ -66,6 +68,7 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
         &crate::strategy_args::ModelDefaults::read(&args.model)?,
         args.steps,
     )?;
+    run.announce(args.guidance, args.steps)?;
     check_output_path(&args.out, "--out")?;
     if let Some(p) = &args.trace {
         check_output_path(p, "--trace")?;
@@ -73,6 +76,14 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
     if let Some(p) = &args.decode {
         check_output_path(p, "--decode")?;
     }
+    let mut outputs = vec![("--out", args.out.as_path())];
+    if let Some(p) = &args.trace {
+        outputs.push(("--trace", p.as_path()));
+    }
+    if let Some(p) = &args.decode {
+        outputs.push(("--decode", p.as_path()));
+    }
+    check_distinct_paths(&outputs, &[("--inputs", args.inputs.as_path())])?;
     let model = Model::load(&args.model, run.dtype, &device)?;
     let scheduler = match run.scheduler {
         Some(s) => s,
@@ -80,7 +91,11 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
     };
     let inputs = DenoiseInputs::load(&args.inputs, &model.input_spec, &device)?;
     let vae = match &args.decode {
-        Some(_) => Some(model.load_vae()?),
+        Some(_) => {
+            let (h, w) = (inputs.latents.dim(2)?, inputs.latents.dim(3)?);
+            model.check_decode_memory((h, w))?;
+            Some(model.load_vae()?)
+        }
         None => None,
     };
 

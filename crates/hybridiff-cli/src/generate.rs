@@ -5,7 +5,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use hybridiff_engine::io::{check_output_path, load_safetensors, save_png, write_bytes_atomic};
+use hybridiff_engine::io::{
+    check_distinct_paths, check_finite, check_output_path, load_safetensors, save_png,
+    special_file_kind, write_bytes_atomic,
+};
 use hybridiff_engine::pipeline::{Pipeline, Request};
 use hybridiff_engine::{RunOptions, Strategy, StrategyKind};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -20,21 +23,26 @@ pub struct GenerateArgs {
     /// into this binary: coloured shapes, see models/default/MODEL_CARD.md].
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// The prompt (or use --prompts for a batch).
-    #[arg(long, conflicts_with = "prompts")]
+    /// The prompt (or use --prompts for a batch); may start with `-`.
+    #[arg(long, conflicts_with = "prompts", allow_hyphen_values = true)]
     pub prompt: Option<String>,
     /// What to steer away from. As in diffusers, leaving it out differs from
     /// `--negative-prompt ""` on SDXL pipelines whose model_index.json sets
     /// force_zeros_for_empty_prompt: left out, the negative embeddings are zeros; given,
     /// even empty, the text is encoded. Other pipelines encode "" when it is left out.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub negative_prompt: Option<String>,
-    /// A batch: one prompt per line, or a JSON list of {prompt, negative_prompt, seed};
-    /// --out is then a folder that gets one PNG per prompt and manifest.json.
+    /// A batch file; --out is then a folder that gets one PNG per prompt and
+    /// manifest.json. Its format comes from --prompts-format, else from the extension:
+    /// `.json` a JSON list of {prompt, negative_prompt, seed}, `.jsonl` one such object
+    /// per line, anything else plain text with one prompt per line.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
+    /// The format of --prompts: text, json or jsonl [default: from the extension].
+    #[arg(long, requires = "prompts")]
+    pub prompts_format: Option<String>,
     /// Denoising steps [default: the model folder's hybridiff.json, else 50].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub steps: Option<usize>,
     /// Guidance scale [default: the model folder's hybridiff.json, else 7 for SD3, 5
     /// otherwise]. 1 or less turns classifier-free guidance off, as in diffusers: one
@@ -43,15 +51,22 @@ pub struct GenerateArgs {
     #[arg(long, allow_hyphen_values = true)]
     pub guidance: Option<f64>,
     /// Image height in pixels, a multiple of the VAE factor (8 for SD, SDXL; 16 for SD3,
-    /// whose transformer also patches by 2) [default: the denoiser's sample size].
-    #[arg(long)]
+    /// whose transformer also patches by 2) [default: that of --latents, else the
+    /// denoiser's sample size].
+    #[arg(long, allow_negative_numbers = true)]
     pub height: Option<usize>,
-    /// Image width in pixels, as --height [default: the denoiser's sample size].
-    #[arg(long)]
+    /// Image width in pixels, as --height [default: that of --latents, else the denoiser's
+    /// sample size].
+    #[arg(long, allow_negative_numbers = true)]
     pub width: Option<usize>,
     /// Seed of the starting noise (ChaCha8 + standard normal; the same on every machine
     /// and strategy). In a batch, prompt i without its own seed uses seed + i.
-    #[arg(long, default_value_t = 0, conflicts_with = "latents")]
+    #[arg(
+        long,
+        default_value_t = 0,
+        conflicts_with = "latents",
+        allow_negative_numbers = true
+    )]
     pub seed: u64,
     /// Start from the `latents` tensor of this safetensors file instead.
     #[arg(long)]
@@ -67,6 +82,7 @@ pub struct GenerateArgs {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BatchItem {
     prompt: String,
     #[serde(default)]
@@ -75,18 +91,75 @@ struct BatchItem {
     seed: Option<u64>,
 }
 
-fn read_batch(path: &Path, negative: Option<&str>, base_seed: u64) -> Result<Vec<BatchItem>> {
-    let text = std::fs::read_to_string(path)
+/// Largest --prompts file read.
+const MAX_PROMPTS_BYTES: u64 = 64 << 20;
+/// Most prompts in one batch.
+const MAX_PROMPTS: usize = 100_000;
+
+/// How a --prompts file is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PromptsFormat {
+    Text,
+    Json,
+    JsonLines,
+}
+
+impl PromptsFormat {
+    /// The flag's value, else the extension (never the content: a plain prompt may start
+    /// with `[`, and a JSON object is not a prompt).
+    fn of(path: &Path, flag: Option<&str>) -> Result<Self> {
+        Ok(match flag {
+            Some("text") => Self::Text,
+            Some("json") => Self::Json,
+            Some("jsonl") => Self::JsonLines,
+            Some(other) => bail!("--prompts-format {other}: expected text, json or jsonl"),
+            None => match path
+                .extension()
+                .and_then(|e| e.to_str())
+                .map(str::to_ascii_lowercase)
+                .as_deref()
+            {
+                Some("json") => Self::Json,
+                Some("jsonl" | "ndjson") => Self::JsonLines,
+                _ => Self::Text,
+            },
+        })
+    }
+}
+
+fn read_batch(
+    path: &Path,
+    format: Option<&str>,
+    negative: Option<&str>,
+    base_seed: u64,
+) -> Result<Vec<BatchItem>> {
+    let format = PromptsFormat::of(path, format)?;
+    let text = hybridiff_models::weights::read_text_bounded(path, MAX_PROMPTS_BYTES)
         .with_context(|| format!("--prompts {}: cannot read the file", path.display()))?;
-    let mut items: Vec<BatchItem> = if text.trim_start().starts_with('[') {
-        serde_json::from_str(&text).with_context(|| {
+    let what = "{prompt, negative_prompt, seed}";
+    let mut items: Vec<BatchItem> = match format {
+        PromptsFormat::Json => serde_json::from_str(&text).with_context(|| {
             format!(
-                "--prompts {}: expected a JSON list of {{prompt, negative_prompt, seed}}",
+                "--prompts {}: expected a JSON list of {what} (the .json extension or --prompts-format json says JSON; use --prompts-format text for plain lines)",
                 path.display()
             )
-        })?
-    } else {
-        text.lines()
+        })?,
+        PromptsFormat::JsonLines => text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str(l).with_context(|| {
+                    format!(
+                        "--prompts {} line {}: expected a JSON object {what}",
+                        path.display(),
+                        i + 1
+                    )
+                })
+            })
+            .collect::<Result<_>>()?,
+        PromptsFormat::Text => text
+            .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty())
             .map(|l| BatchItem {
@@ -94,16 +167,23 @@ fn read_batch(path: &Path, negative: Option<&str>, base_seed: u64) -> Result<Vec
                 negative_prompt: None,
                 seed: None,
             })
-            .collect()
+            .collect(),
     };
     if items.is_empty() {
         bail!("--prompts {}: no prompts in the file", path.display());
+    }
+    if items.len() > MAX_PROMPTS {
+        bail!(
+            "--prompts {}: {} prompts; at most {MAX_PROMPTS} in one batch",
+            path.display(),
+            items.len()
+        );
     }
     for (i, it) in items.iter_mut().enumerate() {
         if it.negative_prompt.is_none() {
             it.negative_prompt = negative.map(str::to_string);
         }
-        it.seed.get_or_insert(base_seed + i as u64);
+        it.seed.get_or_insert(base_seed.wrapping_add(i as u64));
     }
     Ok(items)
 }
@@ -120,26 +200,77 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         hybridiff_engine::check_guidance(g)?;
     }
     let run = args.run.resolve(&device, &defaults, steps)?;
+    // Every pipeline's own default guidance (5 or 7) turns CFG on.
+    run.announce(args.guidance.or(defaults.guidance).unwrap_or(5.0), steps)?;
     let batch = match (&args.prompt, &args.prompts) {
         (Some(_), _) => None,
-        (None, Some(p)) => Some(read_batch(p, args.negative_prompt.as_deref(), args.seed)?),
+        (None, Some(p)) => Some(read_batch(
+            p,
+            args.prompts_format.as_deref(),
+            args.negative_prompt.as_deref(),
+            args.seed,
+        )?),
         (None, None) => bail!("give --prompt TEXT or --prompts FILE"),
     };
-    match &batch {
-        None => check_output_path(&args.out, "--out")?,
-        Some(_) => std::fs::create_dir_all(&args.out)
-            .with_context(|| format!("--out {}: cannot create the folder", args.out.display()))?,
+    let mut inputs: Vec<(&str, &Path)> = Vec::new();
+    if let Some(p) = &args.latents {
+        inputs.push(("--latents", p));
     }
-    if let Some(p) = &args.trace {
-        check_output_path(p, "--trace")?;
+    if let Some(p) = &args.prompts {
+        inputs.push(("--prompts", p));
+    }
+    match &batch {
+        None => {
+            check_output_path(&args.out, "--out")?;
+            if let Some(p) = &args.trace {
+                check_output_path(p, "--trace")?;
+            }
+            let mut outputs = vec![("--out", args.out.as_path())];
+            if let Some(p) = &args.trace {
+                outputs.push(("--trace", p.as_path()));
+            }
+            check_distinct_paths(&outputs, &inputs)?;
+        }
+        Some(_) => {
+            if args.trace.is_some() {
+                bail!("--trace writes one image's trace; it does not go with --prompts (the manifest records tau1 and tau2)");
+            }
+            // The folder is made only once the model and the request are known good.
+            if let Some(kind) = special_file_kind(&args.out).filter(|k| *k != "a folder") {
+                bail!(
+                    "--out {}: is {kind}; with --prompts it must be a folder",
+                    args.out.display()
+                );
+            }
+            if args.out.exists() && !args.out.is_dir() {
+                bail!(
+                    "--out {}: is a file; with --prompts it must be a folder",
+                    args.out.display()
+                );
+            }
+            // The batch writes NNNN.png and manifest.json into --out; none may be an input.
+            let n = batch.as_ref().map_or(0, Vec::len);
+            let mut outputs: Vec<(String, PathBuf)> = (0..n)
+                .map(|i| ("--out".to_string(), args.out.join(format!("{i:04}.png"))))
+                .collect();
+            outputs.push(("--out".into(), args.out.join("manifest.json")));
+            for (flag, input) in &inputs {
+                for (_, o) in &outputs {
+                    check_distinct_paths(&[("--out", o)], &[(flag, input)])?;
+                }
+            }
+        }
     }
     let pipeline = Pipeline::load(&model_dir, run.dtype, &device)?;
     let latents = match &args.latents {
-        Some(p) => Some(
-            load_safetensors(p, &device)?
+        Some(p) => {
+            let l = load_safetensors(p, &device)?
                 .remove("latents")
-                .with_context(|| format!("--latents {}: no tensor named `latents`", p.display()))?,
-        ),
+                .with_context(|| format!("--latents {}: no tensor named `latents`", p.display()))?;
+            let l = hybridiff_engine::io::float_tensor(p, "latents", &l)?;
+            check_finite(p, "latents", &l)?;
+            Some(l)
+        }
         None => None,
     };
     let opts = &run.options;
@@ -177,15 +308,32 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             );
             Ok(())
         }
-        Some(items) => run_batch(
-            &pipeline,
-            &items,
-            &request,
-            run.strategy.as_ref(),
-            opts,
-            &args.out,
-            run.kind,
-        ),
+        Some(items) => {
+            // A request-wide error (size, memory, steps, layout) is reported once, here,
+            // rather than once per prompt, and before --out is created.
+            let first = &items[0];
+            pipeline.check_request(
+                &request(
+                    &first.prompt,
+                    first.negative_prompt.as_deref(),
+                    first.seed.unwrap_or_default(),
+                ),
+                run.strategy.as_ref(),
+                opts,
+            )?;
+            std::fs::create_dir_all(&args.out).with_context(|| {
+                format!("--out {}: cannot create the folder", args.out.display())
+            })?;
+            run_batch(
+                &pipeline,
+                &items,
+                &request,
+                run.strategy.as_ref(),
+                opts,
+                &args.out,
+                run.kind,
+            )
+        }
     }
 }
 
@@ -241,6 +389,8 @@ fn run_batch(
         match result {
             Ok(trace) => {
                 entry["file"] = file.clone().into();
+                entry["guidance"] = serde_json::json!(trace.guidance);
+                entry["classifier_free_guidance"] = trace.classifier_free_guidance.into();
                 entry["tau1"] = serde_json::json!(trace.tau1);
                 entry["tau2"] = serde_json::json!(trace.tau2);
                 println!("{file}: {}", it.prompt);

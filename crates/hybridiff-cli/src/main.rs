@@ -41,9 +41,13 @@ struct InitArgs {
     /// A diffusers `unet/config.json` or `transformer/config.json`.
     #[arg(long)]
     config: std::path::PathBuf,
-    /// The model folder to write (created if missing).
+    /// The model folder to write (created if missing; an existing non-empty folder needs
+    /// --force).
     #[arg(long)]
     out: std::path::PathBuf,
+    /// Overwrite the model files in an existing, non-empty --out folder.
+    #[arg(long)]
+    force: bool,
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -84,11 +88,14 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Denoise(args) => denoise::run(args),
-        Command::Init(args) => {
-            hybridiff_engine::init::init_model_folder(&args.config, &args.out, args.seed)
-                .map(|()| println!("wrote random-weight model to {}", args.out.display()))
-                .map_err(anyhow::Error::from)
-        }
+        Command::Init(args) => hybridiff_engine::init::init_model_folder(
+            &args.config,
+            &args.out,
+            args.seed,
+            args.force,
+        )
+        .map(|()| println!("wrote random-weight model to {}", args.out.display()))
+        .map_err(anyhow::Error::from),
         Command::Bench(args) => bench::run(args),
         Command::Compare(args) => compare::run(args),
     };

@@ -1,7 +1,7 @@
 //! Strategy flags shared by `denoise` and `bench`.
 
 use anyhow::Result;
-use hybridiff_engine::switch::{self, PartialSwitch};
+use hybridiff_engine::switch::{self, PartialSwitch, ResolvedSwitch};
 use hybridiff_engine::{PipelinedGuidance, StrategyOptions};
 
 /// Knobs of the staged strategies (`async`, `hybrid`) and of `patch`.
@@ -25,7 +25,7 @@ pub struct StrategyArgs {
     pub l_slope: Option<usize>,
     /// hybrid: slope below which the rel-MAE curve counts as flat [default: hybridiff.json,
     /// else 0.4e-3 for 50 steps; either scaled to --steps].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub eps_slope: Option<f64>,
     /// hybrid: pipelined steps after tau1 [default: hybridiff.json, else 5 for 50 steps;
     /// either scaled to --steps and fitted into it].
@@ -49,26 +49,21 @@ pub struct StrategyArgs {
 impl StrategyArgs {
     /// The engine's strategy options for a run of `steps` steps: flags first, then the
     /// model's recommendations, then the paper's values, the last two scaled to `steps`
-    /// (see [`switch::resolve`]). Also returns the line that says which thresholds were
-    /// derived, when any was.
+    /// (see [`switch::resolve`]). Also returns the resolved thresholds, with the line that
+    /// says where they came from. The flags' domains are checked whatever the strategy.
     pub fn options(
         &self,
         defaults: &ModelDefaults,
         steps: usize,
-    ) -> Result<(StrategyOptions, Option<String>)> {
+    ) -> Result<(StrategyOptions, ResolvedSwitch)> {
         let flags = PartialSwitch {
             l_slope: self.l_slope,
             eps_slope: self.eps_slope,
             k: self.k,
             tau_cap: self.tau_cap,
         };
-        let recommended = PartialSwitch {
-            l_slope: defaults.l_slope,
-            eps_slope: defaults.eps_slope,
-            k: defaults.k,
-            tau_cap: defaults.tau_cap,
-        };
-        let resolved = switch::resolve(flags, recommended, defaults.steps, steps);
+        flags.check_domains(None)?;
+        let resolved = switch::resolve(flags, defaults.switch(), defaults.steps, steps);
         Ok((
             StrategyOptions {
                 warmup: self.warmup,
@@ -78,9 +73,36 @@ impl StrategyArgs {
                 patch_mode: self.patch_mode.parse()?,
                 cfg_split: !self.no_cfg_split,
             },
-            resolved.note,
+            resolved,
         ))
     }
+}
+
+/// Says on stderr what a run will do that the user may not expect, before it starts:
+/// that `cfg`/`hybrid` have no branches to split without CFG (`guidance <= 1`), or which
+/// hybrid thresholds were derived. Hybrid thresholds that cannot fit are an error that
+/// names the values that were derived rather than given.
+pub fn announce(
+    kinds: &[hybridiff_engine::StrategyKind],
+    strategies: &[&dyn hybridiff_engine::Strategy],
+    switch: &ResolvedSwitch,
+    guidance: f64,
+    steps: usize,
+) -> Result<()> {
+    use hybridiff_engine::StrategyKind;
+    for (kind, strategy) in kinds.iter().zip(strategies) {
+        match kind {
+            StrategyKind::Cfg | StrategyKind::Hybrid if guidance <= 1.0 => {
+                eprintln!("hybridiff: {kind}: {}", strategy.without_cfg());
+            }
+            StrategyKind::Hybrid => {
+                switch.check(steps)?;
+                eprintln!("hybridiff: {}", switch.note);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Recommended settings a model folder may carry in `hybridiff.json`.
@@ -103,14 +125,36 @@ impl ModelDefaults {
         if !p.is_file() {
             return Ok(Self::default());
         }
-        let text =
-            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-        serde_json::from_str(&text).with_context(|| {
+        let text = hybridiff_models::weights::read_text_bounded(
+            &p,
+            hybridiff_models::weights::MAX_CONFIG_BYTES,
+        )
+        .with_context(|| format!("reading {}", p.display()))?;
+        let d: Self = serde_json::from_str(&text).with_context(|| {
             format!(
                 "{}: expected {{steps, guidance, l_slope, eps_slope, k, tau_cap}}",
                 p.display()
             )
-        })
+        })?;
+        if d.steps == Some(0) {
+            anyhow::bail!("{}: `steps` = 0: expected 1 or more", p.display());
+        }
+        if let Some(g) = d.guidance {
+            hybridiff_engine::check_guidance(g)
+                .with_context(|| format!("{}: `guidance` = {g}", p.display()))?;
+        }
+        d.switch().check_domains(Some(&p))?;
+        Ok(d)
+    }
+
+    /// The switching thresholds it recommends.
+    pub fn switch(&self) -> PartialSwitch {
+        PartialSwitch {
+            l_slope: self.l_slope,
+            eps_slope: self.eps_slope,
+            k: self.k,
+            tau_cap: self.tau_cap,
+        }
     }
 }
 
@@ -121,10 +165,11 @@ pub struct RunArgs {
     /// bands with --no-cfg-split or guidance <= 1).
     #[arg(long, default_value = "serial")]
     pub strategy: String,
-    /// Number of ranks [default: 1 for serial, 2 otherwise].
+    /// Number of ranks [default: 1 for serial, 2 otherwise]. Ranks are threads of this
+    /// process: at most 64, and at most 4 threads per core in all.
     #[arg(long)]
     pub world_size: Option<usize>,
-    /// Compute threads per rank [default: cores / world size].
+    /// Compute threads per rank, at most the machine's cores [default: cores / world size].
     #[arg(long)]
     pub threads_per_rank: Option<usize>,
     /// f32 or f16 (bf16 on CUDA builds).
@@ -133,8 +178,8 @@ pub struct RunArgs {
     /// ddim, euler, dpmpp-2m or flow-euler [default: the model's scheduler_config.json]
     #[arg(long)]
     pub scheduler: Option<String>,
-    /// Seconds any rank waits for another before the job fails.
-    #[arg(long, default_value_t = 600)]
+    /// Seconds any rank waits for another before the job fails (1 to 604800).
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub comm_timeout: u64,
     #[command(flatten)]
     pub strategy_args: StrategyArgs,
@@ -147,11 +192,25 @@ pub struct Run {
     pub options: hybridiff_engine::RunOptions,
     pub dtype: candle_core::DType,
     pub scheduler: Option<hybridiff_schedulers::SchedulerKind>,
+    /// The hybrid thresholds and where they came from.
+    pub switch: ResolvedSwitch,
+}
+
+impl Run {
+    /// [`announce`] for this run's strategy.
+    pub fn announce(&self, guidance: f64, steps: usize) -> Result<()> {
+        announce(
+            &[self.kind],
+            &[self.strategy.as_ref()],
+            &self.switch,
+            guidance,
+            steps,
+        )
+    }
 }
 
 impl RunArgs {
     /// Resolves the flags for a run of `steps` steps and sets the per-rank thread budget.
-    /// Says on stderr which hybrid thresholds were derived, when any was.
     pub fn resolve(
         &self,
         device: &candle_core::Device,
@@ -164,31 +223,29 @@ impl RunArgs {
             StrategyKind::Serial => 1,
             _ => 2,
         });
-        if world_size == 0 {
-            anyhow::bail!("--world-size must be at least 1");
-        }
         let threads = self
             .threads_per_rank
             .unwrap_or_else(|| crate::default_threads(world_size));
+        let run_options = hybridiff_engine::RunOptions {
+            world_size,
+            threads_per_rank: threads,
+            comm_timeout: std::time::Duration::from_secs(self.comm_timeout),
+        };
+        // Before any pool exists: rayon panics when it cannot create its threads.
+        run_options.check(hybridiff_engine::cores())?;
         crate::set_compute_threads(threads);
         let scheduler = match &self.scheduler {
             Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?),
             None => None,
         };
-        let (options, note) = self.strategy_args.options(defaults, steps)?;
-        if let (StrategyKind::Hybrid, Some(note)) = (kind, note) {
-            eprintln!("hybridiff: {note}");
-        }
+        let (options, switch) = self.strategy_args.options(defaults, steps)?;
         Ok(Run {
             kind,
             strategy: kind.build(&options),
-            options: hybridiff_engine::RunOptions {
-                world_size,
-                threads_per_rank: threads,
-                comm_timeout: std::time::Duration::from_secs(self.comm_timeout),
-            },
+            options: run_options,
             dtype: crate::denoise::parse_dtype(&self.dtype, device)?,
             scheduler,
+            switch,
         })
     }
 }

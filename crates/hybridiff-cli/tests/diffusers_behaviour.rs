@@ -123,6 +123,25 @@ fn a_size_that_is_a_multiple_of_8_but_not_of_32_matches_diffusers() {
         let png = assert_matches_diffusers("odd_size", extra);
         assert_eq!(image::open(&png).unwrap().to_rgb8().dimensions(), (88, 72));
     }
+    // Without --height/--width the size comes from --latents (9x11 latents).
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("l.png");
+    let (_, latents, _) = case("odd_size");
+    let o = hybridiff(&[
+        "generate",
+        "--model",
+        s(&fixture("tiny-sdxl-pipeline")),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--latents",
+        s(&latents),
+        "--out",
+        s(&png),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(image::open(&png).unwrap().to_rgb8().dimensions(), (88, 72));
     // hybrid pipelines some steps (approximate) at this size too.
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("h.png");
@@ -292,4 +311,165 @@ fn non_finite_guidance_is_refused_by_every_command() {
         s(&out),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A copy of the tiny SDXL denoiser folder (by symbolic links) with this `hybridiff.json`.
+#[cfg(unix)]
+fn tiny_sdxl_with_recommendation(dir: &Path, json: &str) -> PathBuf {
+    let m = dir.join("model");
+    std::fs::create_dir_all(&m).unwrap();
+    for part in ["unet", "scheduler", "vae", "inputs.safetensors"] {
+        std::os::unix::fs::symlink(fixture("tiny-sdxl").join(part), m.join(part)).unwrap();
+    }
+    std::fs::write(m.join("hybridiff.json"), json).unwrap();
+    m
+}
+
+fn denoise(model: &Path, out: &Path, extra: &[&str]) -> Output {
+    let inputs = fixture("tiny-sdxl/inputs.safetensors");
+    let mut args = vec![
+        "denoise",
+        "--model",
+        s(model),
+        "--inputs",
+        s(&inputs),
+        "--out",
+        s(out),
+    ];
+    args.extend_from_slice(extra);
+    hybridiff(&args)
+}
+
+#[test]
+fn switching_flags_are_checked_and_derived_values_fit_around_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    let model = fixture("tiny-sdxl");
+    // A derived k fits around a given tau_cap.
+    let o = denoise(
+        &model,
+        &out,
+        &["--strategy", "hybrid", "--steps", "8", "--tau-cap", "7"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("--k 1 --tau-cap 7"), "{err}");
+    std::fs::remove_file(&out).unwrap();
+    // A given k that leaves no room names the values that were derived.
+    let o = denoise(
+        &model,
+        &out,
+        &["--strategy", "hybrid", "--steps", "4", "--k", "5"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("use --k 3 or lower"),
+        "{err}"
+    );
+    assert!(
+        err.contains("derived for 4 steps: --l-slope, --eps-slope, --tau-cap"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("hybrid thresholds for"),
+        "no note before an error: {err}"
+    );
+    // Domains are checked whatever the strategy.
+    for (flags, needle) in [
+        (
+            &["--strategy", "serial", "--eps-slope=NaN"][..],
+            "--eps-slope NaN",
+        ),
+        (&["--strategy", "async", "--k", "0"], "--k 0"),
+        (&["--strategy", "hybrid", "--l-slope", "1"], "--l-slope 1"),
+        (&["--strategy", "cfg", "--tau-cap", "0"], "--tau-cap 0"),
+    ] {
+        let mut f = vec!["--steps", "4"];
+        f.extend_from_slice(flags);
+        let o = denoise(&model, &out, &f);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(needle),
+            "{flags:?}: {err}"
+        );
+        assert!(!out.exists());
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn bad_recommendations_in_hybridiff_json_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    for (i, (json, needle)) in [
+        (r#"{"steps": 0}"#, "`steps` = 0"),
+        (r#"{"guidance": 1e308}"#, "`guidance` = "),
+        (r#"{"eps_slope": -1}"#, "`eps_slope` = -1"),
+        (r#"{"k": 0}"#, "`k` = 0"),
+        (r#"{"l_slope": 1}"#, "`l_slope` = 1"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let d = dir.path().join(i.to_string());
+        let model = tiny_sdxl_with_recommendation(&d, json);
+        let o = denoise(&model, &out, &["--steps", "2"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{json}");
+        assert!(
+            err.contains("hybridiff.json") && err.contains(needle),
+            "{json}: {err}"
+        );
+    }
+}
+
+#[test]
+fn cfg_and_hybrid_say_on_stderr_that_they_have_nothing_to_split_without_guidance() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    for strategy in ["cfg", "hybrid"] {
+        let o = denoise(
+            &fixture("tiny-sdxl"),
+            &out,
+            &["--strategy", strategy, "--steps", "2", "--guidance", "1"],
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert!(err.contains("no branches to split"), "{strategy}: {err}");
+        assert!(!err.contains("hybrid thresholds"), "{strategy}: {err}");
+    }
+}
+
+#[test]
+fn non_finite_starting_latents_are_refused_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = vec![0.5f32; 4 * 8 * 8];
+    v[17] = f32::INFINITY;
+    let t = Tensor::from_vec(v, (1, 4, 8, 8), &Device::Cpu).unwrap();
+    let file = dir.path().join("l.safetensors");
+    candle_core::safetensors::save(&HashMap::from([("latents".to_string(), t)]), &file).unwrap();
+    let out = dir.path().join("x.png");
+    let o = hybridiff(&[
+        "generate",
+        "--model",
+        s(&fixture("tiny-sdxl-pipeline")),
+        "--prompt",
+        "x",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--steps",
+        "2",
+        "--latents",
+        s(&file),
+        "--out",
+        s(&out),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("`latents`") && err.contains("flat index 17"),
+        "{err}"
+    );
+    assert!(!out.exists());
 }

@@ -27,8 +27,19 @@ pub fn random_inputs(
     seed: u64,
     device: &Device,
 ) -> Result<DenoiseInputs> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (h, w) = latent_hw;
+    if h == 0 || w == 0 {
+        return Err(Error::Options(format!(
+            "--latent-size {h}x{w}: latents need at least one pixel"
+        )));
+    }
+    if ctx_len == 0 || ctx_len > crate::memory::MAX_CONTEXT_LEN {
+        return Err(Error::Options(format!(
+            "--context-len {ctx_len}: expected 1 to {}",
+            crate::memory::MAX_CONTEXT_LEN
+        )));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let latents = randn(&mut rng, &[1, spec.latent_channels, h, w], device)?;
     let branch = |rng: &mut ChaCha8Rng| -> Result<Conditioning> {
         let time_ids = if spec.time_ids {

@@ -24,6 +24,9 @@ pub enum Error {
     /// Values that became NaN or infinite during the run.
     #[error("{0}")]
     Numerics(String),
+    /// A job whose estimated memory exceeds what the machine has (see `memory`).
+    #[error("{0}")]
+    Memory(String),
     /// A file that could not be read or written.
     #[error("{}: {msg}", path.display())]
     Io { path: PathBuf, msg: String },

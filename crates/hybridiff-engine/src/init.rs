@@ -23,6 +23,9 @@ use crate::{Error, Result};
 struct RandomBackend {
     seed: u64,
     made: Mutex<HashMap<String, Tensor>>,
+    /// Bytes made so far, and the most this process may use (None: no limit known).
+    bytes: Mutex<u128>,
+    limit: Option<hybridiff_models::memory::Limit>,
 }
 
 fn name_seed(seed: u64, name: &str) -> u64 {
@@ -48,6 +51,26 @@ impl SimpleBackend for Shared {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let n = s.elem_count();
+        {
+            // Checked before each tensor is made: the weights are held twice at the end
+            // (the tensors and the file's bytes as they are written).
+            let mut made = self
+                .0
+                .bytes
+                .lock()
+                .expect("no panics while holding the lock");
+            let after = made.saturating_add(n as u128 * 4);
+            if let Some(l) = self.0.limit {
+                if after.saturating_mul(2) > l.bytes {
+                    return Err(candle_core::Error::Msg(format!(
+                        "the weights need more than {} (with tensor `{name}` of shape {:?}), held twice while writing; more than the {l} available",
+                        hybridiff_models::memory::bytes(after),
+                        s.dims()
+                    )));
+                }
+            }
+            *made = after;
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(name_seed(self.0.seed, name));
         let data: Vec<f32> = match h {
             Init::Const(v) => vec![v as f32; n],
@@ -113,9 +136,35 @@ pub const SD3_SCHEDULER_CONFIG: &str = r#"{
 /// (`UNet2DConditionModel`) gives `unet/` with SDXL's DDIM scheduler, an MMDiT config
 /// (`SD3Transformer2DModel`) gives `transformer/` with SD3's flow-matching scheduler;
 /// plus `scheduler/scheduler_config.json` and a `model_index.json`.
-pub fn init_model_folder(config_path: &Path, out: &Path, seed: u64) -> Result<()> {
-    let config_text =
-        std::fs::read_to_string(config_path).map_err(|e| Error::io(config_path, e))?;
+///
+/// An `out` folder that already holds files is refused unless `force` is set (it would
+/// replace a model's weights with random ones); a new folder is assembled under a
+/// temporary name next to it and renamed into place, so a failed run leaves nothing.
+/// The weights are checked against the memory limit tensor by tensor, before each is made.
+pub fn init_model_folder(config_path: &Path, out: &Path, seed: u64, force: bool) -> Result<()> {
+    let exists = match std::fs::symlink_metadata(out) {
+        Ok(m) if m.is_dir() => true,
+        Ok(_) => {
+            return Err(Error::io(
+                out,
+                "--out: exists and is not a folder; give a new or empty folder",
+            ))
+        }
+        Err(_) => false,
+    };
+    if exists && !force {
+        let mut entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
+        if entries.next().is_some() {
+            return Err(Error::io(
+                out,
+                "--out: the folder is not empty (it may hold a model whose weights would be replaced by random ones); pass --force to overwrite, or give a new folder",
+            ));
+        }
+    }
+    let config_text = hybridiff_models::weights::read_text_bounded(
+        config_path,
+        hybridiff_models::weights::MAX_CONFIG_BYTES,
+    )?;
     let raw: serde_json::Value = serde_json::from_str(&config_text).map_err(|e| Error::Io {
         path: config_path.to_path_buf(),
         msg: format!("invalid JSON: {e}"),
@@ -127,6 +176,8 @@ pub fn init_model_folder(config_path: &Path, out: &Path, seed: u64) -> Result<()
     let backend = Arc::new(RandomBackend {
         seed,
         made: Mutex::new(HashMap::new()),
+        bytes: Mutex::new(0),
+        limit: hybridiff_models::memory::limit().map_err(Error::Options)?,
     });
     let vb = VarBuilder::from_backend(Box::new(Shared(backend.clone())), DType::F32, Device::Cpu);
     // Building the model asks the backend for every tensor with its shape and init.
@@ -159,16 +210,69 @@ pub fn init_model_folder(config_path: &Path, out: &Path, seed: u64) -> Result<()
             .expect("no panics while holding the lock"),
     );
 
+    if exists {
+        return write_folder(
+            out,
+            component,
+            &config_text,
+            &made,
+            scheduler_text,
+            pipeline,
+            denoiser_class,
+            scheduler_class,
+            seed,
+        );
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".hybridiff-init-")
+        .tempdir_in(parent)
+        .map_err(|e| Error::io(parent, format!("cannot create a temporary folder: {e}")))?;
+    write_folder(
+        staging.path(),
+        component,
+        &config_text,
+        &made,
+        scheduler_text,
+        pipeline,
+        denoiser_class,
+        scheduler_class,
+        seed,
+    )?;
+    let staged = staging.keep();
+    std::fs::rename(&staged, out).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&staged);
+        Error::io(
+            out,
+            format!("cannot move the finished folder into place: {e}"),
+        )
+    })?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_folder(
+    out: &Path,
+    component: &str,
+    config_text: &str,
+    made: &HashMap<String, Tensor>,
+    scheduler_text: &str,
+    pipeline: &str,
+    denoiser_class: &str,
+    scheduler_class: &str,
+    seed: u64,
+) -> Result<()> {
     let model_dir = out.join(component);
     let sched_dir = out.join("scheduler");
     for d in [&model_dir, &sched_dir] {
         std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
     }
     write_bytes_atomic(&model_dir.join("config.json"), config_text.as_bytes())?;
-    save_safetensors(
-        &model_dir.join("diffusion_pytorch_model.safetensors"),
-        &made,
-    )?;
+    save_safetensors(&model_dir.join("diffusion_pytorch_model.safetensors"), made)?;
     write_bytes_atomic(
         &sched_dir.join("scheduler_config.json"),
         scheduler_text.as_bytes(),

@@ -28,7 +28,107 @@ const REQUIRED: [&str; 5] = [
     "negative_pooled_prompt_embeds",
 ];
 
-/// Checks that the folder an output goes to exists, before any compute is spent.
+/// Largest magnitude accepted in an input tensor. Real latents and text embeddings stay
+/// within a few hundred; values near f32's range overflow the attention products to NaN.
+pub const MAX_INPUT_ABS: f64 = 1e6;
+
+/// What a path that exists but is not a regular file is ("a folder", "a FIFO (named
+/// pipe)", "a character device"); `None` for regular files and missing paths. Symbolic
+/// links are followed.
+pub fn special_file_kind(path: &Path) -> Option<&'static str> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.is_file() {
+        return None;
+    }
+    if meta.is_dir() {
+        return Some("a folder");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_fifo() {
+            return Some("a FIFO (named pipe)");
+        }
+        if t.is_char_device() {
+            return Some("a character device");
+        }
+        if t.is_block_device() {
+            return Some("a block device");
+        }
+        if t.is_socket() {
+            return Some("a socket");
+        }
+    }
+    Some("not a regular file")
+}
+
+/// Refuses to replace anything but a regular file: outputs are written to a temporary
+/// file and renamed over the target, which would replace a device node or a FIFO
+/// (`/dev/null` as root) with our file.
+fn refuse_special_target(path: &Path, flag: &str) -> Result<()> {
+    match special_file_kind(path) {
+        Some(kind) => Err(Error::io(
+            path,
+            format!(
+                "{flag}: is {kind}; outputs only replace regular files (write to a file and copy it there yourself)"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The same file, or the same path for files that do not exist yet.
+fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+            return x.dev() == y.dev() && x.ino() == y.ino();
+        }
+    }
+    let norm = |p: &Path| {
+        let parent = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        (
+            parent
+                .canonicalize()
+                .unwrap_or_else(|_| parent.to_path_buf()),
+            p.file_name().map(|n| n.to_os_string()),
+        )
+    };
+    norm(a) == norm(b)
+}
+
+/// Refuses output paths that name the same file twice, or name an input: one output
+/// would overwrite the other, or the job would destroy what it reads. `outputs` and
+/// `inputs` are `(flag, path)` pairs.
+pub fn check_distinct_paths(outputs: &[(&str, &Path)], inputs: &[(&str, &Path)]) -> Result<()> {
+    for (i, (fa, a)) in outputs.iter().enumerate() {
+        for (fb, b) in outputs.iter().skip(i + 1) {
+            if same_file(a, b) {
+                return Err(Error::Options(format!(
+                    "{fa} and {fb} name the same file ({}); one output would overwrite the other",
+                    a.display()
+                )));
+            }
+        }
+        for (fb, b) in inputs {
+            if same_file(a, b) {
+                return Err(Error::Options(format!(
+                    "{fa} {} is also {fb}: writing it would destroy the input",
+                    a.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that the folder an output goes to exists and that the output would replace
+/// nothing but a regular file, before any compute is spent.
 pub fn check_output_path(path: &Path, flag: &str) -> Result<()> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -49,7 +149,7 @@ pub fn check_output_path(path: &Path, flag: &str) -> Result<()> {
             format!("{flag}: is a folder, expected a file path"),
         ));
     }
-    Ok(())
+    refuse_special_target(path, flag)
 }
 
 /// Writes `bytes` to `path` atomically (temp file in the same folder, then rename).
@@ -69,6 +169,9 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
             )
         })?;
     write(tmp.path())?;
+    // Checked again here: batch outputs are named inside a folder, and the target may
+    // have appeared since the flags were checked.
+    refuse_special_target(path, "output")?;
     // Temporary files are private (0600); a finished output gets the usual 0644.
     #[cfg(unix)]
     {
@@ -114,11 +217,25 @@ pub fn save_png(path: &Path, width: u32, height: u32, rgb: Vec<u8>) -> Result<()
     write_bytes_atomic(path, &bytes)
 }
 
-/// Loads a safetensors file, with errors that name it.
+/// Loads a safetensors file, with errors that name it: a missing path, a folder, FIFO
+/// or device, and a file whose tensors would not fit in memory are refused first.
 pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    if let Some(kind) = special_file_kind(path) {
+        return Err(Error::io(
+            path,
+            format!("is {kind}, expected a safetensors file"),
+        ));
+    }
     if !path.is_file() {
         return Err(Error::io(path, "file not found"));
     }
+    // The tensors take about the file's size once loaded (a sparse file can claim more
+    // than the disk holds).
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    hybridiff_models::memory::check(&format!("reading {}", path.display()), len as u128)
+        .map_err(Error::Memory)?;
     candle_core::safetensors::load(path, device).map_err(|e| {
         Error::io(
             path,
@@ -127,8 +244,10 @@ pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
     })
 }
 
-fn check_finite(path: &Path, name: &str, t: &Tensor) -> Result<()> {
-    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+/// Refuses a tensor read from `path` that holds NaN, an infinity or a value beyond
+/// [`MAX_INPUT_ABS`], naming the tensor, the file and the first offending index.
+pub fn check_finite(path: &Path, name: &str, t: &Tensor) -> Result<()> {
+    let v = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
         return Err(Error::Input(format!(
             "{}: tensor `{name}` holds a non-finite value ({}) at flat index {i}",
@@ -136,7 +255,27 @@ fn check_finite(path: &Path, name: &str, t: &Tensor) -> Result<()> {
             v[i]
         )));
     }
+    if let Some(i) = v.iter().position(|x| x.abs() > MAX_INPUT_ABS) {
+        return Err(Error::Input(format!(
+            "{}: tensor `{name}` holds {:.3e} at flat index {i}; values beyond ±{MAX_INPUT_ABS:e} overflow the attention to NaN (real latents and embeddings stay within a few hundred)",
+            path.display(),
+            v[i]
+        )));
+    }
     Ok(())
+}
+
+/// A tensor read from `path` as f32: floating dtypes are converted, integer and boolean
+/// ones refused (the samplers would run in integer arithmetic), naming tensor and file.
+pub fn float_tensor(path: &Path, name: &str, t: &Tensor) -> Result<Tensor> {
+    if !t.dtype().is_float() {
+        return Err(Error::Input(format!(
+            "{}: tensor `{name}` has dtype {:?}; expected floating point (f32, f16, bf16 or f64)",
+            path.display(),
+            t.dtype()
+        )));
+    }
+    Ok(t.to_dtype(DType::F32)?)
 }
 
 impl DenoiseInputs {
@@ -153,6 +292,11 @@ impl DenoiseInputs {
                     "{}: tensor `{name}` is missing (the file has {have:?}); expected {REQUIRED:?}",
                     path.display()
                 )));
+            }
+        }
+        for (name, tensor) in t.iter_mut() {
+            if REQUIRED.contains(&name.as_str()) || name == "time_ids" {
+                *tensor = float_tensor(path, name, tensor)?;
             }
         }
         let shape_err = |name: &str, got: &[usize], want: String| {
@@ -217,6 +361,7 @@ impl DenoiseInputs {
                     if ti.elem_count() != 6 {
                         return Err(shape_err("time_ids", ti.dims(), "[1, 6]".into()));
                     }
+                    check_finite(path, "time_ids", &ti)?;
                     ti.reshape((1, 6))?.to_dtype(DType::F32)?
                 }
                 None => {
@@ -260,4 +405,58 @@ pub struct InputSpec {
     pub time_ids: bool,
     /// Pixels per latent pixel.
     pub vae_factor: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn special_files_are_named_and_regular_ones_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        assert_eq!(special_file_kind(&file), None);
+        assert_eq!(special_file_kind(&dir.path().join("missing")), None);
+        assert_eq!(special_file_kind(dir.path()), Some("a folder"));
+        #[cfg(unix)]
+        {
+            let null = dir.path().join("null");
+            std::os::unix::fs::symlink("/dev/null", &null).unwrap();
+            assert_eq!(special_file_kind(&null), Some("a character device"));
+            let e = check_output_path(&null, "--out").unwrap_err().to_string();
+            assert!(e.contains("only replace regular files"), "{e}");
+            // Written through the atomic writer too: refused, and /dev/null untouched.
+            let e = write_bytes_atomic(&null, b"x").unwrap_err().to_string();
+            assert!(e.contains("character device"), "{e}");
+            assert!(std::fs::symlink_metadata(&null)
+                .unwrap()
+                .file_type()
+                .is_symlink());
+        }
+    }
+
+    #[test]
+    fn outputs_must_differ_from_each_other_and_from_inputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        assert!(check_distinct_paths(&[("--out", &a), ("--trace", &b)], &[]).is_ok());
+        // Not yet existing: compared by folder and name, whatever the spelling.
+        let a2 = dir.path().join(".").join("a");
+        let e = check_distinct_paths(&[("--out", &a), ("--decode", &a2)], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--out and --decode"), "{e}");
+        // Existing: the same file under another name.
+        std::fs::write(&a, "in").unwrap();
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(&a, &b).unwrap();
+            let e = check_distinct_paths(&[("--out", &b)], &[("--inputs", &a)])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--inputs"), "{e}");
+        }
+    }
 }

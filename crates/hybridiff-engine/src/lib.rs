@@ -5,6 +5,7 @@ pub mod bench;
 pub mod error;
 pub mod init;
 pub mod io;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
@@ -77,6 +78,63 @@ pub struct RunOptions {
     pub comm_timeout: Duration,
 }
 
+/// Most ranks of one job.
+pub const MAX_WORLD_SIZE: usize = 64;
+/// Most in-process threads per core: beyond it more threads only add switching.
+pub const MAX_THREADS_PER_CORE: usize = 4;
+/// Longest `--comm-timeout` (a week).
+pub const MAX_COMM_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// This machine's cores as the OS reports them (at least 1).
+pub fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+impl RunOptions {
+    /// Refuses layouts that cannot run well on `cores` cores: ranks are threads of this
+    /// process, so `--threads-per-rank` is at most the cores, `--world-size` at most
+    /// [`MAX_WORLD_SIZE`], and all threads together at most [`MAX_THREADS_PER_CORE`] per
+    /// core; `--comm-timeout` is 1 s to a week.
+    pub fn check(&self, cores: usize) -> Result<()> {
+        let (w, t) = (self.world_size, self.threads_per_rank);
+        let opt = |m: String| Err(Error::Options(m));
+        if w == 0 {
+            return opt("--world-size must be at least 1".into());
+        }
+        if t == 0 {
+            return opt("--threads-per-rank must be at least 1".into());
+        }
+        if t > cores {
+            return opt(format!(
+                "--threads-per-rank {t}: this machine has {cores} core(s); more threads per rank than cores only slows it down"
+            ));
+        }
+        let max_world = MAX_WORLD_SIZE.min(MAX_THREADS_PER_CORE * cores);
+        if w > max_world {
+            return opt(format!(
+                "--world-size {w}: at most {max_world} in-process ranks on {cores} core(s) ({MAX_THREADS_PER_CORE} threads per core, {MAX_WORLD_SIZE} ranks at most)"
+            ));
+        }
+        if w * t > MAX_THREADS_PER_CORE * cores {
+            return opt(format!(
+                "--world-size {w} x --threads-per-rank {t} = {} threads: at most {} on {cores} core(s)",
+                w * t,
+                MAX_THREADS_PER_CORE * cores
+            ));
+        }
+        if self.comm_timeout.is_zero() || self.comm_timeout > MAX_COMM_TIMEOUT {
+            return opt(format!(
+                "--comm-timeout {}: expected 1 to {} seconds",
+                self.comm_timeout.as_secs_f64(),
+                MAX_COMM_TIMEOUT.as_secs()
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The result of a denoising run.
 #[derive(Debug, Clone)]
 pub struct DenoiseOutput {
@@ -92,13 +150,20 @@ pub fn denoise(job: &Job, strategy: &dyn Strategy, opts: &RunOptions) -> Result<
     if job.steps == 0 {
         return Err(Error::Options("--steps must be at least 1".into()));
     }
-    if opts.threads_per_rank == 0 {
-        return Err(Error::Options(
-            "--threads-per-rank must be at least 1".into(),
-        ));
-    }
+    opts.check(cores())?;
+    let ctx_len = job.inputs.cond.prompt_embeds.dim(1)?;
+    memory::check_counts(job.steps, ctx_len)?;
     check_guidance(job.guidance)?;
     strategy.check(job, opts.world_size)?;
+    let (_, c, h, w) = job.inputs.latents.dims4()?;
+    let shape = memory::JobShape::for_strategy(
+        strategy.name(),
+        opts.world_size,
+        (c, h, w),
+        ctx_len,
+        job.steps,
+    );
+    memory::estimate_job(job.model, &shape).check()?;
     let stage_plan = strategy.plan_summary(job, opts.world_size)?;
     let start = Instant::now();
     let results = hybridiff_comm::run_ranks(

@@ -40,6 +40,15 @@ mod tests {
         assert!(psnr(&r, &r).unwrap().is_infinite());
         assert!((max_abs_diff(&x, &r).unwrap() - 0.1).abs() < 1e-6);
     }
+
+    #[test]
+    fn ssim_needs_a_whole_window() {
+        let img = vec![7u8; 7 * 7 * 3];
+        assert_eq!(ssim_u8(&img, &img, 7, 7, 3), Some(1.0));
+        let small = vec![7u8; 6 * 9 * 3];
+        assert_eq!(ssim_u8(&small, &small, 6, 9, 3), None);
+        assert_eq!(ssim_u8(&small, &small, 9, 6, 3), None);
+    }
 }
 
 /// PSNR in dB between two 8-bit images of the same size (peak 255, all channels), as
@@ -63,12 +72,14 @@ pub fn psnr_u8(a: &[u8], b: &[u8]) -> f64 {
 /// Mean SSIM of two interleaved 8-bit images (`channels` per pixel), as scikit-image's
 /// `structural_similarity` with its defaults: 7x7 uniform window, K1 = 0.01, K2 = 0.03,
 /// data range 255, sample covariance, the 3-pixel border cropped, channels averaged.
-pub fn ssim_u8(a: &[u8], b: &[u8], width: usize, height: usize, channels: usize) -> f64 {
-    const WIN: usize = 7;
-    let r = WIN / 2;
-    if width < WIN || height < WIN {
-        return f64::NAN;
+/// `None` for images smaller than the window in either side, where scikit-image raises
+/// "win_size exceeds image extent" (no window lies inside the image).
+pub fn ssim_u8(a: &[u8], b: &[u8], width: usize, height: usize, channels: usize) -> Option<f64> {
+    let r = SSIM_WINDOW / 2;
+    if width < SSIM_WINDOW || height < SSIM_WINDOW || channels == 0 {
+        return None;
     }
+    const WIN: usize = SSIM_WINDOW;
     let np = (WIN * WIN) as f64;
     let cov_norm = np / (np - 1.0);
     let (c1, c2) = ((0.01f64 * 255.0).powi(2), (0.03f64 * 255.0).powi(2));
@@ -103,8 +114,11 @@ pub fn ssim_u8(a: &[u8], b: &[u8], width: usize, height: usize, channels: usize)
         }
         total += sum / count as f64;
     }
-    total / channels as f64
+    Some(total / channels as f64)
 }
+
+/// Side of SSIM's square window: images must be at least this wide and high.
+pub const SSIM_WINDOW: usize = 7;
 
 /// PSNR and SSIM of one image pair.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -115,16 +129,33 @@ pub struct ImagePair {
     pub ssim: f64,
 }
 
-/// Pairs the PNG files of two folders by name and measures each pair.
-pub fn compare_dirs(a: &std::path::Path, b: &std::path::Path) -> crate::Result<Vec<ImagePair>> {
+/// The pairs of two folders, and the PNG names found in only one of them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Comparison {
+    pub pairs: Vec<ImagePair>,
+    pub only_in_a: Vec<String>,
+    pub only_in_b: Vec<String>,
+}
+
+/// Pairs the PNG files of two folders by name and measures each pair. Names present in
+/// one folder only are returned, not measured. Images smaller than SSIM's 7x7 window are
+/// refused, as scikit-image refuses them.
+pub fn compare_dirs(a: &std::path::Path, b: &std::path::Path) -> crate::Result<Comparison> {
     use crate::Error;
     let list = |d: &std::path::Path| -> crate::Result<Vec<String>> {
+        if !d.is_dir() {
+            return Err(Error::io(d, "not a folder of images"));
+        }
         let rd = std::fs::read_dir(d).map_err(|e| Error::io(d, e))?;
         let mut v = Vec::new();
         for e in rd {
             let e = e.map_err(|e| Error::io(d, e))?;
             let name = e.file_name().to_string_lossy().to_string();
             if name.to_ascii_lowercase().ends_with(".png") {
+                // A FIFO or device would block or never end when read.
+                if let Some(kind) = crate::io::special_file_kind(&e.path()) {
+                    return Err(Error::io(e.path(), format!("is {kind}, not an image file")));
+                }
                 v.push(name);
             }
         }
@@ -134,6 +165,16 @@ pub fn compare_dirs(a: &std::path::Path, b: &std::path::Path) -> crate::Result<V
     let names_a = list(a)?;
     let names_b = list(b)?;
     let common: Vec<&String> = names_a.iter().filter(|n| names_b.contains(n)).collect();
+    let only_in_a: Vec<String> = names_a
+        .iter()
+        .filter(|n| !names_b.contains(n))
+        .cloned()
+        .collect();
+    let only_in_b: Vec<String> = names_b
+        .iter()
+        .filter(|n| !names_a.contains(n))
+        .cloned()
+        .collect();
     if common.is_empty() {
         return Err(Error::Input(format!(
             "{} and {} share no PNG file names; compare pairs images by name",
@@ -163,11 +204,20 @@ pub fn compare_dirs(a: &std::path::Path, b: &std::path::Path) -> crate::Result<V
         }
         let (w, h) = (ia.width() as usize, ia.height() as usize);
         let psnr = psnr_u8(ia.as_raw(), ib.as_raw());
+        let ssim = ssim_u8(ia.as_raw(), ib.as_raw(), w, h, 3).ok_or_else(|| {
+            Error::Input(format!(
+                "{name}: {w}x{h} pixels is smaller than SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window (scikit-image refuses it too); compare images of at least {SSIM_WINDOW}x{SSIM_WINDOW}"
+            ))
+        })?;
         out.push(ImagePair {
             file: name.clone(),
             psnr_db: psnr.is_finite().then_some(psnr),
-            ssim: ssim_u8(ia.as_raw(), ib.as_raw(), w, h, 3),
+            ssim,
         });
     }
-    Ok(out)
+    Ok(Comparison {
+        pairs: out,
+        only_in_a,
+        only_in_b,
+    })
 }

@@ -36,6 +36,12 @@ fn vae_factor(dir: &Path) -> Result<usize> {
         .and_then(|b| b.as_array())
         .map(|a| a.len())
         .unwrap_or(4);
+    if n > 8 {
+        return Err(Error::Input(format!(
+            "{}: `block_out_channels` has {n} levels; at most 8 (each doubles the image side)",
+            path.display()
+        )));
+    }
     Ok(1 << n.saturating_sub(1))
 }
 
@@ -53,10 +59,23 @@ impl Model {
             return Err(Error::io(&sched_path, "scheduler config not found"));
         }
         let scheduler_config = SchedulerConfig::from_file(&sched_path)?;
+        // The samplers step the latents with the prediction: both need the same channels
+        // (a learned-variance model's extra outputs would need splitting first).
+        let same_channels = |path: PathBuf, cin: usize, cout: usize| {
+            if cin == cout {
+                Ok(())
+            } else {
+                Err(Error::Input(format!(
+                    "{}: `out_channels` = {cout} differs from `in_channels` = {cin}; the samplers need a prediction shaped like the latents",
+                    path.display()
+                )))
+            }
+        };
         let unet_dir = dir.join("unet");
         if unet_dir.is_dir() {
             let unet = UNet2DConditionModel::load(&unet_dir, dtype, device)?;
             let c = &unet.config;
+            same_channels(c.path.clone(), c.in_channels, c.out_channels)?;
             let sample_size = c.sample_size;
             let input_spec = InputSpec {
                 latent_channels: c.in_channels,
@@ -82,6 +101,7 @@ impl Model {
         if dit_dir.is_dir() {
             let dit = SD3Transformer2DModel::load(&dit_dir, dtype, device)?;
             let c = &dit.config;
+            same_channels(c.path.clone(), c.in_channels, c.out_channels())?;
             let input_spec = InputSpec {
                 latent_channels: c.in_channels,
                 latent_multiple: c.patch_size,
@@ -110,6 +130,17 @@ impl Model {
     /// The latent size the denoiser was configured for, if its config says.
     pub fn sample_size(&self) -> Option<usize> {
         self.sample_size
+    }
+
+    /// Refuses decoding `h x w` latents when the VAE's estimated memory does not fit
+    /// (see [`crate::memory::estimate_decode`]); a folder without a VAE passes.
+    pub fn check_decode_memory(&self, (h, w): (usize, usize)) -> Result<()> {
+        let path = self.dir.join("vae").join("config.json");
+        if !path.is_file() {
+            return Ok(());
+        }
+        let config = hybridiff_models::vae::VaeConfig::from_file(&path)?;
+        crate::memory::estimate_decode(&config, (h, w)).check()
     }
 
     /// Loads the folder's VAE (for `--decode`).

@@ -32,7 +32,8 @@ pub struct Request {
     /// Guidance scale; `None` takes the pipeline's default (SD3 7.0, others 5.0).
     pub guidance: Option<f64>,
     pub scheduler: Option<SchedulerKind>,
-    /// Pixel size; `None` takes the denoiser's `sample_size` times the VAE factor.
+    /// Pixel size; `None` takes the size of `latents` when given, else the denoiser's
+    /// `sample_size`, times the VAE factor.
     pub height: Option<usize>,
     pub width: Option<usize>,
     /// Starting noise: given latents, or drawn from `seed` (see [`seeded_latents`]).
@@ -89,12 +90,51 @@ impl Pipeline {
         }
     }
 
+    /// Refuses text embeddings whose widths are not what the denoiser takes: the folder's
+    /// components do not belong together (e.g. a text encoder missing from
+    /// `model_index.json`), and the denoiser would fail on a bare shape mismatch.
+    fn check_text_widths(&self, e: &hybridiff_text::EncodedPrompts) -> Result<()> {
+        let spec = &self.model.input_spec;
+        let width = e.prompt_embeds.dims().last().copied().unwrap_or(0);
+        let pooled = e
+            .pooled_prompt_embeds
+            .as_ref()
+            .and_then(|p| p.dims().last().copied());
+        let pooled_ok = match (spec.pooled_dim, pooled) {
+            (Some(want), Some(got)) => want == got,
+            (Some(_), None) => false,
+            (None, _) => true,
+        };
+        if width != spec.context_dim || !pooled_ok {
+            return Err(Error::Input(format!(
+                "{}: the text encoders give {width}-wide embeddings{} but the denoiser takes {}{}; do the components named in model_index.json belong together?",
+                self.model.dir.display(),
+                pooled.map(|p| format!(" and {p}-wide pooled ones")).unwrap_or_default(),
+                spec.context_dim,
+                spec.pooled_dim
+                    .map(|p| format!(" and {p}-wide pooled embeddings"))
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(())
+    }
+
     /// Encodes the prompts and draws or checks the starting latents.
     pub fn prepare(&self, req: &Request) -> Result<DenoiseInputs> {
         let f = self.vae_factor();
         let spec = &self.model.input_spec;
-        let default = self.model.sample_size().unwrap_or(128) * f;
-        let (h, w) = (req.height.unwrap_or(default), req.width.unwrap_or(default));
+        // Given latents set the size (times the VAE factor); else the denoiser's sample size.
+        let default = match req.latents.as_ref().map(|l| l.dims()) {
+            Some([_, _, lh, lw]) => (lh * f, lw * f),
+            _ => {
+                let d = self.model.sample_size().unwrap_or(128) * f;
+                (d, d)
+            }
+        };
+        let (h, w) = (
+            req.height.unwrap_or(default.0),
+            req.width.unwrap_or(default.1),
+        );
         // diffusers' check_inputs: multiples of the VAE factor (times SD3's patch size);
         // the U-Net copes with any latent size (`forward_upsample_size`).
         let multiple = f * spec.latent_multiple;
@@ -122,13 +162,22 @@ impl Pipeline {
                         spec.latent_channels
                     )));
                 }
-                l.to_dtype(DType::F32)?
+                let l = crate::io::float_tensor(Path::new("--latents"), "latents", l)?;
+                let v = l.flatten_all()?.to_vec1::<f32>()?;
+                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                    return Err(Error::Input(format!(
+                        "--latents: tensor `latents` holds a non-finite value ({}) at flat index {i}",
+                        v[i]
+                    )));
+                }
+                l
             }
             None => seeded_latents(req.seed, (spec.latent_channels, lh, lw), device)?,
         };
         let e = self
             .text
             .encode_opt(&req.prompt, req.negative_prompt.as_deref())?;
+        self.check_text_widths(&e)?;
         let time_ids = if spec.time_ids {
             let (hf, wf) = (h as f32, w as f32);
             Some(Tensor::new(&[[hf, wf, 0.0, 0.0, hf, wf]], device)?)
@@ -152,6 +201,60 @@ impl Pipeline {
         })
     }
 
+    /// Refuses a request whose job or VAE decode would not fit in memory (see
+    /// [`crate::memory`]), before its latents are drawn. The text length is taken at its
+    /// upper bound (512 tokens), as the prompts are not encoded yet.
+    pub fn check_memory(
+        &self,
+        req: &Request,
+        strategy: &dyn Strategy,
+        opts: &RunOptions,
+    ) -> Result<()> {
+        let f = self.vae_factor();
+        let default = self.model.sample_size().unwrap_or(128) * f;
+        let (h, w) = (req.height.unwrap_or(default), req.width.unwrap_or(default));
+        let (lh, lw) = (h.div_ceil(f), w.div_ceil(f));
+        crate::memory::check_counts(req.steps, 77)?;
+        let shape = crate::memory::JobShape::for_strategy(
+            strategy.name(),
+            opts.world_size,
+            (self.model.input_spec.latent_channels, lh, lw),
+            512,
+            req.steps,
+        );
+        crate::memory::estimate_job(self.model.denoiser.as_ref(), &shape).check()?;
+        crate::memory::estimate_decode(&self.vae.config, (lh, lw)).check()
+    }
+
+    /// Checks everything about `req` that does not depend on its prompt (sizes, memory,
+    /// steps against the scheduler, the strategy's layout) without denoising, so that a
+    /// batch reports a request-wide error once, before any prompt runs.
+    pub fn check_request(
+        &self,
+        req: &Request,
+        strategy: &dyn Strategy,
+        opts: &RunOptions,
+    ) -> Result<()> {
+        opts.check(crate::cores())?;
+        self.check_memory(req, strategy, opts)?;
+        let inputs = self.prepare(req)?;
+        let scheduler = match req.scheduler {
+            Some(s) => s,
+            None => self.model.scheduler_config.default_kind()?,
+        };
+        hybridiff_schedulers::build(&self.model.scheduler_config, scheduler, req.steps)?;
+        let job = Job {
+            model: self.model.denoiser.as_ref(),
+            scheduler_config: &self.model.scheduler_config,
+            scheduler,
+            steps: req.steps,
+            guidance: req.guidance.unwrap_or_else(|| self.default_guidance()),
+            inputs: &inputs,
+            progress: None,
+        };
+        strategy.check(&job, opts.world_size)
+    }
+
     /// Makes one image.
     pub fn generate(
         &self,
@@ -160,6 +263,7 @@ impl Pipeline {
         opts: &RunOptions,
         progress: Option<&(dyn Fn(usize, usize) + Sync)>,
     ) -> Result<Generated> {
+        self.check_memory(req, strategy, opts)?;
         let inputs = self.prepare(req)?;
         let scheduler = match req.scheduler {
             Some(s) => s,

@@ -51,8 +51,11 @@ impl SwitchParams {
     /// Rejects parameters that cannot fit `steps` steps, before any compute, saying which
     /// flag to change and to what.
     pub fn check(&self, steps: usize) -> Result<()> {
-        if self.l_slope == 0 {
-            return Err(Error::Options("--l-slope must be at least 1".into()));
+        if self.l_slope < 2 {
+            return Err(Error::Options(format!(
+                "--l-slope {}: expected 2 or more (the slope over a window of 1 is always 0, so the first step would count as flat)",
+                self.l_slope
+            )));
         }
         if !self.eps_slope.is_finite() || self.eps_slope < 0.0 {
             return Err(Error::Options(format!(
@@ -101,20 +104,83 @@ pub struct PartialSwitch {
     pub tau_cap: Option<usize>,
 }
 
-/// The switching parameters of a run and, when any was not given by the user, a line
-/// saying which values were used and where they came from.
+impl PartialSwitch {
+    /// Rejects values outside their domain, whatever the strategy, naming the flag or,
+    /// when they come from a file (a model's `hybridiff.json`), the file and key.
+    pub fn check_domains(&self, file: Option<&std::path::Path>) -> Result<()> {
+        let bad = |flag: &str, v: String, expected: &str| {
+            let name = match file {
+                None => format!("--{flag} {v}"),
+                Some(f) => format!("{}: `{}` = {v}", f.display(), flag.replace('-', "_")),
+            };
+            Err(Error::Options(format!("{name}: expected {expected}")))
+        };
+        if let Some(l) = self.l_slope {
+            if l < 2 {
+                return bad(
+                    "l-slope",
+                    l.to_string(),
+                    "2 or more (the slope over a window of 1 is always 0, so the first step would count as flat)",
+                );
+            }
+        }
+        if let Some(e) = self.eps_slope {
+            if !e.is_finite() || e < 0.0 {
+                return bad(
+                    "eps-slope",
+                    e.to_string(),
+                    "a finite number >= 0 (the rel-MAE slope below which the curve counts as flat)",
+                );
+            }
+        }
+        if self.k == Some(0) {
+            return bad("k", "0".into(), "1 or more pipelined steps");
+        }
+        if self.tau_cap == Some(0) {
+            return bad(
+                "tau-cap",
+                "0".into(),
+                "1 or more (the step at which to switch when no flattening is seen)",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The switching parameters of a run, which of them were derived rather than given as
+/// flags, and a line saying which values were used and where they came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResolvedSwitch {
     pub params: SwitchParams,
-    pub note: Option<String>,
+    /// The flags that were not given (derived from a recommendation or the paper).
+    pub derived: Vec<&'static str>,
+    pub note: String,
 }
+
+impl ResolvedSwitch {
+    /// [`SwitchParams::check`], saying which of the values were derived, not flags.
+    pub fn check(&self, steps: usize) -> Result<()> {
+        self.params.check(steps).map_err(|e| match e {
+            Error::Options(m) if !self.derived.is_empty() => Error::Options(format!(
+                "{m} (not given as flags but derived for {steps} steps: {})",
+                self.derived.join(", ")
+            )),
+            e => e,
+        })
+    }
+}
+
+/// The smallest derived window: over a window of 1 the slope is always 0.
+const MIN_DERIVED_L: usize = 2;
 
 /// Picks each switching parameter for a run of `steps` steps: the user's flag as given;
 /// else the model's recommendation (tuned for `recommended_steps`, or for `steps` when the
 /// model says nothing) scaled to `steps`; else the paper's SDXL values (tuned for 50 steps)
-/// scaled to `steps`. Values that were not flags are then lowered so that
-/// `tau_cap + k <= steps`, which makes few-step schedules (4 to 8 steps) work without flags.
-/// Flags are never changed: [`SwitchParams::check`] reports those that cannot fit.
+/// scaled to `steps` (see [`SwitchParams::scaled`]). Derived values are then fitted around
+/// the flags: `L >= 2`, `k >= 2` where `steps >= 3` (so that at least one step after the
+/// fill step is pipelined), and `tau_cap + k <= steps`, which makes few-step schedules (4
+/// to 8 steps) work without flags. Flags are never changed: [`ResolvedSwitch::check`]
+/// reports those that cannot fit.
 pub fn resolve(
     flags: PartialSwitch,
     recommended: PartialSwitch,
@@ -122,15 +188,9 @@ pub fn resolve(
     steps: usize,
 ) -> ResolvedSwitch {
     let paper = SwitchParams::SDXL.scaled(SwitchParams::SDXL_STEPS, steps);
-    let rec = |v: Option<usize>| {
-        v.map(|v| {
-            let from = recommended_steps.unwrap_or(steps);
-            ((v as f64 * steps as f64 / from.max(1) as f64).round() as usize).max(1)
-        })
-    };
-    let rec_eps = recommended
-        .eps_slope
-        .map(|e| e * recommended_steps.unwrap_or(steps) as f64 / steps.max(1) as f64);
+    let ratio = steps as f64 / recommended_steps.unwrap_or(steps).max(1) as f64;
+    let rec = |v: Option<usize>| v.map(|v| ((v as f64 * ratio).round() as usize).max(1));
+    let rec_eps = recommended.eps_slope.map(|e| e / ratio);
     let mut p = SwitchParams {
         l_slope: flags
             .l_slope
@@ -143,34 +203,64 @@ pub fn resolve(
             .or(rec(recommended.tau_cap))
             .unwrap_or(paper.tau_cap),
     };
+    if flags.l_slope.is_none() {
+        p.l_slope = p.l_slope.max(MIN_DERIVED_L);
+    }
     if flags.k.is_none() {
-        p.k = p.k.min(steps.saturating_sub(1)).max(1);
+        let room = match flags.tau_cap {
+            Some(cap) => steps.saturating_sub(cap),
+            None => steps.saturating_sub(1),
+        };
+        let min_k = if steps >= 3 { 2 } else { 1 };
+        p.k = p.k.max(min_k).min(room).max(1);
     }
     if flags.tau_cap.is_none() {
         p.tau_cap = p.tau_cap.min(steps.saturating_sub(p.k)).max(1);
     }
-    let all_flags = flags.l_slope.is_some()
-        && flags.eps_slope.is_some()
-        && flags.k.is_some()
-        && flags.tau_cap.is_some();
+    let mut derived = Vec::new();
+    for (name, given) in [
+        ("--l-slope", flags.l_slope.is_some()),
+        ("--eps-slope", flags.eps_slope.is_some()),
+        ("--k", flags.k.is_some()),
+        ("--tau-cap", flags.tau_cap.is_some()),
+    ] {
+        if !given {
+            derived.push(name);
+        }
+    }
     let source = if recommended == PartialSwitch::default() {
         format!(
             "the paper's SDXL values for {} steps",
             SwitchParams::SDXL_STEPS
         )
     } else {
-        match recommended_steps {
-            Some(n) => format!("the model's hybridiff.json for {n} steps"),
-            None => "the model's hybridiff.json".to_string(),
-        }
-    };
-    let note = (!all_flags).then(|| {
+        let rec_steps = recommended_steps.map_or(String::new(), |n| format!(" for {n} steps"));
         format!(
-            "hybrid thresholds for {steps} steps: --l-slope {} --eps-slope {:.3e} --k {} --tau-cap {} (unset flags from {source}, scaled to {steps} steps and fitted so that tau_cap + k <= steps)",
-            p.l_slope, p.eps_slope, p.k, p.tau_cap
+            "the model's hybridiff.json{rec_steps} where it sets them, else the paper's SDXL values for {} steps",
+            SwitchParams::SDXL_STEPS
         )
-    });
-    ResolvedSwitch { params: p, note }
+    };
+    let mut note = format!(
+        "hybrid thresholds for {steps} steps: --l-slope {} --eps-slope {:.3e} --k {} --tau-cap {}",
+        p.l_slope, p.eps_slope, p.k, p.tau_cap
+    );
+    if !derived.is_empty() {
+        note += &format!(
+            " ({} from {source}, scaled to {steps} steps and fitted around the flags)",
+            derived.join(", ")
+        );
+    }
+    if p.l_slope >= p.tau_cap {
+        note += &format!(
+            "; with L {} >= tau_cap {} the flattening test cannot fire before the fallback switch at tau_cap",
+            p.l_slope, p.tau_cap
+        );
+    }
+    ResolvedSwitch {
+        params: p,
+        derived,
+        note,
+    }
 }
 
 /// The phase of a step.
@@ -308,7 +398,7 @@ mod tests {
         assert!(params(12, 0.4e-3, 5, 15).check(20).is_ok());
         let err = params(2, 0.1, 6, 1).check(4).unwrap_err().to_string();
         assert!(err.contains("use --k 3 or lower"), "{err}");
-        let err = params(1, 0.1, 1, 1).check(1).unwrap_err().to_string();
+        let err = params(2, 0.1, 1, 1).check(1).unwrap_err().to_string();
         assert!(err.contains("--strategy cfg"), "{err}");
         for eps in [f64::NAN, f64::INFINITY, -1.0] {
             let err = params(2, eps, 1, 2).check(10).unwrap_err().to_string();
@@ -321,13 +411,15 @@ mod tests {
         let none = PartialSwitch::default();
         for steps in 2..=60 {
             let r = resolve(none, none, None, steps);
-            r.params.check(steps).unwrap();
-            assert!(r.note.is_some());
+            r.check(steps).unwrap();
+            assert!(r.params.l_slope >= 2, "{steps}: {:?}", r.params);
+            assert!(r.params.k >= 2 || steps < 3, "{steps}: {:?}", r.params);
+            assert_eq!(r.derived.len(), 4);
         }
         // The paper's values at their own step count are unchanged.
         assert_eq!(resolve(none, none, None, 50).params, SwitchParams::SDXL);
         let p = resolve(none, none, None, 8).params;
-        assert_eq!((p.l_slope, p.k, p.tau_cap), (2, 1, 2));
+        assert_eq!((p.l_slope, p.k, p.tau_cap), (2, 2, 2));
         assert!((p.eps_slope - 0.4e-3 * 50.0 / 8.0).abs() < 1e-12);
         // A model's recommendation for 20 steps, used at 20 and scaled to 4.
         let rec = PartialSwitch {
@@ -339,8 +431,23 @@ mod tests {
         let p20 = resolve(none, rec, Some(20), 20).params;
         assert_eq!(p20, params(4, 2e-3, 5, 15));
         let p4 = resolve(none, rec, Some(20), 4).params;
-        assert_eq!((p4.l_slope, p4.k, p4.tau_cap), (1, 1, 3));
+        assert_eq!((p4.l_slope, p4.k, p4.tau_cap), (2, 2, 2));
         p4.check(4).unwrap();
+        // Derived values fit around the flags that were given.
+        let cap7 = PartialSwitch {
+            tau_cap: Some(7),
+            ..none
+        };
+        let r = resolve(cap7, rec, Some(20), 8);
+        assert_eq!((r.params.k, r.params.tau_cap), (1, 7));
+        r.check(8).unwrap();
+        let k5 = PartialSwitch { k: Some(5), ..none };
+        let err = resolve(k5, none, None, 4).check(4).unwrap_err().to_string();
+        assert!(
+            err.contains("use --k 3 or lower")
+                && err.contains("derived for 4 steps: --l-slope, --eps-slope, --tau-cap"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -362,6 +469,57 @@ mod tests {
         };
         let r = resolve(all, PartialSwitch::default(), None, 20);
         assert_eq!(r.params, params(3, 0.05, 4, 10));
-        assert_eq!(r.note, None);
+        assert!(r.derived.is_empty());
+        assert!(!r.note.contains(" from "), "{}", r.note);
+    }
+
+    #[test]
+    fn domains_are_checked_naming_the_source() {
+        let ok = PartialSwitch {
+            l_slope: Some(2),
+            eps_slope: Some(0.0),
+            k: Some(1),
+            tau_cap: Some(1),
+        };
+        ok.check_domains(None).unwrap();
+        for (bad, needle) in [
+            (
+                PartialSwitch {
+                    l_slope: Some(1),
+                    ..ok
+                },
+                "--l-slope 1",
+            ),
+            (
+                PartialSwitch {
+                    eps_slope: Some(f64::NAN),
+                    ..ok
+                },
+                "--eps-slope NaN",
+            ),
+            (
+                PartialSwitch {
+                    eps_slope: Some(-1.0),
+                    ..ok
+                },
+                "--eps-slope -1",
+            ),
+            (PartialSwitch { k: Some(0), ..ok }, "--k 0"),
+            (
+                PartialSwitch {
+                    tau_cap: Some(0),
+                    ..ok
+                },
+                "--tau-cap 0",
+            ),
+        ] {
+            let err = bad.check_domains(None).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+        let err = PartialSwitch { k: Some(0), ..ok }
+            .check_domains(Some(std::path::Path::new("m/hybridiff.json")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("m/hybridiff.json: `k` = 0"), "{err}");
     }
 }

@@ -187,6 +187,19 @@ impl Conv2d {
             return candle_nn::Conv2d::new(self.weight.clone(), self.bias.clone(), cfg).forward(&x);
         }
         let (b, _, h, w) = x.dims4()?;
+        // An empty or too small input would underflow the output size below.
+        if h == 0
+            || w == 0
+            || b == 0
+            || h + 2 * self.padding < self.k
+            || w + 2 * self.padding < self.k
+        {
+            return Err(candle_core::Error::Msg(format!(
+                "conv2d: input of {h}x{w} pixels (batch {b}) is too small for a {k}x{k} kernel with padding {p}",
+                k = self.k,
+                p = self.padding
+            )));
+        }
         let op = Im2Col {
             k: self.k,
             stride: self.stride,
@@ -269,6 +282,25 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(d < 1e-4, "k{k} s{stride} p{padding} {h}x{w} b{b}: {d}");
+        }
+    }
+
+    #[test]
+    fn empty_and_too_small_inputs_are_errors_not_underflows() {
+        let dev = Device::Cpu;
+        let weight = Tensor::zeros((2, 3, 3, 3), DType::F32, &dev).unwrap();
+        let conv = Conv2d {
+            weight2d: weight.reshape((2, 27)).unwrap(),
+            weight,
+            bias: None,
+            k: 3,
+            stride: 1,
+            padding: 0,
+        };
+        for (h, w) in [(0, 4), (4, 0), (2, 4), (0, 0)] {
+            let x = Tensor::zeros((1, 3, h, w), DType::F32, &dev).unwrap();
+            let e = conv.forward(&x).unwrap_err().to_string();
+            assert!(e.contains("too small"), "{h}x{w}: {e}");
         }
     }
 }

@@ -86,6 +86,18 @@ pub trait Denoiser: Send + Sync {
     /// The prediction after the last module.
     fn end(&self, state: State) -> Result<Tensor>;
 
+    /// Memory one forward needs beyond the weights, for `batch` samples of `h x w`
+    /// latents and `ctx_len` text tokens; `None` when the model cannot tell.
+    fn forward_memory(
+        &self,
+        batch: usize,
+        hw: (usize, usize),
+        ctx_len: usize,
+    ) -> Option<crate::memory::ForwardMemory> {
+        let _ = (batch, hw, ctx_len);
+        None
+    }
+
     /// The plain forward pass.
     fn forward(&self, sample: &Tensor, timestep: f64, cond: &Conditioning) -> Result<Tensor> {
         let mut state = self.begin(sample, timestep, cond)?;

@@ -7,6 +7,7 @@
 pub mod conv;
 pub mod denoiser;
 pub mod error;
+pub mod memory;
 pub mod weights;
 
 pub use denoiser::{Conditioning, Denoiser, OutputRef, State};

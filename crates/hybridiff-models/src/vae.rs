@@ -145,11 +145,13 @@ impl VaeConfig {
                 ));
             }
         }
-        if !(self.scaling_factor.is_finite() && self.scaling_factor != 0.0) {
+        // Latents are divided by it: real VAEs use 0.13 to 1.5; far outside, the decoder
+        // sees values that overflow to NaN.
+        if !(1e-4..=1e4).contains(&self.scaling_factor.abs()) {
             return Err(unsupported(
                 "scaling_factor",
                 self.scaling_factor.to_string(),
-                "must be finite and non-zero",
+                "must be finite, between 1e-4 and 1e4 in size",
             ));
         }
         if self.block_out_channels.is_empty() {
@@ -176,6 +178,35 @@ impl VaeConfig {
             return Err(invalid(
                 "`latent_channels` and `out_channels` must be positive".into(),
             ));
+        }
+        use crate::unet::{MAX_CHANNELS, MAX_LAYERS};
+        // Each level doubles the image side; 8 levels (x128) is far past any real VAE.
+        let mut counts = vec![
+            (
+                "block_out_channels (levels)",
+                self.block_out_channels.len(),
+                8,
+            ),
+            ("layers_per_block", self.layers_per_block, MAX_LAYERS),
+            ("latent_channels", self.latent_channels, MAX_CHANNELS),
+            ("out_channels", self.out_channels, MAX_CHANNELS),
+        ];
+        for &c in &self.block_out_channels {
+            counts.push(("block_out_channels", c, MAX_CHANNELS));
+        }
+        for (key, v, max) in counts {
+            if v > max || (v == 0 && key == "block_out_channels") {
+                return Err(invalid(format!("`{key}` = {v}: expected 1 to {max}")));
+            }
+        }
+        if let Some(s) = self.shift_factor {
+            if !s.is_finite() {
+                return Err(unsupported(
+                    "shift_factor",
+                    s.to_string(),
+                    "must be finite or null",
+                ));
+            }
         }
         Ok(())
     }
@@ -403,8 +434,11 @@ impl AutoencoderKL {
     /// Loads the decoder from a diffusers `vae/` folder (`config.json` + weights).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config = VaeConfig::from_file(&dir.join("config.json"))?;
-        let vb = Weights::from_component_dir(dir)?.into_var_builder(dtype, device);
-        Self::new(vb, config)
+        // The encoder half shares the file; the decoder never reads it.
+        let encoder_only = ["encoder.", "quant_conv."];
+        Weights::load_component(dir, dtype, device, &encoder_only, |vb| {
+            Self::new(vb, config)
+        })
     }
 
     /// Builds the decoder from weights named as diffusers' `AutoencoderKL` state dict.
@@ -491,11 +525,11 @@ pub fn to_rgb8(image: &Tensor) -> Result<(u32, u32, Vec<u8>)> {
         .permute((1, 2, 0))?
         .flatten_all()?
         .to_vec1::<f32>()?;
+    // A NaN would silently become a black pixel.
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         return Err(Error::Input(format!(
-            "the VAE decoded a non-finite value ({}) at pixel {} of {w}x{h}: refusing to write it as black (NaN or inf in the VAE's weights, or latents out of range)",
-            values[i],
-            i / 3
+            "the decoded image holds a non-finite value ({}) at flat index {i}; check the VAE's weights and `scaling_factor`",
+            values[i]
         )));
     }
     let bytes = values

@@ -179,5 +179,9 @@ fn rgb8_follows_diffusers_postprocess() -> Result<()> {
         to_rgb8(&Tensor::zeros((2, 3, 1, 1), DType::F32, &dev)?),
         Err(Error::Input(_))
     ));
+    // NaN is refused, not written as a black pixel.
+    let nan = Tensor::new(&[0f32, f32::NAN, 0.], &dev)?.reshape((1, 3, 1, 1))?;
+    let e = to_rgb8(&nan).unwrap_err().to_string();
+    assert!(e.contains("non-finite") && e.contains("index 1"), "{e}");
     Ok(())
 }

@@ -37,10 +37,7 @@ pub(crate) struct SdParams {
 impl SdParams {
     /// Reads the shared keys; `default_spacing` is the scheduler class's own default.
     pub fn from_config(cfg: &SchedulerConfig, default_spacing: &str) -> Result<Self> {
-        let num_train_timesteps = cfg.usize_or("num_train_timesteps", 1000)?;
-        if num_train_timesteps == 0 {
-            return Err(cfg.unsupported("num_train_timesteps", "must be at least 1"));
-        }
+        let num_train_timesteps = cfg.num_train_timesteps()?;
         let prediction_type = match cfg.str_or("prediction_type", "epsilon")? {
             "epsilon" => PredictionType::Epsilon,
             "v_prediction" => PredictionType::VPrediction,
@@ -67,13 +64,45 @@ impl SdParams {
             ));
         }
         let betas = betas(cfg, num_train_timesteps)?;
+        // Each beta is a noise variance added per step: outside [0, 1) the alphas turn
+        // zero or negative and every sigma after is NaN or infinite.
+        if let Some((i, b)) = betas
+            .iter()
+            .enumerate()
+            .find(|(_, b)| !(b.is_finite() && (0.0..1.0).contains(*b)))
+        {
+            let key = if cfg.opt_f64_list("trained_betas")?.is_some() {
+                "trained_betas"
+            } else {
+                "beta_end"
+            };
+            return Err(Error::InvalidValue {
+                path: cfg.path().to_path_buf(),
+                key: key.into(),
+                value: format!("a schedule whose beta {i} is {b}"),
+                expected: "betas in [0, 1): beta_start and beta_end between 0 and 1",
+            });
+        }
         let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
+        let alphas_cumprod = torch_cumprod_f32(&alphas);
+        // Betas that are each valid can still multiply to 0 in f32 (e.g. beta_start 0.5):
+        // every sigma after that point is infinite and the latents become NaN.
+        if let Some(i) = alphas_cumprod.iter().position(|&a| a.is_nan() || a <= 0.0) {
+            return Err(Error::InvalidValue {
+                path: cfg.path().to_path_buf(),
+                key: "beta_start".into(),
+                value: format!(
+                    "a schedule whose alphas_cumprod underflow to 0 at timestep {i} of {num_train_timesteps}"
+                ),
+                expected: "smaller betas (diffusers' SD schedules keep alphas_cumprod above 1e-3)",
+            });
+        }
         Ok(Self {
             num_train_timesteps,
             prediction_type,
             timestep_spacing,
             steps_offset,
-            alphas_cumprod: torch_cumprod_f32(&alphas),
+            alphas_cumprod,
         })
     }
 
@@ -108,8 +137,18 @@ fn betas(cfg: &SchedulerConfig, n: usize) -> Result<Vec<f32>> {
         }
         return Ok(trained.iter().map(|&b| b as f32).collect());
     }
-    let beta_start = cfg.f64_or("beta_start", 0.0001)?;
-    let beta_end = cfg.f64_or("beta_end", 0.02)?;
+    let beta_start = cfg.finite_f64_or("beta_start", 0.0001)?;
+    let beta_end = cfg.finite_f64_or("beta_end", 0.02)?;
+    for (key, v) in [("beta_start", beta_start), ("beta_end", beta_end)] {
+        if !(0.0..1.0).contains(&v) {
+            return Err(Error::InvalidValue {
+                path: cfg.path().to_path_buf(),
+                key: key.into(),
+                value: v.to_string(),
+                expected: "a noise variance in [0, 1)",
+            });
+        }
+    }
     match cfg.str_or("beta_schedule", "linear")? {
         "linear" => Ok(torch_linspace_f32(beta_start, beta_end, n)),
         "scaled_linear" => Ok(torch_linspace_f32(beta_start.sqrt(), beta_end.sqrt(), n)

@@ -12,6 +12,13 @@ use serde_json::{Map, Value};
 
 use crate::{Error, Result, SchedulerKind};
 
+/// Largest scheduler config read, in bytes.
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// Most training timesteps: the schedule tables hold one f32 per timestep (diffusers'
+/// configs say 1000).
+pub const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
+
 /// A parsed diffusers `scheduler_config.json`; keeps its path for error messages.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -22,11 +29,28 @@ pub struct SchedulerConfig {
 impl SchedulerConfig {
     /// Reads and parses `path`. Keys are only checked when a scheduler is built.
     pub fn from_file(path: &Path) -> Result<Self> {
+        // A FIFO or device would block or never end; a real config is a few hundred bytes
+        // (a `trained_betas` list of 1000 values a few KiB).
+        let meta = std::fs::metadata(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if !meta.is_file() || meta.len() > MAX_CONFIG_BYTES {
+            return Err(Error::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(if meta.is_file() {
+                    format!("larger than {MAX_CONFIG_BYTES} bytes; not a scheduler config")
+                } else {
+                    "not a regular file".to_string()
+                }),
+            });
+        }
         let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_json_str(&text, path)
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        Self::from_json_str(text, path)
     }
 
     /// Parses config text; `path` is only used to name the source in errors.
@@ -136,6 +160,27 @@ impl SchedulerConfig {
 
     pub(crate) fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         Ok(self.opt_f64(key)?.unwrap_or(default))
+    }
+
+    /// Like [`Self::f64_or`], refusing NaN and infinities.
+    pub(crate) fn finite_f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        let v = self.f64_or(key, default)?;
+        if !v.is_finite() {
+            return Err(self.invalid(key, &self.values[key], "a finite number"));
+        }
+        Ok(v)
+    }
+
+    /// The training timestep count, bounded by [`MAX_TRAIN_TIMESTEPS`].
+    pub(crate) fn num_train_timesteps(&self) -> Result<usize> {
+        let n = self.usize_or("num_train_timesteps", 1000)?;
+        if n == 0 || n > MAX_TRAIN_TIMESTEPS {
+            return Err(self.unsupported(
+                "num_train_timesteps",
+                &format!("expected 1 to {MAX_TRAIN_TIMESTEPS}"),
+            ));
+        }
+        Ok(n)
     }
 
     pub(crate) fn opt_f64(&self, key: &str) -> Result<Option<f64>> {

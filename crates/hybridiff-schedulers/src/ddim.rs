@@ -29,7 +29,7 @@ impl DDIMScheduler {
         // diffusers' default is to clip; clamping is cheap, so honour it rather
         // than refuse configs (e.g. Euler ones) that lack the key.
         let clip_sample_range = if cfg.bool_or("clip_sample", true)? {
-            Some(cfg.f64_or("clip_sample_range", 1.0)? as f32)
+            Some(cfg.finite_f64_or("clip_sample_range", 1.0)? as f32)
         } else {
             None
         };

@@ -18,12 +18,12 @@ pub struct FlowMatchEulerDiscreteScheduler {
 impl FlowMatchEulerDiscreteScheduler {
     /// Builds the scheduler from `cfg` and sets `num_steps` inference timesteps.
     pub fn new(cfg: &SchedulerConfig, num_steps: usize) -> Result<Self> {
-        let n_train = cfg.usize_or("num_train_timesteps", 1000)?;
-        if n_train == 0 {
-            return Err(cfg.unsupported("num_train_timesteps", "must be at least 1"));
-        }
+        let n_train = cfg.num_train_timesteps()?;
         check_num_steps(cfg, num_steps, n_train)?;
-        let shift = cfg.f64_or("shift", 1.0)?;
+        let shift = cfg.finite_f64_or("shift", 1.0)?;
+        if shift <= 0.0 {
+            return Err(cfg.unsupported("shift", "the timestep shift must be positive"));
+        }
         for key in [
             "use_dynamic_shifting",
             "invert_sigmas",

@@ -302,3 +302,91 @@ fn ddim_clip_sample_clamps_the_predicted_original() {
     assert!((step0(&base) as f64 - expected(x0)).abs() < 1e-3 * expected(x0).abs());
     assert!((step0(&clip) as f64 - expected(1.0)).abs() < 1e-5);
 }
+
+#[test]
+fn schedules_that_would_give_nan_or_huge_tables_are_refused_by_key() {
+    let sd = [
+        SchedulerKind::Ddim,
+        SchedulerKind::Euler,
+        SchedulerKind::DpmPp2M,
+    ];
+    for kind in sd {
+        // Each beta is a variance in [0, 1).
+        expect_rejected(
+            with(sdxl_config(), "beta_end", json!(1.5)),
+            kind,
+            "beta_end",
+            "1.5",
+        );
+        expect_rejected(
+            with(sdxl_config(), "beta_start", json!(-0.1)),
+            kind,
+            "beta_start",
+            "-0.1",
+        );
+        expect_rejected(
+            with(sdxl_config(), "beta_start", json!("NaN")),
+            kind,
+            "beta_start",
+            "NaN",
+        );
+        // Valid betas whose product underflows to 0 in f32.
+        expect_rejected(
+            with(sdxl_config(), "beta_start", json!(0.5)),
+            kind,
+            "beta_start",
+            "underflow",
+        );
+        let mut trained = vec![json!(0.01); 1000];
+        trained[7] = json!("NaN");
+        expect_rejected(
+            with(sdxl_config(), "trained_betas", Value::Array(trained)),
+            kind,
+            "trained_betas",
+            "beta 7",
+        );
+        // One f32 per training timestep: bounded.
+        expect_rejected(
+            with(sdxl_config(), "num_train_timesteps", json!(1e12)),
+            kind,
+            "num_train_timesteps",
+            "1000000000000",
+        );
+    }
+    let flow = SchedulerKind::FlowEuler;
+    expect_rejected(
+        with(sd3_config(), "shift", json!(-1.0)),
+        flow,
+        "shift",
+        "-1",
+    );
+    expect_rejected(
+        with(sd3_config(), "shift", json!("Infinity")),
+        flow,
+        "shift",
+        "Infinity",
+    );
+    expect_rejected(
+        with(sd3_config(), "num_train_timesteps", json!(2_000_000)),
+        flow,
+        "num_train_timesteps",
+        "2000000",
+    );
+}
+
+#[test]
+fn folders_and_fifos_are_not_read_as_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = SchedulerConfig::from_file(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a regular file"), "{err}");
+    let fifo = dir.path().join("scheduler_config.json");
+    let ok = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let err = SchedulerConfig::from_file(&fifo).unwrap_err().to_string();
+    assert!(err.contains("not a regular file"), "{err}");
+}

@@ -83,6 +83,15 @@ impl ClipTextConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let cfg: Self = read_config(path)?;
         Activation::parse(&cfg.hidden_act, path, "hidden_act")?;
+        if !(cfg.layer_norm_eps.is_finite() && cfg.layer_norm_eps > 0.0) {
+            return Err(Error::config(
+                path,
+                format!(
+                    "`layer_norm_eps` = {}: expected a small positive number (it keeps the layer norms' divisions finite)",
+                    cfg.layer_norm_eps
+                ),
+            ));
+        }
         if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
             return Err(Error::config(
                 path,
@@ -95,6 +104,14 @@ impl ClipTextConfig {
         Ok(cfg)
     }
 }
+
+/// Tensors a CLIP checkpoint may hold that the encoder never reads: the `position_ids`
+/// buffer older transformers saved, and a projection a `CLIPTextModel` does not apply.
+const CLIP_UNUSED_OK: &[&str] = &[
+    "text_model.embeddings.position_ids",
+    "embeddings.position_ids",
+    "text_projection.",
+];
 
 /// What a CLIP text encoder returns (transformers' names).
 #[derive(Debug, Clone)]
@@ -253,15 +270,16 @@ impl ClipTextModel {
     /// `architectures`, when the weights hold `text_projection.weight`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let cfg = ClipTextConfig::from_file(&dir.join("config.json"))?;
-        let vb = Weights::from_component_dir(dir)?.into_var_builder(dtype, device);
-        let with_projection = if cfg.architectures.is_empty() {
-            vb.contains_tensor("text_projection.weight")
-        } else {
-            cfg.architectures
-                .iter()
-                .any(|a| a == "CLIPTextModelWithProjection")
-        };
-        Self::with_config(dir, &cfg, vb, with_projection)
+        Weights::load_component(dir, dtype, device, CLIP_UNUSED_OK, |vb| {
+            let with_projection = if cfg.architectures.is_empty() {
+                vb.contains_tensor("text_projection.weight")
+            } else {
+                cfg.architectures
+                    .iter()
+                    .any(|a| a == "CLIPTextModelWithProjection")
+            };
+            Self::with_config(dir, &cfg, vb, with_projection)
+        })
     }
 
     /// Loads `dir` as a `CLIPTextModel` (`with_projection` false) or a
@@ -273,8 +291,9 @@ impl ClipTextModel {
         device: &Device,
     ) -> Result<Self> {
         let cfg = ClipTextConfig::from_file(&dir.join("config.json"))?;
-        let vb = Weights::from_component_dir(dir)?.into_var_builder(dtype, device);
-        Self::with_config(dir, &cfg, vb, with_projection)
+        Weights::load_component(dir, dtype, device, CLIP_UNUSED_OK, |vb| {
+            Self::with_config(dir, &cfg, vb, with_projection)
+        })
     }
 
     fn with_config(

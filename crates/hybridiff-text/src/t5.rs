@@ -76,6 +76,15 @@ impl T5Config {
     pub fn from_file(path: &Path) -> Result<Self> {
         let cfg: Self = read_config(path)?;
         cfg.feed_forward(path)?;
+        if !(cfg.layer_norm_epsilon.is_finite() && cfg.layer_norm_epsilon > 0.0) {
+            return Err(Error::config(
+                path,
+                format!(
+                    "`layer_norm_epsilon` = {}: expected a small positive number (it keeps the RMS norms' divisions finite)",
+                    cfg.layer_norm_epsilon
+                ),
+            ));
+        }
         Ok(cfg)
     }
 
@@ -359,13 +368,17 @@ impl T5EncoderModel {
     /// Loads `dir/config.json` and the weights of `dir` (e.g. SD3's `text_encoder_3/`).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let cfg = T5Config::from_file(&dir.join("config.json"))?;
-        let vb = Weights::from_component_dir(dir)?.into_var_builder(dtype, device);
-        Self::new(vb, &cfg).map_err(|e| match e {
-            Error::Candle { source, .. } => Error::Candle {
-                context: format!("{}: loading the T5 encoder", dir.display()),
-                source,
-            },
-            e => e,
+        // transformers' T5EncoderModel ties `encoder.embed_tokens` to `shared` and may
+        // save both; decoder halves of full T5 checkpoints are never read.
+        let unused_ok = ["encoder.embed_tokens.", "decoder.", "lm_head."];
+        Weights::load_component(dir, dtype, device, &unused_ok, |vb| {
+            Self::new(vb, &cfg).map_err(|e| match e {
+                Error::Candle { source, .. } => Error::Candle {
+                    context: format!("{}: loading the T5 encoder", dir.display()),
+                    source,
+                },
+                e => e,
+            })
         })
     }
 

@@ -28,6 +28,20 @@ const CLIP_PATTERN: &str =
 /// (`int(1e30)`), not a length.
 const NO_LIMIT: u64 = 1 << 40;
 
+/// Most tokens a tokenizer may pad to (CLIP uses 77, SD3's T5 256 or 512).
+pub const MAX_LENGTH: usize = 1 << 16;
+
+/// `text` cut for a message: its start and end around the number of characters left out.
+pub fn shorten(text: &str, max_chars: usize) -> String {
+    let n = text.chars().count();
+    if n <= max_chars {
+        return format!("{text:?}");
+    }
+    let head: String = text.chars().take(max_chars * 3 / 4).collect();
+    let tail: String = text.chars().skip(n - max_chars / 4).collect();
+    format!("{head:?} ... {tail:?} ({} characters in all)", n)
+}
+
 /// Token ids of one text, padded or truncated to a fixed length.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoded {
@@ -72,7 +86,10 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = hybridiff_models::weights::read_text_bounded(
+        path,
+        hybridiff_models::weights::MAX_CONFIG_BYTES,
+    )?;
     serde_json::from_str(&text)
         .map(Some)
         .map_err(|e| Error::config(path, e))
@@ -87,6 +104,12 @@ impl TokenizerConfig {
         let model_max_length = match cfg.get("model_max_length") {
             None | Some(Value::Null) => None,
             Some(v) => match v.as_f64() {
+                Some(n) if n > MAX_LENGTH as f64 && n < NO_LIMIT as f64 => {
+                    return Err(Error::config(
+                        &cfg_path,
+                        format!("`model_max_length` = {n}: expected at most {MAX_LENGTH} tokens"),
+                    ))
+                }
                 Some(n) if n >= 1.0 && n < NO_LIMIT as f64 => Some(n as usize),
                 Some(_) => None,
                 None => {
@@ -149,7 +172,9 @@ fn encode_fixed(
     max_len: usize,
     pad_id: u32,
 ) -> Result<(Vec<u32>, Option<Vec<u32>>)> {
-    let err = |e: tokenizers::Error| Error::tokenizer(dir, format!("encoding {text:?}: {e}"));
+    let err = |e: tokenizers::Error| {
+        Error::tokenizer(dir, format!("encoding {}: {e}", shorten(text, 80)))
+    };
     let mut enc = tok.encode(text, false).map_err(err)?;
     let n_special = tok
         .get_post_processor()
@@ -301,11 +326,13 @@ impl ClipTokenizer {
             self.pad_id,
         )?;
         if let Some(removed) = &removed {
+            // diffusers echoes the whole dropped text; a long prompt would flood the log.
             tracing::warn!(
                 "The following part of your input was truncated because CLIP can only handle \
-                 sequences up to {} tokens: {:?}",
+                 sequences up to {} tokens ({} tokens dropped): {}",
                 self.max_length,
-                self.decode(removed).unwrap_or_default()
+                removed.len(),
+                shorten(&self.decode(removed).unwrap_or_default(), 80)
             );
         }
         Ok(Encoded {
@@ -397,8 +424,12 @@ impl T5Tokenizer {
         if let Some(removed) = &removed {
             tracing::warn!(
                 "The following part of your input was truncated because `max_sequence_length` \
-                 is set to {max_length} tokens: {:?}",
-                self.tokenizer.decode(removed, true).unwrap_or_default()
+                 is set to {max_length} tokens ({} tokens dropped): {}",
+                removed.len(),
+                shorten(
+                    &self.tokenizer.decode(removed, true).unwrap_or_default(),
+                    80
+                )
             );
         }
         Ok(Encoded {
@@ -410,5 +441,25 @@ impl T5Tokenizer {
     /// The id of the pad token.
     pub fn pad_id(&self) -> u32 {
         self.pad_id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shorten;
+
+    #[test]
+    fn long_text_is_shown_by_its_ends_and_length() {
+        assert_eq!(shorten("short", 80), "\"short\"");
+        let long = format!("{}{}", "a".repeat(1_000_000), "END");
+        let s = shorten(&long, 80);
+        assert!(s.len() < 200, "{s}");
+        assert!(
+            s.contains("END\"") && s.contains("1000003 characters in all"),
+            "{s}"
+        );
+        // Cut by characters, never inside one.
+        let wide = "é".repeat(500);
+        assert!(shorten(&wide, 10).starts_with("\"ééééééé\""));
     }
 }

@@ -20,7 +20,7 @@ use crate::{Error, Job, Result};
 pub struct CfgSplit;
 
 /// What `cfg` and `hybrid` do without classifier-free guidance.
-pub(crate) const NO_BRANCHES: &str = "guidance <= 1 turns classifier-free guidance off (as in diffusers), so there are no branches to split: rank 0 runs the conditional branch at batch 1 and the other ranks idle (exact, the speed of serial); --strategy async pipelines that single branch over the ranks (approximate)";
+pub(crate) const NO_BRANCHES: &str = "guidance <= 1 turns classifier-free guidance off (as in diffusers), so there are no branches to split: rank 0 runs the conditional branch at batch 1 and the other ranks idle (exact, no faster than serial); --strategy async pipelines that single branch over the ranks (approximate)";
 
 struct CfgWorker<'a> {
     job: &'a Job<'a>,

@@ -307,7 +307,7 @@ fn check_latents(
         causes.insert(0, "a very large --guidance");
     }
     Err(Error::Numerics(format!(
-        "the latents became non-finite (NaN or inf) at step {} of {} ({mode} step of strategy {strategy}, guidance {}); likely causes: {}; no output was written",
+        "the latents became non-finite (NaN or inf) at step {} of {} (trace index {i}; {mode} step of strategy {strategy}, guidance {}); likely causes: {}; no output was written",
         i + 1,
         job.steps,
         job.guidance,

@@ -121,24 +121,43 @@ impl MMDiTConfig {
                 ))
             }
         }
-        for (key, v) in [
-            ("patch_size", self.patch_size),
-            ("in_channels", self.in_channels),
-            ("num_layers", self.num_layers),
-            ("attention_head_dim", self.attention_head_dim),
-            ("num_attention_heads", self.num_attention_heads),
-            ("joint_attention_dim", self.joint_attention_dim),
-            ("pooled_projection_dim", self.pooled_projection_dim),
-            ("out_channels", self.out_channels()),
+        use crate::unet::{MAX_CHANNELS, MAX_LAYERS, MAX_SAMPLE_SIZE};
+        // Bounds keep every product of sizes far from overflow; SD3.5 large has 38
+        // blocks of 38 heads of 64, a 4096-wide context and a 192 position grid.
+        for (key, v, max) in [
+            ("patch_size", self.patch_size, 64),
+            ("in_channels", self.in_channels, MAX_CHANNELS),
+            ("num_layers", self.num_layers, MAX_LAYERS),
+            ("attention_head_dim", self.attention_head_dim, MAX_CHANNELS),
+            ("num_attention_heads", self.num_attention_heads, 1024),
+            (
+                "joint_attention_dim",
+                self.joint_attention_dim,
+                MAX_CHANNELS,
+            ),
+            (
+                "caption_projection_dim",
+                self.caption_projection_dim,
+                MAX_CHANNELS,
+            ),
+            (
+                "pooled_projection_dim",
+                self.pooled_projection_dim,
+                MAX_CHANNELS,
+            ),
+            ("out_channels", self.out_channels(), MAX_CHANNELS),
+            ("sample_size", self.sample_size, MAX_SAMPLE_SIZE),
         ] {
-            if v == 0 {
-                return Err(invalid(format!("`{key}` must be positive, got 0")));
+            if v == 0 || v > max {
+                return Err(invalid(format!("`{key}` = {v}: expected 1 to {max}")));
             }
         }
-        if self.pos_embed_max_size == Some(0) {
-            return Err(invalid(
-                "`pos_embed_max_size` must be positive or null".into(),
-            ));
+        if let Some(m) = self.pos_embed_max_size {
+            if m == 0 || m > 4096 {
+                return Err(invalid(format!(
+                    "`pos_embed_max_size` = {m}: expected 1 to 4096, or null"
+                )));
+            }
         }
         let inner = self.inner_dim();
         // The joint attention projects the context with `add_*_proj` of input width

@@ -121,8 +121,13 @@ impl SD3Transformer2DModel {
             ));
         }
         let config = MMDiTConfig::from_file(&dir.join("config.json"))?;
-        let vb = Weights::from_component_dir(dir)?.into_var_builder(dtype, device);
-        Self::new(vb, config)
+        // The last block (context_pre_only) has an `add_q_proj` whose output only feeds
+        // the context tokens that block discards: diffusers computes it, we skip it.
+        let last = config.num_layers.saturating_sub(1);
+        let skipped = format!("transformer_blocks.{last}.attn.add_q_proj.");
+        Weights::load_component(dir, dtype, device, &[skipped.as_str()], |vb| {
+            Self::new(vb, config)
+        })
     }
 
     /// Builds the model from a var builder rooted at the transformer's weights.
@@ -157,6 +162,13 @@ impl SD3Transformer2DModel {
                         .map_err(w)?
                         .reshape((max * max, dim))?
                 } else {
+                    let need = (max as u128) * (max as u128) * (dim as u128) * 4;
+                    crate::memory::check("the computed `pos_embed` table", need).map_err(|m| {
+                        Error::Config {
+                            path: c.path.clone(),
+                            msg: format!("`pos_embed_max_size` = {max}: {m}"),
+                        }
+                    })?;
                     Tensor::from_vec(
                         get_2d_sincos_pos_embed(dim, max, max, base_size),
                         (max * max, dim),
@@ -415,6 +427,22 @@ impl SD3Transformer2DModel {
 impl Denoiser for SD3Transformer2DModel {
     fn module_names(&self) -> &[String] {
         &self.names
+    }
+
+    fn forward_memory(
+        &self,
+        batch: usize,
+        hw: (usize, usize),
+        ctx_len: usize,
+    ) -> Option<crate::memory::ForwardMemory> {
+        let elem = self.dtype.size_in_bytes();
+        Some(crate::memory::mmdit_forward(
+            &self.config,
+            batch,
+            hw,
+            ctx_len,
+            elem,
+        ))
     }
 
     fn module_output_count(&self, idx: usize) -> usize {

@@ -187,6 +187,19 @@ fn d_three() -> usize {
     3
 }
 
+/// Most channels of any layer (SDXL has 1280, SD3.5 large 2432).
+pub const MAX_CHANNELS: usize = 1 << 16;
+/// Most resolution levels.
+const MAX_BLOCKS: usize = 16;
+/// Most layers per block or transformer layers per block.
+pub const MAX_LAYERS: usize = 1024;
+/// Most attention heads per block.
+const MAX_HEADS: usize = 1024;
+/// Largest convolution kernel.
+const MAX_KERNEL: usize = 15;
+/// Largest `sample_size` in latent pixels.
+pub const MAX_SAMPLE_SIZE: usize = 1 << 14;
+
 /// A resolved U-Net config: every per-block value expanded, every unsupported option
 /// rejected with the key named.
 #[derive(Debug, Clone)]
@@ -423,6 +436,87 @@ impl UNetConfig {
         let norm_num_groups = raw
             .norm_num_groups
             .ok_or_else(|| unsupported("norm_num_groups", &"null", "a group count is required"))?;
+        let invalid = |msg: String| Error::Config {
+            path: path.to_path_buf(),
+            msg,
+        };
+        // Counts bound what the model allocates and how its sizes multiply; real U-Nets
+        // stay far below (SDXL: 1280 channels, 10 transformer layers, 20 heads).
+        let mut counts: Vec<(String, usize, usize)> = vec![
+            ("in_channels".into(), raw.in_channels, MAX_CHANNELS),
+            ("out_channels".into(), raw.out_channels, MAX_CHANNELS),
+            ("norm_num_groups".into(), norm_num_groups, MAX_CHANNELS),
+            ("block_out_channels".into(), n, MAX_BLOCKS),
+        ];
+        for (i, &c) in raw.block_out_channels.iter().enumerate() {
+            counts.push((format!("block_out_channels[{i}]"), c, MAX_CHANNELS));
+        }
+        for (key, v) in [
+            ("addition_time_embed_dim", raw.addition_time_embed_dim),
+            (
+                "projection_class_embeddings_input_dim",
+                raw.projection_class_embeddings_input_dim,
+            ),
+        ] {
+            if let Some(v) = v {
+                counts.push((key.into(), v, MAX_CHANNELS));
+            }
+        }
+        for (key, v, max) in counts {
+            if v == 0 || v > max {
+                return Err(invalid(format!("`{key}` = {v}: expected 1 to {max}")));
+            }
+        }
+        for (key, v) in [
+            ("norm_eps", raw.norm_eps),
+            ("freq_shift", raw.freq_shift),
+            ("mid_block_scale_factor", raw.mid_block_scale_factor),
+            ("resnet_out_scale_factor", raw.resnet_out_scale_factor),
+        ] {
+            if !v.is_finite() {
+                return Err(invalid(format!("`{key}` = {v}: expected a finite number")));
+            }
+        }
+        if raw.norm_eps <= 0.0 {
+            return Err(invalid(format!(
+                "`norm_eps` = {}: expected a positive number (it keeps the norms' divisions finite)",
+                raw.norm_eps
+            )));
+        }
+        // Resnet outputs are divided by these scales; diffusers' models all use 1.
+        for (key, v) in [
+            ("mid_block_scale_factor", raw.mid_block_scale_factor),
+            ("resnet_out_scale_factor", raw.resnet_out_scale_factor),
+        ] {
+            if !(1e-3..=1e3).contains(&v.abs()) {
+                return Err(invalid(format!(
+                    "`{key}` = {v}: expected a scale between 1e-3 and 1e3 in size (outputs are divided by it; diffusers' models use 1)"
+                )));
+            }
+        }
+        // The timestep embedding divides by (half its width - freq_shift).
+        let half = raw.block_out_channels[0] / 2;
+        if raw.freq_shift >= half as f64 {
+            return Err(invalid(format!(
+                "`freq_shift` = {}: expected less than half the time embedding width ({half}), which it is subtracted from before a division",
+                raw.freq_shift
+            )));
+        }
+        if let Some((t, p)) = text_time {
+            if p <= 6 * t {
+                return Err(invalid(format!(
+                    "`projection_class_embeddings_input_dim` = {p} must exceed 6 * `addition_time_embed_dim` = {}: SDXL's input is the pooled text embedding followed by 6 time embeddings",
+                    6 * t
+                )));
+            }
+        }
+        if raw.downsample_padding > 1 {
+            return Err(unsupported(
+                "downsample_padding",
+                &raw.downsample_padding,
+                "supported: 0 or 1",
+            ));
+        }
         for (i, c) in raw.block_out_channels.iter().enumerate() {
             if c % norm_num_groups != 0 {
                 return Err(Error::Config {
@@ -434,13 +528,19 @@ impl UNetConfig {
             }
         }
         let layers = |v: &serde_json::Value, key: &str| -> Result<usize> {
-            v.as_u64().map(|x| x as usize).ok_or_else(|| {
+            let x = v.as_u64().ok_or_else(|| {
                 unsupported(
                     key,
                     v,
                     "per-layer nested lists are not supported; use one integer per block",
                 )
-            })
+            })?;
+            if x > MAX_LAYERS as u64 {
+                return Err(invalid(format!(
+                    "`{key}` = {x}: expected at most {MAX_LAYERS}"
+                )));
+            }
+            Ok(x as usize)
         };
         let tl = &raw.transformer_layers_per_block;
         let transformer_layers_per_block = match tl.as_array() {
@@ -493,10 +593,56 @@ impl UNetConfig {
             ("conv_in_kernel", raw.conv_in_kernel),
             ("conv_out_kernel", raw.conv_out_kernel),
         ] {
-            if k % 2 == 0 {
-                return Err(unsupported(key, &k, "an odd kernel size is required"));
+            if k % 2 == 0 || k > MAX_KERNEL {
+                return Err(unsupported(
+                    key,
+                    &k,
+                    &format!("an odd kernel size up to {MAX_KERNEL} is required"),
+                ));
             }
         }
+        let layers_per_block = raw
+            .layers_per_block
+            .per_block(n, "layers_per_block", path)?;
+        let cross_attention_dim =
+            raw.cross_attention_dim
+                .per_block(n, "cross_attention_dim", path)?;
+        for (key, list, max) in [
+            ("layers_per_block", &layers_per_block, MAX_LAYERS),
+            ("cross_attention_dim", &cross_attention_dim, MAX_CHANNELS),
+            ("attention_head_dim", &num_attention_heads, MAX_HEADS),
+        ] {
+            if let Some(&v) = list.iter().find(|&&v| v == 0 || v > max) {
+                return Err(invalid(format!("`{key}` holds {v}: expected 1 to {max}")));
+            }
+        }
+        let sample_size = match &raw.sample_size {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => {
+                let side = |x: &serde_json::Value| {
+                    x.as_u64()
+                        .filter(|&s| s >= 1 && s <= MAX_SAMPLE_SIZE as u64)
+                        .map(|s| s as usize)
+                };
+                let bad = || {
+                    invalid(format!(
+                        "`sample_size` = {v}: expected a latent size from 1 to {MAX_SAMPLE_SIZE}, or a [height, width] pair of them"
+                    ))
+                };
+                match v.as_array() {
+                    // Non-square sizes are valid in diffusers; there is no square default then.
+                    Some(pair) if pair.len() == 2 => {
+                        let (h, w) = (
+                            side(&pair[0]).ok_or_else(bad)?,
+                            side(&pair[1]).ok_or_else(bad)?,
+                        );
+                        (h == w).then_some(h)
+                    }
+                    Some(_) => return Err(bad()),
+                    None => Some(side(v).ok_or_else(bad)?),
+                }
+            }
+        };
         Ok(Self {
             path: path.to_path_buf(),
             in_channels: raw.in_channels,
@@ -507,14 +653,8 @@ impl UNetConfig {
             down_block_types,
             up_block_types,
             has_mid_block,
-            layers_per_block: raw
-                .layers_per_block
-                .per_block(n, "layers_per_block", path)?,
-            cross_attention_dim: raw.cross_attention_dim.per_block(
-                n,
-                "cross_attention_dim",
-                path,
-            )?,
+            layers_per_block,
+            cross_attention_dim,
             block_out_channels: raw.block_out_channels,
             downsample_padding: raw.downsample_padding,
             mid_block_scale_factor: raw.mid_block_scale_factor,
@@ -528,11 +668,7 @@ impl UNetConfig {
             resnet_out_scale_factor: raw.resnet_out_scale_factor,
             conv_in_kernel: raw.conv_in_kernel,
             conv_out_kernel: raw.conv_out_kernel,
-            sample_size: raw
-                .sample_size
-                .as_ref()
-                .and_then(|v| v.as_u64())
-                .map(|v| v as usize),
+            sample_size,
         })
     }
 

@@ -10,7 +10,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-pub use config::{BlockKind, RawUNetConfig, UNetConfig};
+pub use config::{BlockKind, RawUNetConfig, UNetConfig, MAX_CHANNELS, MAX_LAYERS, MAX_SAMPLE_SIZE};
 pub use transformer::{CrossAttention, Transformer2DModel, TransformerConfig};
 
 use crate::nn::{conv2d, Conv2d, ResnetBlock2D, ResnetConfig};
@@ -199,8 +199,7 @@ impl UNet2DConditionModel {
             ));
         }
         let config = UNetConfig::from_file(&dir.join("config.json"))?;
-        let vb = Weights::from_component_dir(dir)?.into_var_builder(dtype, device);
-        Self::new(vb, config)
+        Weights::load_component(dir, dtype, device, &[], |vb| Self::new(vb, config))
     }
 
     /// Builds the model from a var builder rooted at the U-Net's weights.
@@ -576,6 +575,22 @@ fn data_flow(modules: &[Module_]) -> Vec<Vec<OutputRef>> {
 impl Denoiser for UNet2DConditionModel {
     fn module_names(&self) -> &[String] {
         &self.names
+    }
+
+    fn forward_memory(
+        &self,
+        batch: usize,
+        hw: (usize, usize),
+        ctx_len: usize,
+    ) -> Option<crate::memory::ForwardMemory> {
+        let elem = self.dtype.size_in_bytes();
+        Some(crate::memory::unet_forward(
+            &self.config,
+            batch,
+            hw,
+            ctx_len,
+            elem,
+        ))
     }
 
     fn module_output_count(&self, idx: usize) -> usize {

@@ -1,0 +1,1073 @@
+//! Hostile and mistaken input (issue 11): every bad file, flag or size is refused with a
+//! message naming it, fast, before any large allocation; nothing is overwritten that
+//! should not be, nothing half-made is left behind, nothing panics or hangs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures")).join(name)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Runs `hybridiff` with `env`, killing it after `limit` (a hang fails the test).
+fn run_env(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hybridiff"));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("run hybridiff");
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!(
+                "hybridiff {args:?} still running after {limit:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    run_env(args, &[], Duration::from_secs(60))
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a clean failure (exit 1, no panic, no abort) whose message has every needle.
+#[track_caller]
+fn fails_with(o: &Output, needles: &[&str]) -> String {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "expected exit 1: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert!(!err.contains("memory allocation"), "abort: {err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
+    }
+    err
+}
+
+#[track_caller]
+fn succeeds(o: &Output) -> String {
+    let err = stderr(o);
+    assert!(o.status.success(), "{err}");
+    err
+}
+
+/// A copy of a fixture folder made of real folders and symbolic links to the fixture's
+/// files, so one file can be replaced without copying the weights.
+fn linked_copy(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let from = e.path().canonicalize().unwrap();
+        let to = dst.join(e.file_name());
+        if from.is_dir() {
+            linked_copy(&from, &to);
+        } else {
+            std::os::unix::fs::symlink(&from, &to).unwrap();
+        }
+    }
+}
+
+/// Replaces the JSON file `rel` of a linked copy by `edit` applied to it.
+fn edit_json(root: &Path, rel: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+    let p = root.join(rel);
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::remove_file(&p).unwrap();
+    std::fs::write(&p, v.to_string()).unwrap();
+}
+
+/// Replaces the tensors of the safetensors file `rel` of a linked copy.
+fn edit_tensors(root: &Path, rel: &str, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+    let p = root.join(rel);
+    let mut t = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
+    edit(&mut t);
+    std::fs::remove_file(&p).unwrap();
+    candle_core::safetensors::save(&t, &p).unwrap();
+}
+
+fn mkfifo(p: &Path) {
+    let o = Command::new("mkfifo").arg(p).output().expect("mkfifo");
+    assert!(o.status.success());
+}
+
+fn inputs_with(path: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+    let mut t = candle_core::safetensors::load(
+        fixture("tiny-sdxl").join("inputs.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    edit(&mut t);
+    candle_core::safetensors::save(&t, path).unwrap();
+}
+
+fn denoise(model: &Path, inputs: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "denoise",
+        "--model",
+        s(model),
+        "--inputs",
+        s(inputs),
+        "--out",
+        s(out),
+        "--steps",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+fn tiny_inputs() -> PathBuf {
+    fixture("tiny-sdxl").join("inputs.safetensors")
+}
+
+// 1. Outputs only ever replace regular files.
+
+#[test]
+fn outputs_onto_devices_and_fifos_are_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.png");
+    mkfifo(&fifo);
+    // A link to /dev/null: the rename would replace the link, writing through it would
+    // write the device; both are refused.
+    let null = dir.path().join("null.png");
+    std::os::unix::fs::symlink("/dev/null", &null).unwrap();
+    let model = fixture("tiny-sdxl");
+    let ok = dir.path().join("ok.safetensors");
+    for (flag, target, kind) in [
+        ("--out", &fifo, "FIFO"),
+        ("--out", &null, "character device"),
+        ("--trace", &fifo, "FIFO"),
+        ("--decode", &null, "character device"),
+    ] {
+        let out = if flag == "--out" {
+            target.clone()
+        } else {
+            ok.clone()
+        };
+        let mut extra = vec![];
+        if flag != "--out" {
+            extra = vec![flag, s(target)];
+        }
+        let o = denoise(&model, &tiny_inputs(), &out, &extra);
+        fails_with(&o, &[flag, kind, "only replace regular files"]);
+    }
+    let o = run(&[
+        "generate",
+        "--model",
+        s(&fixture("tiny-sdxl-pipeline")),
+        "--prompt",
+        "x",
+        "--out",
+        s(&null),
+    ]);
+    fails_with(&o, &["--out", "character device"]);
+    assert!(std::fs::symlink_metadata(&null)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(!ok.exists());
+    let o = run(&[
+        "bench",
+        "--model",
+        s(&model),
+        "--json",
+        s(&fifo),
+        "--repeats",
+        "0",
+    ]);
+    fails_with(&o, &["--json", "FIFO"]);
+}
+
+#[test]
+fn one_output_never_overwrites_another_or_an_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-sdxl");
+    let out = dir.path().join("x.out");
+    let o = denoise(&model, &tiny_inputs(), &out, &["--decode", s(&out)]);
+    fails_with(&o, &["--out", "--decode", "same file"]);
+    let o = denoise(&model, &tiny_inputs(), &out, &["--trace", s(&out)]);
+    fails_with(&o, &["--out", "--trace", "same file"]);
+    // The same file by another name (a hard link) is the same file.
+    let inputs = dir.path().join("inputs.safetensors");
+    std::fs::copy(tiny_inputs(), &inputs).unwrap();
+    let alias = dir.path().join("alias.safetensors");
+    std::fs::hard_link(&inputs, &alias).unwrap();
+    let before = std::fs::read(&inputs).unwrap();
+    let o = denoise(&model, &inputs, &alias, &[]);
+    fails_with(&o, &["--out", "--inputs", "destroy the input"]);
+    assert_eq!(std::fs::read(&inputs).unwrap(), before);
+    let md = dir.path().join("t.md");
+    let o = run(&[
+        "bench",
+        "--model",
+        s(&model),
+        "--json",
+        s(&md),
+        "--markdown",
+        s(&md),
+    ]);
+    fails_with(&o, &["--json", "--markdown", "same file"]);
+}
+
+#[test]
+fn init_never_replaces_a_model_without_force_and_leaves_nothing_on_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = fixture("tiny-sdxl").join("unet/config.json");
+    let m = dir.path().join("m");
+    succeeds(&run(&[
+        "init",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&m),
+        "--seed",
+        "1",
+    ]));
+    let w = m.join("unet/diffusion_pytorch_model.safetensors");
+    let first = std::fs::read(&w).unwrap();
+    let o = run(&["init", "--config", s(&cfg), "--out", s(&m), "--seed", "2"]);
+    fails_with(&o, &["not empty", "--force"]);
+    assert_eq!(std::fs::read(&w).unwrap(), first, "weights were replaced");
+    succeeds(&run(&[
+        "init",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&m),
+        "--seed",
+        "2",
+        "--force",
+    ]));
+    assert_ne!(std::fs::read(&w).unwrap(), first);
+    // Onto a file.
+    let file = dir.path().join("file");
+    std::fs::write(&file, "keep").unwrap();
+    let o = run(&["init", "--config", s(&cfg), "--out", s(&file)]);
+    fails_with(&o, &["not a folder"]);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+    // A model too big for the memory limit: refused tensor by tensor, and no folder or
+    // temporary folder is left.
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["block_out_channels"] = serde_json::json!([32, 64, 60000]);
+    v["norm_num_groups"] = serde_json::json!(2);
+    let big = dir.path().join("big.json");
+    std::fs::write(&big, v.to_string()).unwrap();
+    let new = dir.path().join("new");
+    let o = run_env(
+        &["init", "--config", s(&big), "--out", s(&new)],
+        &[("HYBRIDIFF_MEMORY_LIMIT", "256M")],
+        Duration::from_secs(60),
+    );
+    fails_with(&o, &["HYBRIDIFF_MEMORY_LIMIT", "tensor `"]);
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".hybridiff") || n == "new")
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+// 2. Sizes are checked before memory is allocated.
+
+#[test]
+fn sizes_too_big_for_memory_are_refused_with_the_estimate_and_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let pipeline = fixture("tiny-sdxl-pipeline");
+    let o = run(&[
+        "generate",
+        "--model",
+        s(&pipeline),
+        "--prompt",
+        "x",
+        "--height",
+        "100000",
+        "--width",
+        "100000",
+        "--steps",
+        "2",
+        "--out",
+        s(&out),
+    ]);
+    fails_with(&o, &["needs an estimated", "attention", "available"]);
+    let o = run(&[
+        "bench",
+        "--model",
+        s(&fixture("tiny-sdxl")),
+        "--latent-size",
+        "100000",
+        "--repeats",
+        "0",
+    ]);
+    fails_with(&o, &["needs an estimated", "100000x100000 latents"]);
+    // Big latents in an inputs file: 512x512 latents of the tiny U-Net need terabytes of
+    // attention scores.
+    let inputs = dir.path().join("big.safetensors");
+    inputs_with(&inputs, |t| {
+        t.insert(
+            "latents".into(),
+            Tensor::zeros((1, 4, 512, 512), DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    let o = denoise(&fixture("tiny-sdxl"), &inputs, &dir.path().join("o"), &[]);
+    fails_with(&o, &["512x512 latents", "needs an estimated"]);
+    // A limit set by the user: the tiny job itself no longer fits.
+    let o = run_env(
+        &[
+            "denoise",
+            "--model",
+            s(&fixture("tiny-sdxl")),
+            "--inputs",
+            s(&tiny_inputs()),
+            "--out",
+            s(&dir.path().join("o")),
+            "--steps",
+            "2",
+        ],
+        &[("HYBRIDIFF_MEMORY_LIMIT", "64K")],
+        Duration::from_secs(60),
+    );
+    fails_with(&o, &["64.0 KiB (HYBRIDIFF_MEMORY_LIMIT)"]);
+    let o = run_env(
+        &[
+            "denoise",
+            "--model",
+            s(&fixture("tiny-sdxl")),
+            "--inputs",
+            s(&tiny_inputs()),
+            "--out",
+            s(&dir.path().join("o")),
+        ],
+        &[("HYBRIDIFF_MEMORY_LIMIT", "lots")],
+        Duration::from_secs(60),
+    );
+    fails_with(&o, &["HYBRIDIFF_MEMORY_LIMIT=\"lots\""]);
+}
+
+#[test]
+fn the_default_model_at_512_pixels_is_refused_under_8_gib() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let o = run_env(
+        &[
+            "generate",
+            "--prompt",
+            "a red circle",
+            "--height",
+            "512",
+            "--width",
+            "512",
+            "--steps",
+            "2",
+            "--out",
+            s(&dir.path().join("x.png")),
+        ],
+        &[
+            ("HYBRIDIFF_CACHE", s(&cache)),
+            ("HYBRIDIFF_MEMORY_LIMIT", "8G"),
+        ],
+        Duration::from_secs(60),
+    );
+    fails_with(&o, &["128x128 latents", "8.0 GiB (HYBRIDIFF_MEMORY_LIMIT)"]);
+}
+
+#[test]
+fn counts_from_configs_and_flags_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = fixture("tiny-sdxl").join("unet/config.json");
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    // Each edit of the U-Net config, checked by `init` before any weight is made.
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        ("sample_size", (-1).into(), "`sample_size`"),
+        ("sample_size", 1e9.into(), "`sample_size`"),
+        (
+            "block_out_channels",
+            serde_json::json!([32, 64, 100000]),
+            "block_out_channels[2]",
+        ),
+        (
+            "block_out_channels",
+            serde_json::json!([32, 64, 0]),
+            "block_out_channels[2]",
+        ),
+        ("norm_num_groups", 0.into(), "`norm_num_groups`"),
+        ("layers_per_block", 0.into(), "`layers_per_block`"),
+        ("layers_per_block", 100000.into(), "`layers_per_block`"),
+        (
+            "transformer_layers_per_block",
+            100000.into(),
+            "transformer_layers_per_block",
+        ),
+        ("cross_attention_dim", 0.into(), "`cross_attention_dim`"),
+        ("attention_head_dim", 0.into(), "attention heads"),
+        ("in_channels", 0.into(), "`in_channels`"),
+        ("conv_in_kernel", 0.into(), "conv_in_kernel"),
+        ("conv_in_kernel", 10001.into(), "conv_in_kernel"),
+        ("downsample_padding", 5000.into(), "downsample_padding"),
+        (
+            "projection_class_embeddings_input_dim",
+            40.into(),
+            "projection_class_embeddings_input_dim",
+        ),
+        ("norm_eps", (-1.0).into(), "`norm_eps`"),
+        ("norm_eps", 0.into(), "`norm_eps`"),
+        ("mid_block_scale_factor", 0.into(), "mid_block_scale_factor"),
+    ];
+    let path = dir.path().join("config.json");
+    for (key, value, needle) in cases {
+        let mut v = base.clone();
+        v[key] = value.clone();
+        std::fs::write(&path, v.to_string()).unwrap();
+        let out = dir.path().join("m");
+        let o = run(&["init", "--config", s(&path), "--out", s(&out)]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{key} = {value}: {err}");
+        assert!(!err.contains("panicked"), "{key} = {value}: {err}");
+        assert!(
+            err.contains(needle) && err.contains("config.json"),
+            "{key} = {value}: {err}"
+        );
+        assert!(!out.exists());
+    }
+    // Scheduler counts, through a linked copy of the tiny model.
+    let model = dir.path().join("model");
+    linked_copy(&fixture("tiny-sdxl"), &model);
+    for (key, value, needle) in [
+        (
+            "num_train_timesteps",
+            serde_json::json!(1e12),
+            "num_train_timesteps",
+        ),
+        (
+            "num_train_timesteps",
+            serde_json::json!(0),
+            "num_train_timesteps",
+        ),
+    ] {
+        edit_json(&model, "scheduler/scheduler_config.json", |v| {
+            v[key] = value.clone()
+        });
+        let o = denoise(&model, &tiny_inputs(), &dir.path().join("o"), &[]);
+        fails_with(&o, &[needle, "scheduler_config.json"]);
+    }
+    // Flags.
+    let model = fixture("tiny-sdxl");
+    let o = run(&[
+        "denoise",
+        "--model",
+        s(&model),
+        "--inputs",
+        s(&tiny_inputs()),
+        "--out",
+        s(&dir.path().join("o")),
+        "--steps",
+        "100000",
+    ]);
+    fails_with(&o, &["--steps 100000", "at most"]);
+    let o = run(&[
+        "bench",
+        "--model",
+        s(&model),
+        "--context-len",
+        "0",
+        "--repeats",
+        "0",
+    ]);
+    fails_with(&o, &["--context-len 0"]);
+}
+
+// 3. No panics.
+
+#[test]
+fn integer_tensors_in_inputs_are_refused_by_name_and_float_ones_converted() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-sdxl");
+    let out = dir.path().join("o.safetensors");
+    let bad = dir.path().join("ints.safetensors");
+    for (name, dtype) in [
+        ("latents", DType::I64),
+        ("prompt_embeds", DType::I64),
+        ("pooled_prompt_embeds", DType::U8),
+        ("time_ids", DType::U32),
+    ] {
+        inputs_with(&bad, |t| {
+            let src = t.get(name).cloned().unwrap_or_else(|| {
+                Tensor::new(&[[128f32, 128., 0., 0., 128., 128.]], &Device::Cpu).unwrap()
+            });
+            t.insert(name.into(), src.to_dtype(dtype).unwrap());
+        });
+        let o = denoise(&model, &bad, &out, &[]);
+        fails_with(
+            &o,
+            &[
+                &format!("`{name}`"),
+                "ints.safetensors",
+                &format!("{dtype:?}"),
+                "floating point",
+            ],
+        );
+        assert!(!out.exists());
+    }
+    // f64 and f16 inputs are converted to f32 and run.
+    inputs_with(&bad, |t| {
+        for (_, v) in t.iter_mut() {
+            *v = v.to_dtype(DType::F64).unwrap();
+        }
+        let l = t["latents"].to_dtype(DType::F16).unwrap();
+        t.insert("latents".into(), l);
+    });
+    succeeds(&denoise(&model, &bad, &out, &[]));
+}
+
+#[test]
+fn thread_and_rank_counts_are_bounded_by_the_cores() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-sdxl");
+    let out = dir.path().join("o");
+    for (extra, needle) in [
+        (
+            vec!["--threads-per-rank", "10000"],
+            "--threads-per-rank 10000",
+        ),
+        (
+            vec!["--threads-per-rank", "0"],
+            "--threads-per-rank must be at least 1",
+        ),
+        (
+            vec!["--strategy", "async", "--world-size", "10000"],
+            "--world-size 10000",
+        ),
+        (vec!["--world-size", "0"], "--world-size must be at least 1"),
+    ] {
+        let o = denoise(&model, &tiny_inputs(), &out, &extra);
+        fails_with(&o, &[needle]);
+    }
+    for (flag, value) in [("--world-size", "10000"), ("--threads-per-rank", "10000")] {
+        let o = run(&["bench", "--model", s(&model), flag, value, "--repeats", "0"]);
+        fails_with(&o, &[&format!("{flag} {value}")]);
+    }
+}
+
+// 4. No hangs.
+
+#[test]
+fn empty_and_odd_latent_sizes_fail_fast() {
+    let model = fixture("tiny-sdxl");
+    let o = run_env(
+        &[
+            "bench",
+            "--model",
+            s(&model),
+            "--latent-size",
+            "0",
+            "--repeats",
+            "1",
+            "--steps",
+            "1",
+        ],
+        &[],
+        Duration::from_secs(20),
+    );
+    fails_with(&o, &["--latent-size 0x0"]);
+    // Not a multiple of the U-Net's downsampling: an error (or a run), never a hang.
+    let o = run_env(
+        &[
+            "bench",
+            "--model",
+            s(&model),
+            "--latent-size",
+            "3",
+            "--repeats",
+            "1",
+            "--steps",
+            "1",
+        ],
+        &[],
+        Duration::from_secs(30),
+    );
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+}
+
+#[test]
+fn comm_timeout_zero_blames_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = denoise(
+        &fixture("tiny-sdxl"),
+        &tiny_inputs(),
+        &dir.path().join("o"),
+        &["--comm-timeout", "0"],
+    );
+    let err = stderr(&o);
+    assert!(
+        !o.status.success() && err.contains("--comm-timeout"),
+        "{err}"
+    );
+    assert!(!err.contains("rank"), "{err}");
+}
+
+// 5. Non-finite values are caught where they enter.
+
+#[test]
+fn nan_weights_are_refused_by_tensor_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    linked_copy(&fixture("tiny-sdxl"), &model);
+    let poison = |t: &mut HashMap<String, Tensor>, name: &str| {
+        let w = &t[name];
+        let mut v = w
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        v[3] = f32::NAN;
+        let nw = Tensor::from_vec(v, w.dims(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(w.dtype())
+            .unwrap();
+        t.insert(name.into(), nw);
+    };
+    edit_tensors(&model, "unet/diffusion_pytorch_model.safetensors", |t| {
+        poison(t, "conv_in.weight")
+    });
+    let out = dir.path().join("o.safetensors");
+    let o = denoise(&model, &tiny_inputs(), &out, &[]);
+    fails_with(&o, &["`conv_in.weight`", "unet", "non-finite", "index 3"]);
+    // The VAE, read for --decode.
+    let model2 = dir.path().join("model2");
+    linked_copy(&fixture("tiny-sdxl"), &model2);
+    edit_tensors(&model2, "vae/diffusion_pytorch_model.safetensors", |t| {
+        poison(t, "decoder.conv_out.weight")
+    });
+    let png = dir.path().join("x.png");
+    let o = denoise(&model2, &tiny_inputs(), &out, &["--decode", s(&png)]);
+    fails_with(&o, &["`decoder.conv_out.weight`", "vae", "non-finite"]);
+    assert!(!png.exists());
+}
+
+#[test]
+fn bad_scheduler_and_text_encoder_numbers_are_refused_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    linked_copy(&fixture("tiny-sdxl"), &model);
+    let sched = "scheduler/scheduler_config.json";
+    let original = std::fs::read_to_string(fixture("tiny-sdxl").join(sched)).unwrap();
+    for (key, value) in [
+        ("beta_start", "NaN"),
+        ("beta_end", "1.5"),
+        ("beta_end", "-0.1"),
+        ("beta_start", "Infinity"),
+    ] {
+        let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
+        v[key] = serde_json::json!(0);
+        // Python writes NaN and Infinity as bare tokens; so do we.
+        let text = v
+            .to_string()
+            .replace(&format!("\"{key}\":0"), &format!("\"{key}\":{value}"));
+        let p = model.join(sched);
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, text).unwrap();
+        let o = denoise(&model, &tiny_inputs(), &dir.path().join("o"), &[]);
+        fails_with(&o, &[key, "scheduler_config.json"]);
+    }
+    // DDIM reads clip_sample_range only when clip_sample is on.
+    let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
+    v["clip_sample"] = true.into();
+    v["clip_sample_range"] = "NaN".into();
+    let p = model.join(sched);
+    std::fs::remove_file(&p).unwrap();
+    std::fs::write(&p, v.to_string()).unwrap();
+    let o = denoise(
+        &model,
+        &tiny_inputs(),
+        &dir.path().join("o"),
+        &["--scheduler", "ddim"],
+    );
+    fails_with(&o, &["clip_sample_range"]);
+    // A VAE scale that would blow the latents up to infinity.
+    let model3 = dir.path().join("model3");
+    linked_copy(&fixture("tiny-sdxl"), &model3);
+    edit_json(&model3, "vae/config.json", |v| {
+        v["scaling_factor"] = (-1e-30).into()
+    });
+    let png = dir.path().join("x.png");
+    let o = denoise(
+        &model3,
+        &tiny_inputs(),
+        &dir.path().join("o3"),
+        &["--decode", s(&png)],
+    );
+    fails_with(&o, &["`scaling_factor`", "vae"]);
+    assert!(!png.exists());
+    // A text encoder with a negative layer-norm epsilon.
+    let pipe = dir.path().join("pipe");
+    linked_copy(&fixture("tiny-sdxl-pipeline"), &pipe);
+    edit_json(&pipe, "text_encoder/config.json", |v| {
+        v["layer_norm_eps"] = (-1.0).into()
+    });
+    let o = run(&[
+        "generate",
+        "--model",
+        s(&pipe),
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--out",
+        s(&dir.path().join("x.png")),
+    ]);
+    fails_with(&o, &["`layer_norm_eps`", "text_encoder"]);
+}
+
+#[test]
+fn huge_embeddings_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("huge.safetensors");
+    for name in ["prompt_embeds", "negative_pooled_prompt_embeds", "latents"] {
+        inputs_with(&bad, |t| {
+            let e = &t[name];
+            let v = (e.ones_like().unwrap() * 3e38).unwrap();
+            t.insert(name.into(), v);
+        });
+        let o = denoise(&fixture("tiny-sdxl"), &bad, &dir.path().join("o"), &[]);
+        fails_with(&o, &[&format!("`{name}`"), "huge.safetensors", "3.000e38"]);
+    }
+}
+
+// 6. Weights the model does not use are reported; missing ones are errors.
+
+#[test]
+fn unexpected_weights_are_reported_and_missing_ones_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    linked_copy(&fixture("tiny-sdxl"), &model);
+    edit_tensors(&model, "unet/diffusion_pytorch_model.safetensors", |t| {
+        t.insert(
+            "down_blocks.7.resnets.0.conv1.weight".into(),
+            Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    let err = succeeds(&denoise(&model, &tiny_inputs(), &dir.path().join("o"), &[]));
+    assert!(
+        err.contains("does not use") && err.contains("down_blocks.7.resnets.0.conv1.weight"),
+        "{err}"
+    );
+    edit_tensors(&model, "unet/diffusion_pytorch_model.safetensors", |t| {
+        t.remove("conv_out.bias");
+    });
+    let o = denoise(&model, &tiny_inputs(), &dir.path().join("o"), &[]);
+    fails_with(&o, &["missing tensor `conv_out.bias`"]);
+}
+
+// 7. The --prompts format comes from the extension or a flag, never from the content.
+
+#[test]
+fn prompts_format_follows_the_extension_or_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-sdxl-pipeline");
+    let gen = |prompts: &Path, out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            s(&model),
+            "--prompts",
+            s(prompts),
+            "--steps",
+            "1",
+            "--out",
+            s(out),
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    // A JSON object is not a prompt list.
+    let obj = dir.path().join("p.json");
+    std::fs::write(&obj, r#"{"prompt": "a red circle"}"#).unwrap();
+    let out = dir.path().join("a");
+    fails_with(&gen(&obj, &out, &[]), &["p.json", "JSON list"]);
+    assert!(!out.exists(), "--out was created for a refused batch");
+    // A plain-text file whose first prompt starts with `[`, with a byte-order mark.
+    let txt = dir.path().join("p.txt");
+    std::fs::write(&txt, "\u{feff}[draft] a red circle\r\na blue square\n").unwrap();
+    succeeds(&gen(&txt, &out, &[]));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m[0]["prompt"], "[draft] a red circle");
+    assert_eq!(m[1]["prompt"], "a blue square");
+    // The flag wins over the extension; JSON lines work; unknown keys are refused.
+    let list = dir.path().join("list.txt");
+    std::fs::write(&list, r#"[{"prompt": "x", "seed": 4}]"#).unwrap();
+    let out2 = dir.path().join("b");
+    succeeds(&gen(&list, &out2, &["--prompts-format", "json"]));
+    let lines = dir.path().join("p.jsonl");
+    std::fs::write(
+        &lines,
+        "{\"prompt\": \"x\"}\n\n{\"prompt\": \"y\", \"sed\": 1}\n",
+    )
+    .unwrap();
+    fails_with(
+        &gen(&lines, &dir.path().join("c"), &[]),
+        &["p.jsonl line 3", "sed"],
+    );
+}
+
+// 8. Nothing half-made is left behind.
+
+#[test]
+fn batch_errors_of_the_whole_request_are_reported_once_and_make_no_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.txt");
+    std::fs::write(&prompts, "one\ntwo\nthree\n").unwrap();
+    let out = dir.path().join("new");
+    let o = run(&[
+        "generate",
+        "--model",
+        s(&fixture("tiny-sdxl-pipeline")),
+        "--prompts",
+        s(&prompts),
+        "--height",
+        "0",
+        "--out",
+        s(&out),
+    ]);
+    let err = fails_with(&o, &["--height 0"]);
+    assert_eq!(err.matches("--height 0").count(), 1, "{err}");
+    assert!(!out.exists());
+    // A model folder that does not load.
+    let o = run(&[
+        "generate",
+        "--model",
+        s(&dir.path().join("nowhere")),
+        "--prompts",
+        s(&prompts),
+        "--out",
+        s(&out),
+    ]);
+    fails_with(&o, &["nowhere"]);
+    assert!(!out.exists());
+}
+
+#[test]
+fn stale_unpacks_of_the_default_model_are_removed_and_fresh_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let stale = cache.join(".default-stale1");
+    let fresh = cache.join(".default-fresh1");
+    for d in [&stale, &fresh] {
+        std::fs::create_dir_all(d.join("unet")).unwrap();
+        std::fs::write(d.join("unet/config.json"), "{").unwrap();
+    }
+    let old = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
+    std::fs::File::open(&stale)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let o = run_env(
+        &[
+            "generate",
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "1",
+            "--out",
+            s(&dir.path().join("x.png")),
+        ],
+        &[("HYBRIDIFF_CACHE", s(&cache))],
+        Duration::from_secs(60),
+    );
+    succeeds(&o);
+    assert!(!stale.exists(), "a stale unpack was kept");
+    assert!(
+        fresh.exists(),
+        "a recent unpack (maybe in progress) was removed"
+    );
+}
+
+// 9. Messages that name what is wrong.
+
+#[test]
+fn inputs_that_are_folders_or_fifos_are_named_as_such_without_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-sdxl");
+    let out = dir.path().join("o");
+    let o = denoise(&model, dir.path(), &out, &[]);
+    fails_with(&o, &["is a folder"]);
+    let fifo = dir.path().join("in.safetensors");
+    mkfifo(&fifo);
+    let o = run_env(
+        &[
+            "denoise",
+            "--model",
+            s(&model),
+            "--inputs",
+            s(&fifo),
+            "--out",
+            s(&out),
+            "--steps",
+            "2",
+        ],
+        &[],
+        Duration::from_secs(20),
+    );
+    fails_with(&o, &["in.safetensors", "FIFO"]);
+    // A FIFO in place of a config file.
+    let m = dir.path().join("model");
+    linked_copy(&model, &m);
+    std::fs::remove_file(m.join("unet/config.json")).unwrap();
+    mkfifo(&m.join("unet/config.json"));
+    let o = run_env(
+        &[
+            "denoise",
+            "--model",
+            s(&m),
+            "--inputs",
+            s(&tiny_inputs()),
+            "--out",
+            s(&out),
+        ],
+        &[],
+        Duration::from_secs(20),
+    );
+    fails_with(&o, &["config.json", "FIFO"]);
+}
+
+#[test]
+fn negative_numbers_and_dash_prompts_are_values_not_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = denoise(
+        &fixture("tiny-sdxl"),
+        &tiny_inputs(),
+        &dir.path().join("o"),
+        &["--guidance", "-5"],
+    );
+    assert!(
+        !stderr(&o).contains("unexpected argument"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&[
+        "generate",
+        "--model",
+        s(&fixture("tiny-sdxl-pipeline")),
+        "--prompt",
+        "-a dash first",
+        "--negative-prompt",
+        "-blurry",
+        "--steps",
+        "1",
+        "--out",
+        s(&dir.path().join("x.png")),
+    ]);
+    succeeds(&o);
+}
+
+#[test]
+fn the_truncation_warning_shows_the_dropped_part_shortened() {
+    let dir = tempfile::tempdir().unwrap();
+    // About 100 KB: one argument may hold at most 128 KiB on Linux.
+    let prompt = "red circle ".repeat(9_000);
+    let o = run(&[
+        "generate",
+        "--model",
+        s(&fixture("tiny-sdxl-pipeline")),
+        "--prompt",
+        &prompt,
+        "--steps",
+        "1",
+        "--out",
+        s(&dir.path().join("x.png")),
+    ]);
+    let err = succeeds(&o);
+    assert!(
+        err.contains("truncated") && err.contains("characters in all"),
+        "{err}"
+    );
+    assert!(err.len() < 4_000, "{} bytes of warnings", err.len());
+}
+
+// 10. compare.
+
+#[test]
+fn compare_refuses_images_below_the_ssim_window_and_reports_unpaired_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let img = image::RgbImage::from_fn(16, 16, |x, y| image::Rgb([x as u8 * 9, y as u8 * 9, 7]));
+    img.save(a.join("x.png")).unwrap();
+    img.save(b.join("x.png")).unwrap();
+    img.save(a.join("only-a.png")).unwrap();
+    img.save(b.join("only-b.png")).unwrap();
+    let o = run(&["compare", s(&a), s(&b), "--json"]);
+    let err = succeeds(&o);
+    assert!(
+        err.contains("only-a.png") && err.contains("only-b.png"),
+        "{err}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["only_in_a"], serde_json::json!(["only-a.png"]));
+    assert_eq!(v["only_in_b"], serde_json::json!(["only-b.png"]));
+    assert_eq!(v["images"].as_array().unwrap().len(), 1);
+    for (w, h) in [(6, 16), (16, 6), (1, 1)] {
+        let small = image::RgbImage::new(w, h);
+        small.save(a.join("x.png")).unwrap();
+        small.save(b.join("x.png")).unwrap();
+        let o = run(&["compare", s(&a), s(&b)]);
+        fails_with(&o, &["x.png", &format!("{w}x{h}"), "7x7"]);
+        assert!(!String::from_utf8_lossy(&o.stdout).contains("NaN"));
+    }
+}
+
+#[test]
+fn a_pipeline_whose_parts_do_not_fit_together_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = dir.path().join("pipe");
+    linked_copy(&fixture("tiny-sdxl-pipeline"), &pipe);
+    // Without its first text encoder the SDXL pipeline's embeddings are too narrow.
+    edit_json(&pipe, "model_index.json", |v| {
+        v.as_object_mut().unwrap().remove("text_encoder");
+    });
+    let out = dir.path().join("x.png");
+    let o = run(&[
+        "generate",
+        "--model",
+        s(&pipe),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--out",
+        s(&out),
+    ]);
+    fails_with(
+        &o,
+        &["pipe", "32-wide embeddings", "takes 64", "model_index.json"],
+    );
+    assert!(!out.exists());
+}
