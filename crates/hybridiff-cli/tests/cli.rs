@@ -1015,7 +1015,7 @@ fn bench_patch_reports_mode_bands_and_bytes_and_bad_patch_flags_fail() {
             "--patch-mode: unknown mode `stale`",
         ),
         (&["--world-size", "3"][..], "even number of ranks"),
-        (&["--world-size", "20"][..], "10 bands"),
+        (&["--guidance", "1", "--world-size", "5"][..], "5 bands"),
     ] {
         let mut args = vec![
             "denoise",
