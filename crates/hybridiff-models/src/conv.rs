@@ -303,4 +303,52 @@ mod tests {
             assert!(e.contains("too small"), "{h}x{w}: {e}");
         }
     }
+
+    #[test]
+    fn bands_with_halo_rows_equal_the_whole_convolution() {
+        let dev = Device::Cpu;
+        // (k, stride, padding, rows, band start): stride-2 bands start at even rows; 7 rows
+        // leave the last band odd, as an uneven latent height does.
+        for &(k, s, p, h, r0) in &[
+            (3, 1, 1, 8, 3),
+            (3, 2, 1, 8, 4),
+            (3, 2, 1, 7, 4),
+            (1, 1, 0, 5, 2),
+        ] {
+            let (cin, cout, w) = (3, 2, 5);
+            let x = Tensor::randn(0f32, 1.0, (2, cin, h, w), &dev).unwrap();
+            let weight = Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev).unwrap();
+            let conv = Conv2d {
+                weight2d: weight.reshape((cout, cin * k * k)).unwrap(),
+                weight,
+                bias: Some(Tensor::randn(0f32, 1.0, cout, &dev).unwrap()),
+                k,
+                stride: s,
+                padding: p,
+            };
+            let whole = conv.forward(&x).unwrap();
+            let below = (k - p).saturating_sub(s);
+            // Rows [r0 - p, r0 + rows + below) of the zero-padded input, per band.
+            let padded = x.pad_with_zeros(2, p, p).unwrap();
+            let mut parts = Vec::new();
+            for (a, b) in [(0, r0), (r0, h)] {
+                let extra = if b == h { p } else { below };
+                let band = padded.narrow(2, a, b - a + p + extra).unwrap();
+                parts.push(conv.forward_rows_unpadded(&band).unwrap());
+            }
+            let banded = Tensor::cat(&parts, 2).unwrap();
+            assert_eq!(banded.dims(), whole.dims(), "k{k} s{s} h{h}");
+            let d = (banded - whole)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "k{k} s{s} p{p} h{h} r0{r0}: {d}");
+        }
+    }
 }
