@@ -4,12 +4,21 @@ use anyhow::Result;
 use hybridiff_engine::switch::{self, PartialSwitch, ResolvedSwitch};
 use hybridiff_engine::{PipelinedGuidance, StrategyOptions};
 
-/// Knobs of the staged strategies (`async`, `hybrid`).
+/// Knobs of the staged strategies (`async`, `hybrid`) and of `patch`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct StrategyArgs {
-    /// async: exact steps before pipelining.
+    /// async: exact steps before pipelining; patch (displaced): synchronous steps before
+    /// other bands' activations are taken from the previous step.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
+    /// patch: `displaced` (DistriFusion: other bands' halos, GroupNorm statistics and
+    /// keys/values from the previous step, exchanged asynchronously) or `sync` (exact).
+    #[arg(long, default_value = "displaced")]
+    pub patch_mode: String,
+    /// patch: run both CFG branches on every rank (W = bands) instead of one rank group
+    /// per branch (W = 2 x bands).
+    #[arg(long)]
+    pub no_cfg_split: bool,
     /// hybrid: window L of the rel-MAE slope [default: the model folder's hybridiff.json,
     /// else the paper's SDXL 12 for 50 steps; either scaled to --steps].
     #[arg(long)]
@@ -61,6 +70,8 @@ impl StrategyArgs {
                 switch: resolved.params,
                 stages: self.stages.parse()?,
                 pipelined_guidance: self.pipelined_guidance.parse::<PipelinedGuidance>()?,
+                patch_mode: self.patch_mode.parse()?,
+                cfg_split: !self.no_cfg_split,
             },
             resolved,
         ))
@@ -150,7 +161,8 @@ impl ModelDefaults {
 /// How a job runs: strategy, ranks, threads, precision. Shared by `denoise` and `generate`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
-    /// serial (1 rank), cfg (2 or 4), async (2+), hybrid (2 or 4).
+    /// serial (1 rank), cfg (2 or 4), async (2+), hybrid (2 or 4), patch (2 x bands, or
+    /// bands with --no-cfg-split or guidance <= 1).
     #[arg(long, default_value = "serial")]
     pub strategy: String,
     /// Number of ranks [default: 1 for serial, 2 otherwise]. Ranks are threads of this

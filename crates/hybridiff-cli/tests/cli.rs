@@ -971,3 +971,72 @@ fn generate_runs_an_sd3_pipeline_with_every_strategy_alike() {
     assert!(max_diff(&images[0], &images[1]) <= 1);
     assert!(max_diff(&images[0], &images[2]) > 0);
 }
+
+#[test]
+fn bench_patch_reports_mode_bands_and_bytes_and_bad_patch_flags_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixture("tiny-sdxl");
+    let md = dir.path().join("p.md");
+    let o = hybridiff(&[
+        "bench",
+        "--model",
+        s(&root),
+        "--inputs",
+        s(&root.join("inputs.safetensors")),
+        "--strategies",
+        "serial,patch",
+        "--world-size",
+        "2",
+        "--no-cfg-split",
+        "--patch-mode",
+        "sync",
+        "--steps",
+        "4",
+        "--repeats",
+        "0",
+        "--markdown",
+        s(&md),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = std::fs::read_to_string(&md).unwrap();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("| patch | 2 |"))
+        .unwrap();
+    assert!(row.contains("sync 2 bands, CFG batched"), "{table}");
+    let bytes: u64 = row.split('|').nth(5).unwrap().trim().parse().unwrap();
+    assert!(bytes > 0, "{table}");
+
+    let out = dir.path().join("o.safetensors");
+    let inputs = root.join("inputs.safetensors");
+    for (extra, needle) in [
+        (
+            &["--patch-mode", "stale"][..],
+            "--patch-mode: unknown mode `stale`",
+        ),
+        (&["--world-size", "3"][..], "even number of ranks"),
+        (&["--guidance", "1", "--world-size", "5"][..], "5 bands"),
+    ] {
+        let mut args = vec![
+            "denoise",
+            "--model",
+            s(&root),
+            "--inputs",
+            s(&inputs),
+            "--out",
+            s(&out),
+            "--strategy",
+            "patch",
+            "--steps",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        let o = hybridiff(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(needle),
+            "{extra:?}: {err}"
+        );
+        assert!(!out.exists());
+    }
+}

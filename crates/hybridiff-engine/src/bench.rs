@@ -100,6 +100,8 @@ pub fn forward_seconds(
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchRow {
     pub strategy: String,
+    /// The strategy's layout in a few words (`patch`: mode and bands), else empty.
+    pub setup: String,
     pub world_size: usize,
     pub seconds: f64,
     /// Serial seconds / this strategy's seconds, measured in the same process.
@@ -138,6 +140,7 @@ pub fn compare(
     let base = serial.trace.total_seconds;
     let mut rows = Vec::new();
     for &(kind, world) in strategies {
+        let setup = kind.build(options).describe(job, world);
         let out = if kind == StrategyKind::Serial {
             serial.clone()
         } else {
@@ -151,6 +154,7 @@ pub fn compare(
             .unwrap_or(0);
         let row = BenchRow {
             strategy: kind.to_string(),
+            setup,
             world_size: world,
             seconds: t.total_seconds,
             speedup: base / t.total_seconds,
@@ -177,12 +181,12 @@ pub fn compare(
 /// The rows as a Markdown table.
 pub fn markdown_table(rows: &[BenchRow]) -> String {
     let mut s = String::from(
-        "| strategy | ranks | latency (s) | speedup | bytes sent | reference bytes | PSNR vs serial (dB) | max abs diff | tau1 | tau2 | staged steps |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| strategy | ranks | latency (s) | speedup | bytes sent | reference bytes | PSNR vs serial (dB) | max abs diff | tau1 | tau2 | staged steps | setup |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let opt = |v: Option<usize>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {:.3} | {:.2}x | {} | {} | {:.2} | {:.3e} | {} | {} | {} |\n",
+            "| {} | {} | {:.3} | {:.2}x | {} | {} | {:.2} | {:.3e} | {} | {} | {} | {} |\n",
             r.strategy,
             r.world_size,
             r.seconds,
@@ -193,7 +197,8 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
             r.max_abs_diff,
             opt(r.tau1),
             opt(r.tau2),
-            r.pipelined_steps
+            r.pipelined_steps,
+            if r.setup.is_empty() { "-" } else { &r.setup },
         ));
     }
     s

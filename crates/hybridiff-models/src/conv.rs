@@ -56,14 +56,16 @@ impl Conv2d {
 struct Im2Col {
     k: usize,
     stride: usize,
-    padding: usize,
+    /// Zero padding on rows and on columns.
+    pad_h: usize,
+    pad_w: usize,
 }
 
 impl Im2Col {
     fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
         (
-            (h + 2 * self.padding - self.k) / self.stride + 1,
-            (w + 2 * self.padding - self.k) / self.stride + 1,
+            (h + 2 * self.pad_h - self.k) / self.stride + 1,
+            (w + 2 * self.pad_w - self.k) / self.stride + 1,
         )
     }
 
@@ -73,7 +75,8 @@ impl Im2Col {
         src: &[T],
         (b, c, h, w): (usize, usize, usize, usize),
     ) -> Vec<T> {
-        let (k, s, p) = (self.k, self.stride, self.padding as isize);
+        let (k, s) = (self.k, self.stride);
+        let (ph, p) = (self.pad_h as isize, self.pad_w as isize);
         let (ho, wo) = self.out_hw(h, w);
         let n = b * ho * wo;
         let mut col = vec![T::default(); c * k * k * n];
@@ -85,7 +88,7 @@ impl Im2Col {
                     for bi in 0..b {
                         let plane = &src[(bi * c + ci) * h * w..(bi * c + ci + 1) * h * w];
                         for y in 0..ho {
-                            let iy = (y * s) as isize + kh as isize - p;
+                            let iy = (y * s) as isize + kh as isize - ph;
                             if iy < 0 || iy >= h as isize {
                                 continue;
                             }
@@ -149,16 +152,39 @@ impl CustomOp1 for Im2Col {
     }
 }
 
-impl Module for Conv2d {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl Conv2d {
+    /// `(kernel, stride, padding)`.
+    pub fn geometry(&self) -> (usize, usize, usize) {
+        (self.k, self.stride, self.padding)
+    }
+
+    /// The convolution with its padding on columns only: `x`'s rows already include
+    /// whatever lies above and below (a band's halo rows, see [`crate::patch`]).
+    pub fn forward_rows_unpadded(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_padded(x, 0)
+    }
+
+    fn forward_padded(&self, x: &Tensor, pad_h: usize) -> Result<Tensor> {
         let cpu_fast = x.device().is_cpu() && x.dtype() != DType::BF16;
         if !cpu_fast {
             let cfg = candle_nn::Conv2dConfig {
-                padding: self.padding,
+                padding: pad_h,
                 stride: self.stride,
                 ..Default::default()
             };
-            return candle_nn::Conv2d::new(self.weight.clone(), self.bias.clone(), cfg).forward(x);
+            // candle pads both axes alike: pad the columns' difference by hand.
+            let x = if self.padding > pad_h {
+                let extra = self.padding - pad_h;
+                x.pad_with_zeros(3, extra, extra)?
+            } else {
+                x.clone()
+            };
+            if self.padding < pad_h {
+                return Err(candle_core::Error::Msg(
+                    "conv: row padding above column padding".into(),
+                ));
+            }
+            return candle_nn::Conv2d::new(self.weight.clone(), self.bias.clone(), cfg).forward(&x);
         }
         let (b, _, h, w) = x.dims4()?;
         // An empty or too small input would underflow the output size below.
@@ -177,11 +203,12 @@ impl Module for Conv2d {
         let op = Im2Col {
             k: self.k,
             stride: self.stride,
-            padding: self.padding,
+            pad_h,
+            pad_w: self.padding,
         };
         let (ho, wo) = op.out_hw(h, w);
         let cout = self.weight2d.dim(0)?;
-        let y = if self.k == 1 && self.stride == 1 && self.padding == 0 {
+        let y = if self.k == 1 && self.stride == 1 && self.padding == 0 && pad_h == 0 {
             // A 1x1 convolution is a plain GEMM on the input's channel rows.
             let x = x.reshape((b, x.dim(1)?, h * w))?;
             self.weight2d
@@ -198,6 +225,12 @@ impl Module for Conv2d {
             Some(bias) => y.broadcast_add(&bias.reshape((1, cout, 1, 1))?),
             None => Ok(y),
         }
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_padded(x, self.padding)
     }
 }
 
@@ -268,6 +301,54 @@ mod tests {
             let x = Tensor::zeros((1, 3, h, w), DType::F32, &dev).unwrap();
             let e = conv.forward(&x).unwrap_err().to_string();
             assert!(e.contains("too small"), "{h}x{w}: {e}");
+        }
+    }
+
+    #[test]
+    fn bands_with_halo_rows_equal_the_whole_convolution() {
+        let dev = Device::Cpu;
+        // (k, stride, padding, rows, band start): stride-2 bands start at even rows; 7 rows
+        // leave the last band odd, as an uneven latent height does.
+        for &(k, s, p, h, r0) in &[
+            (3, 1, 1, 8, 3),
+            (3, 2, 1, 8, 4),
+            (3, 2, 1, 7, 4),
+            (1, 1, 0, 5, 2),
+        ] {
+            let (cin, cout, w) = (3, 2, 5);
+            let x = Tensor::randn(0f32, 1.0, (2, cin, h, w), &dev).unwrap();
+            let weight = Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev).unwrap();
+            let conv = Conv2d {
+                weight2d: weight.reshape((cout, cin * k * k)).unwrap(),
+                weight,
+                bias: Some(Tensor::randn(0f32, 1.0, cout, &dev).unwrap()),
+                k,
+                stride: s,
+                padding: p,
+            };
+            let whole = conv.forward(&x).unwrap();
+            let below = (k - p).saturating_sub(s);
+            // Rows [r0 - p, r0 + rows + below) of the zero-padded input, per band.
+            let padded = x.pad_with_zeros(2, p, p).unwrap();
+            let mut parts = Vec::new();
+            for (a, b) in [(0, r0), (r0, h)] {
+                let extra = if b == h { p } else { below };
+                let band = padded.narrow(2, a, b - a + p + extra).unwrap();
+                parts.push(conv.forward_rows_unpadded(&band).unwrap());
+            }
+            let banded = Tensor::cat(&parts, 2).unwrap();
+            assert_eq!(banded.dims(), whole.dims(), "k{k} s{s} h{h}");
+            let d = (banded - whole)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "k{k} s{s} p{p} h{h} r0{r0}: {d}");
         }
     }
 }

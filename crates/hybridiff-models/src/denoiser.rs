@@ -5,7 +5,8 @@
 
 use candle_core::Tensor;
 
-use crate::Result;
+use crate::patch::PatchContext;
+use crate::{Error, Result};
 
 /// Per-branch conditioning, batched like the sample (`B` = 1 per branch, 2 for CFG).
 #[derive(Debug, Clone)]
@@ -105,5 +106,32 @@ pub trait Denoiser: Send + Sync {
             self.apply_module(idx, &mut state, out)?;
         }
         self.end(state)
+    }
+
+    /// Rows of the latents that band boundaries must be multiples of (`2^downsamples` for
+    /// a U-Net, `patch_size` for a DiT), and the fewest rows a band may have; `None` when
+    /// the model cannot run on bands.
+    fn patch_alignment(&self) -> Option<(usize, usize)> {
+        None
+    }
+
+    /// The forward pass on one horizontal band of the latents (DistriFusion's patch
+    /// parallelism): `sample` is `[B, C, rows, W]`, the rows `ctx.band()` names, and the
+    /// result is the prediction for those rows. Layers that need other bands' data ask
+    /// `ctx`; with one band this equals [`Self::forward`].
+    ///
+    /// # Errors
+    /// [`Error::Input`] when the model does not support bands, or the band does not fit.
+    fn forward_patch(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        cond: &Conditioning,
+        ctx: &dyn PatchContext,
+    ) -> Result<Tensor> {
+        let _ = (sample, timestep, cond, ctx);
+        Err(Error::Input(
+            "this model does not support patch parallelism".into(),
+        ))
     }
 }

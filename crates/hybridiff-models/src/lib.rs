@@ -12,7 +12,9 @@ pub mod weights;
 
 pub use denoiser::{Conditioning, Denoiser, OutputRef, State};
 pub use error::{Error, Result};
+pub use patch::{Band, PatchContext};
 pub mod mmdit;
 pub mod nn;
+pub mod patch;
 pub mod unet;
 pub mod vae;

@@ -2,7 +2,9 @@
 //! attention. Weight names follow diffusers.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::patch::{self, GroupNorm, Patch};
 
 pub use crate::conv::Conv2d;
 
@@ -37,7 +39,7 @@ pub struct ResnetConfig {
 impl ResnetBlock2D {
     /// Loads the block from `vb` (e.g. `down_blocks.0.resnets.1`).
     pub fn new(vb: VarBuilder, c: ResnetConfig) -> Result<Self> {
-        let norm1 = candle_nn::group_norm(c.groups, c.in_channels, c.eps, vb.pp("norm1"))?;
+        let norm1 = GroupNorm::new(c.groups, c.in_channels, c.eps, vb.pp("norm1"))?;
         let conv1 = conv2d(vb.pp("conv1"), c.in_channels, c.out_channels, 3, 1)?;
         let time_emb_proj = match c.temb_channels {
             Some(t) => Some(candle_nn::linear(
@@ -47,7 +49,7 @@ impl ResnetBlock2D {
             )?),
             None => None,
         };
-        let norm2 = candle_nn::group_norm(c.groups, c.out_channels, c.eps, vb.pp("norm2"))?;
+        let norm2 = GroupNorm::new(c.groups, c.out_channels, c.eps, vb.pp("norm2"))?;
         let conv2 = conv2d(vb.pp("conv2"), c.out_channels, c.out_channels, 3, 1)?;
         let conv_shortcut = if c.in_channels != c.out_channels {
             Some(conv2d(
@@ -73,7 +75,19 @@ impl ResnetBlock2D {
 
     /// `temb` is the (already computed) time embedding, `[B, temb_channels]`.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        self.forward_patch(x, temb, None)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+
+    /// [`Self::forward`] on the whole image, or on one band with `patch` (the norms and
+    /// 3x3 convolutions read the other bands).
+    pub fn forward_patch(
+        &self,
+        x: &Tensor,
+        temb: Option<&Tensor>,
+        p: Option<&Patch>,
+    ) -> crate::Result<Tensor> {
+        let h = patch::conv(&self.conv1, &self.norm1.forward(x, p)?.silu()?, p)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
                 let t = proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
@@ -81,14 +95,14 @@ impl ResnetBlock2D {
             }
             _ => h,
         };
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = patch::conv(&self.conv2, &self.norm2.forward(&h, p)?.silu()?, p)?;
         let x = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
         let out = (x + h)?;
         if self.output_scale_factor != 1.0 {
-            out / self.output_scale_factor
+            Ok((out / self.output_scale_factor)?)
         } else {
             Ok(out)
         }

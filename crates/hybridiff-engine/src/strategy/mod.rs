@@ -5,6 +5,7 @@
 pub mod asyncdiff;
 pub mod cfg;
 pub mod hybrid;
+pub mod patch;
 pub mod serial;
 
 use std::str::FromStr;
@@ -29,11 +30,19 @@ pub enum StrategyKind {
     Async,
     /// Hybridiff: condition split, switching to stages where the branches agree.
     Hybrid,
+    /// DistriFusion: the CFG split, then one horizontal band of the latents per rank.
+    Patch,
 }
 
 impl StrategyKind {
     /// Every strategy, in the order benchmarks list them.
-    pub const ALL: [StrategyKind; 4] = [Self::Serial, Self::Cfg, Self::Async, Self::Hybrid];
+    pub const ALL: [StrategyKind; 5] = [
+        Self::Serial,
+        Self::Cfg,
+        Self::Async,
+        Self::Hybrid,
+        Self::Patch,
+    ];
 }
 
 impl FromStr for StrategyKind {
@@ -44,8 +53,9 @@ impl FromStr for StrategyKind {
             "cfg" => Ok(Self::Cfg),
             "async" => Ok(Self::Async),
             "hybrid" => Ok(Self::Hybrid),
+            "patch" => Ok(Self::Patch),
             other => Err(Error::Options(format!(
-                "--strategy: unknown strategy `{other}`; expected serial, cfg, async or hybrid"
+                "--strategy: unknown strategy `{other}`; expected serial, cfg, async, hybrid or patch"
             ))),
         }
     }
@@ -58,6 +68,7 @@ impl std::fmt::Display for StrategyKind {
             Self::Cfg => "cfg",
             Self::Async => "async",
             Self::Hybrid => "hybrid",
+            Self::Patch => "patch",
         })
     }
 }
@@ -95,6 +106,10 @@ pub struct StrategyOptions {
     pub stages: PlanKind,
     /// `hybrid`: the prediction of pipelined steps.
     pub pipelined_guidance: PipelinedGuidance,
+    /// `patch`: fresh (`sync`) or previous-step (`displaced`) activations of other bands.
+    pub patch_mode: patch::PatchMode,
+    /// `patch`: split the CFG branches across two rank groups before the bands.
+    pub cfg_split: bool,
 }
 
 impl Default for StrategyOptions {
@@ -104,6 +119,8 @@ impl Default for StrategyOptions {
             switch: SwitchParams::SDXL,
             stages: PlanKind::Default,
             pipelined_guidance: PipelinedGuidance::None,
+            patch_mode: patch::PatchMode::Displaced,
+            cfg_split: true,
         }
     }
 }
@@ -122,6 +139,11 @@ impl StrategyKind {
                 switch: opts.switch,
                 stages: PlanCache::new(opts.stages),
                 guidance: opts.pipelined_guidance,
+            }),
+            Self::Patch => Box::new(patch::PatchParallel {
+                mode: opts.patch_mode,
+                warmup: opts.warmup,
+                cfg_split: opts.cfg_split,
             }),
         }
     }
@@ -212,6 +234,11 @@ pub trait Strategy: Sync {
     /// for the trace and the user.
     fn without_cfg(&self) -> &'static str {
         "guidance <= 1 turns classifier-free guidance off (as in diffusers): one conditional forward per step"
+    }
+    /// The layout in a few words for tables (e.g. `patch`'s mode and band count); empty
+    /// when the name says it all.
+    fn describe(&self, _job: &Job, _world_size: usize) -> String {
+        String::new()
     }
     /// A description of the stage plan, if the strategy uses one.
     fn plan_summary(&self, _job: &Job, _world_size: usize) -> Result<Option<serde_json::Value>> {

@@ -26,7 +26,7 @@ impl Strategy for Serial {
     fn check(&self, _job: &Job, world_size: usize) -> Result<()> {
         if world_size != 1 {
             return Err(Error::Options(format!(
-                "--world-size {world_size}: the serial strategy runs on 1 rank; use --strategy cfg, async or hybrid for more"
+                "--world-size {world_size}: the serial strategy runs on 1 rank; use --strategy cfg, async, hybrid or patch for more"
             )));
         }
         Ok(())

@@ -5,6 +5,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::nn::{attention, gelu};
+use crate::patch::{self, Patch};
 
 /// `nn.LayerNorm(elementwise_affine=False)`, computed in f32 as torch's CPU and CUDA
 /// kernels do for half inputs.
@@ -190,9 +191,27 @@ impl JointAttention {
     }
 
     /// Returns the image output and, when the context queries are kept, the context output.
-    fn forward(&self, x: &Tensor, ctx: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+    /// With `patch`, `x` is one band's image tokens and the keys and values are every
+    /// band's (the queries stay this band's).
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: Option<&Tensor>,
+        patch: Option<&Patch>,
+    ) -> crate::Result<(Tensor, Option<Tensor>)> {
         let n = x.dim(1)?;
         let (q, k, v) = self.x.forward(x, self.heads)?;
+        let (k, v) = match patch {
+            None => (k, v),
+            Some(_) => {
+                let inner = k.dim(D::Minus1)?;
+                let kv = patch::tokens(&Tensor::cat(&[&k, &v], D::Minus1)?, patch)?;
+                (
+                    kv.narrow(D::Minus1, 0, inner)?,
+                    kv.narrow(D::Minus1, inner, inner)?,
+                )
+            }
+        };
         let q = q.expect("image queries are always built");
         let (Some(p), Some(c)) = (&self.ctx, ctx) else {
             let out = attention(&q, &k, &v, self.heads)?;
@@ -363,12 +382,14 @@ impl JointTransformerBlock {
     }
 
     /// Returns `(new context or None when context_pre_only, new hidden)`.
+    /// With `patch`, `x` is one band's image tokens (see [`JointAttention::forward`]).
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         ctx: &Tensor,
         temb: &Tensor,
-    ) -> Result<(Option<Tensor>, Tensor)> {
+        patch: Option<&Patch>,
+    ) -> crate::Result<(Option<Tensor>, Tensor)> {
         // shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp[, shift_msa2, scale_msa2, gate_msa2]
         let m = self.norm1.forward(temb)?;
         let nx = layer_norm(x, 1e-6)?;
@@ -381,11 +402,11 @@ impl JointTransformerBlock {
             (modulate(&layer_norm(ctx, 1e-6)?, &cm[1], &cm[0])?, Some(cm))
         };
 
-        let (attn_out, ctx_attn_out) = self.attn.forward(&norm_x, Some(&norm_ctx))?;
+        let (attn_out, ctx_attn_out) = self.attn.forward(&norm_x, Some(&norm_ctx), patch)?;
         let mut x = (x + gated(&m[2], &attn_out)?)?;
         if let Some(attn2) = &self.attn2 {
             let norm_x2 = modulate(&nx, &m[7], &m[6])?;
-            let (out2, _) = attn2.forward(&norm_x2, None)?;
+            let (out2, _) = attn2.forward(&norm_x2, None, patch)?;
             x = (x + gated(&m[8], &out2)?)?;
         }
         let norm_x = modulate(&layer_norm(&x, 1e-6)?, &m[4], &m[3])?;

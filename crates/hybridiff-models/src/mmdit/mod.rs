@@ -18,6 +18,7 @@ use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
 pub use config::MMDiTConfig;
 
+use crate::patch::{Band, Patch, PatchContext};
 use crate::unet::timestep_embedding;
 use crate::weights::Weights;
 use crate::{Conditioning, Denoiser, Error, OutputRef, Result, State};
@@ -243,6 +244,92 @@ impl SD3Transformer2DModel {
         self.blocks.len()
     }
 
+    /// [`Denoiser::begin`] for the whole sample, or for one band of rows (`band`): the
+    /// position embedding is the band's rows of the whole image's.
+    fn begin_band(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        cond: &Conditioning,
+        band: Option<Band>,
+    ) -> Result<State> {
+        let (b, _, h, w) = sample.dims4()?;
+        let (row0, full_rows) = match band {
+            Some(band) => {
+                let p = self.config.patch_size;
+                if band.rows != h || !band.row0.is_multiple_of(p) {
+                    return Err(Error::Input(format!(
+                        "band {} of {}: {h} rows starting at row {}, expected {} rows starting at a multiple of patch_size {p}",
+                        band.index, band.count, band.row0, band.rows
+                    )));
+                }
+                (band.row0, band.full_rows)
+            }
+            None => (0, h),
+        };
+        // The checks read only shapes: check the whole image's.
+        let whole = Tensor::zeros(
+            (b, sample.dim(1)?, full_rows, w),
+            sample.dtype(),
+            sample.device(),
+        )?;
+        self.check_inputs(if band.is_some() { &whole } else { sample }, cond)?;
+        let hidden = self.patch_embed(&sample.to_dtype(self.dtype)?, row0, full_rows)?;
+        // The pipeline hands diffusers an f32 timestep (e.g. 981.87...); projecting it in
+        // f32 keeps the low bits that the embedding MLP amplifies.
+        let t_proj = timestep_embedding(
+            &vec![timestep as f32; b],
+            TIME_PROJ_DIM,
+            true,
+            0.0,
+            &self.device,
+        )?
+        .to_dtype(self.dtype)?;
+        let pooled = cond
+            .pooled
+            .as_ref()
+            .expect("checked")
+            .to_dtype(self.dtype)?;
+        let temb =
+            (self.timestep_embedder.forward(&t_proj)? + self.text_embedder.forward(&pooled)?)?;
+        let context = self
+            .context_embedder
+            .forward(&cond.prompt_embeds.to_dtype(self.dtype)?)?;
+        Ok(State {
+            hidden,
+            context,
+            temb,
+            skips: Vec::new(),
+            sample_hw: (h, w),
+        })
+    }
+
+    /// One module on the whole image, or on one band's tokens with `p`.
+    fn run_module_patch(&self, idx: usize, s: &State, p: Option<&Patch>) -> Result<Vec<Tensor>> {
+        if let Some(block) = self.blocks.get(idx) {
+            let (ctx, hidden) = block.forward(&s.hidden, &s.context, &s.temb, p)?;
+            return Ok(match ctx {
+                Some(ctx) => vec![ctx, hidden],
+                None => vec![hidden],
+            });
+        }
+        match idx - self.norm_out_idx() {
+            0 => Ok(vec![ada_norm_continuous(
+                &self.norm_out,
+                &s.hidden,
+                &s.temb,
+            )?]),
+            1 => {
+                let x = self.proj_out.forward(&s.hidden)?;
+                Ok(vec![self.unpatchify(&x, s.sample_hw)?])
+            }
+            _ => Err(Error::Input(format!(
+                "module index {idx} out of range ({} modules)",
+                self.names.len()
+            ))),
+        }
+    }
+
     fn check_inputs(&self, sample: &Tensor, cond: &Conditioning) -> Result<()> {
         let c = &self.config;
         let p = c.patch_size;
@@ -291,10 +378,12 @@ impl SD3Transformer2DModel {
     }
 
     /// diffusers' `PatchEmbed`: patchify, flatten to tokens, add the position embedding.
-    fn patch_embed(&self, sample: &Tensor) -> Result<Tensor> {
+    /// `sample` holds rows `row0..` of an image `full_rows` rows tall.
+    fn patch_embed(&self, sample: &Tensor, row0: usize, full_rows: usize) -> Result<Tensor> {
         let p = self.config.patch_size;
         let (_, _, h, w) = sample.dims4()?;
         let (gh, gw) = (h / p, w / p);
+        let (g0, gh_full) = (row0 / p, full_rows / p);
         let tokens = self
             .patch_proj
             .forward(sample)?
@@ -304,7 +393,7 @@ impl SD3Transformer2DModel {
         let dim = tokens.dim(2)?;
         let pos = match &self.pos_embed {
             PosEmbed::Cropped { table, max } => {
-                let (top, left) = ((max - gh) / 2, (max - gw) / 2);
+                let (top, left) = ((max - gh_full) / 2 + g0, (max - gw) / 2);
                 table
                     .reshape((*max, *max, dim))?
                     .narrow(0, top, gh)?
@@ -312,10 +401,11 @@ impl SD3Transformer2DModel {
                     .reshape((1, gh * gw, dim))?
             }
             PosEmbed::Interpolated { base_size } => Tensor::from_vec(
-                get_2d_sincos_pos_embed(dim, gh, gw, *base_size),
-                (1, gh * gw, dim),
+                get_2d_sincos_pos_embed(dim, gh_full, gw, *base_size),
+                (1, gh_full * gw, dim),
                 &self.device,
             )?
+            .narrow(1, g0 * gw, gh * gw)?
             .to_dtype(self.dtype)?,
         };
         Ok(tokens.broadcast_add(&pos)?)
@@ -393,61 +483,31 @@ impl Denoiser for SD3Transformer2DModel {
     }
 
     fn begin(&self, sample: &Tensor, timestep: f64, cond: &Conditioning) -> Result<State> {
-        self.check_inputs(sample, cond)?;
-        let (b, _, h, w) = sample.dims4()?;
-        let hidden = self.patch_embed(&sample.to_dtype(self.dtype)?)?;
-        // The pipeline hands diffusers an f32 timestep (e.g. 981.87...); projecting it in
-        // f32 keeps the low bits that the embedding MLP amplifies.
-        let t_proj = timestep_embedding(
-            &vec![timestep as f32; b],
-            TIME_PROJ_DIM,
-            true,
-            0.0,
-            &self.device,
-        )?
-        .to_dtype(self.dtype)?;
-        let pooled = cond
-            .pooled
-            .as_ref()
-            .expect("checked")
-            .to_dtype(self.dtype)?;
-        let temb =
-            (self.timestep_embedder.forward(&t_proj)? + self.text_embedder.forward(&pooled)?)?;
-        let context = self
-            .context_embedder
-            .forward(&cond.prompt_embeds.to_dtype(self.dtype)?)?;
-        Ok(State {
-            hidden,
-            context,
-            temb,
-            skips: Vec::new(),
-            sample_hw: (h, w),
-        })
+        self.begin_band(sample, timestep, cond, None)
     }
 
     fn run_module(&self, idx: usize, s: &State) -> Result<Vec<Tensor>> {
-        if let Some(block) = self.blocks.get(idx) {
-            let (ctx, hidden) = block.forward(&s.hidden, &s.context, &s.temb)?;
-            return Ok(match ctx {
-                Some(ctx) => vec![ctx, hidden],
-                None => vec![hidden],
-            });
+        self.run_module_patch(idx, s, None)
+    }
+
+    fn patch_alignment(&self) -> Option<(usize, usize)> {
+        Some((self.config.patch_size, self.config.patch_size))
+    }
+
+    fn forward_patch(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        cond: &Conditioning,
+        ctx: &dyn PatchContext,
+    ) -> Result<Tensor> {
+        let p = Patch::new(ctx);
+        let mut state = self.begin_band(sample, timestep, cond, Some(p.band()))?;
+        for idx in 0..self.names.len() {
+            let out = self.run_module_patch(idx, &state, Some(&p))?;
+            self.apply_module(idx, &mut state, out)?;
         }
-        match idx - self.norm_out_idx() {
-            0 => Ok(vec![ada_norm_continuous(
-                &self.norm_out,
-                &s.hidden,
-                &s.temb,
-            )?]),
-            1 => {
-                let x = self.proj_out.forward(&s.hidden)?;
-                Ok(vec![self.unpatchify(&x, s.sample_hw)?])
-            }
-            _ => Err(Error::Input(format!(
-                "module index {idx} out of range ({} modules)",
-                self.names.len()
-            ))),
-        }
+        self.end(state)
     }
 
     fn apply_module(&self, idx: usize, s: &mut State, mut out: Vec<Tensor>) -> Result<()> {

@@ -8,12 +8,13 @@ mod transformer;
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 pub use config::{BlockKind, RawUNetConfig, UNetConfig, MAX_CHANNELS, MAX_LAYERS, MAX_SAMPLE_SIZE};
 pub use transformer::{CrossAttention, Transformer2DModel, TransformerConfig};
 
 use crate::nn::{conv2d, Conv2d, ResnetBlock2D, ResnetConfig};
+use crate::patch::{self, GroupNorm, Patch, PatchContext};
 use crate::weights::Weights;
 use crate::{Conditioning, Denoiser, Error, OutputRef, Result, State};
 
@@ -82,14 +83,19 @@ struct Downsample {
 }
 
 impl Downsample {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // diffusers pads right/bottom by one when `downsample_padding` is 0.
-        let x = if self.pad {
-            x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?
-        } else {
-            x.clone()
-        };
-        Ok(self.conv.forward(&x)?)
+    fn forward(&self, x: &Tensor, p: Option<&Patch>) -> Result<Tensor> {
+        if !self.pad {
+            return patch::conv(&self.conv, x, p);
+        }
+        // diffusers pads right/bottom by one when `downsample_padding` is 0. On a band the
+        // bottom row is the next band's first (bands start at even rows), zeros at the edge.
+        let x = x.pad_with_zeros(3, 0, 1)?;
+        match p {
+            None => Ok(self.conv.forward(&x.pad_with_zeros(2, 0, 1)?)?),
+            Some(p) => Ok(self
+                .conv
+                .forward_rows_unpadded(&p.extend_rows(&x, 0, 1, 1)?)?),
+        }
     }
 }
 
@@ -104,18 +110,24 @@ struct DownBlock {
 
 impl DownBlock {
     /// Returns the block's output states; the last is the new hidden state.
-    fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor) -> Result<Vec<Tensor>> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        ctx: &Tensor,
+        p: Option<&Patch>,
+    ) -> Result<Vec<Tensor>> {
         let mut h = x.clone();
         let mut outs = Vec::with_capacity(self.resnets.len() + 1);
         for (j, r) in self.resnets.iter().enumerate() {
-            h = r.forward(&h, Some(temb))?;
+            h = r.forward_patch(&h, Some(temb), p)?;
             if let Some(a) = self.attentions.get(j) {
-                h = a.forward(&h, ctx)?;
+                h = a.forward_patch(&h, ctx, p)?;
             }
             outs.push(h.clone());
         }
         if let Some(d) = &self.downsampler {
-            h = d.forward(&h)?;
+            h = d.forward(&h, p)?;
             outs.push(h);
         }
         Ok(outs)
@@ -129,11 +141,17 @@ struct MidBlock {
 }
 
 impl MidBlock {
-    fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor) -> Result<Tensor> {
-        let mut h = self.resnets[0].forward(x, Some(temb))?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        ctx: &Tensor,
+        p: Option<&Patch>,
+    ) -> Result<Tensor> {
+        let mut h = self.resnets[0].forward_patch(x, Some(temb), p)?;
         for (a, r) in self.attentions.iter().zip(&self.resnets[1..]) {
-            h = a.forward(&h, ctx)?;
-            h = r.forward(&h, Some(temb))?;
+            h = a.forward_patch(&h, ctx, p)?;
+            h = r.forward_patch(&h, Some(temb), p)?;
         }
         Ok(h)
     }
@@ -393,8 +411,7 @@ impl UNet2DConditionModel {
                 );
             }
         }
-        let norm =
-            candle_nn::group_norm(groups, ch[0], c.norm_eps, vb.pp("conv_norm_out")).map_err(w)?;
+        let norm = GroupNorm::new(groups, ch[0], c.norm_eps, vb.pp("conv_norm_out")).map_err(w)?;
         push(Module_::ConvNormOut(norm), "conv_norm_out".into(), 0, ch[0]);
         let conv_out = conv2d(
             vb.pp("conv_out"),
@@ -429,6 +446,39 @@ impl UNet2DConditionModel {
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// One module on the whole image, or on one band with `p`.
+    fn run_module_patch(&self, idx: usize, s: &State, p: Option<&Patch>) -> Result<Vec<Tensor>> {
+        let m = self.modules.get(idx).ok_or_else(|| {
+            Error::Input(format!(
+                "module index {idx} out of range ({} modules)",
+                self.modules.len()
+            ))
+        })?;
+        let out = match m {
+            Module_::ConvIn(c) => vec![patch::conv(c, &s.hidden, p)?],
+            Module_::Down(b) => b.forward(&s.hidden, &s.temb, &s.context, p)?,
+            Module_::Mid(b) => vec![b.forward(&s.hidden, &s.temb, &s.context, p)?],
+            Module_::UpResnet(r, _, _) => {
+                let skip = s.skips.last().ok_or_else(|| {
+                    Error::Input(format!("{}: no skip residual left", self.names[idx]))
+                })?;
+                let x = Tensor::cat(&[&s.hidden, skip], 1)?;
+                vec![r.forward_patch(&x, Some(&s.temb), p)?]
+            }
+            Module_::UpAttention(a) => vec![a.forward_patch(&s.hidden, &s.context, p)?],
+            Module_::UpSampler(conv) => {
+                let (h, w) = match s.skips.last() {
+                    Some(skip) => (skip.dim(2)?, skip.dim(3)?),
+                    None => (s.hidden.dim(2)? * 2, s.hidden.dim(3)? * 2),
+                };
+                vec![patch::conv(conv, &s.hidden.upsample_nearest2d(h, w)?, p)?]
+            }
+            Module_::ConvNormOut(n) => vec![n.forward(&s.hidden, p)?.silu()?],
+            Module_::ConvOut(c) => vec![patch::conv(c, &s.hidden, p)?],
+        };
+        Ok(out)
     }
 
     fn check_inputs(&self, sample: &Tensor, cond: &Conditioning) -> Result<()> {
@@ -674,35 +724,27 @@ impl Denoiser for UNet2DConditionModel {
     }
 
     fn run_module(&self, idx: usize, s: &State) -> Result<Vec<Tensor>> {
-        let m = self.modules.get(idx).ok_or_else(|| {
-            Error::Input(format!(
-                "module index {idx} out of range ({} modules)",
-                self.modules.len()
-            ))
-        })?;
-        let out = match m {
-            Module_::ConvIn(c) => vec![c.forward(&s.hidden)?],
-            Module_::Down(b) => b.forward(&s.hidden, &s.temb, &s.context)?,
-            Module_::Mid(b) => vec![b.forward(&s.hidden, &s.temb, &s.context)?],
-            Module_::UpResnet(r, _, _) => {
-                let skip = s.skips.last().ok_or_else(|| {
-                    Error::Input(format!("{}: no skip residual left", self.names[idx]))
-                })?;
-                let x = Tensor::cat(&[&s.hidden, skip], 1)?;
-                vec![r.forward(&x, Some(&s.temb))?]
-            }
-            Module_::UpAttention(a) => vec![a.forward(&s.hidden, &s.context)?],
-            Module_::UpSampler(conv) => {
-                let (h, w) = match s.skips.last() {
-                    Some(skip) => (skip.dim(2)?, skip.dim(3)?),
-                    None => (s.hidden.dim(2)? * 2, s.hidden.dim(3)? * 2),
-                };
-                vec![conv.forward(&s.hidden.upsample_nearest2d(h, w)?)?]
-            }
-            Module_::ConvNormOut(n) => vec![n.forward(&s.hidden)?.silu()?],
-            Module_::ConvOut(c) => vec![c.forward(&s.hidden)?],
-        };
-        Ok(out)
+        self.run_module_patch(idx, s, None)
+    }
+
+    fn patch_alignment(&self) -> Option<(usize, usize)> {
+        Some((1 << (self.config.block_out_channels.len() - 1), 1))
+    }
+
+    fn forward_patch(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        cond: &Conditioning,
+        ctx: &dyn PatchContext,
+    ) -> Result<Tensor> {
+        let p = Patch::new(ctx);
+        let mut state = self.begin(sample, timestep, cond)?;
+        for idx in 0..self.modules.len() {
+            let out = self.run_module_patch(idx, &state, Some(&p))?;
+            self.apply_module(idx, &mut state, out)?;
+        }
+        self.end(state)
     }
 
     fn apply_module(&self, idx: usize, s: &mut State, mut out: Vec<Tensor>) -> Result<()> {

@@ -2,9 +2,10 @@
 //! the SD / SDXL U-Nets use it.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
 
 use crate::nn::{attention, conv2d, gelu, Conv2d};
+use crate::patch::{self, GroupNorm, Patch};
 
 /// diffusers' `Attention` without norms: self-attention, or cross-attention on a context.
 #[derive(Debug, Clone)]
@@ -43,6 +44,21 @@ impl CrossAttention {
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
         self.to_out.forward(&attention(&q, &k, &v, self.heads)?)
+    }
+
+    /// Self-attention of one band's tokens (`x`: `[B, L_band, dim]`) over every band's
+    /// keys and values.
+    fn self_attention_patch(&self, x: &Tensor, p: &Patch) -> crate::Result<Tensor> {
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(x)?;
+        let v = self.to_v.forward(x)?;
+        let inner = k.dim(D::Minus1)?;
+        let kv = patch::tokens(&Tensor::cat(&[&k, &v], D::Minus1)?, Some(p))?;
+        let (k, v) = (
+            kv.narrow(D::Minus1, 0, inner)?,
+            kv.narrow(D::Minus1, inner, inner)?,
+        );
+        Ok(self.to_out.forward(&attention(&q, &k, &v, self.heads)?)?)
     }
 }
 
@@ -95,13 +111,18 @@ impl BasicTransformerBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+    fn forward(&self, x: &Tensor, context: &Tensor, p: Option<&Patch>) -> crate::Result<Tensor> {
+        let n1 = self.norm1.forward(x)?;
+        let a1 = match p {
+            None => self.attn1.forward(&n1, None)?,
+            Some(p) => self.attn1.self_attention_patch(&n1, p)?,
+        };
+        let x = (a1 + x)?;
         let x = (self
             .attn2
             .forward(&self.norm2.forward(&x)?, Some(context))?
             + x)?;
-        self.ff.forward(&self.norm3.forward(&x)?)? + x
+        Ok((self.ff.forward(&self.norm3.forward(&x)?)? + x)?)
     }
 }
 
@@ -137,7 +158,7 @@ pub struct TransformerConfig {
 impl Transformer2DModel {
     /// Loads e.g. `down_blocks.1.attentions.0`.
     pub fn new(vb: VarBuilder, c: TransformerConfig) -> Result<Self> {
-        let norm = candle_nn::group_norm(c.groups, c.channels, 1e-6, vb.pp("norm"))?;
+        let norm = GroupNorm::new(c.groups, c.channels, 1e-6, vb.pp("norm"))?;
         let proj = |name: &str| -> Result<Proj> {
             if c.linear_projection {
                 Ok(Proj::Linear(candle_nn::linear(
@@ -180,9 +201,21 @@ impl Transformer2DModel {
 
     /// `x`: `[B, C, H, W]`; `context`: `[B, L, context_dim]`.
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.forward_patch(x, context, None)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+
+    /// [`Self::forward`] on the whole image, or on one band with `patch` (the norm and
+    /// the self-attention read the other bands).
+    pub fn forward_patch(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        p: Option<&Patch>,
+    ) -> crate::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let residual = x;
-        let x = self.norm.forward(x)?;
+        let x = self.norm.forward(x, p)?;
         let to_seq =
             |t: &Tensor| -> Result<Tensor> { t.permute((0, 2, 3, 1))?.reshape((b, h * w, c)) };
         let to_img = |t: &Tensor| -> Result<Tensor> {
@@ -193,13 +226,13 @@ impl Transformer2DModel {
             Proj::Conv(cv) => to_seq(&cv.forward(&x)?)?,
         };
         for block in &self.blocks {
-            x = block.forward(&x, context)?;
+            x = block.forward(&x, context, p)?;
         }
         let x = match &self.proj_out {
             Proj::Linear(l) => to_img(&l.forward(&x)?)?,
             Proj::Conv(cv) => cv.forward(&to_img(&x)?)?,
         };
-        x + residual
+        Ok((x + residual)?)
     }
 
     /// FLOPs for a `[1, C, h, w]` input with a text context of `ctx_len` tokens.
