@@ -6,9 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use hybridiff_engine::io::{check_output_path, save_png, save_safetensors, write_bytes_atomic};
-use hybridiff_engine::{denoise, DenoiseInputs, Job, Model};
+use hybridiff_engine::{denoise, denoise_rank, DenoiseInputs, Job, Model};
 use hybridiff_schedulers::SchedulerKind;
-use indicatif::{ProgressBar, ProgressStyle};
 
 /// Arguments of `hybridiff denoise`.
 #[derive(clap::Args, Debug)]
@@ -57,18 +56,23 @@ pub(crate) fn parse_scheduler(s: Option<&str>, model: &Model) -> Result<Schedule
     })
 }
 
-pub fn run(args: DenoiseArgs) -> Result<()> {
+pub fn run(args: DenoiseArgs, launch: &crate::launch::Launch) -> Result<()> {
     let device = Device::Cpu;
-    let run = args.run.resolve(
+    let run = args.run.resolve_in(
         &device,
         &crate::strategy_args::ModelDefaults::read(&args.model)?,
+        launch.processes(),
     )?;
-    check_output_path(&args.out, "--out")?;
-    if let Some(p) = &args.trace {
-        check_output_path(p, "--trace")?;
-    }
-    if let Some(p) = &args.decode {
-        check_output_path(p, "--decode")?;
+    // Only rank 0 writes, so only its paths are checked (other hosts may not even have them).
+    let root = launch.is_root();
+    if root {
+        check_output_path(&args.out, "--out")?;
+        if let Some(p) = &args.trace {
+            check_output_path(p, "--trace")?;
+        }
+        if let Some(p) = &args.decode {
+            check_output_path(p, "--decode")?;
+        }
     }
     let model = Model::load(&args.model, run.dtype, &device)?;
     let scheduler = match run.scheduler {
@@ -77,14 +81,11 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
     };
     let inputs = DenoiseInputs::load(&args.inputs, &model.input_spec, &device)?;
     let vae = match &args.decode {
-        Some(_) => Some(model.load_vae()?),
-        None => None,
+        Some(_) if root => Some(model.load_vae()?),
+        _ => None,
     };
 
-    let bar = ProgressBar::new(args.steps as u64).with_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed_precise} eta {eta}")
-            .expect("valid template"),
-    );
+    let bar = crate::progress_bar(args.steps, root);
     let progress = |done: usize, _total: usize| bar.set_position(done as u64);
     let job = Job {
         model: model.denoiser.as_ref(),
@@ -96,8 +97,14 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
         progress: Some(&progress),
     };
     let opts = &run.options;
-    let out = denoise(&job, run.strategy.as_ref(), opts)?;
+    let out = match launch.communicator(opts.comm_timeout)? {
+        None => Some(denoise(&job, run.strategy.as_ref(), opts)?),
+        Some(mut comm) => denoise_rank(&job, run.strategy.as_ref(), opts, comm.as_mut())?,
+    };
     bar.finish_and_clear();
+    let Some(out) = out else {
+        return Ok(()); // not rank 0: rank 0 writes the outputs
+    };
 
     let mut tensors = HashMap::new();
     tensors.insert("latents".to_string(), out.latents.to_dtype(DType::F32)?);

@@ -5,10 +5,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use hybridiff_comm::Communicator;
 use hybridiff_engine::io::{check_output_path, load_safetensors, save_png, write_bytes_atomic};
 use hybridiff_engine::pipeline::{Pipeline, Request};
 use hybridiff_engine::{RunOptions, Strategy, StrategyKind};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
 use crate::strategy_args::ModelDefaults;
@@ -99,26 +99,33 @@ fn read_batch(path: &Path, negative: &str, base_seed: u64) -> Result<Vec<BatchIt
     Ok(items)
 }
 
-pub fn run(args: GenerateArgs) -> Result<()> {
+pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
     let device = Device::Cpu;
     let model_dir = match &args.model {
         Some(d) => d.clone(),
         None => crate::default_model::dir()?,
     };
     let defaults = ModelDefaults::read(&model_dir)?;
-    let run = args.run.resolve(&device, &defaults)?;
+    let run = args
+        .run
+        .resolve_in(&device, &defaults, launch.processes())?;
+    // Only rank 0 writes, so only its paths are checked (other hosts may not even have them).
+    let root = launch.is_root();
     let batch = match (&args.prompt, &args.prompts) {
         (Some(_), _) => None,
         (None, Some(p)) => Some(read_batch(p, &args.negative_prompt, args.seed)?),
         (None, None) => bail!("give --prompt TEXT or --prompts FILE"),
     };
-    match &batch {
-        None => check_output_path(&args.out, "--out")?,
-        Some(_) => std::fs::create_dir_all(&args.out)
-            .with_context(|| format!("--out {}: cannot create the folder", args.out.display()))?,
-    }
-    if let Some(p) = &args.trace {
-        check_output_path(p, "--trace")?;
+    if root {
+        match &batch {
+            None => check_output_path(&args.out, "--out")?,
+            Some(_) => std::fs::create_dir_all(&args.out).with_context(|| {
+                format!("--out {}: cannot create the folder", args.out.display())
+            })?,
+        }
+        if let Some(p) = &args.trace {
+            check_output_path(p, "--trace")?;
+        }
     }
     let steps = args.steps.or(defaults.steps).unwrap_or(50);
     let pipeline = Pipeline::load(&model_dir, run.dtype, &device)?;
@@ -131,6 +138,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         None => None,
     };
     let opts = &run.options;
+    let mut comm = launch.communicator(opts.comm_timeout)?;
     let scheduler = run.scheduler;
     let request = |prompt: &str, negative: &str, seed: u64| Request {
         prompt: prompt.to_string(),
@@ -148,7 +156,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             let prompt = args.prompt.as_deref().unwrap_or_default();
             let req = request(prompt, &args.negative_prompt, args.seed);
             let start = Instant::now();
-            let img = generate_one(&pipeline, &req, run.strategy.as_ref(), opts)?;
+            let img = generate_one(&pipeline, &req, run.strategy.as_ref(), opts, &mut comm)?;
+            let Some(img) = img else {
+                return Ok(()); // not rank 0: rank 0 writes the image
+            };
             save_png(&args.out, img.width, img.height, img.rgb)?;
             if let Some(p) = &args.trace {
                 write_bytes_atomic(p, serde_json::to_string_pretty(&img.trace)?.as_bytes())?;
@@ -173,22 +184,25 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             opts,
             &args.out,
             run.kind,
+            &mut comm,
         ),
     }
 }
 
+/// One image, or `None` on a process other than rank 0 of a multi-process job.
 fn generate_one(
     pipeline: &Pipeline,
     req: &Request,
     strategy: &dyn Strategy,
     opts: &RunOptions,
-) -> Result<hybridiff_engine::pipeline::Generated> {
-    let bar = ProgressBar::new(req.steps as u64).with_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed_precise} eta {eta}")
-            .expect("valid template"),
-    );
+    comm: &mut Option<Box<dyn Communicator>>,
+) -> Result<Option<hybridiff_engine::pipeline::Generated>> {
+    let bar = crate::progress_bar(req.steps, comm.as_ref().is_none_or(|c| c.rank() == 0));
     let progress = |done: usize, _total: usize| bar.set_position(done as u64);
-    let img = pipeline.generate(req, strategy, opts, Some(&progress))?;
+    let img = match comm {
+        None => Some(pipeline.generate(req, strategy, opts, Some(&progress))?),
+        Some(c) => pipeline.generate_on(req, strategy, opts, Some(&progress), c.as_mut())?,
+    };
     bar.finish_and_clear();
     Ok(img)
 }
@@ -201,7 +215,9 @@ fn run_batch(
     opts: &RunOptions,
     out: &Path,
     kind: StrategyKind,
+    comm: &mut Option<Box<dyn Communicator>>,
 ) -> Result<()> {
+    let root = comm.as_ref().is_none_or(|c| c.rank() == 0);
     let mut manifest = Vec::new();
     let mut failed = 0;
     for (i, it) in items.iter().enumerate() {
@@ -214,10 +230,14 @@ fn run_batch(
             &request(&it.prompt, &negative, seed),
             strategy,
             opts,
+            comm,
         )
-        .and_then(|img| {
-            save_png(&out.join(&file), img.width, img.height, img.rgb)?;
-            Ok(img.trace)
+        .and_then(|img| match img {
+            Some(img) => {
+                save_png(&out.join(&file), img.width, img.height, img.rgb)?;
+                Ok(Some(img.trace))
+            }
+            None => Ok(None),
         });
         let mut entry = serde_json::json!({
             "prompt": it.prompt,
@@ -227,7 +247,8 @@ fn run_batch(
             "seconds": start.elapsed().as_secs_f64(),
         });
         match result {
-            Ok(trace) => {
+            Ok(None) => continue, // not rank 0: rank 0 writes images and manifest
+            Ok(Some(trace)) => {
                 entry["file"] = file.clone().into();
                 entry["tau1"] = serde_json::json!(trace.tau1);
                 entry["tau2"] = serde_json::json!(trace.tau2);
@@ -237,6 +258,9 @@ fn run_batch(
                 failed += 1;
                 entry["error"] = format!("{e:#}").into();
                 eprintln!("hybridiff: prompt {i} failed: {e:#}");
+                if !root {
+                    continue;
+                }
             }
         }
         manifest.push(entry);

@@ -106,9 +106,10 @@ pub struct RunArgs {
     /// ddim, euler, dpmpp-2m or flow-euler [default: the model's scheduler_config.json]
     #[arg(long)]
     pub scheduler: Option<String>,
-    /// Seconds any rank waits for another before the job fails.
-    #[arg(long, default_value_t = 600)]
-    pub comm_timeout: u64,
+    /// Seconds any rank waits for another before the job fails [default: 600 with ranks as
+    /// threads, 60 with one rank per process].
+    #[arg(long)]
+    pub comm_timeout: Option<u64>,
     #[command(flatten)]
     pub strategy_args: StrategyArgs,
 }
@@ -123,20 +124,47 @@ pub struct Run {
 }
 
 impl RunArgs {
-    /// Resolves the flags and sets the per-rank thread budget.
+    /// Resolves the flags and sets the per-rank thread budget (ranks as threads).
+    // Kept for single-process front ends; denoise and generate use `resolve_in`.
+    #[allow(dead_code)]
     pub fn resolve(&self, device: &candle_core::Device, defaults: &ModelDefaults) -> Result<Run> {
+        self.resolve_in(device, defaults, None)
+    }
+
+    /// [`resolve`](Self::resolve) for one rank of a job of `processes` (one rank per
+    /// process): the world size is the number of processes (`--world-size`, if given, must
+    /// agree), and the default thread budget shares this machine's cores among its processes.
+    pub fn resolve_in(
+        &self,
+        device: &candle_core::Device,
+        defaults: &ModelDefaults,
+        processes: Option<crate::launch::Processes>,
+    ) -> Result<Run> {
         use hybridiff_engine::StrategyKind;
         let kind: StrategyKind = self.strategy.parse()?;
-        let world_size = self.world_size.unwrap_or(match kind {
-            StrategyKind::Serial => 1,
-            _ => 2,
-        });
+        let world_size = match (processes, self.world_size) {
+            (Some(p), Some(w)) if w != p.size => anyhow::bail!(
+                "--world-size {w}: this job was started as {} processes (one rank each); give \
+                 --world-size {} or leave it out",
+                p.size,
+                p.size
+            ),
+            (Some(p), _) => p.size,
+            (None, w) => w.unwrap_or(match kind {
+                StrategyKind::Serial => 1,
+                _ => 2,
+            }),
+        };
         if world_size == 0 {
             anyhow::bail!("--world-size must be at least 1");
         }
-        let threads = self
-            .threads_per_rank
-            .unwrap_or_else(|| crate::default_threads(world_size));
+        let threads = self.threads_per_rank.unwrap_or_else(|| match processes {
+            Some(p) => crate::default_threads(p.local_size),
+            None => crate::default_threads(world_size),
+        });
+        let comm_timeout = self
+            .comm_timeout
+            .unwrap_or(if processes.is_some() { 60 } else { 600 });
         crate::set_compute_threads(threads);
         let scheduler = match &self.scheduler {
             Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?),
@@ -148,7 +176,7 @@ impl RunArgs {
             options: hybridiff_engine::RunOptions {
                 world_size,
                 threads_per_rank: threads,
-                comm_timeout: std::time::Duration::from_secs(self.comm_timeout),
+                comm_timeout: std::time::Duration::from_secs(comm_timeout),
             },
             dtype: crate::denoise::parse_dtype(&self.dtype, device)?,
             scheduler,

@@ -147,6 +147,32 @@ impl Pipeline {
         opts: &RunOptions,
         progress: Option<&(dyn Fn(usize, usize) + Sync)>,
     ) -> Result<Generated> {
+        self.generate_with(req, progress, |job| denoise(job, strategy, opts).map(Some))
+            .map(|g| g.expect("the in-process run returns the image"))
+    }
+
+    /// Makes one image as this process's rank of a job whose ranks are processes joined by
+    /// `comm` (see [`crate::denoise_rank`]). Every process calls it with the same request;
+    /// rank 0 decodes and returns the image, the others return `None`.
+    pub fn generate_on(
+        &self,
+        req: &Request,
+        strategy: &dyn Strategy,
+        opts: &RunOptions,
+        progress: Option<&(dyn Fn(usize, usize) + Sync)>,
+        comm: &mut dyn hybridiff_comm::Communicator,
+    ) -> Result<Option<Generated>> {
+        self.generate_with(req, progress, |job| {
+            crate::denoise_rank(job, strategy, opts, comm)
+        })
+    }
+
+    fn generate_with(
+        &self,
+        req: &Request,
+        progress: Option<&(dyn Fn(usize, usize) + Sync)>,
+        run: impl FnOnce(&Job) -> Result<Option<crate::DenoiseOutput>>,
+    ) -> Result<Option<Generated>> {
         let inputs = self.prepare(req)?;
         let scheduler = match req.scheduler {
             Some(s) => s,
@@ -161,16 +187,18 @@ impl Pipeline {
             inputs: &inputs,
             progress,
         };
-        let out = denoise(&job, strategy, opts)?;
+        let Some(out) = run(&job)? else {
+            return Ok(None);
+        };
         let image = self
             .vae
             .decode_latents(&out.latents.to_dtype(DType::F32)?)?;
         let (width, height, rgb) = to_rgb8(&image)?;
-        Ok(Generated {
+        Ok(Some(Generated {
             width,
             height,
             rgb,
             trace: out.trace,
-        })
+        }))
     }
 }
