@@ -7,6 +7,7 @@
 //! - `error`: the send returns an error;
 //! - `panic`: the send panics;
 //! - `exit`: the process exits with status 3 at once, as a crashing rank would;
+//! - `exit0`: the process exits with status 0 at once, as a rank with a bug might;
 //! - `kill`: the process sends itself SIGKILL;
 //! - `hang`: the send never returns, as a stuck rank would.
 //!
@@ -29,6 +30,7 @@ pub enum Mode {
     Error,
     Panic,
     Exit,
+    Exit0,
     Kill,
     Hang,
 }
@@ -51,7 +53,8 @@ impl Fault {
         let Ok(v) = std::env::var(VAR) else {
             return Ok(None);
         };
-        let bad = || format!("{VAR}={v}: expected RANK:SEND:MODE, MODE error|panic|exit|kill|hang");
+        let bad =
+            || format!("{VAR}={v}: expected RANK:SEND:MODE, MODE error|panic|exit|exit0|kill|hang");
         let parts: Vec<&str> = v.split(':').collect();
         let [rank, send, mode] = parts[..] else {
             return Err(bad());
@@ -60,6 +63,7 @@ impl Fault {
             "error" => Mode::Error,
             "panic" => Mode::Panic,
             "exit" => Mode::Exit,
+            "exit0" => Mode::Exit0,
             "kill" => Mode::Kill,
             "hang" => Mode::Hang,
             _ => return Err(bad()),
@@ -106,6 +110,7 @@ impl<C: Communicator> Faulty<C> {
             Mode::Panic => panic!("{VAR}: injected panic on rank {rank}"),
             // Silent, as a crash is: whatever names the rank must come from elsewhere.
             Mode::Exit => std::process::exit(3),
+            Mode::Exit0 => std::process::exit(0),
             Mode::Kill => {
                 let _ = std::process::Command::new("kill")
                     .args(["-KILL", &std::process::id().to_string()])
