@@ -8,7 +8,7 @@ use candle_core::Device;
 use hybridiff_comm::Communicator;
 use hybridiff_engine::io::{check_output_path, load_safetensors, save_png, write_bytes_atomic};
 use hybridiff_engine::pipeline::{Pipeline, Request};
-use hybridiff_engine::{RunOptions, Strategy, StrategyKind};
+use hybridiff_engine::{RunOptions, Strategy};
 use serde::Deserialize;
 
 use crate::strategy_args::ModelDefaults;
@@ -180,10 +180,8 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
             &pipeline,
             &items,
             &request,
-            run.strategy.as_ref(),
-            opts,
+            &run,
             &args.out,
-            run.kind,
             &mut comm,
         ),
     }
@@ -211,12 +209,11 @@ fn run_batch(
     pipeline: &Pipeline,
     items: &[BatchItem],
     request: &dyn Fn(&str, &str, u64) -> Request,
-    strategy: &dyn Strategy,
-    opts: &RunOptions,
+    run: &crate::strategy_args::Run,
     out: &Path,
-    kind: StrategyKind,
     comm: &mut Option<Box<dyn Communicator>>,
 ) -> Result<()> {
+    let (strategy, opts, kind) = (run.strategy.as_ref(), &run.options, run.kind);
     let root = comm.as_ref().is_none_or(|c| c.rank() == 0);
     let mut manifest = Vec::new();
     let mut failed = 0;
