@@ -35,8 +35,7 @@ for ns in "$A" "$B"; do
 done
 ip -n "$A" link set hd-veth-a up
 ip -n "$B" link set hd-veth-b up
-ip netns exec "$A" ping -c 1 -W 2 "$IP_B" >/dev/null
-echo "namespaces $A ($IP_A) and $B ($IP_B) reach each other over their veth pair"
+echo "namespaces $A ($IP_A) and $B ($IP_B), joined by a veth pair"
 
 # mpirun's "ssh": `AGENT HOST orted ARGS...` runs orted in HOST's namespace, under HOST's name.
 cat >"$WORK/agent.sh" <<EOF
@@ -64,8 +63,11 @@ ip netns exec "$A" unshare --uts sh -c 'hostname "$0"; exec "$@"' "$A" \
     --mca plm_rsh_agent "$WORK/agent.sh" \
     --mca btl self,tcp --mca btl_tcp_if_include 10.77.0.0/24 \
     --mca oob_tcp_if_include 10.77.0.0/24 \
-    sh -c 'echo "rank $OMPI_COMM_WORLD_RANK runs on host $(hostname), $(ip -brief -4 addr show | grep hd-veth)" >&2; exec "$@"' \
+    sh -c 'echo "rank $OMPI_COMM_WORLD_RANK runs on host $(hostname), address $(ip -brief -4 addr show | grep -o "10\.77\.0\.[0-9]*")" >&2; exec "$@"' \
     sh "$BIN" "${JOB[@]}" --out "$WORK/two-hosts.safetensors" --trace "$WORK/two-hosts.json"
+
+echo "traffic through host B's veth end: $(ip -n "$B" -s -j link show hd-veth-b | python3 -c \
+    'import json,sys; s=json.load(sys.stdin)[0]["stats64"]; print(s["rx"]["bytes"], "bytes in,", s["tx"]["bytes"], "bytes out")')"
 
 "$BIN" "${JOB[@]}" --world-size 2 --out "$WORK/threads.safetensors" --trace "$WORK/threads.json"
 
