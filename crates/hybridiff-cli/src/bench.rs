@@ -105,10 +105,16 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
             }
         }
     }
+    let kinds = args
+        .strategies
+        .split(',')
+        .map(|s| s.trim().parse::<StrategyKind>())
+        .collect::<Result<Vec<_>, _>>()?;
     if let Some(p) = processes {
-        if transports.contains(&true) && args.world_size != p.size {
+        let parallel = kinds.iter().any(|&k| k != StrategyKind::Serial);
+        if parallel && transports.contains(&true) && args.world_size != p.size {
             anyhow::bail!(
-                "--world-size {}: this job was started as {} processes and runs its `mpi` rows \
+                "--world-size {}: this job was started as {} process(es) and runs its `mpi` rows \
                  on all of them; give --world-size {}",
                 args.world_size,
                 p.size,
@@ -116,11 +122,6 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
             );
         }
     }
-    let kinds = args
-        .strategies
-        .split(',')
-        .map(|s| s.trim().parse::<StrategyKind>())
-        .collect::<Result<Vec<_>, _>>()?;
     let options = args
         .strategy_args
         .options(&crate::strategy_args::ModelDefaults::read(&args.model)?)?;

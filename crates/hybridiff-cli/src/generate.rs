@@ -176,14 +176,7 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
             );
             Ok(())
         }
-        Some(items) => run_batch(
-            &pipeline,
-            &items,
-            &request,
-            &run,
-            &args.out,
-            &mut comm,
-        ),
+        Some(items) => run_batch(&pipeline, &items, &request, &run, &args.out, &mut comm),
     }
 }
 
