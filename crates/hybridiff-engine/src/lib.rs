@@ -85,7 +85,10 @@ pub fn denoise(job: &Job, strategy: &dyn Strategy, opts: &RunOptions) -> Result<
                 .collect()
         })
         .collect();
-    let rank0 = results.into_iter().next().expect("at least one rank");
+    let rank0 = results
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Options("--world-size must be at least 1".into()))?;
     assemble(
         job,
         strategy,
@@ -119,24 +122,40 @@ pub fn denoise_rank(
     opts: &RunOptions,
     comm: &mut dyn hybridiff_comm::Communicator,
 ) -> Result<Option<DenoiseOutput>> {
-    let stage_plan = check_job(job, strategy, opts)?;
     let (rank, world) = (comm.rank(), comm.world_size());
-    if world != opts.world_size {
-        return Err(Error::Options(format!(
-            "--world-size {}: this job has {world} processes; give {world} or leave it out",
-            opts.world_size
-        )));
-    }
-    let pool = rayon::ThreadPoolBuilder::new()
+    let checked = check_job(job, strategy, opts).and_then(|plan| {
+        if world != opts.world_size {
+            return Err(Error::Options(format!(
+                "--world-size {}: this job has {world} processes; give {world} or leave it out",
+                opts.world_size
+            )));
+        }
+        Ok(plan)
+    });
+    let stage_plan = match checked {
+        Ok(plan) => plan,
+        Err(e) => {
+            // Usually every rank fails the same check; if only this one does, the others
+            // must not wait for it until the timeout.
+            comm.abort(&format!("rank {rank}: {e}"));
+            return Err(e);
+        }
+    };
+    let pool = match rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads_per_rank)
         .thread_name(move |i| format!("hybridiff-rank-{rank}-worker-{i}"))
         .build()
-        .map_err(|e| {
-            Error::Options(format!(
+    {
+        Ok(pool) => pool,
+        Err(e) => {
+            let msg = format!(
                 "rank {rank}: could not build its pool of {} threads: {e}",
                 opts.threads_per_rank
-            ))
-        })?;
+            );
+            comm.abort(&msg);
+            return Err(Error::Options(msg));
+        }
+    };
     let comm_ref = &mut *comm;
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         pool.install(|| -> Result<_> {
