@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use candle_core::Device;
-use hybridiff_engine::bench::{compare, forward_seconds, markdown_table, random_inputs};
+use hybridiff_engine::bench::{
+    compare_on, forward_seconds, markdown_table, random_inputs, BenchRun,
+};
 use hybridiff_engine::io::{check_distinct_paths, check_output_path, write_bytes_atomic};
 use hybridiff_engine::memory::{estimate_job, JobShape};
 use hybridiff_engine::{DenoiseInputs, Job, Model, StrategyKind};
@@ -52,29 +54,69 @@ pub struct BenchArgs {
     /// Write the table as Markdown here.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
-    /// Write each strategy's per-step trace here as `<strategy>.json` (folder must exist).
+    /// Write each strategy's per-step trace here as `<strategy>.json` (`<strategy>-mpi.json`
+    /// for rows on processes; the folder must exist).
     #[arg(long)]
     pub trace_dir: Option<PathBuf>,
+    /// Where the ranks of the parallel strategies run, comma-separated: `threads` (of one
+    /// process) and, when started by mpirun, `mpi` (one rank per process) [default: mpi
+    /// under mpirun, else threads]. `threads,mpi` times both in one run.
+    #[arg(long)]
+    pub transport: Option<String>,
     #[command(flatten)]
     pub strategy_args: crate::strategy_args::StrategyArgs,
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
-    for (p, flag) in [(&args.json, "--json"), (&args.markdown, "--markdown")] {
-        if let Some(p) = p {
-            check_output_path(p, flag)?;
+pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
+    let processes = launch.processes();
+    let root = launch.is_root();
+    if root {
+        for (p, flag) in [(&args.json, "--json"), (&args.markdown, "--markdown")] {
+            if let Some(p) = p {
+                check_output_path(p, flag)?;
+            }
+        }
+        if let Some(d) = &args.trace_dir {
+            if !d.is_dir() {
+                anyhow::bail!("--trace-dir {}: not a folder; create it first", d.display());
+            }
         }
     }
     if let (Some(j), Some(m)) = (&args.json, &args.markdown) {
         check_distinct_paths(&[("--json", j), ("--markdown", m)], &[])?;
     }
-    if let Some(d) = &args.trace_dir {
-        if !d.is_dir() {
-            anyhow::bail!("--trace-dir {}: not a folder; create it first", d.display());
+    let default_transport = if processes.is_some() {
+        "mpi"
+    } else {
+        "threads"
+    };
+    let mut transports = Vec::new();
+    for t in args
+        .transport
+        .as_deref()
+        .unwrap_or(default_transport)
+        .split(',')
+    {
+        match (t.trim(), processes) {
+            ("threads", _) => transports.push(false),
+            ("mpi", Some(_)) => transports.push(true),
+            ("mpi", None) => anyhow::bail!(
+                "--transport mpi: this process was not started by mpirun; run \
+                 `mpirun -np N hybridiff bench ...` with an MPI build (--features mpi)"
+            ),
+            (other, _) => {
+                anyhow::bail!("--transport: unknown `{other}`; expected threads or mpi")
+            }
         }
     }
-    // The serial baseline runs 1 rank, the others --world-size, all with these threads.
-    for world in [1, args.world_size] {
+    // The serial baseline runs 1 rank, the threads rows --world-size, all with these
+    // threads (rows on processes hold one rank per process).
+    let threads_world = if transports.contains(&false) {
+        args.world_size
+    } else {
+        1
+    };
+    for world in [1, threads_world] {
         hybridiff_engine::RunOptions {
             world_size: world,
             threads_per_rank: args.threads_per_rank,
@@ -87,6 +129,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .split(',')
         .map(|s| s.trim().parse::<StrategyKind>())
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(p) = processes {
+        let parallel = kinds.iter().any(|&k| k != StrategyKind::Serial);
+        if parallel && transports.contains(&true) && args.world_size != p.size {
+            anyhow::bail!(
+                "--world-size {}: this job was started as {} process(es) and runs its `mpi` rows \
+                 on all of them; give --world-size {}",
+                args.world_size,
+                p.size,
+                p.size
+            );
+        }
+    }
     hybridiff_engine::check_guidance(args.guidance)?;
     let (options, switch) = args.strategy_args.options(
         &crate::strategy_args::ModelDefaults::read(&args.model)?,
@@ -95,7 +149,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let built: Vec<Box<dyn hybridiff_engine::Strategy>> =
         kinds.iter().map(|k| k.build(&options)).collect();
     let refs: Vec<&dyn hybridiff_engine::Strategy> = built.iter().map(|b| b.as_ref()).collect();
-    crate::strategy_args::announce(&kinds, &refs, &switch, args.guidance, args.steps)?;
+    crate::strategy_args::announce(&kinds, &refs, &switch, args.guidance, args.steps, root)?;
     crate::set_compute_threads(args.threads_per_rank);
     let device = Device::Cpu;
     let dtype = crate::strategy_args::parse_dtype(&args.dtype, &device)?;
@@ -140,7 +194,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let (h, w) = (inputs.latents.dim(2)?, inputs.latents.dim(3)?);
     let scheduler = crate::denoise::parse_scheduler(args.scheduler.as_deref(), &model)?;
     let tpr = args.threads_per_rank;
-    println!(
+    // Bench waits include whole runs on rank 0 (serial, thread rows), hence the long bound.
+    let mut comm = launch.communicator(std::time::Duration::from_secs(3600))?;
+    if root {
+        println!(
         "model {} | latents {h}x{w} | {} | {} steps {scheduler} guidance {} | {tpr} thread(s) per rank | {} cores",
         args.model.display(),
         args.dtype,
@@ -148,8 +205,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args.guidance,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
+    }
     let mut forward = None;
-    if args.repeats > 0 {
+    if args.repeats > 0 && root {
         let f1 = forward_seconds(&model, &inputs, 1, args.repeats, tpr)?;
         let f2 = forward_seconds(&model, &inputs, 2, args.repeats, tpr)?;
         println!("denoiser forward, batch 1: {f1:.4} s");
@@ -169,27 +227,46 @@ pub fn run(args: BenchArgs) -> Result<()> {
         inputs: &inputs,
         progress: None,
     };
-    let runs: Vec<(StrategyKind, usize)> = kinds
-        .iter()
-        .map(|&k| {
-            (
-                k,
-                if k == StrategyKind::Serial {
-                    1
-                } else {
-                    args.world_size
-                },
-            )
-        })
-        .collect();
-    let results = compare(&job, &runs, &options, tpr)?;
+    if let Some(c) = comm.as_mut() {
+        c.barrier()?; // the others waited while rank 0 timed forwards
+    }
+    let mut runs = Vec::new();
+    for &kind in &kinds {
+        if kind == StrategyKind::Serial {
+            // One rank: the same on threads and processes, so it runs once.
+            runs.push(BenchRun {
+                kind,
+                world_size: 1,
+                on_processes: false,
+            });
+            continue;
+        }
+        for &on_processes in &transports {
+            runs.push(BenchRun {
+                kind,
+                world_size: args.world_size,
+                on_processes,
+            });
+        }
+    }
+    let group: Option<(&mut dyn hybridiff_comm::Communicator, &str)> = match comm.as_mut() {
+        Some(c) => Some((c.as_mut(), "mpi")),
+        None => None,
+    };
+    let results = compare_on(&job, &runs, &options, tpr, group)?;
+    if !root {
+        return Ok(());
+    }
     let rows: Vec<_> = results.iter().map(|(r, _)| r.clone()).collect();
     let table = markdown_table(&rows);
     println!();
     print!("{table}");
     if let Some(d) = &args.trace_dir {
         for (row, trace) in &results {
-            let p = d.join(format!("{}.json", row.strategy));
+            let p = match row.transport.as_str() {
+                "threads" => d.join(format!("{}.json", row.strategy)),
+                t => d.join(format!("{}-{t}.json", row.strategy)),
+            };
             write_bytes_atomic(&p, serde_json::to_string_pretty(trace)?.as_bytes())?;
         }
     }

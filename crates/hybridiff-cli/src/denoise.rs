@@ -8,9 +8,8 @@ use candle_core::{DType, Device};
 use hybridiff_engine::io::{
     check_distinct_paths, check_output_path, save_png, save_safetensors, write_bytes_atomic,
 };
-use hybridiff_engine::{denoise, DenoiseInputs, Job, Model};
+use hybridiff_engine::{denoise, denoise_rank, DenoiseInputs, Job, Model};
 use hybridiff_schedulers::SchedulerKind;
-use indicatif::{ProgressBar, ProgressStyle};
 
 /// Arguments of `hybridiff denoise`.
 #[derive(clap::Args, Debug)]
@@ -48,21 +47,26 @@ pub(crate) fn parse_scheduler(s: Option<&str>, model: &Model) -> Result<Schedule
     })
 }
 
-pub fn run(args: DenoiseArgs) -> Result<()> {
+pub fn run(args: DenoiseArgs, launch: &crate::launch::Launch) -> Result<()> {
     let device = Device::Cpu;
     hybridiff_engine::check_guidance(args.guidance)?;
     let run = args.run.resolve(
         &device,
         &crate::strategy_args::ModelDefaults::read(&args.model)?,
         args.steps,
+        launch.processes(),
     )?;
-    run.announce(args.guidance, args.steps)?;
-    check_output_path(&args.out, "--out")?;
-    if let Some(p) = &args.trace {
-        check_output_path(p, "--trace")?;
-    }
-    if let Some(p) = &args.decode {
-        check_output_path(p, "--decode")?;
+    // Only rank 0 writes, so only its paths are checked (other hosts may not even have them).
+    let root = launch.is_root();
+    run.announce(args.guidance, args.steps, root)?;
+    if root {
+        check_output_path(&args.out, "--out")?;
+        if let Some(p) = &args.trace {
+            check_output_path(p, "--trace")?;
+        }
+        if let Some(p) = &args.decode {
+            check_output_path(p, "--decode")?;
+        }
     }
     let mut outputs = vec![("--out", args.out.as_path())];
     if let Some(p) = &args.trace {
@@ -79,18 +83,15 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
     };
     let inputs = DenoiseInputs::load(&args.inputs, &model.input_spec, &device)?;
     let vae = match &args.decode {
-        Some(_) => {
+        Some(_) if root => {
             let (h, w) = (inputs.latents.dim(2)?, inputs.latents.dim(3)?);
             model.check_decode_memory((h, w))?;
             Some(model.load_vae()?)
         }
-        None => None,
+        _ => None,
     };
 
-    let bar = ProgressBar::new(args.steps as u64).with_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed_precise} eta {eta}")
-            .expect("valid template"),
-    );
+    let bar = crate::progress_bar(args.steps, root);
     let progress = |done: usize, _total: usize| bar.set_position(done as u64);
     let job = Job {
         model: model.denoiser.as_ref(),
@@ -102,8 +103,14 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
         progress: Some(&progress),
     };
     let opts = &run.options;
-    let out = denoise(&job, run.strategy.as_ref(), opts)?;
+    let out = match launch.communicator(opts.comm_timeout)? {
+        None => Some(denoise(&job, run.strategy.as_ref(), opts)?),
+        Some(mut comm) => denoise_rank(&job, run.strategy.as_ref(), opts, comm.as_mut())?,
+    };
     bar.finish_and_clear();
+    let Some(out) = out else {
+        return Ok(()); // not rank 0: rank 0 writes the outputs
+    };
 
     let mut tensors = HashMap::new();
     tensors.insert("latents".to_string(), out.latents.to_dtype(DType::F32)?);

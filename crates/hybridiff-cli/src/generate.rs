@@ -5,13 +5,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use hybridiff_comm::Communicator;
 use hybridiff_engine::io::{
     check_distinct_paths, check_finite, check_output_path, load_safetensors, save_png,
     special_file_kind, write_bytes_atomic,
 };
 use hybridiff_engine::pipeline::{Pipeline, Request};
-use hybridiff_engine::{Runner, Strategy, StrategyKind};
-use indicatif::{ProgressBar, ProgressStyle};
+use hybridiff_engine::{RunOptions, Runner, Strategy};
 use serde::Deserialize;
 
 use crate::strategy_args::ModelDefaults;
@@ -188,7 +188,7 @@ fn read_batch(
     Ok(items)
 }
 
-pub fn run(args: GenerateArgs) -> Result<()> {
+pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
     let device = Device::Cpu;
     let model_dir = match &args.model {
         Some(d) => d.clone(),
@@ -199,9 +199,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Some(g) = args.guidance.or(defaults.guidance) {
         hybridiff_engine::check_guidance(g)?;
     }
-    let run = args.run.resolve(&device, &defaults, steps)?;
+    let run = args
+        .run
+        .resolve(&device, &defaults, steps, launch.processes())?;
+    // Only rank 0 writes, so only its paths are checked (other hosts may not even have them).
+    let root = launch.is_root();
     // Every pipeline's own default guidance (5 or 7) turns CFG on.
-    run.announce(args.guidance.or(defaults.guidance).unwrap_or(5.0), steps)?;
+    run.announce(
+        args.guidance.or(defaults.guidance).unwrap_or(5.0),
+        steps,
+        root,
+    )?;
     let batch = match (&args.prompt, &args.prompts) {
         (Some(_), _) => None,
         (None, Some(p)) => Some(read_batch(
@@ -212,51 +220,53 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         )?),
         (None, None) => bail!("give --prompt TEXT or --prompts FILE"),
     };
-    let mut inputs: Vec<(&str, &Path)> = Vec::new();
-    if let Some(p) = &args.latents {
-        inputs.push(("--latents", p));
-    }
-    if let Some(p) = &args.prompts {
-        inputs.push(("--prompts", p));
-    }
-    match &batch {
-        None => {
-            check_output_path(&args.out, "--out")?;
-            if let Some(p) = &args.trace {
-                check_output_path(p, "--trace")?;
-            }
-            let mut outputs = vec![("--out", args.out.as_path())];
-            if let Some(p) = &args.trace {
-                outputs.push(("--trace", p.as_path()));
-            }
-            check_distinct_paths(&outputs, &inputs)?;
+    if root {
+        let mut inputs: Vec<(&str, &Path)> = Vec::new();
+        if let Some(p) = &args.latents {
+            inputs.push(("--latents", p));
         }
-        Some(_) => {
-            if args.trace.is_some() {
-                bail!("--trace writes one image's trace; it does not go with --prompts (the manifest records tau1 and tau2)");
+        if let Some(p) = &args.prompts {
+            inputs.push(("--prompts", p));
+        }
+        match &batch {
+            None => {
+                check_output_path(&args.out, "--out")?;
+                if let Some(p) = &args.trace {
+                    check_output_path(p, "--trace")?;
+                }
+                let mut outputs = vec![("--out", args.out.as_path())];
+                if let Some(p) = &args.trace {
+                    outputs.push(("--trace", p.as_path()));
+                }
+                check_distinct_paths(&outputs, &inputs)?;
             }
-            // The folder is made only once the model and the request are known good.
-            if let Some(kind) = special_file_kind(&args.out).filter(|k| *k != "a folder") {
-                bail!(
-                    "--out {}: is {kind}; with --prompts it must be a folder",
-                    args.out.display()
-                );
-            }
-            if args.out.exists() && !args.out.is_dir() {
-                bail!(
-                    "--out {}: is a file; with --prompts it must be a folder",
-                    args.out.display()
-                );
-            }
-            // The batch writes NNNN.png and manifest.json into --out; none may be an input.
-            let n = batch.as_ref().map_or(0, Vec::len);
-            let mut outputs: Vec<(String, PathBuf)> = (0..n)
-                .map(|i| ("--out".to_string(), args.out.join(format!("{i:04}.png"))))
-                .collect();
-            outputs.push(("--out".into(), args.out.join("manifest.json")));
-            for (flag, input) in &inputs {
-                for (_, o) in &outputs {
-                    check_distinct_paths(&[("--out", o)], &[(flag, input)])?;
+            Some(_) => {
+                if args.trace.is_some() {
+                    bail!("--trace writes one image's trace; it does not go with --prompts (the manifest records tau1 and tau2)");
+                }
+                // The folder is made only once the model and the request are known good.
+                if let Some(kind) = special_file_kind(&args.out).filter(|k| *k != "a folder") {
+                    bail!(
+                        "--out {}: is {kind}; with --prompts it must be a folder",
+                        args.out.display()
+                    );
+                }
+                if args.out.exists() && !args.out.is_dir() {
+                    bail!(
+                        "--out {}: is a file; with --prompts it must be a folder",
+                        args.out.display()
+                    );
+                }
+                // The batch writes NNNN.png and manifest.json into --out; none may be an input.
+                let n = batch.as_ref().map_or(0, Vec::len);
+                let mut outputs: Vec<(String, PathBuf)> = (0..n)
+                    .map(|i| ("--out".to_string(), args.out.join(format!("{i:04}.png"))))
+                    .collect();
+                outputs.push(("--out".into(), args.out.join("manifest.json")));
+                for (flag, input) in &inputs {
+                    for (_, o) in &outputs {
+                        check_distinct_paths(&[("--out", o)], &[(flag, input)])?;
+                    }
                 }
             }
         }
@@ -274,8 +284,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         None => None,
     };
     let opts = &run.options;
-    // Started once: a batch runs every prompt on the same ranks.
-    let runner = Runner::start(opts.clone())?;
+    let mut comm = launch.communicator(opts.comm_timeout)?;
+    // Ranks as threads are started once: a batch runs every prompt on the same ranks.
+    let runner = match comm {
+        None => Some(Runner::start(opts.clone())?),
+        Some(_) => None,
+    };
     let scheduler = run.scheduler;
     let request = |prompt: &str, negative: Option<&str>, seed: u64| Request {
         prompt: prompt.to_string(),
@@ -293,7 +307,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             let prompt = args.prompt.as_deref().unwrap_or_default();
             let req = request(prompt, args.negative_prompt.as_deref(), args.seed);
             let start = Instant::now();
-            let img = generate_one(&pipeline, &req, run.strategy.as_ref(), &runner)?;
+            let img = generate_one(
+                &pipeline,
+                &req,
+                run.strategy.as_ref(),
+                opts,
+                runner.as_ref(),
+                &mut comm,
+            )?;
+            let Some(img) = img else {
+                return Ok(()); // not rank 0: rank 0 writes the image
+            };
             save_png(&args.out, img.width, img.height, img.rgb)?;
             if let Some(p) = &args.trace {
                 write_bytes_atomic(p, serde_json::to_string_pretty(&img.trace)?.as_bytes())?;
@@ -323,34 +347,40 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 run.strategy.as_ref(),
                 opts,
             )?;
-            std::fs::create_dir_all(&args.out).with_context(|| {
-                format!("--out {}: cannot create the folder", args.out.display())
-            })?;
+            if root {
+                std::fs::create_dir_all(&args.out).with_context(|| {
+                    format!("--out {}: cannot create the folder", args.out.display())
+                })?;
+            }
             run_batch(
                 &pipeline,
                 &items,
                 &request,
-                run.strategy.as_ref(),
-                &runner,
+                &run,
+                runner.as_ref(),
                 &args.out,
-                run.kind,
+                &mut comm,
             )
         }
     }
 }
 
+/// One image, or `None` on a process other than rank 0 of a multi-process job.
 fn generate_one(
     pipeline: &Pipeline,
     req: &Request,
     strategy: &dyn Strategy,
-    runner: &Runner,
-) -> Result<hybridiff_engine::pipeline::Generated> {
-    let bar = ProgressBar::new(req.steps as u64).with_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed_precise} eta {eta}")
-            .expect("valid template"),
-    );
+    opts: &RunOptions,
+    runner: Option<&Runner>,
+    comm: &mut Option<Box<dyn Communicator>>,
+) -> Result<Option<hybridiff_engine::pipeline::Generated>> {
+    let bar = crate::progress_bar(req.steps, comm.as_ref().is_none_or(|c| c.rank() == 0));
     let progress = |done: usize, _total: usize| bar.set_position(done as u64);
-    let img = pipeline.generate_on(runner, req, strategy, Some(&progress), None)?;
+    let img = match (comm, runner) {
+        (None, Some(r)) => Some(pipeline.generate_on(r, req, strategy, Some(&progress), None)?),
+        (None, None) => Some(pipeline.generate(req, strategy, opts, Some(&progress))?),
+        (Some(c), _) => pipeline.generate_rank(req, strategy, opts, Some(&progress), c.as_mut())?,
+    };
     bar.finish_and_clear();
     Ok(img)
 }
@@ -359,11 +389,13 @@ fn run_batch(
     pipeline: &Pipeline,
     items: &[BatchItem],
     request: &dyn Fn(&str, Option<&str>, u64) -> Request,
-    strategy: &dyn Strategy,
-    runner: &Runner,
+    run: &crate::strategy_args::Run,
+    runner: Option<&Runner>,
     out: &Path,
-    kind: StrategyKind,
+    comm: &mut Option<Box<dyn Communicator>>,
 ) -> Result<()> {
+    let (strategy, opts, kind) = (run.strategy.as_ref(), &run.options, run.kind);
+    let root = comm.as_ref().is_none_or(|c| c.rank() == 0);
     let mut manifest = Vec::new();
     let mut failed = 0;
     for (i, it) in items.iter().enumerate() {
@@ -375,11 +407,16 @@ fn run_batch(
             pipeline,
             &request(&it.prompt, negative, seed),
             strategy,
+            opts,
             runner,
+            comm,
         )
-        .and_then(|img| {
-            save_png(&out.join(&file), img.width, img.height, img.rgb)?;
-            Ok(img.trace)
+        .and_then(|img| match img {
+            Some(img) => {
+                save_png(&out.join(&file), img.width, img.height, img.rgb)?;
+                Ok(Some(img.trace))
+            }
+            None => Ok(None),
         });
         let mut entry = serde_json::json!({
             "prompt": it.prompt,
@@ -389,7 +426,8 @@ fn run_batch(
             "seconds": start.elapsed().as_secs_f64(),
         });
         match result {
-            Ok(trace) => {
+            Ok(None) => continue, // not rank 0: rank 0 writes images and manifest
+            Ok(Some(trace)) => {
                 entry["file"] = file.clone().into();
                 entry["guidance"] = serde_json::json!(trace.guidance);
                 entry["classifier_free_guidance"] = trace.classifier_free_guidance.into();
@@ -401,6 +439,9 @@ fn run_batch(
                 failed += 1;
                 entry["error"] = format!("{e:#}").into();
                 eprintln!("hybridiff: prompt {i} failed: {e:#}");
+                if !root {
+                    continue;
+                }
             }
         }
         manifest.push(entry);

@@ -5,6 +5,7 @@ mod compare;
 mod default_model;
 mod denoise;
 mod generate;
+mod launch;
 mod serve;
 mod strategy_args;
 
@@ -85,29 +86,49 @@ pub(crate) fn default_threads(world_size: usize) -> usize {
     (cores / world_size.max(1)).max(1)
 }
 
+/// A progress bar on stderr, drawn by the process that prints (rank 0) only.
+pub(crate) fn progress_bar(steps: usize, shown: bool) -> indicatif::ProgressBar {
+    if !shown {
+        return indicatif::ProgressBar::hidden();
+    }
+    indicatif::ProgressBar::new(steps as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps {elapsed_precise} eta {eta}",
+        )
+        .expect("valid template"),
+    )
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    let result = match cli.command {
-        Command::Generate(args) => generate::run(args),
-        Command::Denoise(args) => denoise::run(args),
-        Command::Init(args) => hybridiff_engine::init::init_model_folder(
-            &args.config,
-            &args.out,
-            args.seed,
-            args.force,
-        )
-        .map(|()| println!("wrote random-weight model to {}", args.out.display()))
-        .map_err(anyhow::Error::from),
-        Command::Bench(args) => bench::run(args),
-        Command::Compare(args) => compare::run(args),
-        Command::Serve(args) => serve::run(args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    let launch = match launch::Launch::from_env() {
+        Ok(l) => l,
         Err(e) => {
             eprintln!("hybridiff: error: {e:#}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
-    }
+    };
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args, &launch),
+        Command::Denoise(args) => denoise::run(args, &launch),
+        Command::Init(args) => launch.only_one_process("init").and_then(|()| {
+            hybridiff_engine::init::init_model_folder(
+                &args.config,
+                &args.out,
+                args.seed,
+                args.force,
+            )
+            .map(|()| println!("wrote random-weight model to {}", args.out.display()))
+            .map_err(anyhow::Error::from)
+        }),
+        Command::Bench(args) => bench::run(args, &launch),
+        Command::Compare(args) => launch
+            .only_one_process("compare")
+            .and_then(|()| compare::run(args)),
+        Command::Serve(args) => launch
+            .only_one_process("serve")
+            .and_then(|()| serve::run(args)),
+    };
+    launch.finish(result)
 }

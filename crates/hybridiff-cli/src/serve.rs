@@ -140,10 +140,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let default_steps = args.steps.or(defaults.steps).unwrap_or(50);
     // Sets the per-rank thread budget before any pool exists. Hybrid's thresholds are
     // resolved for the default step count (requests with other counts keep them).
-    let run = args.run.resolve(&device, &defaults, default_steps)?;
+    let run = args.run.resolve(&device, &defaults, default_steps, None)?;
     run.announce(
         args.guidance.or(defaults.guidance).unwrap_or(5.0),
         default_steps,
+        true,
     )?;
     let (strategy_options, _) = args.run.strategy_args.options(&defaults, default_steps)?;
     let request_defaults = RequestDefaults {

@@ -88,16 +88,21 @@ pub fn announce(
     switch: &ResolvedSwitch,
     guidance: f64,
     steps: usize,
+    print: bool,
 ) -> Result<()> {
     use hybridiff_engine::StrategyKind;
     for (kind, strategy) in kinds.iter().zip(strategies) {
         match kind {
             StrategyKind::Cfg | StrategyKind::Hybrid if guidance <= 1.0 => {
-                eprintln!("hybridiff: {kind}: {}", strategy.without_cfg());
+                if print {
+                    eprintln!("hybridiff: {kind}: {}", strategy.without_cfg());
+                }
             }
             StrategyKind::Hybrid => {
                 switch.check(steps)?;
-                eprintln!("hybridiff: {}", switch.note);
+                if print {
+                    eprintln!("hybridiff: {}", switch.note);
+                }
             }
             _ => {}
         }
@@ -178,9 +183,10 @@ pub struct RunArgs {
     /// ddim, euler, dpmpp-2m or flow-euler [default: the model's scheduler_config.json]
     #[arg(long)]
     pub scheduler: Option<String>,
-    /// Seconds any rank waits for another before the job fails (1 to 604800).
-    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=604_800))]
-    pub comm_timeout: u64,
+    /// Seconds any rank waits for another before the job fails, 1 to 604800 [default: 600
+    /// with ranks as threads, 60 with one rank per process].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub comm_timeout: Option<u64>,
     #[command(flatten)]
     pub strategy_args: StrategyArgs,
 }
@@ -212,41 +218,65 @@ pub struct Run {
 
 impl Run {
     /// [`announce`] for this run's strategy.
-    pub fn announce(&self, guidance: f64, steps: usize) -> Result<()> {
+    pub fn announce(&self, guidance: f64, steps: usize, print: bool) -> Result<()> {
         announce(
             &[self.kind],
             &[self.strategy.as_ref()],
             &self.switch,
             guidance,
             steps,
+            print,
         )
     }
 }
 
 impl RunArgs {
     /// Resolves the flags for a run of `steps` steps and sets the per-rank thread budget.
+    /// `processes`: this process is one rank of a job of that many processes (one rank per
+    /// process): the world size is then the number of processes (`--world-size`, if given,
+    /// must agree), and the default thread budget shares this machine's cores among its
+    /// processes.
     pub fn resolve(
         &self,
         device: &candle_core::Device,
         defaults: &ModelDefaults,
         steps: usize,
+        processes: Option<crate::launch::Processes>,
     ) -> Result<Run> {
         use hybridiff_engine::StrategyKind;
         let kind: StrategyKind = self.strategy.parse()?;
-        let world_size = self.world_size.unwrap_or(match kind {
-            StrategyKind::Serial => 1,
-            _ => 2,
+        let world_size = match (processes, self.world_size) {
+            (Some(p), Some(w)) if w != p.size => anyhow::bail!(
+                "--world-size {w}: this job was started as {} processes (one rank each); give \
+                 --world-size {} or leave it out",
+                p.size,
+                p.size
+            ),
+            (Some(p), _) => p.size,
+            (None, w) => w.unwrap_or(match kind {
+                StrategyKind::Serial => 1,
+                _ => 2,
+            }),
+        };
+        let threads = self.threads_per_rank.unwrap_or_else(|| match processes {
+            Some(p) => crate::default_threads(p.local_size),
+            None => crate::default_threads(world_size),
         });
-        let threads = self
-            .threads_per_rank
-            .unwrap_or_else(|| crate::default_threads(world_size));
+        let comm_timeout = self
+            .comm_timeout
+            .unwrap_or(if processes.is_some() { 60 } else { 600 });
         let run_options = hybridiff_engine::RunOptions {
             world_size,
             threads_per_rank: threads,
-            comm_timeout: std::time::Duration::from_secs(self.comm_timeout),
+            comm_timeout: std::time::Duration::from_secs(comm_timeout),
         };
-        // Before any pool exists: rayon panics when it cannot create its threads.
-        run_options.check(hybridiff_engine::cores())?;
+        // Before any pool exists: rayon panics when it cannot create its threads. Under MPI
+        // this process holds one rank; the launcher places the others.
+        hybridiff_engine::RunOptions {
+            world_size: if processes.is_some() { 1 } else { world_size },
+            ..run_options.clone()
+        }
+        .check(hybridiff_engine::cores())?;
         crate::set_compute_threads(threads);
         let scheduler = match &self.scheduler {
             Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?),

@@ -98,6 +98,15 @@ pub enum Error {
         got_seq: u64,
     },
 
+    /// The transport could not carry a message (a malformed message, a dtype it cannot send).
+    #[error("rank {rank} in {op} with rank {peer}: {what}")]
+    Transport {
+        rank: usize,
+        peer: usize,
+        op: Op,
+        what: String,
+    },
+
     /// The call's arguments are inconsistent (e.g. a broadcast root without a tensor).
     #[error("rank {rank} called {op} wrongly: {what}")]
     BadArgument { rank: usize, op: Op, what: String },

@@ -2,7 +2,8 @@
 //! tensors.
 //!
 //! The engine only talks to the [`Communicator`] trait, so the transport can change (threads of
-//! one process today, NCCL or TCP later) without touching it. The trait is deliberately
+//! one process, or one process per rank over MPI with the `mpi` feature; NCCL later) without
+//! touching it. The trait is deliberately
 //! transport-neutral: tensors go in and new tensors come out, and nothing may rely on sender and
 //! receiver sharing memory or a device.
 //!
@@ -11,7 +12,11 @@
 //! failing rank stops the whole job instead of leaving the others hung.
 
 mod error;
+#[doc(hidden)]
+pub mod fault;
 mod in_process;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 mod run;
 mod warm;
 
@@ -19,7 +24,7 @@ use candle_core::Tensor;
 
 pub use error::{Error, Op, Result};
 pub use in_process::{InProcessComm, InProcessGroup};
-pub use run::{run_ranks, threads_started, RunError};
+pub use run::{panic_message, run_ranks, threads_started, RunError};
 pub use warm::WarmRanks;
 
 /// One rank's handle on a group of ranks.
@@ -63,4 +68,22 @@ pub trait Communicator: Send {
 /// What sending `t` costs on a real wire: its elements in its dtype, views included.
 pub fn tensor_bytes(t: &Tensor) -> u64 {
     (t.elem_count() * t.dtype().size_in_bytes()) as u64
+}
+
+/// How many processes the job this process belongs to has, according to the environment an MPI
+/// launcher sets (`OMPI_COMM_WORLD_SIZE` for Open MPI, `PMI_SIZE` for MPICH, Intel MPI and
+/// Slurm's PMI), or `None` when no launcher started this process. Needs no MPI library, so a
+/// build without the `mpi` feature can tell that it was started by `mpirun`.
+pub fn launcher_world_size() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+}
+
+/// How many processes of this job run on this machine, from the launcher's environment
+/// (`OMPI_COMM_WORLD_LOCAL_SIZE`, `MPI_LOCALNRANKS`), when it says.
+pub fn launcher_local_size() -> Option<usize> {
+    ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
 }

@@ -287,7 +287,8 @@ pub(crate) fn fail<T, E>(
     Outcome::Failed { order: o, error }
 }
 
-pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
+/// The message of a caught panic's payload.
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {

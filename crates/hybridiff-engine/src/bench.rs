@@ -103,6 +103,9 @@ pub struct BenchRow {
     /// The strategy's layout in a few words (`patch`: mode and bands), else empty.
     pub setup: String,
     pub world_size: usize,
+    /// Where the ranks ran: `threads` of one process, or the processes of the external
+    /// communicator (e.g. `mpi`).
+    pub transport: String,
     pub seconds: f64,
     /// Serial seconds / this strategy's seconds, measured in the same process.
     pub speedup: f64,
@@ -119,6 +122,15 @@ pub struct BenchRow {
     pub rank_compute_seconds: Vec<f64>,
 }
 
+/// One run of a comparison: a strategy, its rank count, and whether its ranks are the
+/// processes of the external communicator (else threads of rank 0's process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BenchRun {
+    pub kind: crate::StrategyKind,
+    pub world_size: usize,
+    pub on_processes: bool,
+}
+
 /// Runs `serial` and each strategy on the same job, one after the other, and compares.
 /// Returns the rows and each run's trace.
 pub fn compare(
@@ -127,25 +139,81 @@ pub fn compare(
     options: &crate::StrategyOptions,
     threads_per_rank: usize,
 ) -> Result<Vec<(BenchRow, crate::Trace)>> {
-    use crate::{denoise, RunOptions, StrategyKind};
-    let run = |kind: StrategyKind, world: usize| {
-        let opts = RunOptions {
-            world_size: world,
-            threads_per_rank,
-            comm_timeout: Duration::from_secs(3600),
-        };
-        denoise(job, kind.build(options).as_ref(), &opts)
+    let runs: Vec<BenchRun> = strategies
+        .iter()
+        .map(|&(kind, world_size)| BenchRun {
+            kind,
+            world_size,
+            on_processes: false,
+        })
+        .collect();
+    compare_on(job, &runs, options, threads_per_rank, None)
+}
+
+/// [`compare`] in a job of several processes: every process calls it with the same arguments
+/// and `group = Some((comm, label))`. Runs with `on_processes` run with one rank per process
+/// over `comm` ([`crate::denoise_rank`]); the others (and the serial baseline) run as threads
+/// in rank 0's process while the other processes wait at a barrier, so both kinds are timed in
+/// one run on the same machine. Rows are labelled `threads` or `label`. Rank 0 returns the
+/// rows, the others an empty list.
+pub fn compare_on(
+    job: &crate::Job,
+    runs: &[BenchRun],
+    options: &crate::StrategyOptions,
+    threads_per_rank: usize,
+    mut group: Option<(&mut dyn hybridiff_comm::Communicator, &str)>,
+) -> Result<Vec<(BenchRow, crate::Trace)>> {
+    use crate::{denoise, denoise_rank, RunOptions, StrategyKind};
+    let opts = |world_size| RunOptions {
+        world_size,
+        threads_per_rank,
+        comm_timeout: Duration::from_secs(3600),
     };
-    let serial = run(StrategyKind::Serial, 1)?;
+    let root = group.as_ref().is_none_or(|(c, _)| c.rank() == 0);
+    // On threads of rank 0's process, while the other processes wait at a barrier.
+    let on_threads = |group: &mut Option<(&mut dyn hybridiff_comm::Communicator, &str)>,
+                      kind: StrategyKind,
+                      world: usize|
+     -> Result<Option<crate::DenoiseOutput>> {
+        let out = if root {
+            Some(denoise(job, kind.build(options).as_ref(), &opts(world))?)
+        } else {
+            None
+        };
+        if let Some((comm, _)) = group.as_mut() {
+            comm.barrier()?;
+        }
+        Ok(out)
+    };
+    let serial = on_threads(&mut group, StrategyKind::Serial, 1)?;
+    let mut outs = Vec::with_capacity(runs.len());
+    for run in runs {
+        let out = match (run.on_processes, group.as_mut()) {
+            (true, Some((comm, _))) => denoise_rank(
+                job,
+                run.kind.build(options).as_ref(),
+                &opts(run.world_size),
+                *comm,
+            )?,
+            (true, None) => {
+                return Err(Error::Options(
+                    "a run on processes needs a communicator over the processes".into(),
+                ))
+            }
+            (false, _) if run.kind == StrategyKind::Serial => serial.clone(),
+            (false, _) => on_threads(&mut group, run.kind, run.world_size)?,
+        };
+        outs.push((run, out));
+    }
+    let Some(serial) = serial else {
+        return Ok(Vec::new());
+    };
+    let label = group.as_ref().map_or("threads", |(_, l)| *l);
     let base = serial.trace.total_seconds;
     let mut rows = Vec::new();
-    for &(kind, world) in strategies {
-        let setup = kind.build(options).describe(job, world);
-        let out = if kind == StrategyKind::Serial {
-            serial.clone()
-        } else {
-            run(kind, world)?
-        };
+    for (run, out) in outs {
+        let out = out.ok_or_else(|| Error::Options("rank 0 got no output of a run".into()))?;
+        let setup = run.kind.build(options).describe(job, run.world_size);
         let t = &out.trace;
         let ranks = t
             .steps
@@ -153,9 +221,10 @@ pub fn compare(
             .map(|s| s.rank_compute_seconds.len())
             .unwrap_or(0);
         let row = BenchRow {
-            strategy: kind.to_string(),
+            strategy: run.kind.to_string(),
             setup,
-            world_size: world,
+            world_size: run.world_size,
+            transport: if run.on_processes { label } else { "threads" }.to_string(),
             seconds: t.total_seconds,
             speedup: base / t.total_seconds,
             bytes_sent: t.bytes_sent,
@@ -181,14 +250,15 @@ pub fn compare(
 /// The rows as a Markdown table.
 pub fn markdown_table(rows: &[BenchRow]) -> String {
     let mut s = String::from(
-        "| strategy | ranks | latency (s) | speedup | bytes sent | reference bytes | PSNR vs serial (dB) | max abs diff | tau1 | tau2 | staged steps | setup |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| strategy | ranks | transport | latency (s) | speedup | bytes sent | reference bytes | PSNR vs serial (dB) | max abs diff | tau1 | tau2 | staged steps | setup |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let opt = |v: Option<usize>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {:.3} | {:.2}x | {} | {} | {:.2} | {:.3e} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {:.3} | {:.2}x | {} | {} | {:.2} | {:.3e} | {} | {} | {} | {} |\n",
             r.strategy,
             r.world_size,
+            r.transport,
             r.seconds,
             r.speedup,
             r.bytes_sent,

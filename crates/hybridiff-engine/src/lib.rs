@@ -16,6 +16,7 @@ pub mod strategy;
 pub mod switch;
 pub mod trace;
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
@@ -160,24 +161,7 @@ pub(crate) fn denoise_on(
     opts: &RunOptions,
     warm: Option<&WarmRanks>,
 ) -> Result<DenoiseOutput> {
-    if job.steps == 0 {
-        return Err(Error::Options("--steps must be at least 1".into()));
-    }
-    opts.check(cores())?;
-    let ctx_len = job.inputs.cond.prompt_embeds.dim(1)?;
-    memory::check_counts(job.steps, ctx_len)?;
-    check_guidance(job.guidance)?;
-    strategy.check(job, opts.world_size)?;
-    let (_, c, h, w) = job.inputs.latents.dims4()?;
-    let shape = memory::JobShape::for_strategy(
-        strategy.name(),
-        opts.world_size,
-        (c, h, w),
-        ctx_len,
-        job.steps,
-    );
-    memory::estimate_job(job.model, &shape).check()?;
-    let stage_plan = strategy.plan_summary(job, opts.world_size)?;
+    let stage_plan = check_job(job, strategy, opts, opts.world_size)?;
     let start = Instant::now();
     let body = |comm: &mut dyn Communicator| strategy::run_rank(strategy, job, comm);
     let results = match warm {
@@ -195,20 +179,237 @@ pub(crate) fn denoise_on(
         other => Error::Options(other.to_string()),
     })?;
     let total_seconds = start.elapsed().as_secs_f64();
-    let rank0 = &results[0];
+    let per_rank: Vec<Vec<(f64, u64)>> = results
+        .iter()
+        .map(|r| {
+            r.steps
+                .iter()
+                .map(|s| (s.compute_seconds, s.bytes_sent))
+                .collect()
+        })
+        .collect();
+    let rank0 = results
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Options("--world-size must be at least 1".into()))?;
+    assemble(
+        job,
+        strategy,
+        opts,
+        stage_plan,
+        total_seconds,
+        rank0,
+        &per_rank,
+    )
+}
+
+/// Runs this process's rank of a job whose ranks are separate processes joined by `comm` (one
+/// rank per process, e.g. started by `mpirun`). Every process calls it with the same job,
+/// strategy and options; `opts.world_size` must equal `comm.world_size()`.
+///
+/// The rank computes on a rayon pool of `opts.threads_per_rank` threads, as an in-process rank
+/// does. Returns `Some(output)` on rank 0 and `None` elsewhere: rank 0's trace holds every
+/// rank's per-step compute seconds and bytes (gathered over `comm` after the last step, so the
+/// gathering counts in no step), which makes trace, bytes and latents those of [`denoise`].
+///
+/// # Errors
+/// Before any compute, the checks of [`denoise`], and an error if the ranks disagree on the job
+/// (flags, input shapes or stage plan; `--stages measured` times each process separately, so it
+/// cannot be used across processes). If this rank fails or panics, `comm` is aborted, so that
+/// the other ranks stop at their next wait with an error naming this rank, and the error is
+/// returned naming this rank; a rank stopped by another's abort returns that
+/// [`hybridiff_comm::Error::Aborted`].
+pub fn denoise_rank(
+    job: &Job,
+    strategy: &dyn Strategy,
+    opts: &RunOptions,
+    comm: &mut dyn hybridiff_comm::Communicator,
+) -> Result<Option<DenoiseOutput>> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let checked = check_job(job, strategy, opts, 1).and_then(|plan| {
+        if world != opts.world_size {
+            return Err(Error::Options(format!(
+                "--world-size {}: this job has {world} processes; give {world} or leave it out",
+                opts.world_size
+            )));
+        }
+        Ok(plan)
+    });
+    let stage_plan = match checked {
+        Ok(plan) => plan,
+        Err(e) => {
+            // Usually every rank fails the same check; if only this one does, the others
+            // must not wait for it until the timeout.
+            comm.abort(&format!("rank {rank}: {e}"));
+            return Err(e);
+        }
+    };
+    let pool = match rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads_per_rank)
+        .thread_name(move |i| format!("hybridiff-rank-{rank}-worker-{i}"))
+        .build()
+    {
+        Ok(pool) => pool,
+        Err(e) => {
+            let msg = format!(
+                "rank {rank}: could not build its pool of {} threads: {e}",
+                opts.threads_per_rank
+            );
+            comm.abort(&msg);
+            return Err(Error::Options(msg));
+        }
+    };
+    let comm_ref = &mut *comm;
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        pool.install(|| -> Result<_> {
+            agree_on_job(job, strategy, opts, stage_plan.as_ref(), comm_ref)?;
+            // Processes start at different times (model loading); time the run from here.
+            comm_ref.barrier()?;
+            let start = Instant::now();
+            let out = strategy::run_rank(strategy, job, comm_ref)?;
+            let per_rank = gather_steps(comm_ref, &out.steps)?;
+            Ok((out, per_rank, start.elapsed().as_secs_f64()))
+        })
+    }));
+    let failure = match outcome {
+        Ok(Ok((out, per_rank, total_seconds))) => {
+            return if rank == 0 {
+                assemble(
+                    job,
+                    strategy,
+                    opts,
+                    stage_plan,
+                    total_seconds,
+                    out,
+                    &per_rank,
+                )
+                .map(Some)
+            } else {
+                Ok(None)
+            };
+        }
+        Ok(Err(Error::Comm(e))) if e.is_aborted() => return Err(Error::Comm(e)),
+        Ok(Err(e)) => format!("rank {rank}: {e}"),
+        Err(payload) => format!(
+            "rank {rank} panicked: {} (a bug; run with RUST_BACKTRACE=1 for where)",
+            hybridiff_comm::panic_message(payload.as_ref())
+        ),
+    };
+    comm.abort(&failure);
+    Err(Error::Options(failure))
+}
+
+/// The checks both runners make before any compute; returns the stage plan's summary.
+fn check_job(
+    job: &Job,
+    strategy: &dyn Strategy,
+    opts: &RunOptions,
+    local_ranks: usize,
+) -> Result<Option<serde_json::Value>> {
+    if job.steps == 0 {
+        return Err(Error::Options("--steps must be at least 1".into()));
+    }
+    // The ranks on this machine share its cores and memory: all of them as threads, one
+    // per process under MPI (the launcher places the others).
+    RunOptions {
+        world_size: local_ranks,
+        ..opts.clone()
+    }
+    .check(cores())?;
+    let ctx_len = job.inputs.cond.prompt_embeds.dim(1)?;
+    memory::check_counts(job.steps, ctx_len)?;
+    check_guidance(job.guidance)?;
+    strategy.check(job, opts.world_size)?;
+    let (_, c, h, w) = job.inputs.latents.dims4()?;
+    let shape =
+        memory::JobShape::for_strategy(strategy.name(), local_ranks, (c, h, w), ctx_len, job.steps);
+    memory::estimate_job(job.model, &shape).check()?;
+    strategy.plan_summary(job, opts.world_size)
+}
+
+/// Fails on every rank whose view of the job differs from rank 0's: processes read their own
+/// flags and files, and ranks that disagree would otherwise exchange mismatched tensors.
+fn agree_on_job(
+    job: &Job,
+    strategy: &dyn Strategy,
+    opts: &RunOptions,
+    stage_plan: Option<&serde_json::Value>,
+    comm: &mut dyn hybridiff_comm::Communicator,
+) -> Result<()> {
+    let mine = format!(
+        "strategy {} | world {} | steps {} | guidance {} | scheduler {} | latents {:?} {:?} | stages {}",
+        strategy.name(),
+        opts.world_size,
+        job.steps,
+        job.guidance,
+        job.scheduler,
+        job.inputs.latents.dims(),
+        job.inputs.latents.dtype(),
+        stage_plan.map(|p| p.to_string()).unwrap_or_default(),
+    );
+    let bytes = Tensor::new(mine.as_bytes(), &candle_core::Device::Cpu)?;
+    let root = comm.broadcast((comm.rank() == 0).then_some(&bytes), 0)?;
+    let theirs = String::from_utf8_lossy(&root.to_vec1::<u8>()?).into_owned();
+    if theirs != mine {
+        return Err(Error::Options(format!(
+            "this process's job differs from rank 0's: every process needs the same flags and \
+             inputs (and `--stages measured` times each process separately: use auto or \
+             reference across processes).\n  rank 0: {theirs}\n  here:   {mine}"
+        )));
+    }
+    Ok(())
+}
+
+/// Every rank's per-step `(compute seconds, bytes sent)`, index = rank.
+fn gather_steps(
+    comm: &mut dyn hybridiff_comm::Communicator,
+    steps: &[strategy::RankStep],
+) -> Result<Vec<Vec<(f64, u64)>>> {
+    let dev = candle_core::Device::Cpu;
+    let secs: Vec<f64> = steps.iter().map(|s| s.compute_seconds).collect();
+    // i64 carries any byte count a step can have (< 2^63).
+    let bytes: Vec<i64> = steps.iter().map(|s| s.bytes_sent as i64).collect();
+    let secs = comm.all_gather(&Tensor::new(secs.as_slice(), &dev)?)?;
+    let bytes = comm.all_gather(&Tensor::new(bytes.as_slice(), &dev)?)?;
+    secs.iter()
+        .zip(&bytes)
+        .map(|(s, b)| {
+            let (s, b) = (s.to_vec1::<f64>()?, b.to_vec1::<i64>()?);
+            if s.len() != steps.len() || b.len() != steps.len() {
+                return Err(Error::Options(format!(
+                    "a rank reported {} steps, expected {}",
+                    s.len(),
+                    steps.len()
+                )));
+            }
+            Ok(s.into_iter().zip(b.into_iter().map(|b| b as u64)).collect())
+        })
+        .collect()
+}
+
+/// The run's output from rank 0's record and every rank's `(compute seconds, bytes)` per step.
+fn assemble(
+    job: &Job,
+    strategy: &dyn Strategy,
+    opts: &RunOptions,
+    stage_plan: Option<serde_json::Value>,
+    total_seconds: f64,
+    rank0: strategy::RankOutput,
+    per_rank: &[Vec<(f64, u64)>],
+) -> Result<DenoiseOutput> {
     let steps: Vec<StepTrace> = (0..job.steps)
         .map(|i| {
             let s = &rank0.steps[i];
+            let bytes_sent = per_rank.iter().map(|r| r[i].1).sum::<u64>();
             StepTrace {
                 index: i,
                 timestep: s.timestep,
                 mode: s.mode,
                 rel_mae: s.rel_mae,
                 wall_seconds: s.wall_seconds,
-                rank_compute_seconds: results.iter().map(|r| r.steps[i].compute_seconds).collect(),
-                bytes_sent: results.iter().map(|r| r.steps[i].bytes_sent).sum::<u64>(),
-                reference_bytes_sent: results.iter().map(|r| r.steps[i].bytes_sent).sum::<u64>()
-                    + s.reference_extra_bytes,
+                rank_compute_seconds: per_rank.iter().map(|r| r[i].0).collect(),
+                bytes_sent,
+                reference_bytes_sent: bytes_sent + s.reference_extra_bytes,
                 slope: s.slope,
                 tau1: s.tau1,
                 tau2: s.tau2,

@@ -13,8 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::{
-    denoise, DenoiseInputs, DenoiseOutput, Error, Job, Model, Result, RunOptions, Runner, Strategy,
-    Trace,
+    denoise, DenoiseInputs, Error, Job, Model, Result, RunOptions, Runner, Strategy, Trace,
 };
 
 /// A loaded text-to-image pipeline.
@@ -267,7 +266,8 @@ impl Pipeline {
         progress: Option<&(dyn Fn(usize, usize) + Sync)>,
     ) -> Result<Generated> {
         self.check_memory(req, strategy, opts)?;
-        self.generate_with(req, progress, |job| denoise(job, strategy, opts))
+        self.generate_with(req, progress, |job| denoise(job, strategy, opts).map(Some))
+            .map(|g| g.expect("the in-process run returns the image"))
     }
 
     /// Makes one image on `runner`'s warm ranks: the same image as [`Pipeline::generate`]
@@ -281,15 +281,34 @@ impl Pipeline {
         cancel: Option<&std::sync::atomic::AtomicBool>,
     ) -> Result<Generated> {
         self.check_memory(req, strategy, runner.options())?;
-        self.generate_with(req, progress, |job| runner.denoise(job, strategy, cancel))
+        self.generate_with(req, progress, |job| {
+            runner.denoise(job, strategy, cancel).map(Some)
+        })
+        .map(|g| g.expect("the in-process run returns the image"))
+    }
+
+    /// Makes one image as this process's rank of a job whose ranks are processes joined by
+    /// `comm` (see [`crate::denoise_rank`]). Every process calls it with the same request;
+    /// rank 0 decodes and returns the image, the others return `None`.
+    pub fn generate_rank(
+        &self,
+        req: &Request,
+        strategy: &dyn Strategy,
+        opts: &RunOptions,
+        progress: Option<&(dyn Fn(usize, usize) + Sync)>,
+        comm: &mut dyn hybridiff_comm::Communicator,
+    ) -> Result<Option<Generated>> {
+        self.generate_with(req, progress, |job| {
+            crate::denoise_rank(job, strategy, opts, comm)
+        })
     }
 
     fn generate_with(
         &self,
         req: &Request,
         progress: Option<&(dyn Fn(usize, usize) + Sync)>,
-        denoise: impl FnOnce(&Job) -> Result<DenoiseOutput>,
-    ) -> Result<Generated> {
+        run: impl FnOnce(&Job) -> Result<Option<crate::DenoiseOutput>>,
+    ) -> Result<Option<Generated>> {
         let inputs = self.prepare(req)?;
         let scheduler = match req.scheduler {
             Some(s) => s,
@@ -304,16 +323,18 @@ impl Pipeline {
             inputs: &inputs,
             progress,
         };
-        let out = denoise(&job)?;
+        let Some(out) = run(&job)? else {
+            return Ok(None);
+        };
         let image = self
             .vae
             .decode_latents(&out.latents.to_dtype(DType::F32)?)?;
         let (width, height, rgb) = to_rgb8(&image)?;
-        Ok(Generated {
+        Ok(Some(Generated {
             width,
             height,
             rgb,
             trace: out.trace,
-        })
+        }))
     }
 }

@@ -1,0 +1,501 @@
+//! One rank per process: the `hybridiff` binary under `mpirun` (Open MPI, loopback), against the
+//! same job with ranks as threads of one process, and how a failing rank stops the job.
+//!
+//! Needs the `mpi` feature and `mpirun` on PATH (`.ci/run` installs Debian's Open MPI):
+//! `cargo nextest run -p hybridiff-cli --features mpi --test mpi`. Every mpirun runs under a
+//! hard wall-clock limit, so a hang fails the test instead of stalling CI.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+
+/// Far above any run here; reaching it means something hung.
+const HARD_LIMIT: Duration = Duration::from_secs(180);
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures")).join(name)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+    seconds: f64,
+}
+
+/// Runs `cmd` with its output in files (no pipe can fill up), killing it past [`HARD_LIMIT`].
+fn run_limited(mut cmd: Command, scratch: &Path) -> Run {
+    let (out_p, err_p) = (scratch.join("stdout.txt"), scratch.join("stderr.txt"));
+    cmd.stdin(Stdio::null())
+        .stdout(File::create(&out_p).unwrap())
+        .stderr(File::create(&err_p).unwrap());
+    let start = Instant::now();
+    let mut child = cmd.spawn().expect("start the command");
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > HARD_LIMIT {
+            // SIGTERM first so mpirun takes its processes down with it.
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            std::thread::sleep(Duration::from_secs(5));
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} still running after {HARD_LIMIT:?}: a hang\nstderr: {}",
+                std::fs::read_to_string(&err_p).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run {
+        ok: status.success(),
+        stdout: std::fs::read_to_string(&out_p).unwrap(),
+        stderr: std::fs::read_to_string(&err_p).unwrap(),
+        seconds: start.elapsed().as_secs_f64(),
+    }
+}
+
+/// `hybridiff ARGS` as `np` processes under mpirun, with `env` passed to every process.
+fn mpirun(np: usize, args: &[&str], env: &[(&str, &str)], scratch: &Path) -> Run {
+    let mut cmd = Command::new("mpirun");
+    cmd.args([
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        &np.to_string(),
+    ]);
+    for (k, v) in env {
+        cmd.env(k, v).args(["-x", k]);
+    }
+    cmd.arg(env!("CARGO_BIN_EXE_hybridiff")).args(args);
+    run_limited(cmd, scratch)
+}
+
+/// `hybridiff ARGS` as one process (ranks as threads).
+fn alone(args: &[&str], scratch: &Path) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hybridiff"));
+    cmd.args(args);
+    run_limited(cmd, scratch)
+}
+
+fn json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// The trace without what depends on timing.
+fn trace_facts(t: &serde_json::Value) -> serde_json::Value {
+    let steps: Vec<serde_json::Value> = t["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "index": s["index"], "timestep": s["timestep"], "mode": s["mode"],
+                "rel_mae": s["rel_mae"], "bytes_sent": s["bytes_sent"],
+                "reference_bytes_sent": s["reference_bytes_sent"], "slope": s["slope"],
+                "tau1": s["tau1"], "tau2": s["tau2"],
+                "ranks": s["rank_compute_seconds"].as_array().unwrap().len(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "strategy": t["strategy"], "world_size": t["world_size"], "scheduler": t["scheduler"],
+        "num_steps": t["num_steps"], "guidance": t["guidance"], "bytes_sent": t["bytes_sent"],
+        "reference_bytes_sent": t["reference_bytes_sent"], "stage_plan": t["stage_plan"],
+        "tau1": t["tau1"], "tau2": t["tau2"], "rel_mae_log": t["rel_mae_log"], "steps": steps,
+    })
+}
+
+/// Denoises the tiny SDXL with `extra` flags both ways; latents must agree bit for bit and the
+/// traces in everything but timings.
+fn same_as_in_process(np: usize, extra: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixture("tiny-sdxl");
+    let inputs = root.join("inputs.safetensors");
+    let mut outs = Vec::new();
+    for mode in ["threads", "mpi"] {
+        let out = dir.path().join(format!("{mode}.safetensors"));
+        let trace = dir.path().join(format!("{mode}.json"));
+        let np_s = np.to_string();
+        let mut args = vec![
+            "denoise",
+            "--model",
+            s(&root),
+            "--inputs",
+            s(&inputs),
+            "--out",
+            s(&out),
+            "--steps",
+            "12",
+            "--threads-per-rank",
+            "1",
+            "--trace",
+            s(&trace),
+        ];
+        args.extend_from_slice(extra);
+        let r = if mode == "threads" {
+            args.extend_from_slice(&["--world-size", &np_s]);
+            alone(&args, dir.path())
+        } else {
+            mpirun(np, &args, &[], dir.path())
+        };
+        assert!(r.ok, "{mode} {extra:?}: {}", r.stderr);
+        // Rank 0 alone prints the summary.
+        assert_eq!(
+            r.stdout.matches(" steps in ").count(),
+            1,
+            "{mode}: {}",
+            r.stdout
+        );
+        outs.push((out, trace));
+    }
+    let load = |p: &Path| candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    let (a, b) = (load(&outs[0].0), load(&outs[1].0));
+    for name in ["latents", "step_latents"] {
+        let bits = |t: &candle_core::Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        assert_eq!(bits(&a[name]), bits(&b[name]), "{extra:?}: {name} differ");
+    }
+    let (ta, tb) = (json(&outs[0].1), json(&outs[1].1));
+    assert_eq!(
+        trace_facts(&ta),
+        trace_facts(&tb),
+        "{extra:?}: traces differ"
+    );
+    assert!(ta["bytes_sent"].as_u64().unwrap() > 0);
+    // Every rank's compute time is in rank 0's trace: the other ranks' is not all zero.
+    let others: f64 = tb["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["rank_compute_seconds"].as_array().unwrap()[1..].to_vec())
+        .map(|v| v.as_f64().unwrap())
+        .sum();
+    assert!(
+        others > 0.0,
+        "the other ranks' compute seconds are missing from the trace"
+    );
+}
+
+#[test]
+fn hybrid_on_two_processes_equals_two_threads_bit_for_bit() {
+    same_as_in_process(
+        2,
+        &[
+            "--strategy",
+            "hybrid",
+            "--l-slope",
+            "3",
+            "--eps-slope",
+            "0.05",
+            "--k",
+            "4",
+            "--tau-cap",
+            "8",
+        ],
+    );
+}
+
+#[test]
+fn cfg_on_two_and_four_processes_equals_threads_bit_for_bit() {
+    same_as_in_process(2, &["--strategy", "cfg"]);
+    same_as_in_process(4, &["--strategy", "cfg"]);
+}
+
+#[test]
+fn async_on_two_processes_equals_two_threads_bit_for_bit() {
+    same_as_in_process(2, &["--strategy", "async", "--warmup", "2"]);
+}
+
+#[test]
+fn hybrid_on_four_processes_equals_four_threads_bit_for_bit() {
+    same_as_in_process(
+        4,
+        &[
+            "--strategy",
+            "hybrid",
+            "--l-slope",
+            "3",
+            "--eps-slope",
+            "0.05",
+            "--k",
+            "4",
+            "--tau-cap",
+            "8",
+        ],
+    );
+}
+
+#[test]
+fn generate_on_two_processes_writes_the_same_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-sdxl-pipeline");
+    let (a, b) = (dir.path().join("threads.png"), dir.path().join("mpi.png"));
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "6",
+            "--strategy",
+            "hybrid",
+            "--threads-per-rank",
+            "1",
+            "--tau-cap",
+            "2",
+            "--k",
+            "2",
+            "--out",
+            s(out),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    let mut ta = args(&a);
+    ta.extend(["--world-size".to_string(), "2".to_string()]);
+    let ta: Vec<&str> = ta.iter().map(String::as_str).collect();
+    let r = alone(&ta, dir.path());
+    assert!(r.ok, "{}", r.stderr);
+    let tb = args(&b);
+    let tb: Vec<&str> = tb.iter().map(String::as_str).collect();
+    let r = mpirun(2, &tb, &[], dir.path());
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.stdout.matches("wrote ").count(), 1, "{}", r.stdout);
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+
+    // A batch: rank 0 writes every image and the manifest.
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "a red circle\na blue square\n").unwrap();
+    let batch = dir.path().join("batch");
+    let r = mpirun(
+        2,
+        &[
+            "generate",
+            "--model",
+            s(&model),
+            "--prompts",
+            s(&prompts),
+            "--steps",
+            "6",
+            "--strategy",
+            "cfg",
+            "--threads-per-rank",
+            "1",
+            "--out",
+            s(&batch),
+        ],
+        &[],
+        dir.path(),
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let manifest = json(&batch.join("manifest.json"));
+    assert_eq!(manifest.as_array().unwrap().len(), 2);
+    assert!(batch.join("0000.png").is_file() && batch.join("0001.png").is_file());
+}
+
+#[test]
+fn bench_times_threads_and_processes_in_one_run_with_equal_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-sdxl");
+    let (js, md, traces) = (
+        dir.path().join("b.json"),
+        dir.path().join("b.md"),
+        dir.path().join("traces"),
+    );
+    std::fs::create_dir(&traces).unwrap();
+    let r = mpirun(
+        2,
+        &[
+            "bench",
+            "--model",
+            s(&model),
+            "--strategies",
+            "serial,cfg,async,hybrid",
+            "--transport",
+            "threads,mpi",
+            "--steps",
+            "8",
+            "--repeats",
+            "1",
+            "--tau-cap",
+            "3",
+            "--k",
+            "3",
+            "--json",
+            s(&js),
+            "--markdown",
+            s(&md),
+            "--trace-dir",
+            s(&traces),
+        ],
+        &[],
+        dir.path(),
+    );
+    assert!(r.ok, "{}", r.stderr);
+    // Rank 0 alone prints the table.
+    assert_eq!(r.stdout.matches("| strategy |").count(), 1, "{}", r.stdout);
+    let rows = json(&js)["runs"].as_array().unwrap().clone();
+    assert_eq!(
+        rows.len(),
+        7,
+        "serial + 3 strategies x 2 transports: {rows:?}"
+    );
+    for kind in ["cfg", "async", "hybrid"] {
+        let pick = |t: &str| {
+            rows.iter()
+                .find(|r| r["strategy"] == kind && r["transport"] == t)
+                .unwrap_or_else(|| panic!("no {kind} row on {t}"))
+                .clone()
+        };
+        let (a, b) = (pick("threads"), pick("mpi"));
+        for k in [
+            "bytes_sent",
+            "reference_bytes_sent",
+            "max_abs_diff",
+            "tau1",
+            "tau2",
+        ] {
+            assert_eq!(a[k], b[k], "{kind}: {k}");
+        }
+        assert!(traces.join(format!("{kind}.json")).is_file());
+        assert!(traces.join(format!("{kind}-mpi.json")).is_file());
+    }
+    assert!(std::fs::read_to_string(&md).unwrap().contains("| mpi |"));
+}
+
+/// Runs a 2-process hybrid job whose rank 1 fails at its 3rd send as `mode` says, and checks
+/// that the job stops well within `--comm-timeout` plus slack, names rank 1, and leaves no file.
+fn failing_rank_stops_the_job(mode: &str, needles: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixture("tiny-sdxl");
+    let out = dir.path().join("out.safetensors");
+    let trace = dir.path().join("trace.json");
+    let fault = format!("1:3:{mode}");
+    let r = mpirun(
+        2,
+        &[
+            "denoise",
+            "--model",
+            s(&root),
+            "--inputs",
+            s(&root.join("inputs.safetensors")),
+            "--out",
+            s(&out),
+            "--trace",
+            s(&trace),
+            "--steps",
+            "10",
+            "--strategy",
+            "hybrid",
+            "--tau-cap",
+            "4",
+            "--k",
+            "3",
+            "--threads-per-rank",
+            "1",
+            "--comm-timeout",
+            "8",
+        ],
+        &[("HYBRIDIFF_TEST_FAULT", &fault)],
+        dir.path(),
+    );
+    let all = format!("{}{}", r.stdout, r.stderr);
+    assert!(!r.ok, "{mode}: the job succeeded: {all}");
+    // The timeout (8 s) plus process start-up and the abort's grace.
+    assert!(r.seconds < 40.0, "{mode}: took {:.1} s: {all}", r.seconds);
+    for n in needles {
+        assert!(all.contains(n), "{mode}: output lacks {n:?}: {all}");
+    }
+    assert!(
+        !out.exists() && !trace.exists(),
+        "{mode}: an output file was left behind"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".txt"))
+        .collect();
+    assert!(left.is_empty(), "{mode}: files left behind: {left:?}");
+}
+
+#[test]
+fn rank_returning_an_error_stops_every_rank_naming_it() {
+    failing_rank_stops_the_job("error", &["rank 1", "injected error"]);
+}
+
+#[test]
+fn rank_panicking_stops_every_rank_naming_it() {
+    failing_rank_stops_the_job("panic", &["rank 1 panicked", "injected panic"]);
+}
+
+/// Open MPI's mpirun ends the job itself when a process exits with an error, naming it as
+/// `Process name: [[JOB,1],RANK]`.
+#[test]
+fn rank_exiting_stops_every_rank_naming_it() {
+    failing_rank_stops_the_job("exit", &["Process name: [[", ",1],1]", "Exit code:    3"]);
+}
+
+#[test]
+fn rank_killed_by_sigkill_stops_every_rank_naming_it() {
+    failing_rank_stops_the_job("kill", &["rank 1"]);
+}
+
+#[test]
+fn stuck_rank_times_out_on_its_peer_naming_it() {
+    failing_rank_stops_the_job("hang", &["waited 8s for rank 1"]);
+}
+
+#[test]
+fn world_size_must_agree_with_the_process_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixture("tiny-sdxl");
+    let out = dir.path().join("out.safetensors");
+    let r = mpirun(
+        2,
+        &[
+            "denoise",
+            "--model",
+            s(&root),
+            "--inputs",
+            s(&root.join("inputs.safetensors")),
+            "--out",
+            s(&out),
+            "--strategy",
+            "cfg",
+            "--world-size",
+            "4",
+        ],
+        &[],
+        dir.path(),
+    );
+    assert!(!r.ok);
+    assert!(
+        r.stderr
+            .contains("--world-size 4: this job was started as 2 processes"),
+        "{}",
+        r.stderr
+    );
+    assert!(!out.exists());
+}
+
+/// A rank that exits with status 0 mid-job (a bug, say) still ends the job, named by mpirun.
+#[test]
+fn rank_exiting_cleanly_mid_job_stops_every_rank_naming_it() {
+    failing_rank_stops_the_job("exit0", &["process rank 1", "exiting improperly"]);
+}
