@@ -92,19 +92,18 @@ pub fn announce(
 ) -> Result<()> {
     use hybridiff_engine::StrategyKind;
     for (kind, strategy) in kinds.iter().zip(strategies) {
-        match kind {
+        let line = match kind {
             StrategyKind::Cfg | StrategyKind::Hybrid if guidance <= 1.0 => {
-                if print {
-                    eprintln!("hybridiff: {kind}: {}", strategy.without_cfg());
-                }
+                Some(format!("{kind}: {}", strategy.without_cfg()))
             }
             StrategyKind::Hybrid => {
                 switch.check(steps)?;
-                if print {
-                    eprintln!("hybridiff: {}", switch.note);
-                }
+                Some(switch.note.clone())
             }
-            _ => {}
+            _ => None,
+        };
+        if let (true, Some(line)) = (print, line) {
+            eprintln!("hybridiff: {line}");
         }
     }
     Ok(())
