@@ -1004,7 +1004,8 @@ fn bench_patch_reports_mode_bands_and_bytes_and_bad_patch_flags_fail() {
         .find(|l| l.starts_with("| patch | 2 |"))
         .unwrap();
     assert!(row.contains("sync 2 bands, CFG batched"), "{table}");
-    let bytes: u64 = row.split('|').nth(5).unwrap().trim().parse().unwrap();
+    // Columns: strategy, ranks, transport, latency, speedup, bytes sent, ...
+    let bytes: u64 = row.split('|').nth(6).unwrap().trim().parse().unwrap();
     assert!(bytes > 0, "{table}");
 
     let out = dir.path().join("o.safetensors");

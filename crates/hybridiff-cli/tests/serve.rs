@@ -419,7 +419,7 @@ fn api_key_from_the_environment_and_flag_checks() {
         (&["--max-n", "0"][..], "--max-n"),
         (&["--steps", "500"][..], "--max-steps"),
         (
-            &["--width", "60", "--height", "64"][..],
+            &["--width", "62", "--height", "64"][..],
             "both must be multiples of",
         ),
     ] {

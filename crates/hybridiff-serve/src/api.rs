@@ -177,7 +177,16 @@ const FIELDS: &[&str] = &[
     "num_inference_steps",
     "guidance_scale",
     "stream",
+    // OpenAI's own image options, accepted and ignored so that existing clients work.
+    "quality",
+    "style",
 ];
+
+/// Whether `model` names one of OpenAI's image models, which clients send by default: served
+/// by this service's model, as any OpenAI-compatible server would.
+fn is_openai_image_model(model: &str) -> bool {
+    model.starts_with("dall-e") || model.starts_with("gpt-image")
+}
 
 fn opt_str<'a>(m: &'a Map<String, Value>, k: &str) -> Result<Option<&'a str>, ApiError> {
     match m.get(k) {
@@ -277,8 +286,10 @@ pub fn parse_generation(
     if let Some(n) = negative {
         check_text("negative_prompt", n, limits.max_prompt_chars)?;
     }
+    opt_str(&m, "quality")?;
+    opt_str(&m, "style")?;
     if let Some(model) = opt_str(&m, "model")? {
-        if model != info.model_id {
+        if model != info.model_id && !is_openai_image_model(model) {
             let mut e = ApiError::not_found(format!(
                 "the model `{model}` does not exist; this service has `{}`",
                 info.model_id
@@ -333,7 +344,8 @@ pub fn parse_generation(
     };
     let (seed, seed_given) = match opt_uint(&m, "seed", 0, u64::MAX - limits.max_n as u64)? {
         Some(s) => (s, true),
-        None => (rand::random::<u64>() >> 1, false),
+        // 53 bits, so that JavaScript clients (the page, openai-node) keep it exact.
+        None => (rand::random::<u64>() >> 11, false),
     };
     let stream = match m.get("stream") {
         None | Some(Value::Null) => false,

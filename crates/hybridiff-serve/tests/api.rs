@@ -68,6 +68,25 @@ async fn b64_url_n_and_the_hybridiff_object() {
     }
     let h = &v["hybridiff"];
     assert_eq!(h["seed"], 40);
+    // What OpenAI's clients send by default is served too: its image models and options.
+    let r = post(
+        &c,
+        &srv.url("/v1/images/generations"),
+        json!({"prompt": "a", "model": "dall-e-3", "quality": "hd", "style": "vivid"}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    // A random seed fits JavaScript's exact integers.
+    let v: Value = post(
+        &c,
+        &srv.url("/v1/images/generations"),
+        json!({"prompt": "a"}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert!(v["hybridiff"]["seed"].as_u64().unwrap() < 1 << 53);
     assert_eq!(h["strategy"], "serial");
     assert_eq!(h["steps"], 4);
     assert_eq!(h["size"], "32x48");
@@ -195,7 +214,8 @@ async fn bad_requests_name_the_field() {
         ),
         (json!({"prompt": "a", "seed": -3}), "seed"),
         (json!({"prompt": "a", "stream": "yes"}), "stream"),
-        (json!({"prompt": "a", "quality": "hd"}), "quality"),
+        (json!({"prompt": "a", "qualty": "hd"}), "qualty"),
+        (json!({"prompt": "a", "quality": 3}), "quality"),
     ];
     for (body, field) in cases {
         let r = post(&c, &url, body.clone()).await;
@@ -207,8 +227,8 @@ async fn bad_requests_name_the_field() {
     expect_error(r, 400, None).await;
     let r = post(&c, &url, json!([1, 2])).await;
     expect_error(r, 400, None).await;
-    // Unknown model: 404 as OpenAI does.
-    let r = post(&c, &url, json!({"prompt": "a", "model": "dall-e-3"})).await;
+    // Unknown model: 404 as OpenAI does (OpenAI's own image models are served by ours).
+    let r = post(&c, &url, json!({"prompt": "a", "model": "no-such-model"})).await;
     let v = expect_error(r, 404, Some("model")).await;
     assert_eq!(v["error"]["code"], "model_not_found");
     // Too large a body, with and without Content-Length.
@@ -282,6 +302,14 @@ async fn api_key_guards_every_route_but_health_and_the_page() {
     let r = c
         .get(srv.url("/metrics"))
         .bearer_auth("s3cret-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The scheme name is case-insensitive (RFC 7235).
+    let r = c
+        .get(srv.url("/metrics"))
+        .header("authorization", "bearer s3cret-key")
         .send()
         .await
         .unwrap();
