@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::Device;
 use hybridiff_engine::bench::{compare, forward_seconds, markdown_table, random_inputs};
-use hybridiff_engine::io::{check_distinct_paths, check_output_path, write_bytes_atomic};
+use hybridiff_engine::io::{
+    check_distinct_paths, check_output_path, check_outside_folder, write_bytes_atomic,
+};
 use hybridiff_engine::memory::{estimate_job, JobShape};
 use hybridiff_engine::{DenoiseInputs, Job, Model, StrategyKind};
 
@@ -68,6 +70,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let (Some(j), Some(m)) = (&args.json, &args.markdown) {
         check_distinct_paths(&[("--json", j), ("--markdown", m)], &[])?;
     }
+    let mut outputs: Vec<(&str, &std::path::Path)> = Vec::new();
+    for (p, flag) in [(&args.json, "--json"), (&args.markdown, "--markdown")] {
+        if let Some(p) = p {
+            outputs.push((flag, p.as_path()));
+        }
+    }
+    if let Some(d) = &args.trace_dir {
+        outputs.push(("--trace-dir", d.as_path()));
+    }
+    check_outside_folder(&outputs, &args.model, "--model")?;
     if let Some(d) = &args.trace_dir {
         if !d.is_dir() {
             anyhow::bail!("--trace-dir {}: not a folder; create it first", d.display());

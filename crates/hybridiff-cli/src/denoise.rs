@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use hybridiff_engine::io::{
-    check_distinct_paths, check_output_path, save_png, save_safetensors, write_bytes_atomic,
+    check_distinct_paths, check_output_path, check_outside_folder, save_png, save_safetensors,
+    write_bytes_atomic,
 };
 use hybridiff_engine::{denoise, DenoiseInputs, Job, Model};
 use hybridiff_schedulers::SchedulerKind;
@@ -72,6 +73,7 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
         outputs.push(("--decode", p.as_path()));
     }
     check_distinct_paths(&outputs, &[("--inputs", args.inputs.as_path())])?;
+    check_outside_folder(&outputs, &args.model, "--model")?;
     let model = Model::load(&args.model, run.dtype, &device)?;
     let scheduler = match run.scheduler {
         Some(s) => s,

@@ -6,8 +6,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use hybridiff_engine::io::{
-    check_distinct_paths, check_finite, check_output_path, load_safetensors, save_png,
-    special_file_kind, write_bytes_atomic,
+    check_distinct_paths, check_finite, check_output_path, check_outside_folder, load_safetensors,
+    save_png, special_file_kind, write_bytes_atomic,
 };
 use hybridiff_engine::pipeline::{Pipeline, Request};
 use hybridiff_engine::{Runner, Strategy, StrategyKind};
@@ -219,6 +219,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Some(p) = &args.prompts {
         inputs.push(("--prompts", p));
     }
+    // The default model's cache folder is a model folder like any other.
+    let model_flag = if args.model.is_some() {
+        "--model"
+    } else {
+        "the default model's cache folder"
+    };
+    let mut outputs = vec![("--out", args.out.as_path())];
+    if let Some(p) = &args.trace {
+        outputs.push(("--trace", p.as_path()));
+    }
+    check_outside_folder(&outputs, &model_dir, model_flag)?;
     match &batch {
         None => {
             check_output_path(&args.out, "--out")?;

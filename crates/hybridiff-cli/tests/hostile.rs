@@ -233,6 +233,88 @@ fn one_output_never_overwrites_another_or_an_input() {
 }
 
 #[test]
+fn outputs_inside_the_model_folder_are_refused_and_the_weights_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m2");
+    linked_copy(&fixture("tiny-sdxl"), &model);
+    let weights = model.join("unet/diffusion_pytorch_model.safetensors");
+    std::fs::remove_file(&weights).unwrap();
+    std::fs::copy(
+        fixture("tiny-sdxl").join("unet/diffusion_pytorch_model.safetensors"),
+        &weights,
+    )
+    .unwrap();
+    let before = std::fs::read(&weights).unwrap();
+    let inputs = model.join("inputs.safetensors");
+    let outside = dir.path().join("ok.safetensors");
+    let o = denoise(&model, &inputs, &weights, &[]);
+    fails_with(&o, &["--out", "inside --model"]);
+    // By another spelling: `..` and a link to the model's folder.
+    let alias = dir.path().join("alias");
+    std::os::unix::fs::symlink(&model, &alias).unwrap();
+    let sneaky = dir
+        .path()
+        .join("m2/../alias/unet/diffusion_pytorch_model.safetensors");
+    let o = denoise(&model, &inputs, &sneaky, &[]);
+    fails_with(&o, &["--out", "inside --model"]);
+    let png = model.join("vae/new.png");
+    let o = denoise(&model, &inputs, &outside, &["--decode", s(&png)]);
+    fails_with(&o, &["--decode", "inside --model"]);
+    let o = denoise(
+        &model,
+        &inputs,
+        &outside,
+        &["--trace", s(&model.join("t.json"))],
+    );
+    fails_with(&o, &["--trace", "inside --model"]);
+    assert_eq!(std::fs::read(&weights).unwrap(), before);
+    assert!(!outside.exists() && !png.exists());
+    let o = run(&[
+        "bench",
+        "--model",
+        s(&model),
+        "--json",
+        s(&model.join("unet/config.json")),
+        "--repeats",
+        "0",
+    ]);
+    fails_with(&o, &["--json", "inside --model"]);
+    let pipe = dir.path().join("p");
+    linked_copy(&fixture("tiny-sdxl-pipeline"), &pipe);
+    let prompts = dir.path().join("p.txt");
+    std::fs::write(&prompts, "a\n").unwrap();
+    let batch_out = pipe.join("images");
+    for extra in [vec!["--prompt", "x"], vec!["--prompts", s(&prompts)]] {
+        let mut args = vec!["generate", "--model", s(&pipe), "--out", s(&batch_out)];
+        args.extend(extra);
+        fails_with(&run(&args), &["--out", "inside --model"]);
+    }
+    assert!(!batch_out.exists());
+    // The default model's unpacked cache is a model folder too. A first run unpacks it
+    // (and fails on its missing output folder).
+    let cache = dir.path().join("cache");
+    let env = [("HYBRIDIFF_CACHE", s(&cache))];
+    let missing = dir.path().join("no/x.png");
+    let args = ["generate", "--prompt", "x", "--out", s(&missing)];
+    fails_with(&run_env(&args, &env, Duration::from_secs(60)), &["--out"]);
+    let unpacked = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("default-")
+        })
+        .expect("an unpacked default model");
+    let inside = unpacked.join("unet/diffusion_pytorch_model.safetensors");
+    let args = ["generate", "--prompt", "x", "--out", s(&inside)];
+    let o = run_env(&args, &env, Duration::from_secs(60));
+    fails_with(&o, &["--out", "inside the default model's cache folder"]);
+}
+
+#[test]
 fn init_never_replaces_a_model_without_force_and_leaves_nothing_on_failure() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = fixture("tiny-sdxl").join("unet/config.json");

@@ -127,6 +127,61 @@ pub fn check_distinct_paths(outputs: &[(&str, &Path)], inputs: &[(&str, &Path)])
     Ok(())
 }
 
+/// `path` with symbolic links and `..` resolved as far as it exists: the deepest existing
+/// ancestor is canonicalised and the rest appended (outputs usually do not exist yet).
+fn resolve_lossy(path: &Path) -> std::path::PathBuf {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .unwrap_or_else(|_| Path::new(".").to_path_buf())
+            .join(path)
+    };
+    let mut rest = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        if let Ok(c) = cur.canonicalize() {
+            return rest.iter().rev().fold(c, |acc, n| acc.join(n));
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                cur = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
+/// Refuses outputs inside `folder` (a model's folder, named by `what` such as
+/// "--model"): writing there would replace the weights or configs the job reads. Both
+/// the path (its folder resolved) and, for an existing file or link, its final target
+/// are checked.
+pub fn check_outside_folder(outputs: &[(&str, &Path)], folder: &Path, what: &str) -> Result<()> {
+    let Ok(root) = folder.canonicalize() else {
+        return Ok(());
+    };
+    for (flag, out) in outputs {
+        let mut candidates = vec![resolve_lossy(out)];
+        if let (Some(parent), Some(name)) = (out.parent(), out.file_name()) {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            candidates.push(resolve_lossy(parent).join(name));
+        }
+        if candidates.iter().any(|c| c.starts_with(&root)) {
+            return Err(Error::Options(format!(
+                "{flag} {}: is inside {what} {}; outputs never go into the model's folder (they could replace its weights)",
+                out.display(),
+                folder.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Checks that the folder an output goes to exists and that the output would replace
 /// nothing but a regular file, before any compute is spent.
 pub fn check_output_path(path: &Path, flag: &str) -> Result<()> {
