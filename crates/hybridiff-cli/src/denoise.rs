@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use hybridiff_engine::io::{
-    check_distinct_paths, check_output_path, check_outside_folder, save_png, save_safetensors,
+    check_distinct_paths, check_output_path, check_outside_folder, encode_png, save_safetensors,
     write_bytes_atomic,
 };
 use hybridiff_engine::{denoise, DenoiseInputs, Job, Model};
@@ -107,6 +107,20 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
     let out = denoise(&job, run.strategy.as_ref(), opts)?;
     bar.finish_and_clear();
 
+    // Everything is computed before anything is written, so a failed decode (or trace)
+    // leaves no output behind.
+    let png = match (&args.decode, vae) {
+        (Some(path), Some(vae)) => {
+            let image = vae.decode_latents(&out.latents.to_dtype(DType::F32)?)?;
+            let (w, h, rgb) = hybridiff_models::vae::to_rgb8(&image)?;
+            Some(encode_png(path, w, h, rgb)?)
+        }
+        _ => None,
+    };
+    let trace_json = match &args.trace {
+        Some(_) => Some(serde_json::to_string_pretty(&out.trace).context("serialising the trace")?),
+        None => None,
+    };
     let mut tensors = HashMap::new();
     tensors.insert("latents".to_string(), out.latents.to_dtype(DType::F32)?);
     tensors.insert(
@@ -114,14 +128,11 @@ pub fn run(args: DenoiseArgs) -> Result<()> {
         out.step_latents.to_dtype(DType::F32)?,
     );
     save_safetensors(&args.out, &tensors)?;
-    if let Some(path) = &args.trace {
-        let json = serde_json::to_string_pretty(&out.trace).context("serialising the trace")?;
+    if let (Some(path), Some(json)) = (&args.trace, &trace_json) {
         write_bytes_atomic(path, json.as_bytes())?;
     }
-    if let (Some(path), Some(vae)) = (&args.decode, vae) {
-        let image = vae.decode_latents(&out.latents.to_dtype(DType::F32)?)?;
-        let (w, h, rgb) = hybridiff_models::vae::to_rgb8(&image)?;
-        save_png(path, w, h, rgb)?;
+    if let (Some(path), Some(png)) = (&args.decode, &png) {
+        write_bytes_atomic(path, png)?;
     }
     println!(
         "{} on {} rank(s) x {} thread(s): {} steps in {:.3} s, {} bytes sent; wrote {}",

@@ -754,6 +754,37 @@ fn nan_weights_are_refused_by_tensor_and_file() {
 }
 
 #[test]
+fn a_failed_decode_writes_no_output_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    linked_copy(&fixture("tiny-sdxl"), &model);
+    // Finite weights (they pass the load check) that overflow the decoded image to inf.
+    edit_tensors(&model, "vae/diffusion_pytorch_model.safetensors", |t| {
+        let w = t["decoder.conv_out.weight"].clone();
+        t.insert(
+            "decoder.conv_out.weight".into(),
+            (w.ones_like().unwrap() * 3e38).unwrap(),
+        );
+    });
+    let out = dir.path().join("o.safetensors");
+    let trace = dir.path().join("t.json");
+    let png = dir.path().join("x.png");
+    let o = denoise(
+        &model,
+        &tiny_inputs(),
+        &out,
+        &["--trace", s(&trace), "--decode", s(&png)],
+    );
+    fails_with(&o, &["non-finite"]);
+    assert!(!out.exists() && !trace.exists() && !png.exists());
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "only the model"
+    );
+}
+
+#[test]
 fn bad_scheduler_and_text_encoder_numbers_are_refused_by_key() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");

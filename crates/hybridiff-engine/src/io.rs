@@ -259,8 +259,8 @@ pub fn save_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Resul
     })
 }
 
-/// Writes an RGB8 image as PNG, atomically.
-pub fn save_png(path: &Path, width: u32, height: u32, rgb: Vec<u8>) -> Result<()> {
+/// Encodes an RGB8 image as PNG bytes; `path` (where it will go) names errors.
+pub fn encode_png(path: &Path, width: u32, height: u32, rgb: Vec<u8>) -> Result<Vec<u8>> {
     let img = image::RgbImage::from_raw(width, height, rgb)
         .ok_or_else(|| Error::io(path, "image buffer does not match its size"))?;
     let mut bytes = Vec::new();
@@ -269,7 +269,12 @@ pub fn save_png(path: &Path, width: u32, height: u32, rgb: Vec<u8>) -> Result<()
         image::ImageFormat::Png,
     )
     .map_err(|e| Error::io(path, e))?;
-    write_bytes_atomic(path, &bytes)
+    Ok(bytes)
+}
+
+/// Writes an RGB8 image as PNG, atomically.
+pub fn save_png(path: &Path, width: u32, height: u32, rgb: Vec<u8>) -> Result<()> {
+    write_bytes_atomic(path, &encode_png(path, width, height, rgb)?)
 }
 
 /// Loads a safetensors file, with errors that name it: a missing path, a folder, FIFO
