@@ -366,6 +366,18 @@ fn generate_one(
     Ok(img)
 }
 
+/// Most characters of a prompt echoed on stdout; longer ones are shortened as the
+/// truncation warning does (the manifest keeps the whole prompt).
+const MAX_ECHO_CHARS: usize = 120;
+
+fn echo_prompt(prompt: &str) -> String {
+    if prompt.chars().count() <= MAX_ECHO_CHARS && !prompt.contains(['\n', '\r']) {
+        prompt.to_string()
+    } else {
+        hybridiff_text::tokenizer::shorten(prompt, MAX_ECHO_CHARS)
+    }
+}
+
 fn run_batch(
     pipeline: &Pipeline,
     items: &[BatchItem],
@@ -406,7 +418,7 @@ fn run_batch(
                 entry["classifier_free_guidance"] = trace.classifier_free_guidance.into();
                 entry["tau1"] = serde_json::json!(trace.tau1);
                 entry["tau2"] = serde_json::json!(trace.tau2);
-                println!("{file}: {}", it.prompt);
+                println!("{file}: {}", echo_prompt(&it.prompt));
             }
             Err(e) => {
                 failed += 1;

@@ -1124,6 +1124,35 @@ fn the_truncation_warning_shows_the_dropped_part_shortened() {
     assert!(err.len() < 4_000, "{} bytes of warnings", err.len());
 }
 
+#[test]
+fn a_long_batch_prompt_is_echoed_shortened_and_kept_whole_in_the_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = "red circle ".repeat(9_000);
+    let prompts = dir.path().join("p.txt");
+    std::fs::write(&prompts, format!("{}\n", prompt.trim())).unwrap();
+    let out = dir.path().join("imgs");
+    let o = run(&[
+        "generate",
+        "--model",
+        s(&fixture("tiny-sdxl-pipeline")),
+        "--prompts",
+        s(&prompts),
+        "--steps",
+        "1",
+        "--out",
+        s(&out),
+    ]);
+    succeeds(&o);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("0000.png: ") && stdout.contains("characters in all"),
+        "{stdout}"
+    );
+    assert!(stdout.len() < 1_000, "{} bytes on stdout", stdout.len());
+    let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
+    assert!(manifest.contains(prompt.trim()));
+}
+
 // 10. compare.
 
 #[test]
