@@ -478,6 +478,26 @@ fn the_default_model_at_512_pixels_is_refused_under_8_gib() {
 }
 
 #[test]
+fn the_address_space_limit_counts_as_a_memory_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    // `ulimit -v` in KiB: about 7.6 GiB, below the 512-pixel job's estimate.
+    let script = format!(
+        "ulimit -v 8000000 && exec {} generate --prompt x --height 512 --width 512 --steps 2 --out {}",
+        env!("CARGO_BIN_EXE_hybridiff"),
+        s(&dir.path().join("x.png"))
+    );
+    let o = Command::new("sh")
+        .args(["-c", &script])
+        .env("HYBRIDIFF_CACHE", &cache)
+        .env_remove("HYBRIDIFF_MEMORY_LIMIT")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    fails_with(&o, &["128x128 latents", "ulimit -v"]);
+}
+
+#[test]
 fn counts_from_configs_and_flags_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = fixture("tiny-sdxl").join("unet/config.json");
