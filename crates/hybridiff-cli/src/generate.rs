@@ -270,6 +270,38 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                     check_distinct_paths(&[("--out", o)], &[(flag, input)])?;
                 }
             }
+            // Every planned name is checked before the first prompt runs: a FIFO
+            // `0000.png` or a `manifest.json` linked to /dev/null fails now, not after
+            // images were made.
+            if args.out.is_dir() {
+                for (_, o) in &outputs {
+                    check_output_path(o, "--out")?;
+                }
+            } else {
+                // The folder is made with its missing parents; the deepest existing one
+                // must take a new entry.
+                let parent = args
+                    .out
+                    .ancestors()
+                    .skip(1)
+                    .map(|a| {
+                        if a.as_os_str().is_empty() {
+                            Path::new(".")
+                        } else {
+                            a
+                        }
+                    })
+                    .find(|a| a.exists())
+                    .unwrap_or(Path::new("."));
+                if !parent.is_dir() {
+                    bail!(
+                        "--out {}: {} is not a folder",
+                        args.out.display(),
+                        parent.display()
+                    );
+                }
+                hybridiff_engine::io::check_writable_folder(parent, &args.out, "--out")?;
+            }
         }
     }
     let pipeline = Pipeline::load(&model_dir, run.dtype, &device)?;

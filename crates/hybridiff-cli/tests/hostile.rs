@@ -202,6 +202,60 @@ fn outputs_onto_devices_and_fifos_are_refused_and_left_alone() {
 }
 
 #[test]
+fn unwritable_outputs_are_refused_before_any_compute() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-sdxl");
+    let ok = dir.path().join("ok.safetensors");
+    let slash = format!("{}/", s(&dir.path().join("newdir")));
+    let o = denoise(&model, &tiny_inputs(), Path::new(&slash), &[]);
+    fails_with(&o, &["--out", "ends with `/`"]);
+    for bad in ["/proc/x.safetensors", "/sys/x.safetensors"] {
+        let o = denoise(&model, &tiny_inputs(), &ok, &["--trace", bad]);
+        fails_with(&o, &["--trace", "cannot write in the folder"]);
+        assert!(!ok.exists());
+    }
+    // A read-only folder (root ignores permissions, so only checked as a user).
+    let ro = dir.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    if tempfile::tempfile_in(&ro).is_err() {
+        let o = denoise(&model, &tiny_inputs(), &ro.join("x.safetensors"), &[]);
+        fails_with(&o, &["--out", "cannot write in the folder"]);
+    }
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Batch outputs: each planned name is checked before the first image is made.
+    let prompts = dir.path().join("p.txt");
+    std::fs::write(&prompts, "a\nb\n").unwrap();
+    let batch = |out: &Path| {
+        run(&[
+            "generate",
+            "--model",
+            s(&fixture("tiny-sdxl-pipeline")),
+            "--prompts",
+            s(&prompts),
+            "--steps",
+            "1",
+            "--out",
+            s(out),
+        ])
+    };
+    let imgs = dir.path().join("imgs");
+    std::fs::create_dir(&imgs).unwrap();
+    std::os::unix::fs::symlink("/dev/null", imgs.join("manifest.json")).unwrap();
+    fails_with(&batch(&imgs), &["manifest.json", "character device"]);
+    assert!(!imgs.join("0000.png").exists());
+    std::fs::remove_file(imgs.join("manifest.json")).unwrap();
+    mkfifo(&imgs.join("0001.png"));
+    fails_with(&batch(&imgs), &["0001.png", "FIFO"]);
+    assert!(!imgs.join("0000.png").exists());
+    fails_with(
+        &batch(Path::new("/proc/imgs")),
+        &["--out", "cannot write in the folder"],
+    );
+}
+
+#[test]
 fn one_output_never_overwrites_another_or_an_input() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixture("tiny-sdxl");

@@ -185,6 +185,12 @@ pub fn check_outside_folder(outputs: &[(&str, &Path)], folder: &Path, what: &str
 /// Checks that the folder an output goes to exists and that the output would replace
 /// nothing but a regular file, before any compute is spent.
 pub fn check_output_path(path: &Path, flag: &str) -> Result<()> {
+    if path.as_os_str().to_string_lossy().ends_with('/') {
+        return Err(Error::io(
+            path,
+            format!("{flag}: ends with `/`, a folder; expected a file path"),
+        ));
+    }
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -204,7 +210,26 @@ pub fn check_output_path(path: &Path, flag: &str) -> Result<()> {
             format!("{flag}: is a folder, expected a file path"),
         ));
     }
-    refuse_special_target(path, flag)
+    refuse_special_target(path, flag)?;
+    check_writable_folder(parent, path, flag)
+}
+
+/// Creates and removes a temporary file in `folder`, as writing `path` will: a read-only
+/// folder, or one under `/proc` or `/sys`, is refused before any compute is spent.
+pub fn check_writable_folder(folder: &Path, path: &Path, flag: &str) -> Result<()> {
+    tempfile::Builder::new()
+        .prefix(".hybridiff-probe-")
+        .tempfile_in(folder)
+        .map(drop)
+        .map_err(|e| {
+            Error::io(
+                path,
+                format!(
+                    "{flag}: cannot write in the folder {}: {e}",
+                    folder.display()
+                ),
+            )
+        })
 }
 
 /// Writes `bytes` to `path` atomically (temp file in the same folder, then rename).
