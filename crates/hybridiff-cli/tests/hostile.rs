@@ -256,6 +256,32 @@ fn unwritable_outputs_are_refused_before_any_compute() {
 }
 
 #[test]
+fn outputs_that_are_symbolic_links_are_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-sdxl");
+    let target = dir.path().join("target.safetensors");
+    std::fs::write(&target, "keep").unwrap();
+    let link = dir.path().join("link.safetensors");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let dangling = dir.path().join("dangling.safetensors");
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+    for l in [&link, &dangling] {
+        let o = denoise(&model, &tiny_inputs(), l, &[]);
+        fails_with(&o, &["--out", "symbolic link", "give the target's path"]);
+        let ok = dir.path().join("ok.safetensors");
+        let o = denoise(&model, &tiny_inputs(), &ok, &["--trace", s(l)]);
+        fails_with(&o, &["--trace", "symbolic link"]);
+        assert!(std::fs::symlink_metadata(l)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(!ok.exists());
+    }
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+    assert!(!dir.path().join("nowhere").exists());
+}
+
+#[test]
 fn one_output_never_overwrites_another_or_an_input() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixture("tiny-sdxl");
@@ -328,7 +354,7 @@ fn outputs_inside_the_model_folder_are_refused_and_the_weights_kept() {
         "--model",
         s(&model),
         "--json",
-        s(&model.join("unet/config.json")),
+        s(&model.join("unet/bench.json")),
         "--repeats",
         "0",
     ]);

@@ -66,16 +66,32 @@ pub fn special_file_kind(path: &Path) -> Option<&'static str> {
 /// Refuses to replace anything but a regular file: outputs are written to a temporary
 /// file and renamed over the target, which would replace a device node or a FIFO
 /// (`/dev/null` as root) with our file.
+///
+/// A symbolic link (to a file, or dangling) is refused too: renaming over it would
+/// replace the link and leave its target untouched, and writing through it would not be
+/// atomic; the message names the target to give instead.
 fn refuse_special_target(path: &Path, flag: &str) -> Result<()> {
-    match special_file_kind(path) {
-        Some(kind) => Err(Error::io(
+    if let Some(kind) = special_file_kind(path) {
+        return Err(Error::io(
             path,
             format!(
                 "{flag}: is {kind}; outputs only replace regular files (write to a file and copy it there yourself)"
             ),
-        )),
-        None => Ok(()),
+        ));
     }
+    let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if is_link {
+        let target = std::fs::read_link(path)
+            .map(|t| t.display().to_string())
+            .unwrap_or_else(|_| "?".into());
+        return Err(Error::io(
+            path,
+            format!(
+                "{flag}: is a symbolic link (to {target}); outputs never replace or write through links: give the target's path, or remove the link"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The same file, or the same path for files that do not exist yet.
