@@ -959,6 +959,58 @@ fn bad_scheduler_and_text_encoder_numbers_are_refused_by_key() {
 }
 
 #[test]
+fn config_numbers_far_outside_real_models_are_refused_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let sd3 = fixture("tiny-sd3");
+    for shift in [1e300, 1e-300] {
+        let m = dir.path().join(format!("sd3-{shift:e}"));
+        linked_copy(&sd3, &m);
+        edit_json(&m, "scheduler/scheduler_config.json", |v| {
+            v["shift"] = shift.into()
+        });
+        let o = denoise(
+            &m,
+            &sd3.join("inputs.safetensors"),
+            &dir.path().join("o"),
+            &[],
+        );
+        fails_with(&o, &["`shift`", "scheduler_config.json", "1e3"]);
+    }
+    for shift in [1e30, 1e38] {
+        let m = dir.path().join(format!("vae-{shift:e}"));
+        linked_copy(&fixture("tiny-sdxl"), &m);
+        edit_json(&m, "vae/config.json", |v| v["shift_factor"] = shift.into());
+        let png = dir.path().join("x.png");
+        let o = denoise(
+            &m,
+            &tiny_inputs(),
+            &dir.path().join("o"),
+            &["--decode", s(&png)],
+        );
+        let err = fails_with(&o, &["shift_factor", "vae"]);
+        assert!(!err.contains("scaling_factor"), "{err}");
+        assert!(!png.exists());
+    }
+    let pipe = dir.path().join("pipe");
+    linked_copy(&fixture("tiny-sdxl-pipeline"), &pipe);
+    edit_json(&pipe, "text_encoder/config.json", |v| {
+        v["layer_norm_eps"] = 1e30.into()
+    });
+    let o = run(&[
+        "generate",
+        "--model",
+        s(&pipe),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--out",
+        s(&dir.path().join("x.png")),
+    ]);
+    fails_with(&o, &["`layer_norm_eps`", "text_encoder", "at most 1e-1"]);
+}
+
+#[test]
 fn huge_embeddings_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("huge.safetensors");
