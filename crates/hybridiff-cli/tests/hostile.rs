@@ -1139,6 +1139,56 @@ fn batch_errors_of_the_whole_request_are_reported_once_and_make_no_folder() {
 }
 
 #[test]
+fn a_damaged_cached_default_model_is_unpacked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let env = [("HYBRIDIFF_CACHE", s(&cache))];
+    let out = dir.path().join("x.png");
+    let args = [
+        "generate",
+        "--prompt",
+        "x",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--steps",
+        "1",
+        "--out",
+        s(&out),
+    ];
+    succeeds(&run_env(&args, &env, Duration::from_secs(120)));
+    let unpacked = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("default-")
+        })
+        .expect("an unpacked default model");
+    let weights = unpacked.join("unet/diffusion_pytorch_model.safetensors");
+    let good = std::fs::read(&weights).unwrap();
+    // Truncated, then the same length with one byte changed.
+    std::fs::write(&weights, &good[..1000]).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    succeeds(&run_env(&args, &env, Duration::from_secs(120)));
+    assert!(out.exists());
+    assert_eq!(std::fs::read(&weights).unwrap(), good);
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0xff;
+    std::fs::write(&weights, &bad).unwrap();
+    succeeds(&run_env(&args, &env, Duration::from_secs(120)));
+    assert_eq!(std::fs::read(&weights).unwrap(), good);
+    std::fs::remove_file(unpacked.join("model_index.json")).unwrap();
+    succeeds(&run_env(&args, &env, Duration::from_secs(120)));
+    assert!(unpacked.join("model_index.json").is_file());
+}
+
+#[test]
 fn stale_unpacks_of_the_default_model_are_removed_and_fresh_ones_kept() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
