@@ -6,8 +6,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use hybridiff_engine::io::{
-    check_distinct_paths, check_finite, check_output_path, check_outside_folder, load_safetensors,
-    save_png, special_file_kind, write_bytes_atomic,
+    check_distinct_paths, check_finite, check_output_path, check_outside_folder,
+    load_safetensors_named, save_png, special_file_kind, write_bytes_atomic,
 };
 use hybridiff_engine::pipeline::{Pipeline, Request};
 use hybridiff_engine::{Runner, Strategy, StrategyKind};
@@ -307,7 +307,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let pipeline = Pipeline::load(&model_dir, run.dtype, &device)?;
     let latents = match &args.latents {
         Some(p) => {
-            let l = load_safetensors(p, &device)?
+            let l = load_safetensors_named(p, &device, &["latents"])?
+                .0
                 .remove("latents")
                 .with_context(|| format!("--latents {}: no tensor named `latents`", p.display()))?;
             let l = hybridiff_engine::io::float_tensor(p, "latents", &l)?;

@@ -726,6 +726,90 @@ fn integer_tensors_in_inputs_are_refused_by_name_and_float_ones_converted() {
     succeeds(&denoise(&model, &bad, &out, &[]));
 }
 
+/// Writes a safetensors file by hand (candle cannot write int8, bool or fp8): the tiny
+/// inputs as f32, then `extra` `(name, dtype, shape, bytes)` tensors, replacing any of
+/// the same name.
+fn write_raw_inputs(path: &Path, extra: &[(&str, &str, Vec<usize>, Vec<u8>)]) {
+    let t = candle_core::safetensors::load(tiny_inputs(), &Device::Cpu).unwrap();
+    let mut all: Vec<(String, String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, v) in &t {
+        if extra.iter().any(|e| e.0 == name) {
+            continue;
+        }
+        let f: Vec<f32> = v
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let bytes = f.iter().flat_map(|x| x.to_le_bytes()).collect();
+        all.push((name.clone(), "F32".into(), v.dims().to_vec(), bytes));
+    }
+    for (n, d, sh, b) in extra {
+        all.push((n.to_string(), d.to_string(), sh.clone(), b.clone()));
+    }
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (n, d, sh, b) in &all {
+        header.insert(
+            n.clone(),
+            serde_json::json!({"dtype": d, "shape": sh, "data_offsets": [data.len(), data.len() + b.len()]}),
+        );
+        data.extend_from_slice(b);
+    }
+    let h = serde_json::Value::Object(header).to_string().into_bytes();
+    let mut file = (h.len() as u64).to_le_bytes().to_vec();
+    file.extend(h);
+    file.extend(data);
+    std::fs::write(path, file).unwrap();
+}
+
+#[test]
+fn unreadable_dtypes_are_named_and_unused_tensors_only_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-sdxl");
+    let t = candle_core::safetensors::load(tiny_inputs(), &Device::Cpu).unwrap();
+    let n = t["latents"].elem_count();
+    let shape = t["latents"].dims().to_vec();
+    let out = dir.path().join("o.safetensors");
+    for dtype in ["I8", "BOOL", "F8_E5M2"] {
+        let p = dir.path().join(format!("{dtype}.safetensors"));
+        write_raw_inputs(&p, &[("latents", dtype, shape.clone(), vec![0u8; n])]);
+        let o = denoise(&model, &p, &out, &[]);
+        fails_with(&o, &["`latents`", &format!("{dtype}.safetensors"), dtype]);
+        // The same tensor given to generate --latents.
+        let o = run(&[
+            "generate",
+            "--model",
+            s(&fixture("tiny-sdxl-pipeline")),
+            "--prompt",
+            "x",
+            "--latents",
+            s(&p),
+            "--out",
+            s(&dir.path().join("x.png")),
+        ]);
+        fails_with(&o, &["`latents`", dtype]);
+    }
+    // Unused extra tensors of any dtype are skipped with a warning naming them.
+    let p = dir.path().join("extra.safetensors");
+    write_raw_inputs(
+        &p,
+        &[
+            ("mask", "BOOL", vec![4], vec![1u8; 4]),
+            ("add_time_ids", "F32", vec![1, 6], vec![0u8; 24]),
+        ],
+    );
+    let err = succeeds(&denoise(&model, &p, &out, &[]));
+    assert!(err.contains("`mask`") && err.contains("ignoring"), "{err}");
+    assert!(
+        err.contains("`add_time_ids`") && err.contains("`time_ids`"),
+        "{err}"
+    );
+    assert!(out.exists());
+}
+
 #[test]
 fn thread_and_rank_counts_are_bounded_by_the_cores() {
     let dir = tempfile::tempdir().unwrap();

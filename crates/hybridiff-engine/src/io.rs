@@ -345,6 +345,65 @@ pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
     })
 }
 
+/// Loads only the tensors of `wanted` that a safetensors file has, by its header: other
+/// tensors are never converted (an unused tensor of a dtype candle cannot read does not
+/// block the file), and a wanted tensor of an unsupported dtype (int8, bool, fp8, ...) is
+/// refused naming the tensor, the file and the dtype. Returns the tensors found and the
+/// names of the file's other tensors, sorted.
+pub fn load_safetensors_named(
+    path: &Path,
+    device: &Device,
+    wanted: &[&str],
+) -> Result<(HashMap<String, Tensor>, Vec<String>)> {
+    if let Some(kind) = special_file_kind(path) {
+        return Err(Error::io(
+            path,
+            format!("is {kind}, expected a safetensors file"),
+        ));
+    }
+    if !path.is_file() {
+        return Err(Error::io(path, "file not found"));
+    }
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    hybridiff_models::memory::check(&format!("reading {}", path.display()), len as u128)
+        .map_err(Error::Memory)?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        Error::io(
+            path,
+            format!("not a valid safetensors file ({e}); is it truncated or corrupt?"),
+        )
+    })?;
+    let mut found = HashMap::new();
+    let mut others = Vec::new();
+    for (name, view) in st.tensors() {
+        if !wanted.contains(&name.as_str()) {
+            others.push(name);
+            continue;
+        }
+        use safetensors::Dtype as D;
+        if !matches!(
+            view.dtype(),
+            D::F16 | D::BF16 | D::F32 | D::F64 | D::U8 | D::U32 | D::I16 | D::I32 | D::I64
+        ) {
+            return Err(Error::Input(format!(
+                "{}: tensor `{name}` has dtype {:?}, which cannot be read; expected floating point (f32, f16, bf16 or f64)",
+                path.display(),
+                view.dtype()
+            )));
+        }
+        use candle_core::safetensors::Load;
+        let t = view
+            .load(device)
+            .map_err(|e| Error::io(path, format!("tensor `{name}`: cannot read it ({e})")))?;
+        found.insert(name, t);
+    }
+    others.sort();
+    Ok((found, others))
+}
+
 /// Refuses a tensor read from `path` that holds NaN, an infinity or a value beyond
 /// [`MAX_INPUT_ABS`], naming the tensor, the file and the first offending index.
 pub fn check_finite(path: &Path, name: &str, t: &Tensor) -> Result<()> {
@@ -385,7 +444,19 @@ impl DenoiseInputs {
     /// embeddings (when the model takes them). `time_ids`, when the file has none, are
     /// `[H, W, 0, 0, H, W]` in pixels (`vae_factor` times the latent size).
     pub fn load(path: &Path, spec: &InputSpec, device: &Device) -> Result<Self> {
-        let mut t = load_safetensors(path, device)?;
+        let wanted: Vec<&str> = REQUIRED.iter().copied().chain(["time_ids"]).collect();
+        let (mut t, others) = load_safetensors_named(path, device, &wanted)?;
+        for name in &others {
+            let hint = if name == "add_time_ids" {
+                " (diffusers' name; rename it `time_ids` to use it)"
+            } else {
+                ""
+            };
+            tracing::warn!(
+                "{}: ignoring tensor `{name}`, which denoising does not use{hint}; it reads {wanted:?}",
+                path.display()
+            );
+        }
         for name in REQUIRED {
             if !t.contains_key(name) {
                 let have: Vec<&String> = t.keys().collect();
