@@ -7,7 +7,9 @@ use candle_core::Device;
 use hybridiff_engine::bench::{
     compare_on, forward_seconds, markdown_table, random_inputs, BenchRun,
 };
-use hybridiff_engine::io::{check_distinct_paths, check_output_path, write_bytes_atomic};
+use hybridiff_engine::io::{
+    check_distinct_paths, check_output_path, check_outside_folder, write_bytes_atomic,
+};
 use hybridiff_engine::memory::{estimate_job, JobShape};
 use hybridiff_engine::{DenoiseInputs, Job, Model, StrategyKind};
 
@@ -85,6 +87,16 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     if let (Some(j), Some(m)) = (&args.json, &args.markdown) {
         check_distinct_paths(&[("--json", j), ("--markdown", m)], &[])?;
     }
+    let mut outputs: Vec<(&str, &std::path::Path)> = Vec::new();
+    for (p, flag) in [(&args.json, "--json"), (&args.markdown, "--markdown")] {
+        if let Some(p) = p {
+            outputs.push((flag, p.as_path()));
+        }
+    }
+    if let Some(d) = &args.trace_dir {
+        outputs.push(("--trace-dir", d.as_path()));
+    }
+    check_outside_folder(&outputs, &args.model, "--model")?;
     let default_transport = if processes.is_some() {
         "mpi"
     } else {

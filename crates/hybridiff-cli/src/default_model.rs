@@ -80,13 +80,35 @@ fn remove_stale_unpacks(cache: &std::path::Path) {
 }
 
 /// The folder of the embedded default model, unpacked if needed.
+/// Whether every embedded file is in `dir` with the same length and bytes (a few MB,
+/// read on each use; cheap next to loading the model).
+fn unpacked_intact(dir: &std::path::Path) -> bool {
+    embedded::FILES.iter().all(|(name, bytes)| {
+        let path = dir.join(name);
+        std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == bytes.len() as u64)
+            && std::fs::read(&path).is_ok_and(|b| b == *bytes)
+    })
+}
+
 pub fn dir() -> Result<PathBuf> {
     if embedded::FILES.is_empty() {
         bail!("this binary was built without an embedded default model (models/default/ was missing at build time); pass --model DIR");
     }
     let target = cache_root().join(format!("default-{:016x}", content_hash()));
-    if target.join("model_index.json").is_file() {
-        return Ok(target);
+    if target.exists() {
+        if target.join("model_index.json").is_file() && unpacked_intact(&target) {
+            return Ok(target);
+        }
+        // A damaged copy (truncated, edited) would break every later run: move it aside
+        // and unpack again.
+        tracing::warn!(
+            "the cached default model in {} differs from the embedded one; unpacking it again",
+            target.display()
+        );
+        let aside = target.with_extension(format!("damaged-{}", std::process::id()));
+        if std::fs::rename(&target, &aside).is_ok() {
+            let _ = std::fs::remove_dir_all(&aside);
+        }
     }
     let parent = target.parent().expect("has a parent");
     std::fs::create_dir_all(parent)

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use hybridiff_engine::io::{
-    check_distinct_paths, check_output_path, save_png, save_safetensors, write_bytes_atomic,
+    check_distinct_paths, check_output_path, check_outside_folder, encode_png, save_safetensors,
+    write_bytes_atomic,
 };
 use hybridiff_engine::{denoise, denoise_rank, DenoiseInputs, Job, Model};
 use hybridiff_schedulers::SchedulerKind;
@@ -76,6 +77,7 @@ pub fn run(args: DenoiseArgs, launch: &crate::launch::Launch) -> Result<()> {
         outputs.push(("--decode", p.as_path()));
     }
     check_distinct_paths(&outputs, &[("--inputs", args.inputs.as_path())])?;
+    check_outside_folder(&outputs, &args.model, "--model")?;
     let model = Model::load(&args.model, run.dtype, &device)?;
     let scheduler = match run.scheduler {
         Some(s) => s,
@@ -112,6 +114,20 @@ pub fn run(args: DenoiseArgs, launch: &crate::launch::Launch) -> Result<()> {
         return Ok(()); // not rank 0: rank 0 writes the outputs
     };
 
+    // Everything is computed before anything is written, so a failed decode (or trace)
+    // leaves no output behind.
+    let png = match (&args.decode, vae) {
+        (Some(path), Some(vae)) => {
+            let image = vae.decode_latents(&out.latents.to_dtype(DType::F32)?)?;
+            let (w, h, rgb) = hybridiff_models::vae::to_rgb8(&image)?;
+            Some(encode_png(path, w, h, rgb)?)
+        }
+        _ => None,
+    };
+    let trace_json = match &args.trace {
+        Some(_) => Some(serde_json::to_string_pretty(&out.trace).context("serialising the trace")?),
+        None => None,
+    };
     let mut tensors = HashMap::new();
     tensors.insert("latents".to_string(), out.latents.to_dtype(DType::F32)?);
     tensors.insert(
@@ -119,14 +135,11 @@ pub fn run(args: DenoiseArgs, launch: &crate::launch::Launch) -> Result<()> {
         out.step_latents.to_dtype(DType::F32)?,
     );
     save_safetensors(&args.out, &tensors)?;
-    if let Some(path) = &args.trace {
-        let json = serde_json::to_string_pretty(&out.trace).context("serialising the trace")?;
+    if let (Some(path), Some(json)) = (&args.trace, &trace_json) {
         write_bytes_atomic(path, json.as_bytes())?;
     }
-    if let (Some(path), Some(vae)) = (&args.decode, vae) {
-        let image = vae.decode_latents(&out.latents.to_dtype(DType::F32)?)?;
-        let (w, h, rgb) = hybridiff_models::vae::to_rgb8(&image)?;
-        save_png(path, w, h, rgb)?;
+    if let (Some(path), Some(png)) = (&args.decode, &png) {
+        write_bytes_atomic(path, png)?;
     }
     println!(
         "{} on {} rank(s) x {} thread(s): {} steps in {:.3} s, {} bytes sent; wrote {}",

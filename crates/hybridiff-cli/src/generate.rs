@@ -7,8 +7,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use hybridiff_comm::Communicator;
 use hybridiff_engine::io::{
-    check_distinct_paths, check_finite, check_output_path, load_safetensors, save_png,
-    special_file_kind, write_bytes_atomic,
+    check_distinct_paths, check_finite, check_output_path, check_outside_folder,
+    load_safetensors_named, save_png, special_file_kind, write_bytes_atomic,
 };
 use hybridiff_engine::pipeline::{Pipeline, Request};
 use hybridiff_engine::{RunOptions, Runner, Strategy};
@@ -220,6 +220,17 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
         )?),
         (None, None) => bail!("give --prompt TEXT or --prompts FILE"),
     };
+    // The default model's cache folder is a model folder like any other.
+    let model_flag = if args.model.is_some() {
+        "--model"
+    } else {
+        "the default model's cache folder"
+    };
+    let mut model_outputs = vec![("--out", args.out.as_path())];
+    if let Some(p) = &args.trace {
+        model_outputs.push(("--trace", p.as_path()));
+    }
+    check_outside_folder(&model_outputs, &model_dir, model_flag)?;
     if root {
         let mut inputs: Vec<(&str, &Path)> = Vec::new();
         if let Some(p) = &args.latents {
@@ -268,13 +279,46 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
                         check_distinct_paths(&[("--out", o)], &[(flag, input)])?;
                     }
                 }
+                // Every planned name is checked before the first prompt runs: a FIFO
+                // `0000.png` or a `manifest.json` linked to /dev/null fails now, not after
+                // images were made.
+                if args.out.is_dir() {
+                    for (_, o) in &outputs {
+                        check_output_path(o, "--out")?;
+                    }
+                } else {
+                    // The folder is made with its missing parents; the deepest existing one
+                    // must take a new entry.
+                    let parent = args
+                        .out
+                        .ancestors()
+                        .skip(1)
+                        .map(|a| {
+                            if a.as_os_str().is_empty() {
+                                Path::new(".")
+                            } else {
+                                a
+                            }
+                        })
+                        .find(|a| a.exists())
+                        .unwrap_or(Path::new("."));
+                    if !parent.is_dir() {
+                        bail!(
+                            "--out {}: {} is not a folder",
+                            args.out.display(),
+                            parent.display()
+                        );
+                    }
+                    hybridiff_engine::io::check_writable_folder(parent, &args.out, "--out")?;
+                }
             }
         }
     }
     let pipeline = Pipeline::load(&model_dir, run.dtype, &device)?;
     let latents = match &args.latents {
         Some(p) => {
-            let l = load_safetensors(p, &device)?
+            let l = load_safetensors_named(p, &device, &["latents"])?
+                .0
                 .remove("latents")
                 .with_context(|| format!("--latents {}: no tensor named `latents`", p.display()))?;
             let l = hybridiff_engine::io::float_tensor(p, "latents", &l)?;
@@ -385,6 +429,18 @@ fn generate_one(
     Ok(img)
 }
 
+/// Most characters of a prompt echoed on stdout; longer ones are shortened as the
+/// truncation warning does (the manifest keeps the whole prompt).
+const MAX_ECHO_CHARS: usize = 120;
+
+fn echo_prompt(prompt: &str) -> String {
+    if prompt.chars().count() <= MAX_ECHO_CHARS && !prompt.contains(['\n', '\r']) {
+        prompt.to_string()
+    } else {
+        hybridiff_text::tokenizer::shorten(prompt, MAX_ECHO_CHARS)
+    }
+}
+
 fn run_batch(
     pipeline: &Pipeline,
     items: &[BatchItem],
@@ -433,7 +489,7 @@ fn run_batch(
                 entry["classifier_free_guidance"] = trace.classifier_free_guidance.into();
                 entry["tau1"] = serde_json::json!(trace.tau1);
                 entry["tau2"] = serde_json::json!(trace.tau2);
-                println!("{file}: {}", it.prompt);
+                println!("{file}: {}", echo_prompt(&it.prompt));
             }
             Err(e) => {
                 failed += 1;

@@ -202,6 +202,86 @@ fn outputs_onto_devices_and_fifos_are_refused_and_left_alone() {
 }
 
 #[test]
+fn unwritable_outputs_are_refused_before_any_compute() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-sdxl");
+    let ok = dir.path().join("ok.safetensors");
+    let slash = format!("{}/", s(&dir.path().join("newdir")));
+    let o = denoise(&model, &tiny_inputs(), Path::new(&slash), &[]);
+    fails_with(&o, &["--out", "ends with `/`"]);
+    for bad in ["/proc/x.safetensors", "/sys/x.safetensors"] {
+        let o = denoise(&model, &tiny_inputs(), &ok, &["--trace", bad]);
+        fails_with(&o, &["--trace", "cannot write in the folder"]);
+        assert!(!ok.exists());
+    }
+    // A read-only folder (root ignores permissions, so only checked as a user).
+    let ro = dir.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    if tempfile::tempfile_in(&ro).is_err() {
+        let o = denoise(&model, &tiny_inputs(), &ro.join("x.safetensors"), &[]);
+        fails_with(&o, &["--out", "cannot write in the folder"]);
+    }
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Batch outputs: each planned name is checked before the first image is made.
+    let prompts = dir.path().join("p.txt");
+    std::fs::write(&prompts, "a\nb\n").unwrap();
+    let batch = |out: &Path| {
+        run(&[
+            "generate",
+            "--model",
+            s(&fixture("tiny-sdxl-pipeline")),
+            "--prompts",
+            s(&prompts),
+            "--steps",
+            "1",
+            "--out",
+            s(out),
+        ])
+    };
+    let imgs = dir.path().join("imgs");
+    std::fs::create_dir(&imgs).unwrap();
+    std::os::unix::fs::symlink("/dev/null", imgs.join("manifest.json")).unwrap();
+    fails_with(&batch(&imgs), &["manifest.json", "character device"]);
+    assert!(!imgs.join("0000.png").exists());
+    std::fs::remove_file(imgs.join("manifest.json")).unwrap();
+    mkfifo(&imgs.join("0001.png"));
+    fails_with(&batch(&imgs), &["0001.png", "FIFO"]);
+    assert!(!imgs.join("0000.png").exists());
+    fails_with(
+        &batch(Path::new("/proc/imgs")),
+        &["--out", "cannot write in the folder"],
+    );
+}
+
+#[test]
+fn outputs_that_are_symbolic_links_are_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-sdxl");
+    let target = dir.path().join("target.safetensors");
+    std::fs::write(&target, "keep").unwrap();
+    let link = dir.path().join("link.safetensors");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let dangling = dir.path().join("dangling.safetensors");
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+    for l in [&link, &dangling] {
+        let o = denoise(&model, &tiny_inputs(), l, &[]);
+        fails_with(&o, &["--out", "symbolic link", "give the target's path"]);
+        let ok = dir.path().join("ok.safetensors");
+        let o = denoise(&model, &tiny_inputs(), &ok, &["--trace", s(l)]);
+        fails_with(&o, &["--trace", "symbolic link"]);
+        assert!(std::fs::symlink_metadata(l)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(!ok.exists());
+    }
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+    assert!(!dir.path().join("nowhere").exists());
+}
+
+#[test]
 fn one_output_never_overwrites_another_or_an_input() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixture("tiny-sdxl");
@@ -230,6 +310,88 @@ fn one_output_never_overwrites_another_or_an_input() {
         s(&md),
     ]);
     fails_with(&o, &["--json", "--markdown", "same file"]);
+}
+
+#[test]
+fn outputs_inside_the_model_folder_are_refused_and_the_weights_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m2");
+    linked_copy(&fixture("tiny-sdxl"), &model);
+    let weights = model.join("unet/diffusion_pytorch_model.safetensors");
+    std::fs::remove_file(&weights).unwrap();
+    std::fs::copy(
+        fixture("tiny-sdxl").join("unet/diffusion_pytorch_model.safetensors"),
+        &weights,
+    )
+    .unwrap();
+    let before = std::fs::read(&weights).unwrap();
+    let inputs = model.join("inputs.safetensors");
+    let outside = dir.path().join("ok.safetensors");
+    let o = denoise(&model, &inputs, &weights, &[]);
+    fails_with(&o, &["--out", "inside --model"]);
+    // By another spelling: `..` and a link to the model's folder.
+    let alias = dir.path().join("alias");
+    std::os::unix::fs::symlink(&model, &alias).unwrap();
+    let sneaky = dir
+        .path()
+        .join("m2/../alias/unet/diffusion_pytorch_model.safetensors");
+    let o = denoise(&model, &inputs, &sneaky, &[]);
+    fails_with(&o, &["--out", "inside --model"]);
+    let png = model.join("vae/new.png");
+    let o = denoise(&model, &inputs, &outside, &["--decode", s(&png)]);
+    fails_with(&o, &["--decode", "inside --model"]);
+    let o = denoise(
+        &model,
+        &inputs,
+        &outside,
+        &["--trace", s(&model.join("t.json"))],
+    );
+    fails_with(&o, &["--trace", "inside --model"]);
+    assert_eq!(std::fs::read(&weights).unwrap(), before);
+    assert!(!outside.exists() && !png.exists());
+    let o = run(&[
+        "bench",
+        "--model",
+        s(&model),
+        "--json",
+        s(&model.join("unet/bench.json")),
+        "--repeats",
+        "0",
+    ]);
+    fails_with(&o, &["--json", "inside --model"]);
+    let pipe = dir.path().join("p");
+    linked_copy(&fixture("tiny-sdxl-pipeline"), &pipe);
+    let prompts = dir.path().join("p.txt");
+    std::fs::write(&prompts, "a\n").unwrap();
+    let batch_out = pipe.join("images");
+    for extra in [vec!["--prompt", "x"], vec!["--prompts", s(&prompts)]] {
+        let mut args = vec!["generate", "--model", s(&pipe), "--out", s(&batch_out)];
+        args.extend(extra);
+        fails_with(&run(&args), &["--out", "inside --model"]);
+    }
+    assert!(!batch_out.exists());
+    // The default model's unpacked cache is a model folder too. A first run unpacks it
+    // (and fails on its missing output folder).
+    let cache = dir.path().join("cache");
+    let env = [("HYBRIDIFF_CACHE", s(&cache))];
+    let missing = dir.path().join("no/x.png");
+    let args = ["generate", "--prompt", "x", "--out", s(&missing)];
+    fails_with(&run_env(&args, &env, Duration::from_secs(60)), &["--out"]);
+    let unpacked = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("default-")
+        })
+        .expect("an unpacked default model");
+    let inside = unpacked.join("unet/diffusion_pytorch_model.safetensors");
+    let args = ["generate", "--prompt", "x", "--out", s(&inside)];
+    let o = run_env(&args, &env, Duration::from_secs(60));
+    fails_with(&o, &["--out", "inside the default model's cache folder"]);
 }
 
 #[test]
@@ -396,6 +558,26 @@ fn the_default_model_at_512_pixels_is_refused_under_8_gib() {
 }
 
 #[test]
+fn the_address_space_limit_counts_as_a_memory_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    // `ulimit -v` in KiB: about 7.6 GiB, below the 512-pixel job's estimate.
+    let script = format!(
+        "ulimit -v 8000000 && exec {} generate --prompt x --height 512 --width 512 --steps 2 --out {}",
+        env!("CARGO_BIN_EXE_hybridiff"),
+        s(&dir.path().join("x.png"))
+    );
+    let o = Command::new("sh")
+        .args(["-c", &script])
+        .env("HYBRIDIFF_CACHE", &cache)
+        .env_remove("HYBRIDIFF_MEMORY_LIMIT")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    fails_with(&o, &["128x128 latents", "ulimit -v"]);
+}
+
+#[test]
 fn counts_from_configs_and_flags_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = fixture("tiny-sdxl").join("unet/config.json");
@@ -544,6 +726,90 @@ fn integer_tensors_in_inputs_are_refused_by_name_and_float_ones_converted() {
     succeeds(&denoise(&model, &bad, &out, &[]));
 }
 
+/// Writes a safetensors file by hand (candle cannot write int8, bool or fp8): the tiny
+/// inputs as f32, then `extra` `(name, dtype, shape, bytes)` tensors, replacing any of
+/// the same name.
+fn write_raw_inputs(path: &Path, extra: &[(&str, &str, Vec<usize>, Vec<u8>)]) {
+    let t = candle_core::safetensors::load(tiny_inputs(), &Device::Cpu).unwrap();
+    let mut all: Vec<(String, String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, v) in &t {
+        if extra.iter().any(|e| e.0 == name) {
+            continue;
+        }
+        let f: Vec<f32> = v
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let bytes = f.iter().flat_map(|x| x.to_le_bytes()).collect();
+        all.push((name.clone(), "F32".into(), v.dims().to_vec(), bytes));
+    }
+    for (n, d, sh, b) in extra {
+        all.push((n.to_string(), d.to_string(), sh.clone(), b.clone()));
+    }
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (n, d, sh, b) in &all {
+        header.insert(
+            n.clone(),
+            serde_json::json!({"dtype": d, "shape": sh, "data_offsets": [data.len(), data.len() + b.len()]}),
+        );
+        data.extend_from_slice(b);
+    }
+    let h = serde_json::Value::Object(header).to_string().into_bytes();
+    let mut file = (h.len() as u64).to_le_bytes().to_vec();
+    file.extend(h);
+    file.extend(data);
+    std::fs::write(path, file).unwrap();
+}
+
+#[test]
+fn unreadable_dtypes_are_named_and_unused_tensors_only_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-sdxl");
+    let t = candle_core::safetensors::load(tiny_inputs(), &Device::Cpu).unwrap();
+    let n = t["latents"].elem_count();
+    let shape = t["latents"].dims().to_vec();
+    let out = dir.path().join("o.safetensors");
+    for dtype in ["I8", "BOOL", "F8_E5M2"] {
+        let p = dir.path().join(format!("{dtype}.safetensors"));
+        write_raw_inputs(&p, &[("latents", dtype, shape.clone(), vec![0u8; n])]);
+        let o = denoise(&model, &p, &out, &[]);
+        fails_with(&o, &["`latents`", &format!("{dtype}.safetensors"), dtype]);
+        // The same tensor given to generate --latents.
+        let o = run(&[
+            "generate",
+            "--model",
+            s(&fixture("tiny-sdxl-pipeline")),
+            "--prompt",
+            "x",
+            "--latents",
+            s(&p),
+            "--out",
+            s(&dir.path().join("x.png")),
+        ]);
+        fails_with(&o, &["`latents`", dtype]);
+    }
+    // Unused extra tensors of any dtype are skipped with a warning naming them.
+    let p = dir.path().join("extra.safetensors");
+    write_raw_inputs(
+        &p,
+        &[
+            ("mask", "BOOL", vec![4], vec![1u8; 4]),
+            ("add_time_ids", "F32", vec![1, 6], vec![0u8; 24]),
+        ],
+    );
+    let err = succeeds(&denoise(&model, &p, &out, &[]));
+    assert!(err.contains("`mask`") && err.contains("ignoring"), "{err}");
+    assert!(
+        err.contains("`add_time_ids`") && err.contains("`time_ids`"),
+        "{err}"
+    );
+    assert!(out.exists());
+}
+
 #[test]
 fn thread_and_rank_counts_are_bounded_by_the_cores() {
     let dir = tempfile::tempdir().unwrap();
@@ -672,6 +938,37 @@ fn nan_weights_are_refused_by_tensor_and_file() {
 }
 
 #[test]
+fn a_failed_decode_writes_no_output_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    linked_copy(&fixture("tiny-sdxl"), &model);
+    // Finite weights (they pass the load check) that overflow the decoded image to inf.
+    edit_tensors(&model, "vae/diffusion_pytorch_model.safetensors", |t| {
+        let w = t["decoder.conv_out.weight"].clone();
+        t.insert(
+            "decoder.conv_out.weight".into(),
+            (w.ones_like().unwrap() * 3e38).unwrap(),
+        );
+    });
+    let out = dir.path().join("o.safetensors");
+    let trace = dir.path().join("t.json");
+    let png = dir.path().join("x.png");
+    let o = denoise(
+        &model,
+        &tiny_inputs(),
+        &out,
+        &["--trace", s(&trace), "--decode", s(&png)],
+    );
+    fails_with(&o, &["non-finite"]);
+    assert!(!out.exists() && !trace.exists() && !png.exists());
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "only the model"
+    );
+}
+
+#[test]
 fn bad_scheduler_and_text_encoder_numbers_are_refused_by_key() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
@@ -743,6 +1040,58 @@ fn bad_scheduler_and_text_encoder_numbers_are_refused_by_key() {
         s(&dir.path().join("x.png")),
     ]);
     fails_with(&o, &["`layer_norm_eps`", "text_encoder"]);
+}
+
+#[test]
+fn config_numbers_far_outside_real_models_are_refused_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let sd3 = fixture("tiny-sd3");
+    for shift in [1e300, 1e-300] {
+        let m = dir.path().join(format!("sd3-{shift:e}"));
+        linked_copy(&sd3, &m);
+        edit_json(&m, "scheduler/scheduler_config.json", |v| {
+            v["shift"] = shift.into()
+        });
+        let o = denoise(
+            &m,
+            &sd3.join("inputs.safetensors"),
+            &dir.path().join("o"),
+            &[],
+        );
+        fails_with(&o, &["`shift`", "scheduler_config.json", "1e3"]);
+    }
+    for shift in [1e30, 1e38] {
+        let m = dir.path().join(format!("vae-{shift:e}"));
+        linked_copy(&fixture("tiny-sdxl"), &m);
+        edit_json(&m, "vae/config.json", |v| v["shift_factor"] = shift.into());
+        let png = dir.path().join("x.png");
+        let o = denoise(
+            &m,
+            &tiny_inputs(),
+            &dir.path().join("o"),
+            &["--decode", s(&png)],
+        );
+        let err = fails_with(&o, &["shift_factor", "vae"]);
+        assert!(!err.contains("scaling_factor"), "{err}");
+        assert!(!png.exists());
+    }
+    let pipe = dir.path().join("pipe");
+    linked_copy(&fixture("tiny-sdxl-pipeline"), &pipe);
+    edit_json(&pipe, "text_encoder/config.json", |v| {
+        v["layer_norm_eps"] = 1e30.into()
+    });
+    let o = run(&[
+        "generate",
+        "--model",
+        s(&pipe),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--out",
+        s(&dir.path().join("x.png")),
+    ]);
+    fails_with(&o, &["`layer_norm_eps`", "text_encoder", "at most 1e-1"]);
 }
 
 #[test]
@@ -871,6 +1220,56 @@ fn batch_errors_of_the_whole_request_are_reported_once_and_make_no_folder() {
     ]);
     fails_with(&o, &["nowhere"]);
     assert!(!out.exists());
+}
+
+#[test]
+fn a_damaged_cached_default_model_is_unpacked_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let env = [("HYBRIDIFF_CACHE", s(&cache))];
+    let out = dir.path().join("x.png");
+    let args = [
+        "generate",
+        "--prompt",
+        "x",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--steps",
+        "1",
+        "--out",
+        s(&out),
+    ];
+    succeeds(&run_env(&args, &env, Duration::from_secs(120)));
+    let unpacked = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("default-")
+        })
+        .expect("an unpacked default model");
+    let weights = unpacked.join("unet/diffusion_pytorch_model.safetensors");
+    let good = std::fs::read(&weights).unwrap();
+    // Truncated, then the same length with one byte changed.
+    std::fs::write(&weights, &good[..1000]).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    succeeds(&run_env(&args, &env, Duration::from_secs(120)));
+    assert!(out.exists());
+    assert_eq!(std::fs::read(&weights).unwrap(), good);
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0xff;
+    std::fs::write(&weights, &bad).unwrap();
+    succeeds(&run_env(&args, &env, Duration::from_secs(120)));
+    assert_eq!(std::fs::read(&weights).unwrap(), good);
+    std::fs::remove_file(unpacked.join("model_index.json")).unwrap();
+    succeeds(&run_env(&args, &env, Duration::from_secs(120)));
+    assert!(unpacked.join("model_index.json").is_file());
 }
 
 #[test]
@@ -1009,6 +1408,35 @@ fn the_truncation_warning_shows_the_dropped_part_shortened() {
         "{err}"
     );
     assert!(err.len() < 4_000, "{} bytes of warnings", err.len());
+}
+
+#[test]
+fn a_long_batch_prompt_is_echoed_shortened_and_kept_whole_in_the_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = "red circle ".repeat(9_000);
+    let prompts = dir.path().join("p.txt");
+    std::fs::write(&prompts, format!("{}\n", prompt.trim())).unwrap();
+    let out = dir.path().join("imgs");
+    let o = run(&[
+        "generate",
+        "--model",
+        s(&fixture("tiny-sdxl-pipeline")),
+        "--prompts",
+        s(&prompts),
+        "--steps",
+        "1",
+        "--out",
+        s(&out),
+    ]);
+    succeeds(&o);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("0000.png: ") && stdout.contains("characters in all"),
+        "{stdout}"
+    );
+    assert!(stdout.len() < 1_000, "{} bytes on stdout", stdout.len());
+    let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
+    assert!(manifest.contains(prompt.trim()));
 }
 
 // 10. compare.

@@ -66,16 +66,32 @@ pub fn special_file_kind(path: &Path) -> Option<&'static str> {
 /// Refuses to replace anything but a regular file: outputs are written to a temporary
 /// file and renamed over the target, which would replace a device node or a FIFO
 /// (`/dev/null` as root) with our file.
+///
+/// A symbolic link (to a file, or dangling) is refused too: renaming over it would
+/// replace the link and leave its target untouched, and writing through it would not be
+/// atomic; the message names the target to give instead.
 fn refuse_special_target(path: &Path, flag: &str) -> Result<()> {
-    match special_file_kind(path) {
-        Some(kind) => Err(Error::io(
+    if let Some(kind) = special_file_kind(path) {
+        return Err(Error::io(
             path,
             format!(
                 "{flag}: is {kind}; outputs only replace regular files (write to a file and copy it there yourself)"
             ),
-        )),
-        None => Ok(()),
+        ));
     }
+    let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if is_link {
+        let target = std::fs::read_link(path)
+            .map(|t| t.display().to_string())
+            .unwrap_or_else(|_| "?".into());
+        return Err(Error::io(
+            path,
+            format!(
+                "{flag}: is a symbolic link (to {target}); outputs never replace or write through links: give the target's path, or remove the link"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The same file, or the same path for files that do not exist yet.
@@ -127,9 +143,70 @@ pub fn check_distinct_paths(outputs: &[(&str, &Path)], inputs: &[(&str, &Path)])
     Ok(())
 }
 
+/// `path` with symbolic links and `..` resolved as far as it exists: the deepest existing
+/// ancestor is canonicalised and the rest appended (outputs usually do not exist yet).
+fn resolve_lossy(path: &Path) -> std::path::PathBuf {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .unwrap_or_else(|_| Path::new(".").to_path_buf())
+            .join(path)
+    };
+    let mut rest = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        if let Ok(c) = cur.canonicalize() {
+            return rest.iter().rev().fold(c, |acc, n| acc.join(n));
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                cur = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
+/// Refuses outputs inside `folder` (a model's folder, named by `what` such as
+/// "--model"): writing there would replace the weights or configs the job reads. Both
+/// the path (its folder resolved) and, for an existing file or link, its final target
+/// are checked.
+pub fn check_outside_folder(outputs: &[(&str, &Path)], folder: &Path, what: &str) -> Result<()> {
+    let Ok(root) = folder.canonicalize() else {
+        return Ok(());
+    };
+    for (flag, out) in outputs {
+        let mut candidates = vec![resolve_lossy(out)];
+        if let (Some(parent), Some(name)) = (out.parent(), out.file_name()) {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            candidates.push(resolve_lossy(parent).join(name));
+        }
+        if candidates.iter().any(|c| c.starts_with(&root)) {
+            return Err(Error::Options(format!(
+                "{flag} {}: is inside {what} {}; outputs never go into the model's folder (they could replace its weights)",
+                out.display(),
+                folder.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Checks that the folder an output goes to exists and that the output would replace
 /// nothing but a regular file, before any compute is spent.
 pub fn check_output_path(path: &Path, flag: &str) -> Result<()> {
+    if path.as_os_str().to_string_lossy().ends_with('/') {
+        return Err(Error::io(
+            path,
+            format!("{flag}: ends with `/`, a folder; expected a file path"),
+        ));
+    }
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -149,7 +226,26 @@ pub fn check_output_path(path: &Path, flag: &str) -> Result<()> {
             format!("{flag}: is a folder, expected a file path"),
         ));
     }
-    refuse_special_target(path, flag)
+    refuse_special_target(path, flag)?;
+    check_writable_folder(parent, path, flag)
+}
+
+/// Creates and removes a temporary file in `folder`, as writing `path` will: a read-only
+/// folder, or one under `/proc` or `/sys`, is refused before any compute is spent.
+pub fn check_writable_folder(folder: &Path, path: &Path, flag: &str) -> Result<()> {
+    tempfile::Builder::new()
+        .prefix(".hybridiff-probe-")
+        .tempfile_in(folder)
+        .map(drop)
+        .map_err(|e| {
+            Error::io(
+                path,
+                format!(
+                    "{flag}: cannot write in the folder {}: {e}",
+                    folder.display()
+                ),
+            )
+        })
 }
 
 /// Writes `bytes` to `path` atomically (temp file in the same folder, then rename).
@@ -204,8 +300,8 @@ pub fn save_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Resul
     })
 }
 
-/// Writes an RGB8 image as PNG, atomically.
-pub fn save_png(path: &Path, width: u32, height: u32, rgb: Vec<u8>) -> Result<()> {
+/// Encodes an RGB8 image as PNG bytes; `path` (where it will go) names errors.
+pub fn encode_png(path: &Path, width: u32, height: u32, rgb: Vec<u8>) -> Result<Vec<u8>> {
     let img = image::RgbImage::from_raw(width, height, rgb)
         .ok_or_else(|| Error::io(path, "image buffer does not match its size"))?;
     let mut bytes = Vec::new();
@@ -214,7 +310,12 @@ pub fn save_png(path: &Path, width: u32, height: u32, rgb: Vec<u8>) -> Result<()
         image::ImageFormat::Png,
     )
     .map_err(|e| Error::io(path, e))?;
-    write_bytes_atomic(path, &bytes)
+    Ok(bytes)
+}
+
+/// Writes an RGB8 image as PNG, atomically.
+pub fn save_png(path: &Path, width: u32, height: u32, rgb: Vec<u8>) -> Result<()> {
+    write_bytes_atomic(path, &encode_png(path, width, height, rgb)?)
 }
 
 /// Loads a safetensors file, with errors that name it: a missing path, a folder, FIFO
@@ -242,6 +343,65 @@ pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
             format!("not a valid safetensors file ({e}); is it truncated or corrupt?"),
         )
     })
+}
+
+/// Loads only the tensors of `wanted` that a safetensors file has, by its header: other
+/// tensors are never converted (an unused tensor of a dtype candle cannot read does not
+/// block the file), and a wanted tensor of an unsupported dtype (int8, bool, fp8, ...) is
+/// refused naming the tensor, the file and the dtype. Returns the tensors found and the
+/// names of the file's other tensors, sorted.
+pub fn load_safetensors_named(
+    path: &Path,
+    device: &Device,
+    wanted: &[&str],
+) -> Result<(HashMap<String, Tensor>, Vec<String>)> {
+    if let Some(kind) = special_file_kind(path) {
+        return Err(Error::io(
+            path,
+            format!("is {kind}, expected a safetensors file"),
+        ));
+    }
+    if !path.is_file() {
+        return Err(Error::io(path, "file not found"));
+    }
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    hybridiff_models::memory::check(&format!("reading {}", path.display()), len as u128)
+        .map_err(Error::Memory)?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        Error::io(
+            path,
+            format!("not a valid safetensors file ({e}); is it truncated or corrupt?"),
+        )
+    })?;
+    let mut found = HashMap::new();
+    let mut others = Vec::new();
+    for (name, view) in st.tensors() {
+        if !wanted.contains(&name.as_str()) {
+            others.push(name);
+            continue;
+        }
+        use safetensors::Dtype as D;
+        if !matches!(
+            view.dtype(),
+            D::F16 | D::BF16 | D::F32 | D::F64 | D::U8 | D::U32 | D::I16 | D::I32 | D::I64
+        ) {
+            return Err(Error::Input(format!(
+                "{}: tensor `{name}` has dtype {:?}, which cannot be read; expected floating point (f32, f16, bf16 or f64)",
+                path.display(),
+                view.dtype()
+            )));
+        }
+        use candle_core::safetensors::Load;
+        let t = view
+            .load(device)
+            .map_err(|e| Error::io(path, format!("tensor `{name}`: cannot read it ({e})")))?;
+        found.insert(name, t);
+    }
+    others.sort();
+    Ok((found, others))
 }
 
 /// Refuses a tensor read from `path` that holds NaN, an infinity or a value beyond
@@ -284,7 +444,19 @@ impl DenoiseInputs {
     /// embeddings (when the model takes them). `time_ids`, when the file has none, are
     /// `[H, W, 0, 0, H, W]` in pixels (`vae_factor` times the latent size).
     pub fn load(path: &Path, spec: &InputSpec, device: &Device) -> Result<Self> {
-        let mut t = load_safetensors(path, device)?;
+        let wanted: Vec<&str> = REQUIRED.iter().copied().chain(["time_ids"]).collect();
+        let (mut t, others) = load_safetensors_named(path, device, &wanted)?;
+        for name in &others {
+            let hint = if name == "add_time_ids" {
+                " (diffusers' name; rename it `time_ids` to use it)"
+            } else {
+                ""
+            };
+            tracing::warn!(
+                "{}: ignoring tensor `{name}`, which denoising does not use{hint}; it reads {wanted:?}",
+                path.display()
+            );
+        }
         for name in REQUIRED {
             if !t.contains_key(name) {
                 let have: Vec<&String> = t.keys().collect();

@@ -7,7 +7,7 @@
 //! Weights are checked when they are loaded ([`hybridiff_models::weights::Weights`]), so
 //! by the time a job is estimated they are resident and `MemAvailable` no longer counts
 //! them. The limit is [`hybridiff_models::memory::limit`]: `HYBRIDIFF_MEMORY_LIMIT`, else
-//! `MemAvailable` from `/proc/meminfo`.
+//! the smallest of `MemAvailable`, the address-space limit and the cgroup's `memory.max`.
 
 use hybridiff_models::memory::{bytes, limit, ForwardMemory};
 use hybridiff_models::vae::VaeConfig;

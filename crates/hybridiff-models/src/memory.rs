@@ -15,6 +15,11 @@ pub enum LimitSource {
     Env,
     /// `MemAvailable` in `/proc/meminfo`.
     MemAvailable,
+    /// The address-space limit (`ulimit -v`, "Max address space" in `/proc/self/limits`)
+    /// less the address space already mapped (`VmSize`).
+    AddressSpace,
+    /// The cgroup v2 memory limit (`memory.max`) less the cgroup's anonymous memory.
+    Cgroup,
 }
 
 /// A memory limit in bytes and where it came from.
@@ -33,12 +38,23 @@ impl std::fmt::Display for Limit {
                 "{} (MemAvailable in /proc/meminfo; set {LIMIT_ENV} to override)",
                 bytes(self.bytes)
             ),
+            LimitSource::AddressSpace => write!(
+                f,
+                "{} (left under the address-space limit, ulimit -v; set {LIMIT_ENV} to override)",
+                bytes(self.bytes)
+            ),
+            LimitSource::Cgroup => write!(
+                f,
+                "{} (left under the cgroup's memory.max; set {LIMIT_ENV} to override)",
+                bytes(self.bytes)
+            ),
         }
     }
 }
 
-/// The memory this process may still use: `HYBRIDIFF_MEMORY_LIMIT` when set, else
-/// `MemAvailable` from `/proc/meminfo` (Linux). `Ok(None)` when neither is known (other
+/// The memory this process may still use: `HYBRIDIFF_MEMORY_LIMIT` when set, else the
+/// smallest of `MemAvailable` from `/proc/meminfo`, what is left under the address-space
+/// limit (`ulimit -v`) and what is left under the cgroup v2 `memory.max` (Linux). `Ok(None)` when neither is known (other
 /// systems) or the variable says `none`; `Err` names a malformed variable.
 pub fn limit() -> std::result::Result<Option<Limit>, String> {
     if let Some(v) = std::env::var_os(LIMIT_ENV) {
@@ -59,10 +75,85 @@ pub fn limit() -> std::result::Result<Option<Limit>, String> {
                 )
             });
     }
-    Ok(mem_available().map(|bytes| Limit {
-        bytes,
-        source: LimitSource::MemAvailable,
-    }))
+    let candidates = [
+        (mem_available(), LimitSource::MemAvailable),
+        (address_space_left(), LimitSource::AddressSpace),
+        (cgroup_left(), LimitSource::Cgroup),
+    ];
+    Ok(smallest(&candidates))
+}
+
+/// The smallest known limit of `candidates`, with its source.
+fn smallest(candidates: &[(Option<u128>, LimitSource)]) -> Option<Limit> {
+    candidates
+        .iter()
+        .filter_map(|(b, source)| {
+            b.map(|bytes| Limit {
+                bytes,
+                source: *source,
+            })
+        })
+        .min_by_key(|l| l.bytes)
+}
+
+/// The soft address-space limit less what is mapped now; `None` when unlimited.
+fn address_space_left() -> Option<u128> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let max = parse_address_space_limit(&limits)?;
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let mapped = status
+        .lines()
+        .find(|l| l.starts_with("VmSize:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u128>().ok())
+        .map_or(0, |kib| kib * 1024);
+    Some(max.saturating_sub(mapped))
+}
+
+/// The soft limit of "Max address space" in `/proc/self/limits` text, in bytes.
+fn parse_address_space_limit(limits: &str) -> Option<u128> {
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max address space"))?;
+    let soft = line
+        .trim_start_matches("Max address space")
+        .split_whitespace()
+        .next()?;
+    soft.parse().ok()
+}
+
+/// The tightest cgroup v2 `memory.max` (less the anonymous memory in `memory.stat`) of this process's cgroup
+/// and `/sys/fs/cgroup` itself; `None` when all say `max` or there is no cgroup v2.
+fn cgroup_left() -> Option<u128> {
+    let mut dirs = vec![std::path::PathBuf::from("/sys/fs/cgroup")];
+    if let Ok(text) = std::fs::read_to_string("/proc/self/cgroup") {
+        if let Some(rel) = text.lines().find_map(|l| l.strip_prefix("0::")) {
+            let rel = rel.trim().trim_start_matches('/');
+            if !rel.is_empty() {
+                dirs.push(std::path::Path::new("/sys/fs/cgroup").join(rel));
+            }
+        }
+    }
+    dirs.iter()
+        .filter_map(|d| {
+            let max = parse_cgroup_value(&std::fs::read_to_string(d.join("memory.max")).ok()?)?;
+            // Anonymous memory only: `memory.current` counts page cache the kernel can
+            // drop, which would refuse jobs that fit.
+            let used = std::fs::read_to_string(d.join("memory.stat"))
+                .ok()
+                .and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("anon "))
+                        .and_then(parse_cgroup_value)
+                })
+                .unwrap_or(0);
+            Some(max.saturating_sub(used))
+        })
+        .min()
+}
+
+/// A cgroup memory file's value; `None` for `max` (no limit) or garbage.
+fn parse_cgroup_value(text: &str) -> Option<u128> {
+    text.trim().parse().ok()
 }
 
 fn mem_available() -> Option<u128> {
@@ -250,6 +341,28 @@ pub fn vae_decode(c: &crate::vae::VaeConfig, (h, w): (usize, usize), elem: usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_smallest_limit_applies_and_unlimited_ones_are_ignored() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max stack size            8388608              unlimited            bytes     \n\
+                      Max address space         8192000000           unlimited            bytes     \n";
+        assert_eq!(parse_address_space_limit(limits), Some(8_192_000_000));
+        let unlimited = limits.replace("8192000000  ", "unlimited   ");
+        assert_eq!(parse_address_space_limit(&unlimited), None);
+        assert_eq!(parse_cgroup_value("max\n"), None);
+        assert_eq!(parse_cgroup_value("1073741824\n"), Some(1 << 30));
+        let l = smallest(&[
+            (Some(16 << 30), LimitSource::MemAvailable),
+            (Some(7 << 30), LimitSource::AddressSpace),
+            (None, LimitSource::Cgroup),
+        ])
+        .unwrap();
+        assert_eq!(l.bytes, 7 << 30);
+        assert_eq!(l.source, LimitSource::AddressSpace);
+        assert!(l.to_string().contains("ulimit -v"), "{l}");
+        assert_eq!(smallest(&[(None, LimitSource::Cgroup)]), None);
+    }
 
     #[test]
     fn sizes_parse_with_binary_suffixes() {

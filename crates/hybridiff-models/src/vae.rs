@@ -199,12 +199,14 @@ impl VaeConfig {
                 return Err(invalid(format!("`{key}` = {v}: expected 1 to {max}")));
             }
         }
+        // Added to the unscaled latents: real VAEs use below 1 (SD3 0.0609); large ones
+        // saturate the image to grey or overflow the decoder to NaN.
         if let Some(s) = self.shift_factor {
-            if !s.is_finite() {
+            if !(s.is_finite() && s.abs() <= 1e2) {
                 return Err(unsupported(
                     "shift_factor",
                     s.to_string(),
-                    "must be finite or null",
+                    "must be null or finite, at most 1e2 in size",
                 ));
             }
         }

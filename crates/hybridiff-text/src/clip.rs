@@ -83,11 +83,14 @@ impl ClipTextConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let cfg: Self = read_config(path)?;
         Activation::parse(&cfg.hidden_act, path, "hidden_act")?;
-        if !(cfg.layer_norm_eps.is_finite() && cfg.layer_norm_eps > 0.0) {
+        if !(cfg.layer_norm_eps.is_finite()
+            && cfg.layer_norm_eps > 0.0
+            && cfg.layer_norm_eps <= 1e-1)
+        {
             return Err(Error::config(
                 path,
                 format!(
-                    "`layer_norm_eps` = {}: expected a small positive number (it keeps the layer norms' divisions finite)",
+                    "`layer_norm_eps` = {}: expected a small positive number, at most 1e-1 (it keeps the layer norms' divisions finite without changing them)",
                     cfg.layer_norm_eps
                 ),
             ));

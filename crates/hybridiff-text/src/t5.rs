@@ -76,11 +76,14 @@ impl T5Config {
     pub fn from_file(path: &Path) -> Result<Self> {
         let cfg: Self = read_config(path)?;
         cfg.feed_forward(path)?;
-        if !(cfg.layer_norm_epsilon.is_finite() && cfg.layer_norm_epsilon > 0.0) {
+        if !(cfg.layer_norm_epsilon.is_finite()
+            && cfg.layer_norm_epsilon > 0.0
+            && cfg.layer_norm_epsilon <= 1e-1)
+        {
             return Err(Error::config(
                 path,
                 format!(
-                    "`layer_norm_epsilon` = {}: expected a small positive number (it keeps the RMS norms' divisions finite)",
+                    "`layer_norm_epsilon` = {}: expected a small positive number, at most 1e-1 (it keeps the RMS norms' divisions finite without changing them)",
                     cfg.layer_norm_epsilon
                 ),
             ));
