@@ -218,17 +218,6 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     }
-    let mut forward = None;
-    if args.repeats > 0 && root {
-        let f1 = forward_seconds(&model, &inputs, 1, args.repeats, tpr)?;
-        let f2 = forward_seconds(&model, &inputs, 2, args.repeats, tpr)?;
-        println!("denoiser forward, batch 1: {f1:.4} s");
-        println!(
-            "denoiser forward, batch 2: {f2:.4} s  ({:.2}x batch 1)",
-            f2 / f1
-        );
-        forward = Some((f1, f2));
-    }
 
     let job = Job {
         model: model.denoiser.as_ref(),
@@ -239,9 +228,6 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
         inputs: &inputs,
         progress: None,
     };
-    if let Some(c) = comm.as_mut() {
-        c.barrier()?; // the others waited while rank 0 timed forwards
-    }
     let mut runs = Vec::new();
     for &kind in &kinds {
         if kind == StrategyKind::Serial {
@@ -260,6 +246,28 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
                 on_processes,
             });
         }
+    }
+    // Every run's layout and options are checked before the timed forwards, so a bad flag
+    // fails at once rather than after them.
+    if args.steps == 0 {
+        anyhow::bail!("--steps must be at least 1");
+    }
+    for run in &runs {
+        run.kind.build(&options).check(&job, run.world_size)?;
+    }
+    let mut forward = None;
+    if args.repeats > 0 && root {
+        let f1 = forward_seconds(&model, &inputs, 1, args.repeats, tpr)?;
+        let f2 = forward_seconds(&model, &inputs, 2, args.repeats, tpr)?;
+        println!("denoiser forward, batch 1: {f1:.4} s");
+        println!(
+            "denoiser forward, batch 2: {f2:.4} s  ({:.2}x batch 1)",
+            f2 / f1
+        );
+        forward = Some((f1, f2));
+    }
+    if let Some(c) = comm.as_mut() {
+        c.barrier()?; // the others waited while rank 0 timed forwards
     }
     let group: Option<(&mut dyn hybridiff_comm::Communicator, &str)> = match comm.as_mut() {
         Some(c) => Some((c.as_mut(), "mpi")),

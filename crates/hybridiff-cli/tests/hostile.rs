@@ -1499,3 +1499,35 @@ fn a_pipeline_whose_parts_do_not_fit_together_is_named() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn bench_checks_its_runs_before_the_timed_forwards() {
+    let model = fixture("tiny-sdxl");
+    for (flags, needle) in [
+        (&["--steps", "0"][..], "--steps"),
+        (
+            &["--strategies", "async", "--world-size", "1"],
+            "--world-size 1",
+        ),
+        (
+            &["--strategies", "hybrid", "--world-size", "3"],
+            "--world-size 3",
+        ),
+    ] {
+        let mut args = vec!["bench", "--model", s(&model), "--repeats", "3"];
+        args.extend_from_slice(flags);
+        let o = run(&args);
+        let (out, err) = (
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+        );
+        assert!(
+            !o.status.success() && err.contains(needle),
+            "{flags:?}: {err}"
+        );
+        assert!(
+            !out.contains("denoiser forward"),
+            "timed before failing: {out}"
+        );
+    }
+}
