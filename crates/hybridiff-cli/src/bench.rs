@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use candle_core::Device;
 use hybridiff_engine::bench::{
     compare_on, forward_seconds, markdown_table, random_inputs, BenchRun,
 };
@@ -17,8 +16,8 @@ use hybridiff_engine::{DenoiseInputs, Job, Model, StrategyKind};
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// A diffusers model folder (see `hybridiff init` for random-weight ones).
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(long, required_unless_present = "from_trace")]
+    pub model: Option<PathBuf>,
     /// Start from this inputs file (as for `denoise`) instead of seeded random inputs.
     #[arg(long)]
     pub inputs: Option<PathBuf>,
@@ -65,11 +64,107 @@ pub struct BenchArgs {
     /// under mpirun, else threads]. `threads,mpi` times both in one run.
     #[arg(long)]
     pub transport: Option<String>,
+    /// Predict each strategy's latency with its ranks on devices joined by this link, from
+    /// the run's per-rank compute times and counted bytes and messages: pcie3, pcie4, nvlink,
+    /// in-process (this process's transport, measured first), or GB/s with an optional
+    /// per-message latency in microseconds (25, 25/10). See docs/benchmarks/latency-model.md.
+    #[arg(long)]
+    pub simulate_link: Option<String>,
+    /// Predict from the traces in this folder (as `--trace-dir` writes them, e.g. measured
+    /// on GPUs) instead of running anything; needs --simulate-link.
+    #[arg(long, conflicts_with_all = ["model", "inputs", "json", "markdown", "trace_dir"])]
+    pub from_trace: Option<PathBuf>,
+    #[command(flatten)]
+    pub devices: crate::strategy_args::DeviceArgs,
     #[command(flatten)]
     pub strategy_args: crate::strategy_args::StrategyArgs,
 }
 
+/// `--simulate-link`: a named or numeric link, or the in-process transport measured here.
+fn parse_link(s: &str) -> Result<hybridiff_engine::latency::Link> {
+    if s == "in-process" {
+        let link = hybridiff_engine::bench::in_process_link(2000, 4 << 20)?;
+        println!(
+            "in-process transport, measured: {:.2} us per message, {} (sends hand over a reference)",
+            link.seconds_per_message * 1e6,
+            if link.bytes_per_second.is_finite() {
+                format!("{:.1} GB/s", link.bytes_per_second / 1e9)
+            } else {
+                "no per-byte cost".to_string()
+            }
+        );
+        return Ok(link);
+    }
+    Ok(s.parse()?)
+}
+
+/// `bench --from-trace DIR --simulate-link L`: the latency model over traces already written.
+fn run_from_trace(dir: &std::path::Path, link: Option<&str>) -> Result<()> {
+    use anyhow::Context;
+    let Some(link) = link else {
+        anyhow::bail!(
+            "--from-trace {}: give --simulate-link pcie3|pcie4|nvlink|in-process|GBPS to say which link to predict for",
+            dir.display()
+        );
+    };
+    if !dir.is_dir() {
+        anyhow::bail!("--from-trace {}: not a folder", dir.display());
+    }
+    let link = parse_link(link)?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("--from-trace {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "json") && p.is_file())
+        .collect();
+    files.sort();
+    let mut traces = Vec::new();
+    for p in &files {
+        let text = hybridiff_models::weights::read_text_bounded(p, 64 << 20)
+            .with_context(|| format!("reading {}", p.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not JSON", p.display()))?;
+        if v.get("steps").is_none() || v.get("strategy").is_none() {
+            eprintln!(
+                "hybridiff: skipping {}: not a trace (no `strategy` and `steps`)",
+                p.display()
+            );
+            continue;
+        }
+        let t: hybridiff_engine::Trace = serde_json::from_value(v).with_context(|| {
+            format!("{}: not a trace written by bench --trace-dir", p.display())
+        })?;
+        let name = p
+            .file_stem()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        traces.push((name, t));
+    }
+    if traces.is_empty() {
+        anyhow::bail!(
+            "--from-trace {}: no traces (*.json written by bench --trace-dir) in the folder",
+            dir.display()
+        );
+    }
+    print!(
+        "{}",
+        hybridiff_engine::bench::trace_table(&traces, &link)?
+    );
+    Ok(())
+}
+
 pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
+    if let Some(dir) = &args.from_trace {
+        return run_from_trace(dir, args.simulate_link.as_deref());
+    }
+    let Some(model_dir) = args.model.clone() else {
+        anyhow::bail!("--model: required (or --from-trace DIR)");
+    };
+    args.devices.precheck()?;
+    let link = match &args.simulate_link {
+        // Parsed now so a bad value fails at once; `in-process` is measured just before the runs.
+        Some(l) if l != "in-process" => Some(l.parse::<hybridiff_engine::latency::Link>()?),
+        _ => None,
+    };
     let processes = launch.processes();
     let root = launch.is_root();
     if root {
@@ -96,7 +191,7 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     if let Some(d) = &args.trace_dir {
         outputs.push(("--trace-dir", d.as_path()));
     }
-    check_outside_folder(&outputs, &args.model, "--model")?;
+    check_outside_folder(&outputs, &model_dir, "--model")?;
     let default_transport = if processes.is_some() {
         "mpi"
     } else {
@@ -133,6 +228,7 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
             world_size: world,
             threads_per_rank: args.threads_per_rank,
             comm_timeout: std::time::Duration::from_secs(3600),
+            placement: Default::default(),
         }
         .check(hybridiff_engine::cores())?;
     }
@@ -155,7 +251,7 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     }
     hybridiff_engine::check_guidance(args.guidance)?;
     let (options, switch) = args.strategy_args.options(
-        &crate::strategy_args::ModelDefaults::read(&args.model)?,
+        &crate::strategy_args::ModelDefaults::read(&model_dir)?,
         args.steps,
     )?;
     let built: Vec<Box<dyn hybridiff_engine::Strategy>> =
@@ -163,9 +259,12 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     let refs: Vec<&dyn hybridiff_engine::Strategy> = built.iter().map(|b| b.as_ref()).collect();
     crate::strategy_args::announce(&kinds, &refs, &switch, args.guidance, args.steps, root)?;
     crate::set_compute_threads(args.threads_per_rank);
-    let device = Device::Cpu;
+    // The in-process ranks of the widest run; serial runs on rank 0's device.
+    let devices = args.devices.resolve(threads_world.max(1), None, root)?;
+    let device = devices.device.clone();
     let dtype = crate::strategy_args::parse_dtype(&args.dtype, &device)?;
-    let model = Model::load(&args.model, dtype, &device)?;
+    let model = Model::load(&model_dir, dtype, &device)?;
+    let placement = crate::strategy_args::load_replicas(devices.placement, &model_dir, dtype)?;
     let inputs = match &args.inputs {
         Some(p) => DenoiseInputs::load(p, &model.input_spec, &device)?,
         None => {
@@ -211,7 +310,7 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     if root {
         println!(
         "model {} | latents {h}x{w} | {} | {} steps {scheduler} guidance {} | {tpr} thread(s) per rank | {} cores",
-        args.model.display(),
+        model_dir.display(),
         args.dtype,
         args.steps,
         args.guidance,
@@ -273,7 +372,11 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
         Some(c) => Some((c.as_mut(), "mpi")),
         None => None,
     };
-    let results = compare_on(&job, &runs, &options, tpr, group)?;
+    let link = match (&args.simulate_link, link) {
+        (Some(l), None) if root => Some(parse_link(l)?),
+        (_, link) => link,
+    };
+    let results = compare_on(&job, &runs, &options, tpr, &placement, link.as_ref(), group)?;
     if !root {
         return Ok(());
     }
@@ -295,7 +398,7 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     }
     if let Some(p) = &args.json {
         let v = serde_json::json!({
-            "model": args.model.display().to_string(),
+            "model": model_dir.display().to_string(),
             "latent_size": [h, w],
             "steps": args.steps,
             "scheduler": scheduler.to_string(),

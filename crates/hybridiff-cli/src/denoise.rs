@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use hybridiff_engine::io::{
     check_distinct_paths, check_output_path, check_outside_folder, encode_png, save_safetensors,
     write_bytes_atomic,
@@ -49,10 +49,9 @@ pub(crate) fn parse_scheduler(s: Option<&str>, model: &Model) -> Result<Schedule
 }
 
 pub fn run(args: DenoiseArgs, launch: &crate::launch::Launch) -> Result<()> {
-    let device = Device::Cpu;
+    args.run.devices.precheck()?;
     hybridiff_engine::check_guidance(args.guidance)?;
-    let run = args.run.resolve(
-        &device,
+    let mut run = args.run.resolve(
         &crate::strategy_args::ModelDefaults::read(&args.model)?,
         args.steps,
         launch.processes(),
@@ -78,7 +77,13 @@ pub fn run(args: DenoiseArgs, launch: &crate::launch::Launch) -> Result<()> {
     }
     check_distinct_paths(&outputs, &[("--inputs", args.inputs.as_path())])?;
     check_outside_folder(&outputs, &args.model, "--model")?;
+    let device = run.device.clone();
     let model = Model::load(&args.model, run.dtype, &device)?;
+    run.options.placement = crate::strategy_args::load_replicas(
+        std::mem::take(&mut run.options.placement),
+        &args.model,
+        run.dtype,
+    )?;
     let scheduler = match run.scheduler {
         Some(s) => s,
         None => model.scheduler_config.default_kind()?,

@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use hybridiff_comm::Communicator;
 use hybridiff_engine::io::{
     check_distinct_paths, check_finite, check_output_path, check_outside_folder,
@@ -189,7 +188,7 @@ fn read_batch(
 }
 
 pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
-    let device = Device::Cpu;
+    args.run.devices.precheck()?;
     let model_dir = match &args.model {
         Some(d) => d.clone(),
         None => crate::default_model::dir()?,
@@ -199,9 +198,8 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
     if let Some(g) = args.guidance.or(defaults.guidance) {
         hybridiff_engine::check_guidance(g)?;
     }
-    let run = args
-        .run
-        .resolve(&device, &defaults, steps, launch.processes())?;
+    let mut run = args.run.resolve(&defaults, steps, launch.processes())?;
+    let device = run.device.clone();
     // Only rank 0 writes, so only its paths are checked (other hosts may not even have them).
     let root = launch.is_root();
     // Every pipeline's own default guidance (5 or 7) turns CFG on.
@@ -315,6 +313,11 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
         }
     }
     let pipeline = Pipeline::load(&model_dir, run.dtype, &device)?;
+    run.options.placement = crate::strategy_args::load_replicas(
+        std::mem::take(&mut run.options.placement),
+        &model_dir,
+        run.dtype,
+    )?;
     let latents = match &args.latents {
         Some(p) => {
             let l = load_safetensors_named(p, &device, &["latents"])?

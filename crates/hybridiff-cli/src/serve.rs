@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use hybridiff_engine::pipeline::Pipeline;
 use hybridiff_engine::Runner;
 use hybridiff_serve::{Backend, Config, Limits, PipelineBackend, RequestDefaults, Service};
@@ -121,7 +120,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
         bail!("--api-key (or HYBRIDIFF_API_KEY) is empty");
     }
-    let device = Device::Cpu;
+    args.run.devices.precheck()?;
     let (model_dir, model_id) = match &args.model {
         Some(d) => {
             let name = d
@@ -140,7 +139,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let default_steps = args.steps.or(defaults.steps).unwrap_or(50);
     // Sets the per-rank thread budget before any pool exists. Hybrid's thresholds are
     // resolved for the default step count (requests with other counts keep them).
-    let run = args.run.resolve(&device, &defaults, default_steps, None)?;
+    let run = args.run.resolve(&defaults, default_steps, None)?;
+    let device = run.device.clone();
     run.announce(
         args.guidance.or(defaults.guidance).unwrap_or(5.0),
         default_steps,
@@ -178,6 +178,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
     // The model is loaded and the ranks started once, on the service's job thread.
     let make = move || -> std::result::Result<Box<dyn Backend>, String> {
         let pipeline = Pipeline::load(&model_dir, dtype, &device).map_err(|e| e.to_string())?;
+        let mut options = options;
+        options.placement =
+            crate::strategy_args::load_replicas(options.placement, &model_dir, dtype)
+                .map_err(|e| format!("{e:#}"))?;
         let runner = Runner::start(options).map_err(|e| e.to_string())?;
         let strategy = kind.build(&strategy_options);
         Ok(Box::new(PipelineBackend::new(

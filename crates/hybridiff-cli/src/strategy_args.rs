@@ -162,6 +162,139 @@ impl ModelDefaults {
     }
 }
 
+/// `--device` and `--devices`: where the in-process ranks compute.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// cpu, cuda (= cuda:0), cuda:N, or auto (CUDA when this build has it and a GPU is
+    /// present, else the CPU). In-process rank r runs on cuda:(N + r); ranks beyond the GPUs
+    /// wrap around (several ranks share a GPU: correct, not faster).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// GPUs for the in-process ranks, comma-separated (`0,1`): rank r runs on the r-th,
+    /// wrapping around when there are more ranks. Needs --device cuda or auto.
+    #[arg(long)]
+    pub devices: Option<String>,
+}
+
+/// Where a run's ranks compute: rank 0's device (the job's: model and inputs are loaded
+/// there) and every in-process rank's.
+pub struct Devices {
+    pub device: candle_core::Device,
+    pub placement: hybridiff_engine::device::Placement,
+}
+
+impl DeviceArgs {
+    fn parsed(
+        &self,
+    ) -> Result<(
+        hybridiff_engine::device::DeviceRequest,
+        Option<Vec<usize>>,
+    )> {
+        let request: hybridiff_engine::device::DeviceRequest = self.device.parse()?;
+        let list = match &self.devices {
+            Some(s) => Some(hybridiff_engine::device::parse_device_list(s)?),
+            None => None,
+        };
+        Ok((request, list))
+    }
+
+    /// The checks that need no GPU (flag syntax, `--devices` without a GPU device, CUDA asked
+    /// of a CPU-only build), to run before anything is read or loaded.
+    pub fn precheck(&self) -> Result<()> {
+        let (request, list) = self.parsed()?;
+        hybridiff_engine::device::map_ranks(
+            request,
+            list.as_deref(),
+            1,
+            candle_core::utils::cuda_is_available(),
+            // Counted for real in `resolve`; here only the flags are checked.
+            || hybridiff_engine::device::MAX_GPUS,
+        )?;
+        Ok(())
+    }
+
+    /// The devices of `world_size` in-process ranks, or of this process's rank (`local` =
+    /// (rank on this machine, processes on this machine)) when ranks are processes. Says on
+    /// stderr (when `print`) what the user may not expect: auto's fallback to the CPU, GPUs
+    /// shared by several ranks.
+    pub fn resolve(
+        &self,
+        world_size: usize,
+        local: Option<(usize, usize)>,
+        print: bool,
+    ) -> Result<Devices> {
+        use hybridiff_engine::device::{map_ranks, open_devices, transfer, Placement};
+        let (request, list) = self.parsed()?;
+        let ranks = match local {
+            Some((_, n)) => n,
+            None => world_size,
+        };
+        let map = map_ranks(
+            request,
+            list.as_deref(),
+            ranks,
+            candle_core::utils::cuda_is_available(),
+            hybridiff_engine::device::cuda_device_count,
+        )?;
+        if print {
+            for note in &map.notes {
+                eprintln!("hybridiff: {note}");
+            }
+        }
+        if let Some((rank, _)) = local {
+            // One rank per process: this process's device, all its ranks (one) on it.
+            let mine = map.ranks[rank.min(map.ranks.len() - 1)];
+            let device = open_devices(&[mine])?.remove(0);
+            return Ok(Devices {
+                device,
+                placement: Placement::default(),
+            });
+        }
+        let devices = open_devices(&map.ranks)?;
+        if print && ranks > 1 && map.ranks[0] != hybridiff_engine::device::RankDevice::Cpu {
+            eprintln!(
+                "hybridiff: ranks on {}; tensors between ranks: {}",
+                map.ranks
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                transfer(&map.ranks)
+            );
+        }
+        Ok(Devices {
+            device: devices[0].clone(),
+            placement: Placement::new(map.ranks, devices)?,
+        })
+    }
+}
+
+/// Loads the denoiser of `dir` once on every device of `placement` other than rank 0's (whose
+/// copy the caller loaded), for the ranks placed there. Nothing to load when every rank shares
+/// one device (always, on CPU builds).
+pub fn load_replicas(
+    placement: hybridiff_engine::device::Placement,
+    dir: &std::path::Path,
+    dtype: candle_core::DType,
+) -> Result<hybridiff_engine::device::Placement> {
+    let mut placement = placement;
+    for (label, device) in placement.other_devices() {
+        let model = hybridiff_engine::Model::load(dir, dtype, &device)?;
+        placement = placement.with_replica(label, model.denoiser.clone());
+    }
+    Ok(placement)
+}
+
+/// This process's rank on its machine and the job's processes there, from the launcher's
+/// environment (Open MPI, MPICH / Intel MPI), else its rank in the job.
+fn local_rank(p: crate::launch::Processes) -> (usize, usize) {
+    let rank = ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+        .unwrap_or(p.rank);
+    (rank, p.local_size.max(rank + 1))
+}
+
 /// How a job runs: strategy, ranks, threads, precision. Shared by `denoise` and `generate`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
@@ -186,6 +319,8 @@ pub struct RunArgs {
     /// with ranks as threads, 60 with one rank per process].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub comm_timeout: Option<u64>,
+    #[command(flatten)]
+    pub devices: DeviceArgs,
     #[command(flatten)]
     pub strategy_args: StrategyArgs,
 }
@@ -213,6 +348,9 @@ pub struct Run {
     pub scheduler: Option<hybridiff_schedulers::SchedulerKind>,
     /// The hybrid thresholds and where they came from.
     pub switch: ResolvedSwitch,
+    /// Rank 0's device: load the model and inputs here (`options.placement` has every
+    /// rank's; [`load_replicas`] loads the model on the others).
+    pub device: candle_core::Device,
 }
 
 impl Run {
@@ -237,7 +375,6 @@ impl RunArgs {
     /// processes.
     pub fn resolve(
         &self,
-        device: &candle_core::Device,
         defaults: &ModelDefaults,
         steps: usize,
         processes: Option<crate::launch::Processes>,
@@ -264,10 +401,15 @@ impl RunArgs {
         let comm_timeout = self
             .comm_timeout
             .unwrap_or(if processes.is_some() { 60 } else { 600 });
+        let print = processes.is_none_or(|p| p.rank == 0);
+        let devices = self
+            .devices
+            .resolve(world_size, processes.map(local_rank), print)?;
         let run_options = hybridiff_engine::RunOptions {
             world_size,
             threads_per_rank: threads,
             comm_timeout: std::time::Duration::from_secs(comm_timeout),
+            placement: devices.placement,
         };
         // Before any pool exists: rayon panics when it cannot create its threads. Under MPI
         // this process holds one rank; the launcher places the others.
@@ -286,9 +428,10 @@ impl RunArgs {
             kind,
             strategy: kind.build(&options),
             options: run_options,
-            dtype: parse_dtype(&self.dtype, device)?,
+            dtype: parse_dtype(&self.dtype, &devices.device)?,
             scheduler,
             switch,
+            device: devices.device,
         })
     }
 }

@@ -60,6 +60,14 @@ pub trait Communicator: Send {
     /// compare the communication volume of parallel strategies independently of the transport.
     fn bytes_sent(&self) -> u64;
 
+    /// Messages this rank has sent so far, counted as [`bytes_sent`](Self::bytes_sent) counts
+    /// bytes (one per destination; a barrier sends none), for latency models that charge a
+    /// cost per message. Transports that do not count return 0; the engine wraps every rank's
+    /// communicator in one that does (`hybridiff_engine::device::DeviceComm`).
+    fn messages_sent(&self) -> u64 {
+        0
+    }
+
     /// Marks the whole group failed with `reason`: every pending and future wait on every rank
     /// returns [`Error::Aborted`] promptly. The first abort's reason is the one reported.
     fn abort(&self, reason: &str);

@@ -120,6 +120,89 @@ pub struct BenchRow {
     pub pipelined_steps: usize,
     /// Summed per-rank compute seconds over the run, per rank.
     pub rank_compute_seconds: Vec<f64>,
+    /// Each rank's device and how tensors crossed between ranks (see [`crate::Trace`]).
+    pub rank_devices: Vec<String>,
+    pub transfer: String,
+    /// The latency model's prediction on `--simulate-link`, when one was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predicted: Option<PredictedRow>,
+}
+
+/// A row's latency predicted by [`crate::latency`] on a link.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PredictedRow {
+    pub link: crate::latency::Link,
+    /// Predicted seconds of the run with its ranks on devices joined by `link`.
+    pub seconds: f64,
+    /// The slowest rank's compute summed over steps (the run on an infinitely fast link).
+    pub compute_seconds: f64,
+    /// Serial's predicted seconds / this row's.
+    pub speedup: f64,
+    /// Measured seconds / predicted seconds - 1 (how far the model is from this run when the
+    /// link is the one the run used).
+    pub error_vs_measured: f64,
+}
+
+/// The prediction for `trace` on `link`, with the speedup over `serial`'s.
+pub fn predicted_row(
+    trace: &crate::Trace,
+    serial: &crate::Trace,
+    link: &crate::latency::Link,
+) -> Result<PredictedRow> {
+    let p = crate::latency::predict_trace(trace, link)?;
+    let base = crate::latency::predict_trace(serial, link)?;
+    Ok(PredictedRow {
+        link: link.clone(),
+        seconds: p.seconds,
+        compute_seconds: p.compute_seconds,
+        speedup: base.seconds / p.seconds,
+        error_vs_measured: p.seconds / trace.total_seconds - 1.0,
+    })
+}
+
+/// The cost of the in-process transport measured on this machine: two ranks (threads) bounce
+/// `round_trips` one-float messages and then as many `bytes`-byte ones. Returns it as a
+/// [`crate::latency::Link`]: seconds per message from the small messages, bandwidth from the
+/// extra time the large ones took (infinite when it is within the noise: an in-process send
+/// hands over a reference to the tensor, it copies no bytes).
+pub fn in_process_link(round_trips: usize, bytes: usize) -> Result<crate::latency::Link> {
+    use hybridiff_comm::Communicator;
+    let n = round_trips.max(1);
+    let elems = (bytes / 4).max(1);
+    let times = hybridiff_comm::run_ranks(2, 1, Duration::from_secs(600), |comm| {
+        let comm: &mut dyn Communicator = comm;
+        let mut out = Vec::new();
+        for len in [1, elems] {
+            let t = Tensor::zeros(len, candle_core::DType::F32, &Device::Cpu)?;
+            comm.barrier()?;
+            let start = Instant::now();
+            for _ in 0..n {
+                if comm.rank() == 0 {
+                    comm.send(&t, 1)?;
+                    comm.recv(1)?;
+                } else {
+                    let got = comm.recv(0)?;
+                    comm.send(&got, 0)?;
+                }
+            }
+            out.push(start.elapsed().as_secs_f64() / (2 * n) as f64);
+        }
+        Ok::<_, Error>(out)
+    })
+    .map_err(|e| Error::Options(e.to_string()))?;
+    let t = &times[0];
+    let (small, large) = (t[0], t[1]);
+    let extra = large - small;
+    let bytes_per_second = if extra > 0.1 * small {
+        (elems * 4) as f64 / extra
+    } else {
+        f64::INFINITY
+    };
+    Ok(crate::latency::Link {
+        name: "in-process (measured)".into(),
+        bytes_per_second,
+        seconds_per_message: small,
+    })
 }
 
 /// One run of a comparison: a strategy, its rank count, and whether its ranks are the
@@ -147,7 +230,15 @@ pub fn compare(
             on_processes: false,
         })
         .collect();
-    compare_on(job, &runs, options, threads_per_rank, None)
+    compare_on(
+        job,
+        &runs,
+        options,
+        threads_per_rank,
+        &Default::default(),
+        None,
+        None,
+    )
 }
 
 /// [`compare`] in a job of several processes: every process calls it with the same arguments
@@ -156,11 +247,16 @@ pub fn compare(
 /// in rank 0's process while the other processes wait at a barrier, so both kinds are timed in
 /// one run on the same machine. Rows are labelled `threads` or `label`. Rank 0 returns the
 /// rows, the others an empty list.
+///
+/// In-process ranks run on `placement`'s devices; with `link`, each row gets the latency
+/// model's prediction on it ([`predicted_row`]).
 pub fn compare_on(
     job: &crate::Job,
     runs: &[BenchRun],
     options: &crate::StrategyOptions,
     threads_per_rank: usize,
+    placement: &crate::device::Placement,
+    link: Option<&crate::latency::Link>,
     mut group: Option<(&mut dyn hybridiff_comm::Communicator, &str)>,
 ) -> Result<Vec<(BenchRow, crate::Trace)>> {
     use crate::{denoise, denoise_rank, RunOptions, StrategyKind};
@@ -168,6 +264,7 @@ pub fn compare_on(
         world_size,
         threads_per_rank,
         comm_timeout: Duration::from_secs(3600),
+        placement: placement.clone(),
     };
     let root = group.as_ref().is_none_or(|(c, _)| c.rank() == 0);
     // On threads of rank 0's process, while the other processes wait at a barrier.
@@ -241,21 +338,41 @@ pub fn compare_on(
             rank_compute_seconds: (0..ranks)
                 .map(|r| t.steps.iter().map(|s| s.rank_compute_seconds[r]).sum())
                 .collect(),
+            rank_devices: t.rank_devices.clone(),
+            transfer: t.transfer.clone(),
+            predicted: match link {
+                Some(l) => Some(predicted_row(t, &serial.trace, l)?),
+                None => None,
+            },
         };
         rows.push((row, out.trace));
     }
     Ok(rows)
 }
 
-/// The rows as a Markdown table.
+/// The rows as a Markdown table (with the predicted columns when rows have predictions).
 pub fn markdown_table(rows: &[BenchRow]) -> String {
+    let link = rows
+        .iter()
+        .find_map(|r| r.predicted.as_ref())
+        .map(|p| p.link.name.clone());
     let mut s = String::from(
-        "| strategy | ranks | transport | latency (s) | speedup | bytes sent | reference bytes | PSNR vs serial (dB) | max abs diff | tau1 | tau2 | staged steps | setup |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| strategy | ranks | transport | latency (s) | speedup | bytes sent | reference bytes | PSNR vs serial (dB) | max abs diff | tau1 | tau2 | staged steps | setup | devices |",
     );
+    let mut rule = String::from("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    if let Some(l) = &link {
+        s.push_str(&format!(
+            " predicted on {l} (s) | predicted speedup | predicted vs measured |"
+        ));
+        rule.push_str("---|---|---|");
+    }
+    s.push('\n');
+    s.push_str(&rule);
+    s.push('\n');
     let opt = |v: Option<usize>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {:.3} | {:.2}x | {} | {} | {:.2} | {:.3e} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {:.3} | {:.2}x | {} | {} | {:.2} | {:.3e} | {} | {} | {} | {} | {} |",
             r.strategy,
             r.world_size,
             r.transport,
@@ -269,7 +386,79 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
             opt(r.tau2),
             r.pipelined_steps,
             if r.setup.is_empty() { "-" } else { &r.setup },
+            devices_cell(&r.rank_devices, &r.transfer),
         ));
+        if link.is_some() {
+            match &r.predicted {
+                Some(p) => s.push_str(&format!(
+                    " {:.3} | {:.2}x | {:+.1}% |",
+                    p.seconds,
+                    p.speedup,
+                    100.0 * p.error_vs_measured
+                )),
+                None => s.push_str(" - | - | - |"),
+            }
+        }
+        s.push('\n');
     }
     s
+}
+
+/// `cpu x2 (host)`, `cuda:0, cuda:1 (device-to-device)`: the devices in a few words.
+pub fn devices_cell(devices: &[String], transfer: &str) -> String {
+    if devices.is_empty() {
+        return "-".into();
+    }
+    let list = if devices.windows(2).all(|w| w[0] == w[1]) {
+        if devices.len() == 1 {
+            devices[0].clone()
+        } else {
+            format!("{} x{}", devices[0], devices.len())
+        }
+    } else {
+        devices.join(", ")
+    };
+    if devices.len() == 1 || transfer.is_empty() {
+        list
+    } else {
+        format!("{list} ({transfer})")
+    }
+}
+
+/// The latency model over recorded traces (`bench --from-trace`): one row per trace (named by
+/// its file), with the measured latency, the prediction on `link`, and the predicted speedup
+/// over the trace of `serial` when there is one.
+///
+/// # Errors
+/// A trace without the per-rank counts the model needs ([`crate::latency::costs_of`]).
+pub fn trace_table(traces: &[(String, crate::Trace)], link: &crate::latency::Link) -> Result<String> {
+    let serial = traces
+        .iter()
+        .find(|(_, t)| t.strategy == "serial")
+        .map(|(_, t)| crate::latency::predict_trace(t, link))
+        .transpose()?;
+    let mut s = format!(
+        "| trace | strategy | ranks | devices | measured (s) | bytes sent | staged steps | compute-bound (s) | predicted on {} (s) | predicted speedup | predicted vs measured |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        link.name
+    );
+    for (name, t) in traces {
+        let p = crate::latency::predict_trace(t, link)?;
+        let speedup = serial
+            .as_ref()
+            .map(|b| format!("{:.2}x", b.seconds / p.seconds))
+            .unwrap_or_else(|| "- (no serial trace)".into());
+        s.push_str(&format!(
+            "| {name} | {} | {} | {} | {:.3} | {} | {} | {:.3} | {:.3} | {speedup} | {:+.1}% |\n",
+            t.strategy,
+            t.world_size,
+            devices_cell(&t.rank_devices, &t.transfer),
+            t.total_seconds,
+            t.bytes_sent,
+            crate::latency::staged_steps(t),
+            p.compute_seconds,
+            p.seconds,
+            100.0 * (p.seconds / t.total_seconds - 1.0),
+        ));
+    }
+    Ok(s)
 }

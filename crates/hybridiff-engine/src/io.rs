@@ -439,6 +439,28 @@ pub fn float_tensor(path: &Path, name: &str, t: &Tensor) -> Result<Tensor> {
 }
 
 impl DenoiseInputs {
+    /// The same inputs on `device` (no copy for tensors already there).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        let cond = |c: &Conditioning| -> Result<Conditioning> {
+            let opt = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
+                Ok(match t {
+                    Some(t) => Some(t.to_device(device)?),
+                    None => None,
+                })
+            };
+            Ok(Conditioning {
+                prompt_embeds: c.prompt_embeds.to_device(device)?,
+                pooled: opt(&c.pooled)?,
+                time_ids: opt(&c.time_ids)?,
+            })
+        };
+        Ok(Self {
+            latents: self.latents.to_device(device)?,
+            cond: cond(&self.cond)?,
+            uncond: cond(&self.uncond)?,
+        })
+    }
+
     /// Loads and validates an inputs file against the denoiser's expectations:
     /// `latent_channels` channels, `context_dim`-wide embeddings and `pooled_dim` pooled
     /// embeddings (when the model takes them). `time_ids`, when the file has none, are

@@ -2,9 +2,11 @@
 //! loop and the parallel strategies that share its work.
 
 pub mod bench;
+pub mod device;
 pub mod error;
 pub mod init;
 pub mod io;
+pub mod latency;
 pub mod memory;
 pub mod metrics;
 pub mod model;
@@ -79,6 +81,8 @@ pub struct RunOptions {
     pub threads_per_rank: usize,
     /// The longest any rank waits for another before failing the job.
     pub comm_timeout: Duration,
+    /// Which device each in-process rank computes on (default: all on the job's device).
+    pub placement: device::Placement,
 }
 
 /// Most ranks of one job.
@@ -162,8 +166,25 @@ pub(crate) fn denoise_on(
     warm: Option<&WarmRanks>,
 ) -> Result<DenoiseOutput> {
     let stage_plan = check_job(job, strategy, opts, opts.world_size)?;
+    let job_device = job.inputs.latents.device().clone();
     let start = Instant::now();
-    let body = |comm: &mut dyn Communicator| strategy::run_rank(strategy, job, comm);
+    let body = |comm: &mut dyn Communicator| {
+        let (device, replica) = opts.placement.for_rank(comm.rank(), &job_device)?;
+        let mut comm = device::DeviceComm::new(comm, device.clone());
+        match replica {
+            None => strategy::run_rank(strategy, job, &mut comm),
+            Some(model) => {
+                // This rank's own copy of the model and inputs, on its device.
+                let inputs = job.inputs.to_device(&device)?;
+                let here = Job {
+                    model: model.as_ref(),
+                    inputs: &inputs,
+                    ..*job
+                };
+                strategy::run_rank(strategy, &here, &mut comm)
+            }
+        }
+    };
     let results = match warm {
         Some(ranks) => ranks.run(body),
         None => hybridiff_comm::run_ranks(
@@ -179,14 +200,9 @@ pub(crate) fn denoise_on(
         other => Error::Options(other.to_string()),
     })?;
     let total_seconds = start.elapsed().as_secs_f64();
-    let per_rank: Vec<Vec<(f64, u64)>> = results
+    let per_rank: Vec<Vec<RankCost>> = results
         .iter()
-        .map(|r| {
-            r.steps
-                .iter()
-                .map(|s| (s.compute_seconds, s.bytes_sent))
-                .collect()
-        })
+        .map(|r| r.steps.iter().map(RankCost::of).collect())
         .collect();
     let rank0 = results
         .into_iter()
@@ -266,7 +282,12 @@ pub fn denoise_rank(
             // Processes start at different times (model loading); time the run from here.
             comm_ref.barrier()?;
             let start = Instant::now();
-            let out = strategy::run_rank(strategy, job, comm_ref)?;
+            let device = job.inputs.latents.device().clone();
+            let out = strategy::run_rank(
+                strategy,
+                job,
+                &mut device::DeviceComm::new(&mut *comm_ref, device),
+            )?;
             let per_rank = gather_steps(comm_ref, &out.steps)?;
             Ok((out, per_rank, start.elapsed().as_secs_f64()))
         })
@@ -360,29 +381,73 @@ fn agree_on_job(
     Ok(())
 }
 
-/// Every rank's per-step `(compute seconds, bytes sent)`, index = rank.
+/// What one rank spent in one step: compute seconds, bytes and messages sent, and the
+/// part of those that may overlap compute.
+#[derive(Debug, Clone, Copy)]
+struct RankCost {
+    compute_seconds: f64,
+    bytes: u64,
+    messages: u64,
+    overlapped: strategy::Sent,
+}
+
+impl RankCost {
+    fn of(s: &strategy::RankStep) -> Self {
+        Self {
+            compute_seconds: s.compute_seconds,
+            bytes: s.bytes_sent,
+            messages: s.messages_sent,
+            overlapped: s.overlapped,
+        }
+    }
+}
+
+/// Every rank's per-step costs, index = rank.
 fn gather_steps(
     comm: &mut dyn hybridiff_comm::Communicator,
     steps: &[strategy::RankStep],
-) -> Result<Vec<Vec<(f64, u64)>>> {
+) -> Result<Vec<Vec<RankCost>>> {
     let dev = candle_core::Device::Cpu;
     let secs: Vec<f64> = steps.iter().map(|s| s.compute_seconds).collect();
-    // i64 carries any byte count a step can have (< 2^63).
-    let bytes: Vec<i64> = steps.iter().map(|s| s.bytes_sent as i64).collect();
+    // i64 carries any count a step can have (< 2^63): bytes, messages, overlapped bytes
+    // and messages, step after step.
+    let counts: Vec<i64> = steps
+        .iter()
+        .flat_map(|s| {
+            [
+                s.bytes_sent,
+                s.messages_sent,
+                s.overlapped.bytes,
+                s.overlapped.messages,
+            ]
+        })
+        .map(|v| v as i64)
+        .collect();
     let secs = comm.all_gather(&Tensor::new(secs.as_slice(), &dev)?)?;
-    let bytes = comm.all_gather(&Tensor::new(bytes.as_slice(), &dev)?)?;
+    let counts = comm.all_gather(&Tensor::new(counts.as_slice(), &dev)?)?;
     secs.iter()
-        .zip(&bytes)
-        .map(|(s, b)| {
-            let (s, b) = (s.to_vec1::<f64>()?, b.to_vec1::<i64>()?);
-            if s.len() != steps.len() || b.len() != steps.len() {
+        .zip(&counts)
+        .map(|(s, c)| {
+            let (s, c) = (s.to_vec1::<f64>()?, c.to_vec1::<i64>()?);
+            if s.len() != steps.len() || c.len() != 4 * steps.len() {
                 return Err(Error::Options(format!(
                     "a rank reported {} steps, expected {}",
                     s.len(),
                     steps.len()
                 )));
             }
-            Ok(s.into_iter().zip(b.into_iter().map(|b| b as u64)).collect())
+            Ok(s.into_iter()
+                .zip(c.chunks(4))
+                .map(|(secs, c)| RankCost {
+                    compute_seconds: secs,
+                    bytes: c[0] as u64,
+                    messages: c[1] as u64,
+                    overlapped: strategy::Sent {
+                        bytes: c[2] as u64,
+                        messages: c[3] as u64,
+                    },
+                })
+                .collect())
         })
         .collect()
 }
@@ -395,20 +460,31 @@ fn assemble(
     stage_plan: Option<serde_json::Value>,
     total_seconds: f64,
     rank0: strategy::RankOutput,
-    per_rank: &[Vec<(f64, u64)>],
+    per_rank: &[Vec<RankCost>],
 ) -> Result<DenoiseOutput> {
+    let job_device = job.inputs.latents.device();
+    let rank_devices: Vec<device::RankDevice> = (0..opts.world_size)
+        .map(|r| opts.placement.label(r, job_device))
+        .collect();
     let steps: Vec<StepTrace> = (0..job.steps)
         .map(|i| {
             let s = &rank0.steps[i];
-            let bytes_sent = per_rank.iter().map(|r| r[i].1).sum::<u64>();
+            let bytes_sent = per_rank.iter().map(|r| r[i].bytes).sum::<u64>();
             StepTrace {
                 index: i,
                 timestep: s.timestep,
                 mode: s.mode,
                 rel_mae: s.rel_mae,
                 wall_seconds: s.wall_seconds,
-                rank_compute_seconds: per_rank.iter().map(|r| r[i].0).collect(),
+                rank_compute_seconds: per_rank.iter().map(|r| r[i].compute_seconds).collect(),
                 bytes_sent,
+                rank_bytes_sent: per_rank.iter().map(|r| r[i].bytes).collect(),
+                rank_messages_sent: per_rank.iter().map(|r| r[i].messages).collect(),
+                rank_overlapped_bytes: per_rank.iter().map(|r| r[i].overlapped.bytes).collect(),
+                rank_overlapped_messages: per_rank
+                    .iter()
+                    .map(|r| r[i].overlapped.messages)
+                    .collect(),
                 reference_bytes_sent: bytes_sent + s.reference_extra_bytes,
                 slope: s.slope,
                 tau1: s.tau1,
@@ -420,6 +496,8 @@ fn assemble(
         strategy: strategy.name().to_string(),
         world_size: opts.world_size,
         threads_per_rank: opts.threads_per_rank,
+        rank_devices: rank_devices.iter().map(|d| d.to_string()).collect(),
+        transfer: device::transfer(&rank_devices).to_string(),
         scheduler: job.scheduler.to_string(),
         num_steps: job.steps,
         guidance: job.guidance,

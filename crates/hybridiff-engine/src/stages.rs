@@ -345,6 +345,10 @@ pub struct StagedRunner<'a> {
     cache: Vec<Vec<Tensor>>,
     /// Seconds of denoiser compute in the last call.
     pub compute_seconds: f64,
+    /// What the last [`exchange`](Self::exchange) sent: stage outputs of the previous step,
+    /// which a real link carries while the step is still computing (they are produced
+    /// module by module), so a latency model overlaps them with compute.
+    pub exchanged: crate::strategy::Sent,
 }
 
 impl<'a> StagedRunner<'a> {
@@ -358,6 +362,7 @@ impl<'a> StagedRunner<'a> {
             needs,
             cache: Vec::new(),
             compute_seconds: 0.0,
+            exchanged: Default::default(),
         }
     }
 
@@ -394,6 +399,7 @@ impl<'a> StagedRunner<'a> {
     /// Sends this rank's cached outputs that other stages read, and receives the ones it
     /// reads from their owners: the start of a pipelined step.
     pub fn exchange(&mut self, comm: &mut dyn Communicator) -> Result<()> {
+        let before = crate::strategy::Sent::so_far(comm);
         for (dst, needs) in self.needs.iter().enumerate() {
             if dst == self.rank {
                 continue;
@@ -409,6 +415,7 @@ impl<'a> StagedRunner<'a> {
             let src = self.plan.owner[r.module];
             self.cache[r.module][r.index] = comm.recv(src)?;
         }
+        self.exchanged = crate::strategy::Sent::so_far(comm).since(before);
         Ok(())
     }
 

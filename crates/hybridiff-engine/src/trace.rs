@@ -1,9 +1,9 @@
 //! The per-step record of a run, written as JSON by `--trace`.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How a step's prediction was computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StepMode {
     /// Computed exactly on current inputs (both CFG branches, or the conditional one
@@ -16,7 +16,7 @@ pub enum StepMode {
 }
 
 /// One step of a run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepTrace {
     pub index: usize,
     pub timestep: f64,
@@ -29,6 +29,18 @@ pub struct StepTrace {
     pub rank_compute_seconds: Vec<f64>,
     /// Bytes sent by all ranks during the step.
     pub bytes_sent: u64,
+    /// Bytes each rank sent during the step (index = rank; they sum to `bytes_sent`).
+    #[serde(default)]
+    pub rank_bytes_sent: Vec<u64>,
+    /// Messages each rank sent during the step (one per destination).
+    #[serde(default)]
+    pub rank_messages_sent: Vec<u64>,
+    /// The part of each rank's bytes and messages that the schedule lets overlap compute
+    /// (stage outputs sent a step ahead, displaced patch activations).
+    #[serde(default)]
+    pub rank_overlapped_bytes: Vec<u64>,
+    #[serde(default)]
+    pub rank_overlapped_messages: Vec<u64>,
     /// What the reference implementation would have sent (every cache to every rank).
     pub reference_bytes_sent: u64,
     /// The switching slope, when one was computed after this step.
@@ -40,11 +52,18 @@ pub struct StepTrace {
 }
 
 /// A whole run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Trace {
     pub strategy: String,
     pub world_size: usize,
     pub threads_per_rank: usize,
+    /// Each rank's device (`cpu`, `cuda:N`), index = rank.
+    #[serde(default)]
+    pub rank_devices: Vec<String>,
+    /// How tensors crossed between ranks: `host` (CPU ranks, host memory),
+    /// `same device` (ranks sharing one GPU, no copy) or `device-to-device` (GPU to GPU).
+    #[serde(default)]
+    pub transfer: String,
     pub scheduler: String,
     pub num_steps: usize,
     pub guidance: f64,

@@ -38,6 +38,7 @@ fn run_job(
         world_size: *world,
         threads_per_rank: 1,
         comm_timeout: Duration::from_secs(60),
+        placement: Default::default(),
     };
     denoise(&job, kind.build(opts).as_ref(), &ro)
 }

@@ -37,6 +37,7 @@ fn run_with(
         world_size: world,
         threads_per_rank: 1,
         comm_timeout: Duration::from_secs(120),
+        placement: Default::default(),
     };
     denoise(&job, kind.build(opts).as_ref(), &ro)
 }

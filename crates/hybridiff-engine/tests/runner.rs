@@ -17,6 +17,7 @@ fn opts(world: usize) -> RunOptions {
         world_size: world,
         threads_per_rank: 1,
         comm_timeout: Duration::from_secs(120),
+        placement: Default::default(),
     }
 }
 

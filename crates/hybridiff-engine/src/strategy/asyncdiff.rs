@@ -102,6 +102,9 @@ impl Worker for AsyncWorker<'_> {
         } else {
             StepOutput::conditional(y, secs)
         };
+        if mode == StepMode::Pipelined {
+            out.overlapped = self.runner.exchanged;
+        }
         out.mode = mode;
         out.reference_extra_bytes = extra;
         Ok(out)

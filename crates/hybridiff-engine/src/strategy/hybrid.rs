@@ -144,6 +144,11 @@ impl Worker for HybridWorker<'_> {
                     tau2: None,
                     compute_seconds: self.runner.compute_seconds,
                     reference_extra_bytes: extra,
+                    overlapped: if mode == StepMode::Pipelined {
+                        self.runner.exchanged
+                    } else {
+                        Default::default()
+                    },
                 }
             }
         };

@@ -172,6 +172,35 @@ pub struct StepOutput {
     /// Bytes the reference implementation would have sent beyond ours this step (it sends
     /// every cached module output to every rank); reported by rank 0 only.
     pub reference_extra_bytes: u64,
+    /// Bytes and messages this rank sent this step that the schedule lets overlap with
+    /// compute (stage outputs sent one step ahead, displaced patch activations); the rest of
+    /// what it sent is on the step's critical path. See [`crate::latency`].
+    pub overlapped: Sent,
+}
+
+/// Bytes and messages sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sent {
+    pub bytes: u64,
+    pub messages: u64,
+}
+
+impl Sent {
+    /// What `comm` has sent so far.
+    pub fn so_far(comm: &dyn Communicator) -> Self {
+        Self {
+            bytes: comm.bytes_sent(),
+            messages: comm.messages_sent(),
+        }
+    }
+
+    /// What was sent since `earlier`.
+    pub fn since(self, earlier: Self) -> Self {
+        Self {
+            bytes: self.bytes - earlier.bytes,
+            messages: self.messages - earlier.messages,
+        }
+    }
 }
 
 impl StepOutput {
@@ -186,6 +215,7 @@ impl StepOutput {
             tau2: None,
             compute_seconds,
             reference_extra_bytes: 0,
+            overlapped: Sent::default(),
         }
     }
 
@@ -201,6 +231,7 @@ impl StepOutput {
             tau2: None,
             compute_seconds,
             reference_extra_bytes: 0,
+            overlapped: Sent::default(),
         })
     }
 }
@@ -327,6 +358,9 @@ pub struct RankStep {
     pub compute_seconds: f64,
     pub wall_seconds: f64,
     pub bytes_sent: u64,
+    pub messages_sent: u64,
+    /// The part of the sent bytes and messages that may overlap compute.
+    pub overlapped: Sent,
     pub reference_extra_bytes: u64,
 }
 
@@ -350,7 +384,7 @@ pub fn run_rank<'a>(
     let mut step_latents = Vec::with_capacity(job.steps);
     for i in 0..job.steps {
         let start = Instant::now();
-        let bytes0 = comm.bytes_sent();
+        let sent0 = Sent::so_far(comm);
         let x = sampler.model_input(i)?;
         let t = sampler.timestep(i);
         let out = worker.step(comm, i, &x, t)?;
@@ -369,7 +403,9 @@ pub fn run_rank<'a>(
             tau2: out.tau2,
             compute_seconds: out.compute_seconds,
             wall_seconds: start.elapsed().as_secs_f64(),
-            bytes_sent: comm.bytes_sent() - bytes0,
+            bytes_sent: comm.bytes_sent() - sent0.bytes,
+            messages_sent: comm.messages_sent() - sent0.messages,
+            overlapped: out.overlapped,
             reference_extra_bytes: out.reference_extra_bytes,
         });
         if comm.rank() == 0 {

@@ -384,6 +384,7 @@ impl Worker for PatchWorker<'_> {
             xb
         };
         let start = Instant::now();
+        let sent0 = super::Sent::so_far(&*comm);
         let eps = {
             let ctx = Exchange {
                 comm: &*comm,
@@ -395,6 +396,9 @@ impl Worker for PatchWorker<'_> {
             job.model.forward_patch(&xb, t, &self.cond, &ctx)?
         };
         let secs = start.elapsed().as_secs_f64();
+        // Displaced activations are sent as soon as computed and read a step later, so they
+        // overlap compute; sync ones and the gather below are waited for.
+        let in_forward = super::Sent::so_far(&*comm).since(sent0);
         // Every rank's band prediction, fresh: rank r holds group r / P's band r % P.
         let all = comm.all_gather(&eps.contiguous()?)?;
         let p = band.count;
@@ -413,6 +417,9 @@ impl Worker for PatchWorker<'_> {
             StepOutput::exact(e.narrow(0, 0, 1)?, e.narrow(0, 1, 1)?, secs)?
         };
         out.mode = mode;
+        if !sync {
+            out.overlapped = in_forward;
+        }
         if let Prediction::Guided(_) = out.prediction {
             out.rel_mae = 0.0;
         }
