@@ -121,8 +121,8 @@ fn run_from_trace(dir: &std::path::Path, link: Option<&str>) -> Result<()> {
     for p in &files {
         let text = hybridiff_models::weights::read_text_bounded(p, 64 << 20)
             .with_context(|| format!("reading {}", p.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not JSON", p.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", p.display()))?;
         if v.get("steps").is_none() || v.get("strategy").is_none() {
             eprintln!(
                 "hybridiff: skipping {}: not a trace (no `strategy` and `steps`)",
@@ -145,10 +145,7 @@ fn run_from_trace(dir: &std::path::Path, link: Option<&str>) -> Result<()> {
             dir.display()
         );
     }
-    print!(
-        "{}",
-        hybridiff_engine::bench::trace_table(&traces, &link)?
-    );
+    print!("{}", hybridiff_engine::bench::trace_table(&traces, &link)?);
     Ok(())
 }
 

@@ -184,12 +184,7 @@ pub struct Devices {
 }
 
 impl DeviceArgs {
-    fn parsed(
-        &self,
-    ) -> Result<(
-        hybridiff_engine::device::DeviceRequest,
-        Option<Vec<usize>>,
-    )> {
+    fn parsed(&self) -> Result<(hybridiff_engine::device::DeviceRequest, Option<Vec<usize>>)> {
         let request: hybridiff_engine::device::DeviceRequest = self.device.parse()?;
         let list = match &self.devices {
             Some(s) => Some(hybridiff_engine::device::parse_device_list(s)?),

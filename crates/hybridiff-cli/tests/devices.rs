@@ -63,7 +63,10 @@ fn a_cpu_only_build_asked_for_cuda_fails_first_and_says_how_to_get_a_cuda_build(
                 "tools/cuda-toolchain.sh",
                 "cargo build --release -p hybridiff-cli --features cuda",
             ] {
-                assert!(err.contains(needle), "{args:?}: stderr lacks {needle:?}: {err}");
+                assert!(
+                    err.contains(needle),
+                    "{args:?}: stderr lacks {needle:?}: {err}"
+                );
             }
             let flag = if extra.contains(&"--devices") {
                 "--devices"
@@ -83,10 +86,22 @@ fn bad_device_values_name_the_flag_before_anything_is_loaded() {
     let missing = dir.path().join("no-such-model");
     let out = dir.path().join("out.png");
     for (extra, needles) in [
-        (&["--device", "gpu"][..], &["--device gpu:", "expected cpu, cuda, cuda:N"][..]),
-        (&["--device", "cuda:x"], &["--device cuda:x:", "not a number"]),
-        (&["--device", "cuda", "--devices", "0,,1"], &["--devices 0,,1: entry 2 is empty"]),
-        (&["--device", "cuda", "--devices", "1,1"], &["GPU 1 is listed twice"]),
+        (
+            &["--device", "gpu"][..],
+            &["--device gpu:", "expected cpu, cuda, cuda:N"][..],
+        ),
+        (
+            &["--device", "cuda:x"],
+            &["--device cuda:x:", "not a number"],
+        ),
+        (
+            &["--device", "cuda", "--devices", "0,,1"],
+            &["--devices 0,,1: entry 2 is empty"],
+        ),
+        (
+            &["--device", "cuda", "--devices", "1,1"],
+            &["GPU 1 is listed twice"],
+        ),
         (&["--devices", "0,1"], &["--devices", "--device is cpu"]),
         (&["--device", "cpu", "--devices", "0"], &["--device is cpu"]),
     ] {
@@ -136,7 +151,9 @@ fn cpu_and_auto_run_and_the_trace_records_devices_and_per_rank_counts() {
         assert!(o.status.success(), "{err}");
         if device == "auto" && !cfg!(feature = "cuda") {
             assert!(
-                err.contains("--device auto: this binary was built without CUDA; running on the CPU"),
+                err.contains(
+                    "--device auto: this binary was built without CUDA; running on the CPU"
+                ),
                 "{err}"
             );
         }
@@ -158,7 +175,10 @@ fn cpu_and_auto_run_and_the_trace_records_devices_and_per_rank_counts() {
             .iter()
             .map(|b| b.as_u64().unwrap())
             .collect();
-        assert_eq!(per_rank.iter().sum::<u64>(), step["bytes_sent"].as_u64().unwrap());
+        assert_eq!(
+            per_rank.iter().sum::<u64>(),
+            step["bytes_sent"].as_u64().unwrap()
+        );
         // Each branch's prediction, [1, 4, 16, 16] f32, to the other leader.
         assert_eq!(per_rank, vec![4 * 16 * 16 * 4; 2], "{step}");
         assert_eq!(step["rank_messages_sent"], serde_json::json!([1, 1]));
@@ -201,15 +221,24 @@ fn bench_predicts_latency_on_a_link_and_from_traces() {
     ]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(out.contains("predicted on nvlink (s) | predicted speedup |"), "{out}");
+    assert!(
+        out.contains("predicted on nvlink (s) | predicted speedup |"),
+        "{out}"
+    );
     assert!(out.contains("cpu x2 (host)"), "{out}");
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let runs = v["runs"].as_array().unwrap();
-    assert_eq!(runs[0]["predicted"]["speedup"], 1.0, "serial against itself");
+    assert_eq!(
+        runs[0]["predicted"]["speedup"], 1.0,
+        "serial against itself"
+    );
     for r in runs {
         let p = &r["predicted"];
-        let (secs, compute) = (p["seconds"].as_f64().unwrap(), p["compute_seconds"].as_f64().unwrap());
+        let (secs, compute) = (
+            p["seconds"].as_f64().unwrap(),
+            p["compute_seconds"].as_f64().unwrap(),
+        );
         assert!(secs >= compute && compute > 0.0, "{r}");
         assert_eq!(p["link"]["name"], "nvlink");
     }
@@ -230,14 +259,27 @@ fn bench_predicts_latency_on_a_link_and_from_traces() {
     let (nv, p3) = (from("nvlink"), from("pcie3"));
     assert!(p3.contains("predicted on pcie3 (s)"), "{p3}");
     for strategy in ["cfg", "async", "hybrid"] {
-        assert!(predicted(&p3, strategy) > predicted(&nv, strategy), "{strategy}\n{nv}\n{p3}");
+        assert!(
+            predicted(&p3, strategy) > predicted(&nv, strategy),
+            "{strategy}\n{nv}\n{p3}"
+        );
     }
     assert_eq!(predicted(&p3, "serial"), predicted(&nv, "serial"));
     // The JSON written by --json in the same folder is not a trace: skipped, said so.
     std::fs::copy(&json, traces.join("results.json")).unwrap();
-    let o = hybridiff(&["bench", "--from-trace", s(&traces), "--simulate-link", "1000/1"]);
+    let o = hybridiff(&[
+        "bench",
+        "--from-trace",
+        s(&traces),
+        "--simulate-link",
+        "1000/1",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("results.json: not a trace"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("results.json: not a trace"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -258,11 +300,23 @@ fn bad_simulate_link_and_from_trace_uses_are_refused_by_name() {
             "give --simulate-link",
         ),
         (
-            vec!["bench", "--from-trace", s(dir.path()), "--simulate-link", "pcie4"],
+            vec![
+                "bench",
+                "--from-trace",
+                s(dir.path()),
+                "--simulate-link",
+                "pcie4",
+            ],
             "no traces",
         ),
         (
-            vec!["bench", "--from-trace", s(&missing), "--simulate-link", "pcie4"],
+            vec![
+                "bench",
+                "--from-trace",
+                s(&missing),
+                "--simulate-link",
+                "pcie4",
+            ],
             "not a folder",
         ),
     ] {
@@ -272,8 +326,22 @@ fn bad_simulate_link_and_from_trace_uses_are_refused_by_name() {
         assert!(!stderr(&o).contains("panicked"));
     }
     // A broken trace names its file.
-    std::fs::write(dir.path().join("cfg.json"), r#"{"strategy": "cfg", "steps": 3}"#).unwrap();
-    let o = hybridiff(&["bench", "--from-trace", s(dir.path()), "--simulate-link", "pcie4"]);
+    std::fs::write(
+        dir.path().join("cfg.json"),
+        r#"{"strategy": "cfg", "steps": 3}"#,
+    )
+    .unwrap();
+    let o = hybridiff(&[
+        "bench",
+        "--from-trace",
+        s(dir.path()),
+        "--simulate-link",
+        "pcie4",
+    ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("cfg.json: not a trace written by bench --trace-dir"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cfg.json: not a trace written by bench --trace-dir"),
+        "{}",
+        stderr(&o)
+    );
 }

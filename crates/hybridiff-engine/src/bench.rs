@@ -431,7 +431,10 @@ pub fn devices_cell(devices: &[String], transfer: &str) -> String {
 ///
 /// # Errors
 /// A trace without the per-rank counts the model needs ([`crate::latency::costs_of`]).
-pub fn trace_table(traces: &[(String, crate::Trace)], link: &crate::latency::Link) -> Result<String> {
+pub fn trace_table(
+    traces: &[(String, crate::Trace)],
+    link: &crate::latency::Link,
+) -> Result<String> {
     let serial = traces
         .iter()
         .find(|(_, t)| t.strategy == "serial")

@@ -274,8 +274,19 @@ pub fn cuda_device_count() -> usize {
         return 0;
     }
     (0..MAX_GPUS)
-        .take_while(|&i| Device::new_cuda(i).is_ok())
+        .take_while(|&i| matches!(open_cuda(i), Ok(Ok(_))))
         .count()
+}
+
+/// `Device::new_cuda(ordinal)`, with a panic turned into an error: candle's CUDA library
+/// loader panics when the driver's `libcuda.so` cannot be loaded (a CUDA build on a machine
+/// without a GPU driver), and a missing driver is bad input, not a bug.
+fn open_cuda(ordinal: usize) -> std::result::Result<candle_core::Result<Device>, String> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let out = std::panic::catch_unwind(|| Device::new_cuda(ordinal));
+    std::panic::set_hook(hook);
+    out.map_err(|p| hybridiff_comm::panic_message(p.as_ref()))
 }
 
 /// The candle device of each rank, one `Device` per GPU shared by every rank on it (candle
@@ -290,9 +301,19 @@ pub fn open_devices(ranks: &[RankDevice]) -> Result<Vec<Device>> {
         }
         let d = match r {
             RankDevice::Cpu => Device::Cpu,
-            RankDevice::Cuda(n) => Device::new_cuda(n).map_err(|e| {
-                Error::Options(format!("--device cuda:{n}: could not open the GPU: {e}"))
-            })?,
+            RankDevice::Cuda(n) => match open_cuda(n) {
+                Ok(Ok(d)) => d,
+                Ok(Err(e)) => {
+                    return Err(Error::Options(format!(
+                        "cuda:{n}: could not open the GPU: {e}"
+                    )))
+                }
+                Err(e) => {
+                    return Err(Error::Options(format!(
+                        "cuda:{n}: could not load the CUDA driver ({e}); is the NVIDIA driver installed? Use --device cpu otherwise"
+                    )))
+                }
+            },
         };
         opened.push((r, d.clone()));
         out.push(d);
@@ -499,7 +520,15 @@ mod tests {
         assert_eq!(req("auto").unwrap(), DeviceRequest::Auto);
         assert_eq!(req("cuda").unwrap(), DeviceRequest::Cuda { first: 0 });
         assert_eq!(req("cuda:3").unwrap(), DeviceRequest::Cuda { first: 3 });
-        for bad in ["gpu", "cuda:x", "cuda:", "cuda:-1", "cuda:+1", "CUDA", "cuda:99999"] {
+        for bad in [
+            "gpu",
+            "cuda:x",
+            "cuda:",
+            "cuda:-1",
+            "cuda:+1",
+            "CUDA",
+            "cuda:99999",
+        ] {
             let e = req(bad).unwrap_err().to_string();
             assert!(e.starts_with(&format!("--device {bad}:")), "{e}");
             assert!(e.contains("expected cpu, cuda, cuda:N"), "{e}");
@@ -533,7 +562,10 @@ mod tests {
         let e = map_ranks(DeviceRequest::Cpu, Some(&[0, 1]), 2, true, no_gpu_probe)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("--devices") && e.contains("--device is cpu"), "{e}");
+        assert!(
+            e.contains("--devices") && e.contains("--device is cpu"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -541,7 +573,11 @@ mod tests {
         for (r, list, flag) in [
             (DeviceRequest::Cuda { first: 0 }, None, "--device cuda:"),
             (DeviceRequest::Cuda { first: 1 }, None, "--device cuda:1:"),
-            (DeviceRequest::Cuda { first: 0 }, Some(&[0usize, 1][..]), "--devices:"),
+            (
+                DeviceRequest::Cuda { first: 0 },
+                Some(&[0usize, 1][..]),
+                "--devices:",
+            ),
             (DeviceRequest::Auto, Some(&[0usize][..]), "--devices:"),
         ] {
             let e = map_ranks(r, list, 2, false, no_gpu_probe)
@@ -580,7 +616,11 @@ mod tests {
         let m = map_ranks(c(3), None, 2, true, || 4).unwrap();
         assert_eq!(m.ranks, vec![RankDevice::Cuda(3); 2]);
         assert_eq!(transfer(&m.ranks), Transfer::SameDevice);
-        assert!(m.notes[0].contains("ranks 0, 1 share cuda:3"), "{:?}", m.notes);
+        assert!(
+            m.notes[0].contains("ranks 0, 1 share cuda:3"),
+            "{:?}",
+            m.notes
+        );
         // Two ranks on the one GPU of an H200 machine.
         let m = map_ranks(c(0), None, 2, true, || 1).unwrap();
         assert_eq!(m.ranks, vec![RankDevice::Cuda(0); 2]);
@@ -593,27 +633,44 @@ mod tests {
             "the r-th listed GPU, wrapping"
         );
         assert_eq!(m.notes.len(), 2, "{:?}", m.notes);
-        assert!(m.notes[0].contains("ranks 0, 2 share cuda:1"), "{:?}", m.notes);
+        assert!(
+            m.notes[0].contains("ranks 0, 2 share cuda:1"),
+            "{:?}",
+            m.notes
+        );
     }
 
     #[test]
     fn gpus_the_machine_lacks_are_named_with_the_flag() {
         let c = |first| DeviceRequest::Cuda { first };
-        let e = map_ranks(c(2), None, 2, true, || 2).unwrap_err().to_string();
-        assert!(e.starts_with("--device cuda:2: GPU 2 does not exist"), "{e}");
+        let e = map_ranks(c(2), None, 2, true, || 2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--device cuda:2: GPU 2 does not exist"),
+            "{e}"
+        );
         assert!(e.contains("2 GPU(s)"), "{e}");
         let e = map_ranks(c(0), Some(&[0, 5]), 2, true, || 2)
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("--devices: GPU 5 does not exist"), "{e}");
-        let e = map_ranks(c(0), None, 2, true, || 0).unwrap_err().to_string();
-        assert!(e.starts_with("--device: this machine has no CUDA GPU"), "{e}");
+        let e = map_ranks(c(0), None, 2, true, || 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("--device: this machine has no CUDA GPU"),
+            "{e}"
+        );
     }
 
     #[test]
     fn a_cpu_placement_runs_every_rank_on_the_job_device() {
-        let p = Placement::new(vec![RankDevice::Cpu; 2], open_devices(&[RankDevice::Cpu; 2]).unwrap())
-            .unwrap();
+        let p = Placement::new(
+            vec![RankDevice::Cpu; 2],
+            open_devices(&[RankDevice::Cpu; 2]).unwrap(),
+        )
+        .unwrap();
         let (d, replica) = p.for_rank(1, &Device::Cpu).unwrap();
         assert!(d.is_cpu() && replica.is_none());
         assert!(p.other_devices().is_empty());

@@ -104,7 +104,7 @@ impl FromStr for Link {
         Ok(Self::new(
             &format!("{gbps} GB/s, {lat_us} us"),
             gbps * 1e9,
-            lat_us * 1e-6,
+            lat_us / 1e6,
         ))
     }
 }

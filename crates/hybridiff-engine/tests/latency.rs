@@ -87,11 +87,7 @@ fn staged_steps_overlap_the_stage_outputs_and_wait_for_the_prediction() {
 #[test]
 fn serial_predicts_its_compute_and_a_fast_link_the_slowest_rank() {
     let serial = trace(StrategyKind::Serial, 1);
-    let compute: f64 = serial
-        .steps
-        .iter()
-        .map(|s| s.rank_compute_seconds[0])
-        .sum();
+    let compute: f64 = serial.steps.iter().map(|s| s.rank_compute_seconds[0]).sum();
     let p = predict_trace(&serial, &Link::pcie3()).unwrap();
     assert!((p.seconds - compute).abs() < 1e-12);
     let inf = Link {
