@@ -18,9 +18,8 @@ use crate::{Error, Result};
 
 /// How to get a CUDA build, for errors of a CPU-only binary asked for a GPU.
 pub const CUDA_BUILD_HINT: &str = "this hybridiff was built without CUDA; to get a CUDA build, \
-run `tools/cuda-toolchain.sh` once (it installs nvcc and the CUDA libraries in a venv outside \
-the repository and prints the environment to set), then `cargo build --release -p hybridiff-cli \
---features cuda`";
+run `tools/cuda-toolchain.sh` once (it sets up nvcc and the CUDA libraries outside the \
+repository), then `cargo build --release -p hybridiff-cli --features cuda`";
 
 /// Most GPU ordinals accepted (and probed) on one machine.
 pub const MAX_GPUS: usize = 64;
