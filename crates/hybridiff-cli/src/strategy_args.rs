@@ -222,7 +222,7 @@ impl DeviceArgs {
         let (request, list) = self.parsed()?;
         let ranks = match local {
             Some((_, n)) => n,
-            None => world_size,
+            None => world_size.max(1),
         };
         let map = map_ranks(
             request,
@@ -396,15 +396,11 @@ impl RunArgs {
         let comm_timeout = self
             .comm_timeout
             .unwrap_or(if processes.is_some() { 60 } else { 600 });
-        let print = processes.is_none_or(|p| p.rank == 0);
-        let devices = self
-            .devices
-            .resolve(world_size, processes.map(local_rank), print)?;
-        let run_options = hybridiff_engine::RunOptions {
+        let mut run_options = hybridiff_engine::RunOptions {
             world_size,
             threads_per_rank: threads,
             comm_timeout: std::time::Duration::from_secs(comm_timeout),
-            placement: devices.placement,
+            placement: Default::default(),
         };
         // Before any pool exists: rayon panics when it cannot create its threads. Under MPI
         // this process holds one rank; the launcher places the others.
@@ -413,6 +409,12 @@ impl RunArgs {
             ..run_options.clone()
         }
         .check(hybridiff_engine::cores())?;
+        // After the layout checks, so a bad --world-size is named before any GPU is opened.
+        let print = processes.is_none_or(|p| p.rank == 0);
+        let devices = self
+            .devices
+            .resolve(world_size, processes.map(local_rank), print)?;
+        run_options.placement = devices.placement;
         crate::set_compute_threads(threads);
         let scheduler = match &self.scheduler {
             Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?),
