@@ -256,7 +256,7 @@ fn bench_predicts_latency_on_a_link_and_from_traces() {
             .lines()
             .find(|l| l.starts_with(&format!("| {strategy} |")))
             .unwrap_or_else(|| panic!("no {strategy} row: {table}"));
-        row.split('|').nth(9).unwrap().trim().parse().unwrap()
+        row.split('|').nth(10).unwrap().trim().parse().unwrap()
     };
     let (nv, p3) = (from("nvlink"), from("0.01/100"));
     assert!(p3.contains("predicted on 0.01 GB/s, 100 us (s)"), "{p3}");

@@ -441,7 +441,7 @@ pub fn trace_table(
         .map(|(_, t)| crate::latency::predict_trace(t, link))
         .transpose()?;
     let mut s = format!(
-        "| trace | strategy | ranks | devices | measured (s) | bytes sent | staged steps | compute-bound (s) | predicted on {} (s) | predicted speedup | predicted vs measured |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| trace | strategy | ranks | devices | measured (s) | bytes sent | staged steps | compute-bound (s) | link adds (ms) | predicted on {} (s) | predicted speedup | predicted vs measured |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         link.name
     );
     for (name, t) in traces {
@@ -451,7 +451,7 @@ pub fn trace_table(
             .map(|b| format!("{:.2}x", b.seconds / p.seconds))
             .unwrap_or_else(|| "- (no serial trace)".into());
         s.push_str(&format!(
-            "| {name} | {} | {} | {} | {:.3} | {} | {} | {:.3} | {:.3} | {speedup} | {:+.1}% |\n",
+            "| {name} | {} | {} | {} | {:.3} | {} | {} | {:.3} | {:.3} | {:.3} | {speedup} | {:+.1}% |\n",
             t.strategy,
             t.world_size,
             devices_cell(&t.rank_devices, &t.transfer),
@@ -459,6 +459,7 @@ pub fn trace_table(
             t.bytes_sent,
             crate::latency::staged_steps(t),
             p.compute_seconds,
+            1e3 * p.link_seconds,
             p.seconds,
             100.0 * (p.seconds / t.total_seconds - 1.0),
         ));
