@@ -105,6 +105,10 @@ fn trace_facts(t: &serde_json::Value) -> serde_json::Value {
                 "reference_bytes_sent": s["reference_bytes_sent"], "slope": s["slope"],
                 "tau1": s["tau1"], "tau2": s["tau2"],
                 "ranks": s["rank_compute_seconds"].as_array().unwrap().len(),
+                "rank_bytes_sent": s["rank_bytes_sent"],
+                "rank_messages_sent": s["rank_messages_sent"],
+                "rank_overlapped_bytes": s["rank_overlapped_bytes"],
+                "rank_overlapped_messages": s["rank_overlapped_messages"],
             })
         })
         .collect();
@@ -113,6 +117,7 @@ fn trace_facts(t: &serde_json::Value) -> serde_json::Value {
         "num_steps": t["num_steps"], "guidance": t["guidance"], "bytes_sent": t["bytes_sent"],
         "reference_bytes_sent": t["reference_bytes_sent"], "stage_plan": t["stage_plan"],
         "tau1": t["tau1"], "tau2": t["tau2"], "rel_mae_log": t["rel_mae_log"], "steps": steps,
+        "rank_devices": t["rank_devices"], "transfer": t["transfer"],
     })
 }
 

@@ -101,6 +101,16 @@ pub enum RankDevice {
     Cuda(usize),
 }
 
+impl RankDevice {
+    /// The label of a candle device.
+    pub fn of(device: &Device) -> Self {
+        match device.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => Self::Cuda(gpu_id),
+            _ => Self::Cpu,
+        }
+    }
+}
+
 impl std::fmt::Display for RankDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -387,10 +397,7 @@ impl Placement {
         self.ranks
             .get(rank)
             .copied()
-            .unwrap_or(match job_device.location() {
-                candle_core::DeviceLocation::Cuda { gpu_id } => RankDevice::Cuda(gpu_id),
-                _ => RankDevice::Cpu,
-            })
+            .unwrap_or_else(|| RankDevice::of(job_device))
     }
 
     /// Rank `rank`'s device and, when it is not `job_device`, its replica of the denoiser.

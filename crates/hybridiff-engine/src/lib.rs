@@ -215,7 +215,10 @@ pub(crate) fn denoise_on(
         stage_plan,
         total_seconds,
         rank0,
-        &per_rank,
+        &RankRecords {
+            costs: per_rank,
+            devices: None,
+        },
     )
 }
 
@@ -289,11 +292,12 @@ pub fn denoise_rank(
                 &mut device::DeviceComm::new(&mut *comm_ref, device),
             )?;
             let per_rank = gather_steps(comm_ref, &out.steps)?;
-            Ok((out, per_rank, start.elapsed().as_secs_f64()))
+            let devices = gather_devices(comm_ref, job.inputs.latents.device())?;
+            Ok((out, (per_rank, devices), start.elapsed().as_secs_f64()))
         })
     }));
     let failure = match outcome {
-        Ok(Ok((out, per_rank, total_seconds))) => {
+        Ok(Ok((out, (per_rank, devices), total_seconds))) => {
             return if rank == 0 {
                 assemble(
                     job,
@@ -302,7 +306,10 @@ pub fn denoise_rank(
                     stage_plan,
                     total_seconds,
                     out,
-                    &per_rank,
+                    &RankRecords {
+                        costs: per_rank,
+                        devices: Some(devices),
+                    },
                 )
                 .map(Some)
             } else {
@@ -379,6 +386,34 @@ fn agree_on_job(
         )));
     }
     Ok(())
+}
+
+/// What every rank reported: per-step costs and, when ranks are processes, each one's device
+/// (in-process ranks' devices come from the placement).
+struct RankRecords {
+    costs: Vec<Vec<RankCost>>,
+    devices: Option<Vec<device::RankDevice>>,
+}
+
+/// Every process's device (one rank per process), index = rank.
+fn gather_devices(
+    comm: &mut dyn hybridiff_comm::Communicator,
+    mine: &candle_core::Device,
+) -> Result<Vec<device::RankDevice>> {
+    let code = match device::RankDevice::of(mine) {
+        device::RankDevice::Cpu => -1i64,
+        device::RankDevice::Cuda(n) => n as i64,
+    };
+    let all = comm.all_gather(&Tensor::new(&[code], &candle_core::Device::Cpu)?)?;
+    all.iter()
+        .map(|t| {
+            let v = t.to_vec1::<i64>()?;
+            Ok(match v.first() {
+                Some(&n) if n >= 0 => device::RankDevice::Cuda(n as usize),
+                _ => device::RankDevice::Cpu,
+            })
+        })
+        .collect()
 }
 
 /// What one rank spent in one step: compute seconds, bytes and messages sent, and the
@@ -460,12 +495,15 @@ fn assemble(
     stage_plan: Option<serde_json::Value>,
     total_seconds: f64,
     rank0: strategy::RankOutput,
-    per_rank: &[Vec<RankCost>],
+    ranks: &RankRecords,
 ) -> Result<DenoiseOutput> {
+    let per_rank = &ranks.costs;
     let job_device = job.inputs.latents.device();
-    let rank_devices: Vec<device::RankDevice> = (0..opts.world_size)
-        .map(|r| opts.placement.label(r, job_device))
-        .collect();
+    let rank_devices: Vec<device::RankDevice> = ranks.devices.clone().unwrap_or_else(|| {
+        (0..opts.world_size)
+            .map(|r| opts.placement.label(r, job_device))
+            .collect()
+    });
     let steps: Vec<StepTrace> = (0..job.steps)
         .map(|i| {
             let s = &rank0.steps[i];
