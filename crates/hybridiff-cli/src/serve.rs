@@ -140,7 +140,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         Some(k) => Some(k.clone()),
         None => match std::env::var("HYBRIDIFF_API_KEY") {
             Ok(k) if k.trim().is_empty() => {
-                eprintln!("hybridiff serve: HYBRIDIFF_API_KEY is empty: serving without an API key");
+                eprintln!(
+                    "hybridiff serve: HYBRIDIFF_API_KEY is empty: serving without an API key"
+                );
                 None
             }
             Ok(k) => Some(k),

@@ -603,15 +603,22 @@ fn a_half_sent_head_is_closed_after_header_timeout() {
     let s = Served::start(&["--header-timeout", "1"]);
     let addr = s.base.trim_start_matches("http://").to_string();
     let mut sock = std::net::TcpStream::connect(&addr).unwrap();
-    write!(sock, "POST /v1/images/generations HTTP/1.1\r\nHost: {addr}\r\n").unwrap();
+    write!(
+        sock,
+        "POST /v1/images/generations HTTP/1.1\r\nHost: {addr}\r\n"
+    )
+    .unwrap();
     let t0 = Instant::now();
-    sock.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
     let mut got = Vec::new();
     let r = sock.read_to_end(&mut got);
     let after = t0.elapsed();
     let text = String::from_utf8_lossy(&got);
     assert!(
-        r.is_ok() || r.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        r.is_ok()
+            || r.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
         "closed by the server, not by the read timeout: {r:?} after {after:?}"
     );
     assert!(got.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");

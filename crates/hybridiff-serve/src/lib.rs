@@ -47,8 +47,8 @@ use subtle::ConstantTimeEq;
 
 pub use api::ApiError;
 pub use backend::{
-    encode_png, Backend, BackendError, BackendInfo, Image, ImageJob, PipelineBackend,
-    RequestCheck, RequestDefaults,
+    encode_png, Backend, BackendError, BackendInfo, Image, ImageJob, PipelineBackend, RequestCheck,
+    RequestDefaults,
 };
 
 use api::{GenerationRequest, ResponseFormat};
@@ -265,10 +265,8 @@ impl Service {
         self.state.queue.close();
         let _ = stop_tx.send(true);
         let grace = limits.request_timeout + limits.body_timeout + Duration::from_secs(2);
-        let drained = tokio::time::timeout(grace, async {
-            while conns.join_next().await.is_some() {}
-        })
-        .await;
+        let drained =
+            tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             tracing::warn!("connections still busy {grace:?} after the stop signal: closing them");
             conns.shutdown().await;

@@ -648,6 +648,7 @@ async fn read_until_closed(
 fn fresh_client() -> reqwest::Client {
     reqwest::Client::builder()
         .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
         .build()
         .unwrap()
 }
@@ -684,7 +685,12 @@ async fn slow_clients_are_cut_off_by_the_header_and_body_timeouts_while_others_a
     let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
     // Others are served meanwhile.
     let c = fresh_client();
-    let r = post(&c, &srv.url("/v1/images/generations"), json!({"prompt": "a"})).await;
+    let r = post(
+        &c,
+        &srv.url("/v1/images/generations"),
+        json!({"prompt": "a"}),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert!(
         t0.elapsed() < head_t,
@@ -708,7 +714,10 @@ async fn slow_clients_are_cut_off_by_the_header_and_body_timeouts_while_others_a
     let (got, closed) = read_until_closed(&mut half_body, Duration::from_secs(10)).await;
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
-    assert!(text.contains("\"code\":\"body_timeout\"") && text.contains("--body-timeout"), "{text}");
+    assert!(
+        text.contains("\"code\":\"body_timeout\"") && text.contains("--body-timeout"),
+        "{text}"
+    );
     let after = closed - t0;
     assert!(
         after >= body_t - Duration::from_millis(100) && after < body_t + Duration::from_secs(3),
@@ -718,7 +727,10 @@ async fn slow_clients_are_cut_off_by_the_header_and_body_timeouts_while_others_a
     let m = srv.metrics().await;
     let route = "route=\"/v1/images/generations\"";
     assert_eq!(
-        sample(&m, &format!("hybridiff_http_requests_total{{{route},status=\"408\"}}")),
+        sample(
+            &m,
+            &format!("hybridiff_http_requests_total{{{route},status=\"408\"}}")
+        ),
         Some(1.0)
     );
     assert_eq!(srv.record.started(), vec!["a"], "no slow request ran");
@@ -738,7 +750,9 @@ async fn beyond_max_connections_a_connection_waits_for_a_free_slot() {
     let _second = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let mut third = tokio::net::TcpStream::connect(&addr).await.unwrap();
     third
-        .write_all(format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await
         .unwrap();
     let mut buf = [0u8; 1024];
@@ -776,7 +790,8 @@ async fn clients_that_leave_are_counted_499_and_the_request_metrics_add_up() {
     srv.wait_health("the held job to run", |h| h["running"] == true)
         .await;
     let queued = raw_post("queued");
-    srv.wait_health("one queued", |h| h["queue_depth"] == 1).await;
+    srv.wait_health("one queued", |h| h["queue_depth"] == 1)
+        .await;
     drop(queued);
     srv.wait_health("the queued one dropped", |h| h["queue_depth"] == 0)
         .await;
@@ -784,11 +799,16 @@ async fn clients_that_leave_are_counted_499_and_the_request_metrics_add_up() {
     srv.wait_health("the running one cancelled", |h| h["running"] == false)
         .await;
     assert_eq!(
-        srv.record.cancelled.load(std::sync::atomic::Ordering::SeqCst),
+        srv.record
+            .cancelled
+            .load(std::sync::atomic::Ordering::SeqCst),
         1
     );
     // Answered ones.
-    assert_eq!(post(&c, &url, json!({"prompt": "fine"})).await.status(), 200);
+    assert_eq!(
+        post(&c, &url, json!({"prompt": "fine"})).await.status(),
+        200
+    );
     assert_eq!(post(&c, &url, json!({"n": 99})).await.status(), 400);
     let sent = 4.0;
     let route = "route=\"/v1/images/generations\"";
@@ -840,10 +860,18 @@ async fn a_job_the_backend_cannot_fit_is_400_on_size_before_it_queues() {
     srv.wait_health("the held job to run", |h| h["running"] == true)
         .await;
     // Within --max-pixels (1048576) but beyond what the backend fits.
-    let r = post(&c, &url, json!({"prompt": "big", "size": "512x512", "n": 2})).await;
+    let r = post(
+        &c,
+        &url,
+        json!({"prompt": "big", "size": "512x512", "n": 2}),
+    )
+    .await;
     let v = expect_error(r, 400, Some("size")).await;
     let msg = v["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("512x512") && msg.contains("needs an estimated"), "{msg}");
+    assert!(
+        msg.contains("512x512") && msg.contains("needs an estimated"),
+        "{msg}"
+    );
     assert_eq!(srv.health().await["queue_depth"], 0);
     srv.record.release();
     assert_eq!(running.await.unwrap().status(), 200);
