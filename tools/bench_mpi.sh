@@ -17,6 +17,8 @@ MODEL="$OUT/sdxl-fifth"
 for i in $(seq 1 "$REPEATS"); do
     echo "== run $i, load: $(cut -d' ' -f1-3 /proc/loadavg)"
     # --bind-to none: rank 0 also runs the thread rows, whose ranks need a core each.
+    # EXTRA holds several flags: split on purpose.
+    # shellcheck disable=SC2086
     mpirun --allow-run-as-root --bind-to none -np 2 "$BIN" bench --model "$MODEL" \
         --latent-size 32 --steps "$STEPS" --threads-per-rank 1 --repeats 3 \
         --strategies serial,cfg,async,hybrid --transport threads,mpi \

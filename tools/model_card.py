@@ -78,6 +78,19 @@ def write(out, stats, verify=None):
     w("    a {colour} {shape} {at the left of|at the right of|at the top of|at the bottom of|in the center of} a {bg} background")
     w("    a {colour} {shape} {above|below|left of|right of} a {colour} {shape} on a {bg} background\n")
     w("Examples: " + "; ".join(f"\"{c}\"" for c in stats["caption_examples"][:5]) + ".\n")
+    if a.get("p_canonical", 1.0) < 1.0:
+        w(f"Each time a training image is drawn its caption is phrased afresh (`shapes_world.phrase`, its own rng "
+          f"stream seed+6): the grammar above with probability {a['p_canonical']:g}, else a free phrasing: article "
+          "a/an/one/the or none; shape synonyms (circle: disc, disk, ball, dot; square: box, block); \"{shape}, "
+          "{colour}\" and \"{shape} that is {colour}\" orders (one-shape captions); the background phrase left out "
+          f"with probability {a['p_no_background']:g} (then the image's background is any of the three) or said as "
+          "\"on {bg}\", \"with/against a {bg} background\", \", {bg} background\"; positions without a background "
+          "(\"on the left\", \"in the middle\", ...); relations over/under/beneath/to the left of/..., or only \"and\" "
+          "between two shapes; capitalised first letter, upper case or title case; a trailing full stop. Why: until the "
+          "2026-11 retrain every caption ended in \"on a ... background\", so \"a blue circle\" was out of distribution "
+          "and drew a green circle (issue 17).\n")
+        if stats.get("phrasing_examples"):
+            w("Phrasing examples: " + "; ".join(f"\"{c}\"" for c in stats["phrasing_examples"][:8]) + ".\n")
     w("## Training recipe\n")
     w("Why a Python script and not candle's autograd: the model is trained with diffusers' and transformers' own "
       "classes and saved with their `save_pretrained`, so the folder is by construction a diffusers checkpoint that "
@@ -111,8 +124,11 @@ def write(out, stats, verify=None):
     w("Regenerate (from the repository root; overwrites models/default and docs/images/diffusers-*.png):\n")
     w(f"    {cmd}\n")
     w("## Usage\n")
-    w("64x64 output (height = width = 64), DDIM 20-50 steps, guidance 5 (3-7 works). Best prompts follow the caption "
-      "grammar exactly, e.g. \"a red circle on a white background\", \"a blue square above a yellow triangle on a black background\".\n")
+    w("64x64 output (height = width = 64), DDIM 20-50 steps, guidance 5 (3-7 works). Prompts name one or two shapes "
+      "(circle, square, triangle), their colours (red, green, blue, yellow, purple, orange, white, black) and "
+      "optionally a background (white, black, gray), a position or a relation, e.g. \"a blue circle\", "
+      "\"a red circle on a white background\", \"a blue square above a yellow triangle on a black background\". "
+      "`tools/colour_hit_rate.py` measures how often the named colour wins.\n")
     w("    from diffusers import StableDiffusionPipeline; import torch")
     w("    pipe = StableDiffusionPipeline.from_pretrained(\"models/default\", torch_dtype=torch.float32, safety_checker=None)")
     w("    img = pipe(\"a red circle on a white background\", num_inference_steps=20, guidance_scale=5,")
@@ -144,6 +160,6 @@ def write(out, stats, verify=None):
     w("## Limitations\n")
     w("Tiny model, about an hour of CPU training: edges are soft and squares have slightly rounded corners; "
       "two-shape prompts often draw one shape's kind or colour wrong (see the last two rows of "
-      "docs/images/diffusers-grid.png); prompts outside the grammar give arbitrary shapes.")
+      "docs/images/diffusers-grid.png); words outside the vocabulary above give arbitrary shapes.")
     with open(os.path.join(out, "MODEL_CARD.md"), "w") as f:
         f.write("\n".join(L) + "\n")

@@ -58,6 +58,8 @@ JOB=(denoise --model "$MODEL" --inputs "$MODEL/inputs.safetensors" --steps 20
 
 # Both ranks are "remote" to mpirun (it runs in A's namespace but is given IPs), so each is
 # started by the agent in its own namespace; byte transfer is TCP only (no shared memory).
+# The single-quoted scripts are expanded by the inner shells, on purpose.
+# shellcheck disable=SC2016
 ip netns exec "$A" unshare --uts sh -c 'hostname "$0"; exec "$@"' "$A" \
     mpirun --allow-run-as-root -np 2 --hostfile "$WORK/hosts" --map-by node \
     --mca plm_rsh_agent "$WORK/agent.sh" \

@@ -142,15 +142,16 @@ def train_vae(args, rng):
 
 @torch.no_grad()
 def encode_dataset(vae, rng, n, tokenizer):
-    means, stds, caps = [], [], []
+    means, stds, scenes = [], [], []
     for i in range(0, n, 250):
-        imgs, c = sw.batch(rng, min(250, n - i))
+        imgs, sc = sw.batch_scenes(rng, min(250, n - i))
         d = vae.encode(to_tensor(imgs)).latent_dist
         means.append(d.mean.half())
         stds.append(d.std.half())
-        caps += c
+        scenes += sc
+    caps = [sw.canonical(sc) for sc in scenes]
     tok = tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-    return torch.cat(means), torch.cat(stds), tok.input_ids, caps
+    return torch.cat(means), torch.cat(stds), tok.input_ids, caps, scenes
 
 
 class EMA:
@@ -187,7 +188,7 @@ def probe_gap(te, unet, lat_mean, ids, empty_ids, scale, acp):
     return float((ec - eu).abs().mean() / eu.abs().mean())
 
 
-def train_unet(args, lat_mean, lat_std, ids, empty_ids, scale, gen):
+def train_unet(args, lat_mean, lat_std, ids, empty_ids, scale, gen, scenes, tokenizer):
     te = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
     unet = UNet2DConditionModel(**UNET_CONFIG)
     if args.te_embed_std:
@@ -211,12 +212,19 @@ def train_unet(args, lat_mean, lat_std, ids, empty_ids, scale, gen):
     n = lat_mean.shape[0]
     t0 = time.time()
     hist, probes = [], []
+    phrasing = np.random.default_rng(args.seed + 6)  # its own stream: the other draws stay as before
     for step in range(args.unet_steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.unet_steps, args.lr, 200) * g["lr_mult"]
         idx = torch.randint(0, n, (args.batch,), generator=gen)
         z0 = (lat_mean[idx].float() + lat_std[idx].float() * torch.randn(args.batch, 4, 16, 16, generator=gen)) * scale
-        tok = ids[idx].clone()
+        if args.p_canonical < 1.0:
+            # a fresh phrasing of each scene every time it is drawn (shapes_world.phrase)
+            caps = [sw.phrase(phrasing, scenes[i], args.p_canonical, args.p_no_background) for i in idx.tolist()]
+            tok = tokenizer(caps, padding="max_length", max_length=77, truncation=True,
+                            return_tensors="pt").input_ids
+        else:
+            tok = ids[idx].clone()
         drop = torch.rand(args.batch, generator=gen) < args.cond_dropout
         tok[drop] = empty_ids
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
@@ -259,6 +267,11 @@ def train_unet(args, lat_mean, lat_std, ids, empty_ids, scale, gen):
     stats = dict(zip(("weighted_loss", "eps_mse"), np.mean(hist[-200:], axis=0).tolist()))
     stats.update(gap_probes=probes, gap_ema=round(gap, 5))
     return te, unet, stats, time.time() - t0
+
+
+def phrasing_examples(args, scenes):
+    rng = np.random.default_rng(args.seed + 7)
+    return [sw.phrase(rng, sc, args.p_canonical, args.p_no_background) for sc in scenes]
 
 
 def export(out, vae, te, unet, scale):
@@ -325,6 +338,10 @@ def main():
     ap.add_argument("--high-t-frac", type=float, default=0.3)
     ap.add_argument("--te-lr-mult", type=float, default=2.0)
     ap.add_argument("--te-embed-std", type=float, default=1.0, help="init token embeddings with this std (0 = CLIP's 0.02)")
+    ap.add_argument("--p-canonical", type=float, default=0.35,
+                    help="share of training captions in the fixed grammar; the rest are free phrasings (1 = grammar only)")
+    ap.add_argument("--p-no-background", type=float, default=0.4,
+                    help="share of free phrasings that leave the background out")
     ap.add_argument("--probe-every", type=int, default=250, help="log the cond/uncond gap every N steps")
     ap.add_argument("--skip-verify", action="store_true")
     args = ap.parse_args()
@@ -348,7 +365,7 @@ def main():
     vae, vae_loss, vae_time = train_vae(args, rng_vae)
     log(f"encoding {args.dataset} images")
     t_enc = time.time()
-    lat_mean, lat_std, ids, caps = encode_dataset(vae, rng_data, args.dataset, tokenizer)
+    lat_mean, lat_std, ids, caps, scenes = encode_dataset(vae, rng_data, args.dataset, tokenizer)
     enc_time = time.time() - t_enc
     g = torch.Generator().manual_seed(args.seed + 3)
     sample_lat = lat_mean[:2000].float() + lat_std[:2000].float() * torch.randn(lat_mean[:2000].shape, generator=g)
@@ -359,7 +376,8 @@ def main():
 
     log("training text encoder + U-Net", UNET_CONFIG["block_out_channels"])
     torch.manual_seed(args.seed + 4)
-    te, unet, unet_loss, unet_time = train_unet(args, lat_mean, lat_std, ids, empty_ids, scale, gen)
+    te, unet, unet_loss, unet_time = train_unet(args, lat_mean, lat_std, ids, empty_ids, scale, gen, scenes,
+                                                tokenizer)
     export(args.out, vae, te, unet, scale)
     total_time = time.time() - t_start
     log(f"exported to {args.out}; total {total_time:.0f}s")
@@ -376,6 +394,7 @@ def main():
         scaling_factor=scale,
         params=dict(vae=nparams(vae), text_encoder=nparams(te), unet=nparams(unet)),
         caption_examples=caps[:8],
+        phrasing_examples=phrasing_examples(args, scenes[:12]),
         nondefault_flags=nondefault,
     )
     with open(os.path.join(args.out, "training_stats.json"), "w") as f:

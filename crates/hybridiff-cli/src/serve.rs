@@ -1,6 +1,6 @@
 //! `hybridiff serve`: the flags, then the service of `hybridiff-serve` on a tokio runtime.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,14 +17,16 @@ pub struct ServeArgs {
     /// A diffusers pipeline folder [default: the model built into this binary].
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Address to bind. Anything but loopback exposes the service: give --api-key.
+    /// Address or host name to bind (a name is resolved; the first address that binds is
+    /// used). Anything but loopback exposes the service: give --api-key.
     #[arg(long, default_value = "127.0.0.1")]
-    pub host: IpAddr,
+    pub host: String,
     /// Port to bind (0: any free port; the bound address is printed).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// Require `Authorization: Bearer KEY` on every route but /health and the page.
-    #[arg(long, env = "HYBRIDIFF_API_KEY", hide_env_values = true)]
+    /// Require `Authorization: Bearer KEY` on every route but /health and the page. Without
+    /// the flag, the HYBRIDIFF_API_KEY environment variable (empty: no key).
+    #[arg(long)]
     pub api_key: Option<String>,
     /// Steps when a request gives no num_inference_steps [default: hybridiff.json, else 50].
     #[arg(long)]
@@ -67,6 +69,16 @@ pub struct ServeArgs {
     /// Images kept in memory for response_format "url" (oldest dropped first).
     #[arg(long, default_value_t = 64)]
     pub max_stored_images: usize,
+    /// Seconds a client has to send a request's head (and an idle keep-alive connection
+    /// stays open); then the connection is closed.
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout: u64,
+    /// Seconds a client has to send a request's body once its head is in; then 408.
+    #[arg(long, default_value_t = 30)]
+    pub body_timeout: u64,
+    /// Open connections at most; more wait in the listen backlog until one closes.
+    #[arg(long, default_value_t = 256)]
+    pub max_connections: usize,
     #[command(flatten)]
     pub run: crate::strategy_args::RunArgs,
 }
@@ -109,6 +121,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ("--max-pixels", args.max_pixels),
         ("--request-timeout", args.request_timeout),
         ("--max-stored-images", args.max_stored_images as u64),
+        ("--header-timeout", args.header_timeout),
+        ("--body-timeout", args.body_timeout),
+        ("--max-connections", args.max_connections as u64),
     ] {
         if v == 0 {
             bail!("{flag} must be at least 1");
@@ -117,8 +132,38 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if !(args.max_guidance.is_finite() && args.max_guidance >= 0.0) {
         bail!("--max-guidance must be a finite number >= 0");
     }
-    if args.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
-        bail!("--api-key (or HYBRIDIFF_API_KEY) is empty");
+    let api_key = match &args.api_key {
+        Some(k) if k.trim().is_empty() => {
+            bail!("--api-key is empty: give the key clients must send, or leave the flag out")
+        }
+        Some(k) => Some(k.clone()),
+        None => match std::env::var("HYBRIDIFF_API_KEY") {
+            Ok(k) if k.trim().is_empty() => {
+                eprintln!(
+                    "hybridiff serve: HYBRIDIFF_API_KEY is empty: serving without an API key"
+                );
+                None
+            }
+            Ok(k) => Some(k),
+            Err(std::env::VarError::NotPresent) => None,
+            Err(std::env::VarError::NotUnicode(_)) => {
+                bail!("HYBRIDIFF_API_KEY is not valid UTF-8")
+            }
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("hybridiff-serve-io")
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    // Resolved before the model loads, so that a bad --host fails at once.
+    let addrs: Vec<SocketAddr> = runtime
+        .block_on(tokio::net::lookup_host((args.host.as_str(), args.port)))
+        .with_context(|| format!("--host {}: cannot resolve it", args.host))?
+        .collect();
+    if addrs.is_empty() {
+        bail!("--host {}: resolves to no address", args.host);
     }
     args.run.devices.precheck()?;
     let (model_dir, model_id) = match &args.model {
@@ -169,10 +214,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_queue: args.max_queue,
         request_timeout: Duration::from_secs(args.request_timeout),
         max_stored_images: args.max_stored_images,
+        header_timeout: Duration::from_secs(args.header_timeout),
+        body_timeout: Duration::from_secs(args.body_timeout),
+        max_connections: args.max_connections,
     };
     let config = Config {
         limits,
-        api_key: args.api_key.clone(),
+        api_key: api_key.clone(),
     };
     let (kind, dtype, scheduler, options) = (run.kind, run.dtype, run.scheduler, run.options);
     // The model is loaded and the ranks started once, on the service's job thread.
@@ -201,26 +249,37 @@ pub fn run(args: ServeArgs) -> Result<()> {
             bail!("--width {w} --height {h}: both must be multiples of {m} for this model");
         }
     }
-    if !args.host.is_loopback() && args.api_key.is_none() {
-        tracing::warn!(host = %args.host, "serving on a non-loopback address without --api-key");
-        eprintln!(
-            "hybridiff serve: warning: {} is reachable from other machines and no --api-key \
-             (or HYBRIDIFF_API_KEY) is set: anyone who can reach it can use it",
-            args.host
-        );
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("hybridiff-serve-io")
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
     runtime.block_on(async move {
-        let addr = SocketAddr::new(args.host, args.port);
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("--host {} --port {}: cannot bind", args.host, args.port))?;
+        let mut listener = None;
+        let mut last_err = None;
+        for addr in &addrs {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => {
+                    listener = Some(l);
+                    break;
+                }
+                Err(e) => last_err = Some(format!("{addr}: {e}")),
+            }
+        }
+        let Some(listener) = listener else {
+            bail!(
+                "--host {} --port {}: cannot bind ({})",
+                args.host,
+                args.port,
+                last_err.unwrap_or_default()
+            );
+        };
         let bound = listener.local_addr()?;
+        // Judged on the address bound, so that `localhost` counts as loopback. Printed once
+        // (not also logged), as the first thing an operator should see.
+        if !bound.ip().is_loopback() && api_key.is_none() {
+            eprintln!(
+                "hybridiff serve: warning: {} ({}) is reachable from other machines and no \
+                 --api-key (or HYBRIDIFF_API_KEY) is set: anyone who can reach it can use it",
+                args.host,
+                bound.ip()
+            );
+        }
         // Tests and scripts read this line for the port.
         println!(
             "hybridiff serve: listening on http://{bound} ({} on {} rank(s), model {})",

@@ -384,6 +384,70 @@ fn bench_times_threads_and_processes_in_one_run_with_equal_results() {
     assert!(std::fs::read_to_string(&md).unwrap().contains("| mpi |"));
 }
 
+/// DistriFusion's bands on processes: heights that do not divide into equal bands make the
+/// final all-gather (and the halos) carry tensors of different sizes per rank; the MPI
+/// transport's results and bytes must equal the threads'.
+#[test]
+fn patch_with_uneven_bands_on_processes_equals_threads() {
+    for (np, extra) in [
+        (2, vec!["--no-cfg-split"]),
+        (3, vec!["--no-cfg-split", "--patch-mode", "sync"]),
+        (4, vec![]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let js = dir.path().join("b.json");
+        let model = fixture("tiny-sdxl");
+        let np_s = np.to_string();
+        let mut args = vec![
+            "bench",
+            "--model",
+            s(&model),
+            "--strategies",
+            "serial,patch",
+            "--transport",
+            "threads,mpi",
+            // 14 latent rows in bands of whole 4-row units (the U-Net downsamples twice):
+            // 8 + 6 rows, 4 + 4 + 6, and 8 + 6 per CFG group.
+            "--latent-size",
+            "14",
+            "--steps",
+            "6",
+            "--warmup",
+            "1",
+            "--repeats",
+            "0",
+            "--world-size",
+            &np_s,
+            "--json",
+            s(&js),
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|e| e.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = mpirun(np, &args, &[], dir.path());
+        assert!(r.ok, "{np} processes {extra:?}: {}", r.stderr);
+        let rows = json(&js)["runs"].as_array().unwrap().clone();
+        let pick = |t: &str| {
+            rows.iter()
+                .find(|r| r["strategy"] == "patch" && r["transport"] == t)
+                .unwrap_or_else(|| panic!("{np} {extra:?}: no patch row on {t}: {rows:?}"))
+                .clone()
+        };
+        let (a, b) = (pick("threads"), pick("mpi"));
+        for k in ["bytes_sent", "max_abs_diff", "psnr_db"] {
+            assert_eq!(a[k], b[k], "{np} processes {extra:?}: {k}");
+        }
+        assert!(a["bytes_sent"].as_u64().unwrap() > 0, "{a:?}");
+        if extra.contains(&"sync") {
+            // sync is exact: equal to serial up to GEMM rounding
+            let d = a["max_abs_diff"].as_f64().unwrap();
+            assert!(d < 1e-3, "{np} processes sync: max abs diff {d}");
+        }
+    }
+}
+
 /// Runs a 2-process hybrid job whose rank 1 fails at its 3rd send as `mode` says, and checks
 /// that the job stops well within `--comm-timeout` plus slack, names rank 1, and leaves no file.
 fn failing_rank_stops_the_job(mode: &str, needles: &[&str]) {

@@ -405,7 +405,7 @@ fn api_key_from_the_environment_and_flag_checks() {
     );
     drop(s);
 
-    // Non-loopback without a key: served, with a warning.
+    // Non-loopback without a key: served, with a warning, printed once.
     let mut s = Served::start(&["--host", "0.0.0.0"]);
     let _ = s.child.kill();
     let _ = s.child.wait();
@@ -414,6 +414,11 @@ fn api_key_from_the_environment_and_flag_checks() {
         err.contains("warning") && err.contains("--api-key"),
         "{err}"
     );
+    let warnings = err
+        .lines()
+        .filter(|l| l.to_lowercase().contains("warn"))
+        .count();
+    assert_eq!(warnings, 1, "one warning:\n{err}");
 
     for (flags, needle) in [
         (&["--max-n", "0"][..], "--max-n"),
@@ -421,6 +426,14 @@ fn api_key_from_the_environment_and_flag_checks() {
         (
             &["--width", "62", "--height", "64"][..],
             "both must be multiples of",
+        ),
+        (&["--max-connections", "0"][..], "--max-connections"),
+        (&["--header-timeout", "0"][..], "--header-timeout"),
+        (&["--api-key", ""][..], "--api-key is empty"),
+        (&["--api-key", "  "][..], "--api-key is empty"),
+        (
+            &["--host", "no-such-host.invalid"][..],
+            "--host no-such-host.invalid",
         ),
     ] {
         let o = Command::new(env!("CARGO_BIN_EXE_hybridiff"))
@@ -510,4 +523,105 @@ fn the_web_page_makes_an_image_in_headless_chromium() {
     // The service counted the page's request.
     let m = s.metrics();
     assert_eq!(sample(&m, "hybridiff_images_generated_total"), 1.0);
+}
+
+#[test]
+fn host_names_resolve_and_localhost_is_loopback() {
+    let mut s = Served::start(&["--host", "localhost"]);
+    assert!(
+        s.base.starts_with("http://127.") || s.base.starts_with("http://[::1]"),
+        "{}",
+        s.base
+    );
+    assert_eq!(s.health()["status"], "ok");
+    let _ = s.child.kill();
+    let _ = s.child.wait();
+    let err = s.stderr.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        !err.to_lowercase().contains("warn"),
+        "localhost is loopback: no exposure warning\n{err}"
+    );
+}
+
+#[test]
+fn an_empty_api_key_variable_means_no_key() {
+    let mut s = Served::start_with(&[], &[("HYBRIDIFF_API_KEY", "")]);
+    let r = client()
+        .post(s.url("/v1/images/generations"))
+        .json(&json!({"prompt": "a red circle", "num_inference_steps": 2}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "no key is asked for");
+    let _ = s.child.kill();
+    let _ = s.child.wait();
+    let err = s.stderr.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        err.contains("HYBRIDIFF_API_KEY is empty") && err.contains("without an API key"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_size_that_cannot_fit_in_memory_is_400_on_size_before_it_queues() {
+    let s = Served::start_with(&[], &[("HYBRIDIFF_MEMORY_LIMIT", "8G")]);
+    let c = client();
+    // 1024x1024 is within the default --max-pixels, but not within 8 GiB on this model.
+    let r = c
+        .post(s.url("/v1/images/generations"))
+        .json(&json!({"prompt": "a red circle", "size": "1024x1024"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["error"]["param"], "size", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("`size` 1024x1024")
+            && msg.contains("needs an estimated")
+            && msg.contains("8.0 GiB (HYBRIDIFF_MEMORY_LIMIT)"),
+        "{msg}"
+    );
+    let m = s.metrics();
+    assert_eq!(
+        sample(&m, "hybridiff_jobs_total{outcome=\"failed\"}"),
+        0.0,
+        "it never became a job"
+    );
+    assert_eq!(sample(&m, "hybridiff_queue_dropped_total"), 0.0);
+    // What fits is served.
+    let png = generate_png(
+        &c,
+        &s,
+        json!({"prompt": "a red circle", "size": "64x64", "num_inference_steps": 2}),
+    );
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+}
+
+#[test]
+fn a_half_sent_head_is_closed_after_header_timeout() {
+    use std::io::Write;
+    let s = Served::start(&["--header-timeout", "1"]);
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let mut sock = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        sock,
+        "POST /v1/images/generations HTTP/1.1\r\nHost: {addr}\r\n"
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut got = Vec::new();
+    let r = sock.read_to_end(&mut got);
+    let after = t0.elapsed();
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        r.is_ok()
+            || r.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "closed by the server, not by the read timeout: {r:?} after {after:?}"
+    );
+    assert!(got.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(after < Duration::from_secs(5), "closed after {after:?}");
+    assert_eq!(s.health()["status"], "ok", "still serving");
 }

@@ -9,7 +9,9 @@
 //! them. The limit is [`hybridiff_models::memory::limit`]: `HYBRIDIFF_MEMORY_LIMIT`, else
 //! the smallest of `MemAvailable`, the address-space limit and the cgroup's `memory.max`.
 
-use hybridiff_models::memory::{bytes, limit, ForwardMemory};
+use hybridiff_models::memory::{bytes, ForwardMemory};
+/// The memory limit and its reader, as the models crate defines them.
+pub use hybridiff_models::memory::{limit, Limit};
 use hybridiff_models::vae::VaeConfig;
 use hybridiff_models::Denoiser;
 
@@ -75,7 +77,11 @@ impl Estimate {
 
     /// Refuses the job when the estimate exceeds the memory limit, with both in the message.
     pub fn check(&self) -> Result<()> {
-        let limit = limit().map_err(Error::Options)?;
+        self.check_within(limit().map_err(Error::Options)?)
+    }
+
+    /// [`Estimate::check`] against a limit read earlier (`None`: no limit).
+    pub fn check_within(&self, limit: Option<Limit>) -> Result<()> {
         if let Some(l) = limit {
             let total = self.total();
             if total > l.bytes {

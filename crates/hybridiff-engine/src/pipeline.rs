@@ -23,6 +23,56 @@ pub struct Pipeline {
     pub vae: AutoencoderKL,
 }
 
+/// A pipeline's memory check without the pipeline: see [`Pipeline::memory_check`].
+#[derive(Clone)]
+pub struct MemoryCheck {
+    denoiser: std::sync::Arc<dyn hybridiff_models::Denoiser>,
+    vae: hybridiff_models::vae::VaeConfig,
+    latent_channels: usize,
+    vae_factor: usize,
+    /// Pixels per side when a request gives no size.
+    default_side: usize,
+}
+
+impl MemoryCheck {
+    /// Refuses `req` (its size and steps) run by the strategy named `strategy` on
+    /// `world_size` ranks when its job or its VAE decode is estimated not to fit in the
+    /// memory limit ([`Error::Memory`], naming the estimate and the limit). The text length
+    /// is taken at its upper bound (512 tokens), as the prompts are not encoded yet.
+    pub fn check(&self, req: &Request, strategy: &str, world_size: usize) -> Result<()> {
+        let limit = crate::memory::limit().map_err(Error::Options)?;
+        self.check_within(req, strategy, world_size, limit)
+    }
+
+    /// [`MemoryCheck::check`] against a limit read earlier (`None`: no limit), e.g. when a
+    /// service started, so that a request's answer does not depend on what a running job
+    /// holds at the time.
+    pub fn check_within(
+        &self,
+        req: &Request,
+        strategy: &str,
+        world_size: usize,
+        limit: Option<crate::memory::Limit>,
+    ) -> Result<()> {
+        let f = self.vae_factor;
+        let (h, w) = (
+            req.height.unwrap_or(self.default_side),
+            req.width.unwrap_or(self.default_side),
+        );
+        let (lh, lw) = (h.div_ceil(f), w.div_ceil(f));
+        crate::memory::check_counts(req.steps, 77)?;
+        let shape = crate::memory::JobShape::for_strategy(
+            strategy,
+            world_size,
+            (self.latent_channels, lh, lw),
+            512,
+            req.steps,
+        );
+        crate::memory::estimate_job(self.denoiser.as_ref(), &shape).check_within(limit)?;
+        crate::memory::estimate_decode(&self.vae, (lh, lw)).check_within(limit)
+    }
+}
+
 /// One image to make.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -212,20 +262,22 @@ impl Pipeline {
         strategy: &dyn Strategy,
         opts: &RunOptions,
     ) -> Result<()> {
+        self.memory_check()
+            .check(req, strategy.name(), opts.world_size)
+    }
+
+    /// What [`Pipeline::check_memory`] reads, detached from the pipeline (it is `Send + Sync`
+    /// and cheap to clone), so that another thread (a service's request handlers) can check
+    /// requests while this pipeline runs a job.
+    pub fn memory_check(&self) -> MemoryCheck {
         let f = self.vae_factor();
-        let default = self.model.sample_size().unwrap_or(128) * f;
-        let (h, w) = (req.height.unwrap_or(default), req.width.unwrap_or(default));
-        let (lh, lw) = (h.div_ceil(f), w.div_ceil(f));
-        crate::memory::check_counts(req.steps, 77)?;
-        let shape = crate::memory::JobShape::for_strategy(
-            strategy.name(),
-            opts.world_size,
-            (self.model.input_spec.latent_channels, lh, lw),
-            512,
-            req.steps,
-        );
-        crate::memory::estimate_job(self.model.denoiser.as_ref(), &shape).check()?;
-        crate::memory::estimate_decode(&self.vae.config, (lh, lw)).check()
+        MemoryCheck {
+            denoiser: std::sync::Arc::clone(&self.model.denoiser),
+            vae: self.vae.config.clone(),
+            latent_channels: self.model.input_spec.latent_channels,
+            vae_factor: f,
+            default_side: self.model.sample_size().unwrap_or(128) * f,
+        }
     }
 
     /// Checks everything about `req` that does not depend on its prompt (sizes, memory,

@@ -102,6 +102,34 @@ impl ApiError {
         e
     }
 
+    /// 408: the body did not arrive in time; the connection is closed after the answer.
+    pub fn body_timeout(seconds: f64) -> Self {
+        let mut e = Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!("the request body did not arrive within {seconds} s (--body-timeout)"),
+        );
+        e.code = Some("body_timeout");
+        e
+    }
+
+    /// 499 (nginx's "client closed request"): the client closed the connection before its
+    /// answer. Nobody reads it; it is what the metrics count.
+    pub fn client_closed() -> Self {
+        let mut e = Self::new(
+            StatusCode::from_u16(499).expect("499 is a valid status code"),
+            "invalid_request_error",
+            "the client closed the connection before the request was complete",
+        );
+        e.code = Some("client_closed_request");
+        e
+    }
+
+    /// 500 for a fault of the service itself (not of the request nor of a job).
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+    }
+
     pub fn job_failed(message: &str) -> Self {
         let mut e = Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -139,6 +167,11 @@ impl IntoResponse for ApiError {
         if let Some(s) = self.retry_after {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of a late body may still come; it is not read.
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         r
     }

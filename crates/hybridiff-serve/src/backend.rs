@@ -4,6 +4,7 @@
 //! and timings.
 
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
 use hybridiff_engine::pipeline::{Pipeline, Request};
@@ -69,9 +70,22 @@ pub enum BackendError {
     Failed(String),
 }
 
+/// A backend's check of a request's job before it is queued: `Err` is the answer (400
+/// naming the field, or 500). It runs on the HTTP side while the backend may be busy with
+/// another job, so it is `Send + Sync` and quick (no compute, no wait for the job thread).
+pub type RequestCheck = Arc<dyn Fn(&ImageJob) -> Result<(), crate::ApiError> + Send + Sync>;
+
 /// Makes images, one at a time, on the service's job thread.
 pub trait Backend {
     fn info(&self) -> &BackendInfo;
+
+    /// What the service checks of a request (its first job: the others differ only in seed)
+    /// before queueing it, so that a job this backend would refuse (e.g. a size that does not
+    /// fit in memory) is answered 400 at once rather than 500 after its wait. Asked once,
+    /// when the service starts. `None`: nothing beyond the service's limits.
+    fn request_check(&self) -> Option<RequestCheck> {
+        None
+    }
 
     /// Makes one image. Calls `progress(steps done, total)` as it goes, and stops with
     /// [`BackendError::Cancelled`] soon after `cancel` is set.
@@ -155,6 +169,49 @@ pub fn encode_png(width: u32, height: u32, rgb: Vec<u8>) -> Result<Vec<u8>, Stri
 impl Backend for PipelineBackend {
     fn info(&self) -> &BackendInfo {
         &self.info
+    }
+
+    /// The engine's memory estimate of the job (and its VAE decode) against the memory limit
+    /// read now, when the service starts (weights resident, no job running), so that the
+    /// answer does not depend on what a running job holds: a job that cannot fit is 400 on
+    /// `size`, with the estimate and the limit. A job that fits then but not when it runs
+    /// (the machine's memory went elsewhere) still fails at run time, 500.
+    fn request_check(&self) -> Option<RequestCheck> {
+        let limit = match hybridiff_engine::memory::limit() {
+            Ok(l) => l,
+            Err(e) => {
+                // Loading the weights has read it already, so this does not happen; if it
+                // did, every job would fail at run time with this message.
+                tracing::warn!("no request check: {e}");
+                return None;
+            }
+        };
+        let memory = self.pipeline.memory_check();
+        let strategy = self.strategy.name();
+        let world_size = self.runner.options().world_size;
+        let scheduler = self.scheduler;
+        Some(Arc::new(move |job: &ImageJob| {
+            let req = Request {
+                prompt: String::new(),
+                negative_prompt: None,
+                steps: job.steps,
+                guidance: Some(job.guidance),
+                scheduler,
+                height: Some(job.height as usize),
+                width: Some(job.width as usize),
+                latents: None,
+                seed: job.seed,
+            };
+            memory
+                .check_within(&req, strategy, world_size, limit)
+                .map_err(|e| match e {
+                    hybridiff_engine::Error::Memory(m) => crate::ApiError::bad_field(
+                        "size",
+                        format!("`size` {}x{}: {m}", job.width, job.height),
+                    ),
+                    e => crate::ApiError::internal(format!("cannot check the request: {e}")),
+                })
+        }))
     }
 
     fn generate(

@@ -8,9 +8,15 @@
 //!
 //! One job runs on the ranks at a time ([`queue`]); at most `max_queue` wait, the next get
 //! 429 with `Retry-After`. A request that times out or whose client leaves is dropped from
-//! the queue (or its running job cancelled). With an API key every route but `/health` and
-//! the static page needs `Authorization: Bearer KEY` (compared in constant time). Nothing a
-//! request says reaches the filesystem.
+//! the queue (or its running job cancelled). A request the backend would refuse (a size that
+//! does not fit in memory) is answered 400 before it queues ([`Backend::request_check`]).
+//! With an API key every route but `/health` and the static page needs
+//! `Authorization: Bearer KEY` (compared in constant time), unknown routes included. Nothing
+//! a request says reaches the filesystem.
+//!
+//! Connections are served by hyper: a request's head must arrive within `header_timeout`
+//! (idle keep-alive connections are closed after it too), its body within `body_timeout`
+//! (else 408), and at most `max_connections` are open; more wait in the listen backlog.
 
 pub mod api;
 pub mod backend;
@@ -18,9 +24,12 @@ mod metrics;
 mod queue;
 
 use std::collections::VecDeque;
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
@@ -38,7 +47,7 @@ use subtle::ConstantTimeEq;
 
 pub use api::ApiError;
 pub use backend::{
-    encode_png, Backend, BackendError, BackendInfo, Image, ImageJob, PipelineBackend,
+    encode_png, Backend, BackendError, BackendInfo, Image, ImageJob, PipelineBackend, RequestCheck,
     RequestDefaults,
 };
 
@@ -69,6 +78,16 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Images kept for `response_format: url` (`--max-stored-images`); the oldest go first.
     pub max_stored_images: usize,
+    /// A request's head (request line and headers) must arrive within this from the first
+    /// read (`--header-timeout`); else the connection is closed. Idle keep-alive connections
+    /// are closed after it too.
+    pub header_timeout: Duration,
+    /// A request's body must arrive within this once its head has (`--body-timeout`); else
+    /// 408 and the connection is closed.
+    pub body_timeout: Duration,
+    /// Open connections (`--max-connections`); more wait in the listen backlog until one
+    /// closes.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -83,6 +102,9 @@ impl Default for Limits {
             max_queue: 8,
             request_timeout: Duration::from_secs(600),
             max_stored_images: 64,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            max_connections: 256,
         }
     }
 }
@@ -124,6 +146,8 @@ struct AppState {
     key_hash: Option<[u8; 32]>,
     info: BackendInfo,
     queue: Arc<queue::Queue>,
+    /// The backend's check of a request before it queues.
+    check: Option<RequestCheck>,
     metrics: Arc<Metrics>,
     store: Store,
     /// Unix seconds at start, `created` of the model.
@@ -162,6 +186,7 @@ impl Service {
                 .map(|k| Sha256::digest(k.as_bytes()).into()),
             info: jobs.info.clone(),
             queue: Arc::clone(&jobs.queue),
+            check: jobs.check.clone(),
             metrics,
             store: Store {
                 cap: config.limits.max_stored_images,
@@ -186,8 +211,10 @@ impl Service {
 
     /// Answers HTTP on `listener` until `shutdown` completes; then stops accepting, answers
     /// the queued requests 503, lets the running job finish and its answer go out, and
-    /// returns once every connection is done (or the request timeout plus a second has
-    /// passed) and the job thread has stopped.
+    /// returns once every request in flight is answered and the job thread has stopped.
+    /// Connections with no request in flight (idle, or a client still sending its head) are
+    /// closed then; requests in flight are bounded by the body and request timeouts (and
+    /// past both plus 2 s their connections are closed too).
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
@@ -198,81 +225,255 @@ impl Service {
             .local
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = listener.local_addr().ok();
-        let queue = Arc::clone(&self.state.queue);
+        let limits = self.state.limits.clone();
         let app = self.router();
-        let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: no new requests, queued ones get 503");
-            queue.close();
-            let _ = fired_tx.send(());
-        });
-        // Every request is answered within the request timeout; a connection still open
-        // after that (a client that never finishes its request) does not hold the exit.
-        let grace = self.state.limits.request_timeout + Duration::from_secs(1);
-        let result = tokio::select! {
-            r = std::future::IntoFuture::into_future(server) => r,
-            _ = async {
-                match fired_rx.await {
-                    Ok(()) => tokio::time::sleep(grace).await,
-                    Err(_) => std::future::pending().await,
-                }
-            } => {
-                tracing::warn!("connections still open {grace:?} after the stop signal: closing them");
-                Ok(())
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(limits.header_timeout);
+        let http = Arc::new(http);
+        let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut conns = tokio::task::JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                (slot, accepted) = accept_with_slot(&listener, &slots) => match accepted {
+                    Ok((stream, _)) => {
+                        conns.spawn(serve_connection(
+                            stream,
+                            app.clone(),
+                            Arc::clone(&http),
+                            stop_rx.clone(),
+                            slot,
+                            Arc::clone(&self.state.metrics),
+                        ));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait rather than spin.
+                        tracing::warn!("accepting a connection failed: {e}");
+                        drop(slot);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
             }
-        };
+        }
+        drop(listener);
+        tracing::info!("shutting down: no new requests, queued ones get 503");
+        self.state.queue.close();
+        let _ = stop_tx.send(true);
+        let grace = limits.request_timeout + limits.body_timeout + Duration::from_secs(2);
+        let drained =
+            tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!("connections still busy {grace:?} after the stop signal: closing them");
+            conns.shutdown().await;
+        }
         let Service { state, jobs } = self;
         drop(state);
-        // Joining waits for the running job, which graceful shutdown has already awaited.
+        // Joining waits for the running job, whose request has been answered above.
         tokio::task::spawn_blocking(move || drop(jobs))
             .await
             .map_err(std::io::Error::other)?;
-        result
+        Ok(())
     }
 }
 
+/// A connection slot, then a connection (cancel-safe: a connection is only taken when both
+/// are had).
+async fn accept_with_slot(
+    listener: &tokio::net::TcpListener,
+    slots: &Arc<tokio::sync::Semaphore>,
+) -> (
+    tokio::sync::OwnedSemaphorePermit,
+    std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
+) {
+    let slot = Arc::clone(slots)
+        .acquire_owned()
+        .await
+        .expect("the connection semaphore is never closed");
+    (slot, listener.accept().await)
+}
+
+/// Requests of one connection in flight, from the head read to the last byte of the answer
+/// handed to hyper.
+struct Busy(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Busy {
+    fn enter(count: &Arc<tokio::sync::watch::Sender<usize>>) -> Self {
+        count.send_modify(|n| *n += 1);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is dropped.
+struct BusyBody {
+    inner: Body,
+    _busy: Busy,
+}
+
+impl http_body::Body for BusyBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Counts an open connection in the metrics while it lives.
+struct OpenConnection(Arc<Metrics>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections.dec();
+    }
+}
+
+/// How long a connection with nothing in flight gets after the stop signal to finish writing
+/// its last answer before it is dropped.
+const STOP_FLUSH: Duration = Duration::from_secs(1);
+
+/// Serves one connection until it closes, or, once `stop` is set, until no request of it is
+/// in flight (plus [`STOP_FLUSH`]). Holds `_slot` (a `max_connections` permit) meanwhile.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    app: Router,
+    http: Arc<hyper::server::conn::http1::Builder>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+) {
+    metrics.connections.inc();
+    let _open = OpenConnection(metrics);
+    let (busy_tx, mut busy) = tokio::sync::watch::channel(0usize);
+    let busy_tx = Arc::new(busy_tx);
+    let tower = hyper_util::service::TowerToHyperService::new(app);
+    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let guard = Busy::enter(&busy_tx);
+        let answer = hyper::service::Service::call(&tower, req);
+        async move {
+            let resp = answer.await?;
+            Ok::<_, Infallible>(resp.map(|b| {
+                Body::new(BusyBody {
+                    inner: b,
+                    _busy: guard,
+                })
+            }))
+        }
+    });
+    let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!("connection ended: {e}");
+            }
+            return;
+        }
+        // Set, or the server is gone: stop either way.
+        _ = stop.wait_for(|s| *s) => {}
+    }
+    // No more requests on this connection once the one in flight (if any) is answered.
+    conn.as_mut().graceful_shutdown();
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = busy.wait_for(|n| *n == 0) => {}
+        }
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = tokio::time::sleep(STOP_FLUSH) => {
+                if *busy.borrow() == 0 {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Paths anyone may ask for, key or not.
+const PUBLIC: [&str; 2] = ["/health", "/"];
+
 fn router(state: Arc<AppState>) -> Router {
-    let protected = Router::new()
+    // `auth` wraps every route and the fallbacks, so that without the key unknown paths and
+    // wrong methods get 401 too and say nothing about which routes exist.
+    Router::new()
         .route("/v1/images/generations", post(generations))
         .route("/v1/models", get(models))
         .route("/v1/images/files/{file}", get(file))
         .route("/metrics", get(metrics_text))
-        .route_layer(middleware::from_fn_with_state(Arc::clone(&state), auth));
-    let public = Router::new()
         .route("/health", get(health))
-        .route("/", get(page));
-    Router::new()
-        .merge(protected)
-        .merge(public)
+        .route("/", get(page))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), auth))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), track))
         .with_state(state)
 }
 
-/// Counts every answer by route and status, and times it to the response head.
+/// One request's entry in the metrics, made when it is dropped: with the answer's status,
+/// or 499 (nginx's "client closed request") when the client left before the answer.
+struct Tally {
+    s: Arc<AppState>,
+    route: String,
+    start: Instant,
+    status: Option<StatusCode>,
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        let status = self.status.map_or(499, |s| s.as_u16()).to_string();
+        let m = &self.s.metrics;
+        m.requests
+            .with_label_values(&[self.route.as_str(), status.as_str()])
+            .inc();
+        m.latency
+            .with_label_values(&[self.route.as_str()])
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// Counts every request by route and status, and times it to the response head.
 async fn track(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
-    let start = Instant::now();
+    // Dropped with this future when the client disconnects first: counted as 499.
+    let mut tally = Tally {
+        s,
+        route,
+        start: Instant::now(),
+        status: None,
+    };
     let resp = next.run(req).await;
-    s.metrics
-        .requests
-        .with_label_values(&[route.as_str(), resp.status().as_str()])
-        .inc();
-    s.metrics
-        .latency
-        .with_label_values(&[route.as_str()])
-        .observe(start.elapsed().as_secs_f64());
+    tally.status = Some(resp.status());
     resp
 }
 
-/// `Authorization: Bearer KEY`, compared as SHA-256 digests in constant time (so neither
-/// the key's bytes nor its length leak through timing).
+/// `Authorization: Bearer KEY` on every path but [`PUBLIC`], compared as SHA-256 digests in
+/// constant time (so neither the key's bytes nor its length leak through timing).
 async fn auth(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -282,6 +483,9 @@ async fn auth(
     let Some(want) = &s.key_hash else {
         return next.run(req).await;
     };
+    if PUBLIC.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -375,8 +579,14 @@ async fn file(State(s): State<Arc<AppState>>, Path(file): Path<String>) -> Respo
     }
 }
 
-/// The request body, at most `limit` bytes.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// The request body, at most `limit` bytes, all of it within `timeout`: 413 past the limit,
+/// 408 past the timeout, 499 when the client closed the connection mid-body.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -384,9 +594,28 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::too_large(limit));
     }
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::too_large(limit))
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => Err(body_error(&e, limit)),
+        Err(_) => Err(ApiError::body_timeout(timeout.as_secs_f64())),
+    }
+}
+
+/// Why a body could not be read: too large, the client gone, or a malformed body.
+fn body_error(e: &axum::Error, limit: usize) -> ApiError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return ApiError::too_large(limit);
+        }
+        if c.downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_incomplete_message())
+        {
+            return ApiError::client_closed();
+        }
+        cause = c.source();
+    }
+    ApiError::bad_request(format!("the request body could not be read: {e}"))
 }
 
 /// `http://HOST` for `url`s: the request's Host header when it looks like one, else the
@@ -476,8 +705,19 @@ async fn generations(
     body: Body,
 ) -> Result<Response, ApiError> {
     let start = Instant::now();
-    let bytes = read_body(&headers, body, s.limits.max_body_bytes).await?;
+    let bytes = read_body(
+        &headers,
+        body,
+        s.limits.max_body_bytes,
+        s.limits.body_timeout,
+    )
+    .await?;
     let req = api::parse_generation(&bytes, &s.info, &s.limits)?;
+    // Before queueing: a request the backend would refuse must not wait for its turn. The
+    // jobs of a request differ only in seed.
+    if let Some(check) = &s.check {
+        check(&req.jobs[0])?;
+    }
     let base = base_url(&s, &headers);
     let mut handle = s.queue.submit(req.jobs.clone())?;
     let timeout = s.limits.request_timeout;

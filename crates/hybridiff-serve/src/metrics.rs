@@ -8,7 +8,9 @@ use prometheus::{
 
 pub(crate) struct Metrics {
     registry: Registry,
-    /// By route (the matched pattern, `unmatched` for 404s) and status code.
+    /// By route (the matched pattern, `unmatched` for 404s) and status code; 499 when the
+    /// client closed the connection before its answer. Every request received is counted
+    /// once, when it ends.
     pub requests: IntCounterVec,
     /// Time to the response head, by route.
     pub latency: HistogramVec,
@@ -19,6 +21,8 @@ pub(crate) struct Metrics {
     pub jobs: IntCounterVec,
     /// Requests that left the queue before running (client gone, timeout).
     pub dropped: IntCounter,
+    /// Open HTTP connections (at most `max_connections`).
+    pub connections: IntGauge,
     model_loads: IntGauge,
     threads: IntGauge,
 }
@@ -66,6 +70,11 @@ impl Metrics {
             "Queued requests dropped before running (client gone or timed out)",
         )
         .expect("valid metric");
+        let connections = IntGauge::new(
+            "hybridiff_http_connections",
+            "Open HTTP connections (at most --max-connections)",
+        )
+        .expect("valid metric");
         let model_loads = IntGauge::new(
             "hybridiff_model_loads",
             "Model folders this process has loaded (stays at 1 while serving)",
@@ -84,6 +93,7 @@ impl Metrics {
             Box::new(images.clone()),
             Box::new(jobs.clone()),
             Box::new(dropped.clone()),
+            Box::new(connections.clone()),
             Box::new(model_loads.clone()),
             Box::new(threads.clone()),
         ] {
@@ -98,6 +108,7 @@ impl Metrics {
             images,
             jobs,
             dropped,
+            connections,
             model_loads,
             threads,
         }

@@ -12,7 +12,7 @@ use std::time::Instant;
 use tokio::sync::{oneshot, watch};
 
 use crate::api::ApiError;
-use crate::backend::{Backend, BackendError, BackendInfo, Image, ImageJob};
+use crate::backend::{Backend, BackendError, BackendInfo, Image, ImageJob, RequestCheck};
 use crate::metrics::Metrics;
 
 /// Where a job is, for progress reports.
@@ -218,6 +218,8 @@ impl Queue {
 pub(crate) struct JobThread {
     pub queue: Arc<Queue>,
     pub info: BackendInfo,
+    /// The backend's [`Backend::request_check`].
+    pub check: Option<RequestCheck>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -236,7 +238,7 @@ impl JobThread {
             .spawn(move || {
                 let mut backend = match make() {
                     Ok(b) => {
-                        let _ = ready_tx.send(Ok(b.info().clone()));
+                        let _ = ready_tx.send(Ok((b.info().clone(), b.request_check())));
                         b
                     }
                     Err(e) => {
@@ -260,9 +262,10 @@ impl JobThread {
             })
             .map_err(|e| format!("could not start the job thread: {e}"))?;
         match ready_rx.recv() {
-            Ok(Ok(info)) => Ok(Self {
+            Ok(Ok((info, check))) => Ok(Self {
                 queue,
                 info,
+                check,
                 handle: Some(handle),
             }),
             Ok(Err(e)) => {

@@ -1,12 +1,13 @@
 //! The service over real sockets on 127.0.0.1, with a scripted backend: API shape, errors,
-//! auth, the queue, timeouts, disconnects, failing jobs and shutdown.
+//! auth, the queue, timeouts, disconnects, failing jobs, shutdown, slow clients and the
+//! connection cap.
 
 mod common;
 
 use std::io::Write;
 use std::time::Duration;
 
-use common::{decode_b64_png, post, sample, TestServer};
+use common::{decode_b64_png, post, sample, sum_samples, TestServer};
 use hybridiff_serve::{Config, Limits};
 use serde_json::{json, Value};
 
@@ -154,6 +155,7 @@ async fn models_health_metrics_and_page() {
         "hybridiff_images_generated_total",
         "hybridiff_model_loads",
         "hybridiff_rank_threads_started",
+        "hybridiff_http_connections",
     ] {
         assert!(m.contains(name), "{name} missing from /metrics:\n{m}");
     }
@@ -285,6 +287,30 @@ async fn api_key_guards_every_route_but_health_and_the_page() {
                 "{method} {path} {auth:?}"
             );
         }
+    }
+    // Without the key, unknown paths and wrong methods are 401 too (not 404/405), so an
+    // unauthenticated client learns nothing about the routes; with it they are 404/405.
+    for (method, path, with_key) in [
+        ("GET", "/v1/nothing", 404),
+        ("POST", "/health/x", 404),
+        ("GET", "/v1/images/generations", 405),
+        ("DELETE", "/v1/models", 405),
+        ("PUT", "/metrics", 405),
+    ] {
+        let r = c
+            .request(method.parse().unwrap(), srv.url(path))
+            .send()
+            .await
+            .unwrap();
+        let v = expect_error(r, 401, None).await;
+        assert_eq!(v["error"]["code"], "invalid_api_key", "{method} {path}");
+        let r = c
+            .request(method.parse().unwrap(), srv.url(path))
+            .bearer_auth("s3cret-key")
+            .send()
+            .await
+            .unwrap();
+        expect_error(r, with_key, None).await;
     }
     assert_eq!(
         reqwest::get(srv.url("/health")).await.unwrap().status(),
@@ -569,8 +595,13 @@ async fn max_queue_0_runs_only_on_idle_ranks() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_half_sent_request_does_not_hold_the_exit() {
-    let mut srv =
-        TestServer::start(config(|l| l.request_timeout = Duration::from_millis(500))).await;
+    // Timeouts far beyond the bound below: the exit does not wait for them, as the
+    // connection has no request in flight.
+    let mut srv = TestServer::start(config(|l| {
+        l.request_timeout = Duration::from_secs(600);
+        l.header_timeout = Duration::from_secs(60);
+    }))
+    .await;
     let addr = srv.base.trim_start_matches("http://").to_string();
     let mut sock = std::net::TcpStream::connect(&addr).unwrap();
     write!(
@@ -584,9 +615,268 @@ async fn a_half_sent_request_does_not_hold_the_exit() {
     let done = srv.done.take().unwrap();
     tokio::time::timeout(Duration::from_secs(10), done)
         .await
-        .expect("serve returns within the request timeout + 1 s")
+        .expect("serve returns without waiting for the half-sent request")
         .unwrap()
         .unwrap();
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     drop(sock);
+}
+
+/// Reads what the server sends until it closes the connection (or `limit` passes: then
+/// panics), returning the bytes and when the close came.
+async fn read_until_closed(
+    sock: &mut tokio::net::TcpStream,
+    limit: Duration,
+) -> (Vec<u8>, std::time::Instant) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(limit, sock.read(&mut buf)).await {
+            Err(_) => panic!(
+                "the server kept the connection open {limit:?}; got {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, std::time::Instant::now()),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A client without a connection pool, so that no request rides a connection the server
+/// is about to close.
+fn fresh_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_clients_are_cut_off_by_the_header_and_body_timeouts_while_others_are_served() {
+    use tokio::io::AsyncWriteExt;
+    let (head_t, body_t) = (Duration::from_millis(600), Duration::from_millis(800));
+    let srv = TestServer::start(config(|l| {
+        l.header_timeout = head_t;
+        l.body_timeout = body_t;
+    }))
+    .await;
+    let addr = srv.base.trim_start_matches("http://").to_string();
+    let t0 = std::time::Instant::now();
+    // Slowloris: half a head, never finished.
+    let mut half_head = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    half_head
+        .write_all(format!("POST /v1/images/generations HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n").as_bytes())
+        .await
+        .unwrap();
+    // A whole head, then 10 of the 100 body bytes it announces.
+    let mut half_body = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    half_body
+        .write_all(
+            format!(
+                "POST /v1/images/generations HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"prompt\":"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    // A client that connects and says nothing.
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // Others are served meanwhile.
+    let c = fresh_client();
+    let r = post(
+        &c,
+        &srv.url("/v1/images/generations"),
+        json!({"prompt": "a"}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        t0.elapsed() < head_t,
+        "served before the slow ones time out ({:?}); the test needs a faster machine",
+        t0.elapsed()
+    );
+
+    let (got, closed) = read_until_closed(&mut half_head, Duration::from_secs(10)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(got.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    let after = closed - t0;
+    assert!(
+        after >= head_t - Duration::from_millis(100) && after < head_t + Duration::from_secs(3),
+        "half a head closed after {after:?}; --header-timeout is {head_t:?}"
+    );
+
+    let (got, _) = read_until_closed(&mut silent, Duration::from_secs(10)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(got.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+
+    let (got, closed) = read_until_closed(&mut half_body, Duration::from_secs(10)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.contains("\"code\":\"body_timeout\"") && text.contains("--body-timeout"),
+        "{text}"
+    );
+    let after = closed - t0;
+    assert!(
+        after >= body_t - Duration::from_millis(100) && after < body_t + Duration::from_secs(3),
+        "half a body answered after {after:?}; --body-timeout is {body_t:?}"
+    );
+
+    let m = srv.metrics().await;
+    let route = "route=\"/v1/images/generations\"";
+    assert_eq!(
+        sample(
+            &m,
+            &format!("hybridiff_http_requests_total{{{route},status=\"408\"}}")
+        ),
+        Some(1.0)
+    );
+    assert_eq!(srv.record.started(), vec!["a"], "no slow request ran");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn beyond_max_connections_a_connection_waits_for_a_free_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let srv = TestServer::start(config(|l| {
+        l.max_connections = 2;
+        l.header_timeout = Duration::from_secs(60);
+    }))
+    .await;
+    let addr = srv.base.trim_start_matches("http://").to_string();
+    // Two idle connections take both slots (accepted in the order they connected).
+    let first = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut third = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    third
+        .write_all(
+            format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let waited = tokio::time::timeout(Duration::from_millis(800), third.read(&mut buf)).await;
+    assert!(
+        waited.is_err(),
+        "a third connection was served past --max-connections 2: {waited:?}"
+    );
+    // A slot frees: the waiting connection is served, not refused.
+    drop(first);
+    let (got, _) = read_until_closed(&mut third, Duration::from_secs(10)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_that_leave_are_counted_499_and_the_request_metrics_add_up() {
+    let srv = TestServer::start(Config::default()).await;
+    let c = fresh_client();
+    let url = srv.url("/v1/images/generations");
+    let addr = srv.base.trim_start_matches("http://").to_string();
+    let raw_post = |prompt: &str| {
+        let body = json!({ "prompt": prompt }).to_string();
+        let mut sock = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            sock,
+            "POST /v1/images/generations HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        sock
+    };
+    // One leaves while its job runs, one while queued.
+    let running = raw_post("hold");
+    srv.wait_health("the held job to run", |h| h["running"] == true)
+        .await;
+    let queued = raw_post("queued");
+    srv.wait_health("one queued", |h| h["queue_depth"] == 1)
+        .await;
+    drop(queued);
+    srv.wait_health("the queued one dropped", |h| h["queue_depth"] == 0)
+        .await;
+    drop(running);
+    srv.wait_health("the running one cancelled", |h| h["running"] == false)
+        .await;
+    assert_eq!(
+        srv.record
+            .cancelled
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    // Answered ones.
+    assert_eq!(
+        post(&c, &url, json!({"prompt": "fine"})).await.status(),
+        200
+    );
+    assert_eq!(post(&c, &url, json!({"n": 99})).await.status(), 400);
+    let sent = 4.0;
+    let route = "route=\"/v1/images/generations\"";
+    let t0 = std::time::Instant::now();
+    let m = loop {
+        let m = srv.metrics().await;
+        if sum_samples(&m, "hybridiff_http_requests_total", route) >= sent
+            || t0.elapsed() > Duration::from_secs(10)
+        {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let by = |status: &str| {
+        sample(
+            &m,
+            &format!("hybridiff_http_requests_total{{{route},status=\"{status}\"}}"),
+        )
+    };
+    assert_eq!(by("499"), Some(2.0), "{m}");
+    assert_eq!(by("200"), Some(1.0), "{m}");
+    assert_eq!(by("400"), Some(1.0), "{m}");
+    assert_eq!(
+        sum_samples(&m, "hybridiff_http_requests_total", route),
+        sent,
+        "every request received is counted under exactly one status:\n{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            &format!("hybridiff_http_request_duration_seconds_count{{{route}}}")
+        ),
+        Some(sent)
+    );
+    assert_eq!(sample(&m, "hybridiff_queue_dropped_total"), Some(1.0));
+    assert_eq!(
+        sample(&m, "hybridiff_jobs_total{outcome=\"cancelled\"}"),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_the_backend_cannot_fit_is_400_on_size_before_it_queues() {
+    let srv = TestServer::start(Config::default()).await;
+    let c = fresh_client();
+    let url = srv.url("/v1/images/generations");
+    // The ranks are busy, so an answer now means the request never queued.
+    let running = spawn_post(&c, &url, json!({"prompt": "hold"}));
+    srv.wait_health("the held job to run", |h| h["running"] == true)
+        .await;
+    // Within --max-pixels (1048576) but beyond what the backend fits.
+    let r = post(
+        &c,
+        &url,
+        json!({"prompt": "big", "size": "512x512", "n": 2}),
+    )
+    .await;
+    let v = expect_error(r, 400, Some("size")).await;
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("512x512") && msg.contains("needs an estimated"),
+        "{msg}"
+    );
+    assert_eq!(srv.health().await["queue_depth"], 0);
+    srv.record.release();
+    assert_eq!(running.await.unwrap().status(), 200);
+    assert_eq!(srv.record.started(), vec!["hold"], "the big one never ran");
+    // What fits still runs.
+    let r = post(&c, &url, json!({"prompt": "fits", "size": "256x256"})).await;
+    assert_eq!(r.status(), 200);
 }

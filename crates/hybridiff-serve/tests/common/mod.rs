@@ -6,7 +6,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use hybridiff_serve::{
-    encode_png, Backend, BackendError, BackendInfo, Config, Image, ImageJob, Service,
+    encode_png, ApiError, Backend, BackendError, BackendInfo, Config, Image, ImageJob,
+    RequestCheck, Service,
 };
 
 /// What the fake backend did, shared with the test.
@@ -33,7 +34,8 @@ impl Record {
 /// Prompts script it: `fail` returns an error, `panic` panics, `hold` waits for
 /// `Record::release` (watching the cancel flag), `stubborn` too but ignores the flag;
 /// anything else takes `steps` x 2 ms. Images
-/// are a flat colour picked by the seed.
+/// are a flat colour picked by the seed. Its request check refuses more than
+/// [`FAKE_MAX_FIT`] pixels, as a model that cannot fit them in memory would.
 pub struct Fake {
     info: BackendInfo,
     record: Arc<Record>,
@@ -52,9 +54,31 @@ pub fn fake_info() -> BackendInfo {
     }
 }
 
+/// Pixels the fake backend "fits in memory".
+pub const FAKE_MAX_FIT: u64 = 256 * 256;
+
 impl Backend for Fake {
     fn info(&self) -> &BackendInfo {
         &self.info
+    }
+
+    fn request_check(&self) -> Option<RequestCheck> {
+        Some(Arc::new(|job: &ImageJob| {
+            let pixels = job.width as u64 * job.height as u64;
+            if pixels > FAKE_MAX_FIT {
+                return Err(ApiError::bad_field(
+                    "size",
+                    format!(
+                        "`size` {}x{}: this job needs an estimated {} bytes, more than the {} available",
+                        job.width,
+                        job.height,
+                        pixels * 1000,
+                        FAKE_MAX_FIT * 1000
+                    ),
+                ));
+            }
+            Ok(())
+        }))
     }
 
     fn generate(
@@ -189,6 +213,15 @@ impl TestServer {
             .await
             .unwrap()
     }
+}
+
+/// The sum of the samples of `name` whose labels include `label` (e.g. `route="/x"`).
+pub fn sum_samples(metrics: &str, name: &str, label: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// The value of a Prometheus sample line `name{labels} value` (labels as written).
