@@ -80,6 +80,10 @@ pub struct ServeArgs {
     /// Open connections at most; more wait in the listen backlog until one closes.
     #[arg(long, default_value_t = 256)]
     pub max_connections: usize,
+    /// Seconds a write of an answer may make no progress (the client does not read it);
+    /// then the connection is closed.
+    #[arg(long, default_value_t = 30)]
+    pub write_timeout: u64,
     #[command(flatten)]
     pub run: crate::strategy_args::RunArgs,
 }
@@ -125,6 +129,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ("--header-timeout", args.header_timeout),
         ("--body-timeout", args.body_timeout),
         ("--max-connections", args.max_connections as u64),
+        ("--write-timeout", args.write_timeout),
     ] {
         if v == 0 {
             bail!("{flag} must be at least 1");
@@ -217,6 +222,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         header_timeout: Duration::from_secs(args.header_timeout),
         body_timeout: Duration::from_secs(args.body_timeout),
         max_connections: args.max_connections,
+        write_timeout: Duration::from_secs(args.write_timeout),
     };
     let config = Config {
         limits,
