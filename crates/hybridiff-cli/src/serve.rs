@@ -55,7 +55,7 @@ pub struct ServeArgs {
     /// Longest prompt (and negative prompt) in characters.
     #[arg(long, default_value_t = 2000)]
     pub max_prompt_chars: usize,
-    /// Most images per request (`n`).
+    /// Most images per request (`n`), at most 128.
     #[arg(long, default_value_t = 4)]
     pub max_n: usize,
     /// Most num_inference_steps.
@@ -86,6 +86,34 @@ pub struct ServeArgs {
     pub write_timeout: u64,
     #[command(flatten)]
     pub run: crate::strategy_args::RunArgs,
+}
+
+/// The most `--max-n` may be.
+const MAX_N: usize = 128;
+
+/// A key clients can send: `Authorization` carries printable ASCII only, and the service
+/// trims the key it is sent, so any other character (non-ASCII, a control character such
+/// as the `\r` of an env file with CRLF lines) or a space at either end would make every
+/// request 401.
+fn check_api_key(key: &str, from_flag: bool) -> Result<()> {
+    let source = if from_flag {
+        "--api-key"
+    } else {
+        "HYBRIDIFF_API_KEY"
+    };
+    if let Some(c) = key.chars().find(|c| !(' '..='~').contains(c)) {
+        bail!(
+            "{source}: the key has the character {c:?}, which an HTTP header cannot carry: \
+             use printable ASCII only, or no client could ever send it"
+        );
+    }
+    if key.trim() != key {
+        bail!(
+            "{source}: the key starts or ends with a space, which clients' headers drop: \
+             no client could ever send it"
+        );
+    }
+    Ok(())
 }
 
 /// Resolves once SIGTERM or SIGINT arrives.
@@ -135,6 +163,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
             bail!("{flag} must be at least 1");
         }
     }
+    // Every image of a request is held in memory (PNG and base64) until it is answered.
+    if args.max_n > MAX_N {
+        bail!("--max-n {}: at most {MAX_N}", args.max_n);
+    }
     if !(args.max_guidance.is_finite() && args.max_guidance >= 0.0) {
         bail!("--max-guidance must be a finite number >= 0");
     }
@@ -157,6 +189,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
             }
         },
     };
+    if let Some(k) = &api_key {
+        check_api_key(k, args.api_key.is_some())?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("hybridiff-serve-io")

@@ -543,6 +543,89 @@ fn host_names_resolve_and_localhost_is_loopback() {
     );
 }
 
+/// Runs `hybridiff serve --port 0 ARGS` (with `env`) and returns its stderr once it has
+/// exited non-zero; fails if it is still running after 60 s (it started serving).
+fn refused_at_start(args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hybridiff"));
+    cmd.args(["serve", "--port", "0"])
+        .args(args)
+        .env_remove("HYBRIDIFF_API_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} {env:?}: still serving after 60 s instead of refusing to start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success(), "{args:?} {env:?}: exit 0\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn an_api_key_no_client_could_send_and_absurd_limits_are_refused_at_start() {
+    // An HTTP header carries printable ASCII only; the key sent is trimmed.
+    for (args, env, needle) in [
+        (
+            &["--api-key", "cl\u{e9}"][..],
+            &[][..],
+            "--api-key: the key has the character '\u{e9}'",
+        ),
+        (
+            &["--api-key", " k-123"][..],
+            &[][..],
+            "--api-key: the key starts or ends with a space",
+        ),
+        (
+            &[][..],
+            &[("HYBRIDIFF_API_KEY", "k-123\r")][..],
+            "HYBRIDIFF_API_KEY: the key has the character '\\r'",
+        ),
+        (
+            &[][..],
+            &[("HYBRIDIFF_API_KEY", "k\u{1b}123")][..],
+            "HYBRIDIFF_API_KEY: the key has the character",
+        ),
+        // Every image of a request is held in memory until it is answered.
+        (
+            &["--max-n", "100000000"][..],
+            &[][..],
+            "--max-n 100000000: at most",
+        ),
+        (&["--write-timeout", "0"][..], &[][..], "--write-timeout"),
+    ] {
+        let err = refused_at_start(args, env);
+        assert!(err.contains(needle), "{args:?} {env:?}: {err}");
+    }
+    // A key with a space inside is sent whole.
+    let s = Served::start(&["--api-key", "k 123"]);
+    let r = client()
+        .post(s.url("/v1/images/generations"))
+        .bearer_auth("k 123")
+        .json(&json!({"prompt": "a red circle", "num_inference_steps": 2}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
 #[test]
 fn an_empty_api_key_variable_means_no_key() {
     let mut s = Served::start_with(&[], &[("HYBRIDIFF_API_KEY", "")]);
