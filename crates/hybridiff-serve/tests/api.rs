@@ -194,6 +194,12 @@ async fn bad_requests_name_the_field() {
         (json!({"prompt": "a", "size": "60x64"}), "size"),
         (json!({"prompt": "a", "size": "256x256"}), "size"),
         (json!({"prompt": "a", "size": "0x64"}), "size"),
+        // Digits only, as OpenAI's sizes are written.
+        (json!({"prompt": "a", "size": "+64x64"}), "size"),
+        (json!({"prompt": "a", "size": "64x+64"}), "size"),
+        (json!({"prompt": "a", "size": "64X64"}), "size"),
+        (json!({"prompt": "a", "size": "64x64 "}), "size"),
+        (json!({"prompt": "a", "size": "-64x64"}), "size"),
         (
             json!({"prompt": "a", "response_format": "jpeg"}),
             "response_format",
