@@ -280,11 +280,28 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     let service = Service::start(make, config).map_err(anyhow::Error::msg)?;
     let info = service.info().clone();
-    if let Some((w, h)) = args.width.zip(args.height) {
-        let m = info.size_multiple;
-        if w % m != 0 || h % m != 0 {
-            bail!("--width {w} --height {h}: both must be multiples of {m} for this model");
-        }
+    // What a request that leaves `size` or `guidance_scale` out gets must pass the checks a
+    // request's own values do, or every such request would fail.
+    let (w, h) = info.default_size;
+    let m = info.size_multiple;
+    if w == 0 || h == 0 || w % m != 0 || h % m != 0 {
+        bail!("--width {w} --height {h}: both must be multiples of {m} for this model, and not 0");
+    }
+    if w as u64 * h as u64 > args.max_pixels {
+        bail!(
+            "the default size {w}x{h} (--width/--height, else the model's sample size) is {} \
+             pixels, above --max-pixels {}",
+            w as u64 * h as u64,
+            args.max_pixels
+        );
+    }
+    let g = info.default_guidance;
+    if !(g.is_finite() && (0.0..=args.max_guidance).contains(&g)) {
+        bail!(
+            "the default guidance {g} (--guidance, else the model's) must be a number from 0 \
+             to --max-guidance {}",
+            args.max_guidance
+        );
     }
     runtime.block_on(async move {
         let mut listener = None;

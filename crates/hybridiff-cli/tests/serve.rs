@@ -611,6 +611,30 @@ fn an_api_key_no_client_could_send_and_absurd_limits_are_refused_at_start() {
             "--max-n 100000000: at most",
         ),
         (&["--write-timeout", "0"][..], &[][..], "--write-timeout"),
+        // Defaults every request that leaves the field out would fail with.
+        (
+            &["--guidance", "nan"][..],
+            &[][..],
+            "the default guidance NaN (--guidance",
+        ),
+        (&["--guidance", "80"][..], &[][..], "to --max-guidance 50"),
+        (
+            &["--width", "0", "--height", "0"][..],
+            &[][..],
+            "--width 0 --height 0: both must be multiples of 4 for this model, and not 0",
+        ),
+        (
+            &[
+                "--width",
+                "4096",
+                "--height",
+                "4096",
+                "--max-pixels",
+                "65536",
+            ][..],
+            &[][..],
+            "above --max-pixels 65536",
+        ),
     ] {
         let err = refused_at_start(args, env);
         assert!(err.contains(needle), "{args:?} {env:?}: {err}");
