@@ -224,14 +224,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let defaults = ModelDefaults::read(&model_dir)?;
     let default_steps = args.steps.or(defaults.steps).unwrap_or(50);
     // Sets the per-rank thread budget before any pool exists. Hybrid's thresholds are
-    // resolved for the default step count (requests with other counts keep them).
+    // checked here for the default step count, and resolved for each request's count as
+    // `generate --steps N` resolves them (StrategyFor).
     let run = args.run.resolve(&device, &defaults, default_steps, None)?;
     run.announce(
         args.guidance.or(defaults.guidance).unwrap_or(5.0),
         default_steps,
         true,
     )?;
-    let (strategy_options, _) = args.run.strategy_args.options(&defaults, default_steps)?;
+    let strategy_args = args.run.strategy_args.clone();
+    let model_defaults = defaults.clone();
     let request_defaults = RequestDefaults {
         steps: default_steps,
         guidance: args.guidance.or(defaults.guidance),
@@ -268,25 +270,28 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let make = move || -> std::result::Result<Box<dyn Backend>, String> {
         let pipeline = Pipeline::load(&model_dir, dtype, &device).map_err(|e| e.to_string())?;
         let runner = Runner::start(options).map_err(|e| e.to_string())?;
-        let strategy = kind.build(&strategy_options);
+        let strategy_for: hybridiff_serve::StrategyFor = Box::new(move |steps| {
+            let (o, _) = strategy_args
+                .options(&model_defaults, steps)
+                .map_err(|e| format!("{e:#}"))?;
+            Ok(kind.build(&o))
+        });
         Ok(Box::new(PipelineBackend::new(
             model_id,
             pipeline,
             runner,
-            strategy,
+            strategy_for,
             scheduler,
             request_defaults,
-        )))
+        )?))
     };
     let service = Service::start(make, config).map_err(anyhow::Error::msg)?;
     let info = service.info().clone();
     // What a request that leaves `size` or `guidance_scale` out gets must pass the checks a
     // request's own values do, or every such request would fail.
+    // (Sizes that are not multiples of the model's, the strategy's layout and memory were
+    // checked with a request of the defaults when the backend was built.)
     let (w, h) = info.default_size;
-    let m = info.size_multiple;
-    if w == 0 || h == 0 || w % m != 0 || h % m != 0 {
-        bail!("--width {w} --height {h}: both must be multiples of {m} for this model, and not 0");
-    }
     if w as u64 * h as u64 > args.max_pixels {
         bail!(
             "the default size {w}x{h} (--width/--height, else the model's sample size) is {} \

@@ -212,6 +212,29 @@ fn serve_gives_generate_s_png_on_warm_ranks() {
         file, pngs[0],
         "the service's PNG equals generate's, byte for byte"
     );
+    // Other step counts too: hybrid's thresholds are resolved for the request's count, as
+    // `generate --steps 7` resolves them (with the 20-step ones, 7 steps cannot fit).
+    let png7 = generate_png(
+        &c,
+        &s,
+        json!({"prompt": prompt, "seed": 7, "num_inference_steps": 7}),
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_hybridiff"))
+        .env("HYBRIDIFF_CACHE", dir.path().join("cache"))
+        .args([
+            "generate", "--prompt", prompt, "--seed", "7", "--steps", "7",
+        ])
+        .arg("--out")
+        .arg(dir.path().join("gen7.png"))
+        .args(run)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(dir.path().join("gen7.png")).unwrap(),
+        png7,
+        "7 steps: the service's PNG equals generate's"
+    );
 
     // The hybridiff object of the same request.
     let v: Value = c
@@ -425,7 +448,7 @@ fn api_key_from_the_environment_and_flag_checks() {
         (&["--steps", "500"][..], "--max-steps"),
         (
             &["--width", "62", "--height", "64"][..],
-            "both must be multiples of",
+            "both must be positive multiples of 4",
         ),
         (&["--max-connections", "0"][..], "--max-connections"),
         (&["--header-timeout", "0"][..], "--header-timeout"),
@@ -613,6 +636,11 @@ fn an_api_key_no_client_could_send_and_absurd_limits_are_refused_at_start() {
         (&["--write-timeout", "0"][..], &[][..], "--write-timeout"),
         // Defaults every request that leaves the field out would fail with.
         (
+            &["--strategy", "hybrid", "--world-size", "3"][..],
+            &[][..],
+            "a request with the defaults would fail: --world-size 3",
+        ),
+        (
             &["--guidance", "nan"][..],
             &[][..],
             "the default guidance NaN (--guidance",
@@ -621,19 +649,13 @@ fn an_api_key_no_client_could_send_and_absurd_limits_are_refused_at_start() {
         (
             &["--width", "0", "--height", "0"][..],
             &[][..],
-            "--width 0 --height 0: both must be multiples of 4 for this model, and not 0",
+            "a request with the defaults would fail: --height 0 --width 0: both must be \
+             positive multiples of 4",
         ),
         (
-            &[
-                "--width",
-                "4096",
-                "--height",
-                "4096",
-                "--max-pixels",
-                "65536",
-            ][..],
+            &["--width", "256", "--height", "256", "--max-pixels", "4096"][..],
             &[][..],
-            "above --max-pixels 65536",
+            "above --max-pixels 4096",
         ),
     ] {
         let err = refused_at_start(args, env);

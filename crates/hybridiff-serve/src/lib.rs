@@ -50,7 +50,7 @@ use subtle::ConstantTimeEq;
 pub use api::ApiError;
 pub use backend::{
     encode_png, Backend, BackendError, BackendInfo, Image, ImageJob, PipelineBackend, RequestCheck,
-    RequestDefaults,
+    RequestDefaults, StrategyFor,
 };
 
 use api::{GenerationRequest, ResponseFormat};
