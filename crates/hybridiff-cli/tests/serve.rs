@@ -251,6 +251,46 @@ fn serve_gives_generate_s_png_on_warm_ranks() {
     assert!(h["tau1"].is_u64() && h["tau2"].is_u64(), "{h}");
 }
 
+#[test]
+fn serve_with_patch_gives_generate_s_png() {
+    // The warm ranks wrap the model to stop cancelled jobs; the wrapper must still offer
+    // the model's bands (it answered "does not support patch parallelism" to every request).
+    let run = ["--strategy", "patch", "--world-size", "2"];
+    let s = Served::start(&run);
+    let c = client();
+    let prompt = "a red circle";
+    let body = json!({"prompt": prompt, "seed": 5, "num_inference_steps": 3});
+    let r = c
+        .post(s.url("/v1/images/generations"))
+        .json(&body)
+        .send()
+        .unwrap();
+    let status = r.status();
+    let v: Value = r.json().unwrap();
+    assert_eq!(status, 200, "{v}");
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(v["data"][0]["b64_json"].as_str().unwrap())
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("gen.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_hybridiff"))
+        .env("HYBRIDIFF_CACHE", dir.path().join("cache"))
+        .args([
+            "generate", "--prompt", prompt, "--seed", "5", "--steps", "3",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .args(run)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        png,
+        "the same PNG as generate"
+    );
+}
+
 #[cfg(unix)]
 #[test]
 fn sigterm_finishes_the_running_job_answers_the_queue_503_and_exits_0() {
