@@ -54,7 +54,7 @@ pub struct ServeArgs {
     /// Longest prompt (and negative prompt) in characters.
     #[arg(long, default_value_t = 2000)]
     pub max_prompt_chars: usize,
-    /// Most images per request (`n`).
+    /// Most images per request (`n`), at most 128.
     #[arg(long, default_value_t = 4)]
     pub max_n: usize,
     /// Most num_inference_steps.
@@ -79,8 +79,40 @@ pub struct ServeArgs {
     /// Open connections at most; more wait in the listen backlog until one closes.
     #[arg(long, default_value_t = 256)]
     pub max_connections: usize,
+    /// Seconds a write of an answer may make no progress (the client does not read it);
+    /// then the connection is closed.
+    #[arg(long, default_value_t = 30)]
+    pub write_timeout: u64,
     #[command(flatten)]
     pub run: crate::strategy_args::RunArgs,
+}
+
+/// The most `--max-n` may be.
+const MAX_N: usize = 128;
+
+/// A key clients can send: `Authorization` carries printable ASCII only, and the service
+/// trims the key it is sent, so any other character (non-ASCII, a control character such
+/// as the `\r` of an env file with CRLF lines) or a space at either end would make every
+/// request 401.
+fn check_api_key(key: &str, from_flag: bool) -> Result<()> {
+    let source = if from_flag {
+        "--api-key"
+    } else {
+        "HYBRIDIFF_API_KEY"
+    };
+    if let Some(c) = key.chars().find(|c| !(' '..='~').contains(c)) {
+        bail!(
+            "{source}: the key has the character {c:?}, which an HTTP header cannot carry: \
+             use printable ASCII only, or no client could ever send it"
+        );
+    }
+    if key.trim() != key {
+        bail!(
+            "{source}: the key starts or ends with a space, which clients' headers drop: \
+             no client could ever send it"
+        );
+    }
+    Ok(())
 }
 
 /// Resolves once SIGTERM or SIGINT arrives.
@@ -124,10 +156,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ("--header-timeout", args.header_timeout),
         ("--body-timeout", args.body_timeout),
         ("--max-connections", args.max_connections as u64),
+        ("--write-timeout", args.write_timeout),
     ] {
         if v == 0 {
             bail!("{flag} must be at least 1");
         }
+    }
+    // Every image of a request is held in memory (PNG and base64) until it is answered.
+    if args.max_n > MAX_N {
+        bail!("--max-n {}: at most {MAX_N}", args.max_n);
     }
     if !(args.max_guidance.is_finite() && args.max_guidance >= 0.0) {
         bail!("--max-guidance must be a finite number >= 0");
@@ -151,6 +188,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
             }
         },
     };
+    if let Some(k) = &api_key {
+        check_api_key(k, args.api_key.is_some())?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("hybridiff-serve-io")
@@ -183,7 +223,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let defaults = ModelDefaults::read(&model_dir)?;
     let default_steps = args.steps.or(defaults.steps).unwrap_or(50);
     // Sets the per-rank thread budget before any pool exists. Hybrid's thresholds are
-    // resolved for the default step count (requests with other counts keep them).
+    // checked here for the default step count, and resolved for each request's count as
+    // `generate --steps N` resolves them (StrategyFor).
     let run = args.run.resolve(&defaults, default_steps, None)?;
     let device = run.device.clone();
     run.announce(
@@ -191,7 +232,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         default_steps,
         true,
     )?;
-    let (strategy_options, _) = args.run.strategy_args.options(&defaults, default_steps)?;
+    let strategy_args = args.run.strategy_args.clone();
+    let model_defaults = defaults.clone();
     let request_defaults = RequestDefaults {
         steps: default_steps,
         guidance: args.guidance.or(defaults.guidance),
@@ -217,6 +259,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         header_timeout: Duration::from_secs(args.header_timeout),
         body_timeout: Duration::from_secs(args.body_timeout),
         max_connections: args.max_connections,
+        write_timeout: Duration::from_secs(args.write_timeout),
     };
     let config = Config {
         limits,
@@ -231,23 +274,43 @@ pub fn run(args: ServeArgs) -> Result<()> {
             crate::strategy_args::load_replicas(options.placement, &model_dir, dtype)
                 .map_err(|e| format!("{e:#}"))?;
         let runner = Runner::start(options).map_err(|e| e.to_string())?;
-        let strategy = kind.build(&strategy_options);
+        let strategy_for: hybridiff_serve::StrategyFor = Box::new(move |steps| {
+            let (o, _) = strategy_args
+                .options(&model_defaults, steps)
+                .map_err(|e| format!("{e:#}"))?;
+            Ok(kind.build(&o))
+        });
         Ok(Box::new(PipelineBackend::new(
             model_id,
             pipeline,
             runner,
-            strategy,
+            strategy_for,
             scheduler,
             request_defaults,
-        )))
+        )?))
     };
     let service = Service::start(make, config).map_err(anyhow::Error::msg)?;
     let info = service.info().clone();
-    if let Some((w, h)) = args.width.zip(args.height) {
-        let m = info.size_multiple;
-        if w % m != 0 || h % m != 0 {
-            bail!("--width {w} --height {h}: both must be multiples of {m} for this model");
-        }
+    // What a request that leaves `size` or `guidance_scale` out gets must pass the checks a
+    // request's own values do, or every such request would fail.
+    // (Sizes that are not multiples of the model's, the strategy's layout and memory were
+    // checked with a request of the defaults when the backend was built.)
+    let (w, h) = info.default_size;
+    if w as u64 * h as u64 > args.max_pixels {
+        bail!(
+            "the default size {w}x{h} (--width/--height, else the model's sample size) is {} \
+             pixels, above --max-pixels {}",
+            w as u64 * h as u64,
+            args.max_pixels
+        );
+    }
+    let g = info.default_guidance;
+    if !(g.is_finite() && (0.0..=args.max_guidance).contains(&g)) {
+        bail!(
+            "the default guidance {g} (--guidance, else the model's) must be a number from 0 \
+             to --max-guidance {}",
+            args.max_guidance
+        );
     }
     runtime.block_on(async move {
         let mut listener = None;

@@ -110,7 +110,7 @@ pub fn announce(
 }
 
 /// Recommended settings a model folder may carry in `hybridiff.json`.
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelDefaults {
     pub steps: Option<usize>,

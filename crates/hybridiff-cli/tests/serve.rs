@@ -212,6 +212,29 @@ fn serve_gives_generate_s_png_on_warm_ranks() {
         file, pngs[0],
         "the service's PNG equals generate's, byte for byte"
     );
+    // Other step counts too: hybrid's thresholds are resolved for the request's count, as
+    // `generate --steps 7` resolves them (with the 20-step ones, 7 steps cannot fit).
+    let png7 = generate_png(
+        &c,
+        &s,
+        json!({"prompt": prompt, "seed": 7, "num_inference_steps": 7}),
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_hybridiff"))
+        .env("HYBRIDIFF_CACHE", dir.path().join("cache"))
+        .args([
+            "generate", "--prompt", prompt, "--seed", "7", "--steps", "7",
+        ])
+        .arg("--out")
+        .arg(dir.path().join("gen7.png"))
+        .args(run)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(dir.path().join("gen7.png")).unwrap(),
+        png7,
+        "7 steps: the service's PNG equals generate's"
+    );
 
     // The hybridiff object of the same request.
     let v: Value = c
@@ -226,6 +249,46 @@ fn serve_gives_generate_s_png_on_warm_ranks() {
     assert_eq!(h["world_size"], 2);
     assert_eq!(h["steps"], 20, "the model's recommended steps");
     assert!(h["tau1"].is_u64() && h["tau2"].is_u64(), "{h}");
+}
+
+#[test]
+fn serve_with_patch_gives_generate_s_png() {
+    // The warm ranks wrap the model to stop cancelled jobs; the wrapper must still offer
+    // the model's bands (it answered "does not support patch parallelism" to every request).
+    let run = ["--strategy", "patch", "--world-size", "2"];
+    let s = Served::start(&run);
+    let c = client();
+    let prompt = "a red circle";
+    let body = json!({"prompt": prompt, "seed": 5, "num_inference_steps": 3});
+    let r = c
+        .post(s.url("/v1/images/generations"))
+        .json(&body)
+        .send()
+        .unwrap();
+    let status = r.status();
+    let v: Value = r.json().unwrap();
+    assert_eq!(status, 200, "{v}");
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(v["data"][0]["b64_json"].as_str().unwrap())
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("gen.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_hybridiff"))
+        .env("HYBRIDIFF_CACHE", dir.path().join("cache"))
+        .args([
+            "generate", "--prompt", prompt, "--seed", "5", "--steps", "3",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .args(run)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        png,
+        "the same PNG as generate"
+    );
 }
 
 #[cfg(unix)]
@@ -425,7 +488,7 @@ fn api_key_from_the_environment_and_flag_checks() {
         (&["--steps", "500"][..], "--max-steps"),
         (
             &["--width", "62", "--height", "64"][..],
-            "both must be multiples of",
+            "both must be positive multiples of 4",
         ),
         (&["--max-connections", "0"][..], "--max-connections"),
         (&["--header-timeout", "0"][..], "--header-timeout"),
@@ -541,6 +604,112 @@ fn host_names_resolve_and_localhost_is_loopback() {
         !err.to_lowercase().contains("warn"),
         "localhost is loopback: no exposure warning\n{err}"
     );
+}
+
+/// Runs `hybridiff serve --port 0 ARGS` (with `env`) and returns its stderr once it has
+/// exited non-zero; fails if it is still running after 60 s (it started serving).
+fn refused_at_start(args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hybridiff"));
+    cmd.args(["serve", "--port", "0"])
+        .args(args)
+        .env_remove("HYBRIDIFF_API_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} {env:?}: still serving after 60 s instead of refusing to start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success(), "{args:?} {env:?}: exit 0\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn an_api_key_no_client_could_send_and_absurd_limits_are_refused_at_start() {
+    // An HTTP header carries printable ASCII only; the key sent is trimmed.
+    for (args, env, needle) in [
+        (
+            &["--api-key", "cl\u{e9}"][..],
+            &[][..],
+            "--api-key: the key has the character '\u{e9}'",
+        ),
+        (
+            &["--api-key", " k-123"][..],
+            &[][..],
+            "--api-key: the key starts or ends with a space",
+        ),
+        (
+            &[][..],
+            &[("HYBRIDIFF_API_KEY", "k-123\r")][..],
+            "HYBRIDIFF_API_KEY: the key has the character '\\r'",
+        ),
+        (
+            &[][..],
+            &[("HYBRIDIFF_API_KEY", "k\u{1b}123")][..],
+            "HYBRIDIFF_API_KEY: the key has the character",
+        ),
+        // Every image of a request is held in memory until it is answered.
+        (
+            &["--max-n", "100000000"][..],
+            &[][..],
+            "--max-n 100000000: at most",
+        ),
+        (&["--write-timeout", "0"][..], &[][..], "--write-timeout"),
+        // Defaults every request that leaves the field out would fail with.
+        (
+            &["--strategy", "hybrid", "--world-size", "3"][..],
+            &[][..],
+            "a request with the defaults would fail: --world-size 3",
+        ),
+        (
+            &["--guidance", "nan"][..],
+            &[][..],
+            "the default guidance NaN (--guidance",
+        ),
+        (&["--guidance", "80"][..], &[][..], "to --max-guidance 50"),
+        (
+            &["--width", "0", "--height", "0"][..],
+            &[][..],
+            "a request with the defaults would fail: --height 0 --width 0: both must be \
+             positive multiples of 4",
+        ),
+        (
+            &["--width", "256", "--height", "256", "--max-pixels", "4096"][..],
+            &[][..],
+            "above --max-pixels 4096",
+        ),
+    ] {
+        let err = refused_at_start(args, env);
+        assert!(err.contains(needle), "{args:?} {env:?}: {err}");
+    }
+    // A key with a space inside is sent whole.
+    let s = Served::start(&["--api-key", "k 123"]);
+    let r = client()
+        .post(s.url("/v1/images/generations"))
+        .bearer_auth("k 123")
+        .json(&json!({"prompt": "a red circle", "num_inference_steps": 2}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }
 
 #[test]

@@ -128,4 +128,29 @@ impl Denoiser for Cancellable<'_> {
     fn end(&self, state: State) -> hybridiff_models::Result<Tensor> {
         self.inner.end(state)
     }
+    // Everything else the inner model overrides must be forwarded too, or the trait's
+    // defaults answer instead ("does not support patch parallelism", no memory estimate).
+    fn forward_memory(
+        &self,
+        batch: usize,
+        hw: (usize, usize),
+        ctx_len: usize,
+    ) -> Option<hybridiff_models::memory::ForwardMemory> {
+        self.inner.forward_memory(batch, hw, ctx_len)
+    }
+    fn patch_alignment(&self) -> Option<(usize, usize)> {
+        self.inner.patch_alignment()
+    }
+    fn forward_patch(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        cond: &Conditioning,
+        ctx: &dyn hybridiff_models::PatchContext,
+    ) -> hybridiff_models::Result<Tensor> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(hybridiff_models::Error::Input("job cancelled".into()));
+        }
+        self.inner.forward_patch(sample, timestep, cond, ctx)
+    }
 }

@@ -268,6 +268,11 @@ fn parse_size(s: &str, info: &BackendInfo, limits: &Limits) -> Result<(u32, u32)
         )
     };
     let (w, h) = s.split_once('x').ok_or_else(bad)?;
+    // `parse` alone would take "+64".
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    if !digits(w) || !digits(h) {
+        return Err(bad());
+    }
     let (w, h): (u32, u32) = (w.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?);
     let m = info.size_multiple.max(1);
     if w == 0 || h == 0 || w % m != 0 || h % m != 0 {

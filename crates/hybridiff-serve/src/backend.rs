@@ -3,6 +3,7 @@
 //! real one (a loaded pipeline on warm ranks); tests may plug in their own to script failures
 //! and timings.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
@@ -97,11 +98,19 @@ pub trait Backend {
     ) -> Result<Image, BackendError>;
 }
 
+/// Builds the strategy for a request's step count, with the thresholds that depend on it
+/// (hybrid's) resolved for that count as `hybridiff generate --steps N` resolves them.
+/// `Err` says why (naming the flags).
+pub type StrategyFor = Box<dyn Fn(usize) -> Result<Box<dyn Strategy>, String> + Send>;
+
 /// A pipeline loaded once, denoising on ranks started once.
 pub struct PipelineBackend {
     pipeline: Pipeline,
     runner: Runner,
-    strategy: Box<dyn Strategy>,
+    strategy_for: StrategyFor,
+    /// Built by `strategy_for`, by step count (at most `--max-steps` of them).
+    strategies: HashMap<usize, Box<dyn Strategy>>,
+    strategy_name: &'static str,
     scheduler: Option<SchedulerKind>,
     info: BackendInfo,
 }
@@ -118,19 +127,25 @@ pub struct RequestDefaults {
 }
 
 impl PipelineBackend {
-    /// Serves `pipeline` with `strategy` on `runner`'s ranks; `scheduler` `None` takes the
-    /// model's.
+    /// Serves `pipeline` with the strategies of `strategy_for` on `runner`'s ranks;
+    /// `scheduler` `None` takes the model's.
+    ///
+    /// # Errors
+    /// A request with the defaults would fail (the strategy does not fit the model or
+    /// `--world-size`, the default size does not fit in memory, ...): the engine's
+    /// message, so that the service does not start only to fail every request.
     pub fn new(
         model_id: String,
         pipeline: Pipeline,
         runner: Runner,
-        strategy: Box<dyn Strategy>,
+        strategy_for: StrategyFor,
         scheduler: Option<SchedulerKind>,
         defaults: RequestDefaults,
-    ) -> Self {
+    ) -> Result<Self, String> {
         let f = pipeline.vae_factor();
         let multiple = (f * pipeline.model.input_spec.latent_multiple) as u32;
         let side = (pipeline.model.sample_size().unwrap_or(128) * f) as u32;
+        let strategy = strategy_for(defaults.steps)?;
         let info = BackendInfo {
             model_id,
             default_size: defaults.size.unwrap_or((side, side)),
@@ -143,13 +158,30 @@ impl PipelineBackend {
             world_size: runner.options().world_size,
             threads_per_rank: runner.options().threads_per_rank,
         };
-        Self {
+        let default_request = Request {
+            prompt: String::new(),
+            negative_prompt: None,
+            steps: info.default_steps,
+            guidance: Some(info.default_guidance),
+            scheduler,
+            height: Some(info.default_size.1 as usize),
+            width: Some(info.default_size.0 as usize),
+            latents: None,
+            seed: 0,
+        };
+        pipeline
+            .check_request(&default_request, strategy.as_ref(), runner.options())
+            .map_err(|e| format!("a request with the defaults would fail: {e}"))?;
+        let strategy_name = strategy.name();
+        Ok(Self {
             pipeline,
             runner,
-            strategy,
+            strategy_for,
+            strategies: HashMap::from([(info.default_steps, strategy)]),
+            strategy_name,
             scheduler,
             info,
-        }
+        })
     }
 }
 
@@ -187,7 +219,7 @@ impl Backend for PipelineBackend {
             }
         };
         let memory = self.pipeline.memory_check();
-        let strategy = self.strategy.name();
+        let strategy = self.strategy_name;
         let world_size = self.runner.options().world_size;
         let scheduler = self.scheduler;
         Some(Arc::new(move |job: &ImageJob| {
@@ -232,7 +264,11 @@ impl Backend for PipelineBackend {
             latents: None,
             seed: job.seed,
         };
-        let strategy: &dyn Strategy = self.strategy.as_ref();
+        if !self.strategies.contains_key(&job.steps) {
+            let s = (self.strategy_for)(job.steps).map_err(BackendError::Failed)?;
+            self.strategies.insert(job.steps, s);
+        }
+        let strategy: &dyn Strategy = self.strategies[&job.steps].as_ref();
         let img = self
             .pipeline
             .generate_on(&self.runner, &req, strategy, Some(progress), Some(cancel))

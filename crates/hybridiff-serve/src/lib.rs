@@ -16,7 +16,9 @@
 //!
 //! Connections are served by hyper: a request's head must arrive within `header_timeout`
 //! (idle keep-alive connections are closed after it too), its body within `body_timeout`
-//! (else 408), and at most `max_connections` are open; more wait in the listen backlog.
+//! (else 408), every write of its answer must make progress within `write_timeout` (else
+//! the connection is closed: a client that never reads its answer does not hold its slot),
+//! and at most `max_connections` are open; more wait in the listen backlog.
 
 pub mod api;
 pub mod backend;
@@ -48,7 +50,7 @@ use subtle::ConstantTimeEq;
 pub use api::ApiError;
 pub use backend::{
     encode_png, Backend, BackendError, BackendInfo, Image, ImageJob, PipelineBackend, RequestCheck,
-    RequestDefaults,
+    RequestDefaults, StrategyFor,
 };
 
 use api::{GenerationRequest, ResponseFormat};
@@ -88,6 +90,10 @@ pub struct Limits {
     /// Open connections (`--max-connections`); more wait in the listen backlog until one
     /// closes.
     pub max_connections: usize,
+    /// A write to a client that makes no progress for this long (the client does not read
+    /// its answer) closes the connection (`--write-timeout`); a slow reader that keeps
+    /// reading is not cut off.
+    pub write_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -105,6 +111,7 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             max_connections: 256,
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -249,6 +256,7 @@ impl Service {
                             stop_rx.clone(),
                             slot,
                             Arc::clone(&self.state.metrics),
+                            limits.write_timeout,
                         ));
                     }
                     Err(e) => {
@@ -354,7 +362,8 @@ impl Drop for OpenConnection {
 const STOP_FLUSH: Duration = Duration::from_secs(1);
 
 /// Serves one connection until it closes, or, once `stop` is set, until no request of it is
-/// in flight (plus [`STOP_FLUSH`]). Holds `_slot` (a `max_connections` permit) meanwhile.
+/// in flight (plus [`STOP_FLUSH`]), or until a write makes no progress for `write_timeout`.
+/// Holds `_slot` (a `max_connections` permit) meanwhile.
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     app: Router,
@@ -362,7 +371,13 @@ async fn serve_connection(
     mut stop: tokio::sync::watch::Receiver<bool>,
     _slot: tokio::sync::OwnedSemaphorePermit,
     metrics: Arc<Metrics>,
+    write_timeout: Duration,
 ) {
+    // Without it, a client that never reads its answer blocks the write once the socket
+    // buffers are full, and holds the connection (and its slot) for ever.
+    let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+    stream.set_write_timeout(Some(write_timeout));
+    let stream = Box::pin(stream);
     metrics.connections.inc();
     let _open = OpenConnection(metrics);
     let (busy_tx, mut busy) = tokio::sync::watch::channel(0usize);

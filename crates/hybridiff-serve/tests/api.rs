@@ -194,6 +194,12 @@ async fn bad_requests_name_the_field() {
         (json!({"prompt": "a", "size": "60x64"}), "size"),
         (json!({"prompt": "a", "size": "256x256"}), "size"),
         (json!({"prompt": "a", "size": "0x64"}), "size"),
+        // Digits only, as OpenAI's sizes are written.
+        (json!({"prompt": "a", "size": "+64x64"}), "size"),
+        (json!({"prompt": "a", "size": "64x+64"}), "size"),
+        (json!({"prompt": "a", "size": "64X64"}), "size"),
+        (json!({"prompt": "a", "size": "64x64 "}), "size"),
+        (json!({"prompt": "a", "size": "-64x64"}), "size"),
         (
             json!({"prompt": "a", "response_format": "jpeg"}),
             "response_format",
@@ -879,4 +885,63 @@ async fn a_job_the_backend_cannot_fit_is_400_on_size_before_it_queues() {
     // What fits still runs.
     let r = post(&c, &url, json!({"prompt": "fits", "size": "256x256"})).await;
     assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_reads_its_answers_loses_its_connection_after_write_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let write_t = Duration::from_millis(800);
+    let srv = TestServer::start(config(|l| {
+        l.max_connections = 1;
+        l.write_timeout = write_t;
+        l.header_timeout = Duration::from_secs(60);
+    }))
+    .await;
+    let addr = srv.base.trim_start_matches("http://").to_string();
+    // A 197 kB PNG (random pixels), stored for `url`.
+    let c = fresh_client();
+    let v: Value = post(
+        &c,
+        &srv.url("/v1/images/generations"),
+        json!({"prompt": "noise", "size": "256x256", "response_format": "url"}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let path = v["data"][0]["url"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches(&srv.base)
+        .to_string();
+    drop(c);
+    // The one connection slot goes to a client with a small receive buffer that asks for
+    // the image 40 times (8 MB, far more than the socket buffers hold) and never reads.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut never_reads = sock.connect(addr.parse().unwrap()).await.unwrap();
+    let one = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    never_reads
+        .write_all(one.repeat(40).as_bytes())
+        .await
+        .unwrap();
+    // Once its write has made no progress for --write-timeout, the slot is free again.
+    let t0 = std::time::Instant::now();
+    let r = fresh_client()
+        .get(srv.url("/health"))
+        .send()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "a client that never reads held the only connection slot for {:?}: {e}",
+                t0.elapsed()
+            )
+        });
+    assert_eq!(r.status(), 200);
+    assert!(
+        t0.elapsed() < write_t + Duration::from_secs(5),
+        "served after {:?}; --write-timeout is {write_t:?}",
+        t0.elapsed()
+    );
+    drop(never_reads);
 }

@@ -34,7 +34,7 @@ impl Record {
 /// Prompts script it: `fail` returns an error, `panic` panics, `hold` waits for
 /// `Record::release` (watching the cancel flag), `stubborn` too but ignores the flag;
 /// anything else takes `steps` x 2 ms. Images
-/// are a flat colour picked by the seed. Its request check refuses more than
+/// are a flat colour picked by the seed (`noise`: random pixels, so a large PNG). Its request check refuses more than
 /// [`FAKE_MAX_FIT`] pixels, as a model that cannot fit them in memory would.
 pub struct Fake {
     info: BackendInfo,
@@ -121,7 +121,20 @@ impl Backend for Fake {
             progress(s, job.steps);
         }
         let colour = [(job.seed % 251) as u8, 7, 9];
-        let rgb: Vec<u8> = (0..job.width * job.height).flat_map(|_| colour).collect();
+        let rgb: Vec<u8> = if job.prompt == "noise" {
+            // Incompressible, for answers larger than the socket buffers.
+            let mut x = job.seed | 1;
+            (0..job.width * job.height * 3)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        } else {
+            (0..job.width * job.height).flat_map(|_| colour).collect()
+        };
         Ok(Image {
             png: encode_png(job.width, job.height, rgb).unwrap(),
             width: job.width,
