@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use hybridiff_models::vae::{to_rgb8, AutoencoderKL, VaeConfig};
 use hybridiff_models::Error;
