@@ -192,3 +192,25 @@ fn gpu_check_dry_run_on_the_cpu_writes_every_result() {
     let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
     assert!(summary.contains("| unet | hybrid | 2 |"), "{summary}");
 }
+
+/// The script keeps to its time budget: with none left, every step is skipped and recorded
+/// as failed (exit non-zero), rather than running past the device lease.
+#[test]
+fn gpu_check_skips_steps_once_its_budget_is_spent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = Command::new("bash")
+        .arg(repo().join("tools/gpu-check.sh"))
+        .args(["--device", "cpu", "--small", "--bin", env!("CARGO_BIN_EXE_hybridiff")])
+        .arg("--out")
+        .arg(&out)
+        .arg("--work")
+        .arg(tmp.path().join("work"))
+        .env("GPU_CHECK_BUDGET_S", "1")
+        .output()
+        .expect("run bash");
+    let log = std::fs::read_to_string(out.join("gpu-check.log")).unwrap();
+    assert!(!o.status.success(), "{log}");
+    assert!(log.contains("parity-f32: SKIPPED (the 1 s budget is spent)"), "{log}");
+    assert!(log.contains("failed steps: parity-f32 parity-f16"), "{log}");
+}
