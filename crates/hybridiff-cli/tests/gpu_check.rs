@@ -201,7 +201,13 @@ fn gpu_check_skips_steps_once_its_budget_is_spent() {
     let out = tmp.path().join("out");
     let o = Command::new("bash")
         .arg(repo().join("tools/gpu-check.sh"))
-        .args(["--device", "cpu", "--small", "--bin", env!("CARGO_BIN_EXE_hybridiff")])
+        .args([
+            "--device",
+            "cpu",
+            "--small",
+            "--bin",
+            env!("CARGO_BIN_EXE_hybridiff"),
+        ])
         .arg("--out")
         .arg(&out)
         .arg("--work")
@@ -211,6 +217,9 @@ fn gpu_check_skips_steps_once_its_budget_is_spent() {
         .expect("run bash");
     let log = std::fs::read_to_string(out.join("gpu-check.log")).unwrap();
     assert!(!o.status.success(), "{log}");
-    assert!(log.contains("parity-f32: SKIPPED (the 1 s budget is spent)"), "{log}");
+    assert!(
+        log.contains("parity-f32: SKIPPED (the 1 s budget is spent)"),
+        "{log}"
+    );
     assert!(log.contains("failed steps: parity-f32 parity-f16"), "{log}");
 }

@@ -27,9 +27,15 @@ fn sdxl_base_unet_config_loads_with_sdxls_layout() {
 #[test]
 fn sd3_medium_transformer_config_loads_with_sd3s_layout() {
     let c = MMDiTConfig::from_file(&configs().join("sd3-medium-transformer.json")).unwrap();
-    assert_eq!((c.num_layers, c.num_attention_heads, c.attention_head_dim), (24, 24, 64));
+    assert_eq!(
+        (c.num_layers, c.num_attention_heads, c.attention_head_dim),
+        (24, 24, 64)
+    );
     assert_eq!(c.caption_projection_dim, 1536);
-    assert_eq!((c.joint_attention_dim, c.pooled_projection_dim), (4096, 2048));
+    assert_eq!(
+        (c.joint_attention_dim, c.pooled_projection_dim),
+        (4096, 2048)
+    );
     assert_eq!((c.patch_size, c.in_channels, c.sample_size), (2, 16, 128));
     assert_eq!(c.pos_embed_max_size, Some(192));
     assert!(c.dual_attention_layers.is_empty() && c.qk_norm.is_none());
