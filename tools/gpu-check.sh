@@ -178,11 +178,14 @@ for m in unet mmdit; do
         mem_pid=$!                                                                         # GPU-UNRUN
     fi
     mkdir -p "$work/traces/$m"
+    # On the CPU, whole jobs take the GPU's code path (candle's ops, none of our CPU kernels).
+    [ "$device" = cpu ] && export HYBRIDIFF_DEVICE_GENERIC=1
     step "bench-$m" 240 "$bin" bench --model "$work/$m-model" --latent-size "$latent" \
         --context-len "$ctx" --steps "$steps" --strategies serial,cfg,async,hybrid --world-size 2 \
         --repeats "$repeats" --dtype f16 --device "$device" --threads-per-rank 1 \
         --json "$work/bench-$m.json" --trace-dir "$work/traces/$m"
     [ -n "$mem_pid" ] && kill "$mem_pid" 2>/dev/null
+    unset HYBRIDIFF_DEVICE_GENERIC
     if [ "$have_diffusers" = 1 ]; then
         mem_pid=""
         if [ "$device" = cuda ]; then

@@ -60,6 +60,27 @@ fn parity_passes_on_the_cpu_in_f32_f16_and_on_the_device_generic_path() {
 }
 
 #[test]
+fn hybridiff_device_generic_puts_the_whole_process_on_the_gpu_code_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("p.json");
+    let fixtures = repo().join("tests/fixtures");
+    let o = Command::new(env!("CARGO_BIN_EXE_hybridiff"))
+        .args(["parity", "--fixtures", fixtures.to_str().unwrap(), "--json"])
+        .arg(&json)
+        .env("HYBRIDIFF_DEVICE_GENERIC", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = read_json(&json);
+    assert_eq!(v["cpu_kernel_calls"], 0, "{v}");
+    assert!(v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["pass"] == true));
+}
+
+#[test]
 fn parity_refuses_a_folder_without_the_fixtures_and_cuda_on_a_cpu_build() {
     let tmp = tempfile::tempdir().unwrap();
     let o = hybridiff(&["parity", "--fixtures", tmp.path().to_str().unwrap()]);

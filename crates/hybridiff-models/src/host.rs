@@ -25,9 +25,16 @@ thread_local! {
 
 /// Whether a forward on `device` in `dtype` may use this crate's CPU kernels: the device
 /// is the CPU, the dtype is one they handle (not bf16, which candle's CPU backend cannot
-/// multiply), and this thread has not asked for the device-generic path.
+/// multiply), this thread has not asked for the device-generic path, and the process was
+/// not started with `HYBRIDIFF_DEVICE_GENERIC=1` (every thread on the device-generic path:
+/// the CPU dry run of `tools/gpu-check.sh` runs whole jobs on the GPU's code path).
 pub fn use_cpu_kernels(device: &Device, dtype: DType) -> bool {
-    device.is_cpu() && dtype != DType::BF16 && !FORCE_GENERIC.with(Cell::get)
+    device.is_cpu() && dtype != DType::BF16 && !FORCE_GENERIC.with(Cell::get) && !generic_from_env()
+}
+
+fn generic_from_env() -> bool {
+    static GENERIC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *GENERIC.get_or_init(|| std::env::var("HYBRIDIFF_DEVICE_GENERIC").is_ok_and(|v| v == "1"))
 }
 
 /// Counts one run of a CPU kernel on this thread.
