@@ -13,7 +13,7 @@
 #              latents, 8 steps, 1 repeat: the CI dry run (crates/hybridiff-cli/tests/gpu_check.rs)
 #   --bin      the hybridiff binary (default target/release/hybridiff, built here with
 #              `cargo build --release -p hybridiff-cli --features cuda` after
-#              tools/cuda-toolchain.sh, and carried)
+#              tools/cuda-toolchain.sh, and carried), or that binary gzipped (NAME.gz)
 #   --wheels   a folder of wheels to install offline first (diffusers and its missing
 #              dependency importlib_metadata: the device machine has torch, not diffusers)
 #   --out      where the results go (default $OUT, else ./gpu-check-out); at most 8 files:
@@ -34,7 +34,10 @@
 #   (d) per-stage compute times and bytes per step of every strategy (the traces).
 #
 # Lines marked `# GPU-UNRUN` have never run on a GPU (no GPU was lent to the session that
-# wrote this script); everything else also runs in the CPU dry run (`--device cpu --small`).
+# wrote this script): the nvidia-smi memory sampling, the full-size settings (without
+# --small) and the offline wheel install (--wheels, not run anywhere yet). Everything else
+# runs in the CPU dry run (`--device cpu --small`), but only ever with --device cpu: the
+# CUDA binary itself (`parity`, `init`, `bench` with --device cuda) has not run either.
 set -uo pipefail
 
 device=cuda
@@ -58,11 +61,6 @@ case "$device" in
     cuda | cpu) ;;
     *) echo "gpu-check.sh: --device must be cuda or cpu, not '$device'" >&2; exit 2 ;;
 esac
-if [ ! -x "$bin" ]; then
-    echo "gpu-check.sh: --bin $bin is not an executable (build it with --features cuda and carry it)" >&2
-    exit 2
-fi
-bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -70,6 +68,19 @@ if [ -z "$work" ]; then
     work=$(mktemp -d)
 fi
 mkdir -p "$work"
+# A gzipped binary (the repository and a 40 MB CUDA binary together exceed the device
+# call's 64 MiB): unpacked into the work folder.
+case "$bin" in
+    *.gz)
+        gzip -dc "$bin" >"$work/hybridiff" && chmod +x "$work/hybridiff" || exit 2
+        bin=$work/hybridiff
+        ;;
+esac
+if [ ! -x "$bin" ]; then
+    echo "gpu-check.sh: --bin $bin is not an executable (build it with --features cuda and carry it)" >&2
+    exit 2
+fi
+bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
 log=$out/gpu-check.log
 PY=${PYTHON:-python3}
 start=$(date +%s)
@@ -107,11 +118,11 @@ if [ "$small" = 1 ]; then
     steps=8
     repeats=1
 else
-    unet_config=$repo/configs/sdxl-base-unet.json
-    mmdit_config=$repo/configs/sd3-medium-transformer.json
-    latent=128
-    steps=20
-    repeats=5
+    unet_config=$repo/configs/sdxl-base-unet.json        # GPU-UNRUN
+    mmdit_config=$repo/configs/sd3-medium-transformer.json # GPU-UNRUN
+    latent=128                                           # GPU-UNRUN
+    steps=20                                             # GPU-UNRUN
+    repeats=5                                            # GPU-UNRUN
 fi
 say "gpu-check: device $device, small $small, latents ${latent}x${latent}, $steps steps, binary $bin"
 "$bin" --version >>"$log" 2>&1
@@ -123,8 +134,8 @@ fi
 # Diffusers: the machine has torch; the wheels make diffusers importable without a network.
 if [ -n "$wheels" ]; then
     step wheels 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --upgrade --target "$work/site" "$wheels"/*.whl
-    export PYTHONPATH=$work/site${PYTHONPATH:+:$PYTHONPATH}
+        --upgrade --target "$work/site" "$wheels"/*.whl # GPU-UNRUN
+    export PYTHONPATH=$work/site${PYTHONPATH:+:$PYTHONPATH} # GPU-UNRUN
 fi
 have_diffusers=1
 if ! "$PY" -c 'import diffusers, torch' >>"$log" 2>&1; then
