@@ -6,6 +6,7 @@ mod default_model;
 mod denoise;
 mod generate;
 mod launch;
+mod parity;
 mod serve;
 mod strategy_args;
 
@@ -38,6 +39,9 @@ enum Command {
     Compare(compare::CompareArgs),
     /// HTTP image service (OpenAI images API, web page) on ranks kept warm.
     Serve(serve::ServeArgs),
+    /// Compares our U-Net, MMDiT and VAE with diffusers' outputs in tests/fixtures on a
+    /// device and dtype (the GPU check's first table).
+    Parity(parity::ParityArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -129,6 +133,9 @@ fn main() -> ExitCode {
         Command::Serve(args) => launch
             .only_one_process("serve")
             .and_then(|()| serve::run(args)),
+        Command::Parity(args) => launch
+            .only_one_process("parity")
+            .and_then(|()| parity::run(args)),
     };
     launch.finish(result)
 }

@@ -82,10 +82,13 @@ pub fn forward_seconds(
     }
     let times = hybridiff_comm::run_ranks(1, threads, Duration::from_secs(3600), |_comm| {
         model.denoiser.forward(&x, 500.0, &cond)?;
+        x.device().synchronize()?;
         let mut t = Vec::with_capacity(repeats);
         for _ in 0..repeats.max(1) {
             let start = Instant::now();
             model.denoiser.forward(&x, 500.0, &cond)?;
+            // A GPU runs queued kernels after the call returns: wait for them.
+            x.device().synchronize()?;
             t.push(start.elapsed().as_secs_f64());
         }
         Ok::<_, Error>(t)

@@ -128,6 +128,7 @@ impl StagePlan {
             for (m, s) in samples.iter_mut().enumerate() {
                 let start = Instant::now();
                 let out = model.run_module(m, &state)?;
+                x.device().synchronize()?;
                 if pass > 0 {
                     s.push(start.elapsed().as_secs_f64());
                 }
@@ -392,6 +393,8 @@ impl<'a> StagedRunner<'a> {
             self.model.apply_module(m, &mut state, out)?;
         }
         let y = self.model.end(state)?;
+        // A GPU runs queued kernels after the calls return: wait for them before the clock.
+        y.device().synchronize()?;
         self.compute_seconds = start.elapsed().as_secs_f64();
         Ok(y)
     }
@@ -435,6 +438,8 @@ impl<'a> StagedRunner<'a> {
             self.model.apply_module(m, &mut state, out)?;
         }
         let y = self.model.end(state)?;
+        // A GPU runs queued kernels after the calls return: wait for them before the clock.
+        y.device().synchronize()?;
         self.compute_seconds = start.elapsed().as_secs_f64();
         Ok(y)
     }

@@ -2,9 +2,9 @@
 //! input and kernel on every call and gathers patches element by element; here the
 //! NCHW weight already is the `[C_out, C_in * k * k]` GEMM operand and patches are built
 //! with row copies, which measured about 20% faster per U-Net forward (see `hybridiff
-//! bench`). Other devices use candle's own kernel.
+//! bench`). Other devices (and bf16) use candle's own kernel: see [`crate::host`].
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 /// A convolution with square kernel, `padding = k / 2`-style symmetric padding and
@@ -130,6 +130,7 @@ impl CustomOp1 for Im2Col {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        crate::host::count_cpu_kernel();
         let dims = layout.shape().dims4()?;
         let (b, c, h, w) = dims;
         let (ho, wo) = self.out_hw(h, w);
@@ -165,8 +166,7 @@ impl Conv2d {
     }
 
     fn forward_padded(&self, x: &Tensor, pad_h: usize) -> Result<Tensor> {
-        let cpu_fast = x.device().is_cpu() && x.dtype() != DType::BF16;
-        if !cpu_fast {
+        if !crate::host::use_cpu_kernels(x.device(), x.dtype()) {
             let cfg = candle_nn::Conv2dConfig {
                 padding: pad_h,
                 stride: self.stride,
@@ -237,7 +237,7 @@ impl Module for Conv2d {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     #[test]
     fn matches_candle_conv2d_for_kernels_strides_and_batches() {

@@ -7,6 +7,7 @@
 pub mod conv;
 pub mod denoiser;
 pub mod error;
+pub mod host;
 pub mod memory;
 pub mod weights;
 
@@ -15,6 +16,7 @@ pub use error::{Error, Result};
 pub use patch::{Band, PatchContext};
 pub mod mmdit;
 pub mod nn;
+pub mod parity;
 pub mod patch;
 pub mod unet;
 pub mod vae;

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use hybridiff_models::vae::{to_rgb8, AutoencoderKL, VaeConfig};
 use hybridiff_models::Error;
@@ -16,25 +16,19 @@ fn max_abs(t: &Tensor) -> Result<f32> {
     Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
-/// Decodes the fixture's `latents` the way its pipeline does and compares with `image`.
+/// Decodes the fixture's `latents` the way its pipeline does and compares with `image`
+/// (the comparison `hybridiff parity` runs on GPUs too).
 fn check_decode(model: &str) -> Result<()> {
-    let dir = fixtures().join(model);
-    let dev = Device::Cpu;
-    let vae = AutoencoderKL::load(&dir.join("vae"), DType::F32, &dev)?;
-    let expected_path = dir.join("expected/vae_decode.safetensors");
-    let mut tensors = candle_core::safetensors::load(&expected_path, &dev)
-        .with_context(|| expected_path.display().to_string())?;
-    let latents = tensors.remove("latents").context("no `latents`")?;
-    let expected = tensors.remove("image").context("no `image`")?;
-
-    let image = vae.decode_latents(&latents)?;
-    assert_eq!(image.dims(), expected.dims(), "{model}: image shape");
-    let diff = max_abs(&(&image - &expected)?)?;
-    let tol = 1e-4 * max_abs(&expected)?.max(1.0);
-    eprintln!("{model}: max abs difference {diff:e} (tolerance {tol:e})");
+    let row =
+        hybridiff_models::parity::vae_decode(&fixtures().join(model), &Device::Cpu, DType::F32)?;
+    eprintln!(
+        "{}: max abs difference {:e} (bound {:e})",
+        row.name, row.max_abs_diff, row.bound
+    );
     assert!(
-        diff < tol,
-        "{model}: max abs difference {diff} exceeds {tol}"
+        row.pass,
+        "{}: max abs difference {} exceeds {}",
+        row.name, row.max_abs_diff, row.bound
     );
     Ok(())
 }

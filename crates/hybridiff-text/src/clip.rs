@@ -321,8 +321,32 @@ impl ClipTextModel {
 
     /// Runs the encoder on `input_ids` (`[B, S]`, u32, S <= `max_position_embeddings`)
     /// with CLIP's causal mask and no padding mask, as the diffusers pipelines call it.
+    /// Reads the ids back to the host for the pooling position: on a GPU prefer
+    /// [`Self::forward_ids`], which knows them already.
     pub fn forward(&self, input_ids: &Tensor) -> candle_core::Result<ClipTextOutput> {
+        let rows = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let pool: Vec<usize> = rows.iter().map(|r| self.pool_position(r)).collect();
+        self.forward_pooled_at(input_ids, &pool)
+    }
+
+    /// [`Self::forward`] on one prompt's token ids, held on the host: uploads them to
+    /// `device` and pools at the position they give, so the forward reads nothing back
+    /// from the device (no host round trip on a GPU).
+    pub fn forward_ids(&self, ids: &[u32], device: &Device) -> candle_core::Result<ClipTextOutput> {
+        let input_ids = Tensor::new(ids, device)?.unsqueeze(0)?;
+        self.forward_pooled_at(&input_ids, &[self.pool_position(ids)])
+    }
+
+    /// The forward, pooling row `i` at `pool[i]`.
+    fn forward_pooled_at(
+        &self,
+        input_ids: &Tensor,
+        pool: &[usize],
+    ) -> candle_core::Result<ClipTextOutput> {
         let (b, s) = input_ids.dims2()?;
+        if pool.len() != b {
+            candle_core::bail!("{} pooling positions for a batch of {b}", pool.len());
+        }
         if s > self.max_positions {
             candle_core::bail!(
                 "sequence length {s} exceeds max_position_embeddings {}",
@@ -345,10 +369,9 @@ impl ClipTextModel {
             hidden_states.push(x.clone());
         }
         let last_hidden_state = self.final_layer_norm.forward(&x)?;
-        let ids = input_ids.to_vec2::<u32>()?;
         let mut pooled = Vec::with_capacity(b);
-        for (i, row) in ids.iter().enumerate() {
-            pooled.push(last_hidden_state.i((i, self.pool_position(row)))?);
+        for (i, &p) in pool.iter().enumerate() {
+            pooled.push(last_hidden_state.i((i, p))?);
         }
         let pooler_output = Tensor::stack(&pooled, 0)?;
         let text_embeds = match &self.text_projection {

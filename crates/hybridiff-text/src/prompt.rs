@@ -79,9 +79,9 @@ struct ClipRun {
 impl ClipBranch {
     fn run(&self, text: &str, device: &Device) -> Result<ClipRun> {
         let enc = self.tokenizer.encode(text)?;
-        let out = Tensor::new(enc.ids.as_slice(), device)
-            .and_then(|t| t.unsqueeze(0))
-            .and_then(|ids| self.encoder.forward(&ids))
+        let out = self
+            .encoder
+            .forward_ids(&enc.ids, device)
             .context(|| format!("{}: CLIP text encoder forward", self.dir.display()))?;
         Ok(ClipRun { ids: enc.ids, out })
     }

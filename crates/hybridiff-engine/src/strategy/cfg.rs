@@ -62,6 +62,8 @@ pub fn exact_step(
         };
         let start = Instant::now();
         let mine = job.model.forward(x, t, branch)?;
+        // A GPU runs queued kernels after the call returns: wait for them before the clock.
+        mine.device().synchronize()?;
         let secs = start.elapsed().as_secs_f64();
         comm.send(&mine, peer)?;
         let theirs = comm.recv(peer)?;

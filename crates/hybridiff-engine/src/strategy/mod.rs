@@ -289,6 +289,8 @@ pub fn conditional_step(
     let (eps, secs) = if comm.rank() == 0 {
         let start = Instant::now();
         let eps = job.model.forward(x, t, &job.inputs.cond)?;
+        // A GPU runs queued kernels after the call returns: wait for them before the clock.
+        eps.device().synchronize()?;
         (Some(eps), start.elapsed().as_secs_f64())
     } else {
         (None, 0.0)

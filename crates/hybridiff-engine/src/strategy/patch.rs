@@ -395,6 +395,8 @@ impl Worker for PatchWorker<'_> {
             };
             job.model.forward_patch(&xb, t, &self.cond, &ctx)?
         };
+        // A GPU runs queued kernels after the call returns: wait for them before the clock.
+        eps.device().synchronize()?;
         let secs = start.elapsed().as_secs_f64();
         // Displaced activations are sent as soon as computed and read a step later, so they
         // overlap compute; sync ones and the gather below are waited for.

@@ -52,6 +52,8 @@ impl Worker for SerialWorker<'_> {
         let start = Instant::now();
         let batch = Tensor::cat(&[x, x], 0)?;
         let eps = self.job.model.forward(&batch, t, &self.cond)?;
+        // A GPU runs queued kernels after the call returns: wait for them before the clock.
+        eps.device().synchronize()?;
         let secs = start.elapsed().as_secs_f64();
         StepOutput::exact(eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?, secs)
     }

@@ -88,7 +88,8 @@ pub struct RawUNetConfig {
     pub addition_time_embed_dim: Option<usize>,
     #[serde(default)]
     pub num_class_embeds: Option<usize>,
-    #[serde(default)]
+    /// SDXL-base's published config has `null` here, which diffusers reads as false.
+    #[serde(default, deserialize_with = "null_as_false")]
     pub upcast_attention: bool,
     #[serde(default = "d_default")]
     pub resnet_time_scale_shift: String,
@@ -243,6 +244,10 @@ pub enum BlockKind {
     Plain,
     /// `CrossAttnDownBlock2D` / `CrossAttnUpBlock2D`: resnets and transformers.
     CrossAttn,
+}
+
+fn null_as_false<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    Ok(<Option<bool> as serde::Deserialize>::deserialize(d)?.unwrap_or(false))
 }
 
 impl UNetConfig {

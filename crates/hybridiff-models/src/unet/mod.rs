@@ -50,6 +50,37 @@ pub fn timestep_embedding(
     Ok(Tensor::from_vec(out, (timesteps.len(), dim), device)?)
 }
 
+/// [`timestep_embedding`] of timesteps that live in a tensor (`[n]`, any float dtype, on
+/// any device), computed where they live: `[n, dim]` f32 on the same device. Only the
+/// frequencies (known from `dim` alone) are uploaded; the same f32 products and `sin` /
+/// `cos` as the host version, so the CPU results are bit-identical.
+pub fn timestep_embedding_tensor(
+    timesteps: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+) -> Result<Tensor> {
+    let device = timesteps.device();
+    let n = timesteps.elem_count();
+    let half = dim / 2;
+    let ln = -(10000f64.ln()) as f32;
+    let denom = (half as f64 - freq_shift) as f32;
+    let freqs: Vec<f32> = (0..half).map(|i| ((ln * i as f32) / denom).exp()).collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), device)?;
+    let t = timesteps.to_dtype(DType::F32)?.reshape((n, 1))?;
+    let args = t.broadcast_mul(&freqs)?;
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    let mut parts = if flip_sin_to_cos {
+        vec![cos, sin]
+    } else {
+        vec![sin, cos]
+    };
+    if dim % 2 == 1 {
+        parts.push(Tensor::zeros((n, 1), DType::F32, device)?);
+    }
+    Ok(Tensor::cat(&parts, 1)?)
+}
+
 /// Output scale of the down/up blocks' resnets. diffusers' `get_down_block` /
 /// `get_up_block` pass `resnet_out_scale_factor` only to the ResnetDownsample /
 /// SimpleCrossAttn block types; `DownBlock2D`, `CrossAttnDownBlock2D`, `UpBlock2D` and
@@ -686,22 +717,19 @@ impl Denoiser for UNet2DConditionModel {
         .to_dtype(self.dtype)?;
         let mut emb = self.time_embedding.forward(&t_emb)?;
         if let (Some(add), Some((tdim, _))) = (&self.add_embedding, c.text_time) {
+            // On the device: reading `time_ids` back to the host would be a round trip
+            // per forward on a GPU (see `crate::host`).
             let time_ids = cond
                 .time_ids
                 .as_ref()
                 .expect("checked")
+                .to_device(&self.device)?
                 .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let time_embeds = timestep_embedding(
-                &time_ids,
-                tdim,
-                c.flip_sin_to_cos,
-                c.freq_shift,
-                &self.device,
-            )?
-            .reshape((b, 6 * tdim))?
-            .to_dtype(self.dtype)?;
+                .flatten_all()?;
+            let time_embeds =
+                timestep_embedding_tensor(&time_ids, tdim, c.flip_sin_to_cos, c.freq_shift)?
+                    .reshape((b, 6 * tdim))?
+                    .to_dtype(self.dtype)?;
             let pooled = cond
                 .pooled
                 .as_ref()

@@ -43,6 +43,25 @@ pub fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
     assert!(d < tol, "{what}: max abs diff {d} >= tolerance {tol}");
 }
 
+/// Prints every parity row and fails on the first that is over its bound; at least one
+/// row, or the check could not fail.
+pub fn assert_rows_pass(rows: &[hybridiff_models::parity::ParityCheck]) {
+    assert!(!rows.is_empty(), "no parity rows");
+    for r in rows {
+        println!(
+            "{} ({}): max abs diff {:e} (bound {:e}, max |expected| {})",
+            r.name, r.dtype, r.max_abs_diff, r.bound, r.max_abs_expected
+        );
+    }
+    for r in rows {
+        assert!(
+            r.pass,
+            "{}: max abs diff {} >= bound {}",
+            r.name, r.max_abs_diff, r.bound
+        );
+    }
+}
+
 /// Runs `model` module by module, checking each output count; returns every module's
 /// outputs and the state after the last module.
 pub fn run_modules(
