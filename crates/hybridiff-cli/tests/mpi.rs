@@ -77,6 +77,11 @@ fn mpirun(np: usize, args: &[&str], env: &[(&str, &str)], scratch: &Path) -> Run
     for (k, v) in env {
         cmd.env(k, v).args(["-x", k]);
     }
+    // Its own session folder under the test's scratch: concurrent mpiruns sharing /tmp race
+    // to create /tmp/ompi.HOST.UID ("mkdir ... File exists", orte_init fails).
+    let session = scratch.join("ompi-session");
+    std::fs::create_dir_all(&session).unwrap();
+    cmd.env("TMPDIR", &session);
     cmd.arg(env!("CARGO_BIN_EXE_hybridiff")).args(args);
     run_limited(cmd, scratch)
 }
@@ -498,7 +503,7 @@ fn failing_rank_stops_the_job(mode: &str, needles: &[&str]) {
     let left: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.ends_with(".txt"))
+        .filter(|n| !n.ends_with(".txt") && n != "ompi-session")
         .collect();
     assert!(left.is_empty(), "{mode}: files left behind: {left:?}");
 }

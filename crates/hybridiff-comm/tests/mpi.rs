@@ -20,6 +20,11 @@ fn ranks(name: &str, np: usize, timeout: Duration) -> Option<(MpiWorld, MpiComm)
         return Some((world, comm));
     }
     let start = Instant::now();
+    // Its own session folder: concurrent mpiruns sharing /tmp race to create
+    // /tmp/ompi.HOST.UID ("mkdir ... File exists", orte_init fails).
+    let session =
+        std::env::temp_dir().join(format!("hybridiff-ompi-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&session).unwrap();
     let mut child = Command::new("mpirun")
         .args([
             "--allow-run-as-root",
@@ -29,6 +34,7 @@ fn ranks(name: &str, np: usize, timeout: Duration) -> Option<(MpiWorld, MpiComm)
         ])
         .args(["-x", CHILD])
         .env(CHILD, "1")
+        .env("TMPDIR", &session)
         .arg(std::env::current_exe().unwrap())
         .args(["--exact", name, "--nocapture", "--test-threads", "1"])
         .stdin(Stdio::null())
@@ -53,6 +59,7 @@ fn ranks(name: &str, np: usize, timeout: Duration) -> Option<(MpiWorld, MpiComm)
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = child.wait_with_output().unwrap();
+    let _ = std::fs::remove_dir_all(&session);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
