@@ -2,24 +2,11 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures")).join(name)
-}
-
-fn hybridiff(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hybridiff"))
-        .args(args)
-        .output()
-        .expect("run hybridiff")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+mod common;
+use common::{fixture, hybridiff, s};
 
 fn max_abs(t: &Tensor) -> f32 {
     t.abs()

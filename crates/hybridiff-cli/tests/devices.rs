@@ -1,26 +1,7 @@
 //! `--device`, `--devices` and `bench --simulate-link` / `--from-trace`, over the binary.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures")).join(name)
-}
-
-fn hybridiff(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hybridiff"))
-        .args(args)
-        .output()
-        .expect("run hybridiff")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{fixture, hybridiff, s, stderr};
 
 /// Every command that runs a model, with `extra` flags, on a model folder that does not exist
 /// (so an error about the flags proves they were checked before anything was loaded).

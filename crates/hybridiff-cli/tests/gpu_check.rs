@@ -4,17 +4,13 @@
 //! in it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
+
+mod common;
+use common::hybridiff;
 
 fn repo() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-}
-
-fn hybridiff(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hybridiff"))
-        .args(args)
-        .output()
-        .expect("run hybridiff")
 }
 
 fn read_json(p: &Path) -> serde_json::Value {

@@ -9,13 +9,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures")).join(name)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+mod common;
+use common::{fixture, s, stderr};
 
 /// Runs `hybridiff` with `env`, killing it after `limit` (a hang fails the test).
 fn run_env(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
@@ -47,10 +42,6 @@ fn run_env(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
 
 fn run(args: &[&str]) -> Output {
     run_env(args, &[], Duration::from_secs(60))
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// Asserts a clean failure (exit 1, no panic, no abort) whose message has every needle.

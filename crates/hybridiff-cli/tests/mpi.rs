@@ -6,22 +6,17 @@
 //! hard wall-clock limit, so a hang fails the test instead of stalling CI.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
 
+mod common;
+use common::{fixture, s};
+
 /// Far above any run here; reaching it means something hung.
 const HARD_LIMIT: Duration = Duration::from_secs(180);
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures")).join(name)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 struct Run {
     ok: bool,
