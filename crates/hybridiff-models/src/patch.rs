@@ -254,13 +254,19 @@ pub fn split_rows(
     align: usize,
     min_rows: usize,
 ) -> std::result::Result<Vec<(usize, usize)>, String> {
+    if bands == 1 {
+        // The whole image: no internal boundary to align and no halo to exchange, so any
+        // height the model itself takes will do (as for `cfg` and `serial`).
+        return Ok(vec![(0, rows)]);
+    }
     let align = align.max(1);
     let units = rows / align;
     let need = min_rows.max(align);
     if bands == 0 || units < bands || (rows / bands) < need.min(rows) {
+        let most = units.min(rows / need.max(1)).max(1);
         return Err(format!(
-            "{rows} latent rows cannot be cut into {bands} bands of at least {need} rows each at multiples of {align} rows (the model halves the rows until they are {align} times smaller; use at most {} bands, or taller images)",
-            (units).min(rows / need.max(1)).max(1)
+            "{rows} latent rows cannot be cut into {bands} bands of at least {need} rows each at multiples of {align} rows (the model halves the rows until they are {align} times smaller; use at most {most} band{}, or taller images)",
+            if most == 1 { "" } else { "s" }
         ));
     }
     let (base, extra) = (units / bands, units % bands);
@@ -297,5 +303,11 @@ mod tests {
         assert!(split_rows(8, 4, 4, 1).is_err());
         assert!(split_rows(3, 4, 1, 1).is_err());
         assert!(split_rows(8, 4, 1, 3).is_err());
+        // One band is the whole image, however short (fresh-eyes finding: 2 and 3 rows were
+        // refused with "use at most 1 bands").
+        assert_eq!(split_rows(2, 1, 4, 4).unwrap(), vec![(0, 2)]);
+        assert_eq!(split_rows(3, 1, 4, 1).unwrap(), vec![(0, 3)]);
+        let e = split_rows(3, 2, 4, 4).unwrap_err();
+        assert!(e.contains("use at most 1 band,"), "{e}");
     }
 }
