@@ -101,16 +101,10 @@ fn parity_refuses_a_folder_without_the_fixtures_and_cuda_on_a_cpu_build() {
     }
 }
 
-/// The whole script on the CPU: every step ok, the files it promises, and what they hold.
-/// diffusers' timings run when `python3` can import diffusers and torch (else the script
-/// says they are skipped, which is checked too).
-#[test]
-fn gpu_check_dry_run_on_the_cpu_writes_every_result() {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("out");
-    let work = tmp.path().join("work");
-    let o = Command::new("bash")
-        .arg(repo().join("tools/gpu-check.sh"))
+/// `tools/gpu-check.sh --device cpu --small` on the binary under test, writing to `out`.
+fn dry_run(out: &Path, work: &Path) -> Command {
+    let mut c = Command::new("bash");
+    c.arg(repo().join("tools/gpu-check.sh"))
         .args([
             "--device",
             "cpu",
@@ -119,11 +113,21 @@ fn gpu_check_dry_run_on_the_cpu_writes_every_result() {
             env!("CARGO_BIN_EXE_hybridiff"),
         ])
         .arg("--out")
-        .arg(&out)
+        .arg(out)
         .arg("--work")
-        .arg(&work)
-        .output()
-        .expect("run bash");
+        .arg(work);
+    c
+}
+
+/// The whole script on the CPU: every step ok, the files it promises, and what they hold.
+/// diffusers' timings run when `python3` can import diffusers and torch (else the script
+/// says they are skipped, which is checked too).
+#[test]
+fn gpu_check_dry_run_on_the_cpu_writes_every_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let work = tmp.path().join("work");
+    let o = dry_run(&out, &work).output().expect("run bash");
     let log = std::fs::read_to_string(out.join("gpu-check.log")).unwrap_or_default();
     assert!(
         o.status.success(),
@@ -216,19 +220,7 @@ fn gpu_check_dry_run_on_the_cpu_writes_every_result() {
 fn gpu_check_skips_steps_once_its_budget_is_spent() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let o = Command::new("bash")
-        .arg(repo().join("tools/gpu-check.sh"))
-        .args([
-            "--device",
-            "cpu",
-            "--small",
-            "--bin",
-            env!("CARGO_BIN_EXE_hybridiff"),
-        ])
-        .arg("--out")
-        .arg(&out)
-        .arg("--work")
-        .arg(tmp.path().join("work"))
+    let o = dry_run(&out, &tmp.path().join("work"))
         .env("GPU_CHECK_BUDGET_S", "1")
         .output()
         .expect("run bash");
