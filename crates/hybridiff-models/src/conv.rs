@@ -1,10 +1,11 @@
-//! 2-D convolution as one im2col plus one GEMM. candle's CPU conv2d re-lays out the
+//! 2-D convolution as im2col plus one GEMM per image. candle's CPU conv2d re-lays out the
 //! input and kernel on every call and gathers patches element by element; here the
-//! NCHW weight already is the `[C_out, C_in * k * k]` GEMM operand and patches are built
-//! with row copies, which measured about 20% faster per U-Net forward (see `hybridiff
-//! bench`). Other devices (and bf16) use candle's own kernel: see [`crate::host`].
+//! NCHW weight already is the `[C_out, C_in * k * k]` GEMM operand, patches are built
+//! with row copies, and the GEMM writes straight into the NCHW output, which starts as
+//! the bias (no transpose, no separate bias pass; see docs/benchmarks/cpu.md). Other
+//! devices (and bf16) use candle's own kernel: see [`crate::host`].
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 /// A convolution with square kernel, `padding = k / 2`-style symmetric padding and
@@ -69,87 +70,136 @@ impl Im2Col {
         )
     }
 
-    /// `src` is contiguous `[b, c, h, w]`; returns `[c * k * k, b * ho * wo]`.
-    fn run<T: Copy + Default>(
-        &self,
-        src: &[T],
-        (b, c, h, w): (usize, usize, usize, usize),
-    ) -> Vec<T> {
+    /// `src` is one image, contiguous `[c, h, w]`; fills `col` (`[c * k * k, ho * wo]`)
+    /// entirely, zeros where a patch reaches into the padding.
+    fn fill<T: Copy + Default>(&self, src: &[T], (c, h, w): (usize, usize, usize), col: &mut [T]) {
         let (k, s) = (self.k, self.stride);
         let (ph, p) = (self.pad_h as isize, self.pad_w as isize);
         let (ho, wo) = self.out_hw(h, w);
-        let n = b * ho * wo;
-        let mut col = vec![T::default(); c * k * k * n];
+        let n = ho * wo;
+        let zero = T::default();
         for ci in 0..c {
+            let plane = &src[ci * h * w..(ci + 1) * h * w];
             for kh in 0..k {
                 for kw in 0..k {
                     let row = (ci * k + kh) * k + kw;
                     let dst_row = &mut col[row * n..(row + 1) * n];
-                    for bi in 0..b {
-                        let plane = &src[(bi * c + ci) * h * w..(bi * c + ci + 1) * h * w];
-                        for y in 0..ho {
-                            let iy = (y * s) as isize + kh as isize - ph;
-                            if iy < 0 || iy >= h as isize {
-                                continue;
-                            }
-                            let src_row = &plane[iy as usize * w..(iy as usize + 1) * w];
-                            let dst = &mut dst_row[(bi * ho + y) * wo..(bi * ho + y + 1) * wo];
-                            // Output columns whose input column lies inside the image.
-                            let off = kw as isize - p;
-                            let x0 = if off < 0 {
-                                ((-off) as usize).div_ceil(s)
-                            } else {
-                                0
-                            };
-                            let x1 = (((w as isize - off) + s as isize - 1) / s as isize)
-                                .clamp(0, wo as isize)
-                                as usize;
-                            if x0 >= x1 {
-                                continue;
-                            }
-                            if s == 1 {
-                                let ix0 = (x0 as isize + off) as usize;
-                                dst[x0..x1].copy_from_slice(&src_row[ix0..ix0 + (x1 - x0)]);
-                            } else {
-                                for (x, d) in dst.iter_mut().enumerate().take(x1).skip(x0) {
-                                    *d = src_row[(x as isize * s as isize + off) as usize];
-                                }
+                    // Output columns whose input column lies inside the image.
+                    let off = kw as isize - p;
+                    let x0 = if off < 0 {
+                        ((-off) as usize).div_ceil(s).min(wo)
+                    } else {
+                        0
+                    };
+                    let x1 = (((w as isize - off) + s as isize - 1) / s as isize)
+                        .clamp(x0 as isize, wo as isize) as usize;
+                    for y in 0..ho {
+                        let dst = &mut dst_row[y * wo..(y + 1) * wo];
+                        let iy = (y * s) as isize + kh as isize - ph;
+                        if iy < 0 || iy >= h as isize || x0 >= x1 {
+                            dst.fill(zero);
+                            continue;
+                        }
+                        let src_row = &plane[iy as usize * w..(iy as usize + 1) * w];
+                        dst[..x0].fill(zero);
+                        dst[x1..].fill(zero);
+                        if s == 1 {
+                            let ix0 = (x0 as isize + off) as usize;
+                            dst[x0..x1].copy_from_slice(&src_row[ix0..ix0 + (x1 - x0)]);
+                        } else {
+                            for (x, d) in dst.iter_mut().enumerate().take(x1).skip(x0) {
+                                *d = src_row[(x as isize * s as isize + off) as usize];
                             }
                         }
                     }
                 }
             }
         }
-        col
+    }
+
+    /// The convolution of `x` (`[b, c, h, w]`) with `w2d` (`[cout, c * k * k]`) plus
+    /// `bias` (`[cout]`): per image, im2col and one GEMM straight into that image's
+    /// `[cout, ho * wo]` block of the NCHW output, which starts as the bias. A 1x1
+    /// convolution without padding needs no im2col: the image is the GEMM operand.
+    fn conv<T: 'static + candle_core::WithDType + Default>(
+        &self,
+        x: &[T],
+        (b, c, h, w): (usize, usize, usize, usize),
+        w2d: &[T],
+        bias: &[T],
+    ) -> Vec<T> {
+        let (ho, wo) = self.out_hw(h, w);
+        let (cout, n, kk) = (bias.len(), ho * wo, c * self.k * self.k);
+        let mut out = Vec::with_capacity(b * cout * n);
+        for _ in 0..b {
+            for &v in bias {
+                out.extend(std::iter::repeat_n(v, n));
+            }
+        }
+        let direct = self.k == 1 && self.stride == 1 && self.pad_h == 0 && self.pad_w == 0;
+        let mut col = if direct {
+            Vec::new()
+        } else {
+            vec![T::default(); kk * n]
+        };
+        for bi in 0..b {
+            let img = &x[bi * c * h * w..(bi + 1) * c * h * w];
+            let rhs: &[T] = if direct {
+                img
+            } else {
+                self.fill(img, (c, h, w), &mut col);
+                &col
+            };
+            let dst = &mut out[bi * cout * n..(bi + 1) * cout * n];
+            // SAFETY: w2d is cout x kk, rhs kk x n and dst cout x n, all row-major.
+            unsafe { crate::kernels::gemm_acc(cout, n, kk, dst, n, w2d, rhs, n) };
+        }
+        out
     }
 }
 
-impl CustomOp1 for Im2Col {
+impl CustomOp3 for Im2Col {
     fn name(&self) -> &'static str {
-        "hybridiff-im2col"
+        "hybridiff-conv2d"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         crate::host::count_cpu_kernel();
-        let dims = layout.shape().dims4()?;
-        let (b, c, h, w) = dims;
+        let dims = xl.shape().dims4()?;
+        let (b, _, h, w) = dims;
         let (ho, wo) = self.out_hw(h, w);
-        let shape = Shape::from((c * self.k * self.k, b * ho * wo));
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("im2col needs a contiguous input".into()))?;
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[start..end], dims)),
-            CpuStorage::F16(v) => CpuStorage::F16(self.run(&v[start..end], dims)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(self.run(&v[start..end], dims)),
-            CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[start..end], dims)),
+        let cout = bl.shape().elem_count();
+        let off = |l: &Layout| {
+            l.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::Msg("conv2d: operands must be contiguous".into())
+            })
+        };
+        let ((x0, x1), (w0, w1), (b0, b1)) = (off(xl)?, off(wl)?, off(bl)?);
+        let out = match (xs, ws, bs) {
+            (CpuStorage::F32(x), CpuStorage::F32(wt), CpuStorage::F32(bi)) => {
+                CpuStorage::F32(self.conv(&x[x0..x1], dims, &wt[w0..w1], &bi[b0..b1]))
+            }
+            (CpuStorage::F16(x), CpuStorage::F16(wt), CpuStorage::F16(bi)) => {
+                CpuStorage::F16(self.conv(&x[x0..x1], dims, &wt[w0..w1], &bi[b0..b1]))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(wt), CpuStorage::F64(bi)) => {
+                CpuStorage::F64(self.conv(&x[x0..x1], dims, &wt[w0..w1], &bi[b0..b1]))
+            }
             _ => {
                 return Err(candle_core::Error::Msg(
-                    "im2col supports float tensors only".into(),
+                    "conv2d: expected f32, f16 or f64 input, weight and bias of one dtype".into(),
                 ))
             }
         };
-        Ok((out, shape))
+        Ok((out, Shape::from((b, cout, ho, wo))))
     }
 }
 
@@ -186,14 +236,18 @@ impl Conv2d {
             }
             return candle_nn::Conv2d::new(self.weight.clone(), self.bias.clone(), cfg).forward(&x);
         }
-        let (b, _, h, w) = x.dims4()?;
+        let (b, c, h, w) = x.dims4()?;
+        let (cout, kk) = self.weight2d.dims2()?;
+        if c * self.k * self.k != kk {
+            return Err(candle_core::Error::Msg(format!(
+                "conv2d: input has {c} channels; the {cout}x{}x{k}x{k} weight expects {}",
+                kk / (self.k * self.k),
+                kk / (self.k * self.k),
+                k = self.k
+            )));
+        }
         // An empty or too small input would underflow the output size below.
-        if h == 0
-            || w == 0
-            || b == 0
-            || h + 2 * self.padding < self.k
-            || w + 2 * self.padding < self.k
-        {
+        if h == 0 || w == 0 || b == 0 || h + 2 * pad_h < self.k || w + 2 * self.padding < self.k {
             return Err(candle_core::Error::Msg(format!(
                 "conv2d: input of {h}x{w} pixels (batch {b}) is too small for a {k}x{k} kernel with padding {p}",
                 k = self.k,
@@ -206,25 +260,11 @@ impl Conv2d {
             pad_h,
             pad_w: self.padding,
         };
-        let (ho, wo) = op.out_hw(h, w);
-        let cout = self.weight2d.dim(0)?;
-        let y = if self.k == 1 && self.stride == 1 && self.padding == 0 && pad_h == 0 {
-            // A 1x1 convolution is a plain GEMM on the input's channel rows.
-            let x = x.reshape((b, x.dim(1)?, h * w))?;
-            self.weight2d
-                .broadcast_left(b)?
-                .contiguous()?
-                .matmul(&x.contiguous()?)?
-        } else {
-            let col = x.contiguous()?.apply_op1_no_bwd(&op)?;
-            let y = self.weight2d.matmul(&col)?; // [cout, b * ho * wo]
-            y.reshape((cout, b, ho * wo))?.transpose(0, 1)?
+        let bias = match &self.bias {
+            Some(b) => b.contiguous()?,
+            None => Tensor::zeros(cout, x.dtype(), x.device())?,
         };
-        let y = y.reshape((b, cout, ho, wo))?;
-        match &self.bias {
-            Some(bias) => y.broadcast_add(&bias.reshape((1, cout, 1, 1))?),
-            None => Ok(y),
-        }
+        x.contiguous()?.apply_op3_no_bwd(&self.weight2d, &bias, &op)
     }
 }
 

@@ -8,6 +8,7 @@ pub mod conv;
 pub mod denoiser;
 pub mod error;
 pub mod host;
+pub mod kernels;
 pub mod memory;
 pub mod weights;
 

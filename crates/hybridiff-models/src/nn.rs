@@ -2,7 +2,9 @@
 //! attention. Weight names follow diffusers.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::kernels::Linear;
 
 use crate::patch::{self, GroupNorm, Patch};
 
@@ -42,7 +44,7 @@ impl ResnetBlock2D {
         let norm1 = GroupNorm::new(c.groups, c.in_channels, c.eps, vb.pp("norm1"))?;
         let conv1 = conv2d(vb.pp("conv1"), c.in_channels, c.out_channels, 3, 1)?;
         let time_emb_proj = match c.temb_channels {
-            Some(t) => Some(candle_nn::linear(
+            Some(t) => Some(crate::kernels::linear(
                 t,
                 c.out_channels,
                 vb.pp("time_emb_proj"),
@@ -87,15 +89,18 @@ impl ResnetBlock2D {
         temb: Option<&Tensor>,
         p: Option<&Patch>,
     ) -> crate::Result<Tensor> {
-        let h = patch::conv(&self.conv1, &self.norm1.forward(x, p)?.silu()?, p)?;
+        let h = patch::conv(&self.conv1, &self.norm1.forward_silu(x, p)?, p)?;
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => {
-                let t = proj.forward(&t.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+                let t = proj
+                    .forward(&crate::kernels::silu(t)?)?
+                    .unsqueeze(2)?
+                    .unsqueeze(3)?;
                 h.broadcast_add(&t)?
             }
             _ => h,
         };
-        let h = patch::conv(&self.conv2, &self.norm2.forward(&h, p)?.silu()?, p)?;
+        let h = patch::conv(&self.conv2, &self.norm2.forward_silu(&h, p)?, p)?;
         let x = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -112,6 +117,9 @@ impl ResnetBlock2D {
 /// Multi-head scaled dot-product attention on `[B, L, heads * d]` projections.
 /// The softmax runs in f32 whatever the input dtype, as diffusers' upcast does.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    if let Some(out) = crate::kernels::attention_cpu(q, k, v, heads)? {
+        return Ok(out);
+    }
     let (b, lq, inner) = q.dims3()?;
     let lk = k.dim(1)?;
     let d = inner / heads;
@@ -129,18 +137,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
         (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
     };
     let scores = (qs * scale)?.matmul(&ks.t()?)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    let probs = crate::kernels::softmax_last_dim(&scores)?.to_dtype(dtype)?;
     let out = probs.matmul(&v)?;
     out.transpose(1, 2)?.reshape((b, lq, inner))
 }
 
 /// GELU with the tanh approximation ("gelu_tanh") or exact erf ("gelu"), per diffusers.
 pub fn gelu(x: &Tensor, approximate: bool) -> Result<Tensor> {
-    if approximate {
-        x.gelu()
-    } else {
-        x.gelu_erf()
-    }
+    crate::kernels::gelu(x, approximate)
 }
 
 /// Mean of |x| over all elements, as f64.

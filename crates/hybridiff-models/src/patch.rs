@@ -188,7 +188,6 @@ impl<'a> Patch<'a> {
 /// combined statistics of [`Patch::group_norm`] on a band.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
-    inner: candle_nn::GroupNorm,
     weight: Tensor,
     bias: Tensor,
     groups: usize,
@@ -205,8 +204,10 @@ impl GroupNorm {
     ) -> candle_core::Result<Self> {
         let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
         let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+        if groups == 0 || channels % groups != 0 {
+            candle_core::bail!("GroupNorm: {channels} channels cannot be cut into {groups} groups");
+        }
         Ok(Self {
-            inner: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?,
             weight,
             bias,
             groups,
@@ -217,8 +218,31 @@ impl GroupNorm {
     /// Normalises `x` (`[B, C, h, W]`): the whole image, or this band with `patch`.
     pub fn forward(&self, x: &Tensor, patch: Option<&Patch>) -> Result<Tensor> {
         match patch {
-            None => Ok(candle_core::Module::forward(&self.inner, x)?),
+            None => Ok(crate::kernels::group_norm(
+                x,
+                self.groups,
+                self.eps,
+                &self.weight,
+                &self.bias,
+                false,
+            )?),
             Some(p) => p.group_norm(self, x),
+        }
+    }
+
+    /// [`Self::forward`] followed by SiLU (diffusers' `norm` then `nonlinearity`), in one
+    /// pass on the CPU for the whole image.
+    pub fn forward_silu(&self, x: &Tensor, patch: Option<&Patch>) -> Result<Tensor> {
+        match patch {
+            None => Ok(crate::kernels::group_norm(
+                x,
+                self.groups,
+                self.eps,
+                &self.weight,
+                &self.bias,
+                true,
+            )?),
+            Some(p) => Ok(crate::kernels::silu(&p.group_norm(self, x)?)?),
         }
     }
 }

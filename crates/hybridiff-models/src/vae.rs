@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
+
+use crate::kernels::Linear;
 
 use crate::nn::{attention, conv2d, Conv2d, ResnetBlock2D, ResnetConfig};
 use crate::weights::{read_config, Weights};
@@ -236,7 +238,7 @@ impl AttentionBlock {
             } else {
                 ("to_q", "to_k", "to_v", "to_out.0")
             };
-        let lin = |name: &str| candle_nn::linear(channels, channels, vb.pp(name));
+        let lin = |name: &str| crate::kernels::linear(channels, channels, vb.pp(name));
         Ok(Self {
             group_norm: candle_nn::group_norm(groups, channels, DECODER_EPS, vb.pp("group_norm"))?,
             to_q: lin(q)?,

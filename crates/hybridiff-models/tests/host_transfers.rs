@@ -47,8 +47,14 @@ fn fixtures_match_diffusers_in_f16_on_the_cpu() {
 const ALLOWED_HOST_READS: &[(&str, usize, &str)] = &[
     (
         "conv.rs",
-        8,
-        "the im2col CPU kernel: runs only when host::use_cpu_kernels",
+        12,
+        "the im2col + GEMM CPU kernel: runs only when host::use_cpu_kernels",
+    ),
+    (
+        "kernels.rs",
+        15,
+        "the CPU kernels (linear, softmax, activations, GroupNorm): run only when \
+         host::use_cpu_kernels",
     ),
     (
         "weights.rs",

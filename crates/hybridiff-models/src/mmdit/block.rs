@@ -2,7 +2,9 @@
 //! adaptive norms it uses. Weight names follow diffusers.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::kernels::Linear;
 
 use crate::nn::{attention, gelu};
 use crate::patch::{self, Patch};
@@ -89,7 +91,7 @@ impl Qkv {
         with_q: bool,
         qk_norm: bool,
     ) -> Result<Self> {
-        let lin = |n: &str| candle_nn::linear(dim, dim, vb.pp(n));
+        let lin = |n: &str| crate::kernels::linear(dim, dim, vb.pp(n));
         let norm = if qk_norm {
             Some(QkNorm {
                 q: RmsNorm::new(vb.pp(names[3]), head_dim, 1e-6)?,
@@ -154,7 +156,7 @@ impl JointAttention {
             true,
             qk_norm,
         )?;
-        let to_out = candle_nn::linear(dim, dim, vb.pp("to_out").pp("0"))?;
+        let to_out = crate::kernels::linear(dim, dim, vb.pp("to_out").pp("0"))?;
         let (ctx, to_add_out) = match context {
             None => (None, None),
             // The last block (`context_pre_only`) discards the context output, and each
@@ -177,7 +179,7 @@ impl JointAttention {
                 if pre_only {
                     None
                 } else {
-                    Some(candle_nn::linear(dim, dim, vb.pp("to_add_out"))?)
+                    Some(crate::kernels::linear(dim, dim, vb.pp("to_add_out"))?)
                 },
             ),
         };
@@ -266,8 +268,8 @@ struct FeedForward {
 impl FeedForward {
     fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         Ok(Self {
-            proj: candle_nn::linear(dim, 4 * dim, vb.pp("net.0.proj"))?,
-            out: candle_nn::linear(4 * dim, dim, vb.pp("net.2"))?,
+            proj: crate::kernels::linear(dim, 4 * dim, vb.pp("net.0.proj"))?,
+            out: crate::kernels::linear(4 * dim, dim, vb.pp("net.2"))?,
         })
     }
 
@@ -290,14 +292,14 @@ pub(crate) struct AdaLinear {
 impl AdaLinear {
     pub(crate) fn new(vb: VarBuilder, dim: usize, chunks: usize) -> Result<Self> {
         Ok(Self {
-            linear: candle_nn::linear(dim, chunks * dim, vb.pp("linear"))?,
+            linear: crate::kernels::linear(dim, chunks * dim, vb.pp("linear"))?,
             chunks,
         })
     }
 
     pub(crate) fn forward(&self, temb: &Tensor) -> Result<Vec<Tensor>> {
         self.linear
-            .forward(&temb.silu()?)?
+            .forward(&crate::kernels::silu(temb)?)?
             .chunk(self.chunks, D::Minus1)
     }
 }

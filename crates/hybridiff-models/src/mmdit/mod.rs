@@ -14,7 +14,9 @@ mod config;
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+
+use crate::kernels::Linear;
 
 pub use config::MMDiTConfig;
 
@@ -76,13 +78,14 @@ struct Mlp {
 impl Mlp {
     fn new(vb: VarBuilder, cin: usize, dim: usize) -> candle_core::Result<Self> {
         Ok(Self {
-            linear_1: candle_nn::linear(cin, dim, vb.pp("linear_1"))?,
-            linear_2: candle_nn::linear(dim, dim, vb.pp("linear_2"))?,
+            linear_1: crate::kernels::linear(cin, dim, vb.pp("linear_1"))?,
+            linear_2: crate::kernels::linear(dim, dim, vb.pp("linear_2"))?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
+        self.linear_2
+            .forward(&crate::kernels::silu(&self.linear_1.forward(x)?)?)
     }
 }
 
@@ -185,7 +188,7 @@ impl SD3Transformer2DModel {
             Mlp::new(vbt.pp("timestep_embedder"), TIME_PROJ_DIM, dim).map_err(w)?;
         let text_embedder =
             Mlp::new(vbt.pp("text_embedder"), c.pooled_projection_dim, dim).map_err(w)?;
-        let context_embedder = candle_nn::linear(
+        let context_embedder = crate::kernels::linear(
             c.joint_attention_dim,
             c.caption_projection_dim,
             vb.pp("context_embedder"),
@@ -211,7 +214,7 @@ impl SD3Transformer2DModel {
         }
         let norm_out = AdaLinear::new(vb.pp("norm_out"), dim, 2).map_err(w)?;
         let proj_out =
-            candle_nn::linear(dim, p * p * c.out_channels(), vb.pp("proj_out")).map_err(w)?;
+            crate::kernels::linear(dim, p * p * c.out_channels(), vb.pp("proj_out")).map_err(w)?;
         names.push("norm_out".into());
         names.push("proj_out".into());
         Ok(Self {

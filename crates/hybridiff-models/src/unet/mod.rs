@@ -8,7 +8,9 @@ mod transformer;
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::kernels::Linear;
 
 pub use config::{BlockKind, RawUNetConfig, UNetConfig, MAX_CHANNELS, MAX_LAYERS, MAX_SAMPLE_SIZE};
 pub use transformer::{CrossAttention, Transformer2DModel, TransformerConfig};
@@ -97,13 +99,15 @@ struct TimestepEmbedding {
 impl TimestepEmbedding {
     fn new(vb: VarBuilder, cin: usize, dim: usize) -> candle_core::Result<Self> {
         Ok(Self {
-            linear_1: candle_nn::linear(cin, dim, vb.pp("linear_1"))?,
-            linear_2: candle_nn::linear(dim, dim, vb.pp("linear_2"))?,
+            linear_1: crate::kernels::linear(cin, dim, vb.pp("linear_1"))?,
+            linear_2: crate::kernels::linear(dim, dim, vb.pp("linear_2"))?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)?)
+        Ok(self
+            .linear_2
+            .forward(&crate::kernels::silu(&self.linear_1.forward(x)?)?)?)
     }
 }
 
@@ -506,7 +510,7 @@ impl UNet2DConditionModel {
                 };
                 vec![patch::conv(conv, &s.hidden.upsample_nearest2d(h, w)?, p)?]
             }
-            Module_::ConvNormOut(n) => vec![n.forward(&s.hidden, p)?.silu()?],
+            Module_::ConvNormOut(n) => vec![n.forward_silu(&s.hidden, p)?],
             Module_::ConvOut(c) => vec![patch::conv(c, &s.hidden, p)?],
         };
         Ok(out)

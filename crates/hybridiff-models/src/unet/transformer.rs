@@ -2,9 +2,11 @@
 //! the SD / SDXL U-Nets use it.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
-use crate::nn::{attention, conv2d, gelu, Conv2d};
+use crate::kernels::Linear;
+
+use crate::nn::{attention, conv2d, Conv2d};
 use crate::patch::{self, GroupNorm, Patch};
 
 /// diffusers' `Attention` without norms: self-attention, or cross-attention on a context.
@@ -29,10 +31,10 @@ impl CrossAttention {
         let inner = heads * head_dim;
         let kv_dim = context_dim.unwrap_or(dim);
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(kv_dim, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(kv_dim, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, dim, vb.pp("to_out").pp("0"))?,
+            to_q: crate::kernels::linear_no_bias(dim, inner, vb.pp("to_q"))?,
+            to_k: crate::kernels::linear_no_bias(kv_dim, inner, vb.pp("to_k"))?,
+            to_v: crate::kernels::linear_no_bias(kv_dim, inner, vb.pp("to_v"))?,
+            to_out: crate::kernels::linear(inner, dim, vb.pp("to_out").pp("0"))?,
             heads,
         })
     }
@@ -73,17 +75,14 @@ impl FeedForward {
     fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            proj: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj: crate::kernels::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            out: crate::kernels::linear(inner, dim, vb.pp("net.2"))?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let hidden = h.narrow(D::Minus1, 0, half)?;
-        let gate = h.narrow(D::Minus1, half, half)?;
-        self.out.forward(&(hidden * gelu(&gate, false)?)?)
+        self.out
+            .forward(&crate::kernels::geglu(&self.proj.forward(x)?)?)
     }
 }
 
@@ -161,7 +160,7 @@ impl Transformer2DModel {
         let norm = GroupNorm::new(c.groups, c.channels, 1e-6, vb.pp("norm"))?;
         let proj = |name: &str| -> Result<Proj> {
             if c.linear_projection {
-                Ok(Proj::Linear(candle_nn::linear(
+                Ok(Proj::Linear(crate::kernels::linear(
                     c.channels,
                     c.channels,
                     vb.pp(name),
