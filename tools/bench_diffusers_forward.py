@@ -35,18 +35,26 @@ def parse_args():
     p.add_argument("--device", default="cuda", help="cuda or cpu (default cuda)")
     p.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16"])
     p.add_argument("--repeats", type=int, default=5, help="timed forwards per batch size (median reported)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     p.add_argument("--json", help="also write the result here")
     return p.parse_args()
 
 
 def main():
     a = parse_args()
+    if a.threads is not None:
+        # Before torch is imported: OpenMP and MKL read these once.
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[var] = str(a.threads)
     try:
         import torch
         import diffusers
     except ImportError as e:
         print(f"bench_diffusers_forward: diffusers is not importable ({e}); no baseline", file=sys.stderr)
         return 3
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
+        torch.set_num_interop_threads(1)
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     dev = torch.device(a.device)
     if a.repeats < 1:
@@ -100,6 +108,7 @@ def main():
         "device": str(dev),
         "dtype": a.dtype,
         "repeats": a.repeats,
+        "threads": torch.get_num_threads(),
         "load_seconds": load_s,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,

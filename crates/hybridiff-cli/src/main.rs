@@ -12,6 +12,9 @@ mod strategy_args;
 
 use std::process::ExitCode;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 
 /// Fast text-to-image diffusion on several devices (Hybridiff, AsyncDiff, CFG split).
