@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Timed forwards per batch size (the median is reported; at most 1000); 0 skips them.
     #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=1000), allow_negative_numbers = true)]
     pub repeats: usize,
+    /// Time only this batch size's forwards, 1 or 2 (for profilers such as
+    /// tools/profile_ops.py) [default: both]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=2))]
+    pub only_batch: Option<usize>,
     /// f32 or f16 (bf16 on CUDA builds).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
@@ -353,13 +357,24 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     }
     let mut forward = None;
     if args.repeats > 0 && root {
-        let f1 = forward_seconds(&model, &inputs, 1, args.repeats, tpr)?;
-        let f2 = forward_seconds(&model, &inputs, 2, args.repeats, tpr)?;
-        println!("denoiser forward, batch 1: {f1:.4} s");
-        println!(
-            "denoiser forward, batch 2: {f2:.4} s  ({:.2}x batch 1)",
-            f2 / f1
-        );
+        let time = |b: usize| -> Result<Option<f64>> {
+            Ok(match args.only_batch {
+                Some(o) if o != b => None,
+                _ => Some(forward_seconds(&model, &inputs, b, args.repeats, tpr)?),
+            })
+        };
+        let (f1, f2) = (time(1)?, time(2)?);
+        if let Some(f1) = f1 {
+            println!("denoiser forward, batch 1: {f1:.4} s");
+        }
+        match (f1, f2) {
+            (Some(f1), Some(f2)) => println!(
+                "denoiser forward, batch 2: {f2:.4} s  ({:.2}x batch 1)",
+                f2 / f1
+            ),
+            (None, Some(f2)) => println!("denoiser forward, batch 2: {f2:.4} s"),
+            _ => {}
+        }
         forward = Some((f1, f2));
     }
     if let Some(c) = comm.as_mut() {
@@ -403,7 +418,16 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
             "classifier_free_guidance": args.guidance > 1.0,
             "threads_per_rank": tpr,
             "dtype": args.dtype,
-            "forward_seconds": forward.map(|(a, b)| serde_json::json!({ "batch1": a, "batch2": b })),
+            "forward_seconds": forward.map(|(a, b)| {
+                let mut m = serde_json::Map::new();
+                if let Some(a) = a {
+                    m.insert("batch1".into(), a.into());
+                }
+                if let Some(b) = b {
+                    m.insert("batch2".into(), b.into());
+                }
+                serde_json::Value::Object(m)
+            }),
             "switch": options.switch,
             "runs": rows,
         });
