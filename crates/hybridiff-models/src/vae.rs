@@ -604,7 +604,7 @@ impl PipelineVae {
 /// `x - x` is 0 for a finite `x` and NaN for NaN or inf, so the sum of `t - t` is finite
 /// exactly when every element is (a plain sum could overflow on large finite values).
 fn all_finite(t: &Tensor) -> Result<bool> {
-    let zeros = (t - t)?.to_dtype(DType::F32)?;
+    let zeros = t.sub(t)?.to_dtype(DType::F32)?;
     Ok(zeros.sum_all()?.to_scalar::<f32>()?.is_finite())
 }
 
