@@ -959,6 +959,107 @@ fn a_failed_decode_writes_no_output_at_all() {
     );
 }
 
+/// Multiplies the tensor `name` so that its largest magnitude is 6e4: finite in f16 (whose
+/// largest value is 65504), so the weights load in either dtype, but products with it
+/// overflow f16, which f32 holds.
+fn to_f16_edge(t: &mut HashMap<String, Tensor>, name: &str) {
+    let w = t[name].to_dtype(DType::F32).unwrap();
+    let max = w
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    t.insert(name.into(), (w * (6e4 / f64::from(max))).unwrap());
+}
+
+#[test]
+fn a_denoiser_that_overflows_f16_names_the_step_and_the_flag_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    linked_copy(&fixture("tiny-sdxl"), &model);
+    edit_tensors(&model, "unet/diffusion_pytorch_model.safetensors", |t| {
+        to_f16_edge(t, "conv_in.weight")
+    });
+    let out = dir.path().join("o.safetensors");
+    let trace = dir.path().join("t.json");
+    let png = dir.path().join("x.png");
+    let extra = ["--trace", s(&trace), "--decode", s(&png)];
+    // The same model runs in f32: the failure below is f16's range, not the weights.
+    let o = denoise(&model, &tiny_inputs(), &out, &extra);
+    succeeds(&o);
+    assert!(out.exists() && png.exists());
+    for p in [&out, &trace, &png] {
+        std::fs::remove_file(p).unwrap();
+    }
+    let o = denoise(
+        &model,
+        &tiny_inputs(),
+        &out,
+        &[&extra[..], &["--dtype", "f16"]].concat(),
+    );
+    fails_with(
+        &o,
+        &[
+            "non-finite",
+            "at step 1 of 2",
+            "--dtype f16",
+            "--dtype f32",
+            "--dtype bf16",
+            "no output was written",
+        ],
+    );
+    assert!(!out.exists() && !trace.exists() && !png.exists());
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "only the model"
+    );
+}
+
+#[test]
+fn a_half_vae_decode_that_overflows_is_redone_in_f32_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    linked_copy(&fixture("tiny-sdxl"), &model);
+    edit_tensors(&model, "vae/diffusion_pytorch_model.safetensors", |t| {
+        to_f16_edge(t, "decoder.conv_in.weight")
+    });
+    let out = dir.path().join("o.safetensors");
+    let png = dir.path().join("x.png");
+    let run = |dtype: &str| {
+        denoise(
+            &model,
+            &tiny_inputs(),
+            &out,
+            &["--decode", s(&png), "--dtype", dtype],
+        )
+    };
+    // force_upcast true (the fixture's): decoded in f32 from the start, no retry.
+    let err = succeeds(&run("f16"));
+    assert!(!err.contains("force_upcast"), "{err}");
+    let upcast = std::fs::read(&png).unwrap();
+    // force_upcast false: decoded in f16, which overflows; redone in f32 and said so.
+    edit_json(&model, "vae/config.json", |v| {
+        v["force_upcast"] = serde_json::Value::Bool(false)
+    });
+    let err = succeeds(&run("f16"));
+    for needle in [
+        "VAE decode in F16",
+        "NaN or inf",
+        "again in F32",
+        "force_upcast is false",
+        "vae",
+    ] {
+        assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+    }
+    // The same f32 decode of the same f16 latents: the same image.
+    assert_eq!(std::fs::read(&png).unwrap(), upcast);
+}
+
 #[test]
 fn bad_scheduler_and_text_encoder_numbers_are_refused_by_key() {
     let dir = tempfile::tempdir().unwrap();

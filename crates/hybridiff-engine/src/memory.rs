@@ -144,7 +144,8 @@ fn estimate_from(fwd: ForwardMemory, shape: &JobShape, c: usize, h: usize, w: us
     }
 }
 
-/// Estimates decoding one `h x w` latent with a VAE of `config` (run in f32).
+/// Estimates decoding one `h x w` latent with a VAE of `config` (run in f32: a half
+/// decode needs less, and one that overflows is redone in f32).
 pub fn estimate_decode(config: &VaeConfig, (h, w): (usize, usize)) -> Estimate {
     let m = hybridiff_models::memory::vae_decode(config, (h, w), 4);
     Estimate {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use hybridiff_models::mmdit::SD3Transformer2DModel;
 use hybridiff_models::unet::UNet2DConditionModel;
-use hybridiff_models::vae::AutoencoderKL;
+use hybridiff_models::vae::PipelineVae;
 use hybridiff_models::Denoiser;
 use hybridiff_schedulers::SchedulerConfig;
 
@@ -153,8 +153,11 @@ impl Model {
         crate::memory::estimate_decode(&config, (h, w)).check()
     }
 
-    /// Loads the folder's VAE (for `--decode`).
-    pub fn load_vae(&self) -> Result<AutoencoderKL> {
+    /// Loads the folder's VAE (for `--decode` and `generate`) for decoding in the model's
+    /// dtype as diffusers does: f32 when its config's `force_upcast` is set (the default)
+    /// and the dtype is f16, else the model's dtype with an f32 retry of a non-finite
+    /// decode (see [`PipelineVae`]).
+    pub fn load_vae(&self) -> Result<PipelineVae> {
         let vae_dir = self.dir.join("vae");
         if !vae_dir.is_dir() {
             return Err(Error::io(
@@ -162,7 +165,6 @@ impl Model {
                 "no VAE in the model folder; cannot decode",
             ));
         }
-        // The VAE runs in f32 whatever the denoiser's dtype, like diffusers' force_upcast.
-        Ok(AutoencoderKL::load(&vae_dir, DType::F32, &self.device)?)
+        Ok(PipelineVae::load(&vae_dir, self.dtype, &self.device)?)
     }
 }

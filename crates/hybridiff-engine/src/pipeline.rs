@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use hybridiff_models::vae::{to_rgb8, AutoencoderKL};
+use hybridiff_models::vae::{to_rgb8, PipelineVae};
 use hybridiff_models::Conditioning;
 use hybridiff_schedulers::SchedulerKind;
 use hybridiff_text::{PipelineKind, PromptEncoder};
@@ -20,7 +20,7 @@ use crate::{
 pub struct Pipeline {
     pub model: Model,
     pub text: PromptEncoder,
-    pub vae: AutoencoderKL,
+    pub vae: PipelineVae,
 }
 
 /// A pipeline's memory check without the pipeline: see [`Pipeline::memory_check`].

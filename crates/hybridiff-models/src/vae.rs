@@ -56,7 +56,8 @@ pub struct VaeConfig {
     pub use_quant_conv: bool,
     /// Whether `post_quant_conv` runs before the decoder.
     pub use_post_quant_conv: bool,
-    /// Pipelines run this VAE in f32 even when the denoiser runs in f16.
+    /// Pipelines run this VAE in f32 even when the denoiser runs in f16 (diffusers'
+    /// default: true); see [`VaeConfig::decode_dtype`].
     pub force_upcast: bool,
 }
 
@@ -87,6 +88,21 @@ impl Default for VaeConfig {
 }
 
 impl VaeConfig {
+    /// The dtype a pipeline running in `dtype` decodes this VAE in, by diffusers' rule
+    /// (`StableDiffusionXLPipeline.__call__`: `needs_upcasting = vae.dtype == float16 and
+    /// vae.config.force_upcast`): f32 when `force_upcast` is set and `dtype` is f16, else
+    /// `dtype`. bf16 is not upcast, as in diffusers: it has float32's exponent range, so
+    /// the overflow `force_upcast` guards against (SDXL's VAE exceeds f16's 65504) cannot
+    /// happen. diffusers' SD3 pipeline ignores `force_upcast`; this engine applies it to
+    /// every pipeline, which only makes SD3 decodes more precise.
+    pub fn decode_dtype(&self, dtype: DType) -> DType {
+        if self.force_upcast && dtype == DType::F16 {
+            DType::F32
+        } else {
+            dtype
+        }
+    }
+
     /// Reads and validates a VAE `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let config: Self = read_config(path)?;
@@ -503,6 +519,95 @@ impl AutoencoderKL {
             ))),
         }
     }
+}
+
+/// A VAE as a text-to-image pipeline running in `dtype` decodes with it: in
+/// [`VaeConfig::decode_dtype`] (f32 when `force_upcast` is set and `dtype` is f16, as in
+/// diffusers), else in `dtype`. A half-precision decode that gives any non-finite value
+/// (overflow: the reason `force_upcast` exists) is redone in f32, with a warning that
+/// names the VAE and `force_upcast`; the f32 weights are read from the folder on that first
+/// need and kept for later decodes.
+#[derive(Debug)]
+pub struct PipelineVae {
+    /// The VAE's config (`dir/config.json`).
+    pub config: VaeConfig,
+    dir: PathBuf,
+    device: Device,
+    model: AutoencoderKL,
+    upcast: std::sync::OnceLock<AutoencoderKL>,
+    retries: std::sync::atomic::AtomicUsize,
+}
+
+impl PipelineVae {
+    /// Loads the decoder of the diffusers `vae/` folder `dir` for a pipeline running in
+    /// `dtype` on `device` (see [`PipelineVae`]). Errors name the file or tensor.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = VaeConfig::from_file(&dir.join("config.json"))?;
+        let decode_dtype = config.decode_dtype(dtype);
+        let model = AutoencoderKL::load(dir, decode_dtype, device)?;
+        if decode_dtype != dtype {
+            tracing::debug!(
+                "{}: force_upcast is true, so the VAE decodes in {decode_dtype:?} while the pipeline runs in {dtype:?} (as diffusers)",
+                dir.display()
+            );
+        }
+        Ok(Self {
+            config,
+            dir: dir.to_path_buf(),
+            device: device.clone(),
+            model,
+            upcast: std::sync::OnceLock::new(),
+            retries: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// The dtype decodes run in first (f32 retries aside).
+    pub fn dtype(&self) -> DType {
+        self.model.dtype
+    }
+
+    /// How many decodes were redone in f32 because the half-precision one was non-finite.
+    pub fn f32_retries(&self) -> usize {
+        self.retries.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// [`AutoencoderKL::decode_latents`] in [`PipelineVae::dtype`], redone in f32 when a
+    /// half-precision decode holds a NaN or inf. `latents`: `[B, latent_channels, h, w]`
+    /// in any float dtype; returns the image in the dtype that decoded it. A decode that is
+    /// non-finite in f32 too is returned as is ([`to_rgb8`] refuses it, naming the VAE's
+    /// weights and `scaling_factor`).
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let image = self.model.decode_latents(latents)?;
+        if self.model.dtype == DType::F32 || all_finite(&image)? {
+            return Ok(image);
+        }
+        tracing::warn!(
+            "{}: the VAE decode in {:?} gave NaN or inf (half-precision overflow); decoding again in F32. force_upcast is false in {}; set it to true to always decode this VAE in f32",
+            self.dir.display(),
+            self.model.dtype,
+            self.dir.join("config.json").display()
+        );
+        self.retries
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let f32_model = match self.upcast.get() {
+            Some(m) => m,
+            None => {
+                let m = AutoencoderKL::load(&self.dir, DType::F32, &self.device)?;
+                // Two threads racing here load the same weights; either copy serves.
+                let _ = self.upcast.set(m);
+                self.upcast.get().expect("set just above")
+            }
+        };
+        f32_model.decode_latents(latents)
+    }
+}
+
+/// Whether every element of `t` is finite, on `t`'s device with one scalar read back:
+/// `x - x` is 0 for a finite `x` and NaN for NaN or inf, so the sum of `t - t` is finite
+/// exactly when every element is (a plain sum could overflow on large finite values).
+fn all_finite(t: &Tensor) -> Result<bool> {
+    let zeros = t.sub(t)?.to_dtype(DType::F32)?;
+    Ok(zeros.sum_all()?.to_scalar::<f32>()?.is_finite())
 }
 
 /// Converts a `[1, 3, H, W]` image in about [-1, 1] to RGB8 bytes in HWC order, as

@@ -44,6 +44,30 @@ fn sd15_encode_prompt_matches_diffusers() {
 }
 
 #[test]
+fn sd15_encode_prompt_in_f16_is_near_the_f32_reference() {
+    let expected = load(&pipeline().join("expected/encode_prompt.safetensors"));
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(pipeline().join("expected/encode_prompt.json")).unwrap(),
+    )
+    .unwrap();
+    let prompt = meta["prompt"].as_str().unwrap();
+    let enc = PromptEncoder::load(&pipeline(), DType::F16, &Device::Cpu).unwrap();
+    let out = enc.encode(prompt, "").unwrap();
+    for (name, t) in [
+        ("prompt_embeds", &out.prompt_embeds),
+        ("negative_prompt_embeds", &out.negative_prompt_embeds),
+    ] {
+        assert_eq!(t.dtype(), DType::F16, "{name}: the pipeline's dtype");
+        assert_close(
+            &format!("{name} f16"),
+            t,
+            get(&expected, name),
+            TEXT_F16_REL,
+        );
+    }
+}
+
+#[test]
 fn clip_text_model_legacy_eos_matches_transformers() {
     let expected = load(&pipeline().join("expected/encode_prompt.safetensors"));
     let model =

@@ -30,6 +30,15 @@ fn check(
     out: &hybridiff_text::EncodedPrompts,
     suffix: &str,
 ) {
+    check_within(expected, out, suffix, REL)
+}
+
+fn check_within(
+    expected: &std::collections::HashMap<String, Tensor>,
+    out: &hybridiff_text::EncodedPrompts,
+    suffix: &str,
+    rel: f32,
+) {
     for (name, t) in [
         ("prompt_embeds", &out.prompt_embeds),
         ("negative_prompt_embeds", &out.negative_prompt_embeds),
@@ -43,7 +52,12 @@ fn check(
         ),
     ] {
         let key = format!("{name}{suffix}");
-        assert_close(&key, t, get(expected, &key), REL);
+        assert_close(
+            &format!("{key} ({:?})", t.dtype()),
+            t,
+            get(expected, &key),
+            rel,
+        );
     }
 }
 
@@ -60,6 +74,21 @@ fn sd3_encode_prompt_matches_diffusers() {
     assert_eq!(out.input_ids[2], ids(get(&expected, "input_ids_3")));
     assert_eq!(out.prompt_embeds.dims(), &[1, 77 + 256, 32]);
     check(&expected, &out, "");
+}
+
+#[test]
+fn sd3_encode_prompt_in_f16_is_near_the_f32_reference() {
+    // CLIP-L, CLIP-G and T5 (its `wo` kept in f32, as transformers does) in f16.
+    let expected = load(&pipeline().join("expected/encode_prompt.safetensors"));
+    let (prompt, negative) = prompts();
+    let enc = PromptEncoder::load(&pipeline(), DType::F16, &Device::Cpu).unwrap();
+    let out = enc.encode(&prompt, &negative).unwrap();
+    assert_eq!(out.prompt_embeds.dtype(), DType::F16);
+    assert_eq!(
+        out.pooled_prompt_embeds.as_ref().unwrap().dtype(),
+        DType::F16
+    );
+    check_within(&expected, &out, "", TEXT_F16_REL);
 }
 
 #[test]

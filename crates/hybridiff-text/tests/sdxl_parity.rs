@@ -65,6 +65,34 @@ fn sdxl_encode_prompt_matches_diffusers() {
 }
 
 #[test]
+fn sdxl_encode_prompt_in_f16_is_near_the_f32_reference() {
+    let expected = load(&pipeline().join("expected/t2i.safetensors"));
+    let (prompt, negative) = prompts();
+    let enc = PromptEncoder::load(&pipeline(), DType::F16, &Device::Cpu).unwrap();
+    let out = enc.encode(&prompt, &negative).unwrap();
+    for (name, t) in [
+        ("prompt_embeds", &out.prompt_embeds),
+        ("negative_prompt_embeds", &out.negative_prompt_embeds),
+        (
+            "pooled_prompt_embeds",
+            out.pooled_prompt_embeds.as_ref().unwrap(),
+        ),
+        (
+            "negative_pooled_prompt_embeds",
+            out.negative_pooled_prompt_embeds.as_ref().unwrap(),
+        ),
+    ] {
+        assert_eq!(t.dtype(), DType::F16, "{name}: the pipeline's dtype");
+        assert_close(
+            &format!("{name} f16"),
+            t,
+            get(&expected, name),
+            TEXT_F16_REL,
+        );
+    }
+}
+
+#[test]
 fn sdxl_empty_negative_prompt_gives_zeros() {
     let (prompt, _) = prompts();
     let enc = PromptEncoder::load(&pipeline(), DType::F32, &Device::Cpu).unwrap();

@@ -333,8 +333,18 @@ fn check_latents(
         Prediction::Branches(u, _) => u.dtype(),
         Prediction::Guided(eps) => eps.dtype(),
     };
-    if pred_dtype != candle_core::DType::F32 {
-        causes.insert(0, "overflow in half precision (try --dtype f32)");
+    // f16 tops out at 65504: a model whose activations exceed it overflows to inf, then
+    // NaN, where f32 and bf16 (float32's exponent range) do not.
+    match pred_dtype {
+        candle_core::DType::F16 => causes.insert(
+            0,
+            "overflow in half precision: --dtype f16 holds values up to 65504 only; run with --dtype f32, or --dtype bf16 (float32's range; CUDA builds)",
+        ),
+        candle_core::DType::BF16 => causes.insert(
+            0,
+            "rounding or overflow in half precision: --dtype bf16 keeps 8 significant bits; run with --dtype f32",
+        ),
+        _ => {}
     }
     if job.cfg() && job.guidance.abs() > 50.0 {
         causes.insert(0, "a very large --guidance");

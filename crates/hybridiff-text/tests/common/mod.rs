@@ -6,6 +6,18 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+/// Bound on max |f16 encoding - f32 reference| / max(1, max |reference|) for the
+/// fixtures' prompt encodings in f16 on the CPU (`PromptEncoder::load(.., DType::F16, ..)`:
+/// every CLIP and the T5 of the pipeline in f16, T5's `wo` in f32 as transformers keeps
+/// it). Measured on the 2-core x86-64 CPU test machine: at most 2.5e-3 (SD 1.5's
+/// negative embeddings; SDXL 1.2e-3, SD3 1.6e-3). f16's unit roundoff is 2^-11 = 4.9e-4;
+/// the weights and each layer's output (attention, MLP, LayerNorm, residual adds) are
+/// rounded, and the errors add over the layers with partial cancellation: about 5
+/// roundoffs here. 7.5e-3 is 3x the largest, so a correct half port passes on other
+/// machines (other summation orders) while a wrong op (a mask, a scale, an overflow) is
+/// off by order 1 and fails.
+pub const TEXT_F16_REL: f32 = 7.5e-3;
+
 pub fn fixtures() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures"))
 }
