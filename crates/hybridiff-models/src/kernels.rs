@@ -269,6 +269,67 @@ pub fn group_norm(
     }
 }
 
+struct LayerNormModulateOp {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormModulateOp {
+    fn name(&self) -> &'static str {
+        "hybridiff-layer-norm-modulate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+        hs: &CpuStorage,
+        hl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        host::count_cpu_kernel();
+        let src = slice(s, l, "layer_norm")?;
+        let (scale, shift) = (
+            slice(ss, sl, "modulate scale")?,
+            slice(hs, hl, "modulate shift")?,
+        );
+        let (b, len, d) = l.shape().dims3()?;
+        let mut dst = vec![0f32; src.len()];
+        for bi in 0..b {
+            let range = bi * len * d..(bi + 1) * len * d;
+            let (sc, sh) = (&scale[bi * d..(bi + 1) * d], &shift[bi * d..(bi + 1) * d]);
+            rows_par(&src[range.clone()], &mut dst[range], d, d, |s, o| {
+                math::layer_norm_modulate_rows(s, o, sc, sh, self.eps)
+            });
+        }
+        Ok((CpuStorage::F32(dst), l.shape().clone()))
+    }
+}
+
+/// `LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]` on the CPU in one pass, for `x`
+/// `[B, L, D]` (no affine, eps `eps`, statistics in f32) and `scale`, `shift` `[B, D]`
+/// (diffusers' `AdaLayerNormZero` / `AdaLayerNormContinuous` after their linear). `None`
+/// when the inputs are not f32 CPU tensors of those shapes (take the generic path).
+pub(crate) fn layer_norm_modulate_cpu(
+    x: &Tensor,
+    eps: f64,
+    scale: &Tensor,
+    shift: &Tensor,
+) -> Result<Option<Tensor>> {
+    if !(cpu_f32(x) && cpu_f32(scale) && cpu_f32(shift)) || x.rank() != 3 {
+        return Ok(None);
+    }
+    let (b, _, d) = x.dims3()?;
+    if scale.dims() != [b, d] || shift.dims() != [b, d] || x.elem_count() == 0 {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op3_no_bwd(
+        &scale.contiguous()?,
+        &shift.contiguous()?,
+        &LayerNormModulateOp { eps: eps as f32 },
+    )?))
+}
+
 /// `dst[r, :] = bias` for every row, or zeros without a bias.
 fn bias_rows<T: candle_core::WithDType>(rows: usize, bias: Option<&[T]>, n: usize) -> Vec<T> {
     match bias {
@@ -757,6 +818,37 @@ mod tests {
                 max_diff(&a, &g)
             );
         }
+    }
+
+    #[test]
+    fn layer_norm_modulate_matches_the_unfused_ops() {
+        let x = rand(&[2, 5, 37], 15);
+        let m = rand(&[2, 74], 16);
+        // Strided [B, D] views, as the models' chunks of the modulation are.
+        let (scale, shift) = (m.narrow(1, 0, 37).unwrap(), m.narrow(1, 37, 37).unwrap());
+        let fused = layer_norm_modulate_cpu(&x, 1e-6, &scale, &shift)
+            .unwrap()
+            .unwrap();
+        let mean = x.mean_keepdim(D::Minus1).unwrap();
+        let xc = x.broadcast_sub(&mean).unwrap();
+        let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let n = xc
+            .broadcast_div(&(var + 1e-6).unwrap().sqrt().unwrap())
+            .unwrap();
+        let plain = n
+            .broadcast_mul(&(&scale + 1.0).unwrap().unsqueeze(1).unwrap())
+            .unwrap()
+            .broadcast_add(&shift.unsqueeze(1).unwrap())
+            .unwrap();
+        assert!(
+            max_diff(&fused, &plain) < 1e-5,
+            "{}",
+            max_diff(&fused, &plain)
+        );
+        let _g = host::force_device_generic();
+        assert!(layer_norm_modulate_cpu(&x, 1e-6, &scale, &shift)
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -52,7 +52,7 @@ const ALLOWED_HOST_READS: &[(&str, usize, &str)] = &[
     ),
     (
         "kernels.rs",
-        15,
+        16,
         "the CPU kernels (linear, softmax, activations, GroupNorm): run only when \
          host::use_cpu_kernels",
     ),

@@ -207,6 +207,39 @@ dispatch!(softmax_rows_in_place(x: &mut [f32], n: usize) {
     }
 });
 
+dispatch!(layer_norm_modulate_rows(
+    src: &[f32],
+    dst: &mut [f32],
+    scale: &[f32],
+    shift: &[f32],
+    eps: f32
+) {
+    // Rows of `scale.len()` features: (x - mean) / sqrt(var + eps) * (1 + scale) + shift,
+    // two-pass statistics per row.
+    let n = scale.len();
+    if n == 0 {
+        return;
+    }
+    for (s, d) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
+        let mean = sum(s) / n as f32;
+        let mut acc = [0f32; LANES];
+        let chunks = s.chunks_exact(LANES);
+        let mut tail = 0f32;
+        for &v in chunks.remainder() {
+            tail += (v - mean) * (v - mean);
+        }
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += (v - mean) * (v - mean);
+            }
+        }
+        let rstd = 1.0 / ((acc.iter().sum::<f32>() + tail) / n as f32 + eps).sqrt();
+        for ((d, &v), (&sc, &sh)) in d.iter_mut().zip(s).zip(scale.iter().zip(shift)) {
+            *d = ((v - mean) * rstd).mul_add(1.0 + sc, sh);
+        }
+    }
+});
+
 dispatch!(group_norm_group(
     src: &[f32],
     dst: &mut [f32],

@@ -27,6 +27,14 @@ fn modulate(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
         .broadcast_add(&shift.unsqueeze(1)?)
 }
 
+/// `modulate(layer_norm(x, eps), scale, shift)`, fused into one pass on the CPU.
+fn norm_modulate(x: &Tensor, eps: f64, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    match crate::kernels::layer_norm_modulate_cpu(x, eps, scale, shift)? {
+        Some(y) => Ok(y),
+        None => modulate(&layer_norm(x, eps)?, scale, shift),
+    }
+}
+
 /// `gate[:, None] * x`.
 fn gated(gate: &Tensor, x: &Tensor) -> Result<Tensor> {
     gate.unsqueeze(1)?.broadcast_mul(x)
@@ -308,7 +316,7 @@ impl AdaLinear {
 /// `(scale, shift)` order, unlike the zero norms.
 pub(crate) fn ada_norm_continuous(ada: &AdaLinear, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
     let m = ada.forward(temb)?;
-    modulate(&layer_norm(x, 1e-6)?, &m[0], &m[1])
+    norm_modulate(x, 1e-6, &m[0], &m[1])
 }
 
 /// diffusers' `JointTransformerBlock`.
@@ -394,30 +402,31 @@ impl JointTransformerBlock {
     ) -> crate::Result<(Option<Tensor>, Tensor)> {
         // shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp[, shift_msa2, scale_msa2, gate_msa2]
         let m = self.norm1.forward(temb)?;
-        let nx = layer_norm(x, 1e-6)?;
-        let norm_x = modulate(&nx, &m[1], &m[0])?;
+        let norm_x = norm_modulate(x, 1e-6, &m[1], &m[0])?;
 
         let (norm_ctx, cm) = if self.context_pre_only() {
             (ada_norm_continuous(&self.norm1_context, ctx, temb)?, None)
         } else {
             let cm = self.norm1_context.forward(temb)?;
-            (modulate(&layer_norm(ctx, 1e-6)?, &cm[1], &cm[0])?, Some(cm))
+            (norm_modulate(ctx, 1e-6, &cm[1], &cm[0])?, Some(cm))
         };
 
         let (attn_out, ctx_attn_out) = self.attn.forward(&norm_x, Some(&norm_ctx), patch)?;
+        let x_in = x;
         let mut x = (x + gated(&m[2], &attn_out)?)?;
         if let Some(attn2) = &self.attn2 {
-            let norm_x2 = modulate(&nx, &m[7], &m[6])?;
+            // The block's input x, normalised again (cheaper than keeping it).
+            let norm_x2 = norm_modulate(x_in, 1e-6, &m[7], &m[6])?;
             let (out2, _) = attn2.forward(&norm_x2, None, patch)?;
             x = (x + gated(&m[8], &out2)?)?;
         }
-        let norm_x = modulate(&layer_norm(&x, 1e-6)?, &m[4], &m[3])?;
+        let norm_x = norm_modulate(&x, 1e-6, &m[4], &m[3])?;
         let x = (&x + gated(&m[5], &self.ff.forward(&norm_x)?)?)?;
 
         let ctx = match (&self.ff_context, cm, ctx_attn_out) {
             (Some(ff_context), Some(cm), Some(ctx_attn_out)) => {
                 let ctx = (ctx + gated(&cm[2], &ctx_attn_out)?)?;
-                let norm_ctx = modulate(&layer_norm(&ctx, 1e-6)?, &cm[4], &cm[3])?;
+                let norm_ctx = norm_modulate(&ctx, 1e-6, &cm[4], &cm[3])?;
                 Some((&ctx + gated(&cm[5], &ff_context.forward(&norm_ctx)?)?)?)
             }
             _ => None,
