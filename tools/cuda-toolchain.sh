@@ -95,6 +95,9 @@ export PATH="$CUDA/bin:\$PATH"
 export CUDA_COMPUTE_CAP="\${CUDA_COMPUTE_CAP:-$COMPUTE_CAP}"
 export LIBRARY_PATH="$CUDA/lib:$STUBS\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
 export RUSTFLAGS="\${RUSTFLAGS:-} -L native=$STUBS"
+# Run time: the binary loads libcudart, libcublas and libcurand from here; libcuda.so.1 is
+# the driver's (on a machine without one, prepend $STUBS to run the binary at all).
+export LD_LIBRARY_PATH="$CUDA/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
 ENV
 
 "$CUDA/bin/nvcc" --version | tail -n 2

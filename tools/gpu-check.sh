@@ -13,7 +13,14 @@
 #              latents, 8 steps, 1 repeat: the CI dry run (crates/hybridiff-cli/tests/gpu_check.rs)
 #   --bin      the hybridiff binary (default target/release/hybridiff, built here with
 #              `cargo build --release -p hybridiff-cli --features cuda` after
-#              tools/cuda-toolchain.sh, and carried), or that binary gzipped (NAME.gz)
+#              tools/cuda-toolchain.sh, and carried), or that binary compressed (NAME.xz or
+#              NAME.gz). Sizes measured 2026-11-30: the CUDA binary is 77 MB (73 MB
+#              stripped), 18.4 MB as `strip` + `xz -9`, 27 MB gzipped; the tracked tree is
+#              48.6 MB, so tree + binary.xz (67.0 MB) just fits one call's 64 MiB and the
+#              diffusers wheels do not fit beside them. Carry them in two calls: the first
+#              carries the .xz (an ignored path, e.g. target/gpu/hybridiff.xz: the device
+#              keeps ignored files between calls while it stays warm), the second the wheels
+#              and runs this script with --bin target/gpu/hybridiff.xz.
 #   --wheels   a folder of wheels to install offline first (diffusers and its missing
 #              dependency importlib_metadata: the device machine has torch, not diffusers)
 #   --out      where the results go (default $OUT, else ./gpu-check-out); at most 8 files:
@@ -68,11 +75,15 @@ if [ -z "$work" ]; then
     work=$(mktemp -d)
 fi
 mkdir -p "$work"
-# A gzipped binary (the repository and a 40 MB CUDA binary together exceed the device
+# A compressed binary (the repository and the 77 MB CUDA binary together exceed the device
 # call's 64 MiB): unpacked into the work folder.
 case "$bin" in
     *.gz)
         gzip -dc "$bin" >"$work/hybridiff" && chmod +x "$work/hybridiff" || exit 2
+        bin=$work/hybridiff
+        ;;
+    *.xz)
+        xz -dc "$bin" >"$work/hybridiff" && chmod +x "$work/hybridiff" || exit 2
         bin=$work/hybridiff
         ;;
 esac
@@ -129,6 +140,15 @@ say "gpu-check: device $device, small $small, latents ${latent}x${latent}, $step
 
 if [ "$device" = cuda ]; then
     nvidia-smi >>"$log" 2>&1 # GPU-UNRUN
+    # candle's cudarc links CUDA 13's libcudart, libcublas and libcurand dynamically; on the
+    # device machine they come with PyTorch's nvidia-* cu13 wheels (libcuda is the driver's).
+    nvlib=$("$PY" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null) # GPU-UNRUN
+    [ -d "$nvlib" ] && export LD_LIBRARY_PATH=$nvlib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} # GPU-UNRUN
+    if ldd "$bin" | grep -q "not found"; then # GPU-UNRUN
+        ldd "$bin" | grep "not found" | tee -a "$log" >&2 # GPU-UNRUN
+        echo "gpu-check.sh: the CUDA libraries above are missing (looked in python3's nvidia/cu13/lib: '$nvlib'); set LD_LIBRARY_PATH" >&2 # GPU-UNRUN
+        exit 2 # GPU-UNRUN
+    fi # GPU-UNRUN
 fi
 
 # Diffusers: the machine has torch; the wheels make diffusers importable without a network.
