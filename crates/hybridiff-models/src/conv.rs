@@ -54,6 +54,9 @@ impl Conv2d {
     }
 }
 
+/// Elements of one band's im2col matrix (f32: 1 MiB).
+const COL_BUDGET: usize = 1 << 18;
+
 struct Im2Col {
     k: usize,
     stride: usize,
@@ -70,13 +73,19 @@ impl Im2Col {
         )
     }
 
-    /// `src` is one image, contiguous `[c, h, w]`; fills `col` (`[c * k * k, ho * wo]`)
-    /// entirely, zeros where a patch reaches into the padding.
-    fn fill<T: Copy + Default>(&self, src: &[T], (c, h, w): (usize, usize, usize), col: &mut [T]) {
+    /// `src` is one image, contiguous `[c, h, w]`; fills `col` (`[c * k * k, (y1 - y0) *
+    /// wo]`, output rows `y0..y1`) entirely, zeros where a patch reaches into the padding.
+    fn fill<T: Copy + Default>(
+        &self,
+        src: &[T],
+        (c, h, w): (usize, usize, usize),
+        (y0, y1): (usize, usize),
+        col: &mut [T],
+    ) {
         let (k, s) = (self.k, self.stride);
         let (ph, p) = (self.pad_h as isize, self.pad_w as isize);
-        let (ho, wo) = self.out_hw(h, w);
-        let n = ho * wo;
+        let (_, wo) = self.out_hw(h, w);
+        let n = (y1 - y0) * wo;
         let zero = T::default();
         for ci in 0..c {
             let plane = &src[ci * h * w..(ci + 1) * h * w];
@@ -93,8 +102,8 @@ impl Im2Col {
                     };
                     let x1 = (((w as isize - off) + s as isize - 1) / s as isize)
                         .clamp(x0 as isize, wo as isize) as usize;
-                    for y in 0..ho {
-                        let dst = &mut dst_row[y * wo..(y + 1) * wo];
+                    for y in y0..y1 {
+                        let dst = &mut dst_row[(y - y0) * wo..(y - y0 + 1) * wo];
                         let iy = (y * s) as isize + kh as isize - ph;
                         if iy < 0 || iy >= h as isize || x0 >= x1 {
                             dst.fill(zero);
@@ -137,22 +146,33 @@ impl Im2Col {
             }
         }
         let direct = self.k == 1 && self.stride == 1 && self.pad_h == 0 && self.pad_w == 0;
-        let mut col = if direct {
-            Vec::new()
-        } else {
-            vec![T::default(); kk * n]
-        };
+        if direct {
+            for bi in 0..b {
+                let img = &x[bi * c * h * w..(bi + 1) * c * h * w];
+                let dst = &mut out[bi * cout * n..(bi + 1) * cout * n];
+                // SAFETY: w2d is cout x kk, img kk x n and dst cout x n, all row-major.
+                unsafe { crate::kernels::gemm_acc(cout, n, kk, dst, n, w2d, img, n) };
+            }
+            return out;
+        }
+        // im2col a band of output rows at a time, so the patch matrix the GEMM streams
+        // (kk x band) stays within ~1 MB (the L2 cache) instead of kk x ho x wo.
+        let rows = (COL_BUDGET / (kk * wo).max(1)).clamp(1, ho.max(1));
+        let mut col = vec![T::default(); kk * rows * wo];
         for bi in 0..b {
             let img = &x[bi * c * h * w..(bi + 1) * c * h * w];
-            let rhs: &[T] = if direct {
-                img
-            } else {
-                self.fill(img, (c, h, w), &mut col);
-                &col
-            };
-            let dst = &mut out[bi * cout * n..(bi + 1) * cout * n];
-            // SAFETY: w2d is cout x kk, rhs kk x n and dst cout x n, all row-major.
-            unsafe { crate::kernels::gemm_acc(cout, n, kk, dst, n, w2d, rhs, n) };
+            let mut y0 = 0;
+            while y0 < ho {
+                let y1 = (y0 + rows).min(ho);
+                let cols = (y1 - y0) * wo;
+                let col = &mut col[..kk * cols];
+                self.fill(img, (c, h, w), (y0, y1), col);
+                let dst = &mut out[bi * cout * n + y0 * wo..(bi + 1) * cout * n];
+                // SAFETY: w2d is cout x kk, col kk x cols; dst's rows are n apart and hold
+                // cols columns from this band's first output pixel on.
+                unsafe { crate::kernels::gemm_acc(cout, cols, kk, dst, n, w2d, col, cols) };
+                y0 = y1;
+            }
         }
         out
     }
@@ -322,6 +342,46 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(d < 1e-4, "k{k} s{stride} p{padding} {h}x{w} b{b}: {d}");
+        }
+    }
+
+    #[test]
+    fn images_cut_into_several_im2col_bands_match_candle_conv2d() {
+        // 64 channels x 9 = 576 patch rows and 64 output columns: a band is 7 output rows,
+        // so 20 rows take three bands (the last one short); stride 2 (10 rows of 32) one.
+        let dev = Device::Cpu;
+        for stride in [1, 2] {
+            let (cin, cout, k) = (64, 8, 3);
+            let x = Tensor::randn(0f32, 1.0, (2, cin, 20, 64), &dev).unwrap();
+            let weight = Tensor::randn(0f32, 0.1, (cout, cin, k, k), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
+            let ours = Conv2d {
+                weight2d: weight.reshape((cout, cin * k * k)).unwrap(),
+                weight: weight.clone(),
+                bias: Some(bias.clone()),
+                k,
+                stride,
+                padding: 1,
+            };
+            let cfg = candle_nn::Conv2dConfig {
+                padding: 1,
+                stride,
+                ..Default::default()
+            };
+            let theirs = candle_nn::Conv2d::new(weight, Some(bias), cfg);
+            let (a, e) = (ours.forward(&x).unwrap(), theirs.forward(&x).unwrap());
+            assert_eq!(a.dims(), e.dims());
+            let d = (a - e)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-4, "stride {stride}: {d}");
         }
     }
 
