@@ -402,6 +402,11 @@ mod tests {
             let e = conv.forward(&x).unwrap_err().to_string();
             assert!(e.contains("too small"), "{h}x{w}: {e}");
         }
+        // A channel count the weight does not expect would make the GEMM read past the
+        // patch matrix: refused, naming both counts.
+        let x = Tensor::zeros((1, 4, 5, 5), DType::F32, &dev).unwrap();
+        let e = conv.forward(&x).unwrap_err().to_string();
+        assert!(e.contains("4 channels") && e.contains("expects 3"), "{e}");
     }
 
     #[test]
