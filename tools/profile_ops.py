@@ -34,7 +34,7 @@ OPS = [
     ("GEGLU / GELU", [r"kernels::geglu$", r"kernels::gelu$", r"Tensor::gelu_erf$", r"Tensor::gelu$"]),
     ("GroupNorm (+ SiLU)", [r"patch::GroupNorm::forward(_silu)?$"]),
     ("SiLU (alone)", [r"kernels::silu$", r"Tensor::silu$"]),
-    ("LayerNorm", [r"candle_nn::ops::layer_norm$", r"mmdit::block::layer_norm$"]),
+    ("LayerNorm (SD3: + modulation)", [r"candle_nn::ops::layer_norm$", r"mmdit::block::layer_norm$", r"mmdit::block::norm_modulate$"]),
 ]
 TOTAL = r"hybridiff_models::denoiser::Denoiser::forward$"
 
