@@ -46,7 +46,7 @@ pub fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // 1.5 * 2^23: adding it rounds to the nearest integer and leaves it in the low bits.
     const SHIFTER: f32 = 12_582_912.0;
-    let nan = x.is_nan();
+    // NaN stays NaN through the arithmetic below (clamp keeps it), no select needed.
     let x = x.clamp(-87.3, 88.0);
     let t = x.mul_add(LOG2E, SHIFTER);
     let n = t - SHIFTER;
@@ -63,12 +63,7 @@ pub fn exp(x: f32) -> f32 {
         .wrapping_sub(SHIFTER.to_bits())
         .wrapping_add(127)
         << 23;
-    let y = p * f32::from_bits(bits);
-    if nan {
-        f32::NAN
-    } else {
-        y
-    }
+    p * f32::from_bits(bits)
 }
 
 /// erf(x) for f32 within 6e-7 absolute (Abramowitz and Stegun 7.1.26, 1.5e-7 in exact
@@ -175,21 +170,11 @@ fn max(x: &[f32]) -> f32 {
     acc.iter().fold(tail, |m, &v| m.max(v))
 }
 
-dispatch!(softmax_rows(src: &[f32], dst: &mut [f32], n: usize) {
-    if n == 0 {
-        return;
-    }
-    for (s, d) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
-        let m = max(s);
-        for (d, &v) in d.iter_mut().zip(s) {
-            *d = exp(v - m);
-        }
-        let inv = 1.0 / sum(d);
-        for d in d.iter_mut() {
-            *d *= inv;
-        }
-    }
-});
+/// Softmax of each `n`-long row of `src` into `dst`.
+pub fn softmax_rows(src: &[f32], dst: &mut [f32], n: usize) {
+    dst.copy_from_slice(src);
+    softmax_rows_in_place(dst, n);
+}
 
 dispatch!(softmax_rows_in_place(x: &mut [f32], n: usize) {
     if n == 0 {
@@ -197,10 +182,21 @@ dispatch!(softmax_rows_in_place(x: &mut [f32], n: usize) {
     }
     for r in x.chunks_exact_mut(n) {
         let m = max(r);
-        for v in r.iter_mut() {
-            *v = exp(*v - m);
+        // exp and the sum in one pass, 16 partial sums.
+        let mut acc = [0f32; LANES];
+        let mut chunks = r.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+                *v = exp(*v - m);
+                *a += *v;
+            }
         }
-        let inv = 1.0 / sum(r);
+        let mut tail = 0f32;
+        for v in chunks.into_remainder() {
+            *v = exp(*v - m);
+            tail += *v;
+        }
+        let inv = 1.0 / (acc.iter().sum::<f32>() + tail);
         for v in r.iter_mut() {
             *v *= inv;
         }
