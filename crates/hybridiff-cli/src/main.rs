@@ -83,6 +83,13 @@ pub(crate) fn set_compute_threads(threads_per_rank: usize) {
     // candle sizes its gemm parallelism from RAYON_NUM_THREADS on every call; each rank
     // runs inside its own pool of this size, so the two must agree.
     std::env::set_var("RAYON_NUM_THREADS", threads_per_rank.to_string());
+    // candle 0.11's element-wise ops above 64K elements run on one process-wide pool of
+    // spinning threads sized by CANDLE_NUM_THREADS (else RAYON_NUM_THREADS), outside every
+    // rank's pool: with 2 threads per rank its worker spun against the rank's own threads
+    // and a 2-thread forward was no faster than a 1-thread one (perf: 16% in its barrier).
+    // Inline, they stay in the rank's budget; the heavy element-wise work is ours anyway
+    // (models' kernels.rs, parallel in the rank's pool).
+    std::env::set_var("CANDLE_NUM_THREADS", "1");
 }
 
 /// Threads per rank when the user gives none: the cores shared evenly.
