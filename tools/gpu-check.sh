@@ -31,7 +31,8 @@
 #       device's memory in use sampled by nvidia-smi every 100 ms, minus the idle reading;
 #       diffusers: torch.cuda.max_memory_allocated, and the same nvidia-smi sampling);
 #   (c) serial, cfg, async and hybrid with 2 ranks sharing the one GPU: PSNR vs serial;
-#   (d) per-stage compute times and bytes per step of every strategy (the traces).
+#   (d) per-stage compute times and bytes per step of every strategy (the traces);
+#   (e) with a binary built with --features cuda,nccl: `hybridiff nccl-check` (issue 14).
 #
 # Lines marked `# GPU-UNRUN` have never run on a GPU (no GPU was lent to the session that
 # wrote this script): the nvidia-smi memory sampling, the full-size settings (without
@@ -209,6 +210,25 @@ for m in unet mmdit; do
         [ -n "$mem_pid" ] && kill "$mem_pid" 2>/dev/null
     fi
 done
+
+# (e) NCCL (issue 14), only with a binary built with --features cuda,nccl: the transport's
+# path on the one GPU (world size 1, one rank sending a header and a tensor to itself: NCCL
+# refuses two ranks on one GPU). cudarc loads libnccl.so at run time: the one in torch's or
+# pip's nvidia/nccl/lib, under its unversioned name. Two ranks, aborts and --comm nccl under
+# mpirun stay untested on one GPU.
+if [ "$device" = cuda ]; then
+    if "$bin" nccl-check --gpu 999 2>&1 | grep -q -e "built without NCCL" -e "unrecognized subcommand"; then # GPU-UNRUN
+        say "-- nccl-check: SKIPPED (the binary was built without --features nccl)" # GPU-UNRUN
+    else
+        nccl_dir=$("$PY" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null) # GPU-UNRUN
+        mkdir -p "$work/nccl-lib"                                                # GPU-UNRUN
+        if [ -n "$nccl_dir" ] && [ -e "$nccl_dir/libnccl.so.2" ]; then            # GPU-UNRUN
+            ln -sfn "$nccl_dir/libnccl.so.2" "$work/nccl-lib/libnccl.so"         # GPU-UNRUN
+        fi
+        step nccl-check 90 env LD_LIBRARY_PATH="$work/nccl-lib${nccl_dir:+:$nccl_dir}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+            "$bin" nccl-check --gpu 0 --comm-timeout 60                          # GPU-UNRUN
+    fi
+fi
 
 # Every strategy's predicted latency on links between 2 GPUs, from the traces just written.
 for m in unet mmdit; do
