@@ -913,7 +913,7 @@ fn with_device_ptr<R>(
             let s = cs.as_cuda_slice::<$ty>().map_err(|e| e.to_string())?;
             let v = s.slice(start..start + n);
             let (ptr, _guard) = v.device_ptr(stream);
-            Ok(f(ptr as u64, n * std::mem::size_of::<$ty>()))
+            Ok(f(ptr, n * std::mem::size_of::<$ty>()))
         }};
     }
     match t.dtype() {
@@ -950,7 +950,7 @@ fn alloc_tensor<R>(
             let mut s = unsafe { alloc_stream.alloc::<$ty>(n) }.map_err(|e| e.to_string())?;
             let r = {
                 let (ptr, _guard) = s.device_ptr_mut(stream);
-                f(ptr as u64, n * std::mem::size_of::<$ty>())
+                f(ptr, n * std::mem::size_of::<$ty>())
             };
             let storage = CudaStorage::wrap_cuda_slice(s, cuda.clone());
             let t = Tensor::from_storage(
