@@ -84,6 +84,12 @@ fi
 bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
 log=$out/gpu-check.log
 PY=${PYTHON:-python3}
+# A binary built with --features nccl links libnccl.so.2 and does not start without it: use
+# the one of the nvidia-nccl wheel (torch's or pip's) when this python has one.
+nccl_dir=$("$PY" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
+if [ -n "$nccl_dir" ] && [ -e "$nccl_dir/libnccl.so.2" ]; then
+    export LD_LIBRARY_PATH=$nccl_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} # GPU-UNRUN
+fi
 start=$(date +%s)
 # The whole check ends by this time (8 minutes with a margin): every step's limit is cut to
 # what is left, and a step with under 5 s left is skipped and recorded as failed.
@@ -213,20 +219,13 @@ done
 
 # (e) NCCL (issue 14), only with a binary built with --features cuda,nccl: the transport's
 # path on the one GPU (world size 1, one rank sending a header and a tensor to itself: NCCL
-# refuses two ranks on one GPU). cudarc loads libnccl.so at run time: the one in torch's or
-# pip's nvidia/nccl/lib, under its unversioned name. Two ranks, aborts and --comm nccl under
-# mpirun stay untested on one GPU.
+# refuses two ranks on one GPU). Two ranks, aborts and --comm nccl under mpirun stay
+# untested on one GPU.
 if [ "$device" = cuda ]; then
     if "$bin" nccl-check --gpu 999 2>&1 | grep -q -e "built without NCCL" -e "unrecognized subcommand"; then # GPU-UNRUN
         say "-- nccl-check: SKIPPED (the binary was built without --features nccl)" # GPU-UNRUN
     else
-        nccl_dir=$("$PY" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null) # GPU-UNRUN
-        mkdir -p "$work/nccl-lib"                                                # GPU-UNRUN
-        if [ -n "$nccl_dir" ] && [ -e "$nccl_dir/libnccl.so.2" ]; then            # GPU-UNRUN
-            ln -sfn "$nccl_dir/libnccl.so.2" "$work/nccl-lib/libnccl.so"         # GPU-UNRUN
-        fi
-        step nccl-check 90 env LD_LIBRARY_PATH="$work/nccl-lib${nccl_dir:+:$nccl_dir}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-            "$bin" nccl-check --gpu 0 --comm-timeout 60                          # GPU-UNRUN
+        step nccl-check 90 "$bin" nccl-check --gpu 0 --comm-timeout 60 # GPU-UNRUN
     fi
 fi
 

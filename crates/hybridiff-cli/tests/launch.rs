@@ -101,6 +101,9 @@ fn comm_nccl_without_the_nccl_feature_says_how_to_build_it() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
-    assert!(err.contains("nccl-check: this hybridiff was built without NCCL"), "{err}");
+    assert!(
+        err.contains("nccl-check: this hybridiff was built without NCCL"),
+        "{err}"
+    );
     assert!(err.contains("--features cuda,nccl,mpi"), "{err}");
 }

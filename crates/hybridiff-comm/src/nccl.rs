@@ -30,6 +30,10 @@
 //!
 //! Received tensors are contiguous, on this rank's device. Tensors given to `send` may be on any
 //! device; they are copied to this rank's first.
+//!
+//! candle-core's cudarc links libnccl dynamically (`-lnccl`, found at build time through
+//! tools/cuda-toolchain.sh's `libnccl.so` link): a binary built with this feature needs
+//! `libnccl.so.2` on the loader's path (`LD_LIBRARY_PATH`) to start at all.
 
 use std::cell::{Cell, RefCell};
 use std::ffi::CStr;
@@ -84,12 +88,6 @@ pub enum InitError {
          (--device cuda)"
     )]
     NotCuda { rank: usize, device: String },
-    #[error(
-        "rank {rank}: libnccl.so could not be loaded: put the folder holding libnccl.so on \
-         LD_LIBRARY_PATH (pip's nvidia-nccl-cu13 has it in site-packages/nvidia/nccl/lib, \
-         where tools/cuda-toolchain.sh also links the unversioned name libnccl.so)"
-    )]
-    NoLibrary { rank: usize },
     #[error("rank {rank}: {what}")]
     Setup { rank: usize, what: String },
     #[error(
@@ -267,7 +265,7 @@ impl NcclComm {
     /// GPU on each rank of a machine (NCCL refuses two ranks of one communicator on one GPU).
     ///
     /// # Errors
-    /// [`InitError`]: not a CUDA device, libnccl missing, the ids could not be passed, or a peer
+    /// [`InitError`]: not a CUDA device, the ids could not be passed, or a peer
     /// did not finish start-up within `timeout` (all of this rank's NCCL communicators are then
     /// aborted).
     pub fn new(
@@ -282,10 +280,6 @@ impl NcclComm {
                 device: format!("{:?}", device.location()),
             });
         };
-        // SAFETY: only tries to open the library.
-        if !unsafe { sys::is_culib_present() } {
-            return Err(InitError::NoLibrary { rank });
-        }
         let setup = |what: String| InitError::Setup { rank, what };
         let len = nccl_wire::ids_len(world).map_err(|e| setup(e.to_string()))?;
         let blob = if rank == 0 {
@@ -1163,10 +1157,6 @@ pub fn self_check(device: &Device, timeout: Duration) -> std::result::Result<Sel
             device: format!("{:?}", device.location()),
         });
     };
-    // SAFETY: only tries to open the library.
-    if !unsafe { sys::is_culib_present() } {
-        return Err(InitError::NoLibrary { rank });
-    }
     let setup = |what: String| InitError::Setup { rank, what };
     let nccl = |step: &str, r: sys::ncclResult_t| InitError::Nccl {
         rank,
