@@ -38,7 +38,8 @@
 #       device's memory in use sampled by nvidia-smi every 100 ms, minus the idle reading;
 #       diffusers: torch.cuda.max_memory_allocated, and the same nvidia-smi sampling);
 #   (c) serial, cfg, async and hybrid with 2 ranks sharing the one GPU: PSNR vs serial;
-#   (d) per-stage compute times and bytes per step of every strategy (the traces).
+#   (d) per-stage compute times and bytes per step of every strategy (the traces);
+#   (e) with a binary built with --features cuda,nccl: `hybridiff nccl-check` (issue 14).
 #
 # Lines marked `# GPU-UNRUN` have never run on a GPU (no GPU was lent to the session that
 # wrote this script): the nvidia-smi memory sampling, the full-size settings (without
@@ -94,6 +95,12 @@ fi
 bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
 log=$out/gpu-check.log
 PY=${PYTHON:-python3}
+# A binary built with --features nccl links libnccl.so.2 and does not start without it: use
+# the one of the nvidia-nccl wheel (torch's or pip's) when this python has one.
+nccl_dir=$("$PY" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
+if [ -n "$nccl_dir" ] && [ -e "$nccl_dir/libnccl.so.2" ]; then
+    export LD_LIBRARY_PATH=$nccl_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} # GPU-UNRUN
+fi
 start=$(date +%s)
 # The whole check ends by this time (8 minutes with a margin): every step's limit is cut to
 # what is left, and a step with under 5 s left is skipped and recorded as failed.
@@ -229,6 +236,18 @@ for m in unet mmdit; do
         [ -n "$mem_pid" ] && kill "$mem_pid" 2>/dev/null
     fi
 done
+
+# (e) NCCL (issue 14), only with a binary built with --features cuda,nccl: the transport's
+# path on the one GPU (world size 1, one rank sending a header and a tensor to itself: NCCL
+# refuses two ranks on one GPU). Two ranks, aborts and --comm nccl under mpirun stay
+# untested on one GPU.
+if [ "$device" = cuda ]; then
+    if "$bin" nccl-check --gpu 999 2>&1 | grep -q -e "built without NCCL" -e "unrecognized subcommand"; then # GPU-UNRUN
+        say "-- nccl-check: SKIPPED (the binary was built without --features nccl)" # GPU-UNRUN
+    else
+        step nccl-check 90 "$bin" nccl-check --gpu 0 --comm-timeout 60 # GPU-UNRUN
+    fi
+fi
 
 # Every strategy's predicted latency on links between 2 GPUs, from the traces just written.
 for m in unet mmdit; do

@@ -110,7 +110,7 @@ pub fn run(args: DenoiseArgs, launch: &crate::launch::Launch) -> Result<()> {
         progress: Some(&progress),
     };
     let opts = &run.options;
-    let out = match launch.communicator(opts.comm_timeout)? {
+    let out = match launch.communicator_for(opts.comm_timeout, run.nccl, &run.device)? {
         None => Some(denoise(&job, run.strategy.as_ref(), opts)?),
         Some(mut comm) => denoise_rank(&job, run.strategy.as_ref(), opts, comm.as_mut())?,
     };

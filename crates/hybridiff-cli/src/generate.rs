@@ -331,7 +331,7 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
         None => None,
     };
     let opts = &run.options;
-    let mut comm = launch.communicator(opts.comm_timeout)?;
+    let mut comm = launch.communicator_for(opts.comm_timeout, run.nccl, &run.device)?;
     // Ranks as threads are started once: a batch runs every prompt on the same ranks.
     let runner = match comm {
         None => Some(Runner::start(opts.clone())?),

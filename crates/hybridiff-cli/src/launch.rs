@@ -96,6 +96,34 @@ impl Launch {
         Ok(None)
     }
 
+    /// [`communicator`](Self::communicator), over NCCL when `nccl` (`--comm nccl`, checked by
+    /// [`check_nccl`]): the MPI communicator then only passes NCCL's ids and abort notices, and
+    /// tensors move between the ranks' GPUs (`device`, this process's).
+    pub fn communicator_for(
+        &self,
+        timeout: Duration,
+        nccl: bool,
+        device: &candle_core::Device,
+    ) -> Result<Option<Box<dyn Communicator>>> {
+        if !nccl {
+            return self.communicator(timeout);
+        }
+        #[cfg(all(feature = "nccl", feature = "mpi"))]
+        if let Some(w) = &self.mpi {
+            use hybridiff_comm::nccl::{Control, NcclComm};
+            let comm = NcclComm::new(Control::Mpi(w.communicator(timeout)), device, timeout)?;
+            return Ok(Some(
+                match hybridiff_comm::fault::Fault::from_env().map_err(anyhow::Error::msg)? {
+                    Some(f) => Box::new(hybridiff_comm::fault::Faulty::new(comm, f)),
+                    None => Box::new(comm),
+                },
+            ));
+        }
+        let _ = device;
+        // `check_nccl` refused this before any work.
+        anyhow::bail!("--comm nccl: {}", nccl_unavailable())
+    }
+
     /// Rejects commands that do not run as one rank per process when there are several.
     pub fn only_one_process(&self, command: &str) -> Result<()> {
         match self.processes() {
@@ -134,6 +162,41 @@ impl Launch {
             }
         }
     }
+}
+
+/// How to get a hybridiff that runs `--comm nccl` and `hybridiff nccl-check`.
+pub const NCCL_BUILD: &str = "build one with `bash tools/cuda-toolchain.sh && source \
+     ~/.cache/hybridiff-cuda-13.0/env.sh && cargo build --release -p hybridiff-cli --features \
+     cuda,nccl,mpi` (the toolchain script installs CUDA 13.0 and NCCL 2.30 from PyPI; mpi needs \
+     libopenmpi-dev openmpi-bin libclang-dev)";
+
+/// Why `--comm nccl` cannot run in this build, or in this launch.
+fn nccl_unavailable() -> String {
+    if cfg!(not(feature = "nccl")) {
+        format!("this hybridiff was built without NCCL; {NCCL_BUILD}")
+    } else if cfg!(not(feature = "mpi")) {
+        format!(
+            "NCCL moves tensors between processes started by mpirun (one per GPU), and this \
+             hybridiff was built without MPI; {NCCL_BUILD}"
+        )
+    } else {
+        "NCCL moves tensors between processes started by mpirun, one per GPU \
+         (`mpirun -np N hybridiff denoise ... --comm nccl --device cuda`); ranks that are \
+         threads of one process use the in-process channel (leave --comm at host). \
+         `hybridiff nccl-check` tests this machine's NCCL on one GPU"
+            .to_string()
+    }
+}
+
+/// `--comm nccl`: fails unless this build has NCCL (and MPI) and this process is one of
+/// several started by an MPI launcher; the message says what to do instead.
+pub fn check_nccl(processes: Option<Processes>) -> Result<()> {
+    let usable =
+        cfg!(all(feature = "nccl", feature = "mpi")) && processes.is_some_and(|p| p.size > 1);
+    if !usable {
+        anyhow::bail!("--comm nccl: {}", nccl_unavailable());
+    }
+    Ok(())
 }
 
 /// True when `e` is only the echo of another rank's abort.

@@ -6,6 +6,7 @@ mod default_model;
 mod denoise;
 mod generate;
 mod launch;
+mod nccl_check;
 mod parity;
 mod serve;
 mod strategy_args;
@@ -45,6 +46,9 @@ enum Command {
     /// Compares our U-Net, MMDiT and VAE with diffusers' outputs in tests/fixtures on a
     /// device and dtype (the GPU check's first table).
     Parity(parity::ParityArgs),
+    /// Tests this machine's NCCL on one GPU: the NCCL transport's path, one rank sending to
+    /// itself (needs a build with --features cuda,nccl).
+    NcclCheck(nccl_check::NcclCheckArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -146,6 +150,9 @@ fn main() -> ExitCode {
         Command::Parity(args) => launch
             .only_one_process("parity")
             .and_then(|()| parity::run(args)),
+        Command::NcclCheck(args) => launch
+            .only_one_process("nccl-check")
+            .and_then(|()| nccl_check::run(args)),
     };
     launch.finish(result)
 }

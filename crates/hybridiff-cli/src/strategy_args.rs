@@ -314,6 +314,11 @@ pub struct RunArgs {
     /// with ranks as threads, 60 with one rank per process].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub comm_timeout: Option<u64>,
+    /// How tensors move between ranks: host (the in-process channel for ranks as threads, MPI
+    /// for ranks as processes) or nccl (GPU to GPU over NCCL; one process per GPU under
+    /// mpirun; needs a build with --features cuda,nccl,mpi).
+    #[arg(long, default_value = "host", value_parser = ["host", "nccl"])]
+    pub comm: String,
     #[command(flatten)]
     pub devices: DeviceArgs,
     #[command(flatten)]
@@ -346,6 +351,8 @@ pub struct Run {
     /// Rank 0's device: load the model and inputs here (`options.placement` has every
     /// rank's; [`load_replicas`] loads the model on the others).
     pub device: candle_core::Device,
+    /// `--comm nccl`: ranks (processes) exchange tensors over NCCL.
+    pub nccl: bool,
 }
 
 impl Run {
@@ -376,6 +383,10 @@ impl RunArgs {
     ) -> Result<Run> {
         use hybridiff_engine::StrategyKind;
         let kind: StrategyKind = self.strategy.parse()?;
+        let nccl = self.comm == "nccl";
+        if nccl {
+            crate::launch::check_nccl(processes)?;
+        }
         let world_size = match (processes, self.world_size) {
             (Some(p), Some(w)) if w != p.size => anyhow::bail!(
                 "--world-size {w}: this job was started as {} processes (one rank each); give \
@@ -429,6 +440,7 @@ impl RunArgs {
             scheduler,
             switch,
             device: devices.device,
+            nccl,
         })
     }
 }

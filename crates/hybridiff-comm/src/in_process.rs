@@ -158,6 +158,17 @@ impl InProcessComm {
         src * self.shared.world_size + dst
     }
 
+    /// `(by_rank, reason)` once the group was aborted; never waits. Lets a transport that uses
+    /// this group only as its control channel (NCCL) see aborts while it polls its own waits.
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+    pub(crate) fn abort_notice(&self) -> Option<(usize, String)> {
+        self.shared
+            .lock()
+            .aborted
+            .as_ref()
+            .map(|a| (a.by_rank, a.reason.clone()))
+    }
+
     fn check_peer(&self, peer: usize, op: Op) -> Result<()> {
         if peer >= self.shared.world_size {
             return Err(Error::InvalidRank {

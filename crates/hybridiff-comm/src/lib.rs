@@ -17,6 +17,9 @@ pub mod fault;
 mod in_process;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod nccl_wire;
 mod run;
 mod warm;
 

@@ -258,6 +258,19 @@ impl MpiComm {
         }
     }
 
+    /// `(by_rank, reason)` once the job was aborted, here or by a peer's notice; never waits.
+    /// Lets a transport that uses MPI only as its control channel (NCCL) see aborts while it
+    /// polls its own waits.
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+    pub(crate) fn abort_notice(&self) -> Option<(usize, String)> {
+        match self.check_aborted(Op::Barrier) {
+            Err(Error::Aborted {
+                by_rank, reason, ..
+            }) => Some((by_rank, reason)),
+            _ => None,
+        }
+    }
+
     fn post(&self, op: Op, dst: usize, tag: i32, bytes: Vec<u8>, counted: u64) -> Result<()> {
         self.check_aborted(op)?;
         let send = PendingSend::start(&self.world, dst, tag, bytes);
