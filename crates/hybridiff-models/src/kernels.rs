@@ -240,7 +240,7 @@ pub fn group_norm(
     silu: bool,
 ) -> Result<Tensor> {
     let dims = x.dims();
-    if dims.len() < 3 || groups == 0 || dims[1] % groups != 0 {
+    if dims.len() < 3 || groups == 0 || !dims[1].is_multiple_of(groups) {
         candle_core::bail!(
             "group_norm: input {:?} cannot be cut into {groups} groups of channels",
             dims
