@@ -156,22 +156,50 @@ impl Im2Col {
             return out;
         }
         // im2col a band of output rows at a time, so the patch matrix the GEMM streams
-        // (kk x band) stays within ~1 MB (the L2 cache) instead of kk x ho x wo.
-        let rows = (COL_BUDGET / (kk * wo).max(1)).clamp(1, ho.max(1));
-        let mut col = vec![T::default(); kk * rows * wo];
-        for bi in 0..b {
+        // (kk x band) stays within ~1 MB (the L2 cache) instead of kk x ho x wo. With
+        // several threads, bands are the parallel jobs (im2col included), at least two
+        // per thread.
+        let threads = rayon::current_num_threads();
+        let mut rows = (COL_BUDGET / (kk * wo).max(1)).clamp(1, ho.max(1));
+        if threads > 1 {
+            rows = rows.min(ho.div_ceil(2 * threads)).max(1);
+        }
+        let bands = ho.div_ceil(rows);
+        let dst = crate::kernels::SharedMut(out.as_mut_ptr());
+        let job = |j: usize, col: &mut Vec<T>| {
+            let (bi, band) = (j / bands, j % bands);
+            let (y0, y1) = (band * rows, ((band + 1) * rows).min(ho));
+            let cols = (y1 - y0) * wo;
+            col.resize(kk * cols, T::default());
             let img = &x[bi * c * h * w..(bi + 1) * c * h * w];
-            let mut y0 = 0;
-            while y0 < ho {
-                let y1 = (y0 + rows).min(ho);
-                let cols = (y1 - y0) * wo;
-                let col = &mut col[..kk * cols];
-                self.fill(img, (c, h, w), (y0, y1), col);
-                let dst = &mut out[bi * cout * n + y0 * wo..(bi + 1) * cout * n];
-                // SAFETY: w2d is cout x kk, col kk x cols; dst's rows are n apart and hold
-                // cols columns from this band's first output pixel on.
-                unsafe { crate::kernels::gemm_acc(cout, cols, kk, dst, n, w2d, col, cols) };
-                y0 = y1;
+            self.fill(img, (c, h, w), (y0, y1), col);
+            let d = dst;
+            // SAFETY: w2d is cout x kk, col kk x cols; the destination is image bi's
+            // output from this band's first pixel on, rows n apart: cout x cols elements
+            // no other job writes (bands and images are disjoint).
+            unsafe {
+                crate::kernels::gemm_acc_serial(
+                    cout,
+                    cols,
+                    kk,
+                    d.0.add(bi * cout * n + y0 * wo),
+                    n,
+                    w2d,
+                    col,
+                    cols,
+                )
+            };
+        };
+        let jobs = b * bands;
+        if threads > 1 && jobs > 1 {
+            use rayon::prelude::*;
+            (0..jobs)
+                .into_par_iter()
+                .for_each_init(Vec::new, |col, j| job(j, col));
+        } else {
+            let mut col = Vec::new();
+            for j in 0..jobs {
+                job(j, &mut col);
             }
         }
         out

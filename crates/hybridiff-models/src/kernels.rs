@@ -355,7 +355,7 @@ fn gemm_parallelism(work: usize) -> gemm::Parallelism {
 }
 
 /// `dst (m x n, row stride dst_rs) += lhs (m x k, row-major) * rhs (k x n, row stride
-/// rhs_rs, unit column stride)`.
+/// rhs_rs, unit column stride)`, on the pool's threads when the product is large.
 ///
 /// # Safety
 /// The slices must hold the elements the strides address.
@@ -395,6 +395,54 @@ pub(crate) unsafe fn gemm_acc<T: 'static + candle_core::WithDType>(
         gemm_parallelism(m * n * k),
     )
 }
+
+/// [`gemm_acc`] on the calling thread only (for callers that run GEMMs in parallel).
+///
+/// # Safety
+/// As [`gemm_acc`]; `dst` is a raw pointer so that parallel callers can write disjoint
+/// parts of one buffer.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_acc_serial<T: 'static + candle_core::WithDType>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_rs: usize,
+    lhs: &[T],
+    rhs: &[T],
+    rhs_rs: usize,
+) {
+    debug_assert!(lhs.len() >= m * k);
+    debug_assert!(k == 0 || rhs.len() >= (k - 1) * rhs_rs + n);
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        true,
+        lhs.as_ptr(),
+        1,
+        k as isize,
+        rhs.as_ptr(),
+        1,
+        rhs_rs as isize,
+        T::one(),
+        T::one(),
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// A raw pointer that jobs writing disjoint parts of one buffer may share.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut<T>(pub(crate) *mut T);
+// SAFETY: users write disjoint elements only (each says why at its use).
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
 
 /// A `Send + Sync` pointer for jobs that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
