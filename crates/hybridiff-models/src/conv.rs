@@ -327,6 +327,19 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn matches_candle_conv2d_for_kernels_strides_and_batches() {
         let dev = Device::Cpu;
@@ -359,16 +372,7 @@ mod tests {
             let a = ours.forward(&x).unwrap();
             let e = theirs.forward(&x).unwrap();
             assert_eq!(a.dims(), e.dims());
-            let d = (a - e)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&a, &e);
             assert!(d < 1e-4, "k{k} s{stride} p{padding} {h}x{w} b{b}: {d}");
         }
     }
@@ -399,16 +403,7 @@ mod tests {
             let theirs = candle_nn::Conv2d::new(weight, Some(bias), cfg);
             let (a, e) = (ours.forward(&x).unwrap(), theirs.forward(&x).unwrap());
             assert_eq!(a.dims(), e.dims());
-            let d = (a - e)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&a, &e);
             assert!(d < 1e-4, "stride {stride}: {d}");
         }
     }
@@ -471,16 +466,7 @@ mod tests {
             }
             let banded = Tensor::cat(&parts, 2).unwrap();
             assert_eq!(banded.dims(), whole.dims(), "k{k} s{s} h{h}");
-            let d = (banded - whole)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&banded, &whole);
             assert!(d < 1e-5, "k{k} s{s} p{p} h{h} r0{r0}: {d}");
         }
     }

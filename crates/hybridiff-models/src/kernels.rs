@@ -371,29 +371,8 @@ pub(crate) unsafe fn gemm_acc<T: 'static + candle_core::WithDType>(
     rhs_rs: usize,
 ) {
     debug_assert!(dst.len() >= (m.max(1) - 1) * dst_rs + n);
-    debug_assert!(lhs.len() >= m * k);
-    debug_assert!(k == 0 || rhs.len() >= (k - 1) * rhs_rs + n);
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.as_mut_ptr(),
-        1,
-        dst_rs as isize,
-        true,
-        lhs.as_ptr(),
-        1,
-        k as isize,
-        rhs.as_ptr(),
-        1,
-        rhs_rs as isize,
-        T::one(),
-        T::one(),
-        false,
-        false,
-        false,
-        gemm_parallelism(m * n * k),
-    )
+    let par = gemm_parallelism(m * n * k);
+    gemm_raw(m, n, k, dst.as_mut_ptr(), dst_rs, lhs, rhs, rhs_rs, par)
 }
 
 /// [`gemm_acc`] on the calling thread only (for callers that run GEMMs in parallel).
@@ -411,6 +390,31 @@ pub(crate) unsafe fn gemm_acc_serial<T: 'static + candle_core::WithDType>(
     lhs: &[T],
     rhs: &[T],
     rhs_rs: usize,
+) {
+    gemm_raw(
+        m,
+        n,
+        k,
+        dst,
+        dst_rs,
+        lhs,
+        rhs,
+        rhs_rs,
+        gemm::Parallelism::None,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw<T: 'static + candle_core::WithDType>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_rs: usize,
+    lhs: &[T],
+    rhs: &[T],
+    rhs_rs: usize,
+    par: gemm::Parallelism,
 ) {
     debug_assert!(lhs.len() >= m * k);
     debug_assert!(k == 0 || rhs.len() >= (k - 1) * rhs_rs + n);
@@ -433,7 +437,7 @@ pub(crate) unsafe fn gemm_acc_serial<T: 'static + candle_core::WithDType>(
         false,
         false,
         false,
-        gemm::Parallelism::None,
+        par,
     )
 }
 
@@ -443,13 +447,6 @@ pub(crate) struct SharedMut<T>(pub(crate) *mut T);
 // SAFETY: users write disjoint elements only (each says why at its use).
 unsafe impl<T> Send for SharedMut<T> {}
 unsafe impl<T> Sync for SharedMut<T> {}
-
-/// A `Send + Sync` pointer for jobs that write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: only used by attention jobs, each writing its own (batch, head) columns.
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
 
 /// Query rows per block: a block's scores (`QUERY_BLOCK x Lk` f32) stay in the L2 cache.
 const QUERY_BLOCK: usize = 128;
@@ -557,7 +554,7 @@ impl CustomOp3 for AttentionOp {
         let d = inner / self.heads;
         let mut out = vec![0f32; b * lq * inner];
         let dims = (lq, lk, d, inner);
-        let optr = SyncPtr(out.as_mut_ptr());
+        let optr = SharedMut(out.as_mut_ptr());
         let job = |j: usize, scores: &mut Vec<f32>| {
             let (bi, h) = (j / self.heads, j % self.heads);
             let o = optr;
