@@ -156,17 +156,14 @@ impl Im2Col {
             return out;
         }
         // im2col a band of output rows at a time, so the patch matrix the GEMM streams
-        // (kk x band) stays within ~1 MB (the L2 cache) instead of kk x ho x wo. With
-        // several threads, bands are the parallel jobs (im2col included), at least two
-        // per thread.
+        // (kk x band) stays within ~1 MB (the L2 cache) instead of kk x ho x wo. The band
+        // size must not depend on the thread count: the GEMM's blocking, hence its
+        // rounding, follows its shape, and results must not change with --threads-per-rank.
         let threads = rayon::current_num_threads();
-        let mut rows = (COL_BUDGET / (kk * wo).max(1)).clamp(1, ho.max(1));
-        if threads > 1 {
-            rows = rows.min(ho.div_ceil(2 * threads)).max(1);
-        }
+        let rows = (COL_BUDGET / (kk * wo).max(1)).clamp(1, ho.max(1));
         let bands = ho.div_ceil(rows);
         let dst = crate::kernels::SharedMut(out.as_mut_ptr());
-        let job = |j: usize, col: &mut Vec<T>| {
+        let job = |j: usize, col: &mut Vec<T>, parallel_gemm: bool| {
             let (bi, band) = (j / bands, j % bands);
             let (y0, y1) = (band * rows, ((band + 1) * rows).min(ho));
             let cols = (y1 - y0) * wo;
@@ -178,7 +175,7 @@ impl Im2Col {
             // output from this band's first pixel on, rows n apart: cout x cols elements
             // no other job writes (bands and images are disjoint).
             unsafe {
-                crate::kernels::gemm_acc_serial(
+                crate::kernels::gemm_acc_ptr(
                     cout,
                     cols,
                     kk,
@@ -187,19 +184,22 @@ impl Im2Col {
                     w2d,
                     col,
                     cols,
+                    parallel_gemm,
                 )
             };
         };
         let jobs = b * bands;
-        if threads > 1 && jobs > 1 {
+        if threads > 1 && jobs >= 2 * threads {
+            // Enough bands to keep every thread busy: bands (im2col included) in parallel.
             use rayon::prelude::*;
             (0..jobs)
                 .into_par_iter()
-                .for_each_init(Vec::new, |col, j| job(j, col));
+                .for_each_init(Vec::new, |col, j| job(j, col, false));
         } else {
+            // Few bands: one after the other, each GEMM on the pool's threads.
             let mut col = Vec::new();
             for j in 0..jobs {
-                job(j, &mut col);
+                job(j, &mut col, true);
             }
         }
         out
@@ -405,6 +405,39 @@ mod tests {
             assert_eq!(a.dims(), e.dims());
             let d = max_abs_diff(&a, &e);
             assert!(d < 1e-4, "stride {stride}: {d}");
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        // --threads-per-rank must not change a single bit: the same convolutions (one band,
+        // several bands, batch 2) in pools of 1, 2 and 3 threads.
+        let dev = Device::Cpu;
+        for &(cin, h, w, b) in &[(8, 16, 16, 1), (64, 20, 64, 2), (4, 33, 7, 2)] {
+            let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap();
+            let weight = Tensor::randn(0f32, 0.1, (16, cin, 3, 3), &dev).unwrap();
+            let conv = Conv2d {
+                weight2d: weight.reshape((16, cin * 9)).unwrap(),
+                weight,
+                bias: Some(Tensor::randn(0f32, 1.0, 16, &dev).unwrap()),
+                k: 3,
+                stride: 1,
+                padding: 1,
+            };
+            let run = |t: usize| -> Vec<f32> {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(t)
+                    .build()
+                    .unwrap();
+                pool.install(|| conv.forward(&x).unwrap())
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let one = run(1);
+            assert_eq!(one, run(2), "{cin}x{h}x{w} b{b}: 1 vs 2 threads");
+            assert_eq!(one, run(3), "{cin}x{h}x{w} b{b}: 1 vs 3 threads");
         }
     }
 

@@ -375,13 +375,16 @@ pub(crate) unsafe fn gemm_acc<T: 'static + candle_core::WithDType>(
     gemm_raw(m, n, k, dst.as_mut_ptr(), dst_rs, lhs, rhs, rhs_rs, par)
 }
 
-/// [`gemm_acc`] on the calling thread only (for callers that run GEMMs in parallel).
+/// [`gemm_acc`] on a raw destination, on the pool's threads when `parallel` (and the
+/// product is large), else on the calling thread (for callers that run GEMMs in
+/// parallel). Either way the result is the same: the `gemm` crate splits the output, not
+/// the sum.
 ///
 /// # Safety
 /// As [`gemm_acc`]; `dst` is a raw pointer so that parallel callers can write disjoint
 /// parts of one buffer.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_acc_serial<T: 'static + candle_core::WithDType>(
+pub(crate) unsafe fn gemm_acc_ptr<T: 'static + candle_core::WithDType>(
     m: usize,
     n: usize,
     k: usize,
@@ -390,18 +393,14 @@ pub(crate) unsafe fn gemm_acc_serial<T: 'static + candle_core::WithDType>(
     lhs: &[T],
     rhs: &[T],
     rhs_rs: usize,
+    parallel: bool,
 ) {
-    gemm_raw(
-        m,
-        n,
-        k,
-        dst,
-        dst_rs,
-        lhs,
-        rhs,
-        rhs_rs,
-        gemm::Parallelism::None,
-    )
+    let par = if parallel {
+        gemm_parallelism(m * n * k)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm_raw(m, n, k, dst, dst_rs, lhs, rhs, rhs_rs, par)
 }
 
 #[allow(clippy::too_many_arguments)]
