@@ -36,12 +36,22 @@ CASES = {
 }
 
 
+def thread_list(text):
+    try:
+        threads = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated thread counts such as 1,2, not {text!r}")
+    if not threads or any(t < 1 for t in threads):
+        raise argparse.ArgumentTypeError(f"expected thread counts of at least 1, not {text!r}")
+    return threads
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hybridiff", default=os.path.join(REPO, "target", "release", "hybridiff"),
                    help="the hybridiff binary (default: target/release/hybridiff)")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {','.join(CASES)}")
-    p.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    p.add_argument("--threads", default="1,2", type=thread_list, help="comma-separated thread counts (default 1,2)")
     p.add_argument("--repeats", type=int, default=5, help="timed forwards per batch and run (default 5)")
     p.add_argument("--rounds", type=int, default=2, help="alternating runs of each side (default 2)")
     p.add_argument("--work", help="folder for the random-weight models (default: a temporary one)")
@@ -77,11 +87,20 @@ def main():
     if not os.access(a.hybridiff, os.X_OK):
         sys.exit(f"bench_cpu: no binary at {a.hybridiff}; build it with `cargo build --release -p hybridiff-cli`")
     cases = [c.strip() for c in a.cases.split(",") if c.strip()]
+    if not cases:
+        sys.exit(f"bench_cpu: --cases names no case; choose from {', '.join(CASES)}")
+    try:
+        import torch  # noqa: F401
+        import diffusers  # noqa: F401
+    except ImportError as e:
+        sys.exit(f"bench_cpu: run this with a Python that has torch and diffusers ({e})")
     for c in cases:
         if c not in CASES:
             sys.exit(f"bench_cpu: unknown case {c!r}; choose from {', '.join(CASES)}")
-    threads = [int(t) for t in a.threads.split(",")]
-    work = a.work or tempfile.mkdtemp(prefix="hybridiff-bench-cpu-")
+    threads = a.threads
+    # A temporary folder (the random-weight models are 55-193 MB) goes when the run ends.
+    tmp = None if a.work else tempfile.TemporaryDirectory(prefix="hybridiff-bench-cpu-")
+    work = a.work or tmp.name
     lines = [
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs; "
         f"{a.rounds} alternating runs x {a.repeats} forwards, medians",

@@ -53,9 +53,12 @@ def parse_args():
 
 def main():
     a = parse_args()
-    data = a.keep or os.path.join(tempfile.mkdtemp(prefix="hybridiff-prof-"), "perf.data")
+    if not os.access(a.hybridiff, os.X_OK):
+        sys.exit(f"profile_ops: no binary at {a.hybridiff}; build it with `cargo build --release -p hybridiff-cli`")
+    tmp = None if a.keep else tempfile.TemporaryDirectory(prefix="hybridiff-prof-")
+    data = a.keep or os.path.join(tmp.name, "perf.data")
     cmd = [
-        "perf", "record", "-q", "-F", "999", "-e", "cpu-clock", "--call-graph", "dwarf,16384", "-o", data, "--",
+        "perf", "record", "-F", "999", "-e", "cpu-clock", "--call-graph", "dwarf,16384", "-o", data, "--",
         a.hybridiff, "bench", "--model", a.model, "--latent-size", str(a.latent_size), "--strategies", "serial",
         "--steps", "1", "--only-batch", str(a.batch), "--repeats", str(a.repeats),
         "--threads-per-rank", str(a.threads),
