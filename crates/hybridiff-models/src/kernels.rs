@@ -785,7 +785,7 @@ pub fn linear_no_bias(inp: usize, out: usize, vb: VarBuilder) -> Result<Linear> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::Device;
 
@@ -805,7 +805,8 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    /// max |a - b| (same shapes); the models' unit tests share it.
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         assert_eq!(a.dims(), b.dims());
         (a - b)
             .unwrap()

@@ -217,22 +217,16 @@ impl GroupNorm {
 
     /// Normalises `x` (`[B, C, h, W]`): the whole image, or this band with `patch`.
     pub fn forward(&self, x: &Tensor, patch: Option<&Patch>) -> Result<Tensor> {
-        match patch {
-            None => Ok(crate::kernels::group_norm(
-                x,
-                self.groups,
-                self.eps,
-                &self.weight,
-                &self.bias,
-                false,
-            )?),
-            Some(p) => p.group_norm(self, x),
-        }
+        self.norm(x, patch, false)
     }
 
     /// [`Self::forward`] followed by SiLU (diffusers' `norm` then `nonlinearity`), in one
     /// pass on the CPU for the whole image.
     pub fn forward_silu(&self, x: &Tensor, patch: Option<&Patch>) -> Result<Tensor> {
+        self.norm(x, patch, true)
+    }
+
+    fn norm(&self, x: &Tensor, patch: Option<&Patch>, silu: bool) -> Result<Tensor> {
         match patch {
             None => Ok(crate::kernels::group_norm(
                 x,
@@ -240,9 +234,10 @@ impl GroupNorm {
                 self.eps,
                 &self.weight,
                 &self.bias,
-                true,
+                silu,
             )?),
-            Some(p) => Ok(crate::kernels::silu(&p.group_norm(self, x)?)?),
+            Some(p) if silu => Ok(crate::kernels::silu(&p.group_norm(self, x)?)?),
+            Some(p) => p.group_norm(self, x),
         }
     }
 }
