@@ -20,6 +20,7 @@ Prints the hit rates by phrasing and writes them as JSON.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -106,15 +107,19 @@ def main():
         json.dump(items, f)
     out = os.path.join(tmp, "out")
     cmd = [a.bin, "generate", "--prompts", batch, "--out", out] + (["--model", a.model] if a.model else [])
-    p = subprocess.run(cmd, env={**os.environ, "HYBRIDIFF_CACHE": os.path.join(tmp, "cache")},
-                       capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr}")
+    try:
+        p = subprocess.run(cmd, env={**os.environ, "HYBRIDIFF_CACHE": os.path.join(tmp, "cache")},
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr}")
+        imgs = [np.asarray(Image.open(os.path.join(out, f"{i:04}.png")).convert("RGB")) for i in range(len(items))]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # ~400 PNGs and the unpacked model
     by_phrasing, fills, misses = {}, {s: [] for s in SHAPES}, []
     i = 0
     for r in rows:
         for seed in SEEDS:
-            img = np.asarray(Image.open(os.path.join(out, f"{i:04}.png")).convert("RGB"))
+            img = imgs[i]
             i += 1
             shares, fill = score(img)
             top = sorted(shares, key=shares.get, reverse=True)

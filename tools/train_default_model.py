@@ -1,12 +1,19 @@
 #!/usr/bin/env python3
 """Train hybridiff's embedded default model ("shapes world") from scratch, on CPU.
 
-One command regenerates everything: procedural data (tools/shapes_world.py),
-the VAE, the CLIP text encoder + U-Net (trained jointly, caption dropout for
-classifier-free guidance), the diffusers-layout export to models/default/,
-diffusers-made sample images in docs/images/ and models/default/MODEL_CARD.md.
+One command regenerates everything (about 100 minutes on 2 cores): procedural data
+(tools/shapes_world.py), the VAE, then stage 1: the CLIP text encoder + U-Net trained
+jointly on a fixed caption grammar (caption dropout for classifier-free guidance), then
+stage 2: both fine-tuned on free phrasings of the same scenes ("a blue circle", "a circle,
+blue", ...; issue 17); the diffusers-layout export to --out (models/default/, DELETED and
+rewritten), diffusers-made sample images in docs/images/ and MODEL_CARD.md.
 
     /work/venv/bin/python tools/train_default_model.py
+
+Flags: --vae-* are the VAE's; --unet-steps and --lr stage 1's; --finetune-*, --p-canonical
+and --p-no-background stage 2's; the rest apply to both U-Net stages. To rerun stage 2
+only, give --stage1-from a copy of a stage-1 model (the committed one: `git archive
+37b2812 models/default | tar -x -C /tmp/s1`, then --stage1-from /tmp/s1/models/default).
 
 Needs: torch, diffusers, transformers, safetensors, numpy, pillow.
 """
@@ -188,10 +195,20 @@ def probe_gap(te, unet, lat_mean, ids, empty_ids, scale, acp):
     return float((ec - eu).abs().mean() / eu.abs().mean())
 
 
-def train_unet(args, lat_mean, lat_std, ids, empty_ids, scale, gen, scenes, tokenizer):
-    te = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
-    unet = UNet2DConditionModel(**UNET_CONFIG)
-    if args.te_embed_std:
+def train_unet(args, lat_mean, lat_std, ids, empty_ids, scale, gen, scenes, tokenizer, init=None):
+    """Stage 1: text encoder + U-Net from scratch on the grammar's captions. Stage 2 (issue 17):
+    both fine-tuned from stage 1's exported weights on captions that are the grammar with
+    probability --p-canonical, else a free phrasing (shapes_world.phrase)."""
+    if init is None:
+        steps, base_lr, warmup, p_canonical = args.unet_steps, args.lr, 200, 1.0
+        te = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+        unet = UNet2DConditionModel(**UNET_CONFIG)
+    else:
+        steps, base_lr, warmup, p_canonical = args.finetune_steps, args.finetune_lr, 100, args.p_canonical
+        te, unet = init
+        te.train()
+        unet.train()
+    if init is None and args.te_embed_std:
         # token-identity-dominated text features: a from-scratch CLIP with std-0.02 token rows gives
         # near-identical outputs for all captions and the U-Net learns to ignore them
         with torch.no_grad():
@@ -213,14 +230,15 @@ def train_unet(args, lat_mean, lat_std, ids, empty_ids, scale, gen, scenes, toke
     t0 = time.time()
     hist, probes = [], []
     phrasing = np.random.default_rng(args.seed + 6)  # its own stream: the other draws stay as before
-    for step in range(args.unet_steps):
+    tag = "unet" if init is None else "finetune"
+    for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.unet_steps, args.lr, 200) * g["lr_mult"]
+            g["lr"] = lr_at(step, steps, base_lr, warmup) * g["lr_mult"]
         idx = torch.randint(0, n, (args.batch,), generator=gen)
         z0 = (lat_mean[idx].float() + lat_std[idx].float() * torch.randn(args.batch, 4, 16, 16, generator=gen)) * scale
-        if args.p_canonical < 1.0:
+        if p_canonical < 1.0:
             # a fresh phrasing of each scene every time it is drawn (shapes_world.phrase)
-            caps = [sw.phrase(phrasing, scenes[i], args.p_canonical, args.p_no_background) for i in idx.tolist()]
+            caps = [sw.phrase(phrasing, scenes[i], p_canonical, args.p_no_background) for i in idx.tolist()]
             tok = tokenizer(caps, padding="max_length", max_length=77, truncation=True,
                             return_tensors="pt").input_ids
         else:
@@ -250,15 +268,15 @@ def train_unet(args, lat_mean, lat_std, ids, empty_ids, scale, gen, scenes, toke
         opt.step()
         ema.update(step)
         hist.append((loss.item(), mse.mean().item()))
-        last = step == args.unet_steps - 1
+        last = step == steps - 1
         if step % 100 == 0 or last:
             m = np.mean(hist[-100:], axis=0)
             el = time.time() - t0
-            log(f"unet step {step:5d} wloss {m[0]:.4f} eps-mse {m[1]:.4f} ({el:.0f}s, {el / (step + 1):.2f}s/step)")
+            log(f"{tag} step {step:5d} wloss {m[0]:.4f} eps-mse {m[1]:.4f} ({el:.0f}s, {el / (step + 1):.2f}s/step)")
         if args.probe_every and ((step + 1) % args.probe_every == 0 or last):
             gap = probe_gap(te, unet, lat_mean, ids, empty_ids, scale, acp)
             probes.append((step + 1, round(gap, 5)))
-            log(f"unet step {step + 1:5d} cond/uncond gap at t=900: {gap:.4f}")
+            log(f"{tag} step {step + 1:5d} cond/uncond gap at t=900: {gap:.4f}")
     ema.copy_to()
     te.eval()
     unet.eval()
@@ -267,6 +285,17 @@ def train_unet(args, lat_mean, lat_std, ids, empty_ids, scale, gen, scenes, toke
     stats = dict(zip(("weighted_loss", "eps_mse"), np.mean(hist[-200:], axis=0).tolist()))
     stats.update(gap_probes=probes, gap_ema=round(gap, 5))
     return te, unet, stats, time.time() - t0
+
+
+def load_stage1(path):
+    """Stage 1's exported model (fp16 on disk, so a run that trains stage 1 reloads it too and
+    stage 2 starts from the same weights either way): (vae, text encoder, U-Net) in f32."""
+    vae = AutoencoderKL.from_pretrained(os.path.join(path, "vae"), torch_dtype=torch.float32)
+    te = CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(path, "unet"), torch_dtype=torch.float32)
+    for m in (vae, te, unet):
+        m.eval()
+    return vae, te, unet
 
 
 def phrasing_examples(args, scenes):
@@ -291,6 +320,15 @@ def export(out, vae, te, unet, scale):
     te.to(torch.float16).save_pretrained(os.path.join(out, "text_encoder"))
     for m in (vae, unet, te):
         m.to(torch.float32)
+    for sub in ("vae", "unet"):
+        # a model loaded by from_pretrained (stage 2) would record the local path it came from
+        cfg_path = os.path.join(out, sub, "config.json")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        if cfg.pop("_name_or_path", None) is not None:
+            with open(cfg_path, "w") as f:
+                json.dump(cfg, f, indent=2, sort_keys=True)
+                f.write("\n")
     tdir = os.path.join(out, "tokenizer")
     os.makedirs(tdir)
     for f in TOKENIZER_FILES:
@@ -317,33 +355,42 @@ def export(out, vae, te, unet, scale):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(ROOT, "models/default"))
-    ap.add_argument("--images-dir", default=os.path.join(ROOT, "docs/images"))
-    ap.add_argument("--seed", type=int, default=20261126)
-    ap.add_argument("--threads", type=int, default=2)
+    class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
+    ap.add_argument("--out", default=os.path.join(ROOT, "models/default"),
+                    help="model folder to write (deleted first; its hybridiff.json is kept) ")
+    ap.add_argument("--images-dir", default=os.path.join(ROOT, "docs/images"),
+                    help="where diffusers' sample images go ")
+    ap.add_argument("--seed", type=int, default=20261126, help="base seed; every stream is seed + a fixed offset")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
     ap.add_argument("--vae-steps", type=int, default=1200)
     ap.add_argument("--vae-crop-steps", type=int, default=900)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--vae-lr", type=float, default=2e-3)
     ap.add_argument("--vae-kl", type=float, default=1e-3)
-    ap.add_argument("--dataset", type=int, default=20000)
-    ap.add_argument("--unet-steps", type=int, default=7000)
+    ap.add_argument("--dataset", type=int, default=20000, help="training images per stage")
+    ap.add_argument("--unet-steps", type=int, default=7000, help="stage 1 steps")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--ema", type=float, default=0.998)
-    ap.add_argument("--cond-dropout", type=float, default=0.12)
+    ap.add_argument("--lr", type=float, default=1e-3, help="stage 1 learning rate")
+    ap.add_argument("--ema", type=float, default=0.998, help="EMA decay (the exported weights are the EMA)")
+    ap.add_argument("--cond-dropout", type=float, default=0.12, help="share of empty captions (for CFG)")
     ap.add_argument("--min-snr-gamma", type=float, default=5.0)
     ap.add_argument("--offset-noise", type=float, default=0.3)
     ap.add_argument("--high-t-frac", type=float, default=0.3)
     ap.add_argument("--te-lr-mult", type=float, default=2.0)
     ap.add_argument("--te-embed-std", type=float, default=1.0, help="init token embeddings with this std (0 = CLIP's 0.02)")
-    # Default 1 (grammar only) reproduces models/default. --p-canonical 0.35 (issue 17, tried
-    # 2026-11-30 at --threads 1): the named colour won on 99.7% of one-shape prompts in any
-    # phrasing (41.8% before), but "circle" and "square" drew the same rounded square (fill
-    # ratio 0.83 vs 0.85; 0.73 vs 0.90 before), so it is not the default yet.
-    ap.add_argument("--p-canonical", type=float, default=1.0,
-                    help="share of training captions in the fixed grammar; the rest are free phrasings (1 = grammar only)")
+    # Issue 17. Phrasings from scratch (--p-canonical 0.35 in one stage, tried 2026-11-30) got
+    # the colours (99.7%) but lost circle vs square (fill ratio 0.83 vs 0.85); so stage 1 learns
+    # shapes and colours on the grammar alone and stage 2 fine-tunes it on mixed captions.
+    ap.add_argument("--stage1-from", metavar="DIR",
+                    help="start stage 2 from this exported stage-1 model (models/default at commit 37b2812, "
+                         "see above) instead of training the VAE and stage 1")
+    ap.add_argument("--finetune-steps", type=int, default=4000, help="stage 2 steps (0 = stage 1 only)")
+    ap.add_argument("--finetune-lr", type=float, default=3e-4, help="stage 2 learning rate")
+    ap.add_argument("--p-canonical", type=float, default=0.5,
+                    help="stage 2: share of captions in the fixed grammar; the rest are free phrasings")
     ap.add_argument("--p-no-background", type=float, default=0.4,
                     help="share of free phrasings that leave the background out")
     ap.add_argument("--probe-every", type=int, default=250, help="log the cond/uncond gap every N steps")
@@ -353,7 +400,7 @@ def main():
     nondefault = [
         f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else f"--{k.replace('_', '-')}"
         for k, v in vars(args).items()
-        if v != defaults[k] and k not in ("out", "images_dir", "skip_verify")
+        if v != defaults[k] and k not in ("out", "images_dir", "skip_verify", "stage1_from")
     ]
 
     t_start = time.time()
@@ -365,40 +412,76 @@ def main():
     gen = torch.Generator().manual_seed(args.seed + 2)
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_SRC)
 
-    log("training VAE", VAE_CONFIG["block_out_channels"])
-    vae, vae_loss, vae_time = train_vae(args, rng_vae)
-    log(f"encoding {args.dataset} images")
-    t_enc = time.time()
-    lat_mean, lat_std, ids, caps, scenes = encode_dataset(vae, rng_data, args.dataset, tokenizer)
-    enc_time = time.time() - t_enc
-    g = torch.Generator().manual_seed(args.seed + 3)
-    sample_lat = lat_mean[:2000].float() + lat_std[:2000].float() * torch.randn(lat_mean[:2000].shape, generator=g)
-    lat_std_all = sample_lat.std().item()
-    scale = round(1.0 / lat_std_all, 5)
-    log(f"latent mean {sample_lat.mean().item():.4f} std {lat_std_all:.4f} -> scaling_factor {scale}; posterior std mean {lat_std.float().mean().item():.4f}")
     empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    stage1_dir = args.stage1_from
+    if stage1_dir is None:
+        log("training VAE", VAE_CONFIG["block_out_channels"])
+        vae, vae_loss, vae_time = train_vae(args, rng_vae)
+        log(f"encoding {args.dataset} images")
+        t_enc = time.time()
+        lat_mean, lat_std, ids, caps, scenes = encode_dataset(vae, rng_data, args.dataset, tokenizer)
+        enc_time = time.time() - t_enc
+        g = torch.Generator().manual_seed(args.seed + 3)
+        sample_lat = lat_mean[:2000].float() + lat_std[:2000].float() * torch.randn(lat_mean[:2000].shape, generator=g)
+        lat_std_all = sample_lat.std().item()
+        scale = round(1.0 / lat_std_all, 5)
+        log(f"latent mean {sample_lat.mean().item():.4f} std {lat_std_all:.4f} -> scaling_factor {scale}; posterior std mean {lat_std.float().mean().item():.4f}")
 
-    log("training text encoder + U-Net", UNET_CONFIG["block_out_channels"])
-    torch.manual_seed(args.seed + 4)
-    te, unet, unet_loss, unet_time = train_unet(args, lat_mean, lat_std, ids, empty_ids, scale, gen, scenes,
-                                                tokenizer)
-    export(args.out, vae, te, unet, scale)
+        log("stage 1: training text encoder + U-Net", UNET_CONFIG["block_out_channels"])
+        torch.manual_seed(args.seed + 4)
+        te, unet, unet_loss, unet_time = train_unet(args, lat_mean, lat_std, ids, empty_ids, scale, gen, scenes,
+                                                    tokenizer)
+        export(args.out, vae, te, unet, scale)
+        stage1 = dict(vae_loss=vae_loss, unet_loss=unet_loss, vae_time_s=vae_time, encode_time_s=enc_time,
+                      unet_time_s=unet_time, caption_examples=caps[:8])
+        stage1_dir = args.out
+    else:
+        # the stage-1 model's own record (its training_stats.json) is carried into the new one
+        with open(os.path.join(stage1_dir, "training_stats.json")) as f:
+            prev = json.load(f)
+        stage1 = prev.get("stage1", prev)
+        stage1 = {k: stage1[k] for k in ("vae_loss", "unet_loss", "vae_time_s", "encode_time_s", "unet_time_s",
+                                         "caption_examples")}
+        stage1["from"] = os.path.relpath(os.path.abspath(stage1_dir), ROOT)
+
+    finetune = None
+    if args.finetune_steps:
+        vae, te, unet = load_stage1(stage1_dir)
+        scale = vae.config.scaling_factor
+        log(f"stage 2: encoding {args.dataset} images with the exported VAE")
+        t_enc = time.time()
+        lat_mean, lat_std, ids, caps2, scenes = encode_dataset(vae, np.random.default_rng(args.seed + 8),
+                                                               args.dataset, tokenizer)
+        enc2 = time.time() - t_enc
+        log(f"stage 2: fine-tuning on phrasings (p_canonical {args.p_canonical})")
+        torch.manual_seed(args.seed + 9)
+        gen2 = torch.Generator().manual_seed(args.seed + 10)
+        te, unet, ft_loss, ft_time = train_unet(args, lat_mean, lat_std, ids, empty_ids, scale, gen2, scenes,
+                                                tokenizer, init=(te, unet))
+        export(args.out, vae, te, unet, scale)
+        finetune = dict(unet_loss=ft_loss, encode_time_s=enc2, unet_time_s=ft_time,
+                        phrasing_examples=phrasing_examples(args, scenes[:12]))
     total_time = time.time() - t_start
     log(f"exported to {args.out}; total {total_time:.0f}s")
 
+    recorded = dict(vars(args))
+    for k in ("out", "images_dir", "stage1_from"):  # local paths: not part of the recipe
+        recorded[k] = None if recorded[k] is None else os.path.basename(os.path.normpath(recorded[k]))
     stats = dict(
         seed=args.seed,
-        args=vars(args),
-        vae_loss=vae_loss,
-        unet_loss=unet_loss,
-        vae_time_s=vae_time,
-        encode_time_s=enc_time,
-        unet_time_s=unet_time,
-        train_total_s=total_time,
+        args=recorded,
+        stage1=stage1,
+        finetune=finetune,
+        vae_loss=stage1["vae_loss"],
+        unet_loss=(finetune or stage1)["unet_loss"],
+        vae_time_s=stage1["vae_time_s"],
+        encode_time_s=stage1["encode_time_s"],
+        unet_time_s=stage1["unet_time_s"],
+        run_total_s=total_time,  # this run: stage 2 only with --stage1-from
         scaling_factor=scale,
         params=dict(vae=nparams(vae), text_encoder=nparams(te), unet=nparams(unet)),
-        caption_examples=caps[:8],
-        phrasing_examples=phrasing_examples(args, scenes[:12]),
+        caption_examples=stage1["caption_examples"],
+        phrasing_examples=finetune["phrasing_examples"] if finetune else [],
         nondefault_flags=nondefault,
     )
     with open(os.path.join(args.out, "training_stats.json"), "w") as f:

@@ -476,8 +476,12 @@ impl AttentionOp {
         let mut r0 = 0;
         while r0 < lq {
             let rows = QUERY_BLOCK.min(lq - r0);
-            scores.clear();
-            scores.resize(rows * lk, 0.0);
+            // The QK^T GEMM overwrites every score (it does not read dst): grow the buffer
+            // once, never clear it (zeroing it was ~1% of a 64x64 U-Net forward).
+            if scores.len() < rows * lk {
+                scores.resize(rows * lk, 0.0);
+            }
+            let scores = &mut scores[..rows * lk];
             // scores (rows x lk) = scale * q_block (rows x d) k^T (d x lk).
             gemm::gemm(
                 rows,
@@ -620,6 +624,18 @@ impl LinearOp {
         bias: Option<&[T]>,
         (rows, inp, out): (usize, usize, usize),
     ) -> Vec<T> {
+        if rows == 1 {
+            // The `gemm` crate multiplies a single row by another path (GEMV) that sums in
+            // another order, so a sample's time embedding would differ in its last bits
+            // between a batch of 1 and a batch of 2 (CFG on one rank vs two, a batch split
+            // over threads). As row 0 of two it takes the path every taller input takes.
+            let mut x2 = Vec::with_capacity(2 * inp);
+            x2.extend_from_slice(&x[..inp]);
+            x2.resize(2 * inp, T::zero());
+            let mut dst = Self::run(&x2, wt, bias, (2, inp, out));
+            dst.truncate(out);
+            return dst;
+        }
         let mut dst = bias_rows(rows, bias, out);
         // SAFETY: x is rows x inp, wt inp x out, dst rows x out, all contiguous.
         unsafe { gemm_acc(rows, out, inp, &mut dst, out, x, wt, out) };
@@ -945,5 +961,29 @@ pub(crate) mod tests {
             ours.forward(&rand(&[2, 4], 11)).is_err(),
             "wrong input width"
         );
+    }
+
+    #[test]
+    fn a_rows_result_does_not_depend_on_the_rows_beside_it() {
+        // A batch of 1 and a batch of 2 (or a split batch) must give a sample the same
+        // bits: row 0 alone, of 2, 3, 17 and 40 rows.
+        for (inp, out) in [(64, 256), (320, 64), (7, 5)] {
+            let lin = Linear::new(rand(&[out, inp], 15), Some(rand(&[out], 16))).unwrap();
+            let x = rand(&[40, inp], 17);
+            let row0 = |m: usize| {
+                lin.forward(&x.narrow(0, 0, m).unwrap())
+                    .unwrap()
+                    .narrow(0, 0, 1)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            let alone = row0(1);
+            for m in [2, 3, 17, 40] {
+                assert_eq!(alone, row0(m), "{inp}x{out}: row 0 alone vs of {m} rows");
+            }
+        }
     }
 }
