@@ -32,6 +32,10 @@ fn ranks(name: &str, np: usize, timeout: Duration) -> Option<(MpiWorld, MpiComm)
             "-np",
             &np.to_string(),
         ])
+        // One file per rank: through one pipe the ranks' lines interleave mid-line
+        // ("test result: ok" + ". 1 passed" from the other rank), which broke the count below.
+        .arg("--output-filename")
+        .arg(session.join("out"))
         .args(["-x", CHILD])
         .env(CHILD, "1")
         .env("TMPDIR", &session)
@@ -59,20 +63,50 @@ fn ranks(name: &str, np: usize, timeout: Duration) -> Option<(MpiWorld, MpiComm)
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = child.wait_with_output().unwrap();
+    let ranks_out = rank_outputs(&session.join("out"));
     let _ = std::fs::remove_dir_all(&session);
     let text = format!(
-        "{}{}",
+        "{}{}{}",
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
+        ranks_out.join("\n")
     );
     assert!(out.status.success(), "{name} failed under mpirun:\n{text}");
     // Every rank ran the test body and passed it.
     assert_eq!(
-        text.matches("test result: ok. 1 passed").count(),
+        ranks_out
+            .iter()
+            .filter(|o| o.contains("test result: ok. 1 passed"))
+            .count(),
         np,
         "{text}"
     );
     None
+}
+
+/// The text of every file under mpirun's `--output-filename` folder
+/// (`<dir>/1/rank.<r>/stdout`, `stderr`), one entry per rank: stdout and stderr joined.
+fn rank_outputs(dir: &std::path::Path) -> Vec<String> {
+    let mut ranks = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        let mut files = String::new();
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files += &std::fs::read_to_string(&path).unwrap_or_default();
+            }
+        }
+        if !files.is_empty() {
+            ranks.push(files);
+        }
+    }
+    ranks
 }
 
 fn t(vals: &[f32]) -> Tensor {
