@@ -53,6 +53,11 @@ fn fill_ratio(img: &image::RgbImage) -> Option<f64> {
         .filter(|(_, _, p)| drawn(p))
         .map(|(x, y, _)| (x, y))
         .collect();
+    box_fill(&pts)
+}
+
+/// Drawn pixels / their bounding box; `None` for fewer than 8 pixels (nothing drawn).
+fn box_fill(pts: &[(u32, u32)]) -> Option<f64> {
     if pts.len() < 8 {
         return None;
     }
@@ -354,20 +359,11 @@ fn colours_and_fill(img: &image::RgbImage) -> (Vec<&'static str>, Option<f64>) {
             counts[nearest] += 1;
         }
     }
-    if pts.len() < 8 {
+    let Some(fill) = box_fill(&pts) else {
         return (Vec::new(), None);
-    }
+    };
     let mut order: Vec<usize> = (0..8).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(counts[i]));
-    let (x0, x1) = (
-        pts.iter().map(|p| p.0).min().unwrap(),
-        pts.iter().map(|p| p.0).max().unwrap(),
-    );
-    let (y0, y1) = (
-        pts.iter().map(|p| p.1).min().unwrap(),
-        pts.iter().map(|p| p.1).max().unwrap(),
-    );
-    let fill = pts.len() as f64 / ((x1 - x0 + 1) * (y1 - y0 + 1)) as f64;
     (
         order.into_iter().map(|i| PALETTE[i].0).collect(),
         Some(fill),
