@@ -37,8 +37,9 @@ pub struct BenchArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 5.0, allow_hyphen_values = true)]
     pub guidance: f64,
-    /// ddim, euler, dpmpp-2m or flow-euler [default: the model's scheduler_config.json]
-    #[arg(long)]
+    /// The sampler, by our name or diffusers' class name (as for generate) [default: the
+    /// model's scheduler_config.json]; stochastic ones draw their step noise from seed 0.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(hybridiff_schedulers::SchedulerKind::names()))]
     pub scheduler: Option<String>,
     /// Compute threads per rank (serial gets the same, on one rank).
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
@@ -327,6 +328,7 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
         guidance: args.guidance,
         inputs: &inputs,
         progress: None,
+        sampling: Default::default(),
     };
     let mut runs = Vec::new();
     for &kind in &kinds {

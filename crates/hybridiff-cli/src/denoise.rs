@@ -37,13 +37,21 @@ pub struct DenoiseArgs {
     /// Decode the final latents with the model's VAE and write this PNG.
     #[arg(long)]
     pub decode: Option<PathBuf>,
+    /// Seed of the step noise of stochastic samplers (euler-a, dpmpp-2m-sde, lcm): step i's
+    /// noise comes from the seed and i alone, the same on every strategy and rank (the
+    /// starting latents are the inputs file's).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     #[command(flatten)]
     pub run: crate::strategy_args::RunArgs,
 }
 
+/// `--scheduler` (ours or a diffusers class name) against the model's config, else the
+/// config's `_class_name`.
 pub(crate) fn parse_scheduler(s: Option<&str>, model: &Model) -> Result<SchedulerKind> {
     Ok(match s {
-        Some(s) => s.parse().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?,
+        Some(s) => SchedulerKind::resolve(s, &model.scheduler_config)
+            .map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?,
         None => model.scheduler_config.default_kind()?,
     })
 }
@@ -84,10 +92,7 @@ pub fn run(args: DenoiseArgs, launch: &crate::launch::Launch) -> Result<()> {
         &args.model,
         run.dtype,
     )?;
-    let scheduler = match run.scheduler {
-        Some(s) => s,
-        None => model.scheduler_config.default_kind()?,
-    };
+    let scheduler = run.scheduler_kind(&model.scheduler_config)?;
     let inputs = DenoiseInputs::load(&args.inputs, &model.input_spec, &device)?;
     let vae = match &args.decode {
         Some(_) if root => {
@@ -108,6 +113,11 @@ pub fn run(args: DenoiseArgs, launch: &crate::launch::Launch) -> Result<()> {
         guidance: args.guidance,
         inputs: &inputs,
         progress: Some(&progress),
+        sampling: hybridiff_engine::SamplingOptions {
+            karras: run.karras,
+            guidance_rescale: run.guidance_rescale,
+            noise: hybridiff_engine::Noise::chacha8(args.seed),
+        },
     };
     let opts = &run.options;
     let out = match launch.communicator_for(opts.comm_timeout, run.nccl, &run.device)? {

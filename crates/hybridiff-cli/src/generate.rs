@@ -59,15 +59,13 @@ pub struct GenerateArgs {
     #[arg(long, allow_negative_numbers = true)]
     pub width: Option<usize>,
     /// Seed of the starting noise (ChaCha8 + standard normal; the same on every machine
-    /// and strategy). In a batch, prompt i without its own seed uses seed + i.
-    #[arg(
-        long,
-        default_value_t = 0,
-        conflicts_with = "latents",
-        allow_negative_numbers = true
-    )]
+    /// and strategy) and of the step noise of stochastic samplers (euler-a, dpmpp-2m-sde,
+    /// lcm: step i's noise from the seed and i alone). In a batch, prompt i without its own
+    /// seed uses seed + i, and makes the image its own run with that seed makes.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
-    /// Start from the `latents` tensor of this safetensors file instead.
+    /// Start from the `latents` tensor of this safetensors file instead (stochastic
+    /// samplers still draw their step noise from --seed).
     #[arg(long)]
     pub latents: Option<PathBuf>,
     /// Write the per-step JSON trace here (single image).
@@ -337,13 +335,16 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
         None => Some(Runner::start(opts.clone())?),
         Some(_) => None,
     };
-    let scheduler = run.scheduler;
+    let scheduler = Some(run.scheduler_kind(&pipeline.model.scheduler_config)?);
+    let (karras, guidance_rescale) = (run.karras, run.guidance_rescale);
     let request = |prompt: &str, negative: Option<&str>, seed: u64| Request {
         prompt: prompt.to_string(),
         negative_prompt: negative.map(str::to_string),
         steps,
         guidance: args.guidance.or(defaults.guidance),
         scheduler,
+        karras,
+        guidance_rescale,
         height: args.height,
         width: args.width,
         latents: latents.clone(),

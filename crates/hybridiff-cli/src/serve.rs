@@ -236,6 +236,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let model_defaults = defaults.clone();
     let request_defaults = RequestDefaults {
         steps: default_steps,
+        karras: run.karras,
+        guidance_rescale: run.guidance_rescale,
         guidance: args.guidance.or(defaults.guidance),
         size: args.width.zip(args.height),
     };
@@ -265,7 +267,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         limits,
         api_key: api_key.clone(),
     };
-    let (kind, dtype, scheduler, options) = (run.kind, run.dtype, run.scheduler, run.options);
+    let (kind, dtype, scheduler, options) =
+        (run.kind, run.dtype, run.scheduler.clone(), run.options);
     // The model is loaded and the ranks started once, on the service's job thread.
     let make = move || -> std::result::Result<Box<dyn Backend>, String> {
         let pipeline = Pipeline::load(&model_dir, dtype, &device).map_err(|e| e.to_string())?;

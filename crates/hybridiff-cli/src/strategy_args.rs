@@ -307,9 +307,21 @@ pub struct RunArgs {
     /// f32 or f16 (bf16 on CUDA builds).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// ddim, euler, dpmpp-2m or flow-euler [default: the model's scheduler_config.json]
-    #[arg(long)]
+    /// The sampler, by our name or diffusers' class name [default: the model's
+    /// scheduler_config.json]. euler-a ("Euler a"), dpmpp-2m-sde and lcm add fresh noise each
+    /// step, drawn from --seed and the step alone (the same image on every strategy and
+    /// rank). DPMSolverMultistepScheduler takes its algorithm (2M or 2M SDE) from the config.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(hybridiff_schedulers::SchedulerKind::names()))]
     pub scheduler: Option<String>,
+    /// Karras sigmas (diffusers' use_karras_sigmas), e.g. "DPM++ 2M Karras" = --scheduler
+    /// dpmpp-2m --karras; for euler, dpmpp-2m, dpmpp-2m-sde, unipc and flow-euler.
+    #[arg(long)]
+    pub karras: bool,
+    /// diffusers' guidance_rescale (Lin et al. 2023, for v-prediction and zero-SNR models):
+    /// mixes the guided prediction rescaled to the conditional one's std, 0 (off) to 1 (0.7
+    /// in the paper); only with classifier-free guidance (--guidance above 1), not for SD3.
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    pub guidance_rescale: f64,
     /// Seconds any rank waits for another before the job fails, 1 to 604800 [default: 600
     /// with ranks as threads, 60 with one rank per process].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=604_800))]
@@ -345,7 +357,12 @@ pub struct Run {
     pub strategy: Box<dyn hybridiff_engine::Strategy>,
     pub options: hybridiff_engine::RunOptions,
     pub dtype: candle_core::DType,
-    pub scheduler: Option<hybridiff_schedulers::SchedulerKind>,
+    /// `--scheduler` as given (ours or a diffusers class name; see [`Run::scheduler_kind`]).
+    pub scheduler: Option<String>,
+    /// `--karras`.
+    pub karras: bool,
+    /// `--guidance-rescale`.
+    pub guidance_rescale: f64,
     /// The hybrid thresholds and where they came from.
     pub switch: ResolvedSwitch,
     /// Rank 0's device: load the model and inputs here (`options.placement` has every
@@ -356,6 +373,19 @@ pub struct Run {
 }
 
 impl Run {
+    /// The sampler `--scheduler` names, read against the model's scheduler config (which
+    /// picks DPMSolverMultistepScheduler's algorithm), else the config's `_class_name`.
+    pub fn scheduler_kind(
+        &self,
+        cfg: &hybridiff_schedulers::SchedulerConfig,
+    ) -> Result<hybridiff_schedulers::SchedulerKind> {
+        Ok(match &self.scheduler {
+            Some(name) => hybridiff_schedulers::SchedulerKind::resolve(name, cfg)
+                .map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?,
+            None => cfg.default_kind()?,
+        })
+    }
+
     /// [`announce`] for this run's strategy.
     pub fn announce(&self, guidance: f64, steps: usize, print: bool) -> Result<()> {
         announce(
@@ -383,6 +413,7 @@ impl RunArgs {
     ) -> Result<Run> {
         use hybridiff_engine::StrategyKind;
         let kind: StrategyKind = self.strategy.parse()?;
+        hybridiff_engine::check_guidance_rescale(self.guidance_rescale, None)?;
         let nccl = self.comm == "nccl";
         if nccl {
             crate::launch::check_nccl(processes)?;
@@ -427,17 +458,15 @@ impl RunArgs {
             .resolve(world_size, processes.map(local_rank), print)?;
         run_options.placement = devices.placement;
         crate::set_compute_threads(threads);
-        let scheduler = match &self.scheduler {
-            Some(s) => Some(s.parse().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?),
-            None => None,
-        };
         let (options, switch) = self.strategy_args.options(defaults, steps)?;
         Ok(Run {
             kind,
             strategy: kind.build(&options),
             options: run_options,
             dtype: parse_dtype(&self.dtype, &devices.device)?,
-            scheduler,
+            scheduler: self.scheduler.clone(),
+            karras: self.karras,
+            guidance_rescale: self.guidance_rescale,
             switch,
             device: devices.device,
             nccl,

@@ -10,6 +10,7 @@ pub mod latency;
 pub mod memory;
 pub mod metrics;
 pub mod model;
+pub mod noise;
 pub mod pipeline;
 pub mod runner;
 pub mod sampler;
@@ -29,6 +30,7 @@ use hybridiff_schedulers::{SchedulerConfig, SchedulerKind};
 pub use error::{Error, Result};
 pub use io::DenoiseInputs;
 pub use model::Model;
+pub use noise::{Noise, NoiseKind};
 pub use runner::Runner;
 pub use sampler::Sampler;
 pub use strategy::{PipelinedGuidance, Strategy, StrategyKind, StrategyOptions};
@@ -44,6 +46,23 @@ pub struct Job<'a> {
     pub inputs: &'a DenoiseInputs,
     /// Called on rank 0 after each step with (steps done, total).
     pub progress: Option<&'a (dyn Fn(usize, usize) + Sync)>,
+    /// Karras sigmas, guidance rescale and the step noise of stochastic samplers.
+    pub sampling: SamplingOptions,
+}
+
+/// How a job samples beyond its scheduler kind, steps and guidance.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SamplingOptions {
+    /// `--karras`: Karras sigmas whatever the scheduler config says (refused for samplers
+    /// whose diffusers class has none).
+    pub karras: bool,
+    /// `--guidance-rescale`: diffusers' `guidance_rescale` (Lin et al. 2023, "Common
+    /// Diffusion Noise Schedules and Sample Steps are Flawed", section 3.4), 0 (off) to 1.
+    /// See [`sampler::rescale_noise_cfg`].
+    pub guidance_rescale: f64,
+    /// The image's random numbers: each stochastic step's noise comes from its seed and
+    /// the step index alone (see [`noise`]).
+    pub noise: Noise,
 }
 
 impl Job<'_> {
@@ -53,6 +72,52 @@ impl Job<'_> {
     pub fn cfg(&self) -> bool {
         self.guidance > 1.0
     }
+
+    /// The image's token count as the scheduler's dynamic shifting reads it:
+    /// `(h / p) * (w / p)` for latents of `h x w` and the denoiser's patch size p (1 for a
+    /// U-Net), as diffusers' SD3 pipeline computes it.
+    pub fn image_seq_len(&self) -> Result<usize> {
+        let (_, _, h, w) = self.inputs.latents.dims4()?;
+        let p = self.model.patch_size().max(1);
+        Ok((h / p) * (w / p))
+    }
+
+    /// The run's scheduler, built and checked (every rank builds its own from this).
+    pub fn build_scheduler(&self) -> Result<Box<dyn hybridiff_schedulers::Scheduler>> {
+        let opts = hybridiff_schedulers::ScheduleOptions {
+            karras: self.sampling.karras,
+            image_seq_len: Some(self.image_seq_len()?),
+        };
+        Ok(hybridiff_schedulers::build_with(
+            self.scheduler_config,
+            self.scheduler,
+            self.steps,
+            &opts,
+        )?)
+    }
+}
+
+/// The largest `--guidance-rescale`: diffusers' `guidance_rescale` mixes the rescaled and
+/// the plain guided prediction, `phi` in [0, 1] (the paper uses 0.7).
+pub const MAX_GUIDANCE_RESCALE: f64 = 1.0;
+
+/// Rejects a guidance rescale outside [0, 1] or not finite, naming the flag, and one that
+/// a flow-matching sampler would be given (diffusers' SD3 pipeline has no
+/// `guidance_rescale`: it is defined for epsilon / v-prediction models).
+pub fn check_guidance_rescale(phi: f64, scheduler: Option<SchedulerKind>) -> Result<()> {
+    if !(phi.is_finite() && (0.0..=MAX_GUIDANCE_RESCALE).contains(&phi)) {
+        return Err(Error::Options(format!(
+            "--guidance-rescale {phi}: expected a number from 0 (off) to {MAX_GUIDANCE_RESCALE} (diffusers' guidance_rescale; 0.7 in the paper)"
+        )));
+    }
+    if let Some(kind) = scheduler {
+        if phi > 0.0 && kind.family() == hybridiff_schedulers::SchedulerFamily::FlowMatching {
+            return Err(Error::Options(format!(
+                "--guidance-rescale {phi} with the flow-matching sampler {kind}: diffusers' SD3 pipeline has no guidance_rescale (it rescales epsilon / v predictions, Lin et al. 2023); leave it at 0"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The largest `|--guidance|` accepted: diffusers' pipelines are used with 0 to about 20,
@@ -347,6 +412,8 @@ fn check_job(
     let ctx_len = job.inputs.cond.prompt_embeds.dim(1)?;
     memory::check_counts(job.steps, ctx_len)?;
     check_guidance(job.guidance)?;
+    check_guidance_rescale(job.sampling.guidance_rescale, Some(job.scheduler))?;
+    job.build_scheduler()?;
     strategy.check(job, opts.world_size)?;
     let (_, c, h, w) = job.inputs.latents.dims4()?;
     let shape =
@@ -365,12 +432,13 @@ fn agree_on_job(
     comm: &mut dyn hybridiff_comm::Communicator,
 ) -> Result<()> {
     let mine = format!(
-        "strategy {} | world {} | steps {} | guidance {} | scheduler {} | latents {:?} {:?} | stages {}",
+        "strategy {} | world {} | steps {} | guidance {} | scheduler {} | sampling {:?} | latents {:?} {:?} | stages {}",
         strategy.name(),
         opts.world_size,
         job.steps,
         job.guidance,
         job.scheduler,
+        job.sampling,
         job.inputs.latents.dims(),
         job.inputs.latents.dtype(),
         stage_plan.map(|p| p.to_string()).unwrap_or_default(),
@@ -537,6 +605,12 @@ fn assemble(
         rank_devices: rank_devices.iter().map(|d| d.to_string()).collect(),
         transfer: device::transfer(&rank_devices).to_string(),
         scheduler: job.scheduler.to_string(),
+        karras: job.sampling.karras,
+        guidance_rescale: job.sampling.guidance_rescale,
+        noise_seed: job
+            .scheduler
+            .is_stochastic()
+            .then_some(job.sampling.noise.seed),
         num_steps: job.steps,
         guidance: job.guidance,
         classifier_free_guidance: job.cfg(),

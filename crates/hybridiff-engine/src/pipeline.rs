@@ -3,18 +3,15 @@
 
 use std::path::Path;
 
+use crate::{
+    denoise, DenoiseInputs, Error, Job, Model, Noise, Result, RunOptions, Runner, SamplingOptions,
+    Strategy, Trace,
+};
 use candle_core::{DType, Device, Tensor};
 use hybridiff_models::vae::{to_rgb8, PipelineVae};
 use hybridiff_models::Conditioning;
 use hybridiff_schedulers::SchedulerKind;
 use hybridiff_text::{PipelineKind, PromptEncoder};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, StandardNormal};
-
-use crate::{
-    denoise, DenoiseInputs, Error, Job, Model, Result, RunOptions, Runner, Strategy, Trace,
-};
 
 /// A loaded text-to-image pipeline.
 pub struct Pipeline {
@@ -84,13 +81,30 @@ pub struct Request {
     /// Guidance scale; `None` takes the pipeline's default (SD3 7.0, others 5.0).
     pub guidance: Option<f64>,
     pub scheduler: Option<SchedulerKind>,
+    /// `--karras`: Karras sigmas whatever the scheduler config says.
+    pub karras: bool,
+    /// diffusers' `guidance_rescale`, 0 (off) to 1.
+    pub guidance_rescale: f64,
     /// Pixel size; `None` takes the size of `latents` when given, else the denoiser's
     /// `sample_size`, times the VAE factor.
     pub height: Option<usize>,
     pub width: Option<usize>,
     /// Starting noise: given latents, or drawn from `seed` (see [`seeded_latents`]).
     pub latents: Option<Tensor>,
+    /// The seed of the starting noise (when `latents` is `None`) and of stochastic
+    /// samplers' step noise (always; see [`crate::noise`]).
     pub seed: u64,
+}
+
+impl Request {
+    /// The job's [`SamplingOptions`]: `--karras`, the guidance rescale and the seed's noise.
+    pub fn sampling(&self) -> SamplingOptions {
+        SamplingOptions {
+            karras: self.karras,
+            guidance_rescale: self.guidance_rescale,
+            noise: Noise::chacha8(self.seed),
+        }
+    }
 }
 
 /// A made image.
@@ -104,14 +118,10 @@ pub struct Generated {
 
 /// The starting noise for `seed`: standard-normal values from `ChaCha8Rng::seed_from_u64(seed)`
 /// (rand_distr's `StandardNormal`), filling `[1, C, h, w]` in row-major order. The same
-/// seed gives the same latents on every machine and for every strategy.
+/// seed gives the same latents on every machine and for every strategy (see
+/// [`Noise::initial_latents`]).
 pub fn seeded_latents(seed: u64, shape: (usize, usize, usize), device: &Device) -> Result<Tensor> {
-    let (c, h, w) = shape;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let v: Vec<f32> = (0..c * h * w)
-        .map(|_| StandardNormal.sample(&mut rng))
-        .collect();
-    Ok(Tensor::from_vec(v, (1, c, h, w), device)?)
+    Noise::chacha8(seed).initial_latents(shape, device)
 }
 
 impl Pipeline {
@@ -296,7 +306,6 @@ impl Pipeline {
             Some(s) => s,
             None => self.model.scheduler_config.default_kind()?,
         };
-        hybridiff_schedulers::build(&self.model.scheduler_config, scheduler, req.steps)?;
         let job = Job {
             model: self.model.denoiser.as_ref(),
             scheduler_config: &self.model.scheduler_config,
@@ -305,7 +314,10 @@ impl Pipeline {
             guidance: req.guidance.unwrap_or_else(|| self.default_guidance()),
             inputs: &inputs,
             progress: None,
+            sampling: req.sampling(),
         };
+        crate::check_guidance_rescale(req.guidance_rescale, Some(scheduler))?;
+        job.build_scheduler()?;
         strategy.check(&job, opts.world_size)
     }
 
@@ -374,6 +386,7 @@ impl Pipeline {
             guidance: req.guidance.unwrap_or_else(|| self.default_guidance()),
             inputs: &inputs,
             progress,
+            sampling: req.sampling(),
         };
         let Some(out) = run(&job)? else {
             return Ok(None);

@@ -75,6 +75,7 @@ impl Runner {
             guidance: job.guidance,
             inputs: job.inputs,
             progress: job.progress,
+            sampling: job.sampling,
         };
         let out = denoise_on(&job, strategy, &self.opts, Some(&self.ranks));
         if out.is_err() && flag.load(Ordering::SeqCst) {
@@ -138,6 +139,10 @@ impl Denoiser for Cancellable<'_> {
     ) -> Option<hybridiff_models::memory::ForwardMemory> {
         self.inner.forward_memory(batch, hw, ctx_len)
     }
+    fn patch_size(&self) -> usize {
+        self.inner.patch_size()
+    }
+
     fn patch_alignment(&self) -> Option<(usize, usize)> {
         self.inner.patch_alignment()
     }

@@ -1,11 +1,18 @@
-//! One rank's copy of the sampling state: scheduler, latents and guidance. Every rank
-//! steps its own copy with the same predictions, so ranks stay in lockstep without
-//! sending latents.
+//! One rank's copy of the sampling state: scheduler, latents, guidance and step noise.
+//! Every rank steps its own copy with the same predictions and draws the same noise (a
+//! function of the seed and the step, see [`crate::noise`]), so ranks stay in lockstep
+//! without sending latents.
+//!
+//! Guidance is applied here and only here: [`Sampler::step_guided`] combines the branches
+//! (`eps_u + w (eps_c - eps_u)`) and then rescales (diffusers' `guidance_rescale`), for
+//! every strategy; [`Sampler::step_reused`] does the same for Hybridiff's pipelined steps
+//! under `--pipelined-guidance reuse`.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use hybridiff_models::nn::mean_abs;
 use hybridiff_schedulers::Scheduler;
 
+use crate::noise::NoiseStream;
 use crate::{Job, Result};
 
 /// A rank's sampling state.
@@ -14,6 +21,8 @@ pub struct Sampler {
     /// The current latents, `[1, C, h, w]`.
     pub latents: Tensor,
     guidance: f64,
+    guidance_rescale: f64,
+    noise: NoiseStream,
 }
 
 /// `mean|eps_c - eps_u| / (mean|eps_u| + 1e-12)`: the branches' relative discrepancy.
@@ -21,16 +30,55 @@ pub fn rel_mae(eps_u: &Tensor, eps_c: &Tensor) -> Result<f64> {
     Ok(mean_abs(&(eps_c - eps_u)?)? / (mean_abs(eps_u)? + 1e-12))
 }
 
+/// diffusers' `rescale_noise_cfg` (Lin et al. 2023, section 3.4): the guided prediction
+/// `noise_cfg` rescaled to the per-sample standard deviation of the conditional one,
+/// `noise_cfg * std(text) / std(cfg)`, mixed with the unrescaled one by `phi`:
+/// `phi * rescaled + (1 - phi) * noise_cfg`. Shapes `[B, ...]`, statistics per sample over
+/// all other dimensions, unbiased (torch's `std`), computed on the tensors' device in
+/// float64 (no host read).
+///
+/// Where a sample's `std(cfg)` is 0 (a constant guided prediction) the ratio is 1, so
+/// the rescale leaves it unchanged: diffusers divides by zero there and the NaN spreads
+/// through the rest of the run (diffusers#13425).
+pub fn rescale_noise_cfg(noise_cfg: &Tensor, noise_pred_text: &Tensor, phi: f64) -> Result<Tensor> {
+    let dtype = noise_cfg.dtype();
+    let b = noise_cfg.dim(0)?;
+    let std = |t: &Tensor| -> Result<Tensor> {
+        let t = t.to_dtype(DType::F64)?.reshape((b, ()))?;
+        let n = t.dim(1)?;
+        let mean = t.mean_keepdim(1)?;
+        let dev = t.broadcast_sub(&mean)?;
+        // An unbiased variance needs two values; one value has none (torch gives NaN).
+        let var = (dev.sqr()?.sum_keepdim(1)? / (n.max(2) - 1) as f64)?;
+        Ok(var.sqrt()?)
+    };
+    let std_text = std(noise_pred_text)?;
+    let std_cfg = std(noise_cfg)?;
+    let ratio = std_text.div(&std_cfg)?;
+    // Per sample: the ratio where std(cfg) > 0 and the ratio is finite, else 1.
+    let usable = std_cfg.gt(0.0)?.mul(&ratio.abs()?.lt(f64::MAX)?)?;
+    let ratio = usable.where_cond(&ratio, &ratio.ones_like()?)?;
+    let shape: Vec<usize> = std::iter::once(b)
+        .chain(std::iter::repeat_n(1, noise_cfg.rank() - 1))
+        .collect();
+    let ratio = ratio.reshape(shape)?;
+    let cfg64 = noise_cfg.to_dtype(DType::F64)?;
+    let rescaled = cfg64.broadcast_mul(&ratio)?;
+    let mixed = ((rescaled * phi)? + (cfg64 * (1.0 - phi))?)?;
+    Ok(mixed.to_dtype(dtype)?)
+}
+
 impl Sampler {
     /// Sets up the scheduler and the starting latents (scaled by `init_noise_sigma`).
     pub fn new(job: &Job) -> Result<Self> {
-        let scheduler =
-            hybridiff_schedulers::build(job.scheduler_config, job.scheduler, job.steps)?;
+        let scheduler = job.build_scheduler()?;
         let latents = (&job.inputs.latents * scheduler.init_noise_sigma())?;
         Ok(Self {
             scheduler,
             latents,
             guidance: job.guidance,
+            guidance_rescale: job.sampling.guidance_rescale,
+            noise: job.sampling.noise.stream(),
         })
     }
 
@@ -44,16 +92,137 @@ impl Sampler {
         Ok(self.scheduler.scale_model_input(&self.latents, i)?)
     }
 
-    /// Applies guidance (`eps_u + w (eps_c - eps_u)`, diffusers' order) and steps.
+    /// Applies guidance (`eps_u + w (eps_c - eps_u)`, diffusers' order), then the guidance
+    /// rescale toward `eps_c` when one is set, and steps.
     pub fn step_guided(&mut self, i: usize, eps_u: &Tensor, eps_c: &Tensor) -> Result<()> {
         let eps = (eps_u + ((eps_c - eps_u)? * self.guidance)?)?;
+        let eps = self.rescale(eps, eps_c)?;
         self.step(i, &eps)
     }
 
-    /// Steps with an already-guided prediction.
+    /// A pipelined Hybridiff step under `--pipelined-guidance reuse`: the stale-input
+    /// prediction `pred` plus the last exact step's guidance correction `w * diff`
+    /// (`diff = eps_c - eps_u` of that step), then the guidance rescale toward `pred`, the
+    /// one prediction this step has (its counterpart of `eps_c`), and steps.
+    pub fn step_reused(&mut self, i: usize, pred: &Tensor, diff: &Tensor) -> Result<()> {
+        let eps = (pred + (diff * self.guidance)?)?;
+        let eps = self.rescale(eps, pred)?;
+        self.step(i, &eps)
+    }
+
+    fn rescale(&self, eps: Tensor, cond: &Tensor) -> Result<Tensor> {
+        if self.guidance_rescale > 0.0 {
+            rescale_noise_cfg(&eps, cond, self.guidance_rescale)
+        } else {
+            Ok(eps)
+        }
+    }
+
+    /// Steps with a prediction used as is: the conditional one without CFG, or a
+    /// pipelined Hybridiff step's (`--pipelined-guidance none`: unguided, so nothing to
+    /// rescale; its rescale toward itself would be the identity). Draws step `i`'s noise
+    /// when the scheduler needs it.
     pub fn step(&mut self, i: usize, eps: &Tensor) -> Result<()> {
         let eps = eps.to_dtype(self.latents.dtype())?;
-        self.latents = self.scheduler.step(&eps, i, &self.latents)?;
+        let noise = if self.scheduler.needs_noise(i) {
+            let n = self
+                .noise
+                .step(i, self.latents.dims(), self.latents.device())?;
+            Some(n.to_dtype(self.latents.dtype())?)
+        } else {
+            None
+        };
+        self.latents = self
+            .scheduler
+            .step(&eps, i, &self.latents, noise.as_ref())?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn rescale_matches_the_formula() {
+        let dev = Device::Cpu;
+        let cfg = Tensor::new(&[[1.0f32, 2.0, 4.0, 7.0], [0.5, -0.5, 1.5, 0.0]], &dev).unwrap();
+        let text = Tensor::new(&[[0.0f32, 1.0, 0.0, 1.0], [3.0, -3.0, 0.0, 6.0]], &dev).unwrap();
+        let got = values(&rescale_noise_cfg(&cfg, &text, 0.7).unwrap());
+        let std = |v: &[f64]| {
+            let m = v.iter().sum::<f64>() / v.len() as f64;
+            (v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
+        };
+        let c = [[1.0, 2.0, 4.0, 7.0], [0.5, -0.5, 1.5, 0.0]];
+        let t = [[0.0, 1.0, 0.0, 1.0], [3.0, -3.0, 0.0, 6.0]];
+        for r in 0..2 {
+            let ratio = std(&t[r]) / std(&c[r]);
+            for k in 0..4 {
+                let want = 0.7 * c[r][k] * ratio + 0.3 * c[r][k];
+                assert!((got[r * 4 + k] as f64 - want).abs() < 1e-6, "{r} {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_constant_guided_prediction_is_left_unchanged_not_nan() {
+        // diffusers#13425: std(cfg) = 0 divides by zero. Row 0 constant, row 1 zeros, row
+        // 2 an ordinary row that must still be rescaled.
+        let dev = Device::Cpu;
+        let cfg = Tensor::new(
+            &[
+                [2.0f32, 2.0, 2.0, 2.0],
+                [0.0, 0.0, 0.0, 0.0],
+                [1.0, -1.0, 1.0, -1.0],
+            ],
+            &dev,
+        )
+        .unwrap();
+        let text = Tensor::new(
+            &[
+                [1.0f32, -1.0, 3.0, 0.0],
+                [1.0, 2.0, 3.0, 4.0],
+                [2.0, -2.0, 2.0, -2.0],
+            ],
+            &dev,
+        )
+        .unwrap();
+        let got = values(&rescale_noise_cfg(&cfg, &text, 0.7).unwrap());
+        assert!(got.iter().all(|v| v.is_finite()), "{got:?}");
+        assert_eq!(&got[..8], &[2.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0]);
+        // Row 2: std ratio 2, so 0.7 * 2x + 0.3 x = 1.7 x.
+        for (g, x) in got[8..].iter().zip([1.0f32, -1.0, 1.0, -1.0]) {
+            assert!((g - 1.7 * x).abs() < 1e-6, "{g}");
+        }
+        // phi = 0 is the plain guided prediction.
+        let plain = values(&rescale_noise_cfg(&cfg, &text, 0.0).unwrap());
+        assert_eq!(plain, values(&cfg));
+    }
+
+    #[test]
+    fn rescale_keeps_shape_and_dtype() {
+        let dev = Device::Cpu;
+        let cfg = Tensor::randn(0f32, 1.0, (2, 4, 3, 3), &dev).unwrap();
+        let text = Tensor::randn(0f32, 1.0, (2, 4, 3, 3), &dev).unwrap();
+        let out = rescale_noise_cfg(&cfg, &text, 1.0).unwrap();
+        assert_eq!(out.dims(), cfg.dims());
+        assert_eq!(out.dtype(), DType::F32);
+        // phi = 1: each sample's std equals the conditional one's.
+        for b in 0..2 {
+            let std = |t: &Tensor| {
+                let v: Vec<f64> = values(&t.get(b).unwrap())
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect();
+                let m = v.iter().sum::<f64>() / v.len() as f64;
+                (v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
+            };
+            assert!((std(&out) - std(&text)).abs() < 1e-5);
+        }
     }
 }

@@ -65,6 +65,15 @@ pub struct Trace {
     #[serde(default)]
     pub transfer: String,
     pub scheduler: String,
+    /// `--karras` (Karras sigmas may also come from the scheduler config).
+    #[serde(default)]
+    pub karras: bool,
+    /// diffusers' `guidance_rescale` (0: off).
+    #[serde(default)]
+    pub guidance_rescale: f64,
+    /// The seed of a stochastic sampler's step noise (absent for deterministic samplers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_seed: Option<u64>,
     pub num_steps: usize,
     pub guidance: f64,
     /// Whether classifier-free guidance ran (`guidance > 1`, as in diffusers).

@@ -33,6 +33,7 @@ fn run_job(
         guidance,
         inputs,
         progress: None,
+        sampling: Default::default(),
     };
     let ro = RunOptions {
         world_size: *world,

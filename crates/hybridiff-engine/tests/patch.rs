@@ -32,6 +32,7 @@ fn run_with(
         guidance,
         inputs: &inputs,
         progress: None,
+        sampling: Default::default(),
     };
     let ro = RunOptions {
         world_size: world,

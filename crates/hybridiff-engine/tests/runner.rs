@@ -44,6 +44,7 @@ fn warm_jobs_equal_fresh_ones_and_start_no_threads() {
             guidance: s.guidance,
             inputs: &s.inputs,
             progress: None,
+            sampling: Default::default(),
         };
         let fresh = denoise(&job, strategy.as_ref(), &opts(world)).unwrap();
         let runner = Runner::start(opts(world)).unwrap();
@@ -131,6 +132,7 @@ fn a_rank_failure_fails_the_job_and_the_runner_serves_the_next() {
         guidance: s.guidance,
         inputs: &s.inputs,
         progress: None,
+        sampling: Default::default(),
     };
     let runner = Runner::start(opts(2)).unwrap();
     let err = runner.denoise(&job, strategy.as_ref(), None).unwrap_err();
@@ -175,6 +177,7 @@ fn a_cancelled_job_stops_early_and_the_next_runs() {
         guidance: s.guidance,
         inputs: &s.inputs,
         progress: Some(&progress),
+        sampling: Default::default(),
     };
     let runner = Runner::start(opts(2)).unwrap();
     let err = runner

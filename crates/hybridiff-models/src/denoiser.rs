@@ -150,6 +150,13 @@ pub trait Denoiser: Send + Sync {
         forward_modules(self, sample, timestep, cond)
     }
 
+    /// Latent pixels per token side: a DiT's `patch_size` (SD3: 2), 1 for a U-Net. Flow
+    /// schedulers with dynamic shifting read the image's token count from it, as
+    /// diffusers' SD3 pipeline does. Wrappers must forward it.
+    fn patch_size(&self) -> usize {
+        1
+    }
+
     /// Rows of the latents that band boundaries must be multiples of (`2^downsamples` for
     /// a U-Net, `patch_size` for a DiT), and the fewest rows a band may have; `None` when
     /// the model cannot run on bands.

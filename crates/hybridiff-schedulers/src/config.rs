@@ -74,6 +74,17 @@ impl SchedulerConfig {
         }
     }
 
+    /// A copy with `key` set to `value` (a run setting that overrides the file, e.g.
+    /// `--karras`); errors still name this config's path.
+    pub fn with_value(&self, key: &str, value: Value) -> Self {
+        let mut values = self.values.clone();
+        values.insert(key.to_string(), value);
+        Self {
+            path: self.path.clone(),
+            values,
+        }
+    }
+
     /// The file this config was read from.
     pub fn path(&self) -> &Path {
         &self.path
@@ -84,7 +95,8 @@ impl SchedulerConfig {
         self.values.get("_class_name").and_then(Value::as_str)
     }
 
-    /// The scheduler kind that `_class_name` names.
+    /// The scheduler kind that `_class_name` names (with `algorithm_type` for
+    /// `DPMSolverMultistepScheduler`, see [`SchedulerKind::from_class`]).
     pub fn default_kind(&self) -> Result<SchedulerKind> {
         let key = "_class_name";
         match self.values.get(key) {
@@ -94,17 +106,21 @@ impl SchedulerConfig {
                 value: "absent".into(),
                 expected: "a scheduler class name",
             }),
-            Some(Value::String(s)) => match s.as_str() {
-                "DDIMScheduler" => Ok(SchedulerKind::Ddim),
-                "EulerDiscreteScheduler" => Ok(SchedulerKind::Euler),
-                "DPMSolverMultistepScheduler" => Ok(SchedulerKind::DpmPp2M),
-                "FlowMatchEulerDiscreteScheduler" => Ok(SchedulerKind::FlowEuler),
-                _ => Err(self.unsupported(
-                    key,
-                    "implemented: DDIMScheduler, EulerDiscreteScheduler, \
-                     DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler; \
-                     name a kind explicitly to run one of those from this config",
-                )),
+            Some(Value::String(s)) => match SchedulerKind::from_class(s, self)? {
+                Some(kind) => Ok(kind),
+                None => {
+                    let mut classes: Vec<&str> =
+                        SchedulerKind::ALL.iter().map(|k| k.class_name()).collect();
+                    classes.dedup();
+                    Err(self.unsupported(
+                        key,
+                        &format!(
+                            "implemented: {}; name a sampler with --scheduler to run one of \
+                             those from this config",
+                            classes.join(", ")
+                        ),
+                    ))
+                }
             },
             Some(other) => Err(self.invalid(key, other, "a string")),
         }
@@ -215,6 +231,25 @@ impl SchedulerConfig {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
             Some(v) => Err(self.invalid(key, v, "a string or null")),
+        }
+    }
+
+    /// Whether `key` holds anything but `null`.
+    pub(crate) fn values_has_non_null(&self, key: &str) -> bool {
+        self.present(key).is_some()
+    }
+
+    /// A list of non-negative integers (absent or `null`: empty), e.g. UniPC's
+    /// `disable_corrector`.
+    pub(crate) fn usize_list_or_empty(&self, key: &str) -> Result<Vec<usize>> {
+        match self.present(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_u64().map(|n| n as usize))
+                .collect::<Option<Vec<usize>>>()
+                .ok_or_else(|| self.invalid(key, &self.values[key], "a list of step indices")),
+            Some(v) => Err(self.invalid(key, v, "a list of step indices")),
         }
     }
 

@@ -53,11 +53,12 @@ impl DDIMScheduler {
                     .map(|i| (i * ratio + sd.steps_offset) as i64)
                     .collect()
             }
+            // numpy's float stride may add a timestep -1 (see `trailing_timesteps`).
             TimestepSpacing::Trailing => {
-                let ratio = n_train as f64 / n as f64;
-                crate::numerics::np_arange(n_train as f64, 0.0, -ratio)
+                crate::common::trailing_timesteps(n_train as f64, n_train, n)
                     .into_iter()
-                    .map(|t| t.round_ties_even() as i64 - 1)
+                    .take(n)
+                    .map(|t| t as i64)
                     .collect()
             }
         };
@@ -101,6 +102,7 @@ impl Scheduler for DDIMScheduler {
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
+        _noise: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let Some(&t) = self.timesteps_int.get(step_index) else {
             bail!(

@@ -1,10 +1,49 @@
-//! Deterministic Euler (no churn), after diffusers' `EulerDiscreteScheduler`.
+//! Deterministic Euler (no churn), after diffusers' `EulerDiscreteScheduler`, with
+//! Karras sigmas (`use_karras_sigmas`) where the config or `--karras` asks.
 
 use candle_core::{bail, DType, Tensor};
 
-use crate::common::{check_num_steps, reject_true, PredictionType, SdParams, TimestepSpacing};
-use crate::numerics::{div, mul, np_arange, np_interp_index, np_linspace};
+use crate::common::{
+    check_num_steps, karras_flag, karras_sigmas, log_sigmas, sigma_to_t, trailing_timesteps,
+    PredictionType, SdParams, TimestepSpacing,
+};
+use crate::numerics::{div, mul, np_interp_index, np_linspace};
 use crate::{Result, Scheduler, SchedulerConfig};
+
+/// The spacing's timesteps as diffusers' Euler-family `set_timesteps` makes them (float32),
+/// before Karras sigmas replace them; `trailing` may hold one value too many (see
+/// [`trailing_timesteps`]).
+pub(crate) fn spaced_timesteps(sd: &SdParams, n: usize) -> Vec<f32> {
+    let n_train = sd.num_train_timesteps;
+    match sd.timestep_spacing {
+        TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, n)
+            .into_iter()
+            .rev()
+            .map(|t| t as f32)
+            .collect(),
+        TimestepSpacing::Leading => {
+            let ratio = n_train / n;
+            (0..n)
+                .rev()
+                .map(|i| (i * ratio) as f32 + sd.steps_offset as f32)
+                .collect()
+        }
+        TimestepSpacing::Trailing => trailing_timesteps(n_train as f64, n_train, n)
+            .into_iter()
+            .map(|t| t as f32)
+            .collect(),
+    }
+}
+
+/// diffusers' `init_noise_sigma` of the Euler family: the largest sigma, or the std of
+/// `x_T` itself (`sqrt(sigma^2 + 1)`) under `leading` spacing.
+pub(crate) fn euler_init_noise_sigma(sigmas: &[f32], spacing: TimestepSpacing) -> f32 {
+    let max_sigma = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    match spacing {
+        TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
+        TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
+    }
+}
 
 /// diffusers' `EulerDiscreteScheduler` with `s_churn = 0`.
 #[derive(Debug, Clone)]
@@ -23,13 +62,7 @@ impl EulerDiscreteScheduler {
         let sd = SdParams::from_config(cfg, "linspace")?;
         let n_train = sd.num_train_timesteps;
         check_num_steps(cfg, num_steps, n_train)?;
-        for key in [
-            "use_karras_sigmas",
-            "use_exponential_sigmas",
-            "use_beta_sigmas",
-        ] {
-            reject_true(cfg, key, false)?;
-        }
+        let karras = karras_flag(cfg)?;
         if cfg.str_or("interpolation_type", "linear")? != "linear" {
             return Err(cfg.unsupported("interpolation_type", "implemented: linear"));
         }
@@ -45,42 +78,45 @@ impl EulerDiscreteScheduler {
             }
         }
         let final_sigma = sd.final_sigma(cfg)?;
+        // Euler's own bounds of the Karras ramp (DPM-Solver has no such keys).
+        let sigma_min = cfg.opt_f64("sigma_min")?;
+        let sigma_max = cfg.opt_f64("sigma_max")?;
+        for (key, v) in [("sigma_min", sigma_min), ("sigma_max", sigma_max)] {
+            if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+                return Err(cfg.unsupported(key, "expected a positive finite sigma"));
+            }
+        }
 
         let n = num_steps;
-        // diffusers keeps these timesteps in float32.
-        let timesteps: Vec<f32> = match sd.timestep_spacing {
-            TimestepSpacing::Linspace => np_linspace(0.0, (n_train - 1) as f64, n)
-                .into_iter()
-                .rev()
-                .map(|t| t as f32)
-                .collect(),
-            TimestepSpacing::Leading => {
-                let ratio = n_train / n;
-                (0..n)
-                    .rev()
-                    .map(|i| (i * ratio) as f32 + sd.steps_offset as f32)
-                    .collect()
-            }
-            TimestepSpacing::Trailing => {
-                let ratio = n_train as f64 / n as f64;
-                np_arange(n_train as f64, 0.0, -ratio)
-                    .into_iter()
-                    .map(|t| t.round_ties_even() as f32 - 1.0)
-                    .collect()
-            }
-        };
+        let spaced = spaced_timesteps(&sd, n);
         let train_sigmas: Vec<f64> = sd.train_sigmas().iter().map(|&s| s as f64).collect();
-        let mut sigmas: Vec<f32> = timesteps
+        let interp: Vec<f64> = spaced
             .iter()
-            .map(|&t| np_interp_index(t as f64, &train_sigmas) as f32)
+            .map(|&t| np_interp_index(t as f64, &train_sigmas))
             .collect();
-        sigmas.push(final_sigma);
-
-        let max_sigma = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let init_noise_sigma = match sd.timestep_spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
-            TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
+        let (timesteps, mut sigmas): (Vec<f32>, Vec<f32>) = if karras {
+            // The ramp spans the spaced schedule's sigmas (all of them: diffusers reads
+            // them before any trailing surplus is dropped), unless the config bounds it.
+            let lo = sigma_min.unwrap_or(interp[interp.len() - 1]);
+            let hi = sigma_max.unwrap_or(interp[0]);
+            if lo > hi {
+                return Err(cfg.unsupported(
+                    "sigma_min",
+                    &format!("the Karras ramp needs sigma_min < sigma_max ({hi})"),
+                ));
+            }
+            let k = karras_sigmas(lo, hi, n);
+            let logs = log_sigmas(&sd.train_sigmas());
+            let t = k.iter().map(|&s| sigma_to_t(s, &logs) as f32).collect();
+            (t, k.iter().map(|&s| s as f32).collect())
+        } else {
+            (
+                spaced[..n].to_vec(),
+                interp[..n].iter().map(|&s| s as f32).collect(),
+            )
         };
+        sigmas.push(final_sigma);
+        let init_noise_sigma = euler_init_noise_sigma(&sigmas, sd.timestep_spacing);
         Ok(Self {
             prediction_type: sd.prediction_type,
             timesteps: timesteps.iter().map(|&t| t as f64).collect(),
@@ -120,6 +156,7 @@ impl Scheduler for EulerDiscreteScheduler {
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
+        _noise: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let sigma = self.sigma(step_index)?;
         let out_dtype = sample.dtype();

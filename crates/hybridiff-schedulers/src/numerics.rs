@@ -28,6 +28,25 @@ pub(crate) fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
     y
 }
 
+/// `numpy.linspace(start, stop, num, endpoint=False)` in float64.
+pub(crate) fn np_linspace_open(start: f64, stop: f64, num: usize) -> Vec<f64> {
+    if num == 0 {
+        return Vec::new();
+    }
+    let delta = stop - start;
+    let step = delta / num as f64;
+    (0..num)
+        .map(|i| {
+            let i = i as f64;
+            if step == 0.0 {
+                i / num as f64 * delta + start
+            } else {
+                i * step + start
+            }
+        })
+        .collect()
+}
+
 /// `numpy.arange(start, stop, step)` for float64 arguments: numpy derives the
 /// stride from the first two elements, which can differ from `step` by an ulp.
 pub(crate) fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {

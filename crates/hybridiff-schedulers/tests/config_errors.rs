@@ -29,6 +29,14 @@ fn write_config(value: &Value) -> (tempfile::TempDir, std::path::PathBuf) {
     (dir, path)
 }
 
+/// Every sampler of the DDPM-style training schedule.
+fn sd_kinds() -> Vec<SchedulerKind> {
+    SchedulerKind::ALL
+        .into_iter()
+        .filter(|k| *k != SchedulerKind::FlowEuler)
+        .collect()
+}
+
 fn with(mut base: Value, key: &str, value: Value) -> Value {
     base[key] = value;
     base
@@ -53,12 +61,7 @@ fn expect_rejected(config: Value, kind: SchedulerKind, key: &str, shown: &str) {
 
 #[test]
 fn unsupported_sd_values_name_file_key_and_value() {
-    let sd = [
-        SchedulerKind::Ddim,
-        SchedulerKind::Euler,
-        SchedulerKind::DpmPp2M,
-    ];
-    for kind in sd {
+    for kind in sd_kinds() {
         let cases = [
             ("prediction_type", json!("sample"), "\"sample\""),
             ("timestep_spacing", json!("karras"), "\"karras\""),
@@ -76,8 +79,8 @@ fn unsupported_scheduler_specific_values_are_rejected() {
     use SchedulerKind::*;
     let cases = [
         (Ddim, "thresholding", json!(true), "true"),
-        (Euler, "use_karras_sigmas", json!(true), "true"),
         (Euler, "use_exponential_sigmas", json!(true), "true"),
+        (Euler, "use_beta_sigmas", json!(true), "true"),
         (
             Euler,
             "interpolation_type",
@@ -94,11 +97,20 @@ fn unsupported_scheduler_specific_values_are_rejected() {
         (
             DpmPp2M,
             "algorithm_type",
-            json!("sde-dpmsolver++"),
-            "\"sde-dpmsolver++\"",
+            json!("sde-dpmsolver"),
+            "\"sde-dpmsolver\"",
         ),
+        (DpmPp2MSde, "solver_order", json!(3), "3"),
+        (DpmPp2MSde, "use_lu_lambdas", json!(true), "true"),
+        (UniPc, "solver_type", json!("heun2"), "\"heun2\""),
+        (UniPc, "thresholding", json!(true), "true"),
+        (UniPc, "use_flow_sigmas", json!(true), "true"),
+        (UniPc, "solver_p", json!({"a": 1}), "{\"a\":1}"),
+        (UniPc, "disable_corrector", json!("all"), "\"all\""),
+        (Lcm, "thresholding", json!(true), "true"),
+        (Lcm, "timestep_scaling", json!(-1.0), "-1"),
         (DpmPp2M, "solver_type", json!("heun"), "\"heun\""),
-        (DpmPp2M, "use_karras_sigmas", json!(true), "true"),
+        (DpmPp2M, "use_beta_sigmas", json!(true), "true"),
         (DpmPp2M, "thresholding", json!(true), "true"),
         (
             DpmPp2M,
@@ -111,10 +123,10 @@ fn unsupported_scheduler_specific_values_are_rejected() {
         expect_rejected(with(sdxl_config(), key, value), kind, key, shown);
     }
     let flow_cases = [
-        ("use_dynamic_shifting", json!(true), "true"),
         ("invert_sigmas", json!(true), "true"),
         ("stochastic_sampling", json!(true), "true"),
-        ("use_karras_sigmas", json!(true), "true"),
+        ("use_exponential_sigmas", json!(true), "true"),
+        ("time_shift_type", json!("cubic"), "\"cubic\""),
         ("shift_terminal", json!(0.02), "0.02"),
     ];
     for (key, value, shown) in flow_cases {
@@ -146,11 +158,7 @@ fn keys_of_other_schedulers_do_not_matter() {
     assert!(build(&cfg, SchedulerKind::Euler, 20).is_ok());
     let cfg = with(sdxl_config(), "some_future_key", json!({"nested": [1, 2]}));
     let cfg = SchedulerConfig::from_json_str(&cfg.to_string(), "cfg.json").unwrap();
-    for kind in [
-        SchedulerKind::Ddim,
-        SchedulerKind::Euler,
-        SchedulerKind::DpmPp2M,
-    ] {
+    for kind in sd_kinds() {
         assert!(build(&cfg, kind, 20).is_ok(), "{kind}");
     }
 }
@@ -194,17 +202,30 @@ fn class_name_picks_the_default_kind() {
 fn step_counts_outside_the_training_schedule_are_errors() {
     let cfg = SchedulerConfig::from_json_str(&sdxl_config().to_string(), "sdxl.json").unwrap();
     let sd3 = SchedulerConfig::from_json_str(&sd3_config().to_string(), "sd3.json").unwrap();
-    for kind in [
-        SchedulerKind::Ddim,
-        SchedulerKind::Euler,
-        SchedulerKind::DpmPp2M,
-    ] {
+    for kind in sd_kinds() {
         for steps in [0, 1001] {
             let err = build(&cfg, kind, steps).err().expect("accepted");
-            assert!(matches!(err, Error::NumSteps { .. }), "{kind}: {err}");
-            assert!(err.to_string().contains("sdxl.json"));
+            let named = matches!(err, Error::NumSteps { .. })
+                // LCM refuses anything above its 50 original steps first.
+                || (kind == SchedulerKind::Lcm && err.to_string().contains("original_inference_steps"));
+            assert!(named, "{kind}: {err}");
+            assert!(err.to_string().contains("sdxl.json"), "{kind}: {err}");
         }
-        assert!(build(&cfg, kind, 999).is_ok(), "{kind}");
+        let most = match kind {
+            SchedulerKind::Lcm => 50,
+            // Leading spacing's n + 1 points with steps_offset 1 reach timestep 1000 at
+            // 999 steps.
+            SchedulerKind::UniPc => {
+                let err = build(&cfg, kind, 999).err().expect("accepted");
+                assert!(
+                    matches!(err, Error::TimestepOutOfRange { timestep: 1000, .. }),
+                    "{err}"
+                );
+                998
+            }
+            _ => 999,
+        };
+        assert!(build(&cfg, kind, most).is_ok(), "{kind}");
     }
     for steps in [0, 1001] {
         assert!(matches!(
@@ -260,12 +281,7 @@ fn dpm_lambda_min_clipped_drops_low_snr_timesteps() {
 
 #[test]
 fn kinds_parse_and_print() {
-    for kind in [
-        SchedulerKind::Ddim,
-        SchedulerKind::Euler,
-        SchedulerKind::DpmPp2M,
-        SchedulerKind::FlowEuler,
-    ] {
+    for kind in SchedulerKind::ALL {
         assert_eq!(kind.to_string().parse::<SchedulerKind>().unwrap(), kind);
     }
     assert_eq!(
@@ -277,7 +293,7 @@ fn kinds_parse_and_print() {
         SchedulerKind::FlowEuler
     );
     let err = "pndm".parse::<SchedulerKind>().unwrap_err();
-    assert!(matches!(err, Error::UnknownKind(ref s) if s == "pndm"));
+    assert!(matches!(err, Error::UnknownKind { ref name, .. } if name == "pndm"));
 }
 
 #[test]
@@ -290,7 +306,7 @@ fn ddim_clip_sample_clamps_the_predicted_original() {
     let step0 = |config: &Value| -> f32 {
         let cfg = SchedulerConfig::from_json_str(&config.to_string(), "c.json").unwrap();
         let mut s = build(&cfg, SchedulerKind::Ddim, 20).unwrap();
-        let out = s.step(&eps, 0, &sample).unwrap();
+        let out = s.step(&eps, 0, &sample, None).unwrap();
         out.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0]
     };
     let cfg = SchedulerConfig::from_json_str(&base.to_string(), "c.json").unwrap();
@@ -305,12 +321,7 @@ fn ddim_clip_sample_clamps_the_predicted_original() {
 
 #[test]
 fn schedules_that_would_give_nan_or_huge_tables_are_refused_by_key() {
-    let sd = [
-        SchedulerKind::Ddim,
-        SchedulerKind::Euler,
-        SchedulerKind::DpmPp2M,
-    ];
-    for kind in sd {
+    for kind in sd_kinds() {
         // Each beta is a variance in [0, 1).
         expect_rejected(
             with(sdxl_config(), "beta_end", json!(1.5)),

@@ -1,32 +1,12 @@
 //! Parity with diffusers 0.42.1: timesteps, sigmas and whole 20-step runs
 //! from the reference fixtures in `tests/fixtures/`.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
+use common::{fixture, floats, load_json};
 use hybridiff_schedulers::{build, SchedulerConfig, SchedulerKind};
-use serde_json::Value;
-
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(FIXTURES).join(rel)
-}
-
-fn load_json(rel: &str) -> Result<Value> {
-    let path = fixture(rel);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
-    Ok(serde_json::from_str(&text)?)
-}
-
-fn floats(v: &Value) -> Result<Vec<f64>> {
-    v.as_array()
-        .context("expected a list")?
-        .iter()
-        .map(|x| x.as_f64().context("expected a number"))
-        .collect()
-}
 
 /// Fails on a length mismatch or any entry off by more than `rel * max(1, |expected|)`.
 fn check_close(what: &str, got: &[f64], expected: &[f64], rel: f64) -> Result<()> {
@@ -124,7 +104,7 @@ fn check_run(config: &str, expected: &str, tensors: &str, kind: SchedulerKind) -
     for i in 0..steps {
         let input = sched.scale_model_input(&x, i)?;
         let model_output = input.affine(0.7, i as f64)?.sin()?.affine(0.5, 0.0)?;
-        x = sched.step(&model_output, i, &x)?;
+        x = sched.step(&model_output, i, &x, None)?;
         let want = step_latents.get(i)?.unsqueeze(0)?;
         ensure!(x.dims() == want.dims(), "step {i}: shape {:?}", x.dims());
         let max_abs = want.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -237,7 +217,7 @@ fn dpm_history_restarts_at_step_zero() -> Result<()> {
         let mut x = x.clone();
         for i in 0..3 {
             let out = x.affine(0.7, i as f64)?.sin()?.affine(0.5, 0.0)?;
-            x = sched.step(&out, i, &x)?;
+            x = sched.step(&out, i, &x, None)?;
         }
         Ok(x.flatten_all()?.to_vec1()?)
     };

@@ -209,6 +209,9 @@ const FIELDS: &[&str] = &[
     "seed",
     "num_inference_steps",
     "guidance_scale",
+    "scheduler",
+    "karras",
+    "guidance_rescale",
     "stream",
     // OpenAI's own image options, accepted and ignored so that existing clients work.
     "quality",
@@ -380,6 +383,53 @@ pub fn parse_generation(
             }
         },
     };
+    // hybridiff's sampler extensions: checked here against the names, and against the model
+    // (its config, the steps, the size) by the backend's request check before queueing.
+    let scheduler = match opt_str(&m, "scheduler")? {
+        None => None,
+        Some(name) => match name.parse::<hybridiff_schedulers::SchedulerKind>() {
+            Ok(_) => Some(name.to_string()),
+            Err(e) => {
+                // The message quotes the name: keep a hostile one short.
+                let shown: String = name.chars().take(64).collect();
+                let e = match e {
+                    hybridiff_schedulers::Error::UnknownKind { suggestion, .. } => {
+                        hybridiff_schedulers::Error::UnknownKind {
+                            name: shown,
+                            suggestion,
+                        }
+                    }
+                    e => e,
+                };
+                return Err(ApiError::bad_field(
+                    "scheduler",
+                    format!("`scheduler`: {e}"),
+                ));
+            }
+        },
+    };
+    let karras = match m.get("karras") {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(_) => {
+            return Err(ApiError::bad_field(
+                "karras",
+                "`karras` must be true or false",
+            ))
+        }
+    };
+    let guidance_rescale = match m.get("guidance_rescale") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_f64() {
+            Some(g) if g.is_finite() && (0.0..=1.0).contains(&g) => Some(g),
+            _ => {
+                return Err(ApiError::bad_field(
+                    "guidance_rescale",
+                    format!("`guidance_rescale` must be a number from 0 (off) to 1; got {v}"),
+                ))
+            }
+        },
+    };
     let (seed, seed_given) = match opt_uint(&m, "seed", 0, u64::MAX - limits.max_n as u64)? {
         Some(s) => (s, true),
         // 53 bits, so that JavaScript clients (the page, openai-node) keep it exact.
@@ -404,6 +454,9 @@ pub fn parse_generation(
             guidance,
             width,
             height,
+            scheduler: scheduler.clone(),
+            karras,
+            guidance_rescale,
         })
         .collect();
     Ok(GenerationRequest {

@@ -44,6 +44,12 @@ pub struct ImageJob {
     /// Pixels; already checked against the limits and [`BackendInfo::size_multiple`].
     pub width: u32,
     pub height: u32,
+    /// The request's `scheduler` (one of [`SchedulerKind::names`]); `None` is the service's.
+    pub scheduler: Option<String>,
+    /// The request's `karras`; `None` is the service's (`--karras`).
+    pub karras: Option<bool>,
+    /// The request's `guidance_rescale` (0 to 1); `None` is the service's.
+    pub guidance_rescale: Option<f64>,
 }
 
 /// A made image.
@@ -111,8 +117,78 @@ pub struct PipelineBackend {
     /// Built by `strategy_for`, by step count (at most `--max-steps` of them).
     strategies: HashMap<usize, Box<dyn Strategy>>,
     strategy_name: &'static str,
-    scheduler: Option<SchedulerKind>,
+    sampling: SamplingDefaults,
     info: BackendInfo,
+}
+
+/// The sampler a request gets, and how its fields override the service's.
+#[derive(Debug, Clone)]
+struct SamplingDefaults {
+    config: hybridiff_schedulers::SchedulerConfig,
+    /// `--scheduler` (ours or a class name); `None`: the model's.
+    scheduler: Option<String>,
+    karras: bool,
+    guidance_rescale: f64,
+    /// Pixels per token side (VAE factor x the denoiser's patch size), for the image's
+    /// token count that dynamic shifting reads.
+    pixels_per_token: usize,
+}
+
+impl SamplingDefaults {
+    /// The job's sampler kind, Karras flag and guidance rescale, checked as the engine
+    /// will check them (schedule built for the job's steps and size): `Err` is a 400
+    /// naming the field.
+    fn resolve(&self, job: &ImageJob) -> Result<(SchedulerKind, bool, f64), crate::ApiError> {
+        use crate::ApiError;
+        let name = job.scheduler.as_ref().or(self.scheduler.as_ref());
+        let kind = match name {
+            Some(n) => SchedulerKind::resolve(n, &self.config)
+                .map_err(|e| ApiError::bad_field("scheduler", format!("`scheduler`: {e}")))?,
+            None => self.config.default_kind().map_err(|e| {
+                ApiError::bad_field(
+                    "scheduler",
+                    format!("give `scheduler`: the model's is not usable: {e}"),
+                )
+            })?,
+        };
+        let karras = job.karras.unwrap_or(self.karras);
+        let phi = job.guidance_rescale.unwrap_or(self.guidance_rescale);
+        hybridiff_engine::check_guidance_rescale(phi, Some(kind)).map_err(|e| {
+            ApiError::bad_field(
+                "guidance_rescale",
+                e.to_string()
+                    .replace("--guidance-rescale", "`guidance_rescale`"),
+            )
+        })?;
+        let p = self.pixels_per_token.max(1);
+        let opts = hybridiff_schedulers::ScheduleOptions {
+            karras,
+            image_seq_len: Some((job.height as usize / p) * (job.width as usize / p)),
+        };
+        hybridiff_schedulers::build_with(&self.config, kind, job.steps, &opts).map_err(
+            |e| match &e {
+                hybridiff_schedulers::Error::Option { option, message }
+                    if option.starts_with("--karras") =>
+                {
+                    ApiError::bad_field("karras", format!("`karras`: {message}"))
+                }
+                hybridiff_schedulers::Error::Option { option, message }
+                    if option.starts_with("--steps") =>
+                {
+                    ApiError::bad_field(
+                        "num_inference_steps",
+                        format!("`num_inference_steps` {}: {message}", job.steps),
+                    )
+                }
+                hybridiff_schedulers::Error::NumSteps { .. } => ApiError::bad_field(
+                    "num_inference_steps",
+                    format!("`num_inference_steps` {}: {e}", job.steps),
+                ),
+                _ => ApiError::bad_field("scheduler", format!("`scheduler` {kind}: {e}")),
+            },
+        )?;
+        Ok((kind, karras, phi))
+    }
 }
 
 /// What a request that leaves fields out gets.
@@ -120,6 +196,10 @@ pub struct PipelineBackend {
 pub struct RequestDefaults {
     /// `num_inference_steps`.
     pub steps: usize,
+    /// `karras` (`--karras`).
+    pub karras: bool,
+    /// `guidance_rescale` (`--guidance-rescale`).
+    pub guidance_rescale: f64,
     /// `guidance_scale`; `None` takes the pipeline's default.
     pub guidance: Option<f64>,
     /// `size` as (width, height); `None` takes the denoiser's sample size.
@@ -128,7 +208,7 @@ pub struct RequestDefaults {
 
 impl PipelineBackend {
     /// Serves `pipeline` with the strategies of `strategy_for` on `runner`'s ranks;
-    /// `scheduler` `None` takes the model's.
+    /// `scheduler` (ours or a diffusers class name) `None` takes the model's.
     ///
     /// # Errors
     /// A request with the defaults would fail (the strategy does not fit the model or
@@ -139,7 +219,7 @@ impl PipelineBackend {
         pipeline: Pipeline,
         runner: Runner,
         strategy_for: StrategyFor,
-        scheduler: Option<SchedulerKind>,
+        scheduler: Option<String>,
         defaults: RequestDefaults,
     ) -> Result<Self, String> {
         let f = pipeline.vae_factor();
@@ -158,12 +238,36 @@ impl PipelineBackend {
             world_size: runner.options().world_size,
             threads_per_rank: runner.options().threads_per_rank,
         };
+        let sampling = SamplingDefaults {
+            config: pipeline.model.scheduler_config.clone(),
+            scheduler,
+            karras: defaults.karras,
+            guidance_rescale: defaults.guidance_rescale,
+            pixels_per_token: f * pipeline.model.denoiser.patch_size(),
+        };
+        let default_job = ImageJob {
+            prompt: String::new(),
+            negative_prompt: None,
+            seed: 0,
+            steps: info.default_steps,
+            guidance: info.default_guidance,
+            width: info.default_size.0,
+            height: info.default_size.1,
+            scheduler: None,
+            karras: None,
+            guidance_rescale: None,
+        };
+        let (kind, karras, guidance_rescale) = sampling
+            .resolve(&default_job)
+            .map_err(|e| format!("a request with the defaults would fail: {}", e.message))?;
         let default_request = Request {
             prompt: String::new(),
             negative_prompt: None,
             steps: info.default_steps,
             guidance: Some(info.default_guidance),
-            scheduler,
+            scheduler: Some(kind),
+            karras,
+            guidance_rescale,
             height: Some(info.default_size.1 as usize),
             width: Some(info.default_size.0 as usize),
             latents: None,
@@ -179,7 +283,7 @@ impl PipelineBackend {
             strategy_for,
             strategies: HashMap::from([(info.default_steps, strategy)]),
             strategy_name,
-            scheduler,
+            sampling,
             info,
         })
     }
@@ -221,14 +325,18 @@ impl Backend for PipelineBackend {
         let memory = self.pipeline.memory_check();
         let strategy = self.strategy_name;
         let world_size = self.runner.options().world_size;
-        let scheduler = self.scheduler;
+        let sampling = self.sampling.clone();
         Some(Arc::new(move |job: &ImageJob| {
+            // The sampler first: a step count it cannot run is the answer, whatever the size.
+            let (kind, karras, guidance_rescale) = sampling.resolve(job)?;
             let req = Request {
                 prompt: String::new(),
                 negative_prompt: None,
                 steps: job.steps,
                 guidance: Some(job.guidance),
-                scheduler,
+                scheduler: Some(kind),
+                karras,
+                guidance_rescale,
                 height: Some(job.height as usize),
                 width: Some(job.width as usize),
                 latents: None,
@@ -253,12 +361,18 @@ impl Backend for PipelineBackend {
         cancel: &AtomicBool,
     ) -> Result<Image, BackendError> {
         let start = Instant::now();
+        let (kind, karras, guidance_rescale) = self
+            .sampling
+            .resolve(job)
+            .map_err(|e| BackendError::Failed(e.message))?;
         let req = Request {
             prompt: job.prompt.clone(),
             negative_prompt: job.negative_prompt.clone(),
             steps: job.steps,
             guidance: Some(job.guidance),
-            scheduler: self.scheduler,
+            scheduler: Some(kind),
+            karras,
+            guidance_rescale,
             height: Some(job.height as usize),
             width: Some(job.width as usize),
             latents: None,

@@ -5,6 +5,15 @@
 //!
 //! Without classifier-free guidance (`guidance <= 1`) there is no rel-MAE between
 //! branches to switch on: every step runs as `cfg` does then (rank 0, conditional branch).
+//!
+//! Guidance and its rescale (`--guidance-rescale`) are applied by the sampler, as for every
+//! strategy: exact steps combine the two branches and rescale toward the conditional one.
+//! A pipelined step has one prediction: under `--pipelined-guidance none` (the reference)
+//! it is unguided, so there is nothing to rescale (a rescale toward itself is the
+//! identity); under `reuse` the sampler adds the last exact step's `w (eps_c - eps_u)` and
+//! rescales the sum toward the prediction, the step's stand-in for `eps_c`. Stochastic
+//! samplers draw their step noise from the seed and the step alone, so the switching
+//! decisions (rel-MAE of exact steps) are the same on every rank.
 
 use candle_core::Tensor;
 use hybridiff_comm::Communicator;
@@ -30,7 +39,8 @@ struct HybridWorker<'a> {
     runner: StagedRunner<'a>,
     branch: &'a Conditioning,
     guidance: PipelinedGuidance,
-    /// `w (eps_c - eps_u)` of the last exact step, for `--pipelined-guidance reuse`.
+    /// `eps_c - eps_u` of the last exact step, for `--pipelined-guidance reuse` (the
+    /// sampler scales it by the guidance).
     correction: Option<Tensor>,
 }
 
@@ -116,7 +126,7 @@ impl Worker for HybridWorker<'_> {
                 self.runner.clear();
                 let (u, c, secs) = exact_step(self.job, comm, x, t)?;
                 if self.guidance == PipelinedGuidance::Reuse {
-                    self.correction = Some(((&c - &u)? * self.job.guidance)?);
+                    self.correction = Some((&c - &u)?);
                 }
                 let mut out = StepOutput::exact(u, c, secs)?;
                 out.slope = self.switcher.record(i, out.rel_mae);
@@ -131,13 +141,16 @@ impl Worker for HybridWorker<'_> {
                     (StepMode::Fill, self.runner.from_last_stage(comm, &y)?, 0)
                 };
                 self.switcher.record(i, 0.0);
-                let eps = match (&self.correction, self.guidance) {
-                    (Some(corr), PipelinedGuidance::Reuse) => (pred + corr)?,
-                    _ => pred,
+                let prediction = match (&self.correction, self.guidance) {
+                    (Some(diff), PipelinedGuidance::Reuse) => Prediction::Reused {
+                        pred,
+                        diff: diff.clone(),
+                    },
+                    _ => Prediction::Guided(pred),
                 };
                 StepOutput {
                     mode,
-                    prediction: Prediction::Guided(eps),
+                    prediction,
                     rel_mae: 0.0,
                     slope: None,
                     tau1: None,

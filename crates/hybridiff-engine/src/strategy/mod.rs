@@ -149,12 +149,18 @@ impl StrategyKind {
     }
 }
 
-/// A step's prediction.
+/// A step's prediction. Guidance is never applied here: the sampler does it
+/// ([`Sampler::step_guided`], [`Sampler::step_reused`]).
 pub enum Prediction {
-    /// Both branches; the sampler applies guidance.
+    /// Both branches; the sampler applies guidance (and its rescale).
     Branches(Tensor, Tensor),
-    /// One prediction used as is (pipelined Hybridiff steps).
+    /// One prediction used as is (without CFG; pipelined Hybridiff steps under
+    /// `--pipelined-guidance none`).
     Guided(Tensor),
+    /// A pipelined Hybridiff step under `--pipelined-guidance reuse`: the prediction and
+    /// the last exact step's branch difference `eps_c - eps_u`; the sampler adds
+    /// `w * diff` (and rescales).
+    Reused { pred: Tensor, diff: Tensor },
 }
 
 /// What a worker returns for one step.
@@ -331,7 +337,7 @@ fn check_latents(
     ];
     let pred_dtype = match &out.prediction {
         Prediction::Branches(u, _) => u.dtype(),
-        Prediction::Guided(eps) => eps.dtype(),
+        Prediction::Guided(eps) | Prediction::Reused { pred: eps, .. } => eps.dtype(),
     };
     // f16 tops out at 65504: a model whose activations exceed it overflows to inf, then
     // NaN, where f32 and bf16 (float32's exponent range) do not.
@@ -403,6 +409,7 @@ pub fn run_rank<'a>(
         match &out.prediction {
             Prediction::Branches(u, c) => sampler.step_guided(i, u, c)?,
             Prediction::Guided(eps) => sampler.step(i, eps)?,
+            Prediction::Reused { pred, diff } => sampler.step_reused(i, pred, diff)?,
         }
         check_latents(&sampler.latents, i, job, strategy.name(), &out)?;
         step_latents.push(sampler.latents.clone());

@@ -8,7 +8,8 @@ use candle_core::{DType, Device, Tensor};
 use hybridiff_engine::stages::PlanKind;
 use hybridiff_engine::switch::SwitchParams;
 use hybridiff_engine::{
-    denoise, DenoiseInputs, DenoiseOutput, Job, Model, RunOptions, StrategyKind, StrategyOptions,
+    denoise, DenoiseInputs, DenoiseOutput, Job, Model, RunOptions, SamplingOptions, StrategyKind,
+    StrategyOptions,
 };
 use hybridiff_schedulers::SchedulerKind;
 
@@ -32,6 +33,8 @@ pub struct Setup {
     pub inputs: DenoiseInputs,
     pub scheduler: SchedulerKind,
     pub guidance: f64,
+    /// Karras sigmas, guidance rescale, step noise (default: none, 0, seed 0).
+    pub sampling: SamplingOptions,
     pub name: &'static str,
 }
 
@@ -54,6 +57,7 @@ pub fn setup_with(name: &'static str, dtype: DType) -> Setup {
         inputs,
         scheduler,
         guidance,
+        sampling: SamplingOptions::default(),
         name,
     }
 }
@@ -76,6 +80,7 @@ pub fn run(
         guidance: s.guidance,
         inputs: &s.inputs,
         progress: None,
+        sampling: s.sampling,
     };
     let ro = RunOptions {
         world_size: world,

@@ -493,6 +493,10 @@ impl Denoiser for SD3Transformer2DModel {
         self.run_module_patch(idx, s, None)
     }
 
+    fn patch_size(&self) -> usize {
+        self.config.patch_size
+    }
+
     fn patch_alignment(&self) -> Option<(usize, usize)> {
         Some((self.config.patch_size, self.config.patch_size))
     }
