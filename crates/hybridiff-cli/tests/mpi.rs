@@ -243,6 +243,52 @@ fn hybrid_on_four_processes_equals_four_threads_bit_for_bit() {
     );
 }
 
+/// Stochastic samplers (issue 23): every process draws step i's noise from the seed and i
+/// alone, so processes give the threads' latents bit for bit (and threads give serial's,
+/// engine/tests/samplers.rs).
+#[test]
+fn stochastic_samplers_on_processes_equal_threads_bit_for_bit() {
+    same_as_in_process(
+        2,
+        &["--strategy", "cfg", "--scheduler", "euler-a", "--seed", "9"],
+    );
+    same_as_in_process(
+        2,
+        &[
+            "--strategy",
+            "hybrid",
+            "--l-slope",
+            "3",
+            "--eps-slope",
+            "0.05",
+            "--k",
+            "4",
+            "--tau-cap",
+            "8",
+            "--scheduler",
+            "dpmpp-2m-sde",
+            "--karras",
+            "--guidance-rescale",
+            "0.7",
+            "--seed",
+            "3",
+        ],
+    );
+    same_as_in_process(
+        4,
+        &[
+            "--strategy",
+            "patch",
+            "--patch-mode",
+            "sync",
+            "--scheduler",
+            "lcm",
+            "--seed",
+            "4",
+        ],
+    );
+}
+
 #[test]
 fn generate_on_two_processes_writes_the_same_png() {
     let dir = tempfile::tempdir().unwrap();

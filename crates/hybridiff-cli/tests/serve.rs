@@ -794,3 +794,133 @@ fn a_half_sent_head_is_closed_after_header_timeout() {
     assert!(after < Duration::from_secs(5), "closed after {after:?}");
     assert_eq!(s.health()["status"], "ok", "still serving");
 }
+
+/// The POST's status and JSON body.
+fn post(c: &reqwest::blocking::Client, s: &Served, body: Value) -> (u16, Value) {
+    let r = c
+        .post(s.url("/v1/images/generations"))
+        .json(&body)
+        .send()
+        .unwrap();
+    (r.status().as_u16(), r.json().unwrap())
+}
+
+#[test]
+fn per_request_samplers_are_checked_before_queueing_and_each_image_is_its_own_run() {
+    let s = Served::start(&["--threads-per-rank", "1"]);
+    let c = client();
+    let base = json!({"prompt": "a red circle", "size": "64x64", "num_inference_steps": 4});
+    let with = |extra: Value| {
+        let mut b = base.clone();
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        b
+    };
+    let bad: &[(Value, &str, &str)] = &[
+        (
+            json!({"scheduler": "eulr-a"}),
+            "scheduler",
+            "did you mean euler-a?",
+        ),
+        (
+            json!({"scheduler": "x".repeat(10_000)}),
+            "scheduler",
+            "expected one of",
+        ),
+        (json!({"scheduler": 3}), "scheduler", "must be a string"),
+        (
+            json!({"scheduler": "lcm", "num_inference_steps": 60}),
+            "num_inference_steps",
+            "original_inference_steps",
+        ),
+        (
+            json!({"scheduler": "unipc", "num_inference_steps": 1}),
+            "num_inference_steps",
+            "solver_order",
+        ),
+        // The default model's sampler is DDIM: no Karras sigmas in diffusers.
+        (json!({"karras": true}), "karras", "DDIMScheduler"),
+        (json!({"karras": "yes"}), "karras", "true or false"),
+        (
+            json!({"guidance_rescale": 1.5}),
+            "guidance_rescale",
+            "from 0",
+        ),
+        (
+            json!({"guidance_rescale": "0.5"}),
+            "guidance_rescale",
+            "from 0",
+        ),
+    ];
+    for (extra, param, want) in bad {
+        let (status, v) = post(&c, &s, with(extra.clone()));
+        assert_eq!(status, 400, "{extra}: {v}");
+        assert_eq!(v["error"]["param"], *param, "{extra}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(want) && msg.len() < 2000, "{extra}: {msg}");
+    }
+    let m = s.metrics();
+    assert_eq!(
+        sample(&m, "hybridiff_jobs_total{outcome=\"failed\"}"),
+        0.0,
+        "none of them became a job"
+    );
+    // Two images of one request are the two one-image requests with seeds 5 and 6.
+    let sampler = json!({"scheduler": "EulerAncestralDiscreteScheduler", "guidance_rescale": 0.7});
+    let (status, v) = post(
+        &c,
+        &s,
+        with(json!({"n": 2, "seed": 5})).merge_with(&sampler),
+    );
+    assert_eq!(status, 200, "{v}");
+    let second = v["data"][1]["b64_json"].as_str().unwrap().to_string();
+    let alone = generate_png(&c, &s, with(json!({"seed": 6})).merge_with(&sampler));
+    let second = base64::engine::general_purpose::STANDARD
+        .decode(second)
+        .unwrap();
+    assert_eq!(second, alone, "image 2 of n=2 differs from its own request");
+    // And `generate` with the same flags writes the same PNG.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("g.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_hybridiff"))
+        .env("HYBRIDIFF_CACHE", dir.path().join("cache"))
+        .args([
+            "generate",
+            "--prompt",
+            "a red circle",
+            "--seed",
+            "6",
+            "--steps",
+            "4",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--threads-per-rank",
+            "1",
+            "--scheduler",
+            "euler-a",
+            "--guidance-rescale",
+            "0.7",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(&out).unwrap(), alone);
+}
+
+trait MergeWith {
+    fn merge_with(self, other: &Value) -> Value;
+}
+
+impl MergeWith for Value {
+    fn merge_with(mut self, other: &Value) -> Value {
+        self.as_object_mut()
+            .unwrap()
+            .extend(other.as_object().unwrap().clone());
+        self
+    }
+}

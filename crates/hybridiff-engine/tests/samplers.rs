@@ -221,23 +221,20 @@ fn bad_sampling_options_are_refused_before_compute() {
     for phi in [-0.1, 1.5, f64::NAN] {
         s.sampling.guidance_rescale = phi;
         let err = run(&s, StrategyKind::Serial, 1, &Default::default())
-            .err()
-            .expect("accepted")
+            .expect_err("accepted")
             .to_string();
         assert!(err.contains("--guidance-rescale"), "{err}");
     }
     s.sampling.guidance_rescale = 0.0;
     s.sampling.karras = true; // DDIM has no Karras sigmas
     let err = run(&s, StrategyKind::Cfg, 2, &Default::default())
-        .err()
-        .expect("accepted")
+        .expect_err("accepted")
         .to_string();
     assert!(err.starts_with("--karras"), "{err}");
     let mut sd3 = setup_named("tiny-sd3");
     sd3.sampling.guidance_rescale = 0.5;
     let err = run(&sd3, StrategyKind::Serial, 1, &Default::default())
-        .err()
-        .expect("accepted")
+        .expect_err("accepted")
         .to_string();
     assert!(
         err.contains("--guidance-rescale") && err.contains("SD3"),
@@ -266,8 +263,7 @@ fn bad_sampling_options_are_refused_before_compute() {
         StrategyKind::Cfg.build(&Default::default()).as_ref(),
         &ro,
     )
-    .err()
-    .expect("accepted")
+    .expect_err("accepted")
     .to_string();
     assert!(
         err.contains("--steps 60") && err.contains("original_inference_steps"),

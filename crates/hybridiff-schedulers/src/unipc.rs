@@ -342,10 +342,12 @@ fn solve(a: &[Vec<f32>], b: &[f32]) -> Vec<f32> {
             .max_by(|&x, &y| m[x][col].abs().total_cmp(&m[y][col].abs()))
             .unwrap_or(col);
         m.swap(col, pivot);
-        for row in col + 1..n {
-            let f = m[row][col] / m[col][col];
-            for k in col..=n {
-                m[row][k] -= f * m[col][k];
+        let (top, rest) = m.split_at_mut(col + 1);
+        let pivot_row = &top[col];
+        for row in rest.iter_mut() {
+            let f = row[col] / pivot_row[col];
+            for (x, p) in row[col..].iter_mut().zip(&pivot_row[col..]) {
+                *x -= f * p;
             }
         }
     }
