@@ -143,6 +143,24 @@ fn what_a_sampler_cannot_run_is_refused_before_compute_naming_the_flag_or_key() 
         }
         assert!(!err.contains("panicked"), "{err}");
     }
+    // generate too, before the prompt is encoded.
+    for (flags, want) in [
+        (&["--scheduler", "lcm", "--steps", "51"][..], "original_inference_steps"),
+        (&["--scheduler", "ddim", "--karras"][..], "--karras"),
+    ] {
+        let out = dir.path().join("g.png");
+        let o = Command::new(env!("CARGO_BIN_EXE_hybridiff"))
+            .args(["generate", "--model"])
+            .arg(fixture("tiny-sdxl-pipeline"))
+            .args(["--prompt", "a red circle", "--out"])
+            .arg(&out)
+            .args(flags)
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert!(!o.status.success() && !out.exists(), "{flags:?}");
+        assert!(err.contains(want), "{flags:?}: {err}");
+    }
     // SD3 (flow matching): diffusers' SD3 pipeline has no guidance_rescale.
     let root = fixture("tiny-sd3");
     let out = dir.path().join("sd3.safetensors");

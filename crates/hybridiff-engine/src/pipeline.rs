@@ -181,11 +181,10 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Encodes the prompts and draws or checks the starting latents.
-    pub fn prepare(&self, req: &Request) -> Result<DenoiseInputs> {
+    /// The request's height and width in pixels: given, else those of its latents (times
+    /// the VAE factor), else the denoiser's sample size.
+    fn pixel_size(&self, req: &Request) -> (usize, usize) {
         let f = self.vae_factor();
-        let spec = &self.model.input_spec;
-        // Given latents set the size (times the VAE factor); else the denoiser's sample size.
         let default = match req.latents.as_ref().map(|l| l.dims()) {
             Some([_, _, lh, lw]) => (lh * f, lw * f),
             _ => {
@@ -193,10 +192,36 @@ impl Pipeline {
                 (d, d)
             }
         };
-        let (h, w) = (
+        (
             req.height.unwrap_or(default.0),
             req.width.unwrap_or(default.1),
-        );
+        )
+    }
+
+    /// Checks the request's sampler before anything is computed (the prompts are not
+    /// encoded yet): the scheduler builds for its steps, size and `--karras` (e.g. LCM's
+    /// step limit, UniPC's order), and the guidance rescale fits it.
+    pub fn check_sampling(&self, req: &Request) -> Result<()> {
+        let scheduler = match req.scheduler {
+            Some(s) => s,
+            None => self.model.scheduler_config.default_kind()?,
+        };
+        crate::check_guidance_rescale(req.guidance_rescale, Some(scheduler))?;
+        let (h, w) = self.pixel_size(req);
+        let p = self.vae_factor() * self.model.denoiser.patch_size().max(1);
+        let opts = hybridiff_schedulers::ScheduleOptions {
+            karras: req.karras,
+            image_seq_len: Some((h / p) * (w / p)),
+        };
+        hybridiff_schedulers::build_with(&self.model.scheduler_config, scheduler, req.steps, &opts)?;
+        Ok(())
+    }
+
+    /// Encodes the prompts and draws or checks the starting latents.
+    pub fn prepare(&self, req: &Request) -> Result<DenoiseInputs> {
+        let f = self.vae_factor();
+        let spec = &self.model.input_spec;
+        let (h, w) = self.pixel_size(req);
         // diffusers' check_inputs: multiples of the VAE factor (times SD3's patch size);
         // the U-Net copes with any latent size (`forward_upsample_size`).
         let multiple = f * spec.latent_multiple;
@@ -301,6 +326,7 @@ impl Pipeline {
     ) -> Result<()> {
         opts.check(crate::cores())?;
         self.check_memory(req, strategy, opts)?;
+        self.check_sampling(req)?;
         let inputs = self.prepare(req)?;
         let scheduler = match req.scheduler {
             Some(s) => s,
@@ -373,6 +399,7 @@ impl Pipeline {
         progress: Option<&(dyn Fn(usize, usize) + Sync)>,
         run: impl FnOnce(&Job) -> Result<Option<crate::DenoiseOutput>>,
     ) -> Result<Option<Generated>> {
+        self.check_sampling(req)?;
         let inputs = self.prepare(req)?;
         let scheduler = match req.scheduler {
             Some(s) => s,

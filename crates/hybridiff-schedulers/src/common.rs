@@ -319,7 +319,6 @@ pub(crate) fn log_sigmas(train_sigmas: &[f32]) -> Vec<f32> {
 /// Refuses a solver order above the step count: the run would never reach that order
 /// (diffusers lowers it silently).
 pub(crate) fn check_order_fits(
-    cfg: &SchedulerConfig,
     who: &str,
     order: usize,
     steps: usize,
@@ -328,9 +327,8 @@ pub(crate) fn check_order_fits(
         return Err(Error::Option {
             option: format!("--steps {steps}"),
             message: format!(
-                "{who} of solver_order {order} (in {}) needs at least {order} steps; give more \
-                 steps, or set solver_order to {steps} or less",
-                cfg.path().display()
+                "{who} of solver_order {order} (the scheduler config's) needs at least {order} \
+                 steps; give more steps, or set solver_order to {steps} or less"
             ),
         });
     }

@@ -50,9 +50,8 @@ impl LCMScheduler {
             return Err(Error::Option {
                 option: format!("--steps {num_steps}"),
                 message: format!(
-                    "LCM runs at most original_inference_steps = {original} steps (in {}): its \
-                     schedule is a subset of the distillation's {original} timesteps",
-                    cfg.path().display()
+                    "LCM runs at most original_inference_steps = {original} steps (the scheduler \
+                     config's): its schedule is a subset of the distillation's {original} timesteps"
                 ),
             });
         }

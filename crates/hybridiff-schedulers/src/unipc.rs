@@ -54,7 +54,7 @@ impl UniPCMultistepScheduler {
         if !(1..=MAX_ORDER).contains(&order) {
             return Err(cfg.unsupported("solver_order", "implemented: 1, 2, 3"));
         }
-        check_order_fits(cfg, "UniPC", order, num_steps)?;
+        check_order_fits("UniPC", order, num_steps)?;
         let bh2 = match cfg.str_or("solver_type", "bh2")? {
             "bh1" => false,
             // diffusers maps the DPM-Solver names onto bh2.

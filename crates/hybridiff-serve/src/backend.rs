@@ -135,6 +135,14 @@ struct SamplingDefaults {
 }
 
 impl SamplingDefaults {
+    /// The model's files are the service's business: no path in an answer.
+    fn hide_path(&self, msg: String) -> String {
+        msg.replace(
+            &self.config.path().display().to_string(),
+            "the model's scheduler_config.json",
+        )
+    }
+
     /// The job's sampler kind, Karras flag and guidance rescale, checked as the engine
     /// will check them (schedule built for the job's steps and size): `Err` is a 400
     /// naming the field.
@@ -143,11 +151,13 @@ impl SamplingDefaults {
         let name = job.scheduler.as_ref().or(self.scheduler.as_ref());
         let kind = match name {
             Some(n) => SchedulerKind::resolve(n, &self.config)
-                .map_err(|e| ApiError::bad_field("scheduler", format!("`scheduler`: {e}")))?,
+                .map_err(|e| {
+                    ApiError::bad_field("scheduler", self.hide_path(format!("`scheduler`: {e}")))
+                })?,
             None => self.config.default_kind().map_err(|e| {
                 ApiError::bad_field(
                     "scheduler",
-                    format!("give `scheduler`: the model's is not usable: {e}"),
+                    self.hide_path(format!("give `scheduler`: the model's is not usable: {e}")),
                 )
             })?,
         };
@@ -184,7 +194,10 @@ impl SamplingDefaults {
                     "num_inference_steps",
                     format!("`num_inference_steps` {}: {e}", job.steps),
                 ),
-                _ => ApiError::bad_field("scheduler", format!("`scheduler` {kind}: {e}")),
+                _ => ApiError::bad_field(
+                    "scheduler",
+                    self.hide_path(format!("`scheduler` {kind}: {e}")),
+                ),
             },
         )?;
         Ok((kind, karras, phi))

@@ -945,3 +945,36 @@ async fn a_client_that_never_reads_its_answers_loses_its_connection_after_write_
     );
     drop(never_reads);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sampler_fields_are_checked_by_name_before_the_backend() {
+    let srv = TestServer::start(Config::default()).await;
+    let c = reqwest::Client::new();
+    let url = srv.url("/v1/images/generations");
+    let cases = [
+        (json!({"scheduler": "eulr-a"}), "scheduler", "did you mean euler-a?"),
+        (json!({"scheduler": "s".repeat(5000)}), "scheduler", "expected one of"),
+        (json!({"scheduler": ["euler"]}), "scheduler", "must be a string"),
+        (json!({"karras": 1}), "karras", "true or false"),
+        (json!({"guidance_rescale": -0.1}), "guidance_rescale", "from 0"),
+        (json!({"guidance_rescale": 2}), "guidance_rescale", "from 0"),
+    ];
+    for (extra, param, want) in cases {
+        let mut body = json!({"prompt": "a"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let v = expect_error(post(&c, &url, body).await, 400, Some(param)).await;
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(want) && msg.len() < 2000, "{extra}: {msg}");
+    }
+    // Valid values pass to the backend (the fake one ignores them).
+    let r = post(
+        &c,
+        &url,
+        json!({"prompt": "a", "scheduler": "DPMSolverMultistepScheduler", "karras": true,
+               "guidance_rescale": 0.7}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+}
