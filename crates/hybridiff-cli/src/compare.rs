@@ -7,8 +7,12 @@ use anyhow::Result;
 use hybridiff_engine::metrics::compare_dirs;
 
 /// Arguments of `hybridiff compare`. Images smaller than SSIM's 7x7 window are refused
-/// (as scikit-image refuses them); names found in only one folder are listed on stderr
-/// and in the JSON (`only_in_a`, `only_in_b`), and the means cover the pairs.
+/// (as scikit-image refuses them), and so are images of more than 16777216 pixels
+/// (4096x4096), read from the PNG header before decoding. Images with an alpha channel are
+/// compared on R, G, B and A (an image without one counts as opaque), so images that differ
+/// only in transparency are not identical; 16-bit images are compared at 16 bits. Names
+/// found in only one folder are listed on stderr and in the JSON (`only_in_a`,
+/// `only_in_b`), and the means cover the pairs. A progress bar shows on a terminal.
 #[derive(clap::Args, Debug)]
 pub struct CompareArgs {
     /// Folder of reference images (e.g. serial outputs).
@@ -21,7 +25,18 @@ pub struct CompareArgs {
 }
 
 pub fn run(args: CompareArgs) -> Result<()> {
-    let cmp = compare_dirs(&args.dir_a, &args.dir_b)?;
+    // Drawn only on a terminal (indicatif hides it otherwise); sized once the pairs are known.
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} images {elapsed_precise} eta {eta}")
+            .expect("valid template"),
+    );
+    let progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let cmp = compare_dirs(&args.dir_a, &args.dir_b, Some(&progress));
+    bar.finish_and_clear();
+    let cmp = cmp?;
     for (only, dir) in [(&cmp.only_in_a, &args.dir_a), (&cmp.only_in_b, &args.dir_b)] {
         if !only.is_empty() {
             let shown: Vec<&str> = only.iter().take(10).map(String::as_str).collect();
@@ -62,11 +77,20 @@ pub fn run(args: CompareArgs) -> Result<()> {
             .psnr_db
             .map(|v| format!("{v:.2}"))
             .unwrap_or_else(|| "identical".into());
-        println!("| {} | {psnr} | {:.4} |", p.file, p.ssim);
+        // A file name is a table cell: pipes and line breaks would break the row.
+        let file = p.file.replace('|', "\\|").replace(['\n', '\r'], " ");
+        println!("| {file} | {psnr} | {:.4} |", p.ssim);
     }
     let mp = mean_psnr
         .map(|v| format!("{v:.2}"))
         .unwrap_or_else(|| "identical".into());
     println!("| mean ({} images) | {mp} | {mean_ssim:.4} |", pairs.len());
+    let rgba = pairs.iter().filter(|p| p.channels == "RGBA").count();
+    let wide = pairs.iter().filter(|p| p.bits == 16).count();
+    if rgba + wide > 0 {
+        println!(
+            "\n{rgba} pair(s) compared with their alpha channel (RGBA), {wide} at 16 bits per sample"
+        );
+    }
     Ok(())
 }

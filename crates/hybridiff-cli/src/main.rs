@@ -5,8 +5,10 @@ mod compare;
 mod default_model;
 mod denoise;
 mod generate;
+mod interrupt;
 mod launch;
 mod nccl_check;
+mod outputs;
 mod parity;
 mod serve;
 mod strategy_args;
@@ -16,7 +18,7 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Fast text-to-image diffusion on several devices (Hybridiff, AsyncDiff, CFG split).
 #[derive(Parser, Debug)]
@@ -56,11 +58,13 @@ struct InitArgs {
     /// A diffusers `unet/config.json` or `transformer/config.json`.
     #[arg(long)]
     config: std::path::PathBuf,
-    /// The model folder to write (created if missing; an existing non-empty folder needs
-    /// --force).
+    /// The model folder to write: new or empty (created if missing), or with --force one an
+    /// earlier `init` wrote.
     #[arg(long)]
     out: std::path::PathBuf,
-    /// Overwrite the model files in an existing, non-empty --out folder.
+    /// Replace the model in an --out folder an earlier `init` wrote (its model_index.json,
+    /// unet/, transformer/ and scheduler/ are removed first; anything else in the folder is
+    /// refused, never deleted).
     #[arg(long)]
     force: bool,
     /// Seed of the random weights.
@@ -120,7 +124,11 @@ pub(crate) fn progress_bar(steps: usize, shown: bool) -> indicatif::ProgressBar 
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Some((_, sub)) = matches.subcommand() {
+        strategy_args::Given::from_matches(sub).set();
+    }
     init_logging(cli.verbose);
     let launch = match launch::Launch::from_env() {
         Ok(l) => l,

@@ -1,8 +1,156 @@
 //! The run flags that `generate`, `denoise`, `bench` and `serve` share.
 
+use std::collections::BTreeSet;
+use std::sync::OnceLock;
+
 use anyhow::Result;
 use hybridiff_engine::switch::{self, PartialSwitch, ResolvedSwitch};
+use hybridiff_engine::StrategyKind;
 use hybridiff_engine::{PipelinedGuidance, StrategyOptions};
+
+/// The flags given on this process's command line (or through their environment variable),
+/// by clap id (the field name: `tau_cap` for `--tau-cap`); flags left at their default are
+/// not in it. Set once by `main`; empty when unset (unit tests).
+#[derive(Debug, Default, Clone)]
+pub struct Given(BTreeSet<String>);
+
+static GIVEN: OnceLock<Given> = OnceLock::new();
+
+impl Given {
+    /// The flags of a subcommand's matches that were given (not defaulted).
+    pub fn from_matches(m: &clap::ArgMatches) -> Self {
+        use clap::parser::ValueSource;
+        Self(
+            m.ids()
+                .filter(|id| {
+                    matches!(
+                        m.value_source(id.as_str()),
+                        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                    )
+                })
+                .map(|id| id.as_str().to_string())
+                .collect(),
+        )
+    }
+
+    /// Records this process's flags (the first call wins).
+    pub fn set(self) {
+        let _ = GIVEN.set(self);
+    }
+
+    /// This process's flags.
+    pub fn get() -> &'static Given {
+        static EMPTY: OnceLock<Given> = OnceLock::new();
+        GIVEN.get().unwrap_or_else(|| EMPTY.get_or_init(Given::default))
+    }
+
+    /// The ids of the given flags.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+
+    /// Whether the flag with clap id `id` was given.
+    pub fn has(&self, id: &str) -> bool {
+        self.0.contains(id)
+    }
+
+    /// The given flags among `ids`, as `--flag` names.
+    pub fn among(&self, ids: &[&str]) -> Vec<String> {
+        ids.iter()
+            .filter(|id| self.has(id))
+            .map(|id| format!("--{}", id.replace('_', "-")))
+            .collect()
+    }
+}
+
+/// A strategy flag and the strategies that read it.
+pub struct FlagUse {
+    /// The clap id (the field of [`StrategyArgs`] or of a command's arguments).
+    pub id: &'static str,
+    /// Whether a run of this strategy, with these flags, reads the flag.
+    pub used_by: fn(StrategyKind, &StrategyArgs) -> bool,
+    /// Those strategies in words, for the message.
+    pub users: &'static str,
+}
+
+/// Which strategy reads which flag. A flag given for a run whose strategy (or, for `bench`,
+/// none of whose `--strategies`) reads it is refused before anything is loaded, rather than
+/// ignored (issue 28). A new strategy flag is one line here.
+pub const STRATEGY_FLAGS: &[FlagUse] = &[
+    FlagUse {
+        id: "warmup",
+        used_by: |k, a| {
+            k == StrategyKind::Async || (k == StrategyKind::Patch && a.patch_mode == "displaced")
+        },
+        users: "async, and patch with --patch-mode displaced",
+    },
+    FlagUse {
+        id: "patch_mode",
+        used_by: |k, _| k == StrategyKind::Patch,
+        users: "patch",
+    },
+    FlagUse {
+        id: "no_cfg_split",
+        used_by: |k, _| k == StrategyKind::Patch,
+        users: "patch",
+    },
+    FlagUse {
+        id: "l_slope",
+        used_by: |k, _| k == StrategyKind::Hybrid,
+        users: "hybrid",
+    },
+    FlagUse {
+        id: "eps_slope",
+        used_by: |k, _| k == StrategyKind::Hybrid,
+        users: "hybrid",
+    },
+    FlagUse {
+        id: "k",
+        used_by: |k, _| k == StrategyKind::Hybrid,
+        users: "hybrid",
+    },
+    FlagUse {
+        id: "tau_cap",
+        used_by: |k, _| k == StrategyKind::Hybrid,
+        users: "hybrid",
+    },
+    FlagUse {
+        id: "stages",
+        used_by: |k, _| matches!(k, StrategyKind::Async | StrategyKind::Hybrid),
+        users: "async and hybrid",
+    },
+    FlagUse {
+        id: "pipelined_guidance",
+        used_by: |k, _| k == StrategyKind::Hybrid,
+        users: "hybrid",
+    },
+];
+
+/// Refuses every flag of [`STRATEGY_FLAGS`] that was given but that no strategy of `kinds`
+/// reads. `what` names where the strategies came from (`--strategy cfg`, `--strategies
+/// serial,cfg`).
+pub fn check_flags_used(
+    given: &Given,
+    kinds: &[StrategyKind],
+    args: &StrategyArgs,
+    what: &str,
+) -> Result<()> {
+    let unused: Vec<String> = STRATEGY_FLAGS
+        .iter()
+        .filter(|f| given.has(f.id) && !kinds.iter().any(|&k| (f.used_by)(k, args)))
+        .map(|f| {
+            format!(
+                "--{}: {what} does not use it (read by {}); leave it out or pick a strategy that reads it",
+                f.id.replace('_', "-"),
+                f.users
+            )
+        })
+        .collect();
+    if !unused.is_empty() {
+        anyhow::bail!("{}", unused.join("\n"));
+    }
+    Ok(())
+}
 
 /// Knobs of the staged strategies (`async`, `hybrid`) and of `patch`.
 #[derive(clap::Args, Debug, Clone)]
@@ -83,14 +231,13 @@ impl StrategyArgs {
 /// hybrid thresholds were derived. Hybrid thresholds that cannot fit are an error that
 /// names the values that were derived rather than given.
 pub fn announce(
-    kinds: &[hybridiff_engine::StrategyKind],
+    kinds: &[StrategyKind],
     strategies: &[&dyn hybridiff_engine::Strategy],
     switch: &ResolvedSwitch,
     guidance: f64,
     steps: usize,
     print: bool,
 ) -> Result<()> {
-    use hybridiff_engine::StrategyKind;
     for (kind, strategy) in kinds.iter().zip(strategies) {
         let line = match kind {
             StrategyKind::Cfg | StrategyKind::Hybrid if guidance <= 1.0 => {
@@ -341,7 +488,7 @@ pub(crate) fn parse_dtype(s: &str, device: &candle_core::Device) -> Result<candl
 
 /// [`RunArgs`] checked and resolved.
 pub struct Run {
-    pub kind: hybridiff_engine::StrategyKind,
+    pub kind: StrategyKind,
     pub strategy: Box<dyn hybridiff_engine::Strategy>,
     pub options: hybridiff_engine::RunOptions,
     pub dtype: candle_core::DType,
@@ -381,8 +528,13 @@ impl RunArgs {
         steps: usize,
         processes: Option<crate::launch::Processes>,
     ) -> Result<Run> {
-        use hybridiff_engine::StrategyKind;
         let kind: StrategyKind = self.strategy.parse()?;
+        check_flags_used(
+            Given::get(),
+            &[kind],
+            &self.strategy_args,
+            &format!("--strategy {kind}"),
+        )?;
         let nccl = self.comm == "nccl";
         if nccl {
             crate::launch::check_nccl(processes)?;

@@ -291,12 +291,8 @@ impl Pipeline {
     ) -> Result<()> {
         opts.check(crate::cores())?;
         self.check_memory(req, strategy, opts)?;
+        let scheduler = self.model.scheduler(req.scheduler, req.steps)?;
         let inputs = self.prepare(req)?;
-        let scheduler = match req.scheduler {
-            Some(s) => s,
-            None => self.model.scheduler_config.default_kind()?,
-        };
-        hybridiff_schedulers::build(&self.model.scheduler_config, scheduler, req.steps)?;
         let job = Job {
             model: self.model.denoiser.as_ref(),
             scheduler_config: &self.model.scheduler_config,
@@ -361,11 +357,8 @@ impl Pipeline {
         progress: Option<&(dyn Fn(usize, usize) + Sync)>,
         run: impl FnOnce(&Job) -> Result<Option<crate::DenoiseOutput>>,
     ) -> Result<Option<Generated>> {
+        let scheduler = self.model.scheduler(req.scheduler, req.steps)?;
         let inputs = self.prepare(req)?;
-        let scheduler = match req.scheduler {
-            Some(s) => s,
-            None => self.model.scheduler_config.default_kind()?,
-        };
         let job = Job {
             model: self.model.denoiser.as_ref(),
             scheduler_config: &self.model.scheduler_config,

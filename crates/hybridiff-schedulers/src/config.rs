@@ -19,6 +19,16 @@ const MAX_CONFIG_BYTES: u64 = 16 << 20;
 /// configs say 1000).
 pub const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
 
+/// What a scheduler config says its model was trained for ([`SchedulerConfig::objective`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Objective {
+    pub family: crate::Family,
+    /// The prediction in words: `epsilon prediction`, `v-prediction`, `velocity (flow matching)`.
+    pub prediction: String,
+    /// The keys that say so, as `DDIMScheduler, prediction_type epsilon`.
+    pub keys: String,
+}
+
 /// A parsed diffusers `scheduler_config.json`; keeps its path for error messages.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -82,6 +92,48 @@ impl SchedulerConfig {
     /// The diffusers class named by `_class_name`, if any.
     pub fn class_name(&self) -> Option<&str> {
         self.values.get("_class_name").and_then(Value::as_str)
+    }
+
+    /// The training objective this config declares, with the keys that say so, or `None`
+    /// when it says nothing (no `_class_name` and no `prediction_type`): diffusers'
+    /// flow-matching classes (`FlowMatch*`), `prediction_type: flow_prediction` or
+    /// `use_flow_sigmas: true` mean flow matching; any other scheduler class, or an
+    /// `epsilon`, `v_prediction` or `sample` prediction, means diffusion.
+    pub fn objective(&self) -> Option<Objective> {
+        let class = self.class_name();
+        let prediction = self.values.get("prediction_type").and_then(Value::as_str);
+        let flow_sigmas = self.values.get("use_flow_sigmas").and_then(Value::as_bool) == Some(true);
+        let mut keys = Vec::new();
+        if let Some(c) = class {
+            keys.push(c.to_string());
+        }
+        if let Some(p) = prediction {
+            keys.push(format!("prediction_type {p}"));
+        }
+        if flow_sigmas {
+            keys.push("use_flow_sigmas true".into());
+        }
+        let family = if class.is_some_and(|c| c.starts_with("FlowMatch"))
+            || prediction == Some("flow_prediction")
+            || flow_sigmas
+        {
+            crate::Family::FlowMatching
+        } else if class.is_some_and(|c| c.ends_with("Scheduler")) || prediction.is_some() {
+            crate::Family::Diffusion
+        } else {
+            return None;
+        };
+        Some(Objective {
+            family,
+            prediction: match family {
+                crate::Family::FlowMatching => "velocity (flow matching)".into(),
+                crate::Family::Diffusion => match prediction.unwrap_or("epsilon") {
+                    "v_prediction" => "v-prediction".into(),
+                    p => format!("{p} prediction"),
+                },
+            },
+            keys: keys.join(", "),
+        })
     }
 
     /// The scheduler kind that `_class_name` names.
