@@ -214,9 +214,17 @@ fn run_from_trace(dir: &std::path::Path, link: Option<&str>) -> Result<()> {
     let mut parallel_world: Option<(&PathBuf, usize)> = None;
     for (_, p, t) in &traces {
         for (field, mine, theirs) in [
-            ("num_steps", t.num_steps.to_string(), base.num_steps.to_string()),
+            (
+                "num_steps",
+                t.num_steps.to_string(),
+                base.num_steps.to_string(),
+            ),
             ("scheduler", t.scheduler.clone(), base.scheduler.clone()),
-            ("guidance", t.guidance.to_string(), base.guidance.to_string()),
+            (
+                "guidance",
+                t.guidance.to_string(),
+                base.guidance.to_string(),
+            ),
         ] {
             if mine != theirs {
                 anyhow::bail!(
@@ -352,7 +360,7 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
         let unused = given.among(&["world_size", "transport"]);
         if !unused.is_empty() {
             anyhow::bail!(
-                "{}: {what} runs serial only, on 1 rank; these set the parallel strategies' ranks. Leave {} out or add a parallel strategy",
+                "{}: for the parallel strategies' ranks, but {what} runs serial only (1 rank); leave {} out or add a parallel strategy",
                 unused.join(", "),
                 if unused.len() == 1 { "it" } else { "them" }
             );
@@ -363,7 +371,9 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
         .enumerate()
         .find_map(|(i, k)| kinds[..i].contains(k).then_some(k))
     {
-        anyhow::bail!("{what}: `{k}` is listed twice; each strategy runs (and writes its trace) once");
+        anyhow::bail!(
+            "{what}: `{k}` is listed twice; each strategy runs (and writes its trace) once"
+        );
     }
     // Every file the run writes, checked before anything is loaded.
     let mut plan = Plan::new();
@@ -379,7 +389,11 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     if let Some(d) = &args.trace_dir {
         let mut files = Vec::new();
         for &kind in &kinds {
-            let on: &[bool] = if kind == StrategyKind::Serial { &[false] } else { &transports };
+            let on: &[bool] = if kind == StrategyKind::Serial {
+                &[false]
+            } else {
+                &transports
+            };
             for &mpi in on {
                 let name = trace_name(kind, if mpi { "mpi" } else { "threads" });
                 files.push((format!("--trace-dir ({name})"), d.join(&name), Format::Json));

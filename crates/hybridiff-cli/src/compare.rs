@@ -27,8 +27,10 @@ pub struct CompareArgs {
 pub fn run(args: CompareArgs) -> Result<()> {
     // Drawn only on a terminal (indicatif hides it otherwise); sized once the pairs are known.
     let bar = indicatif::ProgressBar::new(0).with_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} images {elapsed_precise} eta {eta}")
-            .expect("valid template"),
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} images {elapsed_precise} eta {eta}",
+        )
+        .expect("valid template"),
     );
     let progress = |done: usize, total: usize| {
         bar.set_length(total as u64);

@@ -1,4 +1,5 @@
-//! Ctrl-C (SIGINT) during a `generate --prompts` batch (issue 28). The first one stops
+//! Ctrl-C (SIGINT, and SIGTERM alike) during a `generate --prompts` batch (issue 28). The
+//! first one stops
 //! taking prompts and cancels the running image at its next denoiser module ([`CANCEL`], the
 //! flag the warm ranks check); the batch then closes its manifest, which lists exactly the
 //! images in the folder, and exits with status 130. The second one exits at once, unless it
@@ -52,12 +53,15 @@ fn on_sigint() {
     }
 }
 
-/// Replaces SIGINT's default (ending the process at once) by the two-step handling above.
+/// Replaces the default of SIGINT and SIGTERM (ending the process at once) by the two-step
+/// handling above: a service manager's SIGTERM gets the same clean stop as Ctrl-C.
 pub fn install() -> anyhow::Result<()> {
-    // SAFETY: the action only touches atomics and calls async-signal-safe functions.
-    unsafe { signal_hook_registry::register(libc::SIGINT, on_sigint) }
-        .map(drop)
-        .map_err(|e| anyhow::anyhow!("cannot handle Ctrl-C (SIGINT): {e}"))
+    for (signal, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
+        // SAFETY: the action only touches atomics and calls async-signal-safe functions.
+        unsafe { signal_hook_registry::register(signal, on_sigint) }
+            .map_err(|e| anyhow::anyhow!("cannot handle {name}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Whether a SIGINT has arrived.

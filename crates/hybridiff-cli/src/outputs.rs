@@ -78,10 +78,13 @@ pub fn check_name(flag: &str, path: &Path, format: Format) -> Result<()> {
     }
 }
 
+/// A planned output file: the flag (and what the file is) naming it, its path, its format.
+pub type Planned = (String, PathBuf, Format);
+
 /// A command's outputs and inputs, before it runs.
 pub struct Plan<'a> {
-    files: Vec<(String, PathBuf, Format)>,
-    folder: Option<(OutputFolder<'a>, Vec<(String, PathBuf, Format)>)>,
+    files: Vec<Planned>,
+    folder: Option<(OutputFolder<'a>, Vec<Planned>)>,
     inputs: Vec<(String, PathBuf)>,
 }
 
@@ -108,17 +111,14 @@ impl<'a> Plan<'a> {
 
     /// An output file named by `flag`.
     pub fn file(&mut self, flag: &str, path: &Path, format: Format) -> &mut Self {
-        self.files.push((flag.to_string(), path.to_path_buf(), format));
+        self.files
+            .push((flag.to_string(), path.to_path_buf(), format));
         self
     }
 
     /// An output folder and the files the run will write in it (`(label, path, format)`,
     /// the label naming the flag and what the file is: `--trace-dir (cfg trace)`).
-    pub fn folder(
-        &mut self,
-        folder: OutputFolder<'a>,
-        files: Vec<(String, PathBuf, Format)>,
-    ) -> &mut Self {
+    pub fn folder(&mut self, folder: OutputFolder<'a>, files: Vec<Planned>) -> &mut Self {
         self.folder = Some((folder, files));
         self
     }
@@ -148,8 +148,11 @@ impl<'a> Plan<'a> {
         }
         check_no_overlap(&all)?;
         // Then anything that would land in the model's folder.
-        let mut outputs: Vec<(&str, &Path)> =
-            self.files.iter().map(|(f, p, _)| (f.as_str(), p.as_path())).collect();
+        let mut outputs: Vec<(&str, &Path)> = self
+            .files
+            .iter()
+            .map(|(f, p, _)| (f.as_str(), p.as_path()))
+            .collect();
         if let Some((f, _)) = &self.folder {
             outputs.push((f.flag, f.path));
         }
@@ -173,7 +176,11 @@ impl<'a> Plan<'a> {
                 let removed: Vec<(&str, &Path, Role)> = previous
                     .iter()
                     .map(|p| (folder.flag, p.as_path(), Role::Output))
-                    .chain(self.inputs.iter().map(|(f, p)| (f.as_str(), p.as_path(), Role::Input)))
+                    .chain(
+                        self.inputs
+                            .iter()
+                            .map(|(f, p)| (f.as_str(), p.as_path(), Role::Input)),
+                    )
                     .collect();
                 if let Err(e) = check_no_overlap(&removed) {
                     bail!("{e} (--force would remove it as a previous run's output)");

@@ -41,7 +41,9 @@ impl Given {
     /// This process's flags.
     pub fn get() -> &'static Given {
         static EMPTY: OnceLock<Given> = OnceLock::new();
-        GIVEN.get().unwrap_or_else(|| EMPTY.get_or_init(Given::default))
+        GIVEN
+            .get()
+            .unwrap_or_else(|| EMPTY.get_or_init(Given::default))
     }
 
     /// The ids of the given flags.

@@ -226,7 +226,7 @@ fn an_explicit_empty_negative_prompt_is_encoded_as_diffusers_does() {
 #[test]
 fn non_finite_guidance_is_refused_by_every_command() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("x.png");
+    let out = dir.path().join("x.safetensors");
     let model = fixture("tiny-sdxl");
     for g in ["NaN", "inf", "-inf", "1e308"] {
         let o = hybridiff(&[
@@ -362,15 +362,24 @@ fn switching_flags_are_checked_and_derived_values_fit_around_them() {
         !err.contains("hybrid thresholds for"),
         "no note before an error: {err}"
     );
-    // Domains are checked whatever the strategy.
+    // Domains are checked; on a strategy that does not read the flag it is refused as
+    // unused (issue 28), never ignored.
     for (flags, needle) in [
         (
-            &["--strategy", "serial", "--eps-slope=NaN"][..],
+            &["--strategy", "hybrid", "--eps-slope=NaN"][..],
             "--eps-slope NaN",
         ),
-        (&["--strategy", "async", "--k", "0"], "--k 0"),
+        (&["--strategy", "hybrid", "--k", "0"], "--k 0"),
         (&["--strategy", "hybrid", "--l-slope", "1"], "--l-slope 1"),
-        (&["--strategy", "cfg", "--tau-cap", "0"], "--tau-cap 0"),
+        (&["--strategy", "hybrid", "--tau-cap", "0"], "--tau-cap 0"),
+        (
+            &["--strategy", "serial", "--eps-slope=NaN"],
+            "--eps-slope: --strategy serial does not use it",
+        ),
+        (
+            &["--strategy", "cfg", "--tau-cap", "0"],
+            "--tau-cap: --strategy cfg does not use it",
+        ),
     ] {
         let mut f = vec!["--steps", "4"];
         f.extend_from_slice(flags);

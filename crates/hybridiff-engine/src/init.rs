@@ -256,7 +256,10 @@ pub fn init_model_folder(config_path: &Path, out: &Path, seed: u64, force: bool)
         let e = e.map_err(|e| Error::io(staging.path(), e))?;
         let to = out.join(e.file_name());
         std::fs::rename(e.path(), &to).map_err(|err| {
-            Error::io(&to, format!("cannot move the finished file into place: {err}"))
+            Error::io(
+                &to,
+                format!("cannot move the finished file into place: {err}"),
+            )
         })?;
     }
     Ok(())

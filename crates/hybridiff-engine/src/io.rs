@@ -457,7 +457,13 @@ impl OutputFolder<'_> {
             let parent = path
                 .ancestors()
                 .skip(1)
-                .map(|a| if a.as_os_str().is_empty() { Path::new(".") } else { a })
+                .map(|a| {
+                    if a.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        a
+                    }
+                })
                 .find(|a| a.exists())
                 .unwrap_or(Path::new("."));
             if !parent.is_dir() {

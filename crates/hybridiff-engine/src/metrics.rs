@@ -182,7 +182,10 @@ fn header(p: &std::path::Path) -> crate::Result<(u32, u32)> {
         .and_then(|mut f| f.read_exact(&mut head))
         .map_err(|e| Error::io(p, format!("cannot read the image: {e}")))?;
     if &head[..8] != b"\x89PNG\r\n\x1a\n" || &head[12..16] != b"IHDR" {
-        return Err(Error::io(p, "not a PNG file (no PNG signature and IHDR header)"));
+        return Err(Error::io(
+            p,
+            "not a PNG file (no PNG signature and IHDR header)",
+        ));
     }
     let w = u32::from_be_bytes(head[16..20].try_into().expect("4 bytes"));
     let h = u32::from_be_bytes(head[20..24].try_into().expect("4 bytes"));
@@ -308,6 +311,12 @@ pub fn compare_dirs(
             )));
         }
         let (w, h) = (ha.0 as usize, ha.1 as usize);
+        // Two decoded images and their samples at up to 8 bytes per pixel (16-bit RGBA).
+        hybridiff_models::memory::check(
+            &format!("comparing {name} ({w}x{h})"),
+            (w * h) as u128 * 8 * 3,
+        )
+        .map_err(Error::Memory)?;
         if w < SSIM_WINDOW || h < SSIM_WINDOW {
             return Err(Error::Input(format!(
                 "{name}: {w}x{h} pixels is smaller than SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window (scikit-image refuses it too); compare images of at least {SSIM_WINDOW}x{SSIM_WINDOW}"

@@ -175,7 +175,10 @@ impl Model {
         use hybridiff_schedulers::Family;
         let path = self.scheduler_config.path().display();
         let (family, trained) = match self.scheduler_config.objective() {
-            Some(o) => (o.family, format!("{} (its {path} says {})", o.prediction, o.keys)),
+            Some(o) => (
+                o.family,
+                format!("{} (its {path} says {})", o.prediction, o.keys),
+            ),
             None => {
                 let family = if self.denoiser_class == "SD3Transformer2DModel" {
                     Family::FlowMatching

@@ -21,8 +21,8 @@ fn first_non_finite_step(
 ) -> Result<Option<usize>> {
     let mut s = hybridiff_schedulers::build(config, kind, steps)?;
     let dev = candle_core::Device::Cpu;
-    let mut x = (Tensor::ones((1, 1, 1, 1), candle_core::DType::F32, &dev)?
-        * s.init_noise_sigma())?;
+    let mut x =
+        (Tensor::ones((1, 1, 1, 1), candle_core::DType::F32, &dev)? * s.init_noise_sigma())?;
     for i in 0..steps {
         let input = s.scale_model_input(&x, i)?;
         let eps = (input * 0.1)?;
@@ -71,10 +71,13 @@ pub fn check_schedule(config: &SchedulerConfig, kind: SchedulerKind, steps: usiz
         }
         Err(e) => return Err(e),
     };
-    // The most steps at or below `top` that run (a bounded search: usually the first).
-    let most = (top.saturating_sub(255).max(1)..=top)
-        .rev()
-        .find(|&n| n > 0 && schedule_runs(config, kind, n));
+    // The most steps at or below `top` that run: usually the first tried; the search stops
+    // after about 200000 simulated steps (well under a second).
+    let mut budget = 200_000usize;
+    let most = (top.saturating_sub(255).max(1)..=top).rev().find(|&n| {
+        budget = budget.saturating_sub(n);
+        n > 0 && budget > 0 && schedule_runs(config, kind, n)
+    });
     let fix = match most {
         Some(n) => format!("at most {n} steps work: use --steps {n} or fewer"),
         None => "use fewer --steps".to_string(),

@@ -79,9 +79,15 @@ impl SwitchParams {
             let (k, cap) = (self.k, self.tau_cap);
             let mut fixes = Vec::new();
             if k < steps {
-                fixes.push(format!("use --tau-cap {} or lower (with --k {k})", steps - k));
+                fixes.push(format!(
+                    "use --tau-cap {} or lower (with --k {k})",
+                    steps - k
+                ));
                 if k > 1 && cap < steps {
-                    fixes.push(format!("--k {} or lower (with --tau-cap {cap})", steps - cap));
+                    fixes.push(format!(
+                        "--k {} or lower (with --tau-cap {cap})",
+                        steps - cap
+                    ));
                 }
             } else {
                 fixes.push(format!("use --k {} or lower and --tau-cap 1", steps - 1));

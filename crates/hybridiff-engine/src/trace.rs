@@ -104,7 +104,10 @@ impl Trace {
         let kind: crate::StrategyKind = match self.strategy.parse() {
             Ok(k) => k,
             Err(_) => {
-                let all: Vec<String> = crate::StrategyKind::ALL.iter().map(|k| k.to_string()).collect();
+                let all: Vec<String> = crate::StrategyKind::ALL
+                    .iter()
+                    .map(|k| k.to_string())
+                    .collect();
                 return bad(
                     "strategy".into(),
                     format!("{:?}", self.strategy),
@@ -126,7 +129,11 @@ impl Trace {
         if self.threads_per_rank == 0 {
             return bad("threads_per_rank".into(), "0".into(), "1 or more");
         }
-        if self.scheduler.parse::<hybridiff_schedulers::SchedulerKind>().is_err() {
+        if self
+            .scheduler
+            .parse::<hybridiff_schedulers::SchedulerKind>()
+            .is_err()
+        {
             return bad(
                 "scheduler".into(),
                 format!("{:?}", self.scheduler),
@@ -141,11 +148,15 @@ impl Trace {
             );
         }
         for (r, d) in self.rank_devices.iter().enumerate() {
-            let cuda = d
-                .strip_prefix("cuda:")
-                .is_some_and(|n| !n.is_empty() && n.len() <= 4 && n.bytes().all(|b| b.is_ascii_digit()));
+            let cuda = d.strip_prefix("cuda:").is_some_and(|n| {
+                !n.is_empty() && n.len() <= 4 && n.bytes().all(|b| b.is_ascii_digit())
+            });
             if d != "cpu" && !cuda {
-                return bad(format!("rank_devices[{r}]"), format!("{d:?}"), "cpu or cuda:N");
+                return bad(
+                    format!("rank_devices[{r}]"),
+                    format!("{d:?}"),
+                    "cpu or cuda:N",
+                );
             }
         }
         if !matches!(
@@ -159,7 +170,11 @@ impl Trace {
             );
         }
         if !self.guidance.is_finite() {
-            return bad("guidance".into(), self.guidance.to_string(), "a finite number");
+            return bad(
+                "guidance".into(),
+                self.guidance.to_string(),
+                "a finite number",
+            );
         }
         let total = self.total_seconds;
         if !(total.is_finite() && total > 0.0 && total <= MAX_SECONDS) {
@@ -185,7 +200,11 @@ impl Trace {
         }
         for (name, t) in [("tau1", self.tau1), ("tau2", self.tau2)] {
             if let Some(t) = t.filter(|&t| t > self.num_steps) {
-                return bad(name.into(), t.to_string(), &format!("at most num_steps ({})", self.num_steps));
+                return bad(
+                    name.into(),
+                    t.to_string(),
+                    &format!("at most num_steps ({})", self.num_steps),
+                );
             }
         }
         let mut per_rank = vec![0.0f64; w];
@@ -193,7 +212,11 @@ impl Trace {
         for (i, s) in self.steps.iter().enumerate() {
             let f = |name: &str| format!("steps[{i}].{name}");
             if s.index != i {
-                return bad(f("index"), s.index.to_string(), &format!("{i} (steps in order)"));
+                return bad(
+                    f("index"),
+                    s.index.to_string(),
+                    &format!("{i} (steps in order)"),
+                );
             }
             for (name, v) in [("timestep", s.timestep), ("rel_mae", s.rel_mae)] {
                 if !v.is_finite() || (name == "rel_mae" && v < 0.0) {
@@ -243,7 +266,10 @@ impl Trace {
                 }
             }
             if !s.rank_bytes_sent.is_empty()
-                && s.rank_bytes_sent.iter().try_fold(0u64, |a, &b| a.checked_add(b)) != Some(s.bytes_sent)
+                && s.rank_bytes_sent
+                    .iter()
+                    .try_fold(0u64, |a, &b| a.checked_add(b))
+                    != Some(s.bytes_sent)
             {
                 return bad(
                     f("bytes_sent"),
@@ -263,7 +289,7 @@ impl Trace {
                     );
                 }
             }
-            bytes = bytes.checked_add(s.bytes_sent).unwrap_or(u64::MAX);
+            bytes = bytes.saturating_add(s.bytes_sent);
         }
         if bytes != self.bytes_sent {
             return bad(

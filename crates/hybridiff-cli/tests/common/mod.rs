@@ -110,4 +110,3 @@ pub fn mkfifo(p: &Path) {
     let o = Command::new("mkfifo").arg(p).output().expect("mkfifo");
     assert!(o.status.success());
 }
-

@@ -353,7 +353,10 @@ fn check_latents(
         ),
         _ => {}
     }
-    let guidance = format!("a very large --guidance {} (diffusers' pipelines use about 1 to 20)", job.guidance);
+    let guidance = format!(
+        "a very large --guidance {} (diffusers' pipelines use about 1 to 20)",
+        job.guidance
+    );
     if job.cfg() && job.guidance.abs() > 50.0 {
         causes.insert(0, guidance.as_str());
     }
