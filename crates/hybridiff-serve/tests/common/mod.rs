@@ -57,6 +57,9 @@ pub fn fake_info() -> BackendInfo {
 /// Pixels the fake backend "fits in memory".
 pub const FAKE_MAX_FIT: u64 = 256 * 256;
 
+/// The fewest steps the fake backend's "strategy" takes.
+pub const FAKE_MIN_STEPS: usize = 2;
+
 impl Backend for Fake {
     fn info(&self) -> &BackendInfo {
         &self.info
@@ -64,6 +67,26 @@ impl Backend for Fake {
 
     fn request_check(&self) -> Option<RequestCheck> {
         Some(Arc::new(|job: &ImageJob| {
+            // As the engine's `check_size` (a model with a VAE factor of 8).
+            if job.width % 8 != 0 || job.height % 8 != 0 {
+                return Err(ApiError::bad_field(
+                    "size",
+                    format!(
+                        "`size` {}x{}: width and height must be positive multiples of 8 for this model",
+                        job.width, job.height
+                    ),
+                ));
+            }
+            // As hybrid's thresholds on a service with fixed --k and --tau-cap.
+            if job.steps < FAKE_MIN_STEPS {
+                return Err(ApiError::bad_field(
+                    "num_inference_steps",
+                    format!(
+                        "`num_inference_steps` {}: this service's strategy needs at least {FAKE_MIN_STEPS} steps",
+                        job.steps
+                    ),
+                ));
+            }
             let pixels = job.width as u64 * job.height as u64;
             if pixels > FAKE_MAX_FIT {
                 return Err(ApiError::bad_field(
