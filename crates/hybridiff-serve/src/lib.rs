@@ -312,10 +312,11 @@ impl Service {
         let limits = self.state.limits.clone();
         let app = self.router();
         let mut http = hyper::server::conn::http1::Builder::new();
-        // A head larger than this is refused 431 (a connection's read buffer is bounded by
-        // it); hyper's default is about 400 KiB.
+        // A head larger than this is refused 431, and a connection's read buffer is bounded
+        // by it (hyper's default is about 400 KiB).
         http.timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
+            .max_header_size(MAX_HEAD_BYTES)
             .max_buf_size(MAX_HEAD_BYTES);
         let http = Arc::new(http);
         let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
