@@ -79,7 +79,7 @@ impl MemoryCheck {
 pub fn check_size(h: usize, w: usize, vae_factor: usize, latent_multiple: usize) -> Result<()> {
     let f = vae_factor;
     let multiple = f * latent_multiple;
-    if h == 0 || w == 0 || h % multiple != 0 || w % multiple != 0 {
+    if h == 0 || w == 0 || !h.is_multiple_of(multiple) || !w.is_multiple_of(multiple) {
         let why = if latent_multiple == 1 {
             format!("the VAE's factor {f}")
         } else {

@@ -116,7 +116,8 @@ impl PatchParallel {
                 crate::Field::Size,
                 format!("--world-size {world_size} (patch, {bands} bands{per}): {e}"),
                 format!(
-                    "`size`: the image is {rows} latent rows high, too few for this service's patch strategy, which cuts it into {bands} horizontal bands{per} ({e}); use a taller size"
+                    "`size`: the image is {rows} latent rows high, too few for this service's patch strategy, which cuts it into {bands} horizontal bands{per} of at least {} latent rows each, at multiples of {align} rows; use a taller size",
+                    min_rows.max(align)
                 ),
             )
         })?;

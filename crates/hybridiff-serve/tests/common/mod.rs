@@ -68,7 +68,7 @@ impl Backend for Fake {
     fn request_check(&self) -> Option<RequestCheck> {
         Some(Arc::new(|job: &ImageJob| {
             // As the engine's `check_size` (a model with a VAE factor of 8).
-            if job.width % 8 != 0 || job.height % 8 != 0 {
+            if !job.width.is_multiple_of(8) || !job.height.is_multiple_of(8) {
                 return Err(ApiError::bad_field(
                     "size",
                     format!(
