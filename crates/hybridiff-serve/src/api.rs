@@ -89,7 +89,7 @@ impl ApiError {
     pub fn http_layer(status: StatusCode) -> Self {
         let (message, code) = match status.as_u16() {
             408 => (
-                "the request head did not arrive within the header timeout (--header-timeout)",
+                "the request head did not arrive within this service's header timeout",
                 "header_timeout",
             ),
             414 => ("the request target is too long", "uri_too_long"),
@@ -329,7 +329,7 @@ fn check_text(k: &str, s: &str, max_chars: usize) -> Result<(), ApiError> {
     if n > max_chars {
         return Err(ApiError::bad_field(
             k,
-            format!("`{k}` has {n} characters; at most {max_chars} (--max-prompt-chars)"),
+            format!("`{k}` has {n} characters; this service takes at most {max_chars}"),
         ));
     }
     Ok(())
@@ -369,7 +369,7 @@ fn parse_size(s: &str, info: &BackendInfo, limits: &Limits) -> Result<(u32, u32)
         return Err(ApiError::bad_field(
             "size",
             format!(
-                "`size` {w}x{h} is {pixels} pixels; at most {} (--max-pixels)",
+                "`size` {w}x{h} is {pixels} pixels; this service takes at most {}",
                 limits.max_pixels
             ),
         ));
@@ -452,7 +452,7 @@ pub fn parse_generation(
         return Err(ApiError::bad_field(
             "num_inference_steps",
             format!(
-                "the default of {steps} steps is above --max-steps {}; give `num_inference_steps`",
+                "the service's default of {steps} steps is above its limit of {}; give `num_inference_steps`",
                 limits.max_steps
             ),
         ));

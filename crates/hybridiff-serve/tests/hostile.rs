@@ -396,7 +396,9 @@ async fn a_client_that_half_closes_still_gets_its_answer() {
         .await
         .answer();
     assert_eq!(status, 200, "{body}");
-    assert!(interim.is_empty(), "a quick answer needs no interim answer");
+    // A quick answer normally goes out before the interim one would (a loaded machine may
+    // take longer than its delay).
+    assert!(interim.iter().all(|&s| s == 102), "{interim:?}");
     let v: Value = serde_json::from_str(&body).unwrap();
     common::decode_b64_png(v["data"][0]["b64_json"].as_str().unwrap());
     let (status, v) = srv
@@ -515,7 +517,7 @@ async fn refusals_of_the_http_layer_have_the_error_shape_and_are_counted() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_that_ends_in_an_error_is_counted_under_that_error() {
-    let srv = TestServer::start(limits(|l| l.request_timeout = Duration::from_millis(400))).await;
+    let srv = TestServer::start(limits(|l| l.request_timeout = Duration::from_millis(1000))).await;
     let c = reqwest::Client::new();
     let url = srv.url("/v1/images/generations");
     for (prompt, want) in [("fail", 500), ("hold", 504), ("fine", 200)] {
