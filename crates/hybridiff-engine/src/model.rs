@@ -163,60 +163,16 @@ impl Model {
             Some(k) => k,
             None => self.scheduler_config.default_kind()?,
         };
-        self.check_family(kind, requested.is_some())?;
+        check_scheduler_family(
+            &self.scheduler_config,
+            self.denoiser_class,
+            kind,
+            requested.is_some(),
+        )?;
         if steps > 0 {
             crate::sampler::check_schedule(&self.scheduler_config, kind, steps)?;
         }
         Ok(kind)
-    }
-
-    /// Refuses a sampler whose family is not the model's training objective.
-    fn check_family(&self, kind: SchedulerKind, flag: bool) -> Result<()> {
-        use hybridiff_schedulers::Family;
-        let path = self.scheduler_config.path().display();
-        let (family, trained) = match self.scheduler_config.objective() {
-            Some(o) => (
-                o.family,
-                format!("{} (its {path} says {})", o.prediction, o.keys),
-            ),
-            None => {
-                let family = if self.denoiser_class == "SD3Transformer2DModel" {
-                    Family::FlowMatching
-                } else {
-                    Family::Diffusion
-                };
-                let what = match family {
-                    Family::FlowMatching => "flow matching",
-                    Family::Diffusion => "epsilon prediction",
-                };
-                (
-                    family,
-                    format!(
-                        "{what} (its denoiser is a {}; {path} names no scheduler class or prediction_type)",
-                        self.denoiser_class
-                    ),
-                )
-            }
-        };
-        if kind.family() == family {
-            return Ok(());
-        }
-        let fitting: Vec<&str> = SchedulerKind::ALL
-            .iter()
-            .filter(|k| k.family() == family)
-            .map(|k| k.as_str())
-            .collect();
-        let chosen = if flag {
-            format!("--scheduler {kind}")
-        } else {
-            format!("the scheduler config's {kind}")
-        };
-        Err(Error::Options(format!(
-            "{chosen} is a {} sampler, but the model in {} was trained for {trained}: it would run and ruin the image; use --scheduler {}",
-            kind.family(),
-            self.dir.display(),
-            fitting.join(", --scheduler ")
-        )))
     }
 
     /// The latent size the denoiser was configured for, if its config says.
@@ -249,4 +205,60 @@ impl Model {
         }
         Ok(PipelineVae::load(&vae_dir, self.dtype, &self.device)?)
     }
+}
+
+/// Refuses a sampler whose [`Family`](hybridiff_schedulers::Family) is not the model's
+/// training objective, naming both and the samplers that fit: the objective comes from the
+/// scheduler config ([`SchedulerConfig::objective`]: class and `prediction_type`), else from
+/// the denoiser (`denoiser_class`: SD3's MMDiT is flow matching, U-Nets diffusion). `flag`:
+/// the kind was given as `--scheduler` (else it is the config's own).
+pub fn check_scheduler_family(
+    config: &SchedulerConfig,
+    denoiser_class: &str,
+    kind: SchedulerKind,
+    flag: bool,
+) -> Result<()> {
+    use hybridiff_schedulers::Family;
+    let path = config.path().display();
+    let (family, trained) = match config.objective() {
+        Some(o) => (
+            o.family,
+            format!("{} (its {path} says {})", o.prediction, o.keys),
+        ),
+        None => {
+            let family = if denoiser_class == "SD3Transformer2DModel" {
+                Family::FlowMatching
+            } else {
+                Family::Diffusion
+            };
+            let what = match family {
+                Family::FlowMatching => "flow matching",
+                Family::Diffusion => "epsilon prediction",
+            };
+            (
+                family,
+                format!(
+                    "{what} (its denoiser is a {denoiser_class}; {path} names no scheduler class or prediction_type)"
+                ),
+            )
+        }
+    };
+    if kind.family() == family {
+        return Ok(());
+    }
+    let fitting: Vec<&str> = SchedulerKind::ALL
+        .iter()
+        .filter(|k| k.family() == family)
+        .map(|k| k.as_str())
+        .collect();
+    let chosen = if flag {
+        format!("--scheduler {kind}")
+    } else {
+        format!("the scheduler config's {kind}")
+    };
+    Err(Error::Options(format!(
+        "{chosen} is a {} sampler, but the model was trained for {trained}: it would run and ruin the image; use --scheduler {}",
+        kind.family(),
+        fitting.join(", --scheduler ")
+    )))
 }

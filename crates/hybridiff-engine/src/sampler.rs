@@ -78,13 +78,25 @@ pub fn check_schedule(config: &SchedulerConfig, kind: SchedulerKind, steps: usiz
         budget = budget.saturating_sub(n);
         n > 0 && budget > 0 && schedule_runs(config, kind, n)
     });
-    let fix = match most {
-        Some(n) => format!("at most {n} steps work: use --steps {n} or fewer"),
-        None => "use fewer --steps".to_string(),
+    let (fix, request_fix) = match most {
+        Some(n) => (
+            format!("at most {n} steps work: use --steps {n} or fewer"),
+            format!("at most {n} steps work"),
+        ),
+        None => (
+            "use fewer --steps".to_string(),
+            "use fewer steps".to_string(),
+        ),
     };
-    Err(Error::Options(format!(
-        "--steps {steps}: too many for the {kind} sampler with this model's scheduler config: {problem}; {fix}"
-    )))
+    Err(Error::refused(
+        crate::Field::Steps,
+        format!(
+            "--steps {steps}: too many for the {kind} sampler with this model's scheduler config: {problem}; {fix}"
+        ),
+        format!(
+            "`num_inference_steps` {steps}: too many for this model's scheduler ({kind}); {request_fix}"
+        ),
+    ))
 }
 
 /// A rank's sampling state.
