@@ -126,6 +126,12 @@ pub const STRATEGY_FLAGS: &[FlagUse] = &[
         used_by: |k, _| k == StrategyKind::Hybrid,
         users: "hybrid",
     },
+    // serial is one rank: it never waits for another.
+    FlagUse {
+        id: "comm_timeout",
+        used_by: |k, _| k != StrategyKind::Serial,
+        users: "the strategies of more than one rank (all but serial)",
+    },
 ];
 
 /// Refuses every flag of [`STRATEGY_FLAGS`] that was given but that no strategy of `kinds`

@@ -2483,6 +2483,7 @@ fn strategy_flags_a_run_would_ignore_are_refused_naming_who_reads_them() {
         ("patch", "--eps-slope", "0.1", "hybrid"),
         ("serial", "--tau-cap", "3", "hybrid"),
         ("async", "--pipelined-guidance", "reuse", "hybrid"),
+        ("serial", "--comm-timeout", "30", "all but serial"),
     ] {
         let mut extra = vec!["--strategy", strategy, flag];
         if !value.is_empty() {

@@ -354,6 +354,50 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_training_objective_comes_from_the_class_and_prediction_type() {
+        use crate::Family::{Diffusion, FlowMatching};
+        let family = |text: &str| {
+            SchedulerConfig::from_json_str(text, "s.json")
+                .unwrap()
+                .objective()
+                .map(|o| (o.family, o.prediction))
+        };
+        let eps = Some((Diffusion, "epsilon prediction".to_string()));
+        assert_eq!(family(r#"{"_class_name": "DDIMScheduler"}"#), eps);
+        assert_eq!(
+            family(r#"{"_class_name": "PNDMScheduler", "prediction_type": "epsilon"}"#),
+            eps
+        );
+        assert_eq!(
+            family(
+                r#"{"_class_name": "EulerDiscreteScheduler", "prediction_type": "v_prediction"}"#
+            ),
+            Some((Diffusion, "v-prediction".to_string()))
+        );
+        let flow = Some((FlowMatching, "velocity (flow matching)".to_string()));
+        assert_eq!(
+            family(r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}"#),
+            flow
+        );
+        assert_eq!(
+            family(
+                r#"{"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction"}"#
+            ),
+            flow
+        );
+        assert_eq!(
+            family(r#"{"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": true}"#),
+            flow
+        );
+        // Nothing said: the denoiser decides (engine's check_scheduler_family).
+        assert_eq!(family(r#"{"num_train_timesteps": 1000}"#), None);
+        // Every sampler belongs to a family, and both families have samplers.
+        for f in [Diffusion, FlowMatching] {
+            assert!(crate::SchedulerKind::ALL.iter().any(|k| k.family() == f));
+        }
+    }
+
+    #[test]
     fn non_finite_tokens_are_quoted_outside_strings_only() {
         let text = r#"{"a": -Infinity, "b": "NaN and -Infinity", "c": [NaN, Infinity]}"#;
         let cfg = SchedulerConfig::from_json_str(text, "x.json").unwrap();
