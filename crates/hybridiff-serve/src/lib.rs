@@ -570,6 +570,8 @@ async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
                 "strategy": i.strategy,
                 "world_size": i.world_size,
                 "threads_per_rank": i.threads_per_rank,
+                "model_source": i.model_source,
+                "loras": i.loras,
                 "max_n": s.limits.max_n,
                 "max_steps": s.limits.max_steps,
                 "max_pixels": s.limits.max_pixels,
