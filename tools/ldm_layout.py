@@ -32,10 +32,10 @@ class Shape:
         self.dtype = dtype
 
     def reshape(self, *shape):
-        return Shape(shape, self.dtype)
+        return type(self)(shape, self.dtype)
 
     def t(self):
-        return Shape(tuple(reversed(self.shape)), self.dtype)
+        return type(self)(tuple(reversed(self.shape)), self.dtype)
 
 
 def _reshape(t, shape):
@@ -44,7 +44,7 @@ def _reshape(t, shape):
 
 def _cat_rows(ts):
     if isinstance(ts[0], Shape):
-        return Shape((sum(t.shape[0] for t in ts),) + ts[0].shape[1:], ts[0].dtype)
+        return type(ts[0])((sum(t.shape[0] for t in ts),) + ts[0].shape[1:], ts[0].dtype)
     import torch
     return torch.cat(ts, dim=0)
 

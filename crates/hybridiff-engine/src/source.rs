@@ -468,6 +468,7 @@ fn file_text_parts(
             &slot,
             tc.hidden_size,
             tc.num_hidden_layers,
+            with_projection,
         );
         let tokenizer = match configs {
             Configs::Builtin(f, c) => {

@@ -521,7 +521,8 @@ pub fn vae_tensors(
 
 /// A text encoder of a single file under transformers' `CLIPTextModel` names;
 /// `hidden_size` and `num_hidden_layers` come from its config (OpenCLIP towers are cut to
-/// that many layers, as SD 2.x's 23 of 24).
+/// that many layers, as SD 2.x's 23 of 24). Without `with_projection` (a `CLIPTextModel`)
+/// the file's projection is left out, as diffusers leaves SD 2.x's out.
 pub fn text_tensors(
     file: &Arc<Weights>,
     h: &Header,
@@ -529,8 +530,24 @@ pub fn text_tensors(
     slot: &str,
     hidden_size: usize,
     num_hidden_layers: usize,
+    with_projection: bool,
 ) -> MappedTensors {
     let label = format!("{} ({slot})", h.path.display());
+    let mut t = text_tensors_all(file, h, layout, label, hidden_size, num_hidden_layers);
+    if !with_projection {
+        t.map.retain(|k, _| !k.starts_with("text_projection"));
+    }
+    t
+}
+
+fn text_tensors_all(
+    file: &Arc<Weights>,
+    h: &Header,
+    layout: &TextLayout,
+    label: String,
+    hidden_size: usize,
+    num_hidden_layers: usize,
+) -> MappedTensors {
     match layout {
         TextLayout::Clip { prefix } => build(file, h, prefix, label, |rest, _| {
             if rest.ends_with("position_ids") {
