@@ -547,6 +547,11 @@ impl ComponentPatches {
         self.deltas.is_empty()
     }
 
+    /// The weights that get a delta.
+    pub fn weights(&self) -> impl Iterator<Item = &str> {
+        self.deltas.keys().map(String::as_str)
+    }
+
     /// Whether weight `name` gets a delta.
     pub fn touches(&self, name: &str) -> bool {
         self.deltas.contains_key(name)
