@@ -6,9 +6,7 @@ use anyhow::Result;
 use hybridiff_engine::bench::{
     compare_on, forward_seconds, markdown_table, random_inputs, BenchRun,
 };
-use hybridiff_engine::io::{
-    check_distinct_paths, check_output_path, write_bytes_atomic,
-};
+use hybridiff_engine::io::{check_distinct_paths, check_output_path, write_bytes_atomic};
 use hybridiff_engine::memory::{estimate_job, JobShape};
 use hybridiff_engine::{DenoiseInputs, Job, Model, StrategyKind};
 

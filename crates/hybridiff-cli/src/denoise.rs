@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::DType;
 use hybridiff_engine::io::{
-    check_distinct_paths, check_output_path, encode_png, save_safetensors,
-    write_bytes_atomic,
+    check_distinct_paths, check_output_path, encode_png, save_safetensors, write_bytes_atomic,
 };
 use hybridiff_engine::{denoise, denoise_rank, DenoiseInputs, Job, Model};
 use hybridiff_schedulers::SchedulerKind;

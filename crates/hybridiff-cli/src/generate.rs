@@ -6,7 +6,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use hybridiff_comm::Communicator;
 use hybridiff_engine::io::{
-    check_distinct_paths, check_finite, check_output_path, load_safetensors_named, save_png, special_file_kind, write_bytes_atomic,
+    check_distinct_paths, check_finite, check_output_path, load_safetensors_named, save_png,
+    special_file_kind, write_bytes_atomic,
 };
 use hybridiff_engine::pipeline::{Pipeline, Request};
 use hybridiff_engine::{RunOptions, Runner, Strategy};

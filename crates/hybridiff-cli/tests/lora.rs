@@ -43,21 +43,21 @@ fn generate(case: &str, out: &Path, extra: &[&str]) -> std::process::Output {
     }
     args.extend(
         [
-        "--prompt",
-        c["prompt"].as_str().unwrap(),
-        "--negative-prompt",
-        c["negative_prompt"].as_str().unwrap(),
-        "--steps",
-        &c["num_inference_steps"].to_string(),
-        "--guidance",
-        &c["guidance_scale"].to_string(),
-        "--latents",
-        s(&latents),
-        "--out",
-        s(out),
-    ]
-    .iter()
-    .map(|x| x.to_string()),
+            "--prompt",
+            c["prompt"].as_str().unwrap(),
+            "--negative-prompt",
+            c["negative_prompt"].as_str().unwrap(),
+            "--steps",
+            &c["num_inference_steps"].to_string(),
+            "--guidance",
+            &c["guidance_scale"].to_string(),
+            "--latents",
+            s(&latents),
+            "--out",
+            s(out),
+        ]
+        .iter()
+        .map(|x| x.to_string()),
     );
     for l in c["loras"].as_array().unwrap() {
         args.push("--lora".into());
@@ -98,9 +98,16 @@ fn every_strategy_and_the_single_file_see_the_same_merged_weights() {
     let o = generate("sdxl_both", &serial, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let cfg = dir.path().join("cfg.png");
-    let o = generate("sdxl_both", &cfg, &["--strategy", "cfg", "--world-size", "2"]);
+    let o = generate(
+        "sdxl_both",
+        &cfg,
+        &["--strategy", "cfg", "--world-size", "2"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(std::fs::read(&serial).unwrap(), std::fs::read(&cfg).unwrap());
+    assert_eq!(
+        std::fs::read(&serial).unwrap(),
+        std::fs::read(&cfg).unwrap()
+    );
     // The same LoRAs on the single file of the same pipeline.
     let file = dir.path().join("file.png");
     let folder = fixture("single-file").join("sdxl");
@@ -111,7 +118,10 @@ fn every_strategy_and_the_single_file_see_the_same_merged_weights() {
         &["--model", s(&sf), "--config", s(&folder)],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(std::fs::read(&serial).unwrap(), std::fs::read(&file).unwrap());
+    assert_eq!(
+        std::fs::read(&serial).unwrap(),
+        std::fs::read(&file).unwrap()
+    );
 }
 
 /// Runs `generate` on the tiny SD 1.x pipeline with `lora` and expects a refusal that
@@ -148,7 +158,10 @@ fn bad_lora_input_is_refused_before_compute() {
     refused(&format!("{good}:nan"), &["--lora", "not a finite number"]);
     refused(&format!("{good}:inf"), &["not a finite number"]);
     refused(&format!("{good}:strong"), &["not a number"]);
-    refused("/nonexistent/style.safetensors", &["style.safetensors", "not found"]);
+    refused(
+        "/nonexistent/style.safetensors",
+        &["style.safetensors", "not found"],
+    );
     // A LoRA for SDXL on an SD 1.x model: every unmatched key listed.
     let xl = fixture("lora").join("sdxl_kohya.safetensors");
     refused(s(&xl), &["another model family", "lora_te2_"]);

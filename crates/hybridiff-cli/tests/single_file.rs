@@ -57,7 +57,11 @@ fn case_args(c: &serde_json::Value) -> Vec<String> {
     .map(|s| s.to_string())
     .collect();
     v.push(c["num_inference_steps"].to_string());
-    for (flag, key) in [("--guidance", "guidance_scale"), ("--height", "height"), ("--width", "width")] {
+    for (flag, key) in [
+        ("--guidance", "guidance_scale"),
+        ("--height", "height"),
+        ("--width", "width"),
+    ] {
         v.push(flag.into());
         v.push(c[key].to_string());
     }
@@ -145,12 +149,190 @@ fn torch_noise_reproduces_diffusers_images_from_a_seed() {
         let png2 = dir.path().join("c.png");
         let b: Vec<String> = a
             .iter()
-            .map(|x| if x == "torch" { "chacha8".into() } else if x == s(&png) { s(&png2).into() } else { x.clone() })
+            .map(|x| {
+                if x == "torch" {
+                    "chacha8".into()
+                } else if x == s(&png) {
+                    s(&png2).into()
+                } else {
+                    x.clone()
+                }
+            })
             .collect();
         let o = run(&b);
         assert!(o.status.success(), "{case}: {}", stderr(&o));
-        assert!(psnr(&png2, &t["image_u8"]) < 40.0, "{case}: chacha8 should differ");
+        assert!(
+            psnr(&png2, &t["image_u8"]) < 40.0,
+            "{case}: chacha8 should differ"
+        );
         n += 1;
     }
     assert_eq!(n, 6);
+}
+
+fn png_of(args: &[&str], out: &Path) -> Vec<u8> {
+    let mut a = vec![
+        "generate",
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--out",
+        s(out),
+    ];
+    a.extend_from_slice(args);
+    let o = hybridiff(&a);
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn vae_override_takes_a_folder_or_a_file_in_either_naming() {
+    let root = fixture("single-file");
+    let dir = tempfile::tempdir().unwrap();
+    let (file, folder) = (root.join("sd15.safetensors"), root.join("sd15"));
+    let base = png_of(
+        &["--model", s(&file), "--config", s(&folder)],
+        &dir.path().join("a.png"),
+    );
+    let vae_dir = folder.join("vae");
+    let vae_file = vae_dir.join("diffusion_pytorch_model.safetensors");
+    for (i, vae) in [vae_dir.as_path(), vae_file.as_path(), file.as_path()]
+        .iter()
+        .enumerate()
+    {
+        let png = png_of(
+            &["--model", s(&file), "--config", s(&folder), "--vae", s(vae)],
+            &dir.path().join(format!("v{i}.png")),
+        );
+        assert_eq!(png, base, "--vae {}", vae.display());
+    }
+    // Another pipeline's VAE decodes differently.
+    let other = png_of(
+        &[
+            "--model",
+            s(&folder),
+            "--vae",
+            s(&root.join("sdxl").join("vae")),
+        ],
+        &dir.path().join("o.png"),
+    );
+    assert_ne!(other, base);
+}
+
+/// `generate` that must fail saying every string of `says`, writing nothing.
+fn refused(args: &[&str], says: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let mut a = vec![
+        "generate",
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--out",
+        s(&out),
+    ];
+    a.extend_from_slice(args);
+    let o = hybridiff(&a);
+    let e = stderr(&o);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    for w in says {
+        assert!(e.contains(w), "{args:?}: {e}");
+    }
+    assert!(!e.contains("panicked"), "{e}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn bad_single_file_input_is_refused_naming_the_file() {
+    let root = fixture("single-file");
+    let sd15 = root.join("sd15.safetensors");
+    // The tiny file is SD 1.x by its names, but not of SD 1.x's published shapes.
+    refused(
+        &["--model", s(&sd15)],
+        &["sd15.safetensors", "SD 1.x", "--config"],
+    );
+    // --config of another family.
+    refused(
+        &["--model", s(&sd15), "--config", s(&root.join("sdxl"))],
+        &["StableDiffusionXLPipeline", "SD 1.x"],
+    );
+    // --config goes with single files only.
+    refused(
+        &[
+            "--model",
+            s(&root.join("sd15")),
+            "--config",
+            s(&root.join("sd15")),
+        ],
+        &["--config", "single-file"],
+    );
+    // A config folder without its tokenizer.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg");
+    for sub in ["unet", "vae", "text_encoder", "scheduler"] {
+        std::fs::create_dir_all(cfg.join(sub)).unwrap();
+    }
+    for f in [
+        "model_index.json",
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "scheduler/scheduler_config.json",
+    ] {
+        std::fs::copy(root.join("sd15").join(f), cfg.join(f)).unwrap();
+    }
+    refused(
+        &["--model", s(&sd15), "--config", s(&cfg)],
+        &["tokenizer", "missing"],
+    );
+    // Pickles, by name or content, and files that are no model.
+    let ckpt = dir.path().join("model.ckpt");
+    std::fs::write(&ckpt, b"\x80\x02}q\x00.").unwrap();
+    refused(
+        &["--model", s(&ckpt)],
+        &["model.ckpt", "pickle", "runs any code"],
+    );
+    let lora = fixture("lora").join("sd15_kohya.safetensors");
+    refused(&["--model", s(&lora)], &["LoRA", "--lora"]);
+    let vae = root
+        .join("sd15")
+        .join("vae")
+        .join("diffusion_pytorch_model.safetensors");
+    refused(&["--model", s(&vae)], &["VAE", "--vae"]);
+    // A VAE that is not one.
+    refused(
+        &[
+            "--model",
+            s(&root.join("sd15")),
+            "--vae",
+            s(&root
+                .join("sd15")
+                .join("text_encoder")
+                .join("model.safetensors")),
+        ],
+        &["not a VAE"],
+    );
+    // The output may not replace the model file.
+    let o = hybridiff(&[
+        "generate",
+        "--prompt",
+        "x",
+        "--model",
+        s(&sd15),
+        "--config",
+        s(&root.join("sd15")),
+        "--out",
+        s(&sd15),
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("--out"),
+        "{}",
+        stderr(&o)
+    );
 }

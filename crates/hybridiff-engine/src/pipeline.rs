@@ -293,7 +293,9 @@ impl Pipeline {
                 }
                 l
             }
-            None => seeded_latents_with(req.noise, req.seed, (spec.latent_channels, lh, lw), device)?,
+            None => {
+                seeded_latents_with(req.noise, req.seed, (spec.latent_channels, lh, lw), device)?
+            }
         };
         let e = self
             .text

@@ -116,7 +116,10 @@ fn family_dir(family: Family) -> &'static str {
 fn fingerprint(family: Family) -> Vec<(&'static str, Vec<usize>)> {
     let u = |n: &'static str| n;
     let mut v = vec![
-        (u("model.diffusion_model.input_blocks.0.0.weight"), vec![320, 4, 3, 3]),
+        (
+            u("model.diffusion_model.input_blocks.0.0.weight"),
+            vec![320, 4, 3, 3],
+        ),
         (u("model.diffusion_model.out.2.weight"), vec![4, 320, 3, 3]),
     ];
     match family {
@@ -135,14 +138,20 @@ fn fingerprint(family: Family) -> Vec<(&'static str, Vec<usize>)> {
                 "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
                 vec![320, 1024],
             ),
-            ("cond_stage_model.model.token_embedding.weight", vec![49408, 1024]),
+            (
+                "cond_stage_model.model.token_embedding.weight",
+                vec![49408, 1024],
+            ),
             (
                 "cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight",
                 vec![3072, 1024],
             ),
         ]),
         Family::Sdxl => v.extend([
-            ("model.diffusion_model.label_emb.0.0.weight", vec![1280, 2816]),
+            (
+                "model.diffusion_model.label_emb.0.0.weight",
+                vec![1280, 2816],
+            ),
             (
                 "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
                 vec![640, 2048],
@@ -180,7 +189,11 @@ impl Configs {
     fn component(&self, name: &str) -> Result<Cfg> {
         match self {
             Configs::Builtin(f, c) => {
-                let key = if name == "scheduler" { "scheduler" } else { name };
+                let key = if name == "scheduler" {
+                    "scheduler"
+                } else {
+                    name
+                };
                 Ok(Cfg {
                     path: PathBuf::from(format!(
                         "<built-in {} config>/{name}/config.json",
@@ -246,7 +259,8 @@ impl ModelSpec {
         };
         if let Some(v) = &self.vae {
             r.vae = Some(resolve_vae(v, r.vae.as_ref())?);
-            r.description.push_str(&format!(", VAE from {}", v.display()));
+            r.description
+                .push_str(&format!(", VAE from {}", v.display()));
         }
         if !self.loras.is_empty() {
             attach_loras(&mut r, &self.loras, with_text)?;
@@ -272,9 +286,7 @@ fn resolve_folder(dir: &Path, with_text: bool) -> Result<ResolvedModel> {
         ));
     };
     let vae_dir = dir.join("vae");
-    let vae = vae_dir
-        .is_dir()
-        .then(|| ComponentSource::folder(&vae_dir));
+    let vae = vae_dir.is_dir().then(|| ComponentSource::folder(&vae_dir));
     let text = if with_text && dir.join("model_index.json").is_file() {
         Some(PromptParts::from_folder(dir)?)
     } else {
@@ -339,8 +351,10 @@ fn resolve_file(path: &Path, config: Option<&Path>, with_text: bool) -> Result<R
             let kind = PipelineKind::from_class_name(class);
             let fits = matches!(
                 (kind, family),
-                (Some(PipelineKind::StableDiffusion), Family::Sd1 | Family::Sd2)
-                    | (Some(PipelineKind::StableDiffusionXl), Family::Sdxl)
+                (
+                    Some(PipelineKind::StableDiffusion),
+                    Family::Sd1 | Family::Sd2
+                ) | (Some(PipelineKind::StableDiffusionXl), Family::Sdxl)
             );
             if !fits {
                 return Err(Error::Input(format!(
@@ -399,9 +413,8 @@ fn resolve_file(path: &Path, config: Option<&Path>, with_text: bool) -> Result<R
             None => None,
         };
         if let Some(v) = v {
-            let mut s: Value = serde_json::from_str(&scheduler_cfg.text).map_err(|e| {
-                Error::Input(format!("built-in scheduler config: {e}"))
-            })?;
+            let mut s: Value = serde_json::from_str(&scheduler_cfg.text)
+                .map_err(|e| Error::Input(format!("built-in scheduler config: {e}")))?;
             s["prediction_type"] = Value::from(if v { "v_prediction" } else { "epsilon" });
             scheduler_cfg.text = s.to_string();
         } else if family == Family::Sd2 {
@@ -472,7 +485,11 @@ fn file_text_parts(
         );
         let tokenizer = match configs {
             Configs::Builtin(f, c) => {
-                let key = if i == 0 { "tokenizer_pad".to_string() } else { format!("tokenizer_{}_pad", i + 1) };
+                let key = if i == 0 {
+                    "tokenizer_pad".to_string()
+                } else {
+                    format!("tokenizer_{}_pad", i + 1)
+                };
                 TokenizerSource::BuiltinClip {
                     pad: c.str(&key),
                     label: PathBuf::from(format!("<built-in {} {tok_slot}>", family_dir(*f))),
@@ -564,7 +581,10 @@ fn attach_loras(r: &mut ResolvedModel, specs: &[LoraSpec], with_text: bool) -> R
     let mut files = Vec::with_capacity(specs.len());
     for s in specs {
         if s.path.is_dir() {
-            return Err(Error::io(&s.path, "--lora: is a folder; expected a .safetensors LoRA file"));
+            return Err(Error::io(
+                &s.path,
+                "--lora: is a folder; expected a .safetensors LoRA file",
+            ));
         }
         if !s.path.exists() {
             return Err(Error::io(&s.path, "--lora: not found"));
@@ -580,20 +600,23 @@ fn attach_loras(r: &mut ResolvedModel, specs: &[LoraSpec], with_text: bool) -> R
         DenoiserSource::Transformer(_) => None,
     };
     let den_index = ComponentIndex::new(den_name, den.tensor_shapes()?, |m| {
-        ldm.as_ref()
-            .and_then(|l| l.to_ldm(m))
-            .into_iter()
-            .collect()
+        ldm.as_ref().and_then(|l| l.to_ldm(m)).into_iter().collect()
     });
     let text_indices: Vec<ComponentIndex> = match (&r.text, with_text) {
         (Some(t), true) => t
             .clips
             .iter()
             .map(|c| {
-                Ok(ComponentIndex::new(&c.slot, c.encoder.tensor_shapes()?, |m| {
-                    // Some trainers name OpenCLIP modules (SD 2.x, SDXL's second encoder).
-                    hybridiff_models::ldm::open_clip_module(m).into_iter().collect()
-                }))
+                Ok(ComponentIndex::new(
+                    &c.slot,
+                    c.encoder.tensor_shapes()?,
+                    |m| {
+                        // Some trainers name OpenCLIP modules (SD 2.x, SDXL's second encoder).
+                        hybridiff_models::ldm::open_clip_module(m)
+                            .into_iter()
+                            .collect()
+                    },
+                ))
             })
             .collect::<Result<_>>()?,
         _ => Vec::new(),

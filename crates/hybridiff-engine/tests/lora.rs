@@ -103,7 +103,11 @@ fn check(case: &str, c: &serde_json::Value, single_file: bool) {
                 .unwrap()
                 .to_scalar()
                 .unwrap();
-            assert!(diff <= 2e-6, "{case} ({}): {k} differs by {diff}", if single_file { "file" } else { "folder" });
+            assert!(
+                diff <= 2e-6,
+                "{case} ({}): {k} differs by {diff}",
+                if single_file { "file" } else { "folder" }
+            );
             seen.insert(k);
         }
     }
@@ -131,7 +135,11 @@ fn a_lora_for_another_family_is_refused_listing_its_keys() {
     let mut s = spec(c, false);
     s.model = fixture("single-file").join("sdxl");
     let e = s.resolve(true).unwrap_err().to_string();
-    assert!(e.contains("another model family") && e.contains("lora_unet_down_blocks_0_attentions_0_proj_in"), "{e}");
+    assert!(
+        e.contains("another model family")
+            && e.contains("lora_unet_down_blocks_0_attentions_0_proj_in"),
+        "{e}"
+    );
     // A module that exists with another shape names the key and both shapes.
     let dir = tempfile::tempdir().unwrap();
     let path: PathBuf = dir.path().join("wrong.safetensors");
@@ -148,5 +156,8 @@ fn a_lora_for_another_family_is_refused_listing_its_keys() {
     let mut s = ModelSpec::folder(&fixture("single-file").join("sd15"));
     s.loras = vec![LoraSpec { path, scale: 1.0 }];
     let e = s.resolve(true).unwrap_err().to_string();
-    assert!(e.contains(key) && e.contains("[2, 9]") && e.contains("[8, 8]"), "{e}");
+    assert!(
+        e.contains(key) && e.contains("[2, 9]") && e.contains("[8, 8]"),
+        "{e}"
+    );
 }

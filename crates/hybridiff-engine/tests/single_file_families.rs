@@ -15,8 +15,11 @@ use hybridiff_engine::source::ModelSpec;
 mod common;
 use common::fixture;
 
+/// A tensor of a header: name, shape, safetensors dtype.
+type Entry = (String, Vec<usize>, String);
+
 struct Family {
-    tensors: Vec<(String, Vec<usize>, String)>,
+    tensors: Vec<Entry>,
     diffusers: serde_json::Value,
 }
 
@@ -53,7 +56,7 @@ fn family(name: &str) -> Family {
 
 /// Writes a safetensors file with these tensors whose data is a hole: the file has its
 /// full size but takes no disk. Returns its size.
-fn sparse_file(path: &Path, tensors: &[(String, Vec<usize>, String)]) -> u64 {
+fn sparse_file(path: &Path, tensors: &[Entry]) -> u64 {
     let mut header = serde_json::Map::new();
     let mut offset = 0u64;
     for (name, shape, dtype) in tensors {
@@ -71,7 +74,7 @@ fn sparse_file(path: &Path, tensors: &[(String, Vec<usize>, String)]) -> u64 {
         offset += n;
     }
     let mut text = serde_json::Value::Object(header).to_string();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
     let mut f = std::fs::File::create(path).unwrap();
@@ -121,8 +124,16 @@ fn shapes(v: &serde_json::Value) -> BTreeMap<String, Vec<usize>> {
 
 /// Equal maps, or a short account of the names and shapes that differ.
 fn same(got: &BTreeMap<String, Vec<usize>>, want: &BTreeMap<String, Vec<usize>>, what: &str) {
-    let only_got: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).take(5).collect();
-    let only_want: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).take(5).collect();
+    let only_got: Vec<_> = got
+        .keys()
+        .filter(|k| !want.contains_key(*k))
+        .take(5)
+        .collect();
+    let only_want: Vec<_> = want
+        .keys()
+        .filter(|k| !got.contains_key(*k))
+        .take(5)
+        .collect();
     let shapes: Vec<_> = got
         .iter()
         .filter(|(k, s)| want.get(*k).is_some_and(|w| w != *s))
@@ -163,22 +174,46 @@ fn full_size_families_map_every_tensor_from_the_header_alone() {
         let (read, rss) = (bytes_read() - read0, rss_file_kib().saturating_sub(rss0));
         // The header (a few hundred KB) and the built-in configs; never the gigabytes.
         assert!(read < 8 << 20, "{name}: read {read} bytes to resolve");
-        assert!(rss < 64 << 10, "{name}: {rss} KiB of the file became resident");
+        assert!(
+            rss < 64 << 10,
+            "{name}: {rss} KiB of the file became resident"
+        );
         assert!(r.description.contains(what), "{name}: {}", r.description);
         let den = r.denoiser.source().tensor_shapes().unwrap();
-        same(&den, &shapes(&fam.diffusers["unet"]), &format!("{name}: unet"));
+        same(
+            &den,
+            &shapes(&fam.diffusers["unet"]),
+            &format!("{name}: unet"),
+        );
         let vae = r.vae.as_ref().unwrap().tensor_shapes().unwrap();
-        same(&vae, &shapes(&fam.diffusers["vae"]), &format!("{name}: vae"));
+        same(
+            &vae,
+            &shapes(&fam.diffusers["vae"]),
+            &format!("{name}: vae"),
+        );
         let text = r.text.as_ref().unwrap();
         assert_eq!(text.clips.len(), texts.len());
         for (clip, slot) in text.clips.iter().zip(&texts) {
             assert_eq!(&clip.slot, slot);
             let got = clip.encoder.tensor_shapes().unwrap();
-            same(&got, &shapes(&fam.diffusers[*slot]), &format!("{name}: {slot}"));
+            same(
+                &got,
+                &shapes(&fam.diffusers[*slot]),
+                &format!("{name}: {slot}"),
+            );
         }
         // SD 2.x files default to v-prediction (SD 2.1 768), as diffusers assumes.
-        let pred = r.scheduler.value("prediction_type").unwrap().as_str().unwrap();
-        let want = if name == "sd2" { "v_prediction" } else { "epsilon" };
+        let pred = r
+            .scheduler
+            .value("prediction_type")
+            .unwrap()
+            .as_str()
+            .unwrap();
+        let want = if name == "sd2" {
+            "v_prediction"
+        } else {
+            "epsilon"
+        };
         assert_eq!(pred, want, "{name}");
     }
 }
@@ -202,7 +237,10 @@ fn v_prediction_follows_a_sidecar_yaml_or_a_v_pred_tensor() {
     let path = temp_file(&dir, "noob-vpred.safetensors");
     sparse_file(&path, &fam.tensors);
     let r = resolve(&path).unwrap();
-    assert_eq!(r.scheduler.value("prediction_type").unwrap(), "v_prediction");
+    assert_eq!(
+        r.scheduler.value("prediction_type").unwrap(),
+        "v_prediction"
+    );
 }
 
 fn refused(path: &Path) -> String {
@@ -222,15 +260,24 @@ fn other_families_and_kinds_are_refused_naming_what_they_are() {
         let path = temp_file(&dir, &format!("{name}.safetensors"));
         sparse_file(&path, &family(name).tensors);
         let e = refused(&path);
-        assert!(e.contains(says) && e.contains(&path.display().to_string()), "{e}");
+        assert!(
+            e.contains(says) && e.contains(&path.display().to_string()),
+            "{e}"
+        );
     }
     let t = |n: &str, s: &[usize]| (n.to_string(), s.to_vec(), "F16".to_string());
-    let cases: Vec<(&str, Vec<(String, Vec<usize>, String)>, &str)> = vec![
+    let cases: Vec<(&str, Vec<Entry>, &str)> = vec![
         (
             "lora.safetensors",
             vec![
-                t("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", &[4, 320]),
-                t("lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight", &[320, 4]),
+                t(
+                    "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",
+                    &[4, 320],
+                ),
+                t(
+                    "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight",
+                    &[320, 4],
+                ),
             ],
             "--lora",
         ),
@@ -251,7 +298,10 @@ fn other_families_and_kinds_are_refused_naming_what_they_are() {
         (
             "sd3.safetensors",
             vec![
-                t("model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias", &[9216]),
+                t(
+                    "model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias",
+                    &[9216],
+                ),
                 t("model.diffusion_model.pos_embed", &[1, 36864, 1536]),
             ],
             "SD3",
@@ -272,7 +322,10 @@ fn other_families_and_kinds_are_refused_naming_what_they_are() {
     let ckpt = temp_file(&dir, "model.ckpt");
     std::fs::write(&ckpt, b"\x80\x02}q\x00.").unwrap();
     let e = refused(&ckpt);
-    assert!(e.contains("pickle") && e.contains("runs any code") && e.contains("safetensors"), "{e}");
+    assert!(
+        e.contains("pickle") && e.contains("runs any code") && e.contains("safetensors"),
+        "{e}"
+    );
     let zipped = temp_file(&dir, "renamed.safetensors");
     std::fs::write(&zipped, b"PK\x03\x04rest of a torch.save zip").unwrap();
     assert!(refused(&zipped).contains("pickle"));
@@ -282,7 +335,10 @@ fn other_families_and_kinds_are_refused_naming_what_they_are() {
     let short = temp_file(&dir, "cut.safetensors");
     let fam = family("sd1");
     sparse_file(&short, &fam.tensors);
-    let f = std::fs::OpenOptions::new().write(true).open(&short).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&short)
+        .unwrap();
     f.set_len(1000).unwrap();
     assert!(refused(&short).contains("not a safetensors file"));
 }
@@ -299,7 +355,10 @@ fn a_checkpoint_of_another_size_asks_for_config() {
     sparse_file(&path, &fam.tensors);
     let e = refused(&path);
     assert!(
-        e.contains(key) && e.contains("[49408, 1024]") && e.contains("[49408, 768]") && e.contains("--config"),
+        e.contains(key)
+            && e.contains("[49408, 1024]")
+            && e.contains("[49408, 768]")
+            && e.contains("--config"),
         "{e}"
     );
 }

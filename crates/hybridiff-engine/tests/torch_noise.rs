@@ -21,8 +21,8 @@ fn sequences_of_draws_equal_torch_bit_for_bit() {
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("torch_randn.json")).unwrap())
             .unwrap();
-    let want = candle_core::safetensors::load(dir.join("torch_randn.safetensors"), &Device::Cpu)
-        .unwrap();
+    let want =
+        candle_core::safetensors::load(dir.join("torch_randn.safetensors"), &Device::Cpu).unwrap();
     let sizes: Vec<usize> = meta["sizes"]
         .as_array()
         .unwrap()
@@ -63,13 +63,9 @@ fn five_hundred_seeds_hash_as_torch() {
     for (seed, want) in hashes {
         let mut g = TorchGenerator::manual_seed(seed.parse().unwrap());
         for (k, &n) in sizes.iter().enumerate() {
-            let h = g
-                .randn(n)
-                .iter()
-                .enumerate()
-                .fold(0u64, |h, (i, x)| {
-                    h.wrapping_add((x.to_bits() as u64).wrapping_mul(i as u64 + 1))
-                });
+            let h = g.randn(n).iter().enumerate().fold(0u64, |h, (i, x)| {
+                h.wrapping_add((x.to_bits() as u64).wrapping_mul(i as u64 + 1))
+            });
             let w: u64 = want[k].as_str().unwrap().parse().unwrap();
             assert_eq!(h, w, "seed {seed}, draw {k} ({n} values)");
         }
@@ -80,8 +76,7 @@ fn five_hundred_seeds_hash_as_torch() {
 fn pipeline_latents_are_diffusers_starting_noise() {
     let dir = fixture("single-file");
     let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let mut n = 0;
     for (case, c) in meta.as_object().unwrap() {
         if !case.starts_with("torch_") {
@@ -97,9 +92,13 @@ fn pipeline_latents_are_diffusers_starting_noise() {
             c["height"].as_u64().unwrap() as usize / 8,
             c["width"].as_u64().unwrap() as usize / 8,
         );
-        let got =
-            seeded_latents_with(NoiseKind::Torch, c["seed"].as_u64().unwrap(), (4, h, w), &Device::Cpu)
-                .unwrap();
+        let got = seeded_latents_with(
+            NoiseKind::Torch,
+            c["seed"].as_u64().unwrap(),
+            (4, h, w),
+            &Device::Cpu,
+        )
+        .unwrap();
         assert_eq!(got.dims(), want.dims(), "{case}");
         let flat = |t: &Tensor| bits(&t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         assert_eq!(flat(&got), flat(want), "{case}");

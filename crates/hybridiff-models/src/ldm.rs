@@ -162,10 +162,9 @@ impl PrefixMap {
             m.add("middle_block.1", "mid_block.attentions.0", Kind::Plain);
             m.add("middle_block.2", "mid_block.resnets.1", Kind::UnetResnet);
         }
-        let reversed: Vec<usize> = config.layers_per_block.iter().rev().copied().collect();
         let mut i = 0;
-        for b in 0..n {
-            let layers = reversed[b] + 1;
+        for (b, per_block) in config.layers_per_block.iter().rev().enumerate() {
+            let layers = per_block + 1;
             let attn = config.up_block_types[b] == BlockKind::CrossAttn;
             for l in 0..layers {
                 m.add(
@@ -202,7 +201,11 @@ impl PrefixMap {
         let mut m = Self::default();
         for side in ["encoder", "decoder"] {
             for name in ["conv_in", "conv_out"] {
-                m.add(format!("{side}.{name}"), format!("{side}.{name}"), Kind::Plain);
+                m.add(
+                    format!("{side}.{name}"),
+                    format!("{side}.{name}"),
+                    Kind::Plain,
+                );
             }
             m.add(
                 format!("{side}.norm_out"),
@@ -270,7 +273,10 @@ pub fn open_clip_to_diffusers(
     let one = |name: &str, t: Transform| Some(vec![(name.to_string(), t)]);
     match key {
         "token_embedding.weight" => {
-            return one("text_model.embeddings.token_embedding.weight", Transform::None)
+            return one(
+                "text_model.embeddings.token_embedding.weight",
+                Transform::None,
+            )
         }
         "positional_embedding" => {
             return one(
@@ -363,16 +369,46 @@ mod tests {
         let m = PrefixMap::unet(&sd15_like());
         let cases = [
             ("input_blocks.0.0.weight", "conv_in.weight"),
-            ("input_blocks.1.0.in_layers.0.weight", "down_blocks.0.resnets.0.norm1.weight"),
-            ("input_blocks.2.1.proj_in.weight", "down_blocks.0.attentions.1.proj_in.weight"),
-            ("input_blocks.3.0.op.bias", "down_blocks.0.downsamplers.0.conv.bias"),
-            ("input_blocks.4.0.skip_connection.weight", "down_blocks.1.resnets.0.conv_shortcut.weight"),
-            ("input_blocks.11.0.out_layers.3.weight", "down_blocks.3.resnets.1.conv2.weight"),
-            ("middle_block.1.transformer_blocks.0.attn2.to_k.weight", "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"),
-            ("middle_block.2.emb_layers.1.bias", "mid_block.resnets.1.time_emb_proj.bias"),
-            ("output_blocks.2.1.conv.weight", "up_blocks.0.upsamplers.0.conv.weight"),
-            ("output_blocks.5.2.conv.weight", "up_blocks.1.upsamplers.0.conv.weight"),
-            ("output_blocks.11.1.transformer_blocks.0.ff.net.2.weight", "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.2.weight"),
+            (
+                "input_blocks.1.0.in_layers.0.weight",
+                "down_blocks.0.resnets.0.norm1.weight",
+            ),
+            (
+                "input_blocks.2.1.proj_in.weight",
+                "down_blocks.0.attentions.1.proj_in.weight",
+            ),
+            (
+                "input_blocks.3.0.op.bias",
+                "down_blocks.0.downsamplers.0.conv.bias",
+            ),
+            (
+                "input_blocks.4.0.skip_connection.weight",
+                "down_blocks.1.resnets.0.conv_shortcut.weight",
+            ),
+            (
+                "input_blocks.11.0.out_layers.3.weight",
+                "down_blocks.3.resnets.1.conv2.weight",
+            ),
+            (
+                "middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+                "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+            ),
+            (
+                "middle_block.2.emb_layers.1.bias",
+                "mid_block.resnets.1.time_emb_proj.bias",
+            ),
+            (
+                "output_blocks.2.1.conv.weight",
+                "up_blocks.0.upsamplers.0.conv.weight",
+            ),
+            (
+                "output_blocks.5.2.conv.weight",
+                "up_blocks.1.upsamplers.0.conv.weight",
+            ),
+            (
+                "output_blocks.11.1.transformer_blocks.0.ff.net.2.weight",
+                "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.2.weight",
+            ),
             ("time_embed.2.weight", "time_embedding.linear_2.weight"),
             ("out.2.bias", "conv_out.bias"),
         ];
@@ -381,7 +417,8 @@ mod tests {
             assert_eq!(m.to_ldm(diffusers).unwrap(), ldm, "{diffusers}");
         }
         assert_eq!(
-            m.to_ldm("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q").unwrap(),
+            m.to_ldm("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+                .unwrap(),
             "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
         );
         assert!(m.to_diffusers("label_emb.0.0.weight").is_none());
@@ -390,10 +427,14 @@ mod tests {
     #[test]
     fn vae_names_count_decoder_levels_from_the_bottom() {
         let m = PrefixMap::vae(4, 2);
-        let (n, squeeze) = m.to_diffusers("decoder.up.3.block.2.nin_shortcut.weight").unwrap();
+        let (n, squeeze) = m
+            .to_diffusers("decoder.up.3.block.2.nin_shortcut.weight")
+            .unwrap();
         assert_eq!(n, "decoder.up_blocks.0.resnets.2.conv_shortcut.weight");
         assert!(!squeeze);
-        let (n, squeeze) = m.to_diffusers("decoder.mid.attn_1.proj_out.weight").unwrap();
+        let (n, squeeze) = m
+            .to_diffusers("decoder.mid.attn_1.proj_out.weight")
+            .unwrap();
         assert_eq!(n, "decoder.mid_block.attentions.0.to_out.0.weight");
         assert!(squeeze);
         assert_eq!(
@@ -401,16 +442,22 @@ mod tests {
             "encoder.conv_norm_out.bias"
         );
         assert_eq!(
-            m.to_diffusers("decoder.up.0.upsample.conv.weight").unwrap().0,
+            m.to_diffusers("decoder.up.0.upsample.conv.weight")
+                .unwrap()
+                .0,
             "decoder.up_blocks.3.upsamplers.0.conv.weight"
         );
     }
 
     #[test]
     fn open_clip_splits_in_proj_and_drops_layers_past_the_config() {
-        let v = open_clip_to_diffusers("transformer.resblocks.1.attn.in_proj_weight", 8, 2).unwrap();
+        let v =
+            open_clip_to_diffusers("transformer.resblocks.1.attn.in_proj_weight", 8, 2).unwrap();
         assert_eq!(v.len(), 3);
-        assert_eq!(v[2].0, "text_model.encoder.layers.1.self_attn.v_proj.weight");
+        assert_eq!(
+            v[2].0,
+            "text_model.encoder.layers.1.self_attn.v_proj.weight"
+        );
         assert_eq!(v[2].1, Transform::Rows { start: 16, len: 8 });
         assert!(open_clip_to_diffusers("transformer.resblocks.2.ln_1.weight", 8, 2).is_none());
         assert_eq!(

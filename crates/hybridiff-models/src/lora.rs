@@ -132,7 +132,10 @@ struct LoraModule {
 
 /// Suffixes of LoRA-like formats that are not plain low-rank pairs.
 const UNSUPPORTED_VARIANTS: &[(&str, &str)] = &[
-    ("lora_mid.weight", "LoCon with a CP / Tucker middle factor (lora_mid)"),
+    (
+        "lora_mid.weight",
+        "LoCon with a CP / Tucker middle factor (lora_mid)",
+    ),
     ("dora_scale", "DoRA (dora_scale)"),
     ("hada_w1_a", "LoHa (hada_*)"),
     ("hada_w1_b", "LoHa (hada_*)"),
@@ -227,7 +230,10 @@ fn classify(key: &str) -> Option<(String, Target, ModuleName, Part)> {
     }
     // diffusers' old attention-processor names: ...attn1.processor.to_q_lora.down.weight
     // (U-Net) and ...self_attn.to_q_lora.down.weight (text encoders).
-    for (suffix, part) in [("_lora.down.weight", Part::Down), ("_lora.up.weight", Part::Up)] {
+    for (suffix, part) in [
+        ("_lora.down.weight", Part::Down),
+        ("_lora.up.weight", Part::Up),
+    ] {
         if let Some(module) = key.strip_suffix(suffix) {
             let (t, path) = dotted_component(module);
             let (parent, proj) = path.rsplit_once('.')?;
@@ -259,13 +265,10 @@ fn old_processor_path(path: &str) -> String {
 
 /// The value of a scalar `alpha` tensor.
 fn scalar(t: &Tensor) -> candle_core::Result<f64> {
-    t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>().map(|v| {
-        if v.len() == 1 {
-            v[0]
-        } else {
-            f64::NAN
-        }
-    })
+    t.flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()
+        .map(|v| if v.len() == 1 { v[0] } else { f64::NAN })
 }
 
 /// `alpha` for `module` of `target` from diffusers' `lora_adapter_metadata`.
@@ -290,20 +293,14 @@ impl LoraFile {
     pub fn open(spec: &LoraSpec) -> Result<Self> {
         let path = &spec.path;
         let header = read_header(path).map_err(|e| match e {
-            Error::Io { path, msg } => Error::Input(format!(
-                "--lora {}: {msg}",
-                path.display()
-            )),
+            Error::Io { path, msg } => Error::Input(format!("--lora {}: {msg}", path.display())),
             e => e,
         })?;
         let shown = |key: &str| format!("--lora {}: `{key}`", path.display());
         let mut modules: BTreeMap<String, RawModule> = BTreeMap::new();
         let mut unknown = Vec::new();
         for key in header.tensors.keys() {
-            if let Some((_, what)) = UNSUPPORTED_VARIANTS
-                .iter()
-                .find(|(s, _)| key.ends_with(s))
-            {
+            if let Some((_, what)) = UNSUPPORTED_VARIANTS.iter().find(|(s, _)| key.ends_with(s)) {
                 return Err(Error::Input(format!(
                     "{}: {what} is not supported; hybridiff merges plain LoRA / LoCon pairs (lora_down/lora_up, lora_A/lora_B)",
                     shown(key)
@@ -494,8 +491,7 @@ impl ComponentIndex {
             // name the module with it.
             if let Some(m) = module.strip_prefix("text_model.") {
                 names.push(m.to_string());
-            } else if name.starts_with("text_encoder") && !module.starts_with("text_projection")
-            {
+            } else if name.starts_with("text_encoder") && !module.starts_with("text_projection") {
                 names.push(format!("text_model.{module}"));
             }
             names.extend(alias(module));
@@ -632,12 +628,16 @@ pub fn match_files(
                     index.name
                 )));
             }
-            out[ci].deltas.entry(weight.clone()).or_default().push(Delta {
-                down: m.down.clone(),
-                up: m.up.clone(),
-                scale: f.spec.scale * m.alpha / rank as f64,
-                origin: format!("--lora {}: `{}`", f.spec.path.display(), m.key),
-            });
+            out[ci]
+                .deltas
+                .entry(weight.clone())
+                .or_default()
+                .push(Delta {
+                    down: m.down.clone(),
+                    up: m.up.clone(),
+                    scale: f.spec.scale * m.alpha / rank as f64,
+                    origin: format!("--lora {}: `{}`", f.spec.path.display(), m.key),
+                });
         }
     }
     if !unmatched.is_empty() {
@@ -666,13 +666,22 @@ mod tests {
     fn scale_is_parsed_from_the_last_colon() {
         assert_eq!(LoraSpec::parse("a.safetensors").unwrap().scale, 1.0);
         let s = LoraSpec::parse("dir:x/a.safetensors:0.5").unwrap();
-        assert_eq!((s.path.to_str().unwrap(), s.scale), ("dir:x/a.safetensors", 0.5));
+        assert_eq!(
+            (s.path.to_str().unwrap(), s.scale),
+            ("dir:x/a.safetensors", 0.5)
+        );
         assert_eq!(LoraSpec::parse("a.safetensors:-1").unwrap().scale, -1.0);
-        for bad in ["a.safetensors:nan", "a.safetensors:inf", "a.safetensors:1e999"] {
+        for bad in [
+            "a.safetensors:nan",
+            "a.safetensors:inf",
+            "a.safetensors:1e999",
+        ] {
             let e = LoraSpec::parse(bad).unwrap_err().to_string();
             assert!(e.contains("not a finite number") && e.contains(bad), "{e}");
         }
-        let e = LoraSpec::parse("a.safetensors:strong").unwrap_err().to_string();
+        let e = LoraSpec::parse("a.safetensors:strong")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a number"), "{e}");
     }
 

@@ -98,7 +98,9 @@ pub fn read_header(path: &Path) -> Result<Header> {
         return Err(Error::io(path, kind));
     }
     refuse_pickle(path)?;
-    let len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
     let bad = |why: String| {
         Error::Input(format!(
             "{}: not a safetensors file ({why}); expected a .safetensors checkpoint, a diffusers folder, or (with --config) a checkpoint of a diffusers folder's configs",
@@ -231,7 +233,10 @@ pub struct Detected {
 }
 
 fn any_prefix(h: &Header, p: &str) -> bool {
-    h.tensors.range(p.to_string()..).next().is_some_and(|(k, _)| k.starts_with(p))
+    h.tensors
+        .range(p.to_string()..)
+        .next()
+        .is_some_and(|(k, _)| k.starts_with(p))
 }
 
 fn count_prefix(h: &Header, p: &str) -> usize {
@@ -267,19 +272,28 @@ pub fn detect(h: &Header) -> Result<Detected> {
     };
     let has = |k: &str| h.tensors.contains_key(k);
     let some = |p: &str| any_prefix(h, p);
-    if some("lora_unet_") || some("lora_te") || h.tensors.keys().any(|k| k.contains(".lora_A.") || k.contains(".lora_down.") || k.contains(".lora.down.")) {
+    if some("lora_unet_")
+        || some("lora_te")
+        || h.tensors.keys().any(|k| {
+            k.contains(".lora_A.") || k.contains(".lora_down.") || k.contains(".lora.down.")
+        })
+    {
         return Err(Error::Input(format!(
             "{path}: this is a LoRA file, not a model; pass it with --lora {path} next to --model"
         )));
     }
     if !some(UNET_PREFIX) {
         if has("joint_blocks.0.context_block.adaLN_modulation.1.bias") {
-            return Err(unsupported("an SD3 transformer (MMDiT) in the original layout", "; for SD3 use a diffusers folder"));
+            return Err(unsupported(
+                "an SD3 transformer (MMDiT) in the original layout",
+                "; for SD3 use a diffusers folder",
+            ));
         }
         if some("double_blocks.") || some("single_blocks.") {
             return Err(unsupported("a FLUX transformer", ""));
         }
-        if has("conv_in.weight") && some("down_blocks.") && some("up_blocks.") && !some("decoder.") {
+        if has("conv_in.weight") && some("down_blocks.") && some("up_blocks.") && !some("decoder.")
+        {
             return Err(Error::Input(format!(
                 "{path}: a diffusers denoiser file (unet/diffusion_pytorch_model.safetensors), not a single-file checkpoint; pass the pipeline folder that holds it to --model"
             )));
@@ -300,7 +314,10 @@ pub fn detect(h: &Header) -> Result<Detected> {
         )));
     }
     if has("model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias") {
-        return Err(unsupported("an SD3 / SD3.5 checkpoint", "; for SD3 use a diffusers folder"));
+        return Err(unsupported(
+            "an SD3 / SD3.5 checkpoint",
+            "; for SD3 use a diffusers folder",
+        ));
     }
     if some("model.diffusion_model.double_blocks.") {
         return Err(unsupported("a FLUX checkpoint", ""));
@@ -308,7 +325,10 @@ pub fn detect(h: &Header) -> Result<Detected> {
     if has("edm_mean") {
         return Err(unsupported("a Playground v2.5 checkpoint (EDM)", ""));
     }
-    if let Some(t) = h.tensors.get("model.diffusion_model.input_blocks.0.0.weight") {
+    if let Some(t) = h
+        .tensors
+        .get("model.diffusion_model.input_blocks.0.0.weight")
+    {
         if let Some(&c) = t.shape.get(1) {
             if c != 4 {
                 let what = match c {

@@ -332,7 +332,10 @@ pub struct MappedTensors {
 enum ConfigSource {
     File(PathBuf),
     /// Built in, or taken from another folder; `path` names it in messages.
-    Text { path: PathBuf, text: Arc<str> },
+    Text {
+        path: PathBuf,
+        text: Arc<str>,
+    },
 }
 
 /// Where a component's tensors come from.
@@ -652,7 +655,12 @@ impl Backend {
                 t.dtype()
             )));
         }
-        let t = match self.patches.as_ref().map(|p| p.apply(name, &t)).transpose()? {
+        let t = match self
+            .patches
+            .as_ref()
+            .map(|p| p.apply(name, &t))
+            .transpose()?
+        {
             Some(Some(merged)) => merged,
             _ => t,
         };

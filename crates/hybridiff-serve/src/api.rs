@@ -388,9 +388,9 @@ pub fn parse_generation(
     };
     let noise = match m.get("noise") {
         None | Some(Value::Null) => hybridiff_engine::pipeline::NoiseKind::default(),
-        Some(Value::String(v)) => v.parse().map_err(|e: String| {
-            ApiError::bad_field("noise", format!("`noise` {e}"))
-        })?,
+        Some(Value::String(v)) => v
+            .parse()
+            .map_err(|e: String| ApiError::bad_field("noise", format!("`noise` {e}")))?,
         Some(_) => {
             return Err(ApiError::bad_field(
                 "noise",

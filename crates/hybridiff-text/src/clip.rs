@@ -307,7 +307,12 @@ impl ClipTextModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        Self::load_source_as(&ComponentSource::folder(dir), with_projection, dtype, device)
+        Self::load_source_as(
+            &ComponentSource::folder(dir),
+            with_projection,
+            dtype,
+            device,
+        )
     }
 
     /// [`Self::load_as`] from any component source (a folder, or a text encoder inside a

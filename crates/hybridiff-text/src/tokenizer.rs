@@ -397,6 +397,11 @@ impl ClipTokenizer {
         Ok(text.replace("</w>", " ").trim().to_owned())
     }
 
+    /// The id of `token` in the vocabulary, if it has one.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
     /// `model_max_length` (77 for every SD-family CLIP).
     pub fn max_length(&self) -> usize {
         self.max_length
@@ -496,7 +501,8 @@ const CLIP_MERGES_GZ: &[u8] = include_bytes!("../data/clip_merges.txt.gz");
 /// GPT-2's reversible byte -> character table that CLIP's BPE works on: printable bytes
 /// stand for themselves, the others for characters from U+0100 on.
 fn bytes_to_unicode() -> Vec<char> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut chars: Vec<u32> = (0..256).filter(|&b| printable(b)).collect();
     let mut n = 0;
     for b in 0..256 {
@@ -505,7 +511,10 @@ fn bytes_to_unicode() -> Vec<char> {
             n += 1;
         }
     }
-    chars.into_iter().map(|c| char::from_u32(c).expect("valid code point")).collect()
+    chars
+        .into_iter()
+        .map(|c| char::from_u32(c).expect("valid code point"))
+        .collect()
 }
 
 /// CLIP's vocabulary and merges from the carried merge list, as CLIP's `SimpleTokenizer`

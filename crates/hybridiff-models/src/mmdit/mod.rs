@@ -135,7 +135,9 @@ impl SD3Transformer2DModel {
         // the context tokens that block discards: diffusers computes it, we skip it.
         let last = config.num_layers.saturating_sub(1);
         let skipped = format!("transformer_blocks.{last}.attn.add_q_proj.");
-        src.load(dtype, device, &[skipped.as_str()], |vb| Self::new(vb, config))
+        src.load(dtype, device, &[skipped.as_str()], |vb| {
+            Self::new(vb, config)
+        })
     }
 
     /// Builds the model from a var builder rooted at the transformer's weights.
