@@ -14,7 +14,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::source::{ModelSpec, ResolvedModel};
 use crate::{
-    denoise, DenoiseInputs, Error, Job, Model, Result, RunOptions, Runner, Strategy, Trace,
+    denoise, DenoiseInputs, Error, Field, Job, Model, Result, RunOptions, Runner, Strategy, Trace,
 };
 
 /// A loaded text-to-image pipeline.
@@ -71,6 +71,122 @@ impl MemoryCheck {
         );
         crate::memory::estimate_job(self.denoiser.as_ref(), &shape).check_within(limit)?;
         crate::memory::estimate_decode(&self.vae, (lh, lw)).check_within(limit)
+    }
+}
+
+/// diffusers' `check_inputs` of an image's size: `h` and `w` positive multiples of the VAE
+/// factor times the denoiser's latent multiple (SD3's patch size); the U-Net copes with any
+/// latent size (`forward_upsample_size`). Refused as [`Field::Size`].
+pub fn check_size(h: usize, w: usize, vae_factor: usize, latent_multiple: usize) -> Result<()> {
+    let f = vae_factor;
+    let multiple = f * latent_multiple;
+    if h == 0 || w == 0 || !h.is_multiple_of(multiple) || !w.is_multiple_of(multiple) {
+        let why = if latent_multiple == 1 {
+            format!("the VAE's factor {f}")
+        } else {
+            format!("the VAE's factor {f} times the denoiser's patch size {latent_multiple}")
+        };
+        return Err(Error::refused(
+            Field::Size,
+            format!(
+                "--height {h} --width {w}: both must be positive multiples of {multiple} ({why}), as in diffusers"
+            ),
+            format!(
+                "`size` {w}x{h}: width and height must be positive multiples of {multiple} for this model ({why})"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A refusal of the step count by the scheduler (its schedule cannot place that many
+/// steps); other scheduler errors as they are.
+fn schedule_error(e: hybridiff_schedulers::Error, steps: usize) -> Error {
+    use hybridiff_schedulers::Error as S;
+    let request = match &e {
+        S::NumSteps {
+            num_train_timesteps,
+            ..
+        } => format!(
+            "`num_inference_steps` {steps}: this model's scheduler runs 1 to {num_train_timesteps} steps"
+        ),
+        S::TimestepOutOfRange { .. } => format!(
+            "`num_inference_steps` {steps}: this model's scheduler cannot space {steps} steps over its training schedule; try another step count"
+        ),
+        _ => return Error::Scheduler(e),
+    };
+    Error::refused(Field::Steps, e.to_string(), request)
+}
+
+/// A pipeline's checks of one image request, detached from the pipeline (`Send + Sync` and
+/// cheap to clone) so that another thread, a service's request handlers, can run them while
+/// the pipeline runs a job. They are the checks the job itself runs, on stand-in inputs of
+/// the request's shapes (zero latents, the empty prompt's encodings): [`check_size`], the
+/// memory of the job and its VAE decode ([`MemoryCheck`]), the scheduler's schedule for the
+/// step count, and [`crate::check_job_within`] (steps, guidance, the run layout, the
+/// strategy's own checks: world size, hybrid's thresholds, stage plans, patch bands). No
+/// compute: the prompts are not encoded and a measured stage plan is not measured. Values a
+/// request chooses are refused as [`Error::Refused`], worded for the command line and for an
+/// API client.
+#[derive(Clone)]
+pub struct RequestCheck {
+    memory: MemoryCheck,
+    scheduler_config: std::sync::Arc<hybridiff_schedulers::SchedulerConfig>,
+    latent_multiple: usize,
+    cond: Conditioning,
+    uncond: Conditioning,
+    default_guidance: f64,
+}
+
+impl RequestCheck {
+    /// Checks `req` (all but its prompts) as `strategy` would run it with `opts`, the
+    /// memory against `limit` (read earlier, e.g. when a service started; `None`: no limit).
+    pub fn check(
+        &self,
+        req: &Request,
+        strategy: &dyn Strategy,
+        opts: &RunOptions,
+        limit: Option<crate::memory::Limit>,
+    ) -> Result<()> {
+        let m = &self.memory;
+        // As in `Pipeline::prepare`: given latents set the size, else the sample size.
+        let default = match req.latents.as_ref().map(|l| l.dims()) {
+            Some([_, _, lh, lw]) => (lh * m.vae_factor, lw * m.vae_factor),
+            _ => (m.default_side, m.default_side),
+        };
+        let (h, w) = (
+            req.height.unwrap_or(default.0),
+            req.width.unwrap_or(default.1),
+        );
+        check_size(h, w, m.vae_factor, self.latent_multiple)?;
+        m.check_within(req, strategy.name(), opts.world_size, limit)?;
+        let scheduler = match req.scheduler {
+            Some(s) => s,
+            None => self.scheduler_config.default_kind()?,
+        };
+        hybridiff_schedulers::build(&self.scheduler_config, scheduler, req.steps)
+            .map_err(|e| schedule_error(e, req.steps))?;
+        // Sized by the checks above (within the memory limit); only its shape is read.
+        let latents = Tensor::zeros(
+            (1, m.latent_channels, h / m.vae_factor, w / m.vae_factor),
+            DType::F32,
+            &Device::Cpu,
+        )?;
+        let inputs = DenoiseInputs {
+            latents,
+            cond: self.cond.clone(),
+            uncond: self.uncond.clone(),
+        };
+        let job = Job {
+            model: m.denoiser.as_ref(),
+            scheduler_config: &self.scheduler_config,
+            scheduler,
+            steps: req.steps,
+            guidance: req.guidance.unwrap_or(self.default_guidance),
+            inputs: &inputs,
+            progress: None,
+        };
+        crate::check_job_within(&job, strategy, opts, opts.world_size, limit)
     }
 }
 
@@ -256,22 +372,7 @@ impl Pipeline {
             req.height.unwrap_or(default.0),
             req.width.unwrap_or(default.1),
         );
-        // diffusers' check_inputs: multiples of the VAE factor (times SD3's patch size);
-        // the U-Net copes with any latent size (`forward_upsample_size`).
-        let multiple = f * spec.latent_multiple;
-        if h == 0 || w == 0 || h % multiple != 0 || w % multiple != 0 {
-            let why = if spec.latent_multiple == 1 {
-                format!("the VAE's factor {f}")
-            } else {
-                format!(
-                    "the VAE's factor {f} times the denoiser's patch size {}",
-                    spec.latent_multiple
-                )
-            };
-            return Err(Error::Options(format!(
-                "--height {h} --width {w}: both must be positive multiples of {multiple} ({why}), as in diffusers"
-            )));
-        }
+        check_size(h, w, f, spec.latent_multiple)?;
         let (lh, lw) = (h / f, w / f);
         let device = &self.model.device;
         let latents = match &req.latents {
@@ -352,32 +453,51 @@ impl Pipeline {
     }
 
     /// Checks everything about `req` that does not depend on its prompt (sizes, memory,
-    /// steps against the scheduler, the strategy's layout) without denoising, so that a
-    /// batch reports a request-wide error once, before any prompt runs.
+    /// steps against the scheduler, the strategy's layout: [`RequestCheck::check`] against
+    /// the memory limit now), then its given latents and the text encoders' widths, without
+    /// denoising, so that a batch reports a request-wide error once, before any prompt runs.
     pub fn check_request(
         &self,
         req: &Request,
         strategy: &dyn Strategy,
         opts: &RunOptions,
     ) -> Result<()> {
-        opts.check(crate::cores())?;
-        self.check_memory(req, strategy, opts)?;
-        let inputs = self.prepare(req)?;
-        let scheduler = match req.scheduler {
-            Some(s) => s,
-            None => self.model.scheduler_config.default_kind()?,
+        let limit = crate::memory::limit().map_err(Error::Options)?;
+        self.request_check()?.check(req, strategy, opts, limit)?;
+        self.prepare(req).map(|_| ())
+    }
+
+    /// This pipeline's [`RequestCheck`]; encodes the empty prompt once for the stand-in
+    /// conditionings.
+    pub fn request_check(&self) -> Result<RequestCheck> {
+        let e = self.text.encode_opt("", None)?;
+        self.check_text_widths(&e)?;
+        let spec = &self.model.input_spec;
+        let time_ids = if spec.time_ids {
+            let side = self.memory_check().default_side as f32;
+            Some(Tensor::new(
+                &[[side, side, 0.0, 0.0, side, side]],
+                &self.model.device,
+            )?)
+        } else {
+            None
         };
-        hybridiff_schedulers::build(&self.model.scheduler_config, scheduler, req.steps)?;
-        let job = Job {
-            model: self.model.denoiser.as_ref(),
-            scheduler_config: &self.model.scheduler_config,
-            scheduler,
-            steps: req.steps,
-            guidance: req.guidance.unwrap_or_else(|| self.default_guidance()),
-            inputs: &inputs,
-            progress: None,
-        };
-        strategy.check(&job, opts.world_size)
+        Ok(RequestCheck {
+            memory: self.memory_check(),
+            scheduler_config: std::sync::Arc::new(self.model.scheduler_config.clone()),
+            latent_multiple: spec.latent_multiple,
+            cond: Conditioning {
+                prompt_embeds: e.prompt_embeds,
+                pooled: e.pooled_prompt_embeds,
+                time_ids: time_ids.clone(),
+            },
+            uncond: Conditioning {
+                prompt_embeds: e.negative_prompt_embeds,
+                pooled: e.negative_pooled_prompt_embeds,
+                time_ids,
+            },
+            default_guidance: self.default_guidance(),
+        })
     }
 
     /// Makes one image on ranks started for it.
