@@ -19,6 +19,10 @@ Writes:
   `lora_te_`, the 1x1-conv projections of SD 1.x.
 - sd15_old.safetensors: diffusers' older naming (`...attn1.processor.to_q_lora.down.weight`,
   `...self_attn.to_k_lora.up.weight`, `...mlp.fc1.lora_linear_layer.down.weight`).
+- sd3_peft.safetensors: PEFT naming for the tiny SD3 MMDiT (tests/fixtures/tiny-sd3):
+  joint attention (image and context projections), feed-forward, adaLN and output
+  linears; its case holds the weights diffusers' `load_lora_adapter` + `fuse_lora` on the
+  transformer alone changed (no image: the fixture has no text encoders).
 - expected.json and expected_<case>.safetensors for each case (files and scales listed in
   expected.json): `<component>.<weight>` = every weight the LoRA(s) changed, as diffusers
   fused it (f32), and `image_u8` = the pipeline's image from `latents` (stored) with the
@@ -162,6 +166,32 @@ def sd15_files(pipe) -> None:
     save_file(old, str(OUT / "sd15_old.safetensors"))
 
 
+def sd3_case() -> dict:
+    from diffusers import SD3Transformer2DModel
+    folder = FIX / "tiny-sd3" / "transformer"
+    t = SD3Transformer2DModel.from_pretrained(folder, torch_dtype=torch.float32)
+    sd = {k: v.clone() for k, v in t.state_dict().items()}
+    g = torch.Generator().manual_seed(51)
+    lora = {}
+    for m in ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
+              "transformer_blocks.1.ff.net.0.proj", "transformer_blocks.2.norm1.linear",
+              "transformer_blocks.3.attn.to_out.0", "proj_out"]:
+        w = sd[m + ".weight"]
+        down, up = pair(g, w.shape[0], w.shape[1], 2)
+        lora[f"transformer.{m}.lora_A.weight"] = down
+        lora[f"transformer.{m}.lora_B.weight"] = up
+    save_file(lora, str(OUT / "sd3_peft.safetensors"))
+    t.load_lora_adapter({k: v.clone() for k, v in lora.items()}, prefix="transformer",
+                        adapter_name="a")
+    t.fuse_lora(lora_scale=0.9)
+    t.unload_lora()
+    changed = {f"transformer.{k}": v.contiguous() for k, v in t.state_dict().items()
+               if not torch.equal(v, sd[k])}
+    save_file(changed, str(OUT / "expected_sd3_peft.safetensors"))
+    print(f"sd3_peft: {len(changed)} weights changed")
+    return dict(model="tiny-sd3", loras=[["sd3_peft.safetensors", 0.9]], changed=sorted(changed))
+
+
 CASES = {
     "sdxl_kohya": dict(model="sdxl", loras=[["sdxl_kohya.safetensors", 0.8]]),
     "sdxl_peft": dict(model="sdxl", loras=[["sdxl_peft.safetensors", 1.0]]),
@@ -212,6 +242,7 @@ def main() -> None:
                           guidance_scale=5.0, height=32, width=32,
                           changed=sorted(k for k in changed if k not in ("image_u8", "latents")))
         print(f"{case}: {len(changed) - 2} weights changed")
+    meta["sd3_peft"] = sd3_case()
     meta["note"] = ("diffusers load_lora_weights (one adapter per file), set_adapters(scales), "
                     "fuse_lora, unload_lora_weights; <component>.<weight> = fused weights that "
                     "changed; image_u8 from `latents`")

@@ -200,6 +200,9 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
         &args.model_args,
     )?;
     let resolved = args.model_args.spec(&model_dir)?.resolve(false)?;
+    if let (true, Some(line)) = (root, resolved.summary()) {
+        eprintln!("hybridiff: {line}");
+    }
     let default_transport = if processes.is_some() {
         "mpi"
     } else {

@@ -87,6 +87,9 @@ pub fn run(args: DenoiseArgs, launch: &crate::launch::Launch) -> Result<()> {
     let device = run.device.clone();
     // The text encoders are not used here: text-encoder LoRA modules are left out.
     let resolved = args.model_args.spec(&args.model)?.resolve(false)?;
+    if let (true, Some(line)) = (root, resolved.summary()) {
+        eprintln!("hybridiff: {line}");
+    }
     let model = Model::load_resolved(&resolved, run.dtype, &device)?;
     run.options.placement = crate::strategy_args::load_replicas(
         std::mem::take(&mut run.options.placement),

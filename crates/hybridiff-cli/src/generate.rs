@@ -335,6 +335,9 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
     }
     // Headers, configs and LoRA files are read and matched before any weight loads.
     let resolved = spec.resolve(true)?;
+    if let (true, Some(line)) = (root, resolved.summary()) {
+        eprintln!("hybridiff: {line}");
+    }
     let pipeline = Pipeline::load_resolved(&resolved, run.dtype, &device)?;
     run.options.placement = crate::strategy_args::load_replicas(
         std::mem::take(&mut run.options.placement),

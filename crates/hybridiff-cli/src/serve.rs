@@ -290,6 +290,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let defaults = ModelDefaults::read(&model_dir)?;
     // Headers, configs and LoRA files are read and matched now, before the service starts.
     let resolved = args.model_args.spec(&model_dir)?.resolve(true)?;
+    if let Some(line) = resolved.summary() {
+        eprintln!("hybridiff: {line}");
+    }
     let model_source = resolved.description.clone();
     let loras: Vec<serde_json::Value> = resolved
         .loras

@@ -75,7 +75,13 @@ fn generate(case: &str, out: &Path, extra: &[&str]) -> std::process::Output {
 #[test]
 fn lora_images_match_diffusers_fuse_lora() {
     let m = cases();
-    for (case, _) in m.as_object().unwrap().iter().filter(|(k, _)| *k != "note") {
+    // Every case with an image (the SD3 one is checked on its weights, engine/tests/lora.rs).
+    for (case, _) in m
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, c)| *k != "note" && c["model"] != "tiny-sd3")
+    {
         let want = candle_core::safetensors::load(
             fixture("lora").join(format!("expected_{case}.safetensors")),
             &Device::Cpu,

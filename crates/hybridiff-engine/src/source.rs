@@ -80,6 +80,27 @@ pub struct ResolvedModel {
     pub loras: Vec<LoraInfo>,
 }
 
+impl ResolvedModel {
+    /// One line for stderr: what the model is and which LoRAs it carries, or `None` for a
+    /// plain diffusers folder (nothing the user may not expect).
+    pub fn summary(&self) -> Option<String> {
+        if self.description == "diffusers folder" && self.loras.is_empty() {
+            return None;
+        }
+        let mut line = format!("model {}: {}", self.path.display(), self.description);
+        for l in &self.loras {
+            let modules: Vec<String> = l.modules.iter().map(|(c, n)| format!("{c} {n}")).collect();
+            line.push_str(&format!(
+                "; LoRA {} x{} ({} modules)",
+                l.path.display(),
+                l.scale,
+                modules.join(", ")
+            ));
+        }
+        Some(line)
+    }
+}
+
 /// A family's built-in configs (`families/*.json`).
 struct FamilyConfigs(Value);
 
@@ -270,6 +291,18 @@ impl ModelSpec {
 }
 
 fn resolve_folder(dir: &Path, with_text: bool) -> Result<ResolvedModel> {
+    // The text side first: a pipeline folder's model_index.json names what it must hold.
+    let text = if with_text {
+        if !dir.join("model_index.json").is_file() {
+            return Err(Error::io(
+                dir,
+                "not a diffusers pipeline folder: model_index.json is missing (for a bare denoiser folder use `hybridiff denoise`)",
+            ));
+        }
+        Some(PromptParts::from_folder(dir)?)
+    } else {
+        None
+    };
     let sched_path = dir.join("scheduler").join("scheduler_config.json");
     if !sched_path.is_file() {
         return Err(Error::io(&sched_path, "scheduler config not found"));
@@ -287,11 +320,6 @@ fn resolve_folder(dir: &Path, with_text: bool) -> Result<ResolvedModel> {
     };
     let vae_dir = dir.join("vae");
     let vae = vae_dir.is_dir().then(|| ComponentSource::folder(&vae_dir));
-    let text = if with_text && dir.join("model_index.json").is_file() {
-        Some(PromptParts::from_folder(dir)?)
-    } else {
-        None
-    };
     Ok(ResolvedModel {
         path: dir.to_path_buf(),
         description: "diffusers folder".into(),
