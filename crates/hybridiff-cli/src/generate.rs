@@ -489,25 +489,21 @@ fn run_batch(
         let seed = it.seed.unwrap_or_default();
         let negative = it.negative_prompt.as_deref();
         let start = Instant::now();
-        let result = generate_one(
-            pipeline,
-            &request(&it.prompt, negative, seed),
-            strategy,
-            opts,
-            runner,
-            comm,
-        )
-        .and_then(|img| match img {
-            Some(img) => {
-                save_png(&out.join(&file), img.width, img.height, img.rgb)?;
-                Ok(Some(img.trace))
-            }
-            None => Ok(None),
-        });
+        let req = request(&it.prompt, negative, seed);
+        let noise = req.noise;
+        let result =
+            generate_one(pipeline, &req, strategy, opts, runner, comm).and_then(|img| match img {
+                Some(img) => {
+                    save_png(&out.join(&file), img.width, img.height, img.rgb)?;
+                    Ok(Some(img.trace))
+                }
+                None => Ok(None),
+            });
         let mut entry = serde_json::json!({
             "prompt": it.prompt,
             "negative_prompt": negative,
             "seed": seed,
+            "noise": noise.to_string(),
             "strategy": kind.to_string(),
             "seconds": start.elapsed().as_secs_f64(),
         });

@@ -664,15 +664,11 @@ fn attach_loras(r: &mut ResolvedModel, specs: &[LoraSpec], with_text: bool) -> R
     let patches = hybridiff_models::lora::match_files(&files, &components, &model)?;
     let mut patches = patches.into_iter();
     let den_patches = patches.next().expect("one per component");
-    r.denoiser = match std::mem::replace(
-        &mut r.denoiser,
-        DenoiserSource::Unet(ComponentSource::folder(Path::new(""))),
-    ) {
-        DenoiserSource::Unet(s) => DenoiserSource::Unet(s.with_patches(Arc::new(den_patches))),
-        DenoiserSource::Transformer(s) => {
-            DenoiserSource::Transformer(s.with_patches(Arc::new(den_patches)))
+    match &mut r.denoiser {
+        DenoiserSource::Unet(s) | DenoiserSource::Transformer(s) => {
+            *s = s.clone().with_patches(Arc::new(den_patches));
         }
-    };
+    }
     if let Some(t) = r.text.as_mut().filter(|_| with_text) {
         for (c, p) in t.clips.iter_mut().zip(patches) {
             c.encoder = c.encoder.clone().with_patches(Arc::new(p));

@@ -203,27 +203,22 @@ fn classify(key: &str) -> Option<(String, Target, ModuleName, Part)> {
         }
     }
     // diffusers / PEFT, dotted.
-    let forms: &[(&str, Part, &str)] = &[
-        (".lora_A.weight", Part::Down, ""),
-        (".lora_B.weight", Part::Up, ""),
-        (".lora.down.weight", Part::Down, ""),
-        (".lora.up.weight", Part::Up, ""),
-        (".lora_linear_layer.down.weight", Part::Down, ""),
-        (".lora_linear_layer.up.weight", Part::Up, ""),
-        (".alpha", Part::Alpha, ""),
+    let forms = [
+        (".lora_A.weight", Part::Down),
+        (".lora_B.weight", Part::Up),
+        (".lora.down.weight", Part::Down),
+        (".lora.up.weight", Part::Up),
+        (".lora_linear_layer.down.weight", Part::Down),
+        (".lora_linear_layer.up.weight", Part::Up),
+        (".alpha", Part::Alpha),
     ];
-    for (suffix, part, _) in forms {
+    for (suffix, part) in forms {
         if let Some(module) = key.strip_suffix(suffix) {
             let (t, path) = dotted_component(module);
-            let part = match part {
-                Part::Down => Part::Down,
-                Part::Up => Part::Up,
-                Part::Alpha => Part::Alpha,
-            };
             return Some((
                 module.to_string(),
                 t,
-                ModuleName::Dotted(old_processor_path(path)),
+                ModuleName::Dotted(path.to_string()),
                 part,
             ));
         }
@@ -257,10 +252,6 @@ fn classify(key: &str) -> Option<(String, Target, ModuleName, Part)> {
         }
     }
     None
-}
-
-fn old_processor_path(path: &str) -> String {
-    path.to_string()
 }
 
 /// The value of a scalar `alpha` tensor.
@@ -388,7 +379,7 @@ impl LoraFile {
             };
             let down = load(dk)?;
             let up = load(uk)?;
-            let (dd, ud) = (down.dims().to_vec(), up.dims().to_vec());
+            let (dd, ud) = (Vec::from(down.dims()), Vec::from(up.dims()));
             let rank = dd.first().copied().unwrap_or(0);
             let ok = dd.len() >= 2
                 && ud.len() >= 2
@@ -571,7 +562,7 @@ impl ComponentPatches {
         };
         let dev = base.device();
         let mut w = base.to_dtype(DType::F32)?;
-        let shape = w.dims().to_vec();
+        let shape = Vec::from(w.dims());
         let out = shape[0];
         let rest: usize = shape[1..].iter().product();
         for d in deltas {

@@ -142,7 +142,7 @@ impl Weights {
     pub fn info(&self, name: &str) -> Option<(Vec<usize>, Option<DType>)> {
         let (_, st) = &self.files[*self.routing.get(name)?];
         let view = st.get(name).ok()?;
-        Some((view.shape().to_vec(), DType::try_from(view.dtype()).ok()))
+        Some((Vec::from(view.shape()), DType::try_from(view.dtype()).ok()))
     }
 
     /// The file holding tensor `name`.
