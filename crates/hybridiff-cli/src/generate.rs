@@ -76,7 +76,12 @@ pub struct GenerateArgs {
     /// image it gave before) or `torch` (PyTorch's CPU generator: the latents of
     /// `torch.randn(shape, generator=torch.Generator("cpu").manual_seed(SEED))`, bit for
     /// bit, so --seed S reproduces the image diffusers makes with that generator).
-    #[arg(long, default_value = "chacha8", value_name = "chacha8|torch")]
+    #[arg(
+        long,
+        default_value = "chacha8",
+        value_name = "chacha8|torch",
+        conflicts_with = "latents"
+    )]
     pub noise: String,
     /// Start from the `latents` tensor of this safetensors file instead.
     #[arg(long)]
