@@ -32,9 +32,12 @@ fn written_by_bench(p: &std::path::Path) -> bool {
 /// Arguments of `hybridiff bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// A diffusers model folder (see `hybridiff init` for random-weight ones).
+    /// A diffusers model folder (see `hybridiff init` for random-weight ones), or a
+    /// single-file SD 1.x / 2.x / SDXL base .safetensors checkpoint.
     #[arg(long, required_unless_present = "from_trace")]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub model_args: crate::strategy_args::ModelArgs,
     /// Start from this inputs file (as for `denoise`) instead of seeded random inputs.
     #[arg(long)]
     pub inputs: Option<PathBuf>,
@@ -412,10 +415,19 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     } else if args.force {
         anyhow::bail!("--force: empties the --trace-dir folder of a previous run's files; there is no --trace-dir, so leave it out");
     }
+    // Nothing may land in or on the model or a file its flags name.
+    let model_inputs = args.model_args.inputs();
+    let mut spare: Vec<(&str, &std::path::Path)> = vec![("--model", model_dir.as_path())];
+    spare.extend(model_inputs.iter().map(|(f, p)| (*f, p.as_path())));
     let ready = match root {
-        true => Some(plan.check(Some((&model_dir, "--model")))?),
+        true => Some(plan.check(&spare)?),
         false => None,
     };
+    let resolved = args.model_args.spec(&model_dir)?.resolve(false)?;
+    if let (true, Some(line)) = (root, resolved.summary()) {
+        eprintln!("hybridiff: {line}");
+    }
+
     if let Some(p) = processes {
         let parallel = kinds.iter().any(|&k| k != StrategyKind::Serial);
         if parallel && transports.contains(&true) && args.world_size != p.size {
@@ -442,8 +454,8 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     let devices = args.devices.resolve(threads_world.max(1), None, root)?;
     let device = devices.device.clone();
     let dtype = crate::strategy_args::parse_dtype(&args.dtype, &device)?;
-    let model = Model::load(&model_dir, dtype, &device)?;
-    let placement = crate::strategy_args::load_replicas(devices.placement, &model_dir, dtype)?;
+    let model = Model::load_resolved(&resolved, dtype, &device)?;
+    let placement = crate::strategy_args::load_replicas(devices.placement, &resolved, dtype)?;
     let inputs = match &args.inputs {
         Some(p) => DenoiseInputs::load(p, &model.input_spec, &device)?,
         None => {

@@ -14,9 +14,12 @@ use crate::outputs::{Format, Plan};
 /// Arguments of `hybridiff denoise`.
 #[derive(clap::Args, Debug)]
 pub struct DenoiseArgs {
-    /// A diffusers model folder (with unet/ and scheduler/; vae/ for --decode).
+    /// A diffusers model folder (with unet/ and scheduler/; vae/ for --decode), or a
+    /// single-file SD 1.x / 2.x / SDXL base .safetensors checkpoint.
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub model_args: crate::strategy_args::ModelArgs,
     /// safetensors with `latents`, `prompt_embeds`, `negative_prompt_embeds`,
     /// `pooled_prompt_embeds`, `negative_pooled_prompt_embeds` (and optionally `time_ids`).
     #[arg(long)]
@@ -78,15 +81,24 @@ pub fn run(args: DenoiseArgs, launch: &crate::launch::Launch) -> Result<()> {
     if let Some(p) = &args.decode {
         plan.file("--decode", p, Format::Png);
     }
+    // Nothing may land in or on the model or a file its flags name.
+    let model_inputs = args.model_args.inputs();
+    let mut spare: Vec<(&str, &std::path::Path)> = vec![("--model", args.model.as_path())];
+    spare.extend(model_inputs.iter().map(|(f, p)| (*f, p.as_path())));
     let ready = match root {
-        true => Some(plan.check(Some((&args.model, "--model")))?),
+        true => Some(plan.check(&spare)?),
         false => None,
     };
     let device = run.device.clone();
-    let model = Model::load(&args.model, run.dtype, &device)?;
+    // The text encoders are not used here: text-encoder LoRA modules are left out.
+    let resolved = args.model_args.spec(&args.model)?.resolve(false)?;
+    if let (true, Some(line)) = (root, resolved.summary()) {
+        eprintln!("hybridiff: {line}");
+    }
+    let model = Model::load_resolved(&resolved, run.dtype, &device)?;
     run.options.placement = crate::strategy_args::load_replicas(
         std::mem::take(&mut run.options.placement),
-        &args.model,
+        &resolved,
         run.dtype,
     )?;
     let scheduler = model.scheduler(run.scheduler, args.steps)?;

@@ -37,10 +37,14 @@ fn written_by_batch(p: &Path) -> bool {
 /// Arguments of `hybridiff generate`.
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// A diffusers pipeline folder (with model_index.json) [default: the model built
+    /// A diffusers pipeline folder (with model_index.json), or a single-file SD 1.x /
+    /// 2.x / SDXL base .safetensors checkpoint (original layout, as A1111 and ComfyUI
+    /// load; family found from its tensor names and shapes) [default: the model built
     /// into this binary: coloured shapes, see models/default/MODEL_CARD.md].
     #[arg(long)]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub model_args: crate::strategy_args::ModelArgs,
     /// The prompt (or use --prompts for a batch); may start with `-`.
     #[arg(long, conflicts_with = "prompts", allow_hyphen_values = true)]
     pub prompt: Option<String>,
@@ -77,8 +81,8 @@ pub struct GenerateArgs {
     /// sample size].
     #[arg(long, allow_negative_numbers = true)]
     pub width: Option<usize>,
-    /// Seed of the starting noise (ChaCha8 + standard normal; the same on every machine
-    /// and strategy). In a batch, prompt i without its own seed uses seed + i.
+    /// Seed of the starting noise (drawn by --noise; the same on every machine and
+    /// strategy). In a batch, prompt i without its own seed uses seed + i.
     #[arg(
         long,
         default_value_t = 0,
@@ -86,6 +90,18 @@ pub struct GenerateArgs {
         allow_negative_numbers = true
     )]
     pub seed: u64,
+    /// The generator --seed draws the starting noise with: `chacha8` (default: ChaCha8
+    /// and rand_distr's standard normal; kept the default so that a seed keeps giving the
+    /// image it gave before) or `torch` (PyTorch's CPU generator: the latents of
+    /// `torch.randn(shape, generator=torch.Generator("cpu").manual_seed(SEED))`, bit for
+    /// bit, so --seed S reproduces the image diffusers makes with that generator).
+    #[arg(
+        long,
+        default_value = "chacha8",
+        value_name = "chacha8|torch",
+        conflicts_with = "latents"
+    )]
+    pub noise: String,
     /// Start from the `latents` tensor of this safetensors file instead.
     #[arg(long)]
     pub latents: Option<PathBuf>,
@@ -280,6 +296,11 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
     if let Some(p) = &args.prompts {
         plan.input("--prompts", p);
     }
+    let spec = args.model_args.spec(&model_dir)?;
+    let noise: hybridiff_engine::pipeline::NoiseKind = args
+        .noise
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--noise {e}"))?;
     match &batch {
         None => {
             if args.force {
@@ -318,15 +339,24 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
             );
         }
     }
-    // Only rank 0 writes, so only its paths are checked (other hosts may not even have them).
+    // Only rank 0 writes, so only its paths are checked (other hosts may not even have
+    // them). Nothing may land in or on the model or a file its flags name.
+    let model_inputs = args.model_args.inputs();
+    let mut spare: Vec<(&str, &Path)> = vec![(model_flag, model_dir.as_path())];
+    spare.extend(model_inputs.iter().map(|(f, p)| (*f, p.as_path())));
     let ready = match root {
-        true => Some(plan.check(Some((&model_dir, model_flag)))?),
+        true => Some(plan.check(&spare)?),
         false => None,
     };
-    let pipeline = Pipeline::load(&model_dir, run.dtype, &device)?;
+    // Headers, configs and LoRA files are read and matched before any weight loads.
+    let resolved = spec.resolve(true)?;
+    if let (true, Some(line)) = (root, resolved.summary()) {
+        eprintln!("hybridiff: {line}");
+    }
+    let pipeline = Pipeline::load_resolved(&resolved, run.dtype, &device)?;
     run.options.placement = crate::strategy_args::load_replicas(
         std::mem::take(&mut run.options.placement),
-        &model_dir,
+        &resolved,
         run.dtype,
     )?;
     let latents = match &args.latents {
@@ -359,6 +389,7 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
         width: args.width,
         latents: latents.clone(),
         seed,
+        noise,
     };
     match batch {
         None => {
@@ -550,28 +581,25 @@ fn run_batch(
         let seed = it.seed.unwrap_or_default();
         let negative = it.negative_prompt.as_deref();
         let start = Instant::now();
-        let result = generate_one(
-            pipeline,
-            &request(&it.prompt, negative, seed),
-            strategy,
-            opts,
-            runner,
-            comm,
-            cancel,
-        )
-        .and_then(|img| match img {
-            Some(img) => {
-                // Encoded and synced before the commit, which is two renames' worth.
-                let png = encode_png(&out.join(&file), img.width, img.height, img.rgb)?;
-                let staged = stage_bytes(&out.join(&file), &png)?;
-                Ok(Some((img.trace, staged)))
-            }
-            None => Ok(None),
-        });
+        let req = request(&it.prompt, negative, seed);
+        let noise = req.noise;
+        let result =
+            generate_one(pipeline, &req, strategy, opts, runner, comm, cancel).and_then(|img| {
+                match img {
+                    Some(img) => {
+                        // Encoded and synced before the commit, which is two renames' worth.
+                        let png = encode_png(&out.join(&file), img.width, img.height, img.rgb)?;
+                        let staged = stage_bytes(&out.join(&file), &png)?;
+                        Ok(Some((img.trace, staged)))
+                    }
+                    None => Ok(None),
+                }
+            });
         let mut entry = serde_json::json!({
             "prompt": it.prompt,
             "negative_prompt": negative,
             "seed": seed,
+            "noise": noise.to_string(),
             "strategy": kind.to_string(),
             "seconds": start.elapsed().as_secs_f64(),
         });

@@ -129,9 +129,10 @@ impl<'a> Plan<'a> {
         self
     }
 
-    /// Every check, before anything is computed or written. `model`: the model's folder and
-    /// how to name it, which no output may be inside.
-    pub fn check(self, model: Option<(&Path, &str)>) -> Result<Ready<'a>> {
+    /// Every check, before anything is computed or written. `spare`: what no output may be
+    /// inside of or be (the model's folder or file, its `--config` folder, `--vae`, `--lora`
+    /// files: `(flag, path)`).
+    pub fn check(self, spare: &[(&str, &Path)]) -> Result<Ready<'a>> {
         // Which outputs and inputs are one file comes first: it is the worst mistake.
         let mut all: Vec<(&str, &Path, Role)> = Vec::new();
         for (flag, p, _) in &self.files {
@@ -156,7 +157,7 @@ impl<'a> Plan<'a> {
         if let Some((f, _)) = &self.folder {
             outputs.push((f.flag, f.path));
         }
-        if let Some((dir, what)) = model {
+        for (what, dir) in spare {
             check_outside_folder(&outputs, dir, what)?;
         }
         for (flag, p, format) in &self.files {

@@ -32,7 +32,7 @@ pub fn run(args: ParityArgs) -> Result<()> {
         Some(json) => {
             let mut plan = crate::outputs::Plan::new();
             plan.file("--json", json, crate::outputs::Format::Json);
-            Some(plan.check(Some((&args.fixtures, "--fixtures")))?)
+            Some(plan.check(&[("--fixtures", &args.fixtures)])?)
         }
         None => None,
     };

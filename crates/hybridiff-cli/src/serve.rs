@@ -14,9 +14,12 @@ use crate::strategy_args::ModelDefaults;
 /// Arguments of `hybridiff serve`.
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// A diffusers pipeline folder [default: the model built into this binary].
+    /// A diffusers pipeline folder, or a single-file SD 1.x / 2.x / SDXL base
+    /// .safetensors checkpoint [default: the model built into this binary].
     #[arg(long)]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub model_args: crate::strategy_args::ModelArgs,
     /// Address or host name to bind (a name is resolved; the first address that binds is
     /// used). Anything but loopback exposes the service: give --api-key.
     #[arg(long, default_value = "127.0.0.1")]
@@ -285,6 +288,23 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ),
     };
     let defaults = ModelDefaults::read(&model_dir)?;
+    // Headers, configs and LoRA files are read and matched now, before the service starts.
+    let resolved = args.model_args.spec(&model_dir)?.resolve(true)?;
+    if let Some(line) = resolved.summary() {
+        eprintln!("hybridiff: {line}");
+    }
+    let model_source = resolved.description.clone();
+    let loras: Vec<serde_json::Value> = resolved
+        .loras
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "file": l.path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                "scale": l.scale,
+                "modules": l.modules,
+            })
+        })
+        .collect();
     let default_steps = args.steps.or(defaults.steps).unwrap_or(50);
     // Sets the per-rank thread budget before any pool exists. Hybrid's thresholds are
     // checked here for the default step count, and resolved for each request's count as
@@ -333,10 +353,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let (kind, dtype, scheduler, options) = (run.kind, run.dtype, run.scheduler, run.options);
     // The model is loaded and the ranks started once, on the service's job thread.
     let make = move || -> std::result::Result<Box<dyn Backend>, String> {
-        let pipeline = Pipeline::load(&model_dir, dtype, &device).map_err(|e| e.to_string())?;
+        let pipeline =
+            Pipeline::load_resolved(&resolved, dtype, &device).map_err(|e| e.to_string())?;
         let mut options = options;
         options.placement =
-            crate::strategy_args::load_replicas(options.placement, &model_dir, dtype)
+            crate::strategy_args::load_replicas(options.placement, &resolved, dtype)
                 .map_err(|e| format!("{e:#}"))?;
         let runner = Runner::start(options).map_err(|e| e.to_string())?;
         let strategy_for: hybridiff_serve::StrategyFor = std::sync::Arc::new(move |steps| {
@@ -345,14 +366,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 .map_err(|e| hybridiff_engine::Error::Options(format!("{e:#}")))?;
             Ok(kind.build(&o))
         });
-        Ok(Box::new(PipelineBackend::new(
-            model_id,
-            pipeline,
-            runner,
-            strategy_for,
-            scheduler,
-            request_defaults,
-        )?))
+        Ok(Box::new(
+            PipelineBackend::new(
+                model_id,
+                pipeline,
+                runner,
+                strategy_for,
+                scheduler,
+                request_defaults,
+            )?
+            .describe(model_source, loras),
+        ))
     };
     let service = Service::start(make, config).map_err(anyhow::Error::msg)?;
     let info = service.info().clone();

@@ -811,6 +811,81 @@ fn a_half_sent_head_is_closed_after_header_timeout() {
     assert_eq!(s.health()["status"], "ok", "still serving");
 }
 
+#[test]
+fn serve_takes_a_single_file_with_loras_and_torch_noise() {
+    let fx = workspace().join("tests/fixtures");
+    let (file, folder) = (
+        fx.join("single-file/sdxl.safetensors"),
+        fx.join("single-file/sdxl"),
+    );
+    let lora = format!("{}:-0.7", fx.join("lora/sdxl_peft.safetensors").display());
+    let model = [
+        "--model",
+        file.to_str().unwrap(),
+        "--config",
+        folder.to_str().unwrap(),
+        "--lora",
+        &lora,
+        "--steps",
+        "3",
+        "--width",
+        "32",
+        "--height",
+        "32",
+    ];
+    let s = Served::start(&model);
+    let c = client();
+    let v: Value = c.get(s.url("/v1/models")).send().unwrap().json().unwrap();
+    let h = &v["data"][0]["hybridiff"];
+    assert!(
+        h["model_source"]
+            .as_str()
+            .unwrap()
+            .contains("SDXL base single file"),
+        "{v}"
+    );
+    assert_eq!(h["loras"][0]["file"], "sdxl_peft.safetensors", "{v}");
+    assert_eq!(h["loras"][0]["scale"], -0.7);
+    assert_eq!(h["loras"][0]["modules"]["unet"], 4, "{v}");
+    assert!(!v.to_string().contains("/lora/"), "no server paths: {v}");
+    let png = generate_png(
+        &c,
+        &s,
+        json!({"prompt": "a red circle", "seed": 5, "noise": "torch"}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("g.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_hybridiff"))
+        .args([
+            "generate",
+            "--prompt",
+            "a red circle",
+            "--seed",
+            "5",
+            "--noise",
+            "torch",
+        ])
+        .args(model)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        png,
+        "serve's PNG equals generate's"
+    );
+    let r = c
+        .post(s.url("/v1/images/generations"))
+        .json(&json!({"prompt": "x", "noise": "mt19937"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().unwrap();
+    assert_eq!(e["error"]["param"], "noise", "{e}");
+}
+
 /// Posts `body` and returns the status and JSON answer.
 fn post_json(s: &Served, body: Value) -> (u16, Value) {
     let r = client()

@@ -13,9 +13,11 @@ pub mod model;
 pub mod pipeline;
 pub mod runner;
 pub mod sampler;
+pub mod source;
 pub mod stages;
 pub mod strategy;
 pub mod switch;
+pub mod torch_rng;
 pub mod trace;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};

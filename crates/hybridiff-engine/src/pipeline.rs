@@ -12,6 +12,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
+use crate::source::{ModelSpec, ResolvedModel};
 use crate::{
     denoise, DenoiseInputs, Error, Field, Job, Model, Result, RunOptions, Runner, Strategy, Trace,
 };
@@ -195,9 +196,47 @@ pub struct Request {
     /// `sample_size`, times the VAE factor.
     pub height: Option<usize>,
     pub width: Option<usize>,
-    /// Starting noise: given latents, or drawn from `seed` (see [`seeded_latents`]).
+    /// Starting noise: given latents, or drawn from `seed` by `noise` (see
+    /// [`seeded_latents_with`]).
     pub latents: Option<Tensor>,
     pub seed: u64,
+    pub noise: NoiseKind,
+}
+
+/// The generator that draws the starting noise from a seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoiseKind {
+    /// `ChaCha8Rng::seed_from_u64(seed)` with rand_distr's standard normal: the default,
+    /// so that a seed keeps the image it always gave.
+    #[default]
+    Chacha8,
+    /// PyTorch's CPU generator, `torch.randn(shape, generator=torch.Generator("cpu")
+    /// .manual_seed(seed))` bit for bit ([`crate::torch_rng`]): the noise diffusers starts
+    /// from, so a seed reproduces a diffusers image.
+    Torch,
+}
+
+impl std::str::FromStr for NoiseKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "chacha8" => Ok(Self::Chacha8),
+            "torch" => Ok(Self::Torch),
+            other => Err(format!(
+                "{other:?}: expected chacha8 (the default) or torch (diffusers' torch.Generator(\"cpu\").manual_seed)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for NoiseKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Chacha8 => "chacha8",
+            Self::Torch => "torch",
+        })
+    }
 }
 
 /// A made image.
@@ -213,25 +252,55 @@ pub struct Generated {
 /// (rand_distr's `StandardNormal`), filling `[1, C, h, w]` in row-major order. The same
 /// seed gives the same latents on every machine and for every strategy.
 pub fn seeded_latents(seed: u64, shape: (usize, usize, usize), device: &Device) -> Result<Tensor> {
+    seeded_latents_with(NoiseKind::Chacha8, seed, shape, device)
+}
+
+/// The starting noise `[1, C, h, w]` for `seed` from the generator `noise` names, filled
+/// in row-major order (for [`NoiseKind::Torch`], as `torch.randn((1, C, h, w),
+/// generator=torch.Generator("cpu").manual_seed(seed))`, which diffusers' `prepare_latents`
+/// draws before scaling by the scheduler's `init_noise_sigma`).
+pub fn seeded_latents_with(
+    noise: NoiseKind,
+    seed: u64,
+    shape: (usize, usize, usize),
+    device: &Device,
+) -> Result<Tensor> {
     let (c, h, w) = shape;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let v: Vec<f32> = (0..c * h * w)
-        .map(|_| StandardNormal.sample(&mut rng))
-        .collect();
+    let v: Vec<f32> = match noise {
+        NoiseKind::Chacha8 => {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            (0..c * h * w)
+                .map(|_| StandardNormal.sample(&mut rng))
+                .collect()
+        }
+        NoiseKind::Torch => crate::torch_rng::TorchGenerator::manual_seed(seed).randn(c * h * w),
+    };
     Ok(Tensor::from_vec(v, (1, c, h, w), device)?)
 }
 
 impl Pipeline {
     /// Loads the text encoders, the denoiser, the scheduler config and the VAE.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        if !dir.join("model_index.json").is_file() {
+        if dir.is_dir() && !dir.join("model_index.json").is_file() {
             return Err(Error::io(
                 dir,
                 "not a diffusers pipeline folder: model_index.json is missing (for a bare denoiser folder use `hybridiff denoise`)",
             ));
         }
-        let text = PromptEncoder::load(dir, dtype, device)?;
-        let model = Model::load(dir, dtype, device)?;
+        Self::load_resolved(&ModelSpec::folder(dir).resolve(true)?, dtype, device)
+    }
+
+    /// Loads a resolved model (a folder or a single file, with `--vae` and LoRAs): the
+    /// text encoders, the denoiser, the scheduler config and the VAE.
+    pub fn load_resolved(r: &ResolvedModel, dtype: DType, device: &Device) -> Result<Self> {
+        let Some(parts) = &r.text else {
+            return Err(Error::io(
+                &r.path,
+                "not a diffusers pipeline folder: model_index.json is missing (for a bare denoiser folder use `hybridiff denoise`)",
+            ));
+        };
+        let text = PromptEncoder::from_parts(parts, dtype, device)?;
+        let model = Model::load_resolved(r, dtype, device)?;
         let vae = model.load_vae()?;
         Ok(Self { model, text, vae })
     }
@@ -316,7 +385,9 @@ impl Pipeline {
                 }
                 l
             }
-            None => seeded_latents(req.seed, (spec.latent_channels, lh, lw), device)?,
+            None => {
+                seeded_latents_with(req.noise, req.seed, (spec.latent_channels, lh, lw), device)?
+            }
         };
         let e = self
             .text

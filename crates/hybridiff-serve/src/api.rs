@@ -289,6 +289,7 @@ const FIELDS: &[&str] = &[
     "user",
     "negative_prompt",
     "seed",
+    "noise",
     "num_inference_steps",
     "guidance_scale",
     "stream",
@@ -477,6 +478,18 @@ pub fn parse_generation(
         // 53 bits, so that JavaScript clients (the page, openai-node) keep it exact.
         None => (rand::random::<u64>() >> 11, false),
     };
+    let noise = match m.get("noise") {
+        None | Some(Value::Null) => hybridiff_engine::pipeline::NoiseKind::default(),
+        Some(Value::String(v)) => v
+            .parse()
+            .map_err(|e: String| ApiError::bad_field("noise", format!("`noise` {e}")))?,
+        Some(_) => {
+            return Err(ApiError::bad_field(
+                "noise",
+                "`noise` must be \"chacha8\" or \"torch\"",
+            ))
+        }
+    };
     let stream = match m.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -492,6 +505,7 @@ pub fn parse_generation(
             prompt: prompt.to_string(),
             negative_prompt: negative.map(str::to_string),
             seed: seed + i as u64,
+            noise,
             steps,
             guidance,
             width,

@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use hybridiff_engine::pipeline::{Pipeline, Request};
+use hybridiff_engine::pipeline::{NoiseKind, Pipeline, Request};
 use hybridiff_engine::{Runner, Strategy};
 use hybridiff_schedulers::SchedulerKind;
 
@@ -30,6 +30,11 @@ pub struct BackendInfo {
     pub strategy: String,
     pub world_size: usize,
     pub threads_per_rank: usize,
+    /// What the model is (`diffusers folder`, `SDXL base single file (...)`).
+    pub model_source: String,
+    /// The LoRAs merged into it: file name (no folder: clients learn nothing of the
+    /// server's files), scale, modules changed per component.
+    pub loras: Vec<serde_json::Value>,
 }
 
 /// One image to make (a request with `n` images is `n` jobs with seeds `seed`, `seed + 1`, ...).
@@ -39,6 +44,8 @@ pub struct ImageJob {
     /// `None`: not given (zero negative embeddings on SDXL with force_zeros_for_empty_prompt).
     pub negative_prompt: Option<String>,
     pub seed: u64,
+    /// The generator that draws the starting noise from `seed` (request field `noise`).
+    pub noise: NoiseKind,
     pub steps: usize,
     pub guidance: f64,
     /// Pixels; already checked against the limits and [`BackendInfo::size_multiple`].
@@ -119,6 +126,7 @@ fn engine_request(job: &ImageJob, scheduler: Option<SchedulerKind>) -> Request {
         width: Some(job.width as usize),
         latents: None,
         seed: job.seed,
+        noise: job.noise,
     }
 }
 
@@ -192,6 +200,8 @@ impl PipelineBackend {
             strategy: strategy.name().to_string(),
             world_size: runner.options().world_size,
             threads_per_rank: runner.options().threads_per_rank,
+            model_source: String::new(),
+            loras: Vec::new(),
         };
         let default_request = Request {
             prompt: String::new(),
@@ -203,6 +213,7 @@ impl PipelineBackend {
             width: Some(info.default_size.0 as usize),
             latents: None,
             seed: 0,
+            noise: NoiseKind::default(),
         };
         pipeline
             .check_request(&default_request, strategy.as_ref(), runner.options())
@@ -215,6 +226,15 @@ impl PipelineBackend {
             scheduler,
             info,
         })
+    }
+}
+
+impl PipelineBackend {
+    /// Says what the model is and which LoRAs it carries, for `GET /v1/models`.
+    pub fn describe(mut self, model_source: String, loras: Vec<serde_json::Value>) -> Self {
+        self.info.model_source = model_source;
+        self.info.loras = loras;
+        self
     }
 }
 

@@ -51,6 +51,8 @@ pub fn fake_info() -> BackendInfo {
         strategy: "serial".into(),
         world_size: 1,
         threads_per_rank: 1,
+        model_source: "diffusers folder".into(),
+        loras: Vec::new(),
     }
 }
 
