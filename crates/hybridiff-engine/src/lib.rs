@@ -17,6 +17,7 @@ pub mod stages;
 pub mod strategy;
 pub mod switch;
 pub mod trace;
+pub mod tune;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};

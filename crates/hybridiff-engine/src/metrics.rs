@@ -120,13 +120,39 @@ pub fn ssim_u8(a: &[u8], b: &[u8], width: usize, height: usize, channels: usize)
 /// Side of SSIM's square window: images must be at least this wide and high.
 pub const SSIM_WINDOW: usize = 7;
 
-/// PSNR and SSIM of one image pair.
+/// PSNR and SSIM (and LPIPS when asked) of one image pair.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ImagePair {
     pub file: String,
     /// `None` (JSON null) for identical images.
     pub psnr_db: Option<f64>,
     pub ssim: f64,
+    /// LPIPS distance (AlexNet, v0.1), when weights were given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lpips: Option<f64>,
+}
+
+/// PSNR, SSIM and optionally LPIPS of two RGB8 images of `width x height`, as `compare` and
+/// `tune` measure them. `None` when the images are smaller than SSIM's window (or, with
+/// `lpips`, than [`hybridiff_models::lpips::MIN_SIDE`]): check sizes first.
+pub fn image_quality(
+    a: &[u8],
+    b: &[u8],
+    width: usize,
+    height: usize,
+    lpips: Option<&hybridiff_models::lpips::Lpips>,
+) -> crate::Result<(f64, f64, Option<f64>)> {
+    let psnr = psnr_u8(a, b);
+    let ssim = ssim_u8(a, b, width, height, 3).ok_or_else(|| {
+        crate::Error::Input(format!(
+            "{width}x{height} pixels is smaller than SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window"
+        ))
+    })?;
+    let lp = match lpips {
+        Some(l) => Some(l.distance_rgb8(a, b, width, height)?),
+        None => None,
+    };
+    Ok((psnr, ssim, lp))
 }
 
 /// The pairs of two folders, and the PNG names found in only one of them.
@@ -137,10 +163,15 @@ pub struct Comparison {
     pub only_in_b: Vec<String>,
 }
 
-/// Pairs the PNG files of two folders by name and measures each pair. Names present in
-/// one folder only are returned, not measured. Images smaller than SSIM's 7x7 window are
-/// refused, as scikit-image refuses them.
-pub fn compare_dirs(a: &std::path::Path, b: &std::path::Path) -> crate::Result<Comparison> {
+/// Pairs the PNG files of two folders by name and measures each pair (LPIPS too with
+/// `lpips`). Names present in one folder only are returned, not measured. Images smaller
+/// than SSIM's 7x7 window are refused, as scikit-image refuses them, and with `lpips` those
+/// smaller than its 31x31 minimum.
+pub fn compare_dirs(
+    a: &std::path::Path,
+    b: &std::path::Path,
+    lpips: Option<&hybridiff_models::lpips::Lpips>,
+) -> crate::Result<Comparison> {
     use crate::Error;
     let list = |d: &std::path::Path| -> crate::Result<Vec<String>> {
         if !d.is_dir() {
@@ -209,10 +240,21 @@ pub fn compare_dirs(a: &std::path::Path, b: &std::path::Path) -> crate::Result<C
                 "{name}: {w}x{h} pixels is smaller than SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window (scikit-image refuses it too); compare images of at least {SSIM_WINDOW}x{SSIM_WINDOW}"
             ))
         })?;
+        let min = hybridiff_models::lpips::MIN_SIDE;
+        let lpips = match lpips {
+            Some(_) if w < min || h < min => {
+                return Err(Error::Input(format!(
+                    "{name}: {w}x{h} pixels is smaller than LPIPS's {min}x{min} minimum (AlexNet's two 3x3 max-pools); compare it without --lpips"
+                )))
+            }
+            Some(l) => Some(l.distance_rgb8(ia.as_raw(), ib.as_raw(), w, h)?),
+            None => None,
+        };
         out.push(ImagePair {
             file: name.clone(),
             psnr_db: psnr.is_finite().then_some(psnr),
             ssim,
+            lpips,
         });
     }
     Ok(Comparison {

@@ -9,6 +9,7 @@ pub mod denoiser;
 pub mod error;
 pub mod host;
 pub mod kernels;
+pub mod lpips;
 pub mod memory;
 pub mod weights;
 
