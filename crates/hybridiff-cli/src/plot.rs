@@ -152,6 +152,7 @@ pub fn trace_plot(path: &Path, t: &Trace) -> Result<()> {
             .map_err(plot_err)?;
         c.configure_mesh()
             .x_desc("step")
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc("rel-MAE")
             .label_style((FONT, 13))
             .draw()
@@ -170,8 +171,11 @@ pub fn trace_plot(path: &Path, t: &Trace) -> Result<()> {
                 }),
         )
         .map_err(plot_err)?;
-        c.draw_series(LineSeries::new(exact.iter().copied(), BLUE.stroke_width(2)))
-            .map_err(plot_err)?;
+        // One line per run of consecutive exact steps (nothing is measured in between).
+        for run in exact.chunk_by(|a, b| b.0 - a.0 == 1.0) {
+            c.draw_series(LineSeries::new(run.iter().copied(), BLUE.stroke_width(2)))
+                .map_err(plot_err)?;
+        }
         c.draw_series(exact.iter().map(|&p| Circle::new(p, 3, BLUE.filled())))
             .map_err(plot_err)?;
         // Slope.
@@ -199,6 +203,7 @@ pub fn trace_plot(path: &Path, t: &Trace) -> Result<()> {
             .map_err(plot_err)?;
         c.configure_mesh()
             .x_desc("step")
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc("slope")
             .label_style((FONT, 13))
             .draw()
@@ -233,6 +238,7 @@ pub fn trace_plot(path: &Path, t: &Trace) -> Result<()> {
             .map_err(plot_err)?;
         c.configure_mesh()
             .x_desc("step")
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc("seconds")
             .label_style((FONT, 13))
             .draw()
@@ -403,7 +409,7 @@ pub fn rel_mae_panels(path: &Path, panels: &[CurvePanel], steps: usize) -> Resul
         root.fill(&WHITE).map_err(plot_err)?;
         let root = root
             .titled(
-                "serial's rel-MAE per step; shaded: the chosen candidate's fill (orange) and pipelined (blue) steps",
+                "serial's rel-MAE per step; the chosen candidate's tau1 (red), tau2 (purple), fill (orange) and pipelined (blue) steps",
                 (FONT, 18),
             )
             .map_err(plot_err)?;
@@ -435,6 +441,7 @@ pub fn rel_mae_panels(path: &Path, panels: &[CurvePanel], steps: usize) -> Resul
                 .map_err(plot_err)?;
             c.configure_mesh()
                 .x_desc("step")
+                .x_label_formatter(&|x| format!("{x:.0}"))
                 .label_style((FONT, 12))
                 .draw()
                 .map_err(plot_err)?;

@@ -526,6 +526,13 @@ pub fn run(args: TuneArgs) -> Result<()> {
         }
     }
     // Outputs before any compute.
+    if is_inside(&args.out, &args.report) {
+        bail!(
+            "--out {} is inside --report {}: the report folder is replaced whole; put hybridiff.json elsewhere",
+            args.out.display(),
+            args.report.display()
+        );
+    }
     check_output_path(&args.out, "--out")?;
     check_report_dir(&args.report)?;
     let mut inputs_flags: Vec<(&str, &Path)> = Vec::new();
@@ -539,13 +546,6 @@ pub fn run(args: TuneArgs) -> Result<()> {
         &[("--out", &args.out), ("--report", &args.report)],
         &inputs_flags,
     )?;
-    if is_inside(&args.out, &args.report) {
-        bail!(
-            "--out {} is inside --report {}: the report folder is replaced whole; put hybridiff.json elsewhere",
-            args.out.display(),
-            args.report.display()
-        );
-    }
     let default_model = args.model.is_none();
     let model_dir = match &args.model {
         Some(d) => d.clone(),
@@ -957,7 +957,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
         tune: Some(serde_json::json!({
             "world_size": world,
             "scheduler": scheduler.to_string(),
-            "floor": format!("{} on {}", floor.flag(), args.floor_on),
+            "floor": format!("{} on {}", floor.flag(), if floor_on == FloorOn::Every { "every prompt and seed" } else { "the average" }),
             "quality_metric": floor.metric(),
             "tuning": {"inputs": tuning.len(), "worst": e.worst, "mean": e.mean,
                        "predicted_seconds": e.seconds, "predicted_speedup": e.speedup},

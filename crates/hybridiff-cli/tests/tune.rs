@@ -159,7 +159,14 @@ fn a_floor_no_candidate_meets_names_the_best_and_writes_no_recommendation() {
     let model = fixture("tiny-sdxl-pipeline");
     let args = with(
         tune_args(s(&model), s(&prompts), s(&out), s(&report)),
-        &[("--min-psnr", "99"), ("--holdout-seeds", "0")],
+        &[
+            ("--min-psnr", "99"),
+            ("--holdout-seeds", "0"),
+            ("--l-slope", "2"),
+            ("--eps-slope", "2e-2"),
+            ("--k", "2,3"),
+            ("--tau-cap", "5"),
+        ],
     );
     let o = hybridiff(&args);
     assert!(!o.status.success());
@@ -194,7 +201,8 @@ fn bad_tune_requests_fail_before_any_run() {
     std::fs::create_dir(&full).unwrap();
     std::fs::write(full.join("x"), "").unwrap();
     let inner = report.join("h.json");
-    let model_file = model.join("unet").join("h.json");
+    // (Not under unet/ or vae/: the fixture links those to tiny-sdxl/, outside the folder.)
+    let model_file = model.join("h.json");
     let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
         (
             vec![("--steps", "4"), ("--k", "3"), ("--tau-cap", "3")],
@@ -380,7 +388,8 @@ fn copy_dir(from: &Path, to: &Path) {
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
         let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
+        // The fixture links some components to tiny-sdxl/: copy what they point to.
+        if std::fs::metadata(e.path()).unwrap().is_dir() {
             copy_dir(&e.path(), &target);
         } else {
             std::fs::copy(e.path(), target).unwrap();

@@ -659,8 +659,9 @@ pub fn evaluate(
         .map(|a| {
             !head.iter().any(|b| {
                 let (qa, qb) = (a.scored(on), b.scored(on));
-                let no_worse = b.seconds <= a.seconds && !floor.better(qa, qb);
-                let strictly = b.seconds < a.seconds || floor.better(qb, qa);
+                let faster = seconds_order(b.seconds, a.seconds);
+                let no_worse = faster.is_le() && !floor.better(qa, qb);
+                let strictly = faster.is_lt() || floor.better(qb, qa);
                 no_worse && strictly
             })
         })
@@ -669,8 +670,7 @@ pub fn evaluate(
         .filter(|&c| head[c].meets)
         .min_by(|&a, &b| {
             let (x, y) = (head[a], head[b]);
-            x.seconds
-                .total_cmp(&y.seconds)
+            seconds_order(x.seconds, y.seconds)
                 .then_with(|| order(floor, y.scored(on), x.scored(on)))
                 .then_with(|| order(floor, y.mean, x.mean))
                 .then(a.cmp(&b))
@@ -691,6 +691,17 @@ pub fn evaluate(
         on_front,
         chosen,
     })
+}
+
+/// Predicted seconds compared with a relative tolerance of 1e-9: schedules with the same
+/// numbers of exact, fill and pipelined steps cost the same, and only the order of the sum
+/// differs.
+fn seconds_order(a: f64, b: f64) -> std::cmp::Ordering {
+    if (a - b).abs() <= 1e-9 * a.abs().max(b.abs()) {
+        std::cmp::Ordering::Equal
+    } else {
+        a.total_cmp(&b)
+    }
 }
 
 /// `Less` when `a` is better than `b` under `floor`.
@@ -970,6 +981,10 @@ mod tests {
         // Front: class 1 (3.5 s, 31) and class 2 (3.5 s, 28) -> 2 is dominated by 1; class 0
         // (4.5 s, 35) and class 3 (10 s, 100) are on it.
         assert_eq!(o.on_front, vec![true, true, false, true]);
+        // Seconds equal up to the order of a sum tie, and quality decides.
+        let near = [5.0, 3.0 + 1e-15, 4.0, 2.0, 10.0];
+        let o = evaluate(&plan, &quality, &near, 10.0, floor, FloorOn::Every).unwrap();
+        assert_eq!(o.chosen, Some(4));
         // On average, class 2 (mean 34) is as fast as class 1 (mean 33) and better.
         let o = evaluate(&plan, &quality, &seconds, 10.0, floor, FloorOn::Average).unwrap();
         assert_eq!(o.chosen, Some(2));

@@ -90,7 +90,7 @@ fn candidates_sharing_a_planned_run_give_the_same_output() {
             pipelined_guidance: PipelinedGuidance::None,
         }],
     };
-    let plan = Plan::new(&grid, &[serial.trace.rel_mae_log.clone()], 20).unwrap();
+    let plan = Plan::new(&grid, std::slice::from_ref(&serial.trace.rel_mae_log), 20).unwrap();
     assert!(
         plan.runs.len() < plan.candidates.len(),
         "{} runs",
