@@ -57,7 +57,7 @@ pub struct TuneArgs {
     /// The first seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Ranks of the hybrid runs (2 or 4).
+    /// Ranks of the hybrid runs (those the hybrid strategy takes: 2 or 4).
     #[arg(long, default_value_t = 2)]
     pub world_size: usize,
     /// Compute threads per rank; serial runs on one rank with as many [default: cores /
@@ -504,12 +504,8 @@ pub fn run(args: TuneArgs) -> Result<()> {
         Some(l) => l.parse()?,
         None => tune::free_link(),
     };
+    // The world sizes hybrid takes are its own check's (on the first input, before any run).
     let world = args.world_size;
-    if world != 2 && world != 4 {
-        bail!(
-            "--world-size {world}: hybrid runs on 2 or 4 ranks (one rank group per CFG branch, one stage per rank)"
-        );
-    }
     let threads = args
         .threads_per_rank
         .unwrap_or_else(|| crate::default_threads(world));
@@ -589,7 +585,13 @@ pub fn run(args: TuneArgs) -> Result<()> {
         ),
         None => None,
     };
-    let is_pipeline = model_dir.join("model_index.json").is_file();
+    // A pipeline has text encoders and a VAE; `hybridiff init` folders carry a
+    // model_index.json but only the denoiser.
+    let is_pipeline = model_dir.join("model_index.json").is_file()
+        && model_dir.join("vae").join("config.json").is_file()
+        && ["text_encoder", "text_encoder_2", "text_encoder_3"]
+            .iter()
+            .any(|t| model_dir.join(t).is_dir());
     let subject = if is_pipeline {
         if args.latent_size.is_some() {
             bail!("--latent-size: only for a bare denoiser folder; {} is a pipeline (its images have the denoiser's sample size)", model_dir.display());
@@ -598,7 +600,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
     } else {
         if args.prompts.is_some() {
             bail!(
-                "--prompts: {} has no text encoder (no model_index.json); a bare denoiser folder is tuned on {BARE_PROMPTS} seeded random prompt embeddings",
+                "--prompts: {} has no text encoder or VAE (a bare denoiser folder); it is tuned on {BARE_PROMPTS} seeded random prompt embeddings",
                 model_dir.display()
             );
         }
@@ -705,7 +707,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
         StrategyKind::Hybrid
             .build(&opts)
             .check(&probe_job, world)
-            .with_context(|| format!("--world-size {world} with {knobs}"))?;
+            .with_context(|| format!("hybrid on {world} ranks with {knobs}"))?;
     }
     drop(first);
 
