@@ -62,7 +62,7 @@ def main():
                        "--min-psnr", "39"]))
         for name, (cfg, extra) in models.items():
             cases.append((f"{name}-{steps}", name, steps,
-                          ["--seeds", "1", "--holdout-seeds", "1", "--min-psnr", "30", *extra]))
+                          ["--seeds", "1", "--holdout-seeds", "1", "--min-psnr", "30", "--pipelined-guidance", "none", *extra]))
     only = [c for c in a.only.split(",") if c]
     rows = []
     for case, model, steps, extra in cases:

@@ -396,3 +396,61 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A bare denoiser folder (as `hybridiff init` writes: a model_index.json but no text
+/// encoder or VAE) is tuned in latent space on seeded random embeddings.
+#[cfg(unix)]
+#[test]
+fn a_bare_denoiser_folder_is_tuned_on_latents() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("bare");
+    std::fs::create_dir(&model).unwrap();
+    for part in ["unet", "scheduler"] {
+        std::os::unix::fs::symlink(fixture("tiny-sdxl").join(part), model.join(part)).unwrap();
+    }
+    std::fs::write(
+        model.join("model_index.json"),
+        r#"{"_class_name": "StableDiffusionXLPipeline"}"#,
+    )
+    .unwrap();
+    let (out, report) = (dir.path().join("h.json"), dir.path().join("r"));
+    let o = hybridiff(&[
+        "tune",
+        "--model",
+        s(&model),
+        "--steps",
+        "8",
+        "--l-slope",
+        "2",
+        "--eps-slope",
+        "2e-2",
+        "--k",
+        "2",
+        "--tau-cap",
+        "3,4",
+        "--pipelined-guidance",
+        "none",
+        "--holdout-seeds",
+        "0",
+        "--threads-per-rank",
+        "1",
+        "--min-psnr",
+        "10",
+        "--out",
+        s(&out),
+        "--report",
+        s(&report),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(md.contains("latent space"), "{md}");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("tune.json")).unwrap()).unwrap();
+    assert_eq!(
+        j["inputs"].as_array().unwrap().len(),
+        3,
+        "three random conditionings"
+    );
+    assert!(j["runs"][0]["quality"]["ssim"].is_null());
+    assert!(out.is_file());
+}
