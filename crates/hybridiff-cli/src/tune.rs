@@ -37,9 +37,10 @@ use crate::strategy_args::ModelDefaults;
 /// Arguments of `hybridiff tune`.
 #[derive(clap::Args, Debug)]
 pub struct TuneArgs {
-    /// A diffusers pipeline folder (quality is measured on decoded images), or a bare
-    /// denoiser folder such as `hybridiff init` writes (quality is the PSNR of the final
-    /// latents, on seeded random prompt embeddings) [default: the built-in model].
+    /// A diffusers pipeline folder or a single-file checkpoint (quality is measured on
+    /// decoded images), or a bare denoiser folder such as `hybridiff init` writes (quality
+    /// is the PSNR of the final latents, on seeded random prompt embeddings) [default: the
+    /// built-in model].
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Prompts to tune on: one per line, or a .json / .jsonl list of {prompt,
@@ -128,6 +129,8 @@ pub struct TuneArgs {
     /// the PNG plots.
     #[arg(long)]
     pub report: PathBuf,
+    #[command(flatten)]
+    pub model_args: crate::strategy_args::ModelArgs,
     #[command(flatten)]
     pub devices: crate::strategy_args::DeviceArgs,
 }
@@ -230,6 +233,7 @@ impl Ctx<'_> {
             width: None,
             latents: None,
             seed,
+            noise: Default::default(),
         }
     }
 
@@ -552,10 +556,21 @@ pub fn run(args: TuneArgs) -> Result<()> {
     } else {
         "--model"
     };
-    check_outside_folder(&[("--report", &args.report)], &model_dir, model_flag)?;
+    let mut outputs: Vec<(&str, &Path)> = vec![("--report", &args.report)];
     if default_model || !is_model_recommendation(&args.out, &model_dir) {
-        check_outside_folder(&[("--out", &args.out)], &model_dir, model_flag)?;
+        outputs.push(("--out", &args.out));
+    } else {
+        // Only the model's own hybridiff.json; the other model flags' files are spared.
+        for (flag, p) in args.model_args.inputs() {
+            check_outside_folder(&[("--out", &args.out)], &p, flag)?;
+        }
     }
+    crate::strategy_args::check_outputs_spare_model(
+        &outputs,
+        &model_dir,
+        model_flag,
+        &args.model_args,
+    )?;
 
     let defaults = ModelDefaults::read(&model_dir)?;
     let steps = args.steps.or(defaults.steps).unwrap_or(50);
@@ -585,18 +600,26 @@ pub fn run(args: TuneArgs) -> Result<()> {
         ),
         None => None,
     };
-    // A pipeline has text encoders and a VAE; `hybridiff init` folders carry a
-    // model_index.json but only the denoiser.
-    let is_pipeline = model_dir.join("model_index.json").is_file()
-        && model_dir.join("vae").join("config.json").is_file()
-        && ["text_encoder", "text_encoder_2", "text_encoder_3"]
-            .iter()
-            .any(|t| model_dir.join(t).is_dir());
+    // A pipeline has text encoders and a VAE (a single file always does); `hybridiff init`
+    // folders carry a model_index.json but only the denoiser.
+    let is_pipeline = !model_dir.is_dir()
+        || (model_dir.join("model_index.json").is_file()
+            && model_dir.join("vae").join("config.json").is_file()
+            && ["text_encoder", "text_encoder_2", "text_encoder_3"]
+                .iter()
+                .any(|t| model_dir.join(t).is_dir()));
+    // Headers, configs and LoRA files are read and matched before any weight loads.
+    let resolved = args.model_args.spec(&model_dir)?.resolve(is_pipeline)?;
+    if let Some(line) = resolved.summary() {
+        eprintln!("hybridiff: {line}");
+    }
     let subject = if is_pipeline {
         if args.latent_size.is_some() {
             bail!("--latent-size: only for a bare denoiser folder; {} is a pipeline (its images have the denoiser's sample size)", model_dir.display());
         }
-        Subject::Pipeline(Box::new(Pipeline::load(&model_dir, dtype, &device)?))
+        Subject::Pipeline(Box::new(Pipeline::load_resolved(
+            &resolved, dtype, &device,
+        )?))
     } else {
         if args.prompts.is_some() {
             bail!(
@@ -610,7 +633,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
                 model_dir.display()
             );
         }
-        let model = Model::load(&model_dir, dtype, &device)?;
+        let model = Model::load_resolved(&resolved, dtype, &device)?;
         let latent = args.latent_size.or(model.sample_size()).unwrap_or(64);
         Subject::Bare { model, latent }
     };
@@ -711,7 +734,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
     }
     drop(first);
 
-    let placement = crate::strategy_args::load_replicas(devices.placement, &model_dir, dtype)?;
+    let placement = crate::strategy_args::load_replicas(devices.placement, &resolved, dtype)?;
     let serial_runner = Runner::start(RunOptions {
         placement: placement.clone(),
         ..run_opts(1)
