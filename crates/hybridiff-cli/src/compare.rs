@@ -1,5 +1,5 @@
-//! `hybridiff compare`: PSNR and SSIM between two folders of images (the paper's
-//! "w/ Orig." comparison).
+//! `hybridiff compare`: PSNR, SSIM and (with `--lpips`) LPIPS between two folders of
+//! images (the paper's "w/ Orig." comparison).
 
 use std::path::PathBuf;
 
@@ -22,9 +22,21 @@ pub struct CompareArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also LPIPS (AlexNet, v0.1) with these weights: a safetensors file of torchvision's
+    /// AlexNet `features.*` and the lpips package's `lin*` heads, written by
+    /// `tools/lpips_weights.py convert`. Images must be at least 31x31.
+    #[arg(long)]
+    pub lpips: Option<PathBuf>,
 }
 
 pub fn run(args: CompareArgs) -> Result<()> {
+    let lpips = match &args.lpips {
+        Some(p) => Some(
+            hybridiff_models::lpips::Lpips::load(p, &candle_core::Device::Cpu)
+                .map_err(|e| anyhow::anyhow!("--lpips: {e}"))?,
+        ),
+        None => None,
+    };
     // Drawn only on a terminal (indicatif hides it otherwise); sized once the pairs are known.
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template(
@@ -36,7 +48,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     };
-    let cmp = compare_dirs(&args.dir_a, &args.dir_b, Some(&progress));
+    let cmp = compare_dirs(&args.dir_a, &args.dir_b, lpips.as_ref(), Some(&progress));
     bar.finish_and_clear();
     let cmp = cmp?;
     for (only, dir) in [(&cmp.only_in_a, &args.dir_a), (&cmp.only_in_b, &args.dir_b)] {
@@ -61,8 +73,11 @@ pub fn run(args: CompareArgs) -> Result<()> {
     // Identical pairs have infinite PSNR; the mean is over the others (null if none).
     let finite: Vec<f64> = pairs.iter().filter_map(|p| p.psnr_db).collect();
     let mean_psnr = (!finite.is_empty()).then(|| finite.iter().sum::<f64>() / finite.len() as f64);
+    let mean_lpips = lpips
+        .is_some()
+        .then(|| pairs.iter().filter_map(|p| p.lpips).sum::<f64>() / n);
     if args.json {
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "images": pairs,
             "mean_psnr_db": mean_psnr,
             "identical": pairs.len() - finite.len(),
@@ -70,10 +85,18 @@ pub fn run(args: CompareArgs) -> Result<()> {
             "only_in_a": cmp.only_in_a,
             "only_in_b": cmp.only_in_b,
         });
+        if let Some(m) = mean_lpips {
+            v["mean_lpips"] = serde_json::json!(m);
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("| image | PSNR (dB) | SSIM |\n|---|---|---|");
+    let lp = |v: Option<f64>| v.map(|x| format!(" {x:.4} |")).unwrap_or_default();
+    if lpips.is_some() {
+        println!("| image | PSNR (dB) | SSIM | LPIPS |\n|---|---|---|---|");
+    } else {
+        println!("| image | PSNR (dB) | SSIM |\n|---|---|---|");
+    }
     for p in &pairs {
         let psnr = p
             .psnr_db
@@ -81,12 +104,16 @@ pub fn run(args: CompareArgs) -> Result<()> {
             .unwrap_or_else(|| "identical".into());
         // A file name is a table cell: pipes and line breaks would break the row.
         let file = p.file.replace('|', "\\|").replace(['\n', '\r'], " ");
-        println!("| {file} | {psnr} | {:.4} |", p.ssim);
+        println!("| {file} | {psnr} | {:.4} |{}", p.ssim, lp(p.lpips));
     }
     let mp = mean_psnr
         .map(|v| format!("{v:.2}"))
         .unwrap_or_else(|| "identical".into());
-    println!("| mean ({} images) | {mp} | {mean_ssim:.4} |", pairs.len());
+    println!(
+        "| mean ({} images) | {mp} | {mean_ssim:.4} |{}",
+        pairs.len(),
+        lp(mean_lpips)
+    );
     let rgba = pairs.iter().filter(|p| p.channels == "RGBA").count();
     let wide = pairs.iter().filter(|p| p.bits == 16).count();
     if rgba + wide > 0 {

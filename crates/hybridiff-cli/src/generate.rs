@@ -123,12 +123,12 @@ pub struct GenerateArgs {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BatchItem {
-    prompt: String,
+pub(crate) struct BatchItem {
+    pub(crate) prompt: String,
     #[serde(default)]
-    negative_prompt: Option<String>,
+    pub(crate) negative_prompt: Option<String>,
     #[serde(default)]
-    seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
 }
 
 /// Largest --prompts file read.
@@ -167,7 +167,7 @@ impl PromptsFormat {
     }
 }
 
-fn read_batch(
+pub(crate) fn read_batch(
     path: &Path,
     format: Option<&str>,
     negative: Option<&str>,

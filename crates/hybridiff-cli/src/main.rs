@@ -10,8 +10,10 @@ mod launch;
 mod nccl_check;
 mod outputs;
 mod parity;
+mod plot;
 mod serve;
 mod strategy_args;
+mod tune;
 
 use std::process::ExitCode;
 
@@ -41,8 +43,13 @@ enum Command {
     Init(InitArgs),
     /// Time the denoiser forward and compare strategies on one machine.
     Bench(bench::BenchArgs),
-    /// PSNR and SSIM between two folders of images, paired by file name.
+    /// PSNR, SSIM (and LPIPS with --lpips) between two folders of images, paired by file name.
     Compare(compare::CompareArgs),
+    /// Chooses Hybridiff's thresholds, k and knobs for a model: the fastest setting that
+    /// keeps a quality floor against serial; writes hybridiff.json and a report with plots.
+    Tune(tune::TuneArgs),
+    /// Draws one run's trace (rel-MAE, slope, mode and per-rank time per step) as a PNG.
+    Plot(plot::PlotArgs),
     /// HTTP image service (OpenAI images API, web page) on ranks kept warm.
     Serve(serve::ServeArgs),
     /// Compares our U-Net, MMDiT and VAE with diffusers' outputs in tests/fixtures on a
@@ -154,6 +161,12 @@ fn main() -> ExitCode {
         Command::Compare(args) => launch
             .only_one_process("compare")
             .and_then(|()| compare::run(args)),
+        Command::Tune(args) => launch
+            .only_one_process("tune")
+            .and_then(|()| tune::run(args)),
+        Command::Plot(args) => launch
+            .only_one_process("plot")
+            .and_then(|()| plot::run(args)),
         Command::Serve(args) => launch
             .only_one_process("serve")
             .and_then(|()| serve::run(args)),

@@ -193,13 +193,15 @@ pub struct StrategyArgs {
     pub tau_cap: Option<usize>,
     /// async, hybrid: stage plan, `reference` (the authors' presets: SDXL n=2/4, even DiT
     /// splits), `auto` (balanced by counted FLOPs), `measured` (balanced by module times
-    /// measured before the run), or `default` (reference where one exists, else auto).
-    #[arg(long, default_value = "default")]
-    pub stages: String,
+    /// measured before the run), or `default` (reference where one exists, else auto)
+    /// [default: the model folder's hybridiff.json, else default].
+    #[arg(long)]
+    pub stages: Option<String>,
     /// hybrid: prediction in pipelined steps, `none` (reference) or `reuse` (add the
-    /// last exact step's guidance correction).
-    #[arg(long, default_value = "none")]
-    pub pipelined_guidance: String,
+    /// last exact step's guidance correction) [default: the model folder's hybridiff.json,
+    /// else none].
+    #[arg(long)]
+    pub pipelined_guidance: Option<String>,
 }
 
 impl StrategyArgs {
@@ -224,8 +226,9 @@ impl StrategyArgs {
             StrategyOptions {
                 warmup: self.warmup,
                 switch: resolved.params,
-                stages: self.stages.parse()?,
-                pipelined_guidance: self.pipelined_guidance.parse::<PipelinedGuidance>()?,
+                stages: defaults.stages(self.stages.as_deref())?,
+                pipelined_guidance: defaults
+                    .pipelined_guidance(self.pipelined_guidance.as_deref())?,
                 patch_mode: self.patch_mode.parse()?,
                 cfg_split: !self.no_cfg_split,
             },
@@ -264,16 +267,33 @@ pub fn announce(
     Ok(())
 }
 
-/// Recommended settings a model folder may carry in `hybridiff.json`.
-#[derive(Debug, Default, Clone, serde::Deserialize)]
+/// Recommended settings a model folder may carry in `hybridiff.json` (written by hand or by
+/// `hybridiff tune`).
+#[derive(Debug, Default, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelDefaults {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub guidance: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub l_slope: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub eps_slope: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub k: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tau_cap: Option<usize>,
+    /// `--stages` (async, hybrid).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stages: Option<String>,
+    /// `--pipelined-guidance` (hybrid).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pipelined_guidance: Option<String>,
+    /// What `hybridiff tune` measured for these values (world size, floor, quality, speedup,
+    /// runs); a record for people, not read by runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tune: Option<serde_json::Value>,
 }
 
 impl ModelDefaults {
@@ -291,10 +311,18 @@ impl ModelDefaults {
         .with_context(|| format!("reading {}", p.display()))?;
         let d: Self = serde_json::from_str(&text).with_context(|| {
             format!(
-                "{}: expected {{steps, guidance, l_slope, eps_slope, k, tau_cap}}",
+                "{}: expected {{steps, guidance, l_slope, eps_slope, k, tau_cap, stages, pipelined_guidance, tune}}",
                 p.display()
             )
         })?;
+        if let Some(s) = &d.stages {
+            s.parse::<hybridiff_engine::stages::PlanKind>()
+                .with_context(|| format!("{}: `stages` = {s:?}", p.display()))?;
+        }
+        if let Some(g) = &d.pipelined_guidance {
+            g.parse::<PipelinedGuidance>()
+                .with_context(|| format!("{}: `pipelined_guidance` = {g:?}", p.display()))?;
+        }
         if d.steps == Some(0) {
             anyhow::bail!("{}: `steps` = 0: expected 1 or more", p.display());
         }
@@ -304,6 +332,22 @@ impl ModelDefaults {
         }
         d.switch().check_domains(Some(&p))?;
         Ok(d)
+    }
+
+    /// `--stages`: the flag, else the recommendation, else `default`.
+    pub fn stages(&self, flag: Option<&str>) -> Result<hybridiff_engine::stages::PlanKind> {
+        Ok(flag
+            .or(self.stages.as_deref())
+            .unwrap_or("default")
+            .parse()?)
+    }
+
+    /// `--pipelined-guidance`: the flag, else the recommendation, else `none`.
+    pub fn pipelined_guidance(&self, flag: Option<&str>) -> Result<PipelinedGuidance> {
+        Ok(flag
+            .or(self.pipelined_guidance.as_deref())
+            .unwrap_or("none")
+            .parse()?)
     }
 
     /// The switching thresholds it recommends.

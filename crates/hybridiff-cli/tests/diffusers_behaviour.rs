@@ -404,6 +404,12 @@ fn bad_recommendations_in_hybridiff_json_name_the_file() {
         (r#"{"eps_slope": -1}"#, "`eps_slope` = -1"),
         (r#"{"k": 0}"#, "`k` = 0"),
         (r#"{"l_slope": 1}"#, "`l_slope` = 1"),
+        (r#"{"stages": "sideways"}"#, "`stages` = \"sideways\""),
+        (
+            r#"{"pipelined_guidance": "half"}"#,
+            "`pipelined_guidance` = \"half\"",
+        ),
+        (r#"{"tuned": true}"#, "unknown field `tuned`"),
     ]
     .into_iter()
     .enumerate()
@@ -418,6 +424,58 @@ fn bad_recommendations_in_hybridiff_json_name_the_file() {
             "{json}: {err}"
         );
     }
+}
+
+/// `stages` and `pipelined_guidance` in hybridiff.json (as `hybridiff tune` writes them)
+/// are the flags' defaults: the run equals one with the flags, and a flag overrides them.
+#[cfg(unix)]
+#[test]
+fn stages_and_pipelined_guidance_come_from_hybridiff_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let hybrid = [
+        "--strategy",
+        "hybrid",
+        "--world-size",
+        "2",
+        "--threads-per-rank",
+        "1",
+        "--steps",
+        "8",
+        "--l-slope",
+        "2",
+        "--eps-slope",
+        "1e-9",
+        "--k",
+        "3",
+        "--tau-cap",
+        "3",
+    ];
+    let run = |model: &Path, name: &str, extra: &[&str]| -> Vec<u8> {
+        let out = dir.path().join(name);
+        let o = denoise(model, &out, &[&hybrid[..], extra].concat());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read(out).unwrap()
+    };
+    let model = tiny_sdxl_with_recommendation(
+        &dir.path().join("m"),
+        r#"{"stages": "auto", "pipelined_guidance": "reuse", "tune": {"world_size": 2}}"#,
+    );
+    let from_json = run(&model, "json.safetensors", &[]);
+    let flags = run(
+        &fixture("tiny-sdxl"),
+        "flags.safetensors",
+        &["--stages", "auto", "--pipelined-guidance", "reuse"],
+    );
+    assert!(
+        from_json == flags,
+        "hybridiff.json's knobs are the flags' defaults"
+    );
+    let overridden = run(
+        &model,
+        "none.safetensors",
+        &["--pipelined-guidance", "none"],
+    );
+    assert!(overridden != from_json, "a flag overrides hybridiff.json");
 }
 
 #[test]

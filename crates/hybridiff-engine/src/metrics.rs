@@ -145,7 +145,7 @@ pub const SSIM_WINDOW: usize = 7;
 /// claim 12000 x 12000 pixels: a gigabyte decoded, minutes of SSIM).
 pub const MAX_COMPARE_PIXELS: u64 = 4096 * 4096;
 
-/// PSNR and SSIM of one image pair.
+/// PSNR and SSIM (and LPIPS when asked) of one image pair.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ImagePair {
     pub file: String,
@@ -156,6 +156,32 @@ pub struct ImagePair {
     pub channels: &'static str,
     /// Bits per sample compared: 8, or 16 when either image has 16-bit samples.
     pub bits: u8,
+    /// LPIPS distance (AlexNet, v0.1) of the RGB channels at 8 bits, when weights were given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lpips: Option<f64>,
+}
+
+/// PSNR, SSIM and optionally LPIPS of two RGB8 images of `width x height`, as `compare` and
+/// `tune` measure them. `None` when the images are smaller than SSIM's window (or, with
+/// `lpips`, than [`hybridiff_models::lpips::MIN_SIDE`]): check sizes first.
+pub fn image_quality(
+    a: &[u8],
+    b: &[u8],
+    width: usize,
+    height: usize,
+    lpips: Option<&hybridiff_models::lpips::Lpips>,
+) -> crate::Result<(f64, f64, Option<f64>)> {
+    let psnr = psnr_u8(a, b);
+    let ssim = ssim_u8(a, b, width, height, 3).ok_or_else(|| {
+        crate::Error::Input(format!(
+            "{width}x{height} pixels is smaller than SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window"
+        ))
+    })?;
+    let lp = match lpips {
+        Some(l) => Some(l.distance_rgb8(a, b, width, height)?),
+        None => None,
+    };
+    Ok((psnr, ssim, lp))
 }
 
 /// The pairs of two folders, and the PNG names found in only one of them.
@@ -248,6 +274,7 @@ fn alpha_and_depth(img: &image::DynamicImage) -> (bool, bool) {
 pub fn compare_dirs(
     a: &std::path::Path,
     b: &std::path::Path,
+    lpips: Option<&hybridiff_models::lpips::Lpips>,
     progress: Option<&dyn Fn(usize, usize)>,
 ) -> crate::Result<Comparison> {
     use crate::Error;
@@ -322,7 +349,18 @@ pub fn compare_dirs(
                 "{name}: {w}x{h} pixels is smaller than SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window (scikit-image refuses it too); compare images of at least {SSIM_WINDOW}x{SSIM_WINDOW}"
             )));
         }
+        let min = hybridiff_models::lpips::MIN_SIDE;
+        if lpips.is_some() && (w < min || h < min) {
+            return Err(Error::Input(format!(
+                "{name}: {w}x{h} pixels is smaller than LPIPS's {min}x{min} minimum (AlexNet's two 3x3 max-pools); compare it without --lpips"
+            )));
+        }
         let (da, db) = (decode(&pa)?, decode(&pb)?);
+        // LPIPS's network sees RGB at 8 bits, as the lpips package's loaders give it.
+        let lpips = match lpips {
+            Some(l) => Some(l.distance_rgb8(da.to_rgb8().as_raw(), db.to_rgb8().as_raw(), w, h)?),
+            None => None,
+        };
         let ((alpha_a, wide_a), (alpha_b, wide_b)) = (alpha_and_depth(&da), alpha_and_depth(&db));
         let (alpha, wide) = (alpha_a || alpha_b, wide_a || wide_b);
         let channels = if alpha { 4 } else { 3 };
@@ -348,6 +386,7 @@ pub fn compare_dirs(
             ssim: ssim.expect("the size was checked against the window"),
             channels: if alpha { "RGBA" } else { "RGB" },
             bits: if wide { 16 } else { 8 },
+            lpips,
         });
         if let Some(p) = progress {
             p(done + 1, common.len());

@@ -323,6 +323,11 @@ impl Switcher {
         }
     }
 
+    /// The step at whose end `tau1` became known (`None` while it is unknown).
+    pub fn decided_at(&self) -> Option<usize> {
+        self.decided_at
+    }
+
     /// The phase of step `i`, given what is known before it runs.
     pub fn phase(&self, i: usize) -> Phase {
         match (self.tau1, self.tau2, self.decided_at) {

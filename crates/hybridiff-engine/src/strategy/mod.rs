@@ -74,7 +74,7 @@ impl std::fmt::Display for StrategyKind {
 }
 
 /// What the model's prediction is in pipelined Hybridiff steps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PipelinedGuidance {
     /// The reference: the last stage's output, unguided.
     None,
@@ -92,6 +92,15 @@ impl FromStr for PipelinedGuidance {
                 "--pipelined-guidance: unknown mode `{other}`; expected none or reuse"
             ))),
         }
+    }
+}
+
+impl std::fmt::Display for PipelinedGuidance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::Reuse => "reuse",
+        })
     }
 }
 
