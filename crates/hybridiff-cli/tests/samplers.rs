@@ -145,7 +145,10 @@ fn what_a_sampler_cannot_run_is_refused_before_compute_naming_the_flag_or_key() 
     }
     // generate too, before the prompt is encoded.
     for (flags, want) in [
-        (&["--scheduler", "lcm", "--steps", "51"][..], "original_inference_steps"),
+        (
+            &["--scheduler", "lcm", "--steps", "51"][..],
+            "original_inference_steps",
+        ),
         (&["--scheduler", "ddim", "--karras"][..], "--karras"),
     ] {
         let out = dir.path().join("g.png");

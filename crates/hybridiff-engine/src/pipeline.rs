@@ -3,15 +3,18 @@
 
 use std::path::Path;
 
-use crate::{
-    denoise, DenoiseInputs, Error, Job, Model, Noise, Result, RunOptions, Runner, SamplingOptions,
-    Strategy, Trace,
-};
 use candle_core::{DType, Device, Tensor};
 use hybridiff_models::vae::{to_rgb8, PipelineVae};
 use hybridiff_models::Conditioning;
 use hybridiff_schedulers::SchedulerKind;
 use hybridiff_text::{PipelineKind, PromptEncoder};
+
+pub use crate::noise::NoiseKind;
+use crate::source::{ModelSpec, ResolvedModel};
+use crate::{
+    denoise, DenoiseInputs, Error, Field, Job, Model, Noise, Result, RunOptions, Runner,
+    SamplingOptions, Strategy, Trace,
+};
 
 /// A loaded text-to-image pipeline.
 pub struct Pipeline {
@@ -70,6 +73,147 @@ impl MemoryCheck {
     }
 }
 
+/// diffusers' `check_inputs` of an image's size: `h` and `w` positive multiples of the VAE
+/// factor times the denoiser's latent multiple (SD3's patch size); the U-Net copes with any
+/// latent size (`forward_upsample_size`). Refused as [`Field::Size`].
+pub fn check_size(h: usize, w: usize, vae_factor: usize, latent_multiple: usize) -> Result<()> {
+    let f = vae_factor;
+    let multiple = f * latent_multiple;
+    if h == 0 || w == 0 || !h.is_multiple_of(multiple) || !w.is_multiple_of(multiple) {
+        let why = if latent_multiple == 1 {
+            format!("the VAE's factor {f}")
+        } else {
+            format!("the VAE's factor {f} times the denoiser's patch size {latent_multiple}")
+        };
+        return Err(Error::refused(
+            Field::Size,
+            format!(
+                "--height {h} --width {w}: both must be positive multiples of {multiple} ({why}), as in diffusers"
+            ),
+            format!(
+                "`size` {w}x{h}: width and height must be positive multiples of {multiple} for this model ({why})"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A pipeline's checks of one image request, detached from the pipeline (`Send + Sync` and
+/// cheap to clone) so that another thread, a service's request handlers, can run them while
+/// the pipeline runs a job. They are the checks the job itself runs, on stand-in inputs of
+/// the request's shapes (zero latents, the empty prompt's encodings): [`check_size`], the
+/// memory of the job and its VAE decode ([`MemoryCheck`]), the scheduler's fit with the
+/// model's training objective and its schedule for the step count
+/// ([`crate::sampler::check_schedule`]), and [`crate::check_job_within`] (steps, guidance, the run layout, the
+/// strategy's own checks: world size, hybrid's thresholds, stage plans, patch bands). No
+/// compute: the prompts are not encoded and a measured stage plan is not measured. Values a
+/// request chooses are refused as [`Error::Refused`], worded for the command line and for an
+/// API client.
+#[derive(Clone)]
+pub struct RequestCheck {
+    memory: MemoryCheck,
+    scheduler_config: std::sync::Arc<hybridiff_schedulers::SchedulerConfig>,
+    /// The denoiser's diffusers class, for pairing the scheduler with its objective.
+    denoiser_class: &'static str,
+    latent_multiple: usize,
+    cond: Conditioning,
+    uncond: Conditioning,
+    default_guidance: f64,
+}
+
+impl RequestCheck {
+    /// Checks `req` (all but its prompts) as `strategy` would run it with `opts`, the
+    /// memory against `limit` (read earlier, e.g. when a service started; `None`: no limit).
+    pub fn check(
+        &self,
+        req: &Request,
+        strategy: &dyn Strategy,
+        opts: &RunOptions,
+        limit: Option<crate::memory::Limit>,
+    ) -> Result<()> {
+        let m = &self.memory;
+        // As in `Pipeline::prepare`: given latents set the size, else the sample size.
+        let default = match req.latents.as_ref().map(|l| l.dims()) {
+            Some([_, _, lh, lw]) => (lh * m.vae_factor, lw * m.vae_factor),
+            _ => (m.default_side, m.default_side),
+        };
+        let (h, w) = (
+            req.height.unwrap_or(default.0),
+            req.width.unwrap_or(default.1),
+        );
+        check_size(h, w, m.vae_factor, self.latent_multiple)?;
+        m.check_within(req, strategy.name(), opts.world_size, limit)?;
+        let (lh, lw) = (h / m.vae_factor, w / m.vae_factor);
+        let scheduler = check_sampler(
+            &self.scheduler_config,
+            self.denoiser_class,
+            req,
+            image_seq_len(lh, lw, m.denoiser.patch_size()),
+        )?;
+        // Sized by the checks above (within the memory limit); only its shape is read.
+        let latents = Tensor::zeros((1, m.latent_channels, lh, lw), DType::F32, &Device::Cpu)?;
+        let sampling = req.sampling(&latents)?;
+        let inputs = DenoiseInputs {
+            latents,
+            cond: self.cond.clone(),
+            uncond: self.uncond.clone(),
+        };
+        let job = Job {
+            model: m.denoiser.as_ref(),
+            scheduler_config: &self.scheduler_config,
+            scheduler,
+            steps: req.steps,
+            guidance: req.guidance.unwrap_or(self.default_guidance),
+            inputs: &inputs,
+            progress: None,
+            sampling,
+        };
+        crate::check_job_within(&job, strategy, opts, opts.world_size, limit)
+    }
+}
+
+/// The image's token count as flow schedulers' dynamic shifting reads it: `(lh / p) * (lw
+/// / p)` for latents of `lh x lw` and the denoiser's patch size `p` (1 for a U-Net), as
+/// diffusers' SD3 pipeline computes it.
+pub fn image_seq_len(lh: usize, lw: usize, patch_size: usize) -> usize {
+    let p = patch_size.max(1);
+    (lh / p) * (lw / p)
+}
+
+/// The sampler checks of a request, before any compute, shared by [`Pipeline`] and
+/// [`RequestCheck`]: the guidance rescale (0 to 1, none for flow matching), then the
+/// request's scheduler (else the config's `_class_name`) against the model's training
+/// objective ([`crate::model::check_scheduler_family`]) and its schedule for the request's
+/// steps, `--karras` and image size ([`crate::sampler::check_schedule`]: LCM's step limit,
+/// UniPC's order, schedules that give NaN). Returns the scheduler kind. Values a request
+/// chooses are refused as [`Error::Refused`] naming the field.
+pub fn check_sampler(
+    config: &hybridiff_schedulers::SchedulerConfig,
+    denoiser_class: &str,
+    req: &Request,
+    image_seq_len: usize,
+) -> Result<SchedulerKind> {
+    let scheduler = match req.scheduler {
+        Some(s) => s,
+        None => config.default_kind()?,
+    };
+    crate::check_guidance_rescale(req.guidance_rescale, Some(scheduler))?;
+    crate::model::check_scheduler_family(
+        config,
+        denoiser_class,
+        scheduler,
+        req.scheduler.is_some(),
+    )?;
+    if req.steps > 0 {
+        let opts = hybridiff_schedulers::ScheduleOptions {
+            karras: req.karras,
+            image_seq_len: Some(image_seq_len),
+        };
+        crate::sampler::check_schedule(config, scheduler, req.steps, &opts)?;
+    }
+    Ok(scheduler)
+}
+
 /// One image to make.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -89,21 +233,33 @@ pub struct Request {
     /// `sample_size`, times the VAE factor.
     pub height: Option<usize>,
     pub width: Option<usize>,
-    /// Starting noise: given latents, or drawn from `seed` (see [`seeded_latents`]).
+    /// Starting noise: given latents, or drawn from `seed` by `noise` (see
+    /// [`seeded_latents_with`]).
     pub latents: Option<Tensor>,
     /// The seed of the starting noise (when `latents` is `None`) and of stochastic
     /// samplers' step noise (always; see [`crate::noise`]).
     pub seed: u64,
+    pub noise: NoiseKind,
 }
 
 impl Request {
-    /// The job's [`SamplingOptions`]: `--karras`, the guidance rescale and the seed's noise.
-    pub fn sampling(&self) -> SamplingOptions {
-        SamplingOptions {
+    /// The job's [`SamplingOptions`] for starting `latents` `[1, C, h, w]`: `--karras`, the
+    /// guidance rescale and the seed's noise, which drew those latents unless the request
+    /// gave them (a torch generator's step noise follows its latents, see [`crate::noise`]).
+    pub fn sampling(&self, latents: &Tensor) -> Result<SamplingOptions> {
+        let noise = Noise::new(self.noise, self.seed);
+        let noise = match self.latents {
+            Some(_) => noise,
+            None => {
+                let (_, c, h, w) = latents.dims4()?;
+                noise.after_latents((c, h, w))
+            }
+        };
+        Ok(SamplingOptions {
             karras: self.karras,
             guidance_rescale: self.guidance_rescale,
-            noise: Noise::chacha8(self.seed),
-        }
+            noise,
+        })
     }
 }
 
@@ -121,20 +277,45 @@ pub struct Generated {
 /// seed gives the same latents on every machine and for every strategy (see
 /// [`Noise::initial_latents`]).
 pub fn seeded_latents(seed: u64, shape: (usize, usize, usize), device: &Device) -> Result<Tensor> {
-    Noise::chacha8(seed).initial_latents(shape, device)
+    seeded_latents_with(NoiseKind::Chacha8, seed, shape, device)
+}
+
+/// The starting noise `[1, C, h, w]` for `seed` from the generator `noise` names, filled
+/// in row-major order (for [`NoiseKind::Torch`], as `torch.randn((1, C, h, w),
+/// generator=torch.Generator("cpu").manual_seed(seed))`, which diffusers' `prepare_latents`
+/// draws before scaling by the scheduler's `init_noise_sigma`).
+pub fn seeded_latents_with(
+    noise: NoiseKind,
+    seed: u64,
+    shape: (usize, usize, usize),
+    device: &Device,
+) -> Result<Tensor> {
+    Noise::new(noise, seed).initial_latents(shape, device)
 }
 
 impl Pipeline {
     /// Loads the text encoders, the denoiser, the scheduler config and the VAE.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        if !dir.join("model_index.json").is_file() {
+        if dir.is_dir() && !dir.join("model_index.json").is_file() {
             return Err(Error::io(
                 dir,
                 "not a diffusers pipeline folder: model_index.json is missing (for a bare denoiser folder use `hybridiff denoise`)",
             ));
         }
-        let text = PromptEncoder::load(dir, dtype, device)?;
-        let model = Model::load(dir, dtype, device)?;
+        Self::load_resolved(&ModelSpec::folder(dir).resolve(true)?, dtype, device)
+    }
+
+    /// Loads a resolved model (a folder or a single file, with `--vae` and LoRAs): the
+    /// text encoders, the denoiser, the scheduler config and the VAE.
+    pub fn load_resolved(r: &ResolvedModel, dtype: DType, device: &Device) -> Result<Self> {
+        let Some(parts) = &r.text else {
+            return Err(Error::io(
+                &r.path,
+                "not a diffusers pipeline folder: model_index.json is missing (for a bare denoiser folder use `hybridiff denoise`)",
+            ));
+        };
+        let text = PromptEncoder::from_parts(parts, dtype, device)?;
+        let model = Model::load_resolved(r, dtype, device)?;
         let vae = model.load_vae()?;
         Ok(Self { model, text, vae })
     }
@@ -199,22 +380,19 @@ impl Pipeline {
     }
 
     /// Checks the request's sampler before anything is computed (the prompts are not
-    /// encoded yet): the scheduler builds for its steps, size and `--karras` (e.g. LCM's
-    /// step limit, UniPC's order), and the guidance rescale fits it.
-    pub fn check_sampling(&self, req: &Request) -> Result<()> {
-        let scheduler = match req.scheduler {
-            Some(s) => s,
-            None => self.model.scheduler_config.default_kind()?,
-        };
-        crate::check_guidance_rescale(req.guidance_rescale, Some(scheduler))?;
+    /// encoded yet) and returns its kind (the request's, else the model's): it fits the
+    /// model's training objective, builds for the request's steps, size and `--karras`
+    /// (e.g. LCM's step limit, UniPC's order) and runs them without NaN, and the guidance
+    /// rescale fits it. See [`check_sampler`].
+    pub fn check_sampling(&self, req: &Request) -> Result<SchedulerKind> {
         let (h, w) = self.pixel_size(req);
-        let p = self.vae_factor() * self.model.denoiser.patch_size().max(1);
-        let opts = hybridiff_schedulers::ScheduleOptions {
-            karras: req.karras,
-            image_seq_len: Some((h / p) * (w / p)),
-        };
-        hybridiff_schedulers::build_with(&self.model.scheduler_config, scheduler, req.steps, &opts)?;
-        Ok(())
+        let f = self.vae_factor();
+        check_sampler(
+            &self.model.scheduler_config,
+            self.model.denoiser_class,
+            req,
+            image_seq_len(h / f, w / f, self.model.denoiser.patch_size()),
+        )
     }
 
     /// Encodes the prompts and draws or checks the starting latents.
@@ -222,22 +400,7 @@ impl Pipeline {
         let f = self.vae_factor();
         let spec = &self.model.input_spec;
         let (h, w) = self.pixel_size(req);
-        // diffusers' check_inputs: multiples of the VAE factor (times SD3's patch size);
-        // the U-Net copes with any latent size (`forward_upsample_size`).
-        let multiple = f * spec.latent_multiple;
-        if h == 0 || w == 0 || h % multiple != 0 || w % multiple != 0 {
-            let why = if spec.latent_multiple == 1 {
-                format!("the VAE's factor {f}")
-            } else {
-                format!(
-                    "the VAE's factor {f} times the denoiser's patch size {}",
-                    spec.latent_multiple
-                )
-            };
-            return Err(Error::Options(format!(
-                "--height {h} --width {w}: both must be positive multiples of {multiple} ({why}), as in diffusers"
-            )));
-        }
+        check_size(h, w, f, spec.latent_multiple)?;
         let (lh, lw) = (h / f, w / f);
         let device = &self.model.device;
         let latents = match &req.latents {
@@ -259,7 +422,9 @@ impl Pipeline {
                 }
                 l
             }
-            None => seeded_latents(req.seed, (spec.latent_channels, lh, lw), device)?,
+            None => {
+                seeded_latents_with(req.noise, req.seed, (spec.latent_channels, lh, lw), device)?
+            }
         };
         let e = self
             .text
@@ -316,35 +481,52 @@ impl Pipeline {
     }
 
     /// Checks everything about `req` that does not depend on its prompt (sizes, memory,
-    /// steps against the scheduler, the strategy's layout) without denoising, so that a
-    /// batch reports a request-wide error once, before any prompt runs.
+    /// steps against the scheduler, the strategy's layout: [`RequestCheck::check`] against
+    /// the memory limit now), then its given latents and the text encoders' widths, without
+    /// denoising, so that a batch reports a request-wide error once, before any prompt runs.
     pub fn check_request(
         &self,
         req: &Request,
         strategy: &dyn Strategy,
         opts: &RunOptions,
     ) -> Result<()> {
-        opts.check(crate::cores())?;
-        self.check_memory(req, strategy, opts)?;
-        self.check_sampling(req)?;
-        let inputs = self.prepare(req)?;
-        let scheduler = match req.scheduler {
-            Some(s) => s,
-            None => self.model.scheduler_config.default_kind()?,
+        let limit = crate::memory::limit().map_err(Error::Options)?;
+        self.request_check()?.check(req, strategy, opts, limit)?;
+        self.prepare(req).map(|_| ())
+    }
+
+    /// This pipeline's [`RequestCheck`]; encodes the empty prompt once for the stand-in
+    /// conditionings.
+    pub fn request_check(&self) -> Result<RequestCheck> {
+        let e = self.text.encode_opt("", None)?;
+        self.check_text_widths(&e)?;
+        let spec = &self.model.input_spec;
+        let time_ids = if spec.time_ids {
+            let side = self.memory_check().default_side as f32;
+            Some(Tensor::new(
+                &[[side, side, 0.0, 0.0, side, side]],
+                &self.model.device,
+            )?)
+        } else {
+            None
         };
-        let job = Job {
-            model: self.model.denoiser.as_ref(),
-            scheduler_config: &self.model.scheduler_config,
-            scheduler,
-            steps: req.steps,
-            guidance: req.guidance.unwrap_or_else(|| self.default_guidance()),
-            inputs: &inputs,
-            progress: None,
-            sampling: req.sampling(),
-        };
-        crate::check_guidance_rescale(req.guidance_rescale, Some(scheduler))?;
-        job.build_scheduler()?;
-        strategy.check(&job, opts.world_size)
+        Ok(RequestCheck {
+            memory: self.memory_check(),
+            scheduler_config: std::sync::Arc::new(self.model.scheduler_config.clone()),
+            denoiser_class: self.model.denoiser_class,
+            latent_multiple: spec.latent_multiple,
+            cond: Conditioning {
+                prompt_embeds: e.prompt_embeds,
+                pooled: e.pooled_prompt_embeds,
+                time_ids: time_ids.clone(),
+            },
+            uncond: Conditioning {
+                prompt_embeds: e.negative_prompt_embeds,
+                pooled: e.negative_pooled_prompt_embeds,
+                time_ids,
+            },
+            default_guidance: self.default_guidance(),
+        })
     }
 
     /// Makes one image on ranks started for it.
@@ -399,12 +581,9 @@ impl Pipeline {
         progress: Option<&(dyn Fn(usize, usize) + Sync)>,
         run: impl FnOnce(&Job) -> Result<Option<crate::DenoiseOutput>>,
     ) -> Result<Option<Generated>> {
-        self.check_sampling(req)?;
+        let scheduler = self.check_sampling(req)?;
         let inputs = self.prepare(req)?;
-        let scheduler = match req.scheduler {
-            Some(s) => s,
-            None => self.model.scheduler_config.default_kind()?,
-        };
+        let sampling = req.sampling(&inputs.latents)?;
         let job = Job {
             model: self.model.denoiser.as_ref(),
             scheduler_config: &self.model.scheduler_config,
@@ -413,7 +592,7 @@ impl Pipeline {
             guidance: req.guidance.unwrap_or_else(|| self.default_guidance()),
             inputs: &inputs,
             progress,
-            sampling: req.sampling(),
+            sampling,
         };
         let Some(out) = run(&job)? else {
             return Ok(None);

@@ -10,7 +10,9 @@ use common::*;
 use hybridiff_engine::sampler::rescale_noise_cfg;
 use hybridiff_engine::strategy::patch::PatchMode;
 use hybridiff_engine::trace::StepMode;
-use hybridiff_engine::{DenoiseOutput, Job, Noise, SamplingOptions, StrategyKind, StrategyOptions};
+use hybridiff_engine::{
+    DenoiseOutput, Job, Noise, NoiseKind, SamplingOptions, StrategyKind, StrategyOptions,
+};
 use hybridiff_schedulers::SchedulerKind;
 
 fn diff(a: &DenoiseOutput, b: &DenoiseOutput) -> f32 {
@@ -32,10 +34,13 @@ fn opts(f: impl FnOnce(&mut StrategyOptions)) -> StrategyOptions {
 fn check_every_strategy(s: &mut Setup, what: &str, all_sizes: bool) {
     let serial = run(s, StrategyKind::Serial, 1, &Default::default()).unwrap();
     let scale = max_abs(&serial.step_latents).max(1.0);
-    let seed = s.sampling.noise.seed;
-    s.sampling.noise = Noise::chacha8(seed + 1);
+    let noise = s.sampling.noise;
+    s.sampling.noise = Noise {
+        seed: noise.seed + 1,
+        ..noise
+    };
     let reseeded = run(s, StrategyKind::Serial, 1, &Default::default()).unwrap();
-    s.sampling.noise = Noise::chacha8(seed);
+    s.sampling.noise = noise;
     let d_seed = diff(&serial, &reseeded);
     let stochastic = s.scheduler.is_stochastic();
     if stochastic {
@@ -150,6 +155,123 @@ fn dpmpp_2m_sde_karras_is_the_same_image_on_every_strategy_and_world_size() {
 #[test]
 fn lcm_is_the_same_image_on_every_strategy_and_world_size() {
     check_every_strategy(&mut with_sampler(SchedulerKind::Lcm, 5), "lcm", false);
+}
+
+#[test]
+fn torch_noise_is_the_same_image_on_every_strategy() {
+    // The torch generator is replayed from the seed on every rank, past the starting
+    // latents (drawn from it, as diffusers' prepare_latents does) and the earlier steps.
+    let mut s = with_sampler(SchedulerKind::EulerAncestral, 9);
+    let (_, c, h, w) = s.inputs.latents.dims4().unwrap();
+    s.sampling.noise = Noise::new(NoiseKind::Torch, 9).after_latents((c, h, w));
+    check_every_strategy(&mut s, "euler-a torch noise", false);
+    // And it is not ChaCha8's noise.
+    let torch = run(&s, StrategyKind::Serial, 1, &Default::default()).unwrap();
+    s.sampling.noise = Noise::chacha8(9);
+    let chacha = run(&s, StrategyKind::Serial, 1, &Default::default()).unwrap();
+    assert!(diff(&torch, &chacha) > 1e-2);
+}
+
+/// The sampler's step noise under `--noise torch` is the torch generator's stream after
+/// the starting latents, drawn at exactly the steps where diffusers' scheduler calls
+/// `randn_tensor` (every Euler Ancestral and DPM-Solver++ SDE step; every LCM step but the
+/// last): the run replayed by hand with [`TorchGenerator`] draws, the scheduler given them,
+/// equals the sampler's bit for bit. With given latents the generator starts at step 0's
+/// noise. (The schedulers' steps with given noise equal diffusers' in
+/// `hybridiff-schedulers/tests/samplers.rs`, and the generator equals torch's sequences of
+/// draws in `tests/torch_noise.rs`; together, diffusers' run with
+/// `generator=torch.Generator("cpu").manual_seed(seed)`.)
+#[test]
+fn torch_step_noise_continues_the_generator_after_the_latents() {
+    use hybridiff_engine::torch_rng::TorchGenerator;
+    use hybridiff_engine::Sampler;
+    let s = setup();
+    let (_, c, h, w) = s.inputs.latents.dims4().unwrap();
+    let n = c * h * w;
+    let steps = 6;
+    // Noisy steps in diffusers' schedulers, written out rather than read from needs_noise.
+    let cases = [
+        (SchedulerKind::EulerAncestral, steps),
+        (SchedulerKind::DpmPp2MSde, steps),
+        (SchedulerKind::Lcm, steps - 1),
+    ];
+    for (kind, noisy) in cases {
+        for drawn_latents in [true, false] {
+            let seed = 1234;
+            let mut noise = Noise::new(NoiseKind::Torch, seed);
+            let mut g = TorchGenerator::manual_seed(seed);
+            let latents = if drawn_latents {
+                noise = noise.after_latents((c, h, w));
+                let l = noise.initial_latents((c, h, w), &Device::Cpu).unwrap();
+                assert_eq!(
+                    l.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    g.randn(n),
+                    "{kind}: initial latents"
+                );
+                l
+            } else {
+                s.inputs.latents.clone()
+            };
+            let inputs = hybridiff_engine::DenoiseInputs {
+                latents: latents.clone(),
+                cond: s.inputs.cond.clone(),
+                uncond: s.inputs.uncond.clone(),
+            };
+            let job = Job {
+                model: s.model.denoiser.as_ref(),
+                scheduler_config: &s.model.scheduler_config,
+                scheduler: kind,
+                steps,
+                guidance: s.guidance,
+                inputs: &inputs,
+                progress: None,
+                sampling: SamplingOptions {
+                    noise,
+                    ..Default::default()
+                },
+            };
+            let mut sampler = Sampler::new(&job).unwrap();
+            let mut sched = job.build_scheduler().unwrap();
+            let mut x = (&latents * sched.init_noise_sigma()).unwrap();
+            for i in 0..steps {
+                let inp = sampler.model_input(i).unwrap();
+                let eps = ((inp * 0.7).unwrap().sin().unwrap() * 0.5).unwrap();
+                sampler.step(i, &eps).unwrap();
+                let mine = if i < noisy {
+                    Some(
+                        candle_core::Tensor::from_vec(g.randn(n), (1, c, h, w), &Device::Cpu)
+                            .unwrap(),
+                    )
+                } else {
+                    None
+                };
+                let inp = sched.scale_model_input(&x, i).unwrap();
+                let eps = ((inp * 0.7).unwrap().sin().unwrap() * 0.5).unwrap();
+                x = sched.step(&eps, i, &x, mine.as_ref()).unwrap();
+                assert_eq!(
+                    max_abs(&(&x - &sampler.latents).unwrap()),
+                    0.0,
+                    "{kind} (latents drawn: {drawn_latents}): step {i}"
+                );
+            }
+            // The generator was not drawn past the last noisy step: the next draw is the
+            // one diffusers' next randn_tensor would make.
+            let mut stream = noise.stream();
+            let mut replay = TorchGenerator::manual_seed(seed);
+            if drawn_latents {
+                replay.randn(n);
+            }
+            for i in 0..noisy {
+                replay.randn(n);
+                stream.step(i, &[1, c, h, w], &Device::Cpu).unwrap();
+            }
+            let next = stream.step(noisy, &[1, c, h, w], &Device::Cpu).unwrap();
+            assert_eq!(
+                next.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                replay.randn(n)
+            );
+        }
+    }
 }
 
 #[test]

@@ -318,11 +318,7 @@ pub(crate) fn log_sigmas(train_sigmas: &[f32]) -> Vec<f32> {
 
 /// Refuses a solver order above the step count: the run would never reach that order
 /// (diffusers lowers it silently).
-pub(crate) fn check_order_fits(
-    who: &str,
-    order: usize,
-    steps: usize,
-) -> Result<()> {
+pub(crate) fn check_order_fits(who: &str, order: usize, steps: usize) -> Result<()> {
     if order > steps {
         return Err(Error::Option {
             option: format!("--steps {steps}"),

@@ -29,7 +29,7 @@ mod lcm;
 mod numerics;
 mod unipc;
 
-pub use config::SchedulerConfig;
+pub use config::{Objective, SchedulerConfig};
 pub use ddim::DDIMScheduler;
 pub use dpm::DPMSolverMultistepScheduler;
 pub use euler::EulerDiscreteScheduler;
@@ -140,19 +140,31 @@ pub enum SchedulerKind {
     FlowEuler,
 }
 
-/// Which kind of model a sampler drives: the noise-prediction process of DDPM-style
-/// schedules (models predicting epsilon or v), or rectified flow (models predicting the
-/// velocity of a straight path, SD3).
+/// The training objective a sampler integrates, which must be the model's: a diffusion
+/// model predicts the added noise (`epsilon`) or `v` (`v_prediction`), and DDIM, Euler and
+/// DPM-Solver read either from the config's `prediction_type`; a flow-matching model (SD3,
+/// rectified flow) predicts a velocity, which only the flow-matching samplers step. A sampler
+/// of the other family runs without error and ruins the image, so it is refused
+/// ([`SchedulerConfig::objective`] says what a model was trained for).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SchedulerFamily {
-    /// DDPM-style (VP) diffusion: `alphas_cumprod` from betas; epsilon or v-prediction.
+pub enum Family {
+    /// Denoising diffusion with an `epsilon`, `v_prediction` or `sample` prediction.
     Diffusion,
-    /// Flow matching: sigmas in [0, 1], `x_t = (1 - sigma) x_0 + sigma noise`.
+    /// Flow matching: the model predicts the velocity from noise to data.
     FlowMatching,
 }
 
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Diffusion => "diffusion (epsilon / v-prediction)",
+            Self::FlowMatching => "flow matching",
+        })
+    }
+}
+
 impl SchedulerKind {
-    /// Every kind, in the order `--help` lists them.
+    /// Every sampler, in the order `--help` lists them.
     pub const ALL: [SchedulerKind; 8] = [
         Self::Ddim,
         Self::Euler,
@@ -191,12 +203,19 @@ impl SchedulerKind {
         }
     }
 
-    /// Which model objective the sampler drives: a flow-matching sampler on an
-    /// epsilon/v model (or the reverse) gives noise, not an image.
-    pub fn family(self) -> SchedulerFamily {
+    /// The training objective this sampler steps (one line per kind: a new kind adds its
+    /// family here and is paired with models by it). UniPC refuses `use_flow_sigmas`, so
+    /// it is a diffusion sampler only.
+    pub fn family(self) -> Family {
         match self {
-            Self::FlowEuler => SchedulerFamily::FlowMatching,
-            _ => SchedulerFamily::Diffusion,
+            Self::Ddim
+            | Self::Euler
+            | Self::EulerAncestral
+            | Self::DpmPp2M
+            | Self::DpmPp2MSde
+            | Self::UniPc
+            | Self::Lcm => Family::Diffusion,
+            Self::FlowEuler => Family::FlowMatching,
         }
     }
 

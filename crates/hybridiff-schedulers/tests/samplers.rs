@@ -370,7 +370,7 @@ fn dpm_class_name_takes_its_algorithm_from_the_config() -> Result<()> {
 
 #[test]
 fn families_split_flow_matching_from_diffusion() {
-    use hybridiff_schedulers::SchedulerFamily::*;
+    use hybridiff_schedulers::Family::*;
     for kind in SchedulerKind::ALL {
         let want = if kind == SchedulerKind::FlowEuler {
             FlowMatching

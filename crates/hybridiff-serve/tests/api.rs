@@ -231,7 +231,13 @@ async fn bad_requests_name_the_field() {
         expect_error(r, 400, Some(field)).await;
     }
     // Not JSON, not an object.
-    let r = c.post(&url).body("{nope").send().await.unwrap();
+    let r = c
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
     expect_error(r, 400, None).await;
     let r = post(&c, &url, json!([1, 2])).await;
     expect_error(r, 400, None).await;
@@ -246,6 +252,7 @@ async fn bad_requests_name_the_field() {
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![Ok(big.to_string().into_bytes())];
     let r = c
         .post(&url)
+        .header("content-type", "application/json")
         .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
             chunks,
         )))
@@ -952,11 +959,27 @@ async fn sampler_fields_are_checked_by_name_before_the_backend() {
     let c = reqwest::Client::new();
     let url = srv.url("/v1/images/generations");
     let cases = [
-        (json!({"scheduler": "eulr-a"}), "scheduler", "did you mean euler-a?"),
-        (json!({"scheduler": "s".repeat(5000)}), "scheduler", "expected one of"),
-        (json!({"scheduler": ["euler"]}), "scheduler", "must be a string"),
+        (
+            json!({"scheduler": "eulr-a"}),
+            "scheduler",
+            "did you mean euler-a?",
+        ),
+        (
+            json!({"scheduler": "s".repeat(5000)}),
+            "scheduler",
+            "expected one of",
+        ),
+        (
+            json!({"scheduler": ["euler"]}),
+            "scheduler",
+            "must be a string",
+        ),
         (json!({"karras": 1}), "karras", "true or false"),
-        (json!({"guidance_rescale": -0.1}), "guidance_rescale", "from 0"),
+        (
+            json!({"guidance_rescale": -0.1}),
+            "guidance_rescale",
+            "from 0",
+        ),
         (json!({"guidance_rescale": 2}), "guidance_rescale", "from 0"),
     ];
     for (extra, param, want) in cases {
