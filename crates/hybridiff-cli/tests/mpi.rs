@@ -244,13 +244,28 @@ fn hybrid_on_four_processes_equals_four_threads_bit_for_bit() {
 }
 
 /// Stochastic samplers (issue 23): every process draws step i's noise from the seed and i
-/// alone, so processes give the threads' latents bit for bit (and threads give serial's,
+/// alone (or replays the torch generator from the seed), so processes give the threads'
+/// latents bit for bit (and threads give serial's,
 /// engine/tests/samplers.rs).
 #[test]
 fn stochastic_samplers_on_processes_equal_threads_bit_for_bit() {
     same_as_in_process(
         2,
         &["--strategy", "cfg", "--scheduler", "euler-a", "--seed", "9"],
+    );
+    // Torch noise: every process replays the generator from the seed.
+    same_as_in_process(
+        2,
+        &[
+            "--strategy",
+            "async",
+            "--scheduler",
+            "euler-a",
+            "--noise",
+            "torch",
+            "--seed",
+            "9",
+        ],
     );
     same_as_in_process(
         2,

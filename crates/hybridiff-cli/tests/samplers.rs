@@ -212,8 +212,25 @@ fn image_i_of_a_batch_is_its_own_run_with_a_stochastic_sampler_on_any_strategy()
     let dir = tempfile::tempdir().unwrap();
     let prompts = dir.path().join("p.txt");
     std::fs::write(&prompts, "a red circle\na blue square\n").unwrap();
-    for sampler in ["euler-a", "dpmpp-2m-sde", "lcm"] {
-        let sampler_flags = ["--scheduler", sampler, "--guidance-rescale", "0.5"];
+    let mut by_noise = Vec::new();
+    for (sampler, noise) in [
+        ("euler-a", "chacha8"),
+        ("dpmpp-2m-sde", "chacha8"),
+        ("lcm", "chacha8"),
+        // The torch generator: each image replays its own from its seed.
+        ("euler-a", "torch"),
+        ("lcm", "torch"),
+    ] {
+        let sampler_flags = [
+            "--scheduler",
+            sampler,
+            "--guidance-rescale",
+            "0.5",
+            "--noise",
+            noise,
+        ];
+        let sampler = format!("{sampler}-{noise}");
+        let sampler = sampler.as_str();
         let mut batch_flags = vec!["--prompts", s(&prompts), "--seed", "40"];
         batch_flags.extend(sampler_flags);
         // Prompt 1 of the batch gets seed 41.
@@ -235,5 +252,12 @@ fn image_i_of_a_batch_is_its_own_run_with_a_stochastic_sampler_on_any_strategy()
         other[3] = "42";
         let other = generate(dir.path(), &format!("{sampler}-42.png"), &other);
         assert_ne!(other, alone, "{sampler}: the seed changed nothing");
+        by_noise.push((sampler.to_string(), alone));
     }
+    // euler-a's image differs between the generators.
+    assert_ne!(
+        by_noise[0].1, by_noise[3].1,
+        "{} = {}",
+        by_noise[0].0, by_noise[3].0
+    );
 }
