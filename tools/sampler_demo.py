@@ -16,7 +16,8 @@ and SSIM between the two folders.
 
 Writes docs/images/samplers.png (top row ours, bottom row diffusers, 4x nearest-neighbour
 upscale, one column per sampler in the table's order) and docs/images/samplers.json, and
-prints the Markdown table. Timings are only comparable within one run; note the load
+prints the Markdown table. `--ours-only` (no torch or diffusers needed, only Pillow) runs
+our side alone: one row of images, the table without diffusers' columns. Timings are only comparable within one run; note the load
 average it prints.
 
     cargo build --release -p hybridiff-cli
@@ -32,10 +33,10 @@ import subprocess
 import tempfile
 import time
 
-import numpy as np
-import torch
 from PIL import Image
-from safetensors.torch import load_file
+
+# torch, diffusers and safetensors are imported where used, so that --ours-only runs
+# without them.
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -87,6 +88,8 @@ def ours(binary, cache, out_dir, label, flags, repeats):
 
 
 def noise_dump(shape):
+    from safetensors.torch import load_file
+
     out = os.path.join(tempfile.mkdtemp(), "noise.safetensors")
     c, h, w = shape
     subprocess.run(["cargo", "run", "--quiet", "--release", "-p", "hybridiff-engine", "--example", "noise_dump", "--",
@@ -96,6 +99,7 @@ def noise_dump(shape):
 
 def diffusers_image(pipe, cls_name, overrides, kwargs, noise, out_png):
     import diffusers
+    import torch
     from diffusers.schedulers import (scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete,
                                       scheduling_lcm)
 
@@ -124,8 +128,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for diffusers")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "images"))
+    ap.add_argument("--ours-only", action="store_true", help="our images and times alone (no diffusers)")
     args = ap.parse_args()
+    if args.ours_only:
+        return ours_only(args)
 
+    import torch
     from diffusers import StableDiffusionPipeline
 
     torch.set_num_threads(args.threads)
@@ -190,6 +198,40 @@ def main():
         ssim = "-" if r["ssim"] is None else f"{r['ssim']:.4f}"
         print(f"| {i + 1} | `{r['label']}` | {r['diffusers']} | {r['wall_seconds']:.2f} / {r['denoise_seconds']:.3f} "
               f"| {r['diffusers_seconds']:.3f} | {psnr} | {ssim} |")
+
+
+def ours_only(args):
+    """Our side of the table: each sampler's image (one row, 4x nearest) and times."""
+    print("load average before:", os.getloadavg())
+    work = tempfile.mkdtemp()
+    cache = os.path.join(work, "cache")
+    ours_dir = os.path.join(work, "ours")
+    os.makedirs(ours_dir)
+    rows = []
+    for label, flags, cls_name, _, _ in SAMPLERS:
+        _, wall, denoise = ours(args.bin, cache, ours_dir, label, flags, args.repeats)
+        rows.append(dict(label=label, flags=" ".join(flags), diffusers=cls_name, file=file_name(label),
+                         wall_seconds=wall, denoise_seconds=denoise))
+        print(f"{label}: {wall:.2f} s process / {denoise:.3f} s denoising", flush=True)
+    load_after = os.getloadavg()
+    ims = [Image.open(os.path.join(ours_dir, r["file"])) for r in rows]
+    w, h = ims[0].size
+    strip = Image.new("RGB", (w * len(ims), h), "white")
+    for i, a in enumerate(ims):
+        strip.paste(a, (i * w, 0))
+    strip = strip.resize((strip.width * 4, strip.height * 4), Image.NEAREST)
+    os.makedirs(args.out, exist_ok=True)
+    strip.save(os.path.join(args.out, "samplers.png"))
+    meta = dict(prompt=PROMPT, seed=SEED, steps=STEPS, guidance=GUIDANCE, repeats=args.repeats,
+                ours_only=True, load_average_after=load_after, rows=rows)
+    with open(os.path.join(args.out, "samplers.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+        f.write("\n")
+    print("\nload average after:", load_after)
+    print("\n| # | sampler (flags) | diffusers class | process / denoising (s) |")
+    print("| --- | --- | --- | --- |")
+    for i, r in enumerate(rows):
+        print(f"| {i + 1} | `{r['label']}` | {r['diffusers']} | {r['wall_seconds']:.2f} / {r['denoise_seconds']:.3f} |")
 
 
 if __name__ == "__main__":
