@@ -251,10 +251,16 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
         }
     }
     hybridiff_engine::check_guidance(args.guidance)?;
-    let (options, switch) = args.strategy_args.options(
-        &crate::strategy_args::ModelDefaults::read(&model_dir)?,
-        args.steps,
-    )?;
+    let defaults = crate::strategy_args::ModelDefaults::read(&model_dir)?;
+    let (options, switch) = args.strategy_args.options(&defaults, args.steps)?;
+    let cache = args.strategy_args.cache(&defaults)?;
+    if let Some((spec, note)) = &cache {
+        spec.check_steps(args.steps)
+            .map_err(|e| anyhow::anyhow!("{e}{}", crate::strategy_args::from_default(note)))?;
+        if root && note.starts_with("--cache default") {
+            eprintln!("hybridiff: {note}");
+        }
+    }
     let built: Vec<Box<dyn hybridiff_engine::Strategy>> =
         kinds.iter().map(|k| k.build(&options)).collect();
     let refs: Vec<&dyn hybridiff_engine::Strategy> = built.iter().map(|b| b.as_ref()).collect();
@@ -265,6 +271,7 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     let device = devices.device.clone();
     let dtype = crate::strategy_args::parse_dtype(&args.dtype, &device)?;
     let model = Model::load(&model_dir, dtype, &device)?;
+    crate::strategy_args::check_cache_fits(cache.as_ref(), model.denoiser.as_ref())?;
     let placement = crate::strategy_args::load_replicas(devices.placement, &model_dir, dtype)?;
     let inputs = match &args.inputs {
         Some(p) => DenoiseInputs::load(p, &model.input_spec, &device)?,
@@ -291,7 +298,8 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
                     (model.input_spec.latent_channels, size, size),
                     args.context_len,
                     args.steps,
-                );
+                )
+                .with_cache(options.cache);
                 estimate_job(model.denoiser.as_ref(), &shape).check()?;
             }
             random_inputs(
@@ -329,22 +337,32 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
         progress: None,
     };
     let mut runs = Vec::new();
+    // With --cache, every strategy runs without and then with it.
+    let variants: &[bool] = if options.cache.is_some() {
+        &[false, true]
+    } else {
+        &[false]
+    };
     for &kind in &kinds {
-        if kind == StrategyKind::Serial {
-            // One rank: the same on threads and processes, so it runs once.
-            runs.push(BenchRun {
-                kind,
-                world_size: 1,
-                on_processes: false,
-            });
-            continue;
-        }
-        for &on_processes in &transports {
-            runs.push(BenchRun {
-                kind,
-                world_size: args.world_size,
-                on_processes,
-            });
+        for &cached in variants {
+            if kind == StrategyKind::Serial {
+                // One rank: the same on threads and processes, so it runs once.
+                runs.push(BenchRun {
+                    kind,
+                    world_size: 1,
+                    on_processes: false,
+                    cached,
+                });
+                continue;
+            }
+            for &on_processes in &transports {
+                runs.push(BenchRun {
+                    kind,
+                    world_size: args.world_size,
+                    on_processes,
+                    cached,
+                });
+            }
         }
     }
     // Every run's layout and options are checked before the timed forwards, so a bad flag
@@ -398,9 +416,14 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     print!("{table}");
     if let Some(d) = &args.trace_dir {
         for (row, trace) in &results {
+            let cached = if row.cache == "-" {
+                String::new()
+            } else {
+                format!("-{}", row.cache.split(':').next().unwrap_or("cache"))
+            };
             let p = match row.transport.as_str() {
-                "threads" => d.join(format!("{}.json", row.strategy)),
-                t => d.join(format!("{}-{t}.json", row.strategy)),
+                "threads" => d.join(format!("{}{cached}.json", row.strategy)),
+                t => d.join(format!("{}{cached}-{t}.json", row.strategy)),
             };
             write_bytes_atomic(&p, serde_json::to_string_pretty(trace)?.as_bytes())?;
         }

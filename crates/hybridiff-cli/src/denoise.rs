@@ -79,6 +79,7 @@ pub fn run(args: DenoiseArgs, launch: &crate::launch::Launch) -> Result<()> {
     check_outside_folder(&outputs, &args.model, "--model")?;
     let device = run.device.clone();
     let model = Model::load(&args.model, run.dtype, &device)?;
+    run.check_cache_fits(model.denoiser.as_ref())?;
     run.options.placement = crate::strategy_args::load_replicas(
         std::mem::take(&mut run.options.placement),
         &args.model,

@@ -313,6 +313,7 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
         }
     }
     let pipeline = Pipeline::load(&model_dir, run.dtype, &device)?;
+    run.check_cache_fits(pipeline.model.denoiser.as_ref())?;
     run.options.placement = crate::strategy_args::load_replicas(
         std::mem::take(&mut run.options.placement),
         &model_dir,

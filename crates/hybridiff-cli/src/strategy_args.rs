@@ -1,6 +1,7 @@
 //! The run flags that `generate`, `denoise`, `bench` and `serve` share.
 
 use anyhow::Result;
+use hybridiff_engine::cache::CacheSpec;
 use hybridiff_engine::switch::{self, PartialSwitch, ResolvedSwitch};
 use hybridiff_engine::{PipelinedGuidance, StrategyOptions};
 
@@ -44,6 +45,12 @@ pub struct StrategyArgs {
     /// last exact step's guidance correction).
     #[arg(long, default_value = "none")]
     pub pipelined_guidance: String,
+    /// Step caching, every strategy [default: off]: `deepcache[:interval=N,branch=B,warmup=W]`
+    /// (U-Nets: cached steps run only the shallow branch), `teacache[:threshold=T,warmup=W]`
+    /// (MMDiTs: cached steps reuse the blocks' residual), `default` (what the model folder's
+    /// hybridiff.json recommends) or `none`.
+    #[arg(long, value_name = "METHOD[:KEY=VALUE,...]")]
+    pub cache: Option<String>,
 }
 
 impl StrategyArgs {
@@ -72,9 +79,45 @@ impl StrategyArgs {
                 pipelined_guidance: self.pipelined_guidance.parse::<PipelinedGuidance>()?,
                 patch_mode: self.patch_mode.parse()?,
                 cfg_split: !self.no_cfg_split,
+                cache: self.cache(defaults)?.map(|(c, _)| c),
             },
             resolved,
         ))
+    }
+
+    /// `--cache`: the method and parameters given, or (`default`) the model's
+    /// recommendation, with a line saying where it came from; `None` without the flag or
+    /// with `none`.
+    pub fn cache(&self, defaults: &ModelDefaults) -> Result<Option<(CacheSpec, String)>> {
+        match self.cache.as_deref().map(str::trim) {
+            None | Some("none") => Ok(None),
+            Some("default") => match &defaults.cache {
+                Some(c) => Ok(Some((
+                    *c,
+                    format!(
+                        "--cache default: {c} (from {})",
+                        defaults
+                            .path
+                            .as_ref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_else(|| "hybridiff.json".into())
+                    ),
+                ))),
+                None => anyhow::bail!(
+                    "--cache default: {} recommends no cache (no `cache` key); give a method: {}",
+                    defaults
+                        .path
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "the model folder has no hybridiff.json, so it".into()),
+                    hybridiff_engine::cache::METHODS
+                ),
+            },
+            Some(s) => {
+                let spec = CacheSpec::parse(s, "--cache")?;
+                Ok(Some((spec, format!("--cache {spec}"))))
+            }
+        }
     }
 }
 
@@ -119,6 +162,21 @@ pub struct ModelDefaults {
     pub eps_slope: Option<f64>,
     pub k: Option<usize>,
     pub tau_cap: Option<usize>,
+    /// The step cache `--cache default` takes, as `--cache` writes it.
+    #[serde(default, deserialize_with = "cache_key")]
+    pub cache: Option<CacheSpec>,
+    /// The file it was read from.
+    #[serde(skip)]
+    pub path: Option<std::path::PathBuf>,
+}
+
+/// `cache` as a `--cache` string; read as a string first so that a bad value is named by
+/// the caller with the file and the key.
+fn cache_key<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<CacheSpec>, D::Error> {
+    let s: Option<String> = serde::Deserialize::deserialize(d)?;
+    s.map(|s| CacheSpec::parse(&s, "key `cache`"))
+        .transpose()
+        .map_err(serde::de::Error::custom)
 }
 
 impl ModelDefaults {
@@ -134,12 +192,13 @@ impl ModelDefaults {
             hybridiff_models::weights::MAX_CONFIG_BYTES,
         )
         .with_context(|| format!("reading {}", p.display()))?;
-        let d: Self = serde_json::from_str(&text).with_context(|| {
+        let mut d: Self = serde_json::from_str(&text).with_context(|| {
             format!(
-                "{}: expected {{steps, guidance, l_slope, eps_slope, k, tau_cap}}",
+                "{}: expected {{steps, guidance, l_slope, eps_slope, k, tau_cap, cache}}",
                 p.display()
             )
         })?;
+        d.path = Some(p.clone());
         if d.steps == Some(0) {
             anyhow::bail!("{}: `steps` = 0: expected 1 or more", p.display());
         }
@@ -325,6 +384,27 @@ pub struct RunArgs {
     pub strategy_args: StrategyArgs,
 }
 
+/// Refuses a step cache that does not fit `model`, saying where a `default` one came from.
+pub fn check_cache_fits(
+    cache: Option<&(CacheSpec, String)>,
+    model: &dyn hybridiff_models::Denoiser,
+) -> Result<()> {
+    if let Some((spec, note)) = cache {
+        spec.skip_range(model)
+            .map_err(|e| anyhow::anyhow!("{e}{}", from_default(note)))?;
+    }
+    Ok(())
+}
+
+/// ` (--cache default: ... from FILE)` when the cache came from a model's recommendation.
+pub(crate) fn from_default(note: &str) -> String {
+    if note.starts_with("--cache default") {
+        format!(" ({note})")
+    } else {
+        String::new()
+    }
+}
+
 /// `--dtype`: f32 or f16, and bf16 where the device has bf16 kernels.
 pub(crate) fn parse_dtype(s: &str, device: &candle_core::Device) -> Result<candle_core::DType> {
     use candle_core::DType;
@@ -348,6 +428,8 @@ pub struct Run {
     pub scheduler: Option<hybridiff_schedulers::SchedulerKind>,
     /// The hybrid thresholds and where they came from.
     pub switch: ResolvedSwitch,
+    /// `--cache`, and the line saying where it came from.
+    pub cache: Option<(CacheSpec, String)>,
     /// Rank 0's device: load the model and inputs here (`options.placement` has every
     /// rank's; [`load_replicas`] loads the model on the others).
     pub device: candle_core::Device,
@@ -356,8 +438,19 @@ pub struct Run {
 }
 
 impl Run {
-    /// [`announce`] for this run's strategy.
+    /// Refuses a `--cache` that does not fit the loaded `model` (before any compute), saying
+    /// where a `default` one came from.
+    pub fn check_cache_fits(&self, model: &dyn hybridiff_models::Denoiser) -> Result<()> {
+        check_cache_fits(self.cache.as_ref(), model)
+    }
+
+    /// [`announce`] for this run's strategy, and where `--cache default` came from.
     pub fn announce(&self, guidance: f64, steps: usize, print: bool) -> Result<()> {
+        if let (true, Some((_, note))) = (print, &self.cache) {
+            if note.starts_with("--cache default") {
+                eprintln!("hybridiff: {note}");
+            }
+        }
         announce(
             &[self.kind],
             &[self.strategy.as_ref()],
@@ -432,6 +525,11 @@ impl RunArgs {
             None => None,
         };
         let (options, switch) = self.strategy_args.options(defaults, steps)?;
+        let cache = self.strategy_args.cache(defaults)?;
+        if let Some((spec, note)) = &cache {
+            spec.check_steps(steps)
+                .map_err(|e| anyhow::anyhow!("{e}{}", from_default(note)))?;
+        }
         Ok(Run {
             kind,
             strategy: kind.build(&options),
@@ -439,6 +537,7 @@ impl RunArgs {
             dtype: parse_dtype(&self.dtype, &devices.device)?,
             scheduler,
             switch,
+            cache,
             device: devices.device,
             nccl,
         })

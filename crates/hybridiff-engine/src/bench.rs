@@ -126,6 +126,16 @@ pub struct BenchRow {
     /// Each rank's device and how tensors crossed between ranks (see [`crate::Trace`]).
     pub rank_devices: Vec<String>,
     pub transfer: String,
+    /// The step cache (`--cache`), or `-`.
+    pub cache: String,
+    /// Sample-forwards computed by all ranks (serial: 2 per step), and saved by the cache.
+    pub forwards: f64,
+    pub forwards_saved: f64,
+    /// Steps the cache decided to cache.
+    pub cached_steps: usize,
+    /// Mean milliseconds per step outside the denoiser on rank 0: the step's wall time less
+    /// rank 0's compute (scheduler, guidance, checks, waiting for other ranks).
+    pub step_overhead_ms: f64,
     /// The latency model's prediction on `--simulate-link`, when one was asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub predicted: Option<PredictedRow>,
@@ -215,9 +225,12 @@ pub struct BenchRun {
     pub kind: crate::StrategyKind,
     pub world_size: usize,
     pub on_processes: bool,
+    /// With the options' step cache (`--cache`); else without.
+    pub cached: bool,
 }
 
-/// Runs `serial` and each strategy on the same job, one after the other, and compares.
+/// Runs `serial` and each strategy on the same job, one after the other, and compares;
+/// with a step cache in `options`, each strategy (serial included) also runs with it.
 /// Returns the rows and each run's trace.
 pub fn compare(
     job: &crate::Job,
@@ -225,12 +238,20 @@ pub fn compare(
     options: &crate::StrategyOptions,
     threads_per_rank: usize,
 ) -> Result<Vec<(BenchRow, crate::Trace)>> {
+    let variants: &[bool] = if options.cache.is_some() {
+        &[false, true]
+    } else {
+        &[false]
+    };
     let runs: Vec<BenchRun> = strategies
         .iter()
-        .map(|&(kind, world_size)| BenchRun {
-            kind,
-            world_size,
-            on_processes: false,
+        .flat_map(|&(kind, world_size)| {
+            variants.iter().map(move |&cached| BenchRun {
+                kind,
+                world_size,
+                on_processes: false,
+                cached,
+            })
         })
         .collect();
     compare_on(
@@ -252,7 +273,8 @@ pub fn compare(
 /// rows, the others an empty list.
 ///
 /// In-process ranks run on `placement`'s devices; with `link`, each row gets the latency
-/// model's prediction on it ([`predicted_row`]).
+/// model's prediction on it ([`predicted_row`]). The serial baseline runs without a step
+/// cache; runs with `cached` take `options.cache`.
 pub fn compare_on(
     job: &crate::Job,
     runs: &[BenchRun],
@@ -263,6 +285,11 @@ pub fn compare_on(
     mut group: Option<(&mut dyn hybridiff_comm::Communicator, &str)>,
 ) -> Result<Vec<(BenchRow, crate::Trace)>> {
     use crate::{denoise, denoise_rank, RunOptions, StrategyKind};
+    let uncached = crate::StrategyOptions {
+        cache: None,
+        ..options.clone()
+    };
+    let options_of = |cached: bool| if cached { options } else { &uncached };
     let opts = |world_size| RunOptions {
         world_size,
         threads_per_rank,
@@ -272,11 +299,11 @@ pub fn compare_on(
     let root = group.as_ref().is_none_or(|(c, _)| c.rank() == 0);
     // On threads of rank 0's process, while the other processes wait at a barrier.
     let on_threads = |group: &mut Option<(&mut dyn hybridiff_comm::Communicator, &str)>,
-                      kind: StrategyKind,
-                      world: usize|
+                      run: BenchRun|
      -> Result<Option<crate::DenoiseOutput>> {
         let out = if root {
-            Some(denoise(job, kind.build(options).as_ref(), &opts(world))?)
+            let strategy = run.kind.build(options_of(run.cached));
+            Some(denoise(job, strategy.as_ref(), &opts(run.world_size))?)
         } else {
             None
         };
@@ -285,13 +312,21 @@ pub fn compare_on(
         }
         Ok(out)
     };
-    let serial = on_threads(&mut group, StrategyKind::Serial, 1)?;
+    let serial = on_threads(
+        &mut group,
+        BenchRun {
+            kind: StrategyKind::Serial,
+            world_size: 1,
+            on_processes: false,
+            cached: false,
+        },
+    )?;
     let mut outs = Vec::with_capacity(runs.len());
     for run in runs {
         let out = match (run.on_processes, group.as_mut()) {
             (true, Some((comm, _))) => denoise_rank(
                 job,
-                run.kind.build(options).as_ref(),
+                run.kind.build(options_of(run.cached)).as_ref(),
                 &opts(run.world_size),
                 *comm,
             )?,
@@ -300,8 +335,8 @@ pub fn compare_on(
                     "a run on processes needs a communicator over the processes".into(),
                 ))
             }
-            (false, _) if run.kind == StrategyKind::Serial => serial.clone(),
-            (false, _) => on_threads(&mut group, run.kind, run.world_size)?,
+            (false, _) if run.kind == StrategyKind::Serial && !run.cached => serial.clone(),
+            (false, _) => on_threads(&mut group, *run)?,
         };
         outs.push((run, out));
     }
@@ -313,7 +348,7 @@ pub fn compare_on(
     let mut rows = Vec::new();
     for (run, out) in outs {
         let out = out.ok_or_else(|| Error::Options("rank 0 got no output of a run".into()))?;
-        let setup = run.kind.build(options).describe(job, run.world_size);
+        let setup = run.kind.build(&uncached).describe(job, run.world_size);
         let t = &out.trace;
         let ranks = t
             .steps
@@ -343,6 +378,11 @@ pub fn compare_on(
                 .collect(),
             rank_devices: t.rank_devices.clone(),
             transfer: t.transfer.clone(),
+            cache: t.cache.clone().unwrap_or_else(|| "-".into()),
+            forwards: t.forwards,
+            forwards_saved: t.forwards_saved,
+            cached_steps: t.cached_steps,
+            step_overhead_ms: step_overhead_ms(t),
             predicted: match link {
                 Some(l) => Some(predicted_row(t, &serial.trace, l)?),
                 None => None,
@@ -353,6 +393,19 @@ pub fn compare_on(
     Ok(rows)
 }
 
+/// Mean milliseconds per step that rank 0 spent outside its denoiser compute.
+pub fn step_overhead_ms(t: &crate::Trace) -> f64 {
+    if t.steps.is_empty() {
+        return 0.0;
+    }
+    let sum: f64 = t
+        .steps
+        .iter()
+        .map(|s| s.wall_seconds - s.rank_compute_seconds.first().copied().unwrap_or(0.0))
+        .sum();
+    1e3 * sum / t.steps.len() as f64
+}
+
 /// The rows as a Markdown table (with the predicted columns when rows have predictions).
 pub fn markdown_table(rows: &[BenchRow]) -> String {
     let link = rows
@@ -360,9 +413,10 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
         .find_map(|r| r.predicted.as_ref())
         .map(|p| p.link.name.clone());
     let mut s = String::from(
-        "| strategy | ranks | transport | latency (s) | speedup | bytes sent | reference bytes | PSNR vs serial (dB) | max abs diff | tau1 | tau2 | staged steps | setup | devices |",
+        "| strategy | cache | ranks | transport | latency (s) | speedup | forwards | cached steps | step overhead (ms) | bytes sent | reference bytes | PSNR vs serial (dB) | max abs diff | tau1 | tau2 | staged steps | setup | devices |",
     );
-    let mut rule = String::from("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut rule =
+        String::from("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     if let Some(l) = &link {
         s.push_str(&format!(
             " predicted on {l} (s) | predicted speedup | predicted vs measured |"
@@ -375,12 +429,16 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
     let opt = |v: Option<usize>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {:.3} | {:.2}x | {} | {} | {:.2} | {:.3e} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.3} | {:.2}x | {:.1} | {} | {:.2} | {} | {} | {:.2} | {:.3e} | {} | {} | {} | {} | {} |",
             r.strategy,
+            r.cache,
             r.world_size,
             r.transport,
             r.seconds,
             r.speedup,
+            r.forwards,
+            r.cached_steps,
+            r.step_overhead_ms,
             r.bytes_sent,
             r.reference_bytes_sent,
             r.psnr_db,

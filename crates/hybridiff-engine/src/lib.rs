@@ -2,6 +2,7 @@
 //! loop and the parallel strategies that share its work.
 
 pub mod bench;
+pub mod cache;
 pub mod device;
 pub mod error;
 pub mod init;
@@ -350,7 +351,8 @@ fn check_job(
     strategy.check(job, opts.world_size)?;
     let (_, c, h, w) = job.inputs.latents.dims4()?;
     let shape =
-        memory::JobShape::for_strategy(strategy.name(), local_ranks, (c, h, w), ctx_len, job.steps);
+        memory::JobShape::for_strategy(strategy.name(), local_ranks, (c, h, w), ctx_len, job.steps)
+            .with_cache(strategy.cache().copied());
     memory::estimate_job(job.model, &shape).check()?;
     strategy.plan_summary(job, opts.world_size)
 }
@@ -365,7 +367,7 @@ fn agree_on_job(
     comm: &mut dyn hybridiff_comm::Communicator,
 ) -> Result<()> {
     let mine = format!(
-        "strategy {} | world {} | steps {} | guidance {} | scheduler {} | latents {:?} {:?} | stages {}",
+        "strategy {} | world {} | steps {} | guidance {} | scheduler {} | latents {:?} {:?} | stages {} | cache {}",
         strategy.name(),
         opts.world_size,
         job.steps,
@@ -374,6 +376,10 @@ fn agree_on_job(
         job.inputs.latents.dims(),
         job.inputs.latents.dtype(),
         stage_plan.map(|p| p.to_string()).unwrap_or_default(),
+        strategy
+            .cache()
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "none".into()),
     );
     let bytes = Tensor::new(mine.as_bytes(), &candle_core::Device::Cpu)?;
     let root = comm.broadcast((comm.rank() == 0).then_some(&bytes), 0)?;
@@ -424,6 +430,9 @@ struct RankCost {
     bytes: u64,
     messages: u64,
     overlapped: strategy::Sent,
+    /// Sample-forwards computed and saved by the step cache.
+    forwards: f64,
+    saved: f64,
 }
 
 impl RankCost {
@@ -433,6 +442,8 @@ impl RankCost {
             bytes: s.bytes_sent,
             messages: s.messages_sent,
             overlapped: s.overlapped,
+            forwards: s.cache.forwards,
+            saved: s.cache.saved,
         }
     }
 }
@@ -443,7 +454,11 @@ fn gather_steps(
     steps: &[strategy::RankStep],
 ) -> Result<Vec<Vec<RankCost>>> {
     let dev = candle_core::Device::Cpu;
-    let secs: Vec<f64> = steps.iter().map(|s| s.compute_seconds).collect();
+    // Per step: compute seconds, forwards computed and forwards saved.
+    let secs: Vec<f64> = steps
+        .iter()
+        .flat_map(|s| [s.compute_seconds, s.cache.forwards, s.cache.saved])
+        .collect();
     // i64 carries any count a step can have (< 2^63): bytes, messages, overlapped bytes
     // and messages, step after step.
     let counts: Vec<i64> = steps
@@ -464,23 +479,25 @@ fn gather_steps(
         .zip(&counts)
         .map(|(s, c)| {
             let (s, c) = (s.to_vec1::<f64>()?, c.to_vec1::<i64>()?);
-            if s.len() != steps.len() || c.len() != 4 * steps.len() {
+            if s.len() != 3 * steps.len() || c.len() != 4 * steps.len() {
                 return Err(Error::Options(format!(
                     "a rank reported {} steps, expected {}",
                     s.len(),
                     steps.len()
                 )));
             }
-            Ok(s.into_iter()
+            Ok(s.chunks(3)
                 .zip(c.chunks(4))
-                .map(|(secs, c)| RankCost {
-                    compute_seconds: secs,
+                .map(|(s, c)| RankCost {
+                    compute_seconds: s[0],
                     bytes: c[0] as u64,
                     messages: c[1] as u64,
                     overlapped: strategy::Sent {
                         bytes: c[2] as u64,
                         messages: c[3] as u64,
                     },
+                    forwards: s[1],
+                    saved: s[2],
                 })
                 .collect())
         })
@@ -498,6 +515,7 @@ fn assemble(
     ranks: &RankRecords,
 ) -> Result<DenoiseOutput> {
     let per_rank = &ranks.costs;
+    let names = job.model.module_names();
     let job_device = job.inputs.latents.device();
     let rank_devices: Vec<device::RankDevice> = ranks.devices.clone().unwrap_or_else(|| {
         (0..opts.world_size)
@@ -527,6 +545,18 @@ fn assemble(
                 slope: s.slope,
                 tau1: s.tau1,
                 tau2: s.tau2,
+                forwards: per_rank.iter().fold(0.0, |a, r| a + r[i].forwards),
+                cache: strategy.cache().map(|_| trace::StepCacheTrace {
+                    decision: if s.cache.cached { "cached" } else { "computed" }.into(),
+                    cached_modules: s
+                        .cache
+                        .served
+                        .iter()
+                        .map(|&m| names.get(m).cloned().unwrap_or_default())
+                        .collect(),
+                    forwards_saved: per_rank.iter().fold(0.0, |a, r| a + r[i].saved),
+                    signal: s.cache.signal,
+                }),
             }
         })
         .collect();
@@ -548,6 +578,16 @@ fn assemble(
         tau1: rank0.steps.last().and_then(|s| s.tau1),
         tau2: rank0.steps.last().and_then(|s| s.tau2),
         rel_mae_log: steps.iter().map(|s| s.rel_mae).collect(),
+        cache: strategy.cache().map(|c| c.to_string()),
+        forwards: steps.iter().fold(0.0, |a, s| a + s.forwards),
+        forwards_saved: steps
+            .iter()
+            .filter_map(|s| s.cache.as_ref())
+            .fold(0.0, |a, c| a + c.forwards_saved),
+        cached_steps: steps
+            .iter()
+            .filter(|s| s.cache.as_ref().is_some_and(|c| c.decision == "cached"))
+            .count(),
         steps,
     };
     let step_latents = Tensor::cat(&rank0.step_latents, 0)?;

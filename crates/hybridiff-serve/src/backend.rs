@@ -111,6 +111,8 @@ pub struct PipelineBackend {
     /// Built by `strategy_for`, by step count (at most `--max-steps` of them).
     strategies: HashMap<usize, Box<dyn Strategy>>,
     strategy_name: &'static str,
+    /// The step cache every request runs with (`--cache`), for the memory check.
+    cache: Option<hybridiff_engine::cache::CacheSpec>,
     scheduler: Option<SchedulerKind>,
     info: BackendInfo,
 }
@@ -173,12 +175,14 @@ impl PipelineBackend {
             .check_request(&default_request, strategy.as_ref(), runner.options())
             .map_err(|e| format!("a request with the defaults would fail: {e}"))?;
         let strategy_name = strategy.name();
+        let cache = strategy.cache().copied();
         Ok(Self {
             pipeline,
             runner,
             strategy_for,
             strategies: HashMap::from([(info.default_steps, strategy)]),
             strategy_name,
+            cache,
             scheduler,
             info,
         })
@@ -220,6 +224,7 @@ impl Backend for PipelineBackend {
         };
         let memory = self.pipeline.memory_check();
         let strategy = self.strategy_name;
+        let cache = self.cache;
         let world_size = self.runner.options().world_size;
         let scheduler = self.scheduler;
         Some(Arc::new(move |job: &ImageJob| {
@@ -235,7 +240,7 @@ impl Backend for PipelineBackend {
                 seed: job.seed,
             };
             memory
-                .check_within(&req, strategy, world_size, limit)
+                .check_within(&req, strategy, world_size, cache, limit)
                 .map_err(|e| match e {
                     hybridiff_engine::Error::Memory(m) => crate::ApiError::bad_field(
                         "size",

@@ -110,6 +110,8 @@ pub struct StrategyOptions {
     pub patch_mode: patch::PatchMode,
     /// `patch`: split the CFG branches across two rank groups before the bands.
     pub cfg_split: bool,
+    /// Every strategy: step caching (`--cache`), none by default.
+    pub cache: Option<crate::cache::CacheSpec>,
 }
 
 impl Default for StrategyOptions {
@@ -121,13 +123,23 @@ impl Default for StrategyOptions {
             pipelined_guidance: PipelinedGuidance::None,
             patch_mode: patch::PatchMode::Displaced,
             cfg_split: true,
+            cache: None,
         }
     }
 }
 
 impl StrategyKind {
-    /// The strategy's implementation with its options.
+    /// The strategy's implementation with its options (with a step cache when
+    /// `opts.cache` says so).
     pub fn build(self, opts: &StrategyOptions) -> Box<dyn Strategy> {
+        let inner = self.build_uncached(opts);
+        match opts.cache {
+            Some(spec) => Box::new(Cached { inner, spec }),
+            None => inner,
+        }
+    }
+
+    fn build_uncached(self, opts: &StrategyOptions) -> Box<dyn Strategy> {
         match self {
             Self::Serial => Box::new(serial::Serial),
             Self::Cfg => Box::new(cfg::CfgSplit),
@@ -275,6 +287,52 @@ pub trait Strategy: Sync {
     fn plan_summary(&self, _job: &Job, _world_size: usize) -> Result<Option<serde_json::Value>> {
         Ok(None)
     }
+    /// The step cache every rank applies to its forwards (see [`crate::cache`]).
+    fn cache(&self) -> Option<&crate::cache::CacheSpec> {
+        None
+    }
+}
+
+/// A strategy with step caching: the same layout and worker, every forward of every rank
+/// going through that rank's [`crate::cache::StepCache`] (set up by [`run_rank`]).
+pub struct Cached {
+    pub inner: Box<dyn Strategy>,
+    pub spec: crate::cache::CacheSpec,
+}
+
+impl Strategy for Cached {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn check(&self, job: &Job, world_size: usize) -> Result<()> {
+        self.inner.check(job, world_size)?;
+        self.spec.skip_range(job.model).map(|_| ())
+    }
+    fn worker<'a>(
+        &'a self,
+        job: &'a Job<'a>,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<Box<dyn Worker + 'a>> {
+        self.inner.worker(job, rank, world_size)
+    }
+    fn without_cfg(&self) -> &'static str {
+        self.inner.without_cfg()
+    }
+    fn describe(&self, job: &Job, world_size: usize) -> String {
+        let inner = self.inner.describe(job, world_size);
+        if inner.is_empty() {
+            self.spec.to_string()
+        } else {
+            format!("{inner} + {}", self.spec)
+        }
+    }
+    fn plan_summary(&self, job: &Job, world_size: usize) -> Result<Option<serde_json::Value>> {
+        self.inner.plan_summary(job, world_size)
+    }
+    fn cache(&self) -> Option<&crate::cache::CacheSpec> {
+        Some(&self.spec)
+    }
 }
 
 /// One exact step without classifier-free guidance: rank 0 runs the conditional branch
@@ -374,6 +432,8 @@ pub struct RankStep {
     /// The part of the sent bytes and messages that may overlap compute.
     pub overlapped: Sent,
     pub reference_extra_bytes: u64,
+    /// What this rank's step cache did (forwards computed and saved, modules reused).
+    pub cache: crate::cache::StepRecord,
 }
 
 /// What one rank returns from a run.
@@ -384,12 +444,20 @@ pub struct RankOutput {
     pub steps: Vec<RankStep>,
 }
 
-/// Runs the sampling loop on one rank with `strategy` providing the predictions.
+/// Runs the sampling loop on one rank with `strategy` providing the predictions. Every
+/// forward goes through this rank's [`crate::cache::StepCache`], which counts forwards
+/// and, with `strategy.cache()`, decides each step whether it is cached.
 pub fn run_rank<'a>(
     strategy: &'a dyn Strategy,
     job: &'a Job<'a>,
     comm: &mut dyn Communicator,
 ) -> Result<RankOutput> {
+    let hw = (job.inputs.latents.dim(2)?, job.inputs.latents.dim(3)?);
+    let cache = crate::cache::StepCache::new(job.model, strategy.cache().copied(), hw)?;
+    let job = &Job {
+        model: &cache,
+        ..*job
+    };
     let mut worker = strategy.worker(job, comm.rank(), comm.world_size())?;
     let mut sampler = Sampler::new(job)?;
     let mut steps = Vec::with_capacity(job.steps);
@@ -399,7 +467,9 @@ pub fn run_rank<'a>(
         let sent0 = Sent::so_far(comm);
         let x = sampler.model_input(i)?;
         let t = sampler.timestep(i);
+        let plan = cache.plan_step(i, job.steps, comm, job, &x, t)?;
         let out = worker.step(comm, i, &x, t)?;
+        let record = cache.end_step(plan);
         match &out.prediction {
             Prediction::Branches(u, c) => sampler.step_guided(i, u, c)?,
             Prediction::Guided(eps) => sampler.step(i, eps)?,
@@ -413,12 +483,13 @@ pub fn run_rank<'a>(
             slope: out.slope,
             tau1: out.tau1,
             tau2: out.tau2,
-            compute_seconds: out.compute_seconds,
+            compute_seconds: out.compute_seconds + record.probe_seconds,
             wall_seconds: start.elapsed().as_secs_f64(),
             bytes_sent: comm.bytes_sent() - sent0.bytes,
             messages_sent: comm.messages_sent() - sent0.messages,
             overlapped: out.overlapped,
             reference_extra_bytes: out.reference_extra_bytes,
+            cache: record,
         });
         if comm.rank() == 0 {
             if let Some(p) = job.progress {

@@ -12,8 +12,15 @@
 //! - `displaced` (DistriFusion): the first `--warmup` steps are `sync`; afterwards a rank
 //!   sends its fresh values right after computing them and uses the peers' values from the
 //!   previous step, received when the layer next runs (they have long arrived), so
-//!   communication overlaps compute. The last warm-up step keeps what it received for the
+//!   communication overlaps compute. The warm-up steps keep what they received for the
 //!   first displaced step; the last step sends nothing, so no message is left unread.
+//!
+//! With step caching (`--cache`) a cached step may skip modules, and every band skips the
+//! same ones. Layer ids are numbered per module, so they stay put. A displaced layer whose
+//! peers sent at the previous step reads those values; one that did not run then reads the
+//! last values it kept. Values sent for a layer that this step skips are received all the
+//! same, at the point the layer would have run (messages stay in send order), and kept for
+//! the next step that runs it.
 //!
 //! Each step ends with an `all_gather` of every rank's band prediction (fresh, exact),
 //! so every rank steps the same latents. Bytes: halos go to the two neighbours, GroupNorm
@@ -210,6 +217,7 @@ impl Strategy for PatchParallel {
             base: group * l.bands,
             cond,
             stash: HashMap::new(),
+            pending: Vec::new(),
         }))
     }
 }
@@ -223,9 +231,12 @@ struct PatchWorker<'a> {
     /// First rank of this rank's group.
     base: usize,
     cond: Conditioning,
-    /// Values received in the last synchronous step, for the first displaced one,
-    /// keyed by (layer, peer rank).
+    /// Values kept for a later displaced step, keyed by (layer, peer rank): what the
+    /// warm-up received, and what was sent for a layer that a cached step skipped.
     stash: HashMap<(usize, usize), Tensor>,
+    /// The layers whose values peers sent at the previous step (for this step to read),
+    /// in send order, each with the peers that sent.
+    pending: Vec<(usize, Vec<usize>)>,
 }
 
 /// What this step does with the exchanged values.
@@ -233,10 +244,8 @@ struct PatchWorker<'a> {
 struct StepPlan {
     /// Receive this step's values (exact).
     sync: bool,
-    /// Keep what is received for the next (first displaced) step.
+    /// Keep what is received for a later displaced step.
     keep: bool,
-    /// Displaced: take the peers' values from the stash, not from the wire.
-    from_stash: bool,
     /// Displaced: send fresh values (not in the last step: nobody would read them).
     send: bool,
 }
@@ -248,6 +257,10 @@ struct Exchange<'s> {
     base: usize,
     plan: StepPlan,
     stash: std::cell::RefCell<&'s mut HashMap<(usize, usize), Tensor>>,
+    /// What peers sent at the previous step, not yet received (front first).
+    pending: std::cell::RefCell<std::collections::VecDeque<(usize, Vec<usize>)>>,
+    /// What this step sends for the next one to read.
+    sent: std::cell::RefCell<Vec<(usize, Vec<usize>)>>,
 }
 
 fn model_err(e: impl std::fmt::Display) -> hybridiff_models::Error {
@@ -255,8 +268,30 @@ fn model_err(e: impl std::fmt::Display) -> hybridiff_models::Error {
 }
 
 impl Exchange<'_> {
+    /// Receives what peers sent at the previous step for layers before `layer` that this
+    /// step skipped (a cached step), and keeps it; with `layer` = `usize::MAX`, for every
+    /// layer left (the end of the step).
+    fn drain_before(&self, layer: usize) -> hybridiff_models::Result<()> {
+        loop {
+            let due = self
+                .pending
+                .borrow()
+                .front()
+                .is_some_and(|(l, _)| *l < layer);
+            let Some((l, peers)) = due.then(|| self.pending.borrow_mut().pop_front()).flatten()
+            else {
+                return Ok(());
+            };
+            for peer in peers {
+                let t = self.comm.recv(peer).map_err(model_err)?;
+                self.stash.borrow_mut().insert((l, peer), t);
+            }
+        }
+    }
+
     /// Sends `mine` to each of `peers` (when this step sends), then returns each peer's
-    /// value for this layer: this step's (sync) or the previous step's (displaced).
+    /// value for this layer: this step's (sync) or the previous step's (displaced: from the
+    /// wire when the peers sent it then, else the last one kept).
     fn exchange(
         &self,
         layer: usize,
@@ -264,26 +299,39 @@ impl Exchange<'_> {
         from: &[usize],
     ) -> hybridiff_models::Result<Vec<Tensor>> {
         let p = self.plan;
+        self.drain_before(layer)?;
         if p.sync || p.send {
             for (peer, t) in out {
                 self.comm.send(t, *peer).map_err(model_err)?;
             }
         }
+        if !p.sync && p.send {
+            self.sent.borrow_mut().push((layer, from.to_vec()));
+        }
+        let on_wire = !p.sync
+            && self
+                .pending
+                .borrow()
+                .front()
+                .is_some_and(|(l, _)| *l == layer);
+        if on_wire {
+            self.pending.borrow_mut().pop_front();
+        }
         let mut got = Vec::with_capacity(from.len());
         for &peer in from {
-            let t = if !p.sync && p.from_stash {
+            let t = if p.sync || on_wire {
+                self.comm.recv(peer).map_err(model_err)?
+            } else {
                 self.stash
                     .borrow_mut()
                     .remove(&(layer, peer))
                     .ok_or_else(|| {
                         model_err(format!(
-                            "no value of layer {layer} from rank {peer} kept from the warm-up"
+                            "no value of layer {layer} from rank {peer} kept from an earlier step"
                         ))
                     })?
-            } else {
-                self.comm.recv(peer).map_err(model_err)?
             };
-            if p.keep {
+            if p.sync && p.keep {
                 self.stash.borrow_mut().insert((layer, peer), t.clone());
             }
             got.push(t);
@@ -371,8 +419,7 @@ impl Worker for PatchWorker<'_> {
         let sync = !displaced || i < self.warmup;
         let plan = StepPlan {
             sync,
-            keep: displaced && i + 1 == self.warmup && i + 1 < job.steps,
-            from_stash: displaced && i == self.warmup,
+            keep: displaced && sync && i + 1 < job.steps,
             send: i + 1 < job.steps,
         };
         let band = self.band;
@@ -385,16 +432,22 @@ impl Worker for PatchWorker<'_> {
         };
         let start = Instant::now();
         let sent0 = super::Sent::so_far(&*comm);
-        let eps = {
+        let (eps, sent) = {
             let ctx = Exchange {
                 comm: &*comm,
                 band,
                 base: self.base,
                 plan,
                 stash: std::cell::RefCell::new(&mut self.stash),
+                pending: std::cell::RefCell::new(std::mem::take(&mut self.pending).into()),
+                sent: std::cell::RefCell::new(Vec::new()),
             };
-            job.model.forward_patch(&xb, t, &self.cond, &ctx)?
+            let eps = job.model.forward_patch(&xb, t, &self.cond, &ctx)?;
+            // Values sent a step ago for layers this step skipped (cached steps).
+            ctx.drain_before(usize::MAX)?;
+            (eps, ctx.sent.into_inner())
         };
+        self.pending = sent;
         // A GPU runs queued kernels after the call returns: wait for them before the clock.
         eps.device().synchronize()?;
         let secs = start.elapsed().as_secs_f64();
