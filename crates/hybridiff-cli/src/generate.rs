@@ -493,6 +493,15 @@ fn run_batch(
                 entry["classifier_free_guidance"] = trace.classifier_free_guidance.into();
                 entry["tau1"] = serde_json::json!(trace.tau1);
                 entry["tau2"] = serde_json::json!(trace.tau2);
+                entry["denoise_seconds"] = trace.total_seconds.into();
+                entry["step_overhead_ms"] =
+                    hybridiff_engine::bench::step_overhead_ms(&trace).into();
+                entry["forwards"] = trace.forwards.into();
+                if let Some(c) = &trace.cache {
+                    entry["cache"] = c.clone().into();
+                    entry["cached_steps"] = trace.cached_steps.into();
+                    entry["forwards_saved"] = trace.forwards_saved.into();
+                }
                 println!("{file}: {}", echo_prompt(&it.prompt));
             }
             Err(e) => {

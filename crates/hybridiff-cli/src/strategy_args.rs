@@ -47,8 +47,8 @@ pub struct StrategyArgs {
     pub pipelined_guidance: String,
     /// Step caching, every strategy [default: off]: `deepcache[:interval=N,branch=B,warmup=W]`
     /// (U-Nets: cached steps run only the shallow branch), `teacache[:threshold=T,warmup=W]`
-    /// (MMDiTs: cached steps reuse the blocks' residual), `default` (what the model folder's
-    /// hybridiff.json recommends) or `none`.
+    /// (MMDiTs: cached steps reuse the blocks' residual; U-Nets: the last prediction),
+    /// `default` (what the model folder's hybridiff.json recommends) or `none`.
     #[arg(long, value_name = "METHOD[:KEY=VALUE,...]")]
     pub cache: Option<String>,
 }

@@ -99,11 +99,6 @@ fn bad_cache_flags_are_refused_before_compute_naming_the_flag() {
         ),
         (&sdxl, "teacache:threshold=-1", &["out of range"]),
         (
-            &sdxl,
-            "teacache",
-            &["teacache fits transformers", "use --cache deepcache"],
-        ),
-        (
             &sd3,
             "deepcache",
             &["deepcache fits U-Nets", "use --cache teacache"],
@@ -122,15 +117,15 @@ fn bad_cache_flags_are_refused_before_compute_naming_the_flag() {
     let o = hybridiff(&[
         "bench",
         "--model",
-        s(&sdxl),
+        s(&sd3),
         "--repeats",
         "0",
         "--steps",
         "4",
         "--cache",
-        "teacache",
+        "deepcache",
     ]);
-    expect_refused(&o, &out, &["use --cache deepcache"]);
+    expect_refused(&o, &out, &["use --cache teacache"]);
     let png = dir.path().join("x.png");
     let o = hybridiff(&[
         "generate",

@@ -109,6 +109,7 @@ fn trace_facts(t: &serde_json::Value) -> serde_json::Value {
                 "rank_messages_sent": s["rank_messages_sent"],
                 "rank_overlapped_bytes": s["rank_overlapped_bytes"],
                 "rank_overlapped_messages": s["rank_overlapped_messages"],
+                "forwards": s["forwards"], "cache": s["cache"],
             })
         })
         .collect();
@@ -118,14 +119,21 @@ fn trace_facts(t: &serde_json::Value) -> serde_json::Value {
         "reference_bytes_sent": t["reference_bytes_sent"], "stage_plan": t["stage_plan"],
         "tau1": t["tau1"], "tau2": t["tau2"], "rel_mae_log": t["rel_mae_log"], "steps": steps,
         "rank_devices": t["rank_devices"], "transfer": t["transfer"],
+        "cache": t["cache"], "forwards": t["forwards"], "forwards_saved": t["forwards_saved"],
+        "cached_steps": t["cached_steps"],
     })
 }
 
 /// Denoises the tiny SDXL with `extra` flags both ways; latents must agree bit for bit and the
 /// traces in everything but timings.
-fn same_as_in_process(np: usize, extra: &[&str]) {
+fn same_as_in_process(np: usize, extra: &[&str]) -> serde_json::Value {
+    same_as_in_process_on("tiny-sdxl", np, extra)
+}
+
+/// [`same_as_in_process`] on fixture `model`; returns the trace of the run on processes.
+fn same_as_in_process_on(model: &str, np: usize, extra: &[&str]) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
-    let root = fixture("tiny-sdxl");
+    let root = fixture(model);
     let inputs = root.join("inputs.safetensors");
     let mut outs = Vec::new();
     for mode in ["threads", "mpi"] {
@@ -192,6 +200,7 @@ fn same_as_in_process(np: usize, extra: &[&str]) {
         others > 0.0,
         "the other ranks' compute seconds are missing from the trace"
     );
+    tb
 }
 
 #[test]
@@ -210,6 +219,41 @@ fn hybrid_on_two_processes_equals_two_threads_bit_for_bit() {
             "--tau-cap",
             "8",
         ],
+    );
+}
+
+#[test]
+fn step_caching_on_processes_equals_threads_bit_for_bit() {
+    // deepcache's decisions come from the step index; the forwards counted and saved on
+    // every rank reach rank 0's trace.
+    let t = same_as_in_process(
+        2,
+        &[
+            "--strategy",
+            "hybrid",
+            "--l-slope",
+            "3",
+            "--eps-slope",
+            "0.05",
+            "--k",
+            "4",
+            "--tau-cap",
+            "8",
+            "--cache",
+            "deepcache:interval=2",
+        ],
+    );
+    assert!(t["cached_steps"].as_u64().unwrap() > 0 && t["forwards_saved"].as_f64().unwrap() > 0.0);
+    // teacache's come from rank 0's indicator, broadcast to the other processes.
+    let t = same_as_in_process_on(
+        "tiny-sd3",
+        2,
+        &["--strategy", "cfg", "--cache", "teacache:threshold=0.3"],
+    );
+    assert!(
+        t["cached_steps"].as_u64().unwrap() > 0,
+        "{}",
+        t["cached_steps"]
     );
 }
 

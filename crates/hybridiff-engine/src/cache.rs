@@ -9,14 +9,18 @@
 //!   blocks) gives its output of the last step that computed it; the deep feature entering
 //!   the shallow up block is the one DeepCache caches. A full forward every `interval`
 //!   steps (uniform 1:N schedule, sec. 3.3), after `warmup` full steps.
-//! - `teacache` (TeaCache, Liu et al., arXiv 2411.19108): an MMDiT's first block's
+//! - `teacache` (TeaCache, Liu et al., arXiv 2411.19108): the first block's
 //!   timestep-modulated input ([`Denoiser::modulated_input`]) is computed every step; its
 //!   relative L1 change from the previous step is accumulated, and while the sum stays under
-//!   `threshold` the step skips every transformer block, adding the residual the blocks
-//!   produced at the last computed step (output minus input tokens) to this step's input
-//!   tokens; `norm_out` and `proj_out` always run. The sum resets when a step computes.
-//!   The first `warmup` steps and the last step compute. No rescaling polynomial (the paper
-//!   fits one per model; none is fitted for ours), so thresholds are in raw relative L1.
+//!   `threshold` the step skips the blocks. On an MMDiT (the paper's setting) these are the
+//!   transformer blocks, and the step adds the residual they produced at the last computed
+//!   step (output minus input tokens) to this step's input tokens; `norm_out` and
+//!   `proj_out` always run. On a U-Net the blocks are the whole network (its input and
+//!   output are different quantities, so there is no residual to carry): a cached step
+//!   reuses the last computed prediction, and the indicator is the first resnet's state
+//!   where the time embedding is added. The sum resets when a step computes. The first
+//!   `warmup` steps and the last step compute. No rescaling polynomial (the paper fits one
+//!   per model; none is fitted for ours), so thresholds are in raw relative L1.
 //!
 //! How it composes: `run_rank` wraps the job's model in a [`StepCache`] (a [`Denoiser`]
 //! that forwards to the model) and decides, before each step, whether the step is cached
@@ -44,7 +48,7 @@ use hybridiff_models::{Band, Conditioning, Denoiser, OutputRef, PatchContext, St
 use crate::{Error, Job, Result};
 
 /// The methods, for messages.
-pub const METHODS: &str = "deepcache (U-Nets) or teacache (MMDiTs)";
+pub const METHODS: &str = "deepcache (U-Nets) or teacache (MMDiTs and U-Nets)";
 
 /// A step-caching method and its parameters, as `--cache` and `hybridiff.json`'s `cache`
 /// write it: `deepcache:interval=3,branch=0,warmup=1`, `teacache:threshold=0.1`.
@@ -303,19 +307,22 @@ impl CacheSpec {
                     kind: Substitute::Reuse,
                 })
             }
-            Self::TeaCache { .. } => {
-                let (Some(&start), Some(&last)) = (blocks.first(), blocks.last()) else {
-                    return Err(Error::Options(format!(
-                        "--cache {self}: teacache fits transformers (its indicator is the first block's timestep-modulated input); this model has no transformer blocks{}",
-                        if is_unet { "; use --cache deepcache for this U-Net" } else { "" }
-                    )));
-                };
-                Ok(SkipRange {
+            Self::TeaCache { .. } => match (blocks.first(), blocks.last()) {
+                (Some(&start), Some(&last)) => Ok(SkipRange {
                     start,
                     end: last + 1,
                     kind: Substitute::Residual,
-                })
-            }
+                }),
+                // A U-Net's blocks are the whole network: a cached step reuses its prediction.
+                _ if is_unet => Ok(SkipRange {
+                    start: 0,
+                    end: names.len(),
+                    kind: Substitute::Reuse,
+                }),
+                _ => Err(Error::Options(format!(
+                    "--cache {self}: teacache fits transformers and U-Nets (its indicator is a timestep-modulated input); this model is neither"
+                ))),
+            },
         }
     }
 
@@ -346,7 +353,8 @@ impl CacheSpec {
     /// Bytes one rank's cache holds beyond the run without it, for a forward whose memory
     /// is `fwd` (see [`crate::memory`]): deepcache keeps the skipped modules' outputs (at
     /// most every module output of a forward); teacache the residual and the anchor tokens
-    /// of a forward and two indicators (each the size of the image tokens).
+    /// of a forward and two indicators (each at most the main activation's size; a U-Net's
+    /// prediction is smaller).
     pub fn memory(&self, fwd: &hybridiff_models::memory::ForwardMemory) -> u128 {
         match self {
             Self::DeepCache { .. } => fwd.module_outputs,
@@ -492,14 +500,17 @@ struct Memo {
     outputs: Vec<Vec<Tensor>>,
     /// `Residual`: hidden after the range minus hidden before it.
     residual: Option<Tensor>,
+    /// `Reuse` of every module: the prediction (nothing else is needed).
+    prediction: Option<Tensor>,
 }
 
 impl Memo {
-    fn usable(&self, step: usize, key: &[usize], range: &SkipRange) -> bool {
+    fn usable(&self, step: usize, key: &[usize], range: &SkipRange, whole: bool) -> bool {
         step > 0
             && self.touched == Some(step - 1)
             && self.key == key
             && match range.kind {
+                _ if whole => self.prediction.is_some(),
                 Substitute::Reuse => self.outputs.len() == range.end - range.start,
                 Substitute::Residual => self.residual.is_some(),
             }
@@ -611,7 +622,7 @@ impl<'a> StepCache<'a> {
             None => false,
             Some(CacheSpec::DeepCache {
                 interval, warmup, ..
-            }) => i >= warmup.max(1) && (i - warmup) % interval != 0,
+            }) => i >= warmup.max(1) && !(i - warmup).is_multiple_of(interval),
             Some(CacheSpec::TeaCache { threshold, warmup }) => {
                 let mine = if comm.rank() == 0 {
                     let start = std::time::Instant::now();
@@ -700,15 +711,27 @@ impl<'a> StepCache<'a> {
         memo: &Mutex<Memo>,
         range: SkipRange,
         sample: &Tensor,
-        mut state: State,
+        begin: &dyn Fn() -> hybridiff_models::Result<State>,
         weight: f64,
         run: &dyn Fn(usize, &State) -> hybridiff_models::Result<Vec<Tensor>>,
     ) -> Result<Tensor> {
         let (step, cached) = self.step_plan();
         let mut memo = lock(memo);
         let key = sample.dims().to_vec();
-        let reuse = cached && memo.usable(step, &key, &range);
         let n = self.inner.module_names().len();
+        let whole = range.kind == Substitute::Reuse && range.start == 0 && range.end == n;
+        let reuse = cached && memo.usable(step, &key, &range, whole);
+        let batch = sample.dim(0)? as f64;
+        if whole && reuse {
+            // Every module skipped: the last computed prediction, nothing else.
+            memo.touched = Some(step);
+            let y = memo.prediction.clone().expect("usable");
+            drop(memo);
+            let served: Vec<usize> = (0..n).collect();
+            self.count(0.0, batch * weight, &served);
+            return Ok(y);
+        }
+        let mut state = begin()?;
         let mut anchor = None;
         let mut outputs = Vec::new();
         let mut residual = None;
@@ -736,7 +759,7 @@ impl<'a> StepCache<'a> {
             }
             let out = run(m, &state)?;
             computed += self.share[m];
-            if range.contains(m) {
+            if range.contains(m) && !whole {
                 match range.kind {
                     Substitute::Reuse => outputs.push(out.clone()),
                     Substitute::Residual if m + 1 == range.end => {
@@ -749,21 +772,22 @@ impl<'a> StepCache<'a> {
             }
             self.inner.apply_module(m, &mut state, out)?;
         }
+        let y = self.inner.end(state)?;
         memo.touched = Some(step);
         memo.key = key;
         if !reuse {
             memo.outputs = outputs;
             memo.residual = residual;
+            memo.prediction = whole.then(|| y.clone());
         }
         drop(memo);
-        let batch = sample.dim(0)? as f64;
         let served: Vec<usize> = if reuse {
             (range.start..range.end).collect()
         } else {
             Vec::new()
         };
         self.count(batch * weight * computed, batch * weight * saved, &served);
-        Ok(self.inner.end(state)?)
+        Ok(y)
     }
 
     /// The last skipped module's outputs on a `Residual` step: the new hidden state last,
@@ -783,10 +807,14 @@ impl<'a> StepCache<'a> {
         cond: &Conditioning,
     ) -> Result<Tensor> {
         let range = self.range.expect("only with a spec");
-        let state = self.inner.begin(sample, timestep, cond)?;
-        self.cached_forward(&self.plain[slot], range, sample, state, 1.0, &|m, s| {
-            self.inner.run_module(m, s)
-        })
+        self.cached_forward(
+            &self.plain[slot],
+            range,
+            sample,
+            &|| self.inner.begin(sample, timestep, cond),
+            1.0,
+            &|m, s| self.inner.run_module(m, s),
+        )
     }
 }
 
@@ -994,11 +1022,17 @@ impl Denoiser for StepCache<'_> {
             return Ok(y);
         };
         let p = hybridiff_models::patch::Patch::new(ctx);
-        let state = self.inner.begin_patch(sample, timestep, cond, band)?;
-        self.cached_forward(&self.patch, range, sample, state, weight, &|m, s| {
-            p.enter_module(m)?;
-            self.inner.run_module_patch(m, s, &p)
-        })
+        self.cached_forward(
+            &self.patch,
+            range,
+            sample,
+            &|| self.inner.begin_patch(sample, timestep, cond, band),
+            weight,
+            &|m, s| {
+                p.enter_module(m)?;
+                self.inner.run_module_patch(m, s, &p)
+            },
+        )
         .map_err(model_err)
     }
 }

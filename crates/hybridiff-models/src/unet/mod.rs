@@ -778,6 +778,27 @@ impl Denoiser for UNet2DConditionModel {
         self.run_module_on(idx, s, Some(p))
     }
 
+    /// The first down block's first resnet where the time embedding is added (a U-Net's
+    /// timestep-modulated input), after `conv_in`.
+    fn modulated_input(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        cond: &Conditioning,
+    ) -> Result<Option<Tensor>> {
+        let (Some(Module_::ConvIn(conv_in)), Some(Module_::Down(down))) =
+            (self.modules.first(), self.modules.get(1))
+        else {
+            return Ok(None);
+        };
+        let Some(first) = down.resnets.first() else {
+            return Ok(None);
+        };
+        let state = self.begin(sample, timestep, cond)?;
+        let h = conv_in.forward(&state.hidden)?;
+        Ok(Some(first.modulated(&h, &state.temb)?))
+    }
+
     fn apply_module(&self, idx: usize, s: &mut State, mut out: Vec<Tensor>) -> Result<()> {
         let name = &self.names[idx];
         let last = out
