@@ -49,19 +49,20 @@ PROMPTS = [
 ]
 
 # The sweep on the default model: DeepCache's interval (its speed knob) at the shallowest
-# branch with a few warm-ups and one deeper branch, and TeaCache's threshold (whole-U-Net
-# reuse).
+# branch and one deeper branch, and TeaCache's threshold (whole-U-Net reuse); the warm-ups
+# are the best of a first sweep (warmup 1-5). The recommendation in models/default is
+# teacache:threshold=0.15,warmup=4. The specs are for 20 steps; at other step counts the
+# warm-ups are scaled in proportion, as `--cache default` scales the recommendation.
 DEFAULT_SPECS = [
     "deepcache:interval=2,branch=0,warmup=2",
     "deepcache:interval=3,branch=0,warmup=2",
-    "deepcache:interval=4,branch=0,warmup=2",
     "deepcache:interval=5,branch=0,warmup=2",
     "deepcache:interval=3,branch=1,warmup=2",
     "teacache:threshold=0.05,warmup=2",
-    "teacache:threshold=0.1,warmup=2",
-    "teacache:threshold=0.2,warmup=2",
-    "teacache:threshold=0.3,warmup=2",
-    "teacache:threshold=0.5,warmup=2",
+    "teacache:threshold=0.1,warmup=4",
+    "teacache:threshold=0.15,warmup=4",
+    "teacache:threshold=0.2,warmup=4",
+    "teacache:threshold=0.3,warmup=4",
 ]
 
 TWO_RANKS = ["--strategy", "hybrid", "--world-size", "2", "--threads-per-rank", "1"]
@@ -78,6 +79,19 @@ def sh(cmd, env=None):
     if p.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr}")
     return p.stdout
+
+
+def scale_warmup(spec, tuned, steps):
+    """`warmup=W` of a spec chosen for `tuned` steps, for a run of `steps` (as the engine's
+    CacheSpec::scaled_to): the same share of the trajectory, rounded, at least 1."""
+    method, _, params = spec.partition(":")
+    out = []
+    for kv in filter(None, params.split(",")):
+        k, v = kv.split("=")
+        if k == "warmup" and int(v) > 0:
+            v = str(max(1, (int(v) * steps + tuned // 2) // tuned))
+        out.append(f"{k}={v}")
+    return method + (":" + ",".join(out) if out else "")
 
 
 def generate(binary, env, batch, out, flags):
@@ -108,6 +122,7 @@ def default_model(a, env, work):
             json.dump(items, f)
         configs = [("serial", None), ("hybrid", None)]
         for spec in a.specs:
+            spec = scale_warmup(spec, 20, steps)
             configs += [("serial", spec), ("hybrid", spec)]
         walls = {c: [] for c in configs}
         manifests = {}

@@ -253,7 +253,7 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     hybridiff_engine::check_guidance(args.guidance)?;
     let defaults = crate::strategy_args::ModelDefaults::read(&model_dir)?;
     let (options, switch) = args.strategy_args.options(&defaults, args.steps)?;
-    let cache = args.strategy_args.cache(&defaults)?;
+    let cache = args.strategy_args.cache(&defaults, args.steps)?;
     if let Some((spec, note)) = &cache {
         spec.check_steps(args.steps)
             .map_err(|e| anyhow::anyhow!("{e}{}", crate::strategy_args::from_default(note)))?;

@@ -79,31 +79,41 @@ impl StrategyArgs {
                 pipelined_guidance: self.pipelined_guidance.parse::<PipelinedGuidance>()?,
                 patch_mode: self.patch_mode.parse()?,
                 cfg_split: !self.no_cfg_split,
-                cache: self.cache(defaults)?.map(|(c, _)| c),
+                cache: self.cache(defaults, steps)?.map(|(c, _)| c),
             },
             resolved,
         ))
     }
 
     /// `--cache`: the method and parameters given, or (`default`) the model's
-    /// recommendation, with a line saying where it came from; `None` without the flag or
-    /// with `none`.
-    pub fn cache(&self, defaults: &ModelDefaults) -> Result<Option<(CacheSpec, String)>> {
+    /// recommendation for a run of `steps` steps (its `warmup` scaled from the recommended
+    /// steps, as the switching thresholds are), with a line saying where it came from;
+    /// `None` without the flag or with `none`.
+    pub fn cache(
+        &self,
+        defaults: &ModelDefaults,
+        steps: usize,
+    ) -> Result<Option<(CacheSpec, String)>> {
         match self.cache.as_deref().map(str::trim) {
             None | Some("none") => Ok(None),
-            Some("default") => match &defaults.cache {
-                Some(c) => Ok(Some((
-                    *c,
-                    format!(
-                        "--cache default: {c} (from {})",
-                        defaults
+            Some("default") => {
+                match &defaults.cache {
+                    Some(c) => {
+                        let file = defaults
                             .path
                             .as_ref()
                             .map(|p| p.display().to_string())
-                            .unwrap_or_else(|| "hybridiff.json".into())
-                    ),
-                ))),
-                None => anyhow::bail!(
+                            .unwrap_or_else(|| "hybridiff.json".into());
+                        let (spec, how) = match defaults.steps {
+                        Some(tuned) if tuned != steps => (
+                            c.scaled_to(tuned, steps),
+                            format!("{c} for {tuned} steps from {file}, warmup scaled to {steps} steps"),
+                        ),
+                        _ => (*c, format!("from {file}")),
+                    };
+                        Ok(Some((spec, format!("--cache default: {spec} ({how})"))))
+                    }
+                    None => anyhow::bail!(
                     "--cache default: {} recommends no cache (no `cache` key); give a method: {}",
                     defaults
                         .path
@@ -112,7 +122,8 @@ impl StrategyArgs {
                         .unwrap_or_else(|| "the model folder has no hybridiff.json, so it".into()),
                     hybridiff_engine::cache::METHODS
                 ),
-            },
+                }
+            }
             Some(s) => {
                 let spec = CacheSpec::parse(s, "--cache")?;
                 Ok(Some((spec, format!("--cache {spec}"))))
@@ -525,7 +536,7 @@ impl RunArgs {
             None => None,
         };
         let (options, switch) = self.strategy_args.options(defaults, steps)?;
-        let cache = self.strategy_args.cache(defaults)?;
+        let cache = self.strategy_args.cache(defaults, steps)?;
         if let Some((spec, note)) = &cache {
             spec.check_steps(steps)
                 .map_err(|e| anyhow::anyhow!("{e}{}", from_default(note)))?;

@@ -375,3 +375,77 @@ fn the_memory_estimate_counts_the_step_cache() {
         "{err}"
     );
 }
+
+#[test]
+fn the_default_models_recommendation_is_taken_and_stays_near_serial() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default/hybridiff.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let recommended: hybridiff_engine::cache::CacheSpec =
+        rec["cache"].as_str().unwrap().parse().unwrap();
+    let batch = dir.path().join("b.json");
+    std::fs::write(
+        &batch,
+        r#"[{"prompt": "a red circle on a white background", "seed": 1},
+            {"prompt": "a green triangle on a black background", "seed": 2}]"#,
+    )
+    .unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec!["generate", "--prompts", s(&batch), "--out", s(&out)];
+        args.extend_from_slice(extra);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_hybridiff"))
+            .args(&args)
+            .env("HYBRIDIFF_CACHE", dir.path().join("cache"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap())
+                .unwrap();
+        (out, m)
+    };
+    let (serial, m) = run("serial", &["--threads-per-rank", "1"]);
+    assert_eq!(m[0]["forwards"], 40.0, "20 recommended steps, 2 branches");
+    for (name, extra) in [
+        (
+            "serial-cache",
+            &["--threads-per-rank", "1", "--cache", "default"][..],
+        ),
+        (
+            "hybrid-cache",
+            &[
+                "--strategy",
+                "hybrid",
+                "--threads-per-rank",
+                "1",
+                "--cache",
+                "default",
+            ][..],
+        ),
+    ] {
+        let (out, m) = run(name, extra);
+        for e in m.as_array().unwrap() {
+            assert_eq!(e["cache"], recommended.to_string().as_str());
+            assert!(e["cached_steps"].as_u64().unwrap() > 0, "{e}");
+            assert!(e["forwards"].as_f64().unwrap() < 30.0, "{e}");
+        }
+        let o = hybridiff(&["compare", s(&serial), s(&out), "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let (psnr, ssim) = (
+            v["mean_psnr_db"].as_f64().unwrap(),
+            v["mean_ssim"].as_f64().unwrap(),
+        );
+        eprintln!("{name}: {psnr:.2} dB, SSIM {ssim:.4}");
+        assert!(
+            psnr >= 30.0 && ssim >= 0.95,
+            "{name}: {psnr} dB, SSIM {ssim}"
+        );
+    }
+}

@@ -326,6 +326,34 @@ impl CacheSpec {
         }
     }
 
+    /// The same spec for a run of `steps` steps when it was chosen for `tuned_steps` (a model's
+    /// recommendation): `warmup` covers the same share of the trajectory (rounded, at least 1
+    /// when it was); the other parameters keep their values (teacache's threshold bounds the
+    /// indicator's change along the trajectory, whatever the step count).
+    pub fn scaled_to(&self, tuned_steps: usize, steps: usize) -> Self {
+        let scale = |w: usize| {
+            if w == 0 || tuned_steps == 0 {
+                return w;
+            }
+            ((w * steps + tuned_steps / 2) / tuned_steps).max(1)
+        };
+        match *self {
+            Self::DeepCache {
+                interval,
+                branch,
+                warmup,
+            } => Self::DeepCache {
+                interval,
+                branch,
+                warmup: scale(warmup),
+            },
+            Self::TeaCache { threshold, warmup } => Self::TeaCache {
+                threshold,
+                warmup: scale(warmup),
+            },
+        }
+    }
+
     /// Refuses a spec that leaves none of `steps` steps to cache (a run of a fixed step
     /// count; a service's requests each have their own, and a short one simply caches
     /// nothing).
@@ -1061,6 +1089,11 @@ mod tests {
         assert_eq!(json, "\"teacache:threshold=0.25,warmup=3\"");
         assert_eq!(serde_json::from_str::<CacheSpec>(&json).unwrap(), t);
         assert_eq!(t.get("threshold"), Some(0.25));
+        assert_eq!(
+            t.scaled_to(20, 50).to_string(),
+            "teacache:threshold=0.25,warmup=8"
+        );
+        assert_eq!(t.scaled_to(20, 4).get("warmup"), Some(1.0));
         let mut t2 = t;
         t2.set("threshold", 0.5).unwrap();
         assert_eq!(t2.get("threshold"), Some(0.5));
