@@ -6,18 +6,19 @@ use anyhow::Result;
 use hybridiff_engine::bench::{
     compare_on, forward_seconds, markdown_table, random_inputs, BenchRun,
 };
-use hybridiff_engine::io::{
-    check_distinct_paths, check_output_path, check_outside_folder, write_bytes_atomic,
-};
+use hybridiff_engine::io::{check_distinct_paths, check_output_path, write_bytes_atomic};
 use hybridiff_engine::memory::{estimate_job, JobShape};
 use hybridiff_engine::{DenoiseInputs, Job, Model, StrategyKind};
 
 /// Arguments of `hybridiff bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// A diffusers model folder (see `hybridiff init` for random-weight ones).
+    /// A diffusers model folder (see `hybridiff init` for random-weight ones), or a
+    /// single-file SD 1.x / 2.x / SDXL base .safetensors checkpoint.
     #[arg(long, required_unless_present = "from_trace")]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub model_args: crate::strategy_args::ModelArgs,
     /// Start from this inputs file (as for `denoise`) instead of seeded random inputs.
     #[arg(long)]
     pub inputs: Option<PathBuf>,
@@ -192,7 +193,16 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     if let Some(d) = &args.trace_dir {
         outputs.push(("--trace-dir", d.as_path()));
     }
-    check_outside_folder(&outputs, &model_dir, "--model")?;
+    crate::strategy_args::check_outputs_spare_model(
+        &outputs,
+        &model_dir,
+        "--model",
+        &args.model_args,
+    )?;
+    let resolved = args.model_args.spec(&model_dir)?.resolve(false)?;
+    if let (true, Some(line)) = (root, resolved.summary()) {
+        eprintln!("hybridiff: {line}");
+    }
     let default_transport = if processes.is_some() {
         "mpi"
     } else {
@@ -270,9 +280,9 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     let devices = args.devices.resolve(threads_world.max(1), None, root)?;
     let device = devices.device.clone();
     let dtype = crate::strategy_args::parse_dtype(&args.dtype, &device)?;
-    let model = Model::load(&model_dir, dtype, &device)?;
+    let model = Model::load_resolved(&resolved, dtype, &device)?;
     crate::strategy_args::check_cache_fits(cache.as_ref(), model.denoiser.as_ref())?;
-    let placement = crate::strategy_args::load_replicas(devices.placement, &model_dir, dtype)?;
+    let placement = crate::strategy_args::load_replicas(devices.placement, &resolved, dtype)?;
     let inputs = match &args.inputs {
         Some(p) => DenoiseInputs::load(p, &model.input_spec, &device)?,
         None => {

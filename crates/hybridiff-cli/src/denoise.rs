@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::DType;
 use hybridiff_engine::io::{
-    check_distinct_paths, check_output_path, check_outside_folder, encode_png, save_safetensors,
-    write_bytes_atomic,
+    check_distinct_paths, check_output_path, encode_png, save_safetensors, write_bytes_atomic,
 };
 use hybridiff_engine::{denoise, denoise_rank, DenoiseInputs, Job, Model};
 use hybridiff_schedulers::SchedulerKind;
@@ -15,9 +14,12 @@ use hybridiff_schedulers::SchedulerKind;
 /// Arguments of `hybridiff denoise`.
 #[derive(clap::Args, Debug)]
 pub struct DenoiseArgs {
-    /// A diffusers model folder (with unet/ and scheduler/; vae/ for --decode).
+    /// A diffusers model folder (with unet/ and scheduler/; vae/ for --decode), or a
+    /// single-file SD 1.x / 2.x / SDXL base .safetensors checkpoint.
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub model_args: crate::strategy_args::ModelArgs,
     /// safetensors with `latents`, `prompt_embeds`, `negative_prompt_embeds`,
     /// `pooled_prompt_embeds`, `negative_pooled_prompt_embeds` (and optionally `time_ids`).
     #[arg(long)]
@@ -76,13 +78,23 @@ pub fn run(args: DenoiseArgs, launch: &crate::launch::Launch) -> Result<()> {
         outputs.push(("--decode", p.as_path()));
     }
     check_distinct_paths(&outputs, &[("--inputs", args.inputs.as_path())])?;
-    check_outside_folder(&outputs, &args.model, "--model")?;
+    crate::strategy_args::check_outputs_spare_model(
+        &outputs,
+        &args.model,
+        "--model",
+        &args.model_args,
+    )?;
     let device = run.device.clone();
-    let model = Model::load(&args.model, run.dtype, &device)?;
+    // The text encoders are not used here: text-encoder LoRA modules are left out.
+    let resolved = args.model_args.spec(&args.model)?.resolve(false)?;
+    if let (true, Some(line)) = (root, resolved.summary()) {
+        eprintln!("hybridiff: {line}");
+    }
+    let model = Model::load_resolved(&resolved, run.dtype, &device)?;
     run.check_cache_fits(model.denoiser.as_ref())?;
     run.options.placement = crate::strategy_args::load_replicas(
         std::mem::take(&mut run.options.placement),
-        &args.model,
+        &resolved,
         run.dtype,
     )?;
     let scheduler = match run.scheduler {

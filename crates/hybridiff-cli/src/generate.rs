@@ -6,8 +6,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use hybridiff_comm::Communicator;
 use hybridiff_engine::io::{
-    check_distinct_paths, check_finite, check_output_path, check_outside_folder,
-    load_safetensors_named, save_png, special_file_kind, write_bytes_atomic,
+    check_distinct_paths, check_finite, check_output_path, load_safetensors_named, save_png,
+    special_file_kind, write_bytes_atomic,
 };
 use hybridiff_engine::pipeline::{Pipeline, Request};
 use hybridiff_engine::{RunOptions, Runner, Strategy};
@@ -18,10 +18,14 @@ use crate::strategy_args::ModelDefaults;
 /// Arguments of `hybridiff generate`.
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// A diffusers pipeline folder (with model_index.json) [default: the model built
+    /// A diffusers pipeline folder (with model_index.json), or a single-file SD 1.x /
+    /// 2.x / SDXL base .safetensors checkpoint (original layout, as A1111 and ComfyUI
+    /// load; family found from its tensor names and shapes) [default: the model built
     /// into this binary: coloured shapes, see models/default/MODEL_CARD.md].
     #[arg(long)]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub model_args: crate::strategy_args::ModelArgs,
     /// The prompt (or use --prompts for a batch); may start with `-`.
     #[arg(long, conflicts_with = "prompts", allow_hyphen_values = true)]
     pub prompt: Option<String>,
@@ -58,8 +62,8 @@ pub struct GenerateArgs {
     /// sample size].
     #[arg(long, allow_negative_numbers = true)]
     pub width: Option<usize>,
-    /// Seed of the starting noise (ChaCha8 + standard normal; the same on every machine
-    /// and strategy). In a batch, prompt i without its own seed uses seed + i.
+    /// Seed of the starting noise (drawn by --noise; the same on every machine and
+    /// strategy). In a batch, prompt i without its own seed uses seed + i.
     #[arg(
         long,
         default_value_t = 0,
@@ -67,6 +71,18 @@ pub struct GenerateArgs {
         allow_negative_numbers = true
     )]
     pub seed: u64,
+    /// The generator --seed draws the starting noise with: `chacha8` (default: ChaCha8
+    /// and rand_distr's standard normal; kept the default so that a seed keeps giving the
+    /// image it gave before) or `torch` (PyTorch's CPU generator: the latents of
+    /// `torch.randn(shape, generator=torch.Generator("cpu").manual_seed(SEED))`, bit for
+    /// bit, so --seed S reproduces the image diffusers makes with that generator).
+    #[arg(
+        long,
+        default_value = "chacha8",
+        value_name = "chacha8|torch",
+        conflicts_with = "latents"
+    )]
+    pub noise: String,
     /// Start from the `latents` tensor of this safetensors file instead.
     #[arg(long)]
     pub latents: Option<PathBuf>,
@@ -228,7 +244,17 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
     if let Some(p) = &args.trace {
         model_outputs.push(("--trace", p.as_path()));
     }
-    check_outside_folder(&model_outputs, &model_dir, model_flag)?;
+    crate::strategy_args::check_outputs_spare_model(
+        &model_outputs,
+        &model_dir,
+        model_flag,
+        &args.model_args,
+    )?;
+    let spec = args.model_args.spec(&model_dir)?;
+    let noise: hybridiff_engine::pipeline::NoiseKind = args
+        .noise
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--noise {e}"))?;
     if root {
         let mut inputs: Vec<(&str, &Path)> = Vec::new();
         if let Some(p) = &args.latents {
@@ -312,11 +338,16 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
             }
         }
     }
-    let pipeline = Pipeline::load(&model_dir, run.dtype, &device)?;
+    // Headers, configs and LoRA files are read and matched before any weight loads.
+    let resolved = spec.resolve(true)?;
+    if let (true, Some(line)) = (root, resolved.summary()) {
+        eprintln!("hybridiff: {line}");
+    }
+    let pipeline = Pipeline::load_resolved(&resolved, run.dtype, &device)?;
     run.check_cache_fits(pipeline.model.denoiser.as_ref())?;
     run.options.placement = crate::strategy_args::load_replicas(
         std::mem::take(&mut run.options.placement),
-        &model_dir,
+        &resolved,
         run.dtype,
     )?;
     let latents = match &args.latents {
@@ -349,6 +380,7 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
         width: args.width,
         latents: latents.clone(),
         seed,
+        noise,
     };
     match batch {
         None => {
@@ -463,25 +495,21 @@ fn run_batch(
         let seed = it.seed.unwrap_or_default();
         let negative = it.negative_prompt.as_deref();
         let start = Instant::now();
-        let result = generate_one(
-            pipeline,
-            &request(&it.prompt, negative, seed),
-            strategy,
-            opts,
-            runner,
-            comm,
-        )
-        .and_then(|img| match img {
-            Some(img) => {
-                save_png(&out.join(&file), img.width, img.height, img.rgb)?;
-                Ok(Some(img.trace))
-            }
-            None => Ok(None),
-        });
+        let req = request(&it.prompt, negative, seed);
+        let noise = req.noise;
+        let result =
+            generate_one(pipeline, &req, strategy, opts, runner, comm).and_then(|img| match img {
+                Some(img) => {
+                    save_png(&out.join(&file), img.width, img.height, img.rgb)?;
+                    Ok(Some(img.trace))
+                }
+                None => Ok(None),
+            });
         let mut entry = serde_json::json!({
             "prompt": it.prompt,
             "negative_prompt": negative,
             "seed": seed,
+            "noise": noise.to_string(),
             "strategy": kind.to_string(),
             "seconds": start.elapsed().as_secs_f64(),
         });

@@ -334,17 +334,17 @@ impl DeviceArgs {
     }
 }
 
-/// Loads the denoiser of `dir` once on every device of `placement` other than rank 0's (whose
-/// copy the caller loaded), for the ranks placed there. Nothing to load when every rank shares
-/// one device (always, on CPU builds).
+/// Loads the denoiser of `model` once on every device of `placement` other than rank 0's
+/// (whose copy the caller loaded), for the ranks placed there, with the same LoRAs. Nothing
+/// to load when every rank shares one device (always, on CPU builds).
 pub fn load_replicas(
     placement: hybridiff_engine::device::Placement,
-    dir: &std::path::Path,
+    model: &hybridiff_engine::source::ResolvedModel,
     dtype: candle_core::DType,
 ) -> Result<hybridiff_engine::device::Placement> {
     let mut placement = placement;
     for (label, device) in placement.other_devices() {
-        let model = hybridiff_engine::Model::load(dir, dtype, &device)?;
+        let model = hybridiff_engine::Model::load_resolved(model, dtype, &device)?;
         placement = placement.with_replica(label, model.denoiser.clone());
     }
     Ok(placement)
@@ -553,4 +553,76 @@ impl RunArgs {
             nccl,
         })
     }
+}
+
+/// What goes with `--model` (generate, denoise, bench, serve): a config folder for a
+/// single file, a VAE to decode with, LoRAs to merge.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ModelArgs {
+    /// With a single-file --model whose shapes are not a standard SD 1.x / 2.x / SDXL
+    /// base's: a diffusers pipeline folder whose configs and tokenizers to load it with
+    /// (model_index.json, */config.json, tokenizer*/; no weights needed).
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<std::path::PathBuf>,
+    /// Decode with this VAE instead of the model's: a diffusers vae/ folder, or a
+    /// .safetensors VAE in diffusers or original (encoder.down.0...) names, which takes
+    /// the model's VAE config.
+    #[arg(long, value_name = "FOLDER|FILE")]
+    pub vae: Option<std::path::PathBuf>,
+    /// A LoRA merged into the weights once, at load (no cost per step; every strategy and
+    /// rank sees the same weights): FILE or FILE:SCALE (default 1). Repeatable. kohya /
+    /// A1111 (lora_unet_..., lora_te1_..., lora_te2_..., with alpha) or diffusers / PEFT
+    /// (lora_A/lora_B, lora.down/lora.up) naming; linear and conv (LoCon) modules of the
+    /// U-Net / MMDiT and the CLIP text encoders.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    pub loras: Vec<String>,
+}
+
+impl ModelArgs {
+    /// The model spec for `model` with these flags (LoRA scales parsed and checked).
+    pub fn spec(&self, model: &std::path::Path) -> Result<hybridiff_engine::source::ModelSpec> {
+        let loras = self
+            .loras
+            .iter()
+            .map(|l| hybridiff_models::lora::LoraSpec::parse(l))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(hybridiff_engine::source::ModelSpec {
+            model: model.to_path_buf(),
+            config: self.config.clone(),
+            vae: self.vae.clone(),
+            loras,
+        })
+    }
+
+    /// The inputs these flags name, for the checks that no output overwrites an input.
+    pub fn inputs(&self) -> Vec<(&'static str, std::path::PathBuf)> {
+        let mut v = Vec::new();
+        if let Some(c) = &self.config {
+            v.push(("--config", c.clone()));
+        }
+        if let Some(p) = &self.vae {
+            v.push(("--vae", p.clone()));
+        }
+        for l in &self.loras {
+            if let Ok(s) = hybridiff_models::lora::LoraSpec::parse(l) {
+                v.push(("--lora", s.path));
+            }
+        }
+        v
+    }
+}
+
+/// Refuses outputs that would land in or on the model, or on any file the model flags
+/// name (`--config` folder, `--vae`, `--lora` files).
+pub fn check_outputs_spare_model(
+    outputs: &[(&str, &std::path::Path)],
+    model: &std::path::Path,
+    model_flag: &str,
+    args: &ModelArgs,
+) -> Result<()> {
+    hybridiff_engine::io::check_outside_folder(outputs, model, model_flag)?;
+    for (flag, p) in args.inputs() {
+        hybridiff_engine::io::check_outside_folder(outputs, &p, flag)?;
+    }
+    Ok(())
 }

@@ -187,6 +187,13 @@ pub fn check_outside_folder(outputs: &[(&str, &Path)], folder: &Path, what: &str
             };
             candidates.push(resolve_lossy(parent).join(name));
         }
+        if root.is_file() && candidates.contains(&root) {
+            return Err(Error::Options(format!(
+                "{flag} {}: is {what} {}; writing it would destroy that input",
+                out.display(),
+                folder.display()
+            )));
+        }
         if candidates.iter().any(|c| c.starts_with(&root)) {
             return Err(Error::Options(format!(
                 "{flag} {}: is inside {what} {}; outputs never go into the model's folder (they could replace its weights)",

@@ -81,13 +81,7 @@ impl StagePlan {
     /// Builds and validates a plan for `model` at latent size `hw`.
     pub fn new(kind: PlanKind, model: &dyn Denoiser, n: usize, hw: (usize, usize)) -> Result<Self> {
         let names = model.module_names();
-        if n < 2 || n > names.len() {
-            return Err(Error::Options(format!(
-                "{n} stages do not fit a denoiser of {} modules (need 2..={})",
-                names.len(),
-                names.len()
-            )));
-        }
+        check_stage_count(names.len(), n)?;
         let flops = model.module_flops(hw.0, hw.1);
         let owner = match kind {
             PlanKind::Auto => balanced_contiguous(&flops, n),
@@ -115,13 +109,7 @@ impl StagePlan {
         repeats: usize,
     ) -> Result<Self> {
         let names = model.module_names();
-        if n < 2 || n > names.len() {
-            return Err(Error::Options(format!(
-                "{n} stages do not fit a denoiser of {} modules (need 2..={})",
-                names.len(),
-                names.len()
-            )));
-        }
+        check_stage_count(names.len(), n)?;
         let mut samples = vec![Vec::new(); names.len()];
         for pass in 0..=repeats.max(1) {
             let mut state = model.begin(x, t, cond)?;
@@ -205,6 +193,16 @@ impl StagePlan {
         }
         set.into_iter().collect()
     }
+}
+
+/// Refuses `n` stages for a denoiser of `modules` modules unless `2 <= n <= modules`.
+fn check_stage_count(modules: usize, n: usize) -> Result<()> {
+    if n < 2 || n > modules {
+        return Err(Error::Options(format!(
+            "{n} stages do not fit a denoiser of {modules} modules (need 2..={modules})"
+        )));
+    }
+    Ok(())
 }
 
 fn reference_owner(names: &[String], n: usize) -> Result<Vec<usize>> {
@@ -308,6 +306,17 @@ impl PlanCache {
         Self {
             kind,
             cell: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Refuses `job` on `world_size` ranks when no plan of this kind can be made for it,
+    /// without compute: a measured plan is measured only when first asked for with
+    /// [`PlanCache::get`] (its stage count is checked here), the others are planned (and
+    /// kept) now.
+    pub fn check(&self, job: &crate::Job, world_size: usize) -> Result<()> {
+        match self.kind {
+            PlanKind::Measured => check_stage_count(job.model.module_names().len(), world_size),
+            _ => self.get(job, world_size).map(|_| ()),
         }
     }
 

@@ -70,9 +70,15 @@ impl SwitchParams {
             return Err(Error::Options("--tau-cap must be at least 1".into()));
         }
         if steps < 2 {
-            return Err(Error::Options(format!(
-                "--steps {steps}: hybrid needs at least 2 steps (one exact step, then one pipelined); for a 1-step run use --strategy cfg (exact, the same speed)"
-            )));
+            return Err(Error::refused(
+                crate::Field::Steps,
+                format!(
+                    "--steps {steps}: hybrid needs at least 2 steps (one exact step, then one pipelined); for a 1-step run use --strategy cfg (exact, the same speed)"
+                ),
+                format!(
+                    "`num_inference_steps` {steps}: this service's strategy (hybrid) needs at least 2 steps with guidance_scale above 1 (one exact step, then one pipelined)"
+                ),
+            ));
         }
         if self.tau_cap + self.k > steps {
             let fix = if self.k < steps {
@@ -84,12 +90,18 @@ impl SwitchParams {
             } else {
                 format!("use --k {} or lower and --tau-cap 1", steps - 1)
             };
-            return Err(Error::Options(format!(
-                "--tau-cap {} + --k {} = {} exceeds --steps {steps}: the fallback switch would run past the last step; {fix}",
-                self.tau_cap,
-                self.k,
-                self.tau_cap + self.k
-            )));
+            let need = self.tau_cap + self.k;
+            return Err(Error::refused(
+                crate::Field::Steps,
+                format!(
+                    "--tau-cap {} + --k {} = {need} exceeds --steps {steps}: the fallback switch would run past the last step; {fix}",
+                    self.tau_cap, self.k
+                ),
+                format!(
+                    "`num_inference_steps` {steps}: this service's hybrid switching thresholds (tau_cap {} + k {} = {need}) need at least {need} steps with guidance_scale above 1",
+                    self.tau_cap, self.k
+                ),
+            ));
         }
         Ok(())
     }
@@ -160,11 +172,20 @@ pub struct ResolvedSwitch {
 impl ResolvedSwitch {
     /// [`SwitchParams::check`], saying which of the values were derived, not flags.
     pub fn check(&self, steps: usize) -> Result<()> {
-        self.params.check(steps).map_err(|e| match e {
-            Error::Options(m) if !self.derived.is_empty() => Error::Options(format!(
-                "{m} (not given as flags but derived for {steps} steps: {})",
+        let derived = || {
+            format!(
+                " (not given as flags but derived for {steps} steps: {})",
                 self.derived.join(", ")
-            )),
+            )
+        };
+        self.params.check(steps).map_err(|e| match e {
+            Error::Options(m) if !self.derived.is_empty() => {
+                Error::Options(format!("{m}{}", derived()))
+            }
+            Error::Refused(mut r) if !self.derived.is_empty() => {
+                r.flags.push_str(&derived());
+                Error::Refused(r)
+            }
             e => e,
         })
     }

@@ -79,6 +79,11 @@ impl SchedulerConfig {
         &self.path
     }
 
+    /// The value under `key`, if present (e.g. `prediction_type`).
+    pub fn value(&self, key: &str) -> Option<&Value> {
+        self.values.get(key)
+    }
+
     /// The diffusers class named by `_class_name`, if any.
     pub fn class_name(&self) -> Option<&str> {
         self.values.get("_class_name").and_then(Value::as_str)

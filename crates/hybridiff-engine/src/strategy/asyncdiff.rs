@@ -40,7 +40,7 @@ impl Strategy for AsyncDiff {
                 "--world-size {world_size}: the async strategy needs at least 2 ranks (one stage each)"
             )));
         }
-        self.stages.get(job, world_size).map(|_| ())
+        self.stages.check(job, world_size)
     }
 
     fn worker<'a>(

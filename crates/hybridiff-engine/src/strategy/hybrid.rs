@@ -63,7 +63,7 @@ impl Strategy for Hybrid {
             return Ok(());
         }
         self.switch.check(job.steps)?;
-        self.stages.get(job, world_size).map(|_| ())
+        self.stages.check(job, world_size)
     }
 
     fn without_cfg(&self) -> &'static str {

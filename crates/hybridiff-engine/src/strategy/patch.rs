@@ -91,10 +91,23 @@ struct Layout {
 impl PatchParallel {
     fn layout(&self, job: &Job, world_size: usize) -> Result<Layout> {
         let groups = if job.cfg() && self.cfg_split { 2 } else { 1 };
-        if world_size == 0 || !world_size.is_multiple_of(groups) {
-            return Err(Error::Options(format!(
-                "--world-size {world_size}: the patch strategy with the CFG split needs an even number of ranks (two groups of P bands); use --no-cfg-split for an odd number"
-            )));
+        if world_size == 0 {
+            return Err(Error::Options(
+                "--world-size 0: the patch strategy needs at least 1 rank".into(),
+            ));
+        }
+        if !world_size.is_multiple_of(groups) {
+            // Only with classifier-free guidance on (guidance > 1) are there two branches.
+            return Err(Error::refused(
+                crate::Field::Guidance,
+                format!(
+                    "--world-size {world_size}: the patch strategy with the CFG split needs an even number of ranks (two groups of P bands); use --no-cfg-split for an odd number"
+                ),
+                format!(
+                    "`guidance_scale` {}: this service's patch strategy runs on {world_size} ranks, which cannot be split between the two branches of classifier-free guidance; use guidance_scale 1 or below",
+                    job.guidance
+                ),
+            ));
         }
         let bands = world_size / groups;
         let Some((align, min_rows)) = job.model.patch_alignment() else {
@@ -105,10 +118,15 @@ impl PatchParallel {
         let dims = job.inputs.latents.dims();
         let rows = dims.get(2).copied().unwrap_or(0);
         let split = split_rows(rows, bands, align, min_rows).map_err(|e| {
-            Error::Options(format!(
-                "--world-size {world_size} (patch, {bands} bands{}): {e}",
-                if groups == 2 { " per CFG branch" } else { "" }
-            ))
+            let per = if groups == 2 { " per CFG branch" } else { "" };
+            Error::refused(
+                crate::Field::Size,
+                format!("--world-size {world_size} (patch, {bands} bands{per}): {e}"),
+                format!(
+                    "`size`: the image is {rows} latent rows high, too few for this service's patch strategy, which cuts it into {bands} horizontal bands{per} of at least {} latent rows each, at multiples of {align} rows; use a taller size",
+                    min_rows.max(align)
+                ),
+            )
         })?;
         Ok(Layout {
             groups,
