@@ -6,9 +6,30 @@ use anyhow::Result;
 use hybridiff_engine::bench::{
     compare_on, forward_seconds, markdown_table, random_inputs, BenchRun,
 };
-use hybridiff_engine::io::{check_distinct_paths, check_output_path, write_bytes_atomic};
+use hybridiff_engine::io::{write_bytes_atomic, OutputFolder};
 use hybridiff_engine::memory::{estimate_job, JobShape};
 use hybridiff_engine::{DenoiseInputs, Job, Model, StrategyKind};
+
+use crate::outputs::{Format, Plan};
+
+/// The trace file of a strategy's row in `--trace-dir`: `<strategy>.json` for ranks as
+/// threads, `<strategy>-<transport>.json` otherwise; a run with the step cache `method`
+/// (`--cache`) inserts `-<method>` after the strategy (`hybrid-deepcache-mpi.json`).
+fn trace_name(kind: StrategyKind, cache: Option<&str>, transport: &str) -> String {
+    let cached = cache.map(|m| format!("-{m}")).unwrap_or_default();
+    match transport {
+        "threads" => format!("{kind}{cached}.json"),
+        t => format!("{kind}{cached}-{t}.json"),
+    }
+}
+
+/// Whether an entry of `--trace-dir` is one a bench run writes there: a regular `*.json`
+/// (traces, a `--json` summary) or `*.md` file (a `--markdown` table).
+fn written_by_bench(p: &std::path::Path) -> bool {
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    (name.ends_with(".json") || name.ends_with(".md"))
+        && std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file())
+}
 
 /// Arguments of `hybridiff bench`.
 #[derive(clap::Args, Debug)]
@@ -61,9 +82,15 @@ pub struct BenchArgs {
     #[arg(long)]
     pub markdown: Option<PathBuf>,
     /// Write each strategy's per-step trace here as `<strategy>.json` (`<strategy>-mpi.json`
-    /// for rows on processes; the folder must exist).
+    /// for rows on processes): a new or empty folder (created if missing), or with --force one
+    /// a previous run wrote.
     #[arg(long)]
     pub trace_dir: Option<PathBuf>,
+    /// Use a --trace-dir that a previous run wrote, removing its *.json and *.md files first
+    /// (anything else in it is refused, never deleted), so it only ever holds one run's
+    /// traces.
+    #[arg(long)]
+    pub force: bool,
     /// Where the ranks of the parallel strategies run, comma-separated: `threads` (of one
     /// process) and, when started by mpirun, `mpi` (one rank per process) [default: mpi
     /// under mpirun, else threads]. `threads,mpi` times both in one run.
@@ -138,11 +165,24 @@ fn run_from_trace(dir: &std::path::Path, link: Option<&str>) -> Result<()> {
         let t: hybridiff_engine::Trace = serde_json::from_value(v).with_context(|| {
             format!("{}: not a trace written by bench --trace-dir", p.display())
         })?;
+        // Every number the table is made of must be one a run could have measured.
+        t.check()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
         let name = p
             .file_stem()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        traces.push((name, t));
+        // The name is a cell of a Markdown table.
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+' | ' '))
+        {
+            anyhow::bail!(
+                "{}: the file name becomes a cell of the Markdown table; rename the file with letters, digits, spaces and . - _ + only",
+                p.display()
+            );
+        }
+        traces.push((name, p.clone(), t));
     }
     if traces.is_empty() {
         anyhow::bail!(
@@ -150,13 +190,108 @@ fn run_from_trace(dir: &std::path::Path, link: Option<&str>) -> Result<()> {
             dir.display()
         );
     }
+    // The speedups divide by one serial baseline of the same run.
+    let serial: Vec<&PathBuf> = traces
+        .iter()
+        .filter(|(_, _, t)| t.strategy == "serial")
+        .map(|(_, p, _)| p)
+        .collect();
+    match serial.as_slice() {
+        [_] => {}
+        [] => anyhow::bail!(
+            "--from-trace {}: no serial trace; the predicted speedups are over the serial run of the same bench (its serial.json)",
+            dir.display()
+        ),
+        [a, b, ..] => anyhow::bail!(
+            "--from-trace {}: {} serial traces ({} and {}); the speedups need exactly one baseline: keep the one from the same run as the others",
+            dir.display(),
+            serial.len(),
+            a.display(),
+            b.display()
+        ),
+    }
+    // One bench run: the same steps, scheduler and guidance, one --world-size for the
+    // parallel strategies.
+    let (_, base_path, base) = traces
+        .iter()
+        .find(|(_, _, t)| t.strategy == "serial")
+        .expect("one serial trace");
+    let mut parallel_world: Option<(&PathBuf, usize)> = None;
+    for (_, p, t) in &traces {
+        for (field, mine, theirs) in [
+            (
+                "num_steps",
+                t.num_steps.to_string(),
+                base.num_steps.to_string(),
+            ),
+            ("scheduler", t.scheduler.clone(), base.scheduler.clone()),
+            (
+                "guidance",
+                t.guidance.to_string(),
+                base.guidance.to_string(),
+            ),
+        ] {
+            if mine != theirs {
+                anyhow::bail!(
+                    "{}: `{field}` = {mine} but {} has {theirs}; the traces of one bench run share it (compare only traces from the same run)",
+                    p.display(),
+                    base_path.display()
+                );
+            }
+        }
+        if t.strategy != "serial" {
+            match parallel_world {
+                Some((q, w)) if w != t.world_size => anyhow::bail!(
+                    "{}: `world_size` = {} but {} has {w}; the parallel traces of one bench run share its --world-size",
+                    p.display(),
+                    t.world_size,
+                    q.display()
+                ),
+                Some(_) => {}
+                None => parallel_world = Some((p, t.world_size)),
+            }
+        }
+    }
+    let traces: Vec<(String, hybridiff_engine::Trace)> =
+        traces.into_iter().map(|(n, _, t)| (n, t)).collect();
     print!("{}", hybridiff_engine::bench::trace_table(&traces, &link)?);
     Ok(())
 }
 
 pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
+    let given = crate::strategy_args::Given::get();
     if let Some(dir) = &args.from_trace {
+        // Everything but the link describes a run, and --from-trace runs nothing.
+        let ignored: Vec<String> = given
+            .ids()
+            .filter(|id| !matches!(*id, "from_trace" | "simulate_link" | "verbose"))
+            .map(|id| format!("--{}", id.replace('_', "-")))
+            .collect();
+        if !ignored.is_empty() {
+            anyhow::bail!(
+                "{}: not used with --from-trace, which only reads the traces in {} (their runs' settings are in them); leave {} out",
+                ignored.join(", "),
+                dir.display(),
+                if ignored.len() == 1 { "it" } else { "them" }
+            );
+        }
         return run_from_trace(dir, args.simulate_link.as_deref());
+    }
+    // Flags that only shape something this run does not do are refused, not ignored.
+    if args.inputs.is_some() {
+        let unused = given.among(&["latent_size", "context_len"]);
+        if !unused.is_empty() {
+            anyhow::bail!(
+                "{}: sizes of the random inputs, but --inputs gives the inputs; leave {} out",
+                unused.join(", "),
+                if unused.len() == 1 { "it" } else { "them" }
+            );
+        }
+    }
+    if args.repeats == 0 && given.has("only_batch") {
+        anyhow::bail!(
+            "--only-batch: picks which timed forwards run, but --repeats 0 runs none; leave it out or give --repeats 1 or more"
+        );
     }
     let Some(model_dir) = args.model.clone() else {
         anyhow::bail!("--model: required (or --from-trace DIR)");
@@ -169,40 +304,6 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     };
     let processes = launch.processes();
     let root = launch.is_root();
-    if root {
-        for (p, flag) in [(&args.json, "--json"), (&args.markdown, "--markdown")] {
-            if let Some(p) = p {
-                check_output_path(p, flag)?;
-            }
-        }
-        if let Some(d) = &args.trace_dir {
-            if !d.is_dir() {
-                anyhow::bail!("--trace-dir {}: not a folder; create it first", d.display());
-            }
-        }
-    }
-    if let (Some(j), Some(m)) = (&args.json, &args.markdown) {
-        check_distinct_paths(&[("--json", j), ("--markdown", m)], &[])?;
-    }
-    let mut outputs: Vec<(&str, &std::path::Path)> = Vec::new();
-    for (p, flag) in [(&args.json, "--json"), (&args.markdown, "--markdown")] {
-        if let Some(p) = p {
-            outputs.push((flag, p.as_path()));
-        }
-    }
-    if let Some(d) = &args.trace_dir {
-        outputs.push(("--trace-dir", d.as_path()));
-    }
-    crate::strategy_args::check_outputs_spare_model(
-        &outputs,
-        &model_dir,
-        "--model",
-        &args.model_args,
-    )?;
-    let resolved = args.model_args.spec(&model_dir)?.resolve(false)?;
-    if let (true, Some(line)) = (root, resolved.summary()) {
-        eprintln!("hybridiff: {line}");
-    }
     let default_transport = if processes.is_some() {
         "mpi"
     } else {
@@ -246,8 +347,100 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     let kinds = args
         .strategies
         .split(',')
-        .map(|s| s.trim().parse::<StrategyKind>())
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|s| {
+            s.trim().parse::<StrategyKind>().map_err(|_| {
+                let all: Vec<String> = StrategyKind::ALL.iter().map(|k| k.to_string()).collect();
+                anyhow::anyhow!(
+                    "--strategies {}: unknown strategy `{}`; expected a comma-separated list of {}",
+                    args.strategies,
+                    s.trim(),
+                    all.join(", ")
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let what = format!("--strategies {}", args.strategies);
+    crate::strategy_args::check_flags_used(given, &kinds, &args.strategy_args, &what)?;
+    if kinds.iter().all(|&k| k == StrategyKind::Serial) {
+        let unused = given.among(&["world_size", "transport"]);
+        if !unused.is_empty() {
+            anyhow::bail!(
+                "{}: for the parallel strategies' ranks, but {what} runs serial only (1 rank); leave {} out or add a parallel strategy",
+                unused.join(", "),
+                if unused.len() == 1 { "it" } else { "them" }
+            );
+        }
+    }
+    if let Some(k) = kinds
+        .iter()
+        .enumerate()
+        .find_map(|(i, k)| kinds[..i].contains(k).then_some(k))
+    {
+        anyhow::bail!(
+            "{what}: `{k}` is listed twice; each strategy runs (and writes its trace) once"
+        );
+    }
+    // The cache decides the trace names: read before the outputs are planned.
+    let defaults = crate::strategy_args::ModelDefaults::read(&model_dir)?;
+    let cache = args.strategy_args.cache(&defaults, args.steps)?;
+    let cache_method = cache.as_ref().map(|(spec, _)| spec.method());
+    // Every file the run writes, checked before anything is loaded.
+    let mut plan = Plan::new();
+    if let Some(p) = &args.inputs {
+        plan.input("--inputs", p);
+    }
+    if let Some(p) = &args.json {
+        plan.file("--json", p, Format::Json);
+    }
+    if let Some(p) = &args.markdown {
+        plan.file("--markdown", p, Format::Markdown);
+    }
+    if let Some(d) = &args.trace_dir {
+        let mut files = Vec::new();
+        for &kind in &kinds {
+            let on: &[bool] = if kind == StrategyKind::Serial {
+                &[false]
+            } else {
+                &transports
+            };
+            // With --cache, every strategy runs without and then with it.
+            let variants: &[Option<&str>] = match cache_method {
+                Some(_) => &[None, cache_method],
+                None => &[None],
+            };
+            for &mpi in on {
+                for &c in variants {
+                    let name = trace_name(kind, c, if mpi { "mpi" } else { "threads" });
+                    files.push((format!("--trace-dir ({name})"), d.join(&name), Format::Json));
+                }
+            }
+        }
+        plan.folder(
+            OutputFolder {
+                flag: "--trace-dir",
+                path: d,
+                force: args.force,
+                ours: written_by_bench,
+                kinds: "*.json traces and summaries, *.md tables",
+            },
+            files,
+        );
+    } else if args.force {
+        anyhow::bail!("--force: empties the --trace-dir folder of a previous run's files; there is no --trace-dir, so leave it out");
+    }
+    // Nothing may land in or on the model or a file its flags name.
+    let model_inputs = args.model_args.inputs();
+    let mut spare: Vec<(&str, &std::path::Path)> = vec![("--model", model_dir.as_path())];
+    spare.extend(model_inputs.iter().map(|(f, p)| (*f, p.as_path())));
+    let ready = match root {
+        true => Some(plan.check(&spare)?),
+        false => None,
+    };
+    let resolved = args.model_args.spec(&model_dir)?.resolve(false)?;
+    if let (true, Some(line)) = (root, resolved.summary()) {
+        eprintln!("hybridiff: {line}");
+    }
+
     if let Some(p) = processes {
         let parallel = kinds.iter().any(|&k| k != StrategyKind::Serial);
         if parallel && transports.contains(&true) && args.world_size != p.size {
@@ -261,9 +454,7 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
         }
     }
     hybridiff_engine::check_guidance(args.guidance)?;
-    let defaults = crate::strategy_args::ModelDefaults::read(&model_dir)?;
     let (options, switch) = args.strategy_args.options(&defaults, args.steps)?;
-    let cache = args.strategy_args.cache(&defaults, args.steps)?;
     if let Some((spec, note)) = &cache {
         spec.check_steps(args.steps)
             .map_err(|e| anyhow::anyhow!("{e}{}", crate::strategy_args::from_default(note)))?;
@@ -322,7 +513,7 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
         }
     };
     let (h, w) = (inputs.latents.dim(2)?, inputs.latents.dim(3)?);
-    let scheduler = crate::denoise::parse_scheduler(args.scheduler.as_deref(), &model)?;
+    let scheduler = crate::denoise::parse_scheduler(args.scheduler.as_deref(), &model, args.steps)?;
     let tpr = args.threads_per_rank;
     // Bench waits include whole runs on rank 0 (serial, thread rows), hence the long bound.
     let mut comm = launch.communicator(std::time::Duration::from_secs(3600))?;
@@ -416,6 +607,9 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
         (Some(l), None) if root => Some(parse_link(l)?),
         (_, link) => link,
     };
+    if let Some(r) = &ready {
+        r.prepare()?;
+    }
     let results = compare_on(&job, &runs, &options, tpr, &placement, link.as_ref(), group)?;
     if !root {
         return Ok(());
@@ -426,15 +620,9 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     print!("{table}");
     if let Some(d) = &args.trace_dir {
         for (row, trace) in &results {
-            let cached = if row.cache == "-" {
-                String::new()
-            } else {
-                format!("-{}", row.cache.split(':').next().unwrap_or("cache"))
-            };
-            let p = match row.transport.as_str() {
-                "threads" => d.join(format!("{}{cached}.json", row.strategy)),
-                t => d.join(format!("{}{cached}-{t}.json", row.strategy)),
-            };
+            let kind: StrategyKind = row.strategy.parse()?;
+            let method = (row.cache != "-").then(|| row.cache.split(':').next().unwrap_or("cache"));
+            let p = d.join(trace_name(kind, method, &row.transport));
             write_bytes_atomic(&p, serde_json::to_string_pretty(trace)?.as_bytes())?;
         }
     }

@@ -20,6 +20,7 @@ pub mod strategy;
 pub mod switch;
 pub mod torch_rng;
 pub mod trace;
+pub mod tune;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};

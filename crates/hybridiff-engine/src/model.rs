@@ -9,7 +9,7 @@ use hybridiff_models::unet::UNet2DConditionModel;
 use hybridiff_models::vae::PipelineVae;
 use hybridiff_models::weights::ComponentSource;
 use hybridiff_models::Denoiser;
-use hybridiff_schedulers::SchedulerConfig;
+use hybridiff_schedulers::{SchedulerConfig, SchedulerKind};
 
 use crate::io::InputSpec;
 use crate::source::{DenoiserSource, ModelSpec, ResolvedModel};
@@ -26,6 +26,8 @@ pub struct Model {
     pub input_spec: InputSpec,
     pub dtype: DType,
     pub device: Device,
+    /// The denoiser's diffusers class (`UNet2DConditionModel`, `SD3Transformer2DModel`).
+    pub denoiser_class: &'static str,
     sample_size: Option<usize>,
 }
 
@@ -113,6 +115,7 @@ impl Model {
                     input_spec,
                     dtype,
                     device: device.clone(),
+                    denoiser_class: "UNet2DConditionModel",
                     sample_size,
                 })
             }
@@ -137,10 +140,45 @@ impl Model {
                     input_spec,
                     dtype,
                     device: device.clone(),
+                    denoiser_class: "SD3Transformer2DModel",
                     sample_size,
                 })
             }
         }
+    }
+
+    /// The sampler of a run of `steps` steps: `requested` (`--scheduler`) or, when `None`,
+    /// the one the scheduler config's `_class_name` names; checked before any compute.
+    ///
+    /// # Errors
+    /// - a sampler of the other [`Family`] than the model's training objective (epsilon /
+    ///   v-prediction diffusion vs flow matching), naming both and the samplers that fit. The
+    ///   objective comes from the scheduler config ([`SchedulerConfig::objective`]: class and
+    ///   `prediction_type`), else from the denoiser (SD3's MMDiT is flow matching, U-Nets
+    ///   diffusion);
+    /// - a schedule that cannot run `steps` steps ([`crate::sampler::check_schedule`]).
+    ///
+    /// [`Family`]: hybridiff_schedulers::Family
+    /// [`SchedulerConfig::objective`]: hybridiff_schedulers::SchedulerConfig::objective
+    pub fn scheduler(
+        &self,
+        requested: Option<SchedulerKind>,
+        steps: usize,
+    ) -> Result<SchedulerKind> {
+        let kind = match requested {
+            Some(k) => k,
+            None => self.scheduler_config.default_kind()?,
+        };
+        check_scheduler_family(
+            &self.scheduler_config,
+            self.denoiser_class,
+            kind,
+            requested.is_some(),
+        )?;
+        if steps > 0 {
+            crate::sampler::check_schedule(&self.scheduler_config, kind, steps)?;
+        }
+        Ok(kind)
     }
 
     /// The latent size the denoiser was configured for, if its config says.
@@ -171,4 +209,60 @@ impl Model {
         };
         Ok(PipelineVae::load_source(vae, self.dtype, &self.device)?)
     }
+}
+
+/// Refuses a sampler whose [`Family`](hybridiff_schedulers::Family) is not the model's
+/// training objective, naming both and the samplers that fit: the objective comes from the
+/// scheduler config ([`SchedulerConfig::objective`]: class and `prediction_type`), else from
+/// the denoiser (`denoiser_class`: SD3's MMDiT is flow matching, U-Nets diffusion). `flag`:
+/// the kind was given as `--scheduler` (else it is the config's own).
+pub fn check_scheduler_family(
+    config: &SchedulerConfig,
+    denoiser_class: &str,
+    kind: SchedulerKind,
+    flag: bool,
+) -> Result<()> {
+    use hybridiff_schedulers::Family;
+    let path = config.path().display();
+    let (family, trained) = match config.objective() {
+        Some(o) => (
+            o.family,
+            format!("{} (its {path} says {})", o.prediction, o.keys),
+        ),
+        None => {
+            let family = if denoiser_class == "SD3Transformer2DModel" {
+                Family::FlowMatching
+            } else {
+                Family::Diffusion
+            };
+            let what = match family {
+                Family::FlowMatching => "flow matching",
+                Family::Diffusion => "epsilon prediction",
+            };
+            (
+                family,
+                format!(
+                    "{what} (its denoiser is a {denoiser_class}; {path} names no scheduler class or prediction_type)"
+                ),
+            )
+        }
+    };
+    if kind.family() == family {
+        return Ok(());
+    }
+    let fitting: Vec<&str> = SchedulerKind::ALL
+        .iter()
+        .filter(|k| k.family() == family)
+        .map(|k| k.as_str())
+        .collect();
+    let chosen = if flag {
+        format!("--scheduler {kind}")
+    } else {
+        format!("the scheduler config's {kind}")
+    };
+    Err(Error::Options(format!(
+        "{chosen} is a {} sampler, but the model was trained for {trained}: it would run and ruin the image; use --scheduler {}",
+        kind.family(),
+        fitting.join(", --scheduler ")
+    )))
 }

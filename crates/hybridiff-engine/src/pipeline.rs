@@ -108,31 +108,13 @@ pub fn check_size(h: usize, w: usize, vae_factor: usize, latent_multiple: usize)
     Ok(())
 }
 
-/// A refusal of the step count by the scheduler (its schedule cannot place that many
-/// steps); other scheduler errors as they are.
-fn schedule_error(e: hybridiff_schedulers::Error, steps: usize) -> Error {
-    use hybridiff_schedulers::Error as S;
-    let request = match &e {
-        S::NumSteps {
-            num_train_timesteps,
-            ..
-        } => format!(
-            "`num_inference_steps` {steps}: this model's scheduler runs 1 to {num_train_timesteps} steps"
-        ),
-        S::TimestepOutOfRange { .. } => format!(
-            "`num_inference_steps` {steps}: this model's scheduler cannot space {steps} steps over its training schedule; try another step count"
-        ),
-        _ => return Error::Scheduler(e),
-    };
-    Error::refused(Field::Steps, e.to_string(), request)
-}
-
 /// A pipeline's checks of one image request, detached from the pipeline (`Send + Sync` and
 /// cheap to clone) so that another thread, a service's request handlers, can run them while
 /// the pipeline runs a job. They are the checks the job itself runs, on stand-in inputs of
 /// the request's shapes (zero latents, the empty prompt's encodings): [`check_size`], the
-/// memory of the job and its VAE decode ([`MemoryCheck`]), the scheduler's schedule for the
-/// step count, and [`crate::check_job_within`] (steps, guidance, the run layout, the
+/// memory of the job and its VAE decode ([`MemoryCheck`]), the scheduler's fit with the
+/// model's training objective and its schedule for the step count
+/// ([`crate::sampler::check_schedule`]), and [`crate::check_job_within`] (steps, guidance, the run layout, the
 /// strategy's own checks: world size, hybrid's thresholds, stage plans, patch bands). No
 /// compute: the prompts are not encoded and a measured stage plan is not measured. Values a
 /// request chooses are refused as [`Error::Refused`], worded for the command line and for an
@@ -141,6 +123,8 @@ fn schedule_error(e: hybridiff_schedulers::Error, steps: usize) -> Error {
 pub struct RequestCheck {
     memory: MemoryCheck,
     scheduler_config: std::sync::Arc<hybridiff_schedulers::SchedulerConfig>,
+    /// The denoiser's diffusers class, for pairing the scheduler with its objective.
+    denoiser_class: &'static str,
     latent_multiple: usize,
     cond: Conditioning,
     uncond: Conditioning,
@@ -173,8 +157,15 @@ impl RequestCheck {
             Some(s) => s,
             None => self.scheduler_config.default_kind()?,
         };
-        hybridiff_schedulers::build(&self.scheduler_config, scheduler, req.steps)
-            .map_err(|e| schedule_error(e, req.steps))?;
+        crate::model::check_scheduler_family(
+            &self.scheduler_config,
+            self.denoiser_class,
+            scheduler,
+            req.scheduler.is_some(),
+        )?;
+        if req.steps > 0 {
+            crate::sampler::check_schedule(&self.scheduler_config, scheduler, req.steps)?;
+        }
         // Sized by the checks above (within the memory limit); only its shape is read.
         let latents = Tensor::zeros(
             (1, m.latent_channels, h / m.vae_factor, w / m.vae_factor),
@@ -498,6 +489,7 @@ impl Pipeline {
         Ok(RequestCheck {
             memory: self.memory_check(),
             scheduler_config: std::sync::Arc::new(self.model.scheduler_config.clone()),
+            denoiser_class: self.model.denoiser_class,
             latent_multiple: spec.latent_multiple,
             cond: Conditioning {
                 prompt_embeds: e.prompt_embeds,
@@ -565,11 +557,8 @@ impl Pipeline {
         progress: Option<&(dyn Fn(usize, usize) + Sync)>,
         run: impl FnOnce(&Job) -> Result<Option<crate::DenoiseOutput>>,
     ) -> Result<Option<Generated>> {
+        let scheduler = self.model.scheduler(req.scheduler, req.steps)?;
         let inputs = self.prepare(req)?;
-        let scheduler = match req.scheduler {
-            Some(s) => s,
-            None => self.model.scheduler_config.default_kind()?,
-        };
         let job = Job {
             model: self.model.denoiser.as_ref(),
             scheduler_config: &self.model.scheduler_config,

@@ -13,7 +13,7 @@ use hybridiff_models::{Conditioning, Denoiser, OutputRef};
 use crate::{Error, Result};
 
 /// How a stage plan is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PlanKind {
     /// `Reference` where the model has a reference preset for the stage count, else `Auto`.
     Default,
@@ -38,6 +38,17 @@ impl FromStr for PlanKind {
                 "--stages: unknown plan `{other}`; expected default, reference, auto or measured"
             ))),
         }
+    }
+}
+
+impl std::fmt::Display for PlanKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Default => "default",
+            Self::Reference => "reference",
+            Self::Auto => "auto",
+            Self::Measured => "measured",
+        })
     }
 }
 

@@ -11,6 +11,7 @@ pub mod host;
 pub mod kernels;
 pub mod ldm;
 pub mod lora;
+pub mod lpips;
 pub mod memory;
 pub mod weights;
 
