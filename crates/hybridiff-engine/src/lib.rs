@@ -17,6 +17,7 @@ pub mod stages;
 pub mod strategy;
 pub mod switch;
 pub mod trace;
+pub mod work;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
@@ -421,6 +422,7 @@ fn gather_devices(
 #[derive(Debug, Clone, Copy)]
 struct RankCost {
     compute_seconds: f64,
+    flops: f64,
     bytes: u64,
     messages: u64,
     overlapped: strategy::Sent,
@@ -430,6 +432,7 @@ impl RankCost {
     fn of(s: &strategy::RankStep) -> Self {
         Self {
             compute_seconds: s.compute_seconds,
+            flops: s.flops,
             bytes: s.bytes_sent,
             messages: s.messages_sent,
             overlapped: s.overlapped,
@@ -443,7 +446,12 @@ fn gather_steps(
     steps: &[strategy::RankStep],
 ) -> Result<Vec<Vec<RankCost>>> {
     let dev = candle_core::Device::Cpu;
-    let secs: Vec<f64> = steps.iter().map(|s| s.compute_seconds).collect();
+    // Seconds then FLOPs, one f64 each per step.
+    let secs: Vec<f64> = steps
+        .iter()
+        .map(|s| s.compute_seconds)
+        .chain(steps.iter().map(|s| s.flops))
+        .collect();
     // i64 carries any count a step can have (< 2^63): bytes, messages, overlapped bytes
     // and messages, step after step.
     let counts: Vec<i64> = steps
@@ -464,17 +472,21 @@ fn gather_steps(
         .zip(&counts)
         .map(|(s, c)| {
             let (s, c) = (s.to_vec1::<f64>()?, c.to_vec1::<i64>()?);
-            if s.len() != steps.len() || c.len() != 4 * steps.len() {
+            if s.len() != 2 * steps.len() || c.len() != 4 * steps.len() {
                 return Err(Error::Options(format!(
                     "a rank reported {} steps, expected {}",
                     s.len(),
                     steps.len()
                 )));
             }
-            Ok(s.into_iter()
+            let (secs, flops) = s.split_at(steps.len());
+            Ok(secs
+                .iter()
+                .zip(flops)
                 .zip(c.chunks(4))
-                .map(|(secs, c)| RankCost {
+                .map(|((&secs, &flops), c)| RankCost {
                     compute_seconds: secs,
+                    flops,
                     bytes: c[0] as u64,
                     messages: c[1] as u64,
                     overlapped: strategy::Sent {
@@ -515,6 +527,8 @@ fn assemble(
                 rel_mae: s.rel_mae,
                 wall_seconds: s.wall_seconds,
                 rank_compute_seconds: per_rank.iter().map(|r| r[i].compute_seconds).collect(),
+                rank_flops: per_rank.iter().map(|r| r[i].flops).collect(),
+                chain_groups: s.chain_groups,
                 bytes_sent,
                 rank_bytes_sent: per_rank.iter().map(|r| r[i].bytes).collect(),
                 rank_messages_sent: per_rank.iter().map(|r| r[i].messages).collect(),
