@@ -74,6 +74,11 @@ pub struct BenchArgs {
     /// per-message latency in microseconds (25, 25/10). See docs/benchmarks/latency-model.md.
     #[arg(long)]
     pub simulate_link: Option<String>,
+    /// With --simulate-link: time each rank's compute by its counted FLOPs at this many
+    /// TFLOP/s (the sustained rate of the GPU to predict for, e.g. about 400 for an H100 on
+    /// SDXL's U-Net in f16) instead of the compute this machine measured.
+    #[arg(long, requires = "simulate_link")]
+    pub gpu_tflops: Option<f64>,
     /// Predict from the traces in this folder (as `--trace-dir` writes them, e.g. measured
     /// on GPUs) instead of running anything; needs --simulate-link.
     #[arg(long, conflicts_with_all = ["model", "inputs", "json", "markdown", "trace_dir"])]
@@ -102,8 +107,26 @@ fn parse_link(s: &str) -> Result<hybridiff_engine::latency::Link> {
     Ok(s.parse()?)
 }
 
+/// `--gpu-tflops`: FLOP-timed compute, or the measured one without it.
+fn parse_compute(tflops: Option<f64>) -> Result<hybridiff_engine::latency::Compute> {
+    use hybridiff_engine::latency::Compute;
+    match tflops {
+        None => Ok(Compute::Measured),
+        Some(t) if t.is_finite() && t > 0.0 && t <= 1e6 => Ok(Compute::Flops {
+            per_second: t * 1e12,
+        }),
+        Some(t) => {
+            anyhow::bail!("--gpu-tflops {t}: expected a throughput above 0 and at most 1e6 TFLOP/s")
+        }
+    }
+}
+
 /// `bench --from-trace DIR --simulate-link L`: the latency model over traces already written.
-fn run_from_trace(dir: &std::path::Path, link: Option<&str>) -> Result<()> {
+fn run_from_trace(
+    dir: &std::path::Path,
+    link: Option<&str>,
+    compute: hybridiff_engine::latency::Compute,
+) -> Result<()> {
     use anyhow::Context;
     let Some(link) = link else {
         anyhow::bail!(
@@ -149,13 +172,17 @@ fn run_from_trace(dir: &std::path::Path, link: Option<&str>) -> Result<()> {
             dir.display()
         );
     }
-    print!("{}", hybridiff_engine::bench::trace_table(&traces, &link)?);
+    print!(
+        "{}",
+        hybridiff_engine::bench::trace_table(&traces, &link, compute)?
+    );
     Ok(())
 }
 
 pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
+    let compute = parse_compute(args.gpu_tflops)?;
     if let Some(dir) = &args.from_trace {
-        return run_from_trace(dir, args.simulate_link.as_deref());
+        return run_from_trace(dir, args.simulate_link.as_deref(), compute);
     }
     let Some(model_dir) = args.model.clone() else {
         anyhow::bail!("--model: required (or --from-trace DIR)");
@@ -388,7 +415,16 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
         (Some(l), None) if root => Some(parse_link(l)?),
         (_, link) => link,
     };
-    let results = compare_on(&job, &runs, &options, tpr, &placement, link.as_ref(), group)?;
+    let results = compare_on(
+        &job,
+        &runs,
+        &options,
+        tpr,
+        &placement,
+        link.as_ref(),
+        compute,
+        group,
+    )?;
     if !root {
         return Ok(());
     }

@@ -112,15 +112,17 @@ impl BandLayout {
 /// `use --world-size 2, 4 or 8` for the layouts that fit this job.
 fn fits(job: &Job, branches: usize) -> String {
     let most = max_bands(job);
-    let sizes: Vec<String> = [1, 2, 4, 8, 16, 32]
-        .into_iter()
-        .filter(|&p| p <= most)
-        .map(|p| (p * branches).to_string())
-        .collect();
+    let sizes = if most <= 8 {
+        let v: Vec<String> = (1..=most).map(|p| (p * branches).to_string()).collect();
+        join_or(&v)
+    } else if branches == 2 {
+        format!("an even number from 2 to {}", 2 * most)
+    } else {
+        format!("1 to {most}")
+    };
     format!(
-        "this job's latents fit at most {most} band{} per group: use --world-size {}",
+        "this job's latents fit at most {most} band{} per group: use --world-size {sizes}",
         if most == 1 { "" } else { "s" },
-        join_or(&sizes)
     )
 }
 
