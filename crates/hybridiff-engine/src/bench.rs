@@ -118,6 +118,8 @@ pub struct BenchRow {
     /// Final latents against serial's.
     pub psnr_db: f64,
     pub max_abs_diff: f64,
+    /// `max_abs_diff` over the largest magnitude of serial's final latents.
+    pub max_rel_diff: f64,
     pub tau1: Option<usize>,
     pub tau2: Option<usize>,
     pub pipelined_steps: usize,
@@ -342,6 +344,14 @@ pub fn compare_on(
             reference_bytes_sent: t.reference_bytes_sent,
             psnr_db: crate::metrics::psnr(&out.latents, &serial.latents)?,
             max_abs_diff: crate::metrics::max_abs_diff(&out.latents, &serial.latents)?,
+            max_rel_diff: crate::metrics::max_abs_diff(&out.latents, &serial.latents)?
+                / serial
+                    .latents
+                    .abs()?
+                    .max_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?
+                    .max(f64::MIN_POSITIVE),
             tau1: t.tau1,
             tau2: t.tau2,
             pipelined_steps: t
