@@ -421,8 +421,7 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
         &options,
         tpr,
         &placement,
-        link.as_ref(),
-        compute,
+        link.as_ref().map(|l| (l, compute)),
         group,
     )?;
     if !root {

@@ -251,7 +251,6 @@ pub fn compare(
         threads_per_rank,
         &Default::default(),
         None,
-        crate::latency::Compute::Measured,
         None,
     )
 }
@@ -263,16 +262,15 @@ pub fn compare(
 /// one run on the same machine. Rows are labelled `threads` or `label`. Rank 0 returns the
 /// rows, the others an empty list.
 ///
-/// In-process ranks run on `placement`'s devices; with `link`, each row gets the latency
-/// model's prediction on it ([`predicted_row`]).
+/// In-process ranks run on `placement`'s devices; with `link` (a link and where compute
+/// times come from), each row gets the latency model's prediction on it ([`predicted_row`]).
 pub fn compare_on(
     job: &crate::Job,
     runs: &[BenchRun],
     options: &crate::StrategyOptions,
     threads_per_rank: usize,
     placement: &crate::device::Placement,
-    link: Option<&crate::latency::Link>,
-    compute: crate::latency::Compute,
+    link: Option<(&crate::latency::Link, crate::latency::Compute)>,
     mut group: Option<(&mut dyn hybridiff_comm::Communicator, &str)>,
 ) -> Result<Vec<(BenchRow, crate::Trace)>> {
     use crate::{denoise, denoise_rank, RunOptions, StrategyKind};
@@ -381,7 +379,7 @@ pub fn compare_on(
             rank_devices: t.rank_devices.clone(),
             transfer: t.transfer.clone(),
             predicted: match link {
-                Some(l) => Some(predicted_row(t, &serial.trace, l, compute)?),
+                Some((l, compute)) => Some(predicted_row(t, &serial.trace, l, compute)?),
                 None => None,
             },
         };

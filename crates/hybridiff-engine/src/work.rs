@@ -24,8 +24,11 @@ pub struct Counted<'a> {
     inner: &'a dyn Denoiser,
     flops: Mutex<f64>,
     /// `module_flops` at the last latent size asked for.
-    table: Mutex<Option<((usize, usize), Vec<f64>)>>,
+    table: Mutex<Option<FlopTable>>,
 }
+
+/// Per-module FLOPs of one sample and the latent size they are for.
+type FlopTable = ((usize, usize), Vec<f64>);
 
 impl<'a> Counted<'a> {
     pub fn new(inner: &'a dyn Denoiser) -> Self {

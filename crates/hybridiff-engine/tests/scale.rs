@@ -386,8 +386,8 @@ fn stride2_emulation(s: &Setup, steps: usize, warmup: usize, n: usize) -> Tensor
     let forward = |x: &Tensor, t: f64, cache: &[Vec<Tensor>], own: Option<usize>| {
         let mut state = model.begin(x, t, &cond).unwrap();
         let mut outs = Vec::with_capacity(m);
-        for i in 0..m {
-            let out = if own.is_none_or(|o| plan.owner[i] == o) {
+        for (i, &owner) in plan.owner.iter().enumerate() {
+            let out = if own.is_none_or(|o| owner == o) {
                 model.run_module(i, &state).unwrap()
             } else {
                 cache[i].clone()
@@ -423,9 +423,9 @@ fn stride2_emulation(s: &Setup, steps: usize, warmup: usize, n: usize) -> Tensor
             let mut fresh = cache.clone();
             for st in 0..n {
                 let (y, outs) = forward(&x, t_next, &cache, Some(st));
-                for i in 0..m {
-                    if plan.owner[i] == st {
-                        fresh[i] = outs[i].clone();
+                for ((f, o), &owner) in fresh.iter_mut().zip(outs).zip(&plan.owner) {
+                    if owner == st {
+                        *f = o;
                     }
                 }
                 if st == n - 1 {
