@@ -587,6 +587,106 @@ impl<'a> StagedRunner<'a> {
         Ok(y)
     }
 
+    /// Fills the cache from an exact banded step (stages x bands): `kept` is this rank's band
+    /// of every module's output ([`crate::strategy::patch::BandStep::step_keeping_outputs`])
+    /// and `group` its band group, in band order, every rank of which runs a stage of this
+    /// plan. Each rank collects from the others of its group their bands of the outputs its
+    /// own stage computes and other stages read, and joins them along the model's band
+    /// dimension ([`Denoiser::band_dim`]); every other output is a stand-in of the whole
+    /// image's shape (the module-reads contract: only carried along until its owner sends
+    /// it). So one exact step's work, split `W` ways, fills the pipeline, where the
+    /// reference's fill runs the whole denoiser on every rank.
+    pub fn fill_from_bands(
+        &mut self,
+        comm: &mut dyn Communicator,
+        group: &hybridiff_comm::Group,
+        kept: Vec<Vec<Tensor>>,
+    ) -> Result<()> {
+        let me = comm.rank();
+        let modules = self.plan.owner.len();
+        if kept.len() != modules {
+            return Err(Error::Options(format!(
+                "a banded step kept {} module outputs, the plan has {modules} modules",
+                kept.len()
+            )));
+        }
+        let read: BTreeSet<OutputRef> = self
+            .ranks
+            .all()
+            .flat_map(|r| self.needs_of_rank(r).iter().copied())
+            .collect();
+        let owned_read = |rank: usize| -> Vec<OutputRef> {
+            match self.ranks.stage_of(rank) {
+                Some((stage, false)) => read
+                    .iter()
+                    .filter(|r| self.plan.owner[r.module] == stage)
+                    .copied()
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        let outputs: Vec<OutputRef> = (0..modules)
+            .flat_map(|module| {
+                (0..kept[module].len()).map(move |index| OutputRef { module, index })
+            })
+            .collect();
+        // Every band's extent along the band dimension of every output, for the stand-ins.
+        let extent: Vec<i64> = outputs
+            .iter()
+            .map(|r| match self.model.band_dim(r.module, r.index) {
+                Some(d) => kept[r.module][r.index].dim(d).map(|v| v as i64),
+                None => Ok(-1),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let extents = comm.all_gather_in(
+            group,
+            &Tensor::new(extent.as_slice(), &candle_core::Device::Cpu)?,
+        )?;
+        let extents: Vec<Vec<i64>> = extents
+            .iter()
+            .map(|t| t.to_vec1::<i64>())
+            .collect::<candle_core::Result<_>>()?;
+        let before = crate::strategy::Sent::so_far(comm);
+        for &q in group.ranks().iter().filter(|&&q| q != me) {
+            for r in owned_read(q) {
+                if self.model.band_dim(r.module, r.index).is_some() {
+                    comm.send(&kept[r.module][r.index].contiguous()?, q)?;
+                }
+            }
+        }
+        let mine: BTreeSet<OutputRef> = owned_read(me).into_iter().collect();
+        let mut cache: Vec<Vec<Tensor>> = Vec::with_capacity(modules);
+        for (k, r) in outputs.iter().enumerate() {
+            if r.index == 0 {
+                cache.push(Vec::with_capacity(kept[r.module].len()));
+            }
+            let piece = &kept[r.module][r.index];
+            let whole = match self.model.band_dim(r.module, r.index) {
+                None => piece.clone(),
+                Some(d) if mine.contains(r) => {
+                    let mut parts = Vec::with_capacity(group.len());
+                    for &q in group.ranks() {
+                        parts.push(if q == me {
+                            piece.clone()
+                        } else {
+                            comm.recv(q)?
+                        });
+                    }
+                    Tensor::cat(&parts, d)?
+                }
+                Some(d) => {
+                    let mut dims = piece.dims().to_vec();
+                    dims[d] = extents.iter().map(|e| e[k].max(0) as usize).sum();
+                    Tensor::zeros((), piece.dtype(), piece.device())?.broadcast_as(dims)?
+                }
+            };
+            cache.last_mut().expect("pushed above").push(whole);
+        }
+        self.cache = cache;
+        self.exchanged = crate::strategy::Sent::so_far(comm).since(before);
+        Ok(())
+    }
+
     /// Sends this rank's cached outputs that other stages read, and receives the ones it
     /// reads from their owners: the start of a pipelined step.
     pub fn exchange(&mut self, comm: &mut dyn Communicator) -> Result<()> {

@@ -322,6 +322,9 @@ impl Denoiser for PoisonedAfter<'_> {
     fn patch_alignment(&self) -> Option<(usize, usize)> {
         self.inner.patch_alignment()
     }
+    fn band_dim(&self, idx: usize, index: usize) -> Option<usize> {
+        self.inner.band_dim(idx, index)
+    }
     fn forward_patch(
         &self,
         x: &Tensor,

@@ -56,6 +56,12 @@ pub trait PatchContext {
     ) -> Result<(Option<Tensor>, Option<Tensor>)>;
     /// Every band's `x` for exchange `layer`, in band order (this band's is `x` itself).
     fn gather(&self, layer: usize, x: &Tensor) -> Result<Vec<Tensor>>;
+    /// Module `idx`'s output on this band, handed over as soon as it is computed (by
+    /// [`crate::Denoiser::forward_patch`], module by module), for an engine that keeps band
+    /// outputs (to start a stage pipeline from an exact banded step). Ignored by default.
+    fn module_output(&self, idx: usize, output: &[Tensor]) {
+        let _ = (idx, output);
+    }
 }
 
 /// A [`PatchContext`] plus the running layer id of one forward.

@@ -14,8 +14,10 @@
 //!   computes `1/P` of a forward per step.
 //!
 //! At `P = 1` `across` is exactly the paper's Hybridiff (its fill step too: every rank runs
-//! the whole denoiser on its branch). At `P >= 2` the fill step runs the stages one after
-//! another (each rank its own stage, once), so no two ranks compute the same thing.
+//! the whole denoiser on its branch). At `P >= 2` the fill step is an exact step (the
+//! condition split x bands, guided) whose band outputs, gathered inside each band group,
+//! fill the stages' caches ([`StagedRunner::fill_from_bands`]): no rank repeats another's
+//! work, and the fill costs an exact step's `1/W` instead of a whole forward.
 //!
 //! Without classifier-free guidance (`guidance <= 1`) there is no rel-MAE between
 //! branches to switch on: every step runs as `cfg` does then (the conditional branch in `W`
@@ -277,12 +279,31 @@ impl HybridWorker<'_> {
     fn staged_step(
         &mut self,
         comm: &mut dyn Communicator,
+        i: usize,
         x: &Tensor,
         t: f64,
     ) -> Result<StepOutput> {
-        self.band.settle(comm)?;
         let me = comm.rank();
         let (layout, p, branch, guidance) = (self.layout, self.p, self.branch, self.guidance);
+        let filled = self.runner.as_ref().is_some_and(|r| r.is_filled());
+        if !filled && p >= 2 {
+            // Stages x bands: an exact banded step (both branches, guided as in exact steps)
+            // whose band outputs, gathered inside each band group, fill the pipeline.
+            let (mut out, kept) = self.band.step_keeping_outputs(comm, i, x, t)?;
+            // Displaced bands sent this step's activations ahead for a banded next step,
+            // which will not come: they go before the stage pieces use the same channels.
+            self.band.settle(comm)?;
+            let group = self.band.layout().group(self.band.layout().group_of(me));
+            let runner = self.runner.as_mut().ok_or_else(|| {
+                Error::Options("hybrid: a pipelined step without classifier-free guidance".into())
+            })?;
+            runner.fill_from_bands(comm, &group, kept)?;
+            out.mode = StepMode::Fill;
+            out.rel_mae = 0.0;
+            out.overlapped = Default::default();
+            return Ok(out);
+        }
+        self.band.settle(comm)?;
         let correction = self.correction.clone();
         let correct = |pred: Tensor| -> Result<Tensor> {
             Ok(match (&correction, guidance) {
@@ -393,7 +414,7 @@ impl Worker for HybridWorker<'_> {
                 out
             }
             Phase::Pipelined => {
-                let out = self.staged_step(comm, x, t)?;
+                let out = self.staged_step(comm, i, x, t)?;
                 self.switcher.record(i, 0.0);
                 out
             }

@@ -301,6 +301,34 @@ impl<'a> BandStep<'a> {
         x: &Tensor,
         t: f64,
     ) -> Result<StepOutput> {
+        Ok(self.run(comm, i, x, t, false)?.0)
+    }
+
+    /// [`step`](Self::step), also returning this rank's band of every module's output
+    /// (module order; see [`hybridiff_models::Denoiser::band_dim`]): what a stage pipeline
+    /// starts from. Needs two or more bands.
+    pub fn step_keeping_outputs(
+        &mut self,
+        comm: &mut dyn Communicator,
+        i: usize,
+        x: &Tensor,
+        t: f64,
+    ) -> Result<(StepOutput, Vec<Vec<Tensor>>)> {
+        let (out, kept) = self.run(comm, i, x, t, true)?;
+        let kept = kept.ok_or_else(|| {
+            Error::Options("band outputs are kept only with two or more bands".into())
+        })?;
+        Ok((out, kept))
+    }
+
+    fn run(
+        &mut self,
+        comm: &mut dyn Communicator,
+        i: usize,
+        x: &Tensor,
+        t: f64,
+        keep_outputs: bool,
+    ) -> Result<(StepOutput, Option<Vec<Vec<Tensor>>>)> {
         let job = self.job;
         // One band exchanges nothing, so there is nothing to displace.
         let displaced = self.mode == PatchMode::Displaced && self.band.count > 1;
@@ -318,6 +346,7 @@ impl<'a> BandStep<'a> {
         let batched = job.cfg() && self.layout.branches == 1;
         let start = Instant::now();
         let sent0 = super::Sent::so_far(&*comm);
+        let mut kept = None;
         let eps = if band.count == 1 {
             // The whole image: the plain forward, exactly as `serial` and `cfg` run it.
             let xb = if batched {
@@ -340,8 +369,10 @@ impl<'a> BandStep<'a> {
                 plan,
                 stash: std::cell::RefCell::new(&mut self.stash),
                 from: std::cell::RefCell::new(vec![0; self.pending.len()]),
+                kept: keep_outputs.then(|| std::cell::RefCell::new(Vec::new())),
             };
             let eps = job.model.forward_patch(&xb, t, &self.cond, &ctx)?;
+            kept = ctx.kept.map(|k| k.into_inner());
             let from = ctx.from.into_inner();
             self.pending = if !sync && plan.send {
                 from
@@ -380,7 +411,7 @@ impl<'a> BandStep<'a> {
         if let Prediction::Guided(_) = out.prediction {
             out.rel_mae = 0.0;
         }
-        Ok(out)
+        Ok((out, kept))
     }
 }
 
@@ -407,6 +438,8 @@ struct Exchange<'s> {
     /// Per peer, how many values this forward took from it (what a displaced step's peers
     /// send ahead for the next one).
     from: std::cell::RefCell<Vec<usize>>,
+    /// Every module's output on this band, when asked for.
+    kept: Option<std::cell::RefCell<Vec<Vec<Tensor>>>>,
 }
 
 fn model_err(e: impl std::fmt::Display) -> hybridiff_models::Error {
@@ -455,6 +488,14 @@ impl Exchange<'_> {
 impl PatchContext for Exchange<'_> {
     fn band(&self) -> Band {
         self.band
+    }
+
+    fn module_output(&self, idx: usize, output: &[Tensor]) {
+        if let Some(k) = &self.kept {
+            let mut k = k.borrow_mut();
+            debug_assert_eq!(k.len(), idx, "modules hand their outputs over in order");
+            k.push(output.to_vec());
+        }
     }
 
     fn halo(

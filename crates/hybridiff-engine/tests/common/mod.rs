@@ -240,6 +240,9 @@ impl hybridiff_models::Denoiser for Audit<'_> {
     fn patch_alignment(&self) -> Option<(usize, usize)> {
         self.inner.patch_alignment()
     }
+    fn band_dim(&self, idx: usize, index: usize) -> Option<usize> {
+        self.inner.band_dim(idx, index)
+    }
     fn forward_patch(
         &self,
         x: &Tensor,

@@ -497,6 +497,21 @@ impl Denoiser for SD3Transformer2DModel {
         Some((self.config.patch_size, self.config.patch_size))
     }
 
+    /// Blocks and `norm_out` output image tokens `[B, L, D]` (a band's are a run of rows of
+    /// patches: dim 1) and, but the last block, the text stream `[B, Lc, D]`, which every band
+    /// computes whole; `proj_out` outputs the band's rows of the prediction (dim 2).
+    fn band_dim(&self, idx: usize, index: usize) -> Option<usize> {
+        if idx + 1 == self.names.len() {
+            return Some(2);
+        }
+        let texts = self.module_output_count(idx) - 1;
+        if index < texts {
+            None
+        } else {
+            Some(1)
+        }
+    }
+
     fn forward_patch(
         &self,
         sample: &Tensor,
@@ -508,6 +523,7 @@ impl Denoiser for SD3Transformer2DModel {
         let mut state = self.begin_band(sample, timestep, cond, Some(p.band()))?;
         for idx in 0..self.names.len() {
             let out = self.run_module_patch(idx, &state, Some(&p))?;
+            ctx.module_output(idx, &out);
             self.apply_module(idx, &mut state, out)?;
         }
         self.end(state)

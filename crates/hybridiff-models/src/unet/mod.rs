@@ -763,6 +763,11 @@ impl Denoiser for UNet2DConditionModel {
         Some((1 << (self.config.block_out_channels.len() - 1), 1))
     }
 
+    /// Every module outputs `[B, C, h, w]` activations: a band's are rows (dim 2).
+    fn band_dim(&self, _idx: usize, _index: usize) -> Option<usize> {
+        Some(2)
+    }
+
     fn forward_patch(
         &self,
         sample: &Tensor,
@@ -774,6 +779,7 @@ impl Denoiser for UNet2DConditionModel {
         let mut state = self.begin(sample, timestep, cond)?;
         for idx in 0..self.modules.len() {
             let out = self.run_module_patch(idx, &state, Some(&p))?;
+            ctx.module_output(idx, &out);
             self.apply_module(idx, &mut state, out)?;
         }
         self.end(state)
