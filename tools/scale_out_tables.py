@@ -6,7 +6,8 @@
 Prints Markdown: the default model's images against serial (mean PSNR / SSIM per layout and
 rank count), the random-weight models' final latents against serial (worst relative
 difference, PSNR), the measured latency and the latency model's predictions (NVLink and
-PCIe 4, compute measured here and timed by counted FLOPs), and the SDXL-layout predictions.
+PCIe 4, from the compute measured here), and the SDXL-layout predictions (compute timed by
+counted FLOPs, calibrated to a serial step time).
 Standard library only.
 """
 
@@ -86,17 +87,16 @@ def predicted(out: Path, model: str, w: int, tag: str, strategy: str, suffix: st
     return None
 
 
-def latents(out: Path, model: str, title: str, tflops: str) -> str:
+def latents(out: Path, model: str, title: str) -> str:
     rows = bench_rows(out, model)
     if not rows:
         return ""
     s = f"\n#### {title}\n\n"
     s += (
         "| layout | W | measured (s) | measured speedup | bytes / step | worst step's FLOPs spread | "
-        "max rel diff | PSNR (dB) | NVLink | PCIe 4 | "
-        f"NVLink, FLOPs at {tflops} TFLOP/s | PCIe 4, FLOPs at {tflops} TFLOP/s |\n"
+        "max rel diff | PSNR (dB) | predicted speedup, NVLink | predicted speedup, PCIe 4 |\n"
     )
-    s += "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    s += "|---|---|---|---|---|---|---|---|---|---|\n"
     order = {n: i for i, (n, _) in enumerate(LAYOUTS)}
     rows.sort(key=lambda x: (order.get(x[1], 99), x[0]))
     for w, name, r, j in rows:
@@ -106,7 +106,7 @@ def latents(out: Path, model: str, title: str, tflops: str) -> str:
         psnr = "inf" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}"
         preds = [
             predicted(out, model, w, tag, r["strategy"], sfx) or "-"
-            for sfx in ("nvlink", "pcie4", f"nvlink-{tflops}tflops", f"pcie4-{tflops}tflops")
+            for sfx in ("nvlink", "pcie4")
         ]
         s += (
             f"| {label} | {w} | {r['seconds']:.1f} | {r['speedup']:.2f}x | "
@@ -126,9 +126,9 @@ def layout1024(out: Path) -> str:
     for tdir in sorted(d.glob("sdxl-layout-w*")):
         m = re.match(r"sdxl-layout-w(\d+)-(.+)$", tdir.name)
         w, tag = int(m.group(1)), m.group(2)
-        strategies = ["cfg", "hybrid", "patch"] if tag == "base" else [tag.split("-")[0].rstrip("2")]
+        strategies = ["cfg", "hybrid", "patch", "async"] if tag == "base" else [tag.split("-")[0]]
         for strategy in strategies:
-            name = {"base": strategy}.get(tag, tag)
+            name = {"base": "async2" if strategy == "async" else strategy}.get(tag, tag)
             cells = []
             for link in ("nvlink", "pcie4"):
                 for ms in (330, 100, 50):
@@ -146,12 +146,11 @@ def layout1024(out: Path) -> str:
 
 def main():
     if len(sys.argv) < 2:
-        sys.exit("usage: scale_out_tables.py OUT [TFLOPS]")
+        sys.exit("usage: scale_out_tables.py OUT")
     out = Path(sys.argv[1])
-    tflops = sys.argv[2] if len(sys.argv) > 2 else "400"
     print(images(out))
-    print(latents(out, "sdxl5", "1/5-width SDXL U-Net, 32x32 latents, 50 DDIM steps", tflops))
-    print(latents(out, "sd3s", "small SD3 MMDiT, 32x32 latents, 50 flow-Euler steps", tflops))
+    print(latents(out, "sdxl5", "1/5-width SDXL U-Net, 32x32 latents, 50 DDIM steps"))
+    print(latents(out, "sd3s", "small SD3 MMDiT, 32x32 latents, 50 flow-Euler steps"))
     print(layout1024(out))
 
 

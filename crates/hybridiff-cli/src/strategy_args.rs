@@ -23,8 +23,9 @@ pub struct StrategyArgs {
     #[arg(long)]
     pub patch_mode: Option<String>,
     /// hybrid, pipelined steps on W = 2P ranks: `across` (2P stages over both branch groups,
-    /// one unguided prediction: the paper's layout) or `per-branch` (P stages per branch
-    /// group, both branches, guided; P >= 2) [default: see docs/benchmarks/scale-out.md].
+    /// one unguided prediction: the paper's layout; the fastest) or `per-branch` (P stages
+    /// per branch group, both branches, guided; P >= 2: better images, cfg's speed, fewer
+    /// bytes than cfg on slow links) [default: across; see docs/benchmarks/scale-out.md].
     #[arg(long)]
     pub pipeline_layout: Option<String>,
     /// patch: run both CFG branches on every rank (W = bands) instead of one rank group

@@ -67,8 +67,11 @@ impl std::fmt::Display for PipelineLayout {
 }
 
 impl PipelineLayout {
-    /// The default at `P` ranks per branch group (chosen by measurement, see
-    /// `docs/benchmarks/scale-out.md`).
+    /// The default at `P` ranks per branch group: `across`, chosen by measurement
+    /// (`docs/benchmarks/scale-out.md`): it halves each rank's compute in pipelined steps,
+    /// while `per-branch`'s pipelined step costs each rank what an exact banded step does
+    /// (`1/P` of a forward), so it saves only the bands' exchanges (slow links) and buys its
+    /// better images at `cfg`'s latency, where `cfg` itself is exact.
     pub fn default_for(_p: usize) -> Self {
         Self::Across
     }
