@@ -22,7 +22,7 @@ for i in $(seq 1 "$REPEATS"); do
     mpirun --allow-run-as-root --bind-to none -np 2 "$BIN" bench --model "$MODEL" \
         --latent-size 32 --steps "$STEPS" --threads-per-rank 1 --repeats 3 \
         --strategies serial,cfg,async,hybrid --transport threads,mpi \
-        ${EXTRA:-} --json "$OUT/run$i.json" --trace-dir "$(mkdir -p "$OUT/traces$i" && echo "$OUT/traces$i")"
+        ${EXTRA:-} --json "$OUT/run$i.json" --trace-dir "$OUT/traces$i" --force
 done
 
 python3 - "$OUT" "$REPEATS" <<'EOF'

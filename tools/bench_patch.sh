@@ -23,7 +23,7 @@ for rep in $(seq 1 "$REPEATS"); do
       echo "== run $rep $m $split, load $(cut -d' ' -f1 /proc/loadavg), $(date +%T)"
       "$B" bench --model "$m" --latent-size 32 --steps 50 --strategies serial,cfg,patch \
         --world-size 2 --threads-per-rank 1 --repeats 0 "${extra[@]}" \
-        --markdown "$m-$split-$rep.md" --json "$m-$split-$rep.json" --trace-dir "tr-$m-$split-$rep"
+        --markdown "$m-$split-$rep.md" --json "$m-$split-$rep.json" --trace-dir "tr-$m-$split-$rep" --force
     done
   done
 done

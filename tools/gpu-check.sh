@@ -221,7 +221,7 @@ for m in unet mmdit; do
     step "bench-$m" 240 "$bin" bench --model "$work/$m-model" --latent-size "$latent" \
         --context-len "$ctx" --steps "$steps" --strategies serial,cfg,async,hybrid --world-size 2 \
         --repeats "$repeats" --dtype f16 --device "$device" --threads-per-rank 1 \
-        --json "$work/bench-$m.json" --trace-dir "$work/traces/$m"
+        --json "$work/bench-$m.json" --trace-dir "$work/traces/$m" --force
     [ -n "$mem_pid" ] && kill "$mem_pid" 2>/dev/null
     unset HYBRIDIFF_DEVICE_GENERIC
     if [ "$have_diffusers" = 1 ]; then

@@ -112,9 +112,34 @@ def limit_memory():
 
 
 class Case:
-    def __init__(self, name, args, setup=None, check=None, env=None, timeout=60):
+    """One run. `cwd`: run in the case's work folder (for outputs named `-`). `interrupt`:
+    send SIGINT that many times (1 or 2) once `{w}/b/manifest.json` lists an image."""
+
+    def __init__(self, name, args, setup=None, check=None, env=None, timeout=60, cwd=False, interrupt=0):
         self.name, self.args, self.setup, self.check = name, args, setup, check
-        self.env, self.timeout = env or {}, timeout
+        self.env, self.timeout, self.cwd, self.interrupt = env or {}, timeout, cwd, interrupt
+
+
+def run_interrupted(cmd, case, env, work):
+    """Runs `cmd`, sends SIGINT `case.interrupt` times after the first image is listed."""
+    import signal
+    import time
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                         env=env, preexec_fn=limit_memory, stdin=subprocess.DEVNULL)
+    manifest = work / "b" / "manifest.json"
+    start = time.time()
+    while time.time() - start < case.timeout:
+        try:
+            if json.loads(manifest.read_text()):
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    for _ in range(case.interrupt):
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.02)
+    out, err = p.communicate(timeout=case.timeout)
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def run_case(binary, case, scratch):
@@ -126,17 +151,21 @@ def run_case(binary, case, scratch):
         args = [str(a).format(**{k: str(v) for k, v in ctx.items()}) for a in case.args]
         env = dict(os.environ, HYBRIDIFF_CACHE=str(scratch / "cache"), **case.env)
         try:
-            p = subprocess.run(
-                [binary, *args], capture_output=True, text=True, errors="replace",
-                timeout=case.timeout, env=env, preexec_fn=limit_memory, stdin=subprocess.DEVNULL,
-            )
+            if case.interrupt:
+                p = run_interrupted([binary, *args], case, env, work)
+            else:
+                p = subprocess.run(
+                    [binary, *args], capture_output=True, text=True, errors="replace",
+                    timeout=case.timeout, env=env, preexec_fn=limit_memory, stdin=subprocess.DEVNULL,
+                    cwd=work if case.cwd else None,
+                )
         except subprocess.TimeoutExpired:
             return case.name, "FINDING", f"hung (> {case.timeout} s)"
         err = p.stderr.strip().splitlines()
         first = next((l for l in err if "error" in l or "WARN" in l), err[-1] if err else "")
         if "panicked" in p.stderr:
             return case.name, "FINDING", "panic: " + first
-        if p.returncode < 0 or p.returncode in (101, 134, 137):
+        if p.returncode < 0 or p.returncode in (101, 134, 137) or (p.returncode == 130 and not case.interrupt):
             return case.name, "FINDING", f"exit {p.returncode}: {first}"
         if case.check:
             bad = case.check(ctx, p)
@@ -476,13 +505,256 @@ def compare_cases():
     return cases
 
 
+# --------------------------------------------------------------------------- issue 28
+
+
+def tiny_trace(strategy, world, compute=0.01):
+    """A trace as `bench --trace-dir` writes it, 2 steps, `world` ranks."""
+    step = lambda i: {
+        "index": i, "timestep": 999.0 - 500 * i, "mode": "exact", "rel_mae": 0.1, "wall_seconds": compute,
+        "rank_compute_seconds": [compute] * world, "bytes_sent": 100 * (world - 1),
+        "rank_bytes_sent": [100] * (world - 1) + [0] if world > 1 else [0],
+        "rank_messages_sent": [1] * (world - 1) + [0] if world > 1 else [0],
+        "rank_overlapped_bytes": [0] * world, "rank_overlapped_messages": [0] * world,
+        "reference_bytes_sent": 100 * (world - 1), "tau1": None, "tau2": None,
+    }
+    return {
+        "strategy": strategy, "world_size": world, "threads_per_rank": 1, "rank_devices": ["cpu"] * world,
+        "transfer": "host" if world > 1 else "", "scheduler": "ddim", "num_steps": 2, "guidance": 5.0,
+        "classifier_free_guidance": True, "total_seconds": 2 * compute + 0.001, "bytes_sent": 200 * (world - 1),
+        "reference_bytes_sent": 200 * (world - 1), "stage_plan": None, "tau1": None, "tau2": None,
+        "rel_mae_log": [0.1, 0.1], "steps": [step(0), step(1)],
+    }
+
+
+def exit0_is_finding(what):
+    def check(ctx, p):
+        return f"exit 0: {what}" if p.returncode == 0 else None
+    return check
+
+
+def trace_cases():
+    """`bench --from-trace` on traces with one impossible field each: exit 0 is a finding."""
+    cases = []
+    edits = [
+        ("negative compute", lambda t: t["cfg"]["steps"][0]["rank_compute_seconds"].__setitem__(0, -1.0)),
+        ("huge compute", lambda t: t["cfg"]["steps"][0]["rank_compute_seconds"].__setitem__(1, 1e300)),
+        ("zero total", lambda t: t["serial"].__setitem__("total_seconds", 0)),
+        ("negative total", lambda t: t["cfg"].__setitem__("total_seconds", -5)),
+        ("NaN total", lambda t: t["cfg"].__setitem__("total_seconds", float("nan"))),
+        ("inf total", lambda t: t["cfg"].__setitem__("total_seconds", float("inf"))),
+        ("world 0", lambda t: t["cfg"].__setitem__("world_size", 0)),
+        ("world 3, lists of 2", lambda t: t["cfg"].__setitem__("world_size", 3)),
+        ("serial world 2", lambda t: t["serial"].__setitem__("world_size", 2)),
+        ("strategy with a pipe", lambda t: t["cfg"].__setitem__("strategy", "cfg | <script>")),
+        ("unknown strategy", lambda t: t["cfg"].__setitem__("strategy", "warp")),
+        ("device markup", lambda t: t["cfg"]["rank_devices"].__setitem__(1, "cpu|**x**")),
+        ("transfer newline", lambda t: t["cfg"].__setitem__("transfer", "host\n| a |")),
+        ("bytes do not add up", lambda t: t["cfg"].__setitem__("bytes_sent", 1)),
+        ("steps short", lambda t: t["cfg"].__setitem__("num_steps", 7)),
+        ("other guidance", lambda t: t["cfg"].__setitem__("guidance", 9.0)),
+        ("overlapped > sent", lambda t: t["cfg"]["steps"][0]["rank_overlapped_bytes"].__setitem__(0, 10**6)),
+        ("no serial", lambda t: t.pop("serial")),
+        ("two serial", lambda t: t.__setitem__("serial2", dict(t["serial"]))),
+        ("name with a pipe", lambda t: t.__setitem__("a|b", t.pop("cfg"))),
+    ]
+    for label, edit in edits:
+        def setup(ctx, edit=edit):
+            traces = {"serial": tiny_trace("serial", 1), "cfg": tiny_trace("cfg", 2)}
+            edit(traces)
+            d = ctx["w"] / "tr"
+            d.mkdir()
+            for name, t in traces.items():
+                (d / f"{name}.json").write_text(json.dumps(t).replace("NaN", "NaN").replace("Infinity", "Infinity"))
+        cases.append(Case(f"from-trace {label}", ["bench", "--from-trace", "{w}/tr", "--simulate-link", "pcie4"], setup,
+                          exit0_is_finding("a table from an impossible trace")))
+    return cases
+
+
+def outputs_cases():
+    """Outputs that overwrite each other or an input, wrong image names, `-`, folders."""
+    cases = []
+    bench = ["bench", "--model", "{w}/m", "--steps", "1", "--repeats", "0", "--strategies", "serial,cfg"]
+    for flag, target in [("--json", "bt/cfg.json"), ("--markdown", "bt/serial.json"), ("--json", "bt/CFG.json"),
+                         ("--markdown", "bt/./serial.json"), ("--json", "bt/../bt/cfg.json")]:
+        def check(ctx, p, target=target):
+            if p.returncode == 0:
+                return f"exit 0 with {target} written twice"
+            return None
+        cases.append(Case(f"bench --trace-dir bt {flag} {target}", bench + ["--trace-dir", "{w}/bt", flag, "{w}/" + target],
+                          with_model(TINY), check))
+    for flag, name in [("--decode", "x.jpg"), ("--decode", "x"), ("--out", "x.png"), ("--trace", "t.webp")]:
+        args = list(DENOISE)
+        if flag == "--out":
+            args[args.index("--out") + 1] = "{w}/" + name
+        else:
+            args += [flag, "{w}/" + name]
+        cases.append(Case(f"denoise {flag} {name}", args, with_model(TINY), exit0_is_finding(f"{name} holds another format")))
+    cases.append(Case("generate --out x.jpg", GENERATE[:-1] + ["{w}/x.jpg"], with_model(PIPE), exit0_is_finding("PNG bytes in x.jpg")))
+
+    def no_dash_file(ctx, p):
+        return "wrote a file named -" if (ctx["w"] / "-").exists() else None
+    for args in [GENERATE[:-1] + ["-"], DENOISE[:-3] + ["-", "--steps", "2"], DENOISE + ["--trace", "-"],
+                 ["bench", "--model", "{w}/m", "--json", "-"], ["bench", "--model", "{w}/m", "--trace-dir", "-"],
+                 ["init", "--config", str(TINY / "unet/config.json"), "--out", "-"]]:
+        src = PIPE if args[0] == "generate" else TINY
+        cases.append(Case(f"{args[0]} {' '.join(a for a in args if a.startswith('-') and a != '-')} -", args, with_model(src),
+                          no_dash_file, cwd=True))
+
+    # Output folders: a batch into a folder another run wrote, with and without --force.
+    def old_batch(ctx):
+        with_model(PIPE)(ctx)
+        b = ctx["w"] / "b"
+        b.mkdir()
+        for n in ["0000.png", "0001.png", "0002.png", "manifest.json"]:
+            (b / n).write_text("old run")
+        (b / "notes.txt").write_text("mine")
+        (ctx["w"] / "p.txt").write_text("a\n")
+
+    def kept(ctx, p):
+        b = ctx["w"] / "b"
+        if not (b / "notes.txt").exists():
+            return "deleted a file it does not write"
+        if p.returncode == 0 and (b / "0002.png").exists():
+            return "the folder mixes two runs"
+        return None
+    batch = ["generate", "--model", "{w}/m", "--prompts", "{w}/p.txt", "--steps", "1", "--out", "{w}/b"]
+    cases.append(Case("batch into another run's folder", batch, old_batch, kept))
+    cases.append(Case("batch --force into a folder with a foreign file", batch + ["--force"], old_batch, kept))
+
+    def stale_traces(ctx):
+        with_model(TINY)(ctx)
+        (ctx["w"] / "bt").mkdir()
+        (ctx["w"] / "bt" / "async.json").write_text("{}")
+
+    def no_stale(ctx, p):
+        if p.returncode == 0 and (ctx["w"] / "bt" / "async.json").exists():
+            return "an old run's trace left among the new ones"
+        return None
+    cases.append(Case("bench --trace-dir holding an old trace", bench + ["--trace-dir", "{w}/bt"], stale_traces, no_stale))
+    cases.append(Case("bench --trace-dir --force holding an old trace", bench + ["--trace-dir", "{w}/bt", "--force"], stale_traces, no_stale))
+
+    def init_mix(ctx):
+        m = ctx["w"] / "m2"
+        (m / "unet").mkdir(parents=True)
+        (m / "unet" / "config.json").write_text("{}")
+        (m / "model_index.json").write_text("{}")
+
+    def no_unet(ctx, p):
+        if p.returncode == 0 and (ctx["w"] / "m2" / "unet").exists():
+            return "a unet/ of the old model next to the new transformer/"
+        return None
+    cases.append(Case("init --force U-Net folder with an MMDiT config",
+                      ["init", "--config", str(SD3 / "transformer/config.json"), "--out", "{w}/m2", "--force"], init_mix, no_unet))
+    return cases
+
+
+def interrupt_cases():
+    """Ctrl-C during a batch: the folder and its manifest must agree afterwards."""
+    cases = []
+
+    def setup(ctx):
+        with_model(PIPE)(ctx)
+        (ctx["w"] / "p.txt").write_text("".join(f"prompt {i}\n" for i in range(30)))
+
+    def agrees(ctx, p):
+        b = ctx["w"] / "b"
+        try:
+            listed = sorted(e["file"] for e in json.loads((b / "manifest.json").read_text()) if "file" in e)
+        except (OSError, ValueError) as e:
+            return f"manifest unreadable after Ctrl-C: {e}"
+        pngs = sorted(n.name for n in b.iterdir() if n.name.endswith(".png"))
+        if pngs != listed:
+            return f"folder {pngs} but manifest {listed}"
+        if p.returncode != 130:
+            return f"exit {p.returncode} after Ctrl-C (expected 130)"
+        return None
+    batch = ["generate", "--model", "{w}/m", "--prompts", "{w}/p.txt", "--steps", "40", "--out", "{w}/b"]
+    cases.append(Case("batch Ctrl-C once", batch, setup, agrees, interrupt=1))
+    cases.append(Case("batch Ctrl-C twice", batch, setup, agrees, interrupt=2))
+    return cases
+
+
+def scheduler_flag_cases():
+    """Schedulers of the other training objective, flags a strategy ignores, step counts a
+    schedule cannot run: exit 0 (or blaming the weights) is a finding."""
+    cases = []
+    for kind in ["flow-euler"]:
+        cases.append(Case(f"denoise sdxl --scheduler {kind}", DENOISE + ["--scheduler", kind], with_model(TINY),
+                          exit0_is_finding("a flow sampler on an epsilon model")))
+    for kind in ["ddim", "euler", "dpmpp-2m"]:
+        args = ["denoise", "--model", "{w}/m", "--inputs", str(SD3 / "inputs.safetensors"), "--out", "{w}/o.st", "--steps", "2",
+                "--scheduler", kind]
+        cases.append(Case(f"denoise sd3 --scheduler {kind}", args, with_model(SD3), exit0_is_finding("a diffusion sampler on a flow model")))
+    for strategy, flag, value in [("cfg", "--stages", "auto"), ("serial", "--warmup", "2"), ("hybrid", "--warmup", "2"),
+                                  ("cfg", "--patch-mode", "sync"), ("cfg", "--no-cfg-split", None), ("cfg", "--k", "3"),
+                                  ("async", "--l-slope", "3"), ("patch", "--eps-slope", "0.1"), ("serial", "--tau-cap", "3"),
+                                  ("async", "--pipelined-guidance", "reuse")]:
+        extra = ["--strategy", strategy, flag] + ([value] if value else [])
+        cases.append(Case(f"denoise --strategy {strategy} {flag}", DENOISE + extra, with_model(TINY),
+                          exit0_is_finding(f"{flag} ignored by {strategy}")))
+    for extra in [["--strategies", "serial,cfg", "--k", "3"], ["--strategies", "serial", "--world-size", "4"],
+                  ["--repeats", "0", "--only-batch", "1"], ["--inputs", str(TINY / "inputs.safetensors"), "--latent-size", "8"]]:
+        cases.append(Case(f"bench {' '.join(extra)}", ["bench", "--model", "{w}/m", "--steps", "1"] + extra, with_model(TINY),
+                          exit0_is_finding("a flag the run ignores")))
+
+    def not_the_weights(ctx, p):
+        if p.returncode == 0:
+            return no_nan_output(ctx, p)  # a schedule that runs (Euler at 1000 steps) is fine
+        if "weights" in p.stderr:
+            return "blames the weights for what --steps does"
+        return None
+    for kind, steps in [("dpmpp-2m", "999"), ("dpmpp-2m", "1000"), ("ddim", "1000"), ("euler", "1000")]:
+        args = DENOISE[:-2] + ["--steps", steps, "--scheduler", kind]
+        cases.append(Case(f"denoise --scheduler {kind} --steps {steps}", args, with_model(TINY), not_the_weights, timeout=120))
+    return cases
+
+
+def compare_more_cases():
+    """compare: alpha-only and low-bit differences must not be `identical`; a header claiming
+    12000x12000 pixels must be refused at once."""
+    import zlib
+    cases = []
+
+    def png(path, w, h, rows, color_type, depth):
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        raw = b"".join(b"\x00" + r for r in rows)
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color_type, 0, 0, 0))
+                         + (chunk(b"IDAT", zlib.compress(raw)) if rows else b"") + chunk(b"IEND", b""))
+
+    def pair(kind):
+        def setup(ctx):
+            for d in "ab":
+                (ctx["w"] / d).mkdir()
+            if kind == "alpha":
+                for d, a in [("a", 255), ("b", 7)]:
+                    png(ctx["w"] / d / "x.png", 8, 8, [bytes([10, 20, 30, a]) * 8] * 8, 6, 8)
+            elif kind == "16bit":
+                for d, lo in [("a", 0), ("b", 3)]:
+                    png(ctx["w"] / d / "x.png", 8, 8, [struct.pack(">HHH", 4096 + lo, 100, 200) * 8] * 8, 2, 16)
+            else:
+                for d in "ab":
+                    png(ctx["w"] / d / "x.png", 12000, 12000, [], 2, 8)
+        return setup
+
+    def not_identical(ctx, p):
+        if p.returncode == 0 and json.loads(p.stdout).get("identical"):
+            return "images that differ reported identical"
+        return None
+    cases.append(Case("compare alpha-only difference", ["compare", "{w}/a", "{w}/b", "--json"], pair("alpha"), not_identical))
+    cases.append(Case("compare 16-bit low-bit difference", ["compare", "{w}/a", "{w}/b", "--json"], pair("16bit"), not_identical))
+    cases.append(Case("compare 12000x12000 header", ["compare", "{w}/a", "{w}/b"], pair("big"), exit0_is_finding("huge image read"), timeout=15))
+    return cases
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bin", default=str(ROOT / "target" / "debug" / "hybridiff"))
     ap.add_argument("--only", default=None, help="run the cases whose name contains this")
     ap.add_argument(
         "--groups",
-        default="config,tensor,flag,output,prompts,pipeline,compare",
+        default="config,tensor,flag,output,prompts,pipeline,compare,trace,outputs,interrupt,scheduler,compare2",
         help="comma-separated case groups to run",
     )
     ap.add_argument("--jobs", type=int, default=2)
@@ -495,6 +767,11 @@ def main():
         "prompts": prompts_cases,
         "pipeline": pipeline_cases,
         "compare": compare_cases,
+        "trace": trace_cases,
+        "outputs": outputs_cases,
+        "interrupt": interrupt_cases,
+        "scheduler": scheduler_flag_cases,
+        "compare2": compare_more_cases,
     }
     cases = [c for g in a.groups.split(",") for c in groups[g.strip()]()]
     if a.only:

@@ -6,18 +6,38 @@ use anyhow::Result;
 use hybridiff_engine::bench::{
     compare_on, forward_seconds, markdown_table, random_inputs, BenchRun,
 };
-use hybridiff_engine::io::{
-    check_distinct_paths, check_output_path, check_outside_folder, write_bytes_atomic,
-};
+use hybridiff_engine::io::{write_bytes_atomic, OutputFolder};
 use hybridiff_engine::memory::{estimate_job, JobShape};
 use hybridiff_engine::{DenoiseInputs, Job, Model, StrategyKind};
+
+use crate::outputs::{Format, Plan};
+
+/// The trace file of a strategy's row in `--trace-dir`: `<strategy>.json` for ranks as
+/// threads, `<strategy>-<transport>.json` otherwise.
+fn trace_name(kind: StrategyKind, transport: &str) -> String {
+    match transport {
+        "threads" => format!("{kind}.json"),
+        t => format!("{kind}-{t}.json"),
+    }
+}
+
+/// Whether an entry of `--trace-dir` is one a bench run writes there: a regular `*.json`
+/// (traces, a `--json` summary) or `*.md` file (a `--markdown` table).
+fn written_by_bench(p: &std::path::Path) -> bool {
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    (name.ends_with(".json") || name.ends_with(".md"))
+        && std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file())
+}
 
 /// Arguments of `hybridiff bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// A diffusers model folder (see `hybridiff init` for random-weight ones).
+    /// A diffusers model folder (see `hybridiff init` for random-weight ones), or a
+    /// single-file SD 1.x / 2.x / SDXL base .safetensors checkpoint.
     #[arg(long, required_unless_present = "from_trace")]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub model_args: crate::strategy_args::ModelArgs,
     /// Start from this inputs file (as for `denoise`) instead of seeded random inputs.
     #[arg(long)]
     pub inputs: Option<PathBuf>,
@@ -60,9 +80,15 @@ pub struct BenchArgs {
     #[arg(long)]
     pub markdown: Option<PathBuf>,
     /// Write each strategy's per-step trace here as `<strategy>.json` (`<strategy>-mpi.json`
-    /// for rows on processes; the folder must exist).
+    /// for rows on processes): a new or empty folder (created if missing), or with --force one
+    /// a previous run wrote.
     #[arg(long)]
     pub trace_dir: Option<PathBuf>,
+    /// Use a --trace-dir that a previous run wrote, removing its *.json and *.md files first
+    /// (anything else in it is refused, never deleted), so it only ever holds one run's
+    /// traces.
+    #[arg(long)]
+    pub force: bool,
     /// Where the ranks of the parallel strategies run, comma-separated: `threads` (of one
     /// process) and, when started by mpirun, `mpi` (one rank per process) [default: mpi
     /// under mpirun, else threads]. `threads,mpi` times both in one run.
@@ -160,11 +186,24 @@ fn run_from_trace(
         let t: hybridiff_engine::Trace = serde_json::from_value(v).with_context(|| {
             format!("{}: not a trace written by bench --trace-dir", p.display())
         })?;
+        // Every number the table is made of must be one a run could have measured.
+        t.check()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
         let name = p
             .file_stem()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        traces.push((name, t));
+        // The name is a cell of a Markdown table.
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+' | ' '))
+        {
+            anyhow::bail!(
+                "{}: the file name becomes a cell of the Markdown table; rename the file with letters, digits, spaces and . - _ + only",
+                p.display()
+            );
+        }
+        traces.push((name, p.clone(), t));
     }
     if traces.is_empty() {
         anyhow::bail!(
@@ -172,17 +211,109 @@ fn run_from_trace(
             dir.display()
         );
     }
-    print!(
-        "{}",
-        hybridiff_engine::bench::trace_table(&traces, &link, compute)?
-    );
+    // The speedups divide by one serial baseline of the same run.
+    let serial: Vec<&PathBuf> = traces
+        .iter()
+        .filter(|(_, _, t)| t.strategy == "serial")
+        .map(|(_, p, _)| p)
+        .collect();
+    match serial.as_slice() {
+        [_] => {}
+        [] => anyhow::bail!(
+            "--from-trace {}: no serial trace; the predicted speedups are over the serial run of the same bench (its serial.json)",
+            dir.display()
+        ),
+        [a, b, ..] => anyhow::bail!(
+            "--from-trace {}: {} serial traces ({} and {}); the speedups need exactly one baseline: keep the one from the same run as the others",
+            dir.display(),
+            serial.len(),
+            a.display(),
+            b.display()
+        ),
+    }
+    // One bench run: the same steps, scheduler and guidance, one --world-size for the
+    // parallel strategies.
+    let (_, base_path, base) = traces
+        .iter()
+        .find(|(_, _, t)| t.strategy == "serial")
+        .expect("one serial trace");
+    let mut parallel_world: Option<(&PathBuf, usize)> = None;
+    for (_, p, t) in &traces {
+        for (field, mine, theirs) in [
+            (
+                "num_steps",
+                t.num_steps.to_string(),
+                base.num_steps.to_string(),
+            ),
+            ("scheduler", t.scheduler.clone(), base.scheduler.clone()),
+            (
+                "guidance",
+                t.guidance.to_string(),
+                base.guidance.to_string(),
+            ),
+        ] {
+            if mine != theirs {
+                anyhow::bail!(
+                    "{}: `{field}` = {mine} but {} has {theirs}; the traces of one bench run share it (compare only traces from the same run)",
+                    p.display(),
+                    base_path.display()
+                );
+            }
+        }
+        if t.strategy != "serial" {
+            match parallel_world {
+                Some((q, w)) if w != t.world_size => anyhow::bail!(
+                    "{}: `world_size` = {} but {} has {w}; the parallel traces of one bench run share its --world-size",
+                    p.display(),
+                    t.world_size,
+                    q.display()
+                ),
+                Some(_) => {}
+                None => parallel_world = Some((p, t.world_size)),
+            }
+        }
+    }
+    let traces: Vec<(String, hybridiff_engine::Trace)> =
+        traces.into_iter().map(|(n, _, t)| (n, t)).collect();
+    print!("{}", hybridiff_engine::bench::trace_table(&traces, &link, compute)?);
     Ok(())
 }
 
 pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     let compute = parse_compute(args.gpu_tflops)?;
+    let given = crate::strategy_args::Given::get();
     if let Some(dir) = &args.from_trace {
+        // Everything but the link describes a run, and --from-trace runs nothing.
+        let ignored: Vec<String> = given
+            .ids()
+            .filter(|id| !matches!(*id, "from_trace" | "simulate_link" | "gpu_tflops" | "verbose"))
+            .map(|id| format!("--{}", id.replace('_', "-")))
+            .collect();
+        if !ignored.is_empty() {
+            anyhow::bail!(
+                "{}: not used with --from-trace, which only reads the traces in {} (their runs' settings are in them); leave {} out",
+                ignored.join(", "),
+                dir.display(),
+                if ignored.len() == 1 { "it" } else { "them" }
+            );
+        }
         return run_from_trace(dir, args.simulate_link.as_deref(), compute);
+    }
+    // Flags that only shape something this run does not do are refused, not ignored.
+    if args.inputs.is_some() {
+        let unused = given.among(&["latent_size", "context_len"]);
+        if !unused.is_empty() {
+            anyhow::bail!(
+                "{}: sizes of the random inputs, but --inputs gives the inputs; leave {} out",
+                unused.join(", "),
+                if unused.len() == 1 { "it" } else { "them" }
+            );
+        }
+    }
+    if args.repeats == 0 && given.has("only_batch") {
+        anyhow::bail!(
+            "--only-batch: picks which timed forwards run, but --repeats 0 runs none; leave it out or give --repeats 1 or more"
+        );
     }
     let Some(model_dir) = args.model.clone() else {
         anyhow::bail!("--model: required (or --from-trace DIR)");
@@ -195,31 +326,6 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     };
     let processes = launch.processes();
     let root = launch.is_root();
-    if root {
-        for (p, flag) in [(&args.json, "--json"), (&args.markdown, "--markdown")] {
-            if let Some(p) = p {
-                check_output_path(p, flag)?;
-            }
-        }
-        if let Some(d) = &args.trace_dir {
-            if !d.is_dir() {
-                anyhow::bail!("--trace-dir {}: not a folder; create it first", d.display());
-            }
-        }
-    }
-    if let (Some(j), Some(m)) = (&args.json, &args.markdown) {
-        check_distinct_paths(&[("--json", j), ("--markdown", m)], &[])?;
-    }
-    let mut outputs: Vec<(&str, &std::path::Path)> = Vec::new();
-    for (p, flag) in [(&args.json, "--json"), (&args.markdown, "--markdown")] {
-        if let Some(p) = p {
-            outputs.push((flag, p.as_path()));
-        }
-    }
-    if let Some(d) = &args.trace_dir {
-        outputs.push(("--trace-dir", d.as_path()));
-    }
-    check_outside_folder(&outputs, &model_dir, "--model")?;
     let default_transport = if processes.is_some() {
         "mpi"
     } else {
@@ -263,8 +369,89 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     let kinds = args
         .strategies
         .split(',')
-        .map(|s| s.trim().parse::<StrategyKind>())
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|s| {
+            s.trim().parse::<StrategyKind>().map_err(|_| {
+                let all: Vec<String> = StrategyKind::ALL.iter().map(|k| k.to_string()).collect();
+                anyhow::anyhow!(
+                    "--strategies {}: unknown strategy `{}`; expected a comma-separated list of {}",
+                    args.strategies,
+                    s.trim(),
+                    all.join(", ")
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let what = format!("--strategies {}", args.strategies);
+    crate::strategy_args::check_flags_used(given, &kinds, &args.strategy_args, &what)?;
+    if kinds.iter().all(|&k| k == StrategyKind::Serial) {
+        let unused = given.among(&["world_size", "transport"]);
+        if !unused.is_empty() {
+            anyhow::bail!(
+                "{}: for the parallel strategies' ranks, but {what} runs serial only (1 rank); leave {} out or add a parallel strategy",
+                unused.join(", "),
+                if unused.len() == 1 { "it" } else { "them" }
+            );
+        }
+    }
+    if let Some(k) = kinds
+        .iter()
+        .enumerate()
+        .find_map(|(i, k)| kinds[..i].contains(k).then_some(k))
+    {
+        anyhow::bail!(
+            "{what}: `{k}` is listed twice; each strategy runs (and writes its trace) once"
+        );
+    }
+    // Every file the run writes, checked before anything is loaded.
+    let mut plan = Plan::new();
+    if let Some(p) = &args.inputs {
+        plan.input("--inputs", p);
+    }
+    if let Some(p) = &args.json {
+        plan.file("--json", p, Format::Json);
+    }
+    if let Some(p) = &args.markdown {
+        plan.file("--markdown", p, Format::Markdown);
+    }
+    if let Some(d) = &args.trace_dir {
+        let mut files = Vec::new();
+        for &kind in &kinds {
+            let on: &[bool] = if kind == StrategyKind::Serial {
+                &[false]
+            } else {
+                &transports
+            };
+            for &mpi in on {
+                let name = trace_name(kind, if mpi { "mpi" } else { "threads" });
+                files.push((format!("--trace-dir ({name})"), d.join(&name), Format::Json));
+            }
+        }
+        plan.folder(
+            OutputFolder {
+                flag: "--trace-dir",
+                path: d,
+                force: args.force,
+                ours: written_by_bench,
+                kinds: "*.json traces and summaries, *.md tables",
+            },
+            files,
+        );
+    } else if args.force {
+        anyhow::bail!("--force: empties the --trace-dir folder of a previous run's files; there is no --trace-dir, so leave it out");
+    }
+    // Nothing may land in or on the model or a file its flags name.
+    let model_inputs = args.model_args.inputs();
+    let mut spare: Vec<(&str, &std::path::Path)> = vec![("--model", model_dir.as_path())];
+    spare.extend(model_inputs.iter().map(|(f, p)| (*f, p.as_path())));
+    let ready = match root {
+        true => Some(plan.check(&spare)?),
+        false => None,
+    };
+    let resolved = args.model_args.spec(&model_dir)?.resolve(false)?;
+    if let (true, Some(line)) = (root, resolved.summary()) {
+        eprintln!("hybridiff: {line}");
+    }
+
     if let Some(p) = processes {
         let parallel = kinds.iter().any(|&k| k != StrategyKind::Serial);
         if parallel && transports.contains(&true) && args.world_size != p.size {
@@ -291,8 +478,8 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     let devices = args.devices.resolve(threads_world.max(1), None, root)?;
     let device = devices.device.clone();
     let dtype = crate::strategy_args::parse_dtype(&args.dtype, &device)?;
-    let model = Model::load(&model_dir, dtype, &device)?;
-    let placement = crate::strategy_args::load_replicas(devices.placement, &model_dir, dtype)?;
+    let model = Model::load_resolved(&resolved, dtype, &device)?;
+    let placement = crate::strategy_args::load_replicas(devices.placement, &resolved, dtype)?;
     let inputs = match &args.inputs {
         Some(p) => DenoiseInputs::load(p, &model.input_spec, &device)?,
         None => {
@@ -331,7 +518,7 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
         }
     };
     let (h, w) = (inputs.latents.dim(2)?, inputs.latents.dim(3)?);
-    let scheduler = crate::denoise::parse_scheduler(args.scheduler.as_deref(), &model)?;
+    let scheduler = crate::denoise::parse_scheduler(args.scheduler.as_deref(), &model, args.steps)?;
     let tpr = args.threads_per_rank;
     // Bench waits include whole runs on rank 0 (serial, thread rows), hence the long bound.
     let mut comm = launch.communicator(std::time::Duration::from_secs(3600))?;
@@ -415,6 +602,9 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
         (Some(l), None) if root => Some(parse_link(l)?),
         (_, link) => link,
     };
+    if let Some(r) = &ready {
+        r.prepare()?;
+    }
     let results = compare_on(
         &job,
         &runs,
@@ -433,10 +623,8 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     print!("{table}");
     if let Some(d) = &args.trace_dir {
         for (row, trace) in &results {
-            let p = match row.transport.as_str() {
-                "threads" => d.join(format!("{}.json", row.strategy)),
-                t => d.join(format!("{}-{t}.json", row.strategy)),
-            };
+            let kind: StrategyKind = row.strategy.parse()?;
+            let p = d.join(trace_name(kind, &row.transport));
             write_bytes_atomic(&p, serde_json::to_string_pretty(trace)?.as_bytes())?;
         }
     }

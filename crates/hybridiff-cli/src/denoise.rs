@@ -5,24 +5,26 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use candle_core::DType;
-use hybridiff_engine::io::{
-    check_distinct_paths, check_output_path, check_outside_folder, encode_png, save_safetensors,
-    write_bytes_atomic,
-};
+use hybridiff_engine::io::{encode_png, save_safetensors, write_bytes_atomic};
 use hybridiff_engine::{denoise, denoise_rank, DenoiseInputs, Job, Model};
 use hybridiff_schedulers::SchedulerKind;
+
+use crate::outputs::{Format, Plan};
 
 /// Arguments of `hybridiff denoise`.
 #[derive(clap::Args, Debug)]
 pub struct DenoiseArgs {
-    /// A diffusers model folder (with unet/ and scheduler/; vae/ for --decode).
+    /// A diffusers model folder (with unet/ and scheduler/; vae/ for --decode), or a
+    /// single-file SD 1.x / 2.x / SDXL base .safetensors checkpoint.
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub model_args: crate::strategy_args::ModelArgs,
     /// safetensors with `latents`, `prompt_embeds`, `negative_prompt_embeds`,
     /// `pooled_prompt_embeds`, `negative_pooled_prompt_embeds` (and optionally `time_ids`).
     #[arg(long)]
     pub inputs: PathBuf,
-    /// Where to write `latents` and `step_latents` (safetensors).
+    /// Where to write `latents` and `step_latents` (safetensors; not an image name).
     #[arg(long)]
     pub out: PathBuf,
     #[arg(long, default_value_t = 20, allow_negative_numbers = true)]
@@ -34,18 +36,29 @@ pub struct DenoiseArgs {
     /// Write a per-step JSON trace here.
     #[arg(long)]
     pub trace: Option<PathBuf>,
-    /// Decode the final latents with the model's VAE and write this PNG.
+    /// Decode the final latents with the model's VAE and write this PNG (the name ends in
+    /// .png).
     #[arg(long)]
     pub decode: Option<PathBuf>,
     #[command(flatten)]
     pub run: crate::strategy_args::RunArgs,
 }
 
-pub(crate) fn parse_scheduler(s: Option<&str>, model: &Model) -> Result<SchedulerKind> {
-    Ok(match s {
-        Some(s) => s.parse().map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?,
-        None => model.scheduler_config.default_kind()?,
-    })
+/// `--scheduler` (else the model's own), checked against the model's training objective and
+/// for a schedule of `steps` steps (see [`Model::scheduler`]).
+pub(crate) fn parse_scheduler(
+    s: Option<&str>,
+    model: &Model,
+    steps: usize,
+) -> Result<SchedulerKind> {
+    let requested = match s {
+        Some(s) => Some(
+            s.parse::<SchedulerKind>()
+                .map_err(|e| anyhow::anyhow!("--scheduler: {e}"))?,
+        ),
+        None => None,
+    };
+    Ok(model.scheduler(requested, steps)?)
 }
 
 pub fn run(args: DenoiseArgs, launch: &crate::launch::Launch) -> Result<()> {
@@ -59,35 +72,36 @@ pub fn run(args: DenoiseArgs, launch: &crate::launch::Launch) -> Result<()> {
     // Only rank 0 writes, so only its paths are checked (other hosts may not even have them).
     let root = launch.is_root();
     run.announce(args.guidance, args.steps, root)?;
-    if root {
-        check_output_path(&args.out, "--out")?;
-        if let Some(p) = &args.trace {
-            check_output_path(p, "--trace")?;
-        }
-        if let Some(p) = &args.decode {
-            check_output_path(p, "--decode")?;
-        }
-    }
-    let mut outputs = vec![("--out", args.out.as_path())];
+    let mut plan = Plan::new();
+    plan.file("--out", &args.out, Format::Safetensors)
+        .input("--inputs", &args.inputs);
     if let Some(p) = &args.trace {
-        outputs.push(("--trace", p.as_path()));
+        plan.file("--trace", p, Format::Json);
     }
     if let Some(p) = &args.decode {
-        outputs.push(("--decode", p.as_path()));
+        plan.file("--decode", p, Format::Png);
     }
-    check_distinct_paths(&outputs, &[("--inputs", args.inputs.as_path())])?;
-    check_outside_folder(&outputs, &args.model, "--model")?;
+    // Nothing may land in or on the model or a file its flags name.
+    let model_inputs = args.model_args.inputs();
+    let mut spare: Vec<(&str, &std::path::Path)> = vec![("--model", args.model.as_path())];
+    spare.extend(model_inputs.iter().map(|(f, p)| (*f, p.as_path())));
+    let ready = match root {
+        true => Some(plan.check(&spare)?),
+        false => None,
+    };
     let device = run.device.clone();
-    let model = Model::load(&args.model, run.dtype, &device)?;
+    // The text encoders are not used here: text-encoder LoRA modules are left out.
+    let resolved = args.model_args.spec(&args.model)?.resolve(false)?;
+    if let (true, Some(line)) = (root, resolved.summary()) {
+        eprintln!("hybridiff: {line}");
+    }
+    let model = Model::load_resolved(&resolved, run.dtype, &device)?;
     run.options.placement = crate::strategy_args::load_replicas(
         std::mem::take(&mut run.options.placement),
-        &args.model,
+        &resolved,
         run.dtype,
     )?;
-    let scheduler = match run.scheduler {
-        Some(s) => s,
-        None => model.scheduler_config.default_kind()?,
-    };
+    let scheduler = model.scheduler(run.scheduler, args.steps)?;
     let inputs = DenoiseInputs::load(&args.inputs, &model.input_spec, &device)?;
     let vae = match &args.decode {
         Some(_) if root => {
@@ -139,6 +153,9 @@ pub fn run(args: DenoiseArgs, launch: &crate::launch::Launch) -> Result<()> {
         "step_latents".to_string(),
         out.step_latents.to_dtype(DType::F32)?,
     );
+    if let Some(r) = &ready {
+        r.prepare()?;
+    }
     save_safetensors(&args.out, &tensors)?;
     if let (Some(path), Some(json)) = (&args.trace, &trace_json) {
         write_bytes_atomic(path, json.as_bytes())?;

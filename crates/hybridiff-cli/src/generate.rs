@@ -6,22 +6,45 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use hybridiff_comm::Communicator;
 use hybridiff_engine::io::{
-    check_distinct_paths, check_finite, check_output_path, check_outside_folder,
-    load_safetensors_named, save_png, special_file_kind, write_bytes_atomic,
+    check_finite, encode_png, load_safetensors_named, save_png, stage_bytes, write_bytes_atomic,
+    OutputFolder,
 };
 use hybridiff_engine::pipeline::{Pipeline, Request};
 use hybridiff_engine::{RunOptions, Runner, Strategy};
 use serde::Deserialize;
 
+use crate::outputs::{Format, Plan};
 use crate::strategy_args::ModelDefaults;
+
+/// The batch's record of its prompts, in its `--out` folder.
+const MANIFEST: &str = "manifest.json";
+
+/// The file of prompt `i` in a batch: `0000.png`, `0001.png`, ... (more digits past 9999).
+fn image_name(i: usize) -> String {
+    format!("{i:04}.png")
+}
+
+/// Whether an entry of a batch's `--out` folder is one a batch writes: a regular file named
+/// `manifest.json` or `NNNN.png` (four or more digits).
+fn written_by_batch(p: &Path) -> bool {
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let numbered = name
+        .strip_suffix(".png")
+        .is_some_and(|d| d.len() >= 4 && d.bytes().all(|b| b.is_ascii_digit()));
+    (numbered || name == MANIFEST) && std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file())
+}
 
 /// Arguments of `hybridiff generate`.
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// A diffusers pipeline folder (with model_index.json) [default: the model built
+    /// A diffusers pipeline folder (with model_index.json), or a single-file SD 1.x /
+    /// 2.x / SDXL base .safetensors checkpoint (original layout, as A1111 and ComfyUI
+    /// load; family found from its tensor names and shapes) [default: the model built
     /// into this binary: coloured shapes, see models/default/MODEL_CARD.md].
     #[arg(long)]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub model_args: crate::strategy_args::ModelArgs,
     /// The prompt (or use --prompts for a batch); may start with `-`.
     #[arg(long, conflicts_with = "prompts", allow_hyphen_values = true)]
     pub prompt: Option<String>,
@@ -58,8 +81,8 @@ pub struct GenerateArgs {
     /// sample size].
     #[arg(long, allow_negative_numbers = true)]
     pub width: Option<usize>,
-    /// Seed of the starting noise (ChaCha8 + standard normal; the same on every machine
-    /// and strategy). In a batch, prompt i without its own seed uses seed + i.
+    /// Seed of the starting noise (drawn by --noise; the same on every machine and
+    /// strategy). In a batch, prompt i without its own seed uses seed + i.
     #[arg(
         long,
         default_value_t = 0,
@@ -67,27 +90,45 @@ pub struct GenerateArgs {
         allow_negative_numbers = true
     )]
     pub seed: u64,
+    /// The generator --seed draws the starting noise with: `chacha8` (default: ChaCha8
+    /// and rand_distr's standard normal; kept the default so that a seed keeps giving the
+    /// image it gave before) or `torch` (PyTorch's CPU generator: the latents of
+    /// `torch.randn(shape, generator=torch.Generator("cpu").manual_seed(SEED))`, bit for
+    /// bit, so --seed S reproduces the image diffusers makes with that generator).
+    #[arg(
+        long,
+        default_value = "chacha8",
+        value_name = "chacha8|torch",
+        conflicts_with = "latents"
+    )]
+    pub noise: String,
     /// Start from the `latents` tensor of this safetensors file instead.
     #[arg(long)]
     pub latents: Option<PathBuf>,
     /// Write the per-step JSON trace here (single image).
     #[arg(long)]
     pub trace: Option<PathBuf>,
-    /// Output PNG (single prompt) or folder (--prompts).
+    /// Output PNG (single prompt; the name ends in .png), or with --prompts the batch's
+    /// folder: new or empty (created if missing), or with --force one a previous batch wrote.
     #[arg(long)]
     pub out: PathBuf,
+    /// With --prompts: use an --out folder that a previous batch wrote, removing its
+    /// NNNN.png and manifest.json first (anything else in it is refused, never deleted), so
+    /// the folder only ever holds one run's images.
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub run: crate::strategy_args::RunArgs,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct BatchItem {
-    prompt: String,
+pub(crate) struct BatchItem {
+    pub(crate) prompt: String,
     #[serde(default)]
-    negative_prompt: Option<String>,
+    pub(crate) negative_prompt: Option<String>,
     #[serde(default)]
-    seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
 }
 
 /// Largest --prompts file read.
@@ -126,7 +167,7 @@ impl PromptsFormat {
     }
 }
 
-fn read_batch(
+pub(crate) fn read_batch(
     path: &Path,
     format: Option<&str>,
     negative: Option<&str>,
@@ -178,6 +219,20 @@ fn read_batch(
             items.len()
         );
     }
+    // A flag that every prompt overrides would be ignored: refused instead.
+    let given = crate::strategy_args::Given::get();
+    if given.has("seed") && items.iter().all(|it| it.seed.is_some()) {
+        bail!(
+            "--seed: every prompt in {} sets its own `seed`, so the flag would not be used; leave it out",
+            path.display()
+        );
+    }
+    if given.has("negative_prompt") && items.iter().all(|it| it.negative_prompt.is_some()) {
+        bail!(
+            "--negative-prompt: every prompt in {} sets its own `negative_prompt`, so the flag would not be used; leave it out",
+            path.display()
+        );
+    }
     for (i, it) in items.iter_mut().enumerate() {
         if it.negative_prompt.is_none() {
             it.negative_prompt = negative.map(str::to_string);
@@ -197,6 +252,16 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
     let steps = args.steps.or(defaults.steps).unwrap_or(50);
     if let Some(g) = args.guidance.or(defaults.guidance) {
         hybridiff_engine::check_guidance(g)?;
+        if g <= 1.0 && args.negative_prompt.is_some() {
+            let from = if args.guidance.is_some() {
+                "--guidance".to_string()
+            } else {
+                format!("the model's hybridiff.json (`guidance` {g})")
+            };
+            bail!(
+                "--negative-prompt: guidance {g} (from {from}) turns classifier-free guidance off, so the negative prompt would not be used (as in diffusers); leave it out, or give --guidance above 1"
+            );
+        }
     }
     let mut run = args.run.resolve(&defaults, steps, launch.processes())?;
     let device = run.device.clone();
@@ -224,98 +289,74 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
     } else {
         "the default model's cache folder"
     };
-    let mut model_outputs = vec![("--out", args.out.as_path())];
-    if let Some(p) = &args.trace {
-        model_outputs.push(("--trace", p.as_path()));
+    let mut plan = Plan::new();
+    if let Some(p) = &args.latents {
+        plan.input("--latents", p);
     }
-    check_outside_folder(&model_outputs, &model_dir, model_flag)?;
-    if root {
-        let mut inputs: Vec<(&str, &Path)> = Vec::new();
-        if let Some(p) = &args.latents {
-            inputs.push(("--latents", p));
-        }
-        if let Some(p) = &args.prompts {
-            inputs.push(("--prompts", p));
-        }
-        match &batch {
-            None => {
-                check_output_path(&args.out, "--out")?;
-                if let Some(p) = &args.trace {
-                    check_output_path(p, "--trace")?;
-                }
-                let mut outputs = vec![("--out", args.out.as_path())];
-                if let Some(p) = &args.trace {
-                    outputs.push(("--trace", p.as_path()));
-                }
-                check_distinct_paths(&outputs, &inputs)?;
+    if let Some(p) = &args.prompts {
+        plan.input("--prompts", p);
+    }
+    let spec = args.model_args.spec(&model_dir)?;
+    let noise: hybridiff_engine::pipeline::NoiseKind = args
+        .noise
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--noise {e}"))?;
+    match &batch {
+        None => {
+            if args.force {
+                bail!("--force: empties a batch's --out folder (--prompts); a single image replaces its --out file anyway, so leave it out");
             }
-            Some(_) => {
-                if args.trace.is_some() {
-                    bail!("--trace writes one image's trace; it does not go with --prompts (the manifest records tau1 and tau2)");
-                }
-                // The folder is made only once the model and the request are known good.
-                if let Some(kind) = special_file_kind(&args.out).filter(|k| *k != "a folder") {
-                    bail!(
-                        "--out {}: is {kind}; with --prompts it must be a folder",
-                        args.out.display()
-                    );
-                }
-                if args.out.exists() && !args.out.is_dir() {
-                    bail!(
-                        "--out {}: is a file; with --prompts it must be a folder",
-                        args.out.display()
-                    );
-                }
-                // The batch writes NNNN.png and manifest.json into --out; none may be an input.
-                let n = batch.as_ref().map_or(0, Vec::len);
-                let mut outputs: Vec<(String, PathBuf)> = (0..n)
-                    .map(|i| ("--out".to_string(), args.out.join(format!("{i:04}.png"))))
-                    .collect();
-                outputs.push(("--out".into(), args.out.join("manifest.json")));
-                for (flag, input) in &inputs {
-                    for (_, o) in &outputs {
-                        check_distinct_paths(&[("--out", o)], &[(flag, input)])?;
-                    }
-                }
-                // Every planned name is checked before the first prompt runs: a FIFO
-                // `0000.png` or a `manifest.json` linked to /dev/null fails now, not after
-                // images were made.
-                if args.out.is_dir() {
-                    for (_, o) in &outputs {
-                        check_output_path(o, "--out")?;
-                    }
-                } else {
-                    // The folder is made with its missing parents; the deepest existing one
-                    // must take a new entry.
-                    let parent = args
-                        .out
-                        .ancestors()
-                        .skip(1)
-                        .map(|a| {
-                            if a.as_os_str().is_empty() {
-                                Path::new(".")
-                            } else {
-                                a
-                            }
-                        })
-                        .find(|a| a.exists())
-                        .unwrap_or(Path::new("."));
-                    if !parent.is_dir() {
-                        bail!(
-                            "--out {}: {} is not a folder",
-                            args.out.display(),
-                            parent.display()
-                        );
-                    }
-                    hybridiff_engine::io::check_writable_folder(parent, &args.out, "--out")?;
-                }
+            plan.file("--out", &args.out, Format::Png);
+            if let Some(p) = &args.trace {
+                plan.file("--trace", p, Format::Json);
             }
         }
+        Some(items) => {
+            if args.trace.is_some() {
+                bail!("--trace writes one image's trace; it does not go with --prompts (the manifest records tau1 and tau2)");
+            }
+            // Every name the batch writes, checked before the first prompt runs.
+            let mut files: Vec<(String, PathBuf, Format)> = (0..items.len())
+                .map(|i| {
+                    let name = image_name(i);
+                    (format!("--out ({name})"), args.out.join(&name), Format::Png)
+                })
+                .collect();
+            files.push((
+                "--out (manifest.json)".into(),
+                args.out.join(MANIFEST),
+                Format::Json,
+            ));
+            plan.folder(
+                OutputFolder {
+                    flag: "--out",
+                    path: &args.out,
+                    force: args.force,
+                    ours: written_by_batch,
+                    kinds: "NNNN.png and manifest.json",
+                },
+                files,
+            );
+        }
     }
-    let pipeline = Pipeline::load(&model_dir, run.dtype, &device)?;
+    // Only rank 0 writes, so only its paths are checked (other hosts may not even have
+    // them). Nothing may land in or on the model or a file its flags name.
+    let model_inputs = args.model_args.inputs();
+    let mut spare: Vec<(&str, &Path)> = vec![(model_flag, model_dir.as_path())];
+    spare.extend(model_inputs.iter().map(|(f, p)| (*f, p.as_path())));
+    let ready = match root {
+        true => Some(plan.check(&spare)?),
+        false => None,
+    };
+    // Headers, configs and LoRA files are read and matched before any weight loads.
+    let resolved = spec.resolve(true)?;
+    if let (true, Some(line)) = (root, resolved.summary()) {
+        eprintln!("hybridiff: {line}");
+    }
+    let pipeline = Pipeline::load_resolved(&resolved, run.dtype, &device)?;
     run.options.placement = crate::strategy_args::load_replicas(
         std::mem::take(&mut run.options.placement),
-        &model_dir,
+        &resolved,
         run.dtype,
     )?;
     let latents = match &args.latents {
@@ -348,9 +389,13 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
         width: args.width,
         latents: latents.clone(),
         seed,
+        noise,
     };
     match batch {
         None => {
+            if let Some(r) = &ready {
+                r.prepare()?;
+            }
             let prompt = args.prompt.as_deref().unwrap_or_default();
             let req = request(prompt, args.negative_prompt.as_deref(), args.seed);
             let start = Instant::now();
@@ -361,6 +406,7 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
                 opts,
                 runner.as_ref(),
                 &mut comm,
+                None,
             )?;
             let Some(img) = img else {
                 return Ok(()); // not rank 0: rank 0 writes the image
@@ -394,10 +440,8 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
                 run.strategy.as_ref(),
                 opts,
             )?;
-            if root {
-                std::fs::create_dir_all(&args.out).with_context(|| {
-                    format!("--out {}: cannot create the folder", args.out.display())
-                })?;
+            if let Some(r) = &ready {
+                r.prepare()?;
             }
             run_batch(
                 &pipeline,
@@ -420,11 +464,12 @@ fn generate_one(
     opts: &RunOptions,
     runner: Option<&Runner>,
     comm: &mut Option<Box<dyn Communicator>>,
+    cancel: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<Option<hybridiff_engine::pipeline::Generated>> {
     let bar = crate::progress_bar(req.steps, comm.as_ref().is_none_or(|c| c.rank() == 0));
     let progress = |done: usize, _total: usize| bar.set_position(done as u64);
     let img = match (comm, runner) {
-        (None, Some(r)) => Some(pipeline.generate_on(r, req, strategy, Some(&progress), None)?),
+        (None, Some(r)) => Some(pipeline.generate_on(r, req, strategy, Some(&progress), cancel)?),
         (None, None) => Some(pipeline.generate(req, strategy, opts, Some(&progress))?),
         (Some(c), _) => pipeline.generate_rank(req, strategy, opts, Some(&progress), c.as_mut())?,
     };
@@ -444,6 +489,62 @@ fn echo_prompt(prompt: &str) -> String {
     }
 }
 
+/// A batch's `manifest.json`: a JSON list with one entry per prompt run, kept valid and in
+/// agreement with the folder after every prompt without being rewritten. It starts as `[]`
+/// (written atomically); each entry is one positioned write that replaces the closing `]`
+/// with `,{entry}]`, so a process killed at any moment leaves a complete list, and the cost
+/// per prompt does not grow with the batch (rewriting and syncing the whole list after each
+/// prompt made a 3000-prompt batch's last images cost more than its first). Synced to disk
+/// once, when the batch ends or is interrupted.
+struct Manifest {
+    path: PathBuf,
+    file: std::fs::File,
+    len: u64,
+    entries: usize,
+}
+
+impl Manifest {
+    fn create(folder: &Path) -> Result<Self> {
+        let path = folder.join(MANIFEST);
+        write_bytes_atomic(&path, b"[]\n")?;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("{}: cannot open it to add entries", path.display()))?;
+        Ok(Self {
+            path,
+            file,
+            len: 3,
+            entries: 0,
+        })
+    }
+
+    fn append(&mut self, entry: &serde_json::Value) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let body = serde_json::to_string_pretty(entry)?.replace('\n', "\n  ");
+        let (at, chunk) = match self.entries {
+            0 => (0, format!("[\n  {body}\n]\n")),
+            _ => (self.len - 3, format!(",\n  {body}\n]\n")),
+        };
+        if let Err(e) = self.file.write_all_at(chunk.as_bytes(), at) {
+            // Put the closing bracket back so the list stays valid (disk full, ...).
+            let _ = self.file.set_len(self.len);
+            let tail: &[u8] = if self.entries == 0 { b"[]\n" } else { b"\n]\n" };
+            let _ = self.file.write_all_at(tail, self.len - tail.len() as u64);
+            return Err(e).with_context(|| format!("{}: cannot add an entry", self.path.display()));
+        }
+        self.len = at + chunk.len() as u64;
+        self.entries += 1;
+        Ok(())
+    }
+
+    fn finish(self) -> Result<()> {
+        self.file
+            .sync_all()
+            .with_context(|| format!("{}: cannot sync it to disk", self.path.display()))
+    }
+}
+
 fn run_batch(
     pipeline: &Pipeline,
     items: &[BatchItem],
@@ -455,44 +556,67 @@ fn run_batch(
 ) -> Result<()> {
     let (strategy, opts, kind) = (run.strategy.as_ref(), &run.options, run.kind);
     let root = comm.as_ref().is_none_or(|c| c.rank() == 0);
-    let mut manifest = Vec::new();
+    // Ranks as threads of this process: Ctrl-C cancels the running image and keeps the
+    // folder and manifest in agreement. Under mpirun the launcher handles signals.
+    let cancel = match runner {
+        Some(_) => {
+            crate::interrupt::install()?;
+            Some(&crate::interrupt::CANCEL)
+        }
+        None => None,
+    };
+    let mut manifest = match root {
+        true => Some(Manifest::create(out)?),
+        false => None,
+    };
     let mut failed = 0;
+    let mut done = 0;
+    let mut stopped = None;
     for (i, it) in items.iter().enumerate() {
-        let file = format!("{i:04}.png");
+        if cancel.is_some() && crate::interrupt::requested() {
+            stopped = Some(i);
+            break;
+        }
+        let file = image_name(i);
         let seed = it.seed.unwrap_or_default();
         let negative = it.negative_prompt.as_deref();
         let start = Instant::now();
-        let result = generate_one(
-            pipeline,
-            &request(&it.prompt, negative, seed),
-            strategy,
-            opts,
-            runner,
-            comm,
-        )
-        .and_then(|img| match img {
-            Some(img) => {
-                save_png(&out.join(&file), img.width, img.height, img.rgb)?;
-                Ok(Some(img.trace))
-            }
-            None => Ok(None),
-        });
+        let req = request(&it.prompt, negative, seed);
+        let noise = req.noise;
+        let result =
+            generate_one(pipeline, &req, strategy, opts, runner, comm, cancel).and_then(|img| {
+                match img {
+                    Some(img) => {
+                        // Encoded and synced before the commit, which is two renames' worth.
+                        let png = encode_png(&out.join(&file), img.width, img.height, img.rgb)?;
+                        let staged = stage_bytes(&out.join(&file), &png)?;
+                        Ok(Some((img.trace, staged)))
+                    }
+                    None => Ok(None),
+                }
+            });
         let mut entry = serde_json::json!({
             "prompt": it.prompt,
             "negative_prompt": negative,
             "seed": seed,
+            "noise": noise.to_string(),
             "strategy": kind.to_string(),
             "seconds": start.elapsed().as_secs_f64(),
         });
-        match result {
+        let staged = match result {
             Ok(None) => continue, // not rank 0: rank 0 writes images and manifest
-            Ok(Some(trace)) => {
+            Ok(Some((trace, staged))) => {
                 entry["file"] = file.clone().into();
                 entry["guidance"] = serde_json::json!(trace.guidance);
                 entry["classifier_free_guidance"] = trace.classifier_free_guidance.into();
                 entry["tau1"] = serde_json::json!(trace.tau1);
                 entry["tau2"] = serde_json::json!(trace.tau2);
-                println!("{file}: {}", echo_prompt(&it.prompt));
+                Some(staged)
+            }
+            Err(_) if cancel.is_some() && crate::interrupt::requested() => {
+                // Cancelled part way: not listed, nothing of it kept.
+                stopped = Some(i);
+                break;
             }
             Err(e) => {
                 failed += 1;
@@ -501,20 +625,39 @@ fn run_batch(
                 if !root {
                     continue;
                 }
+                None
             }
+        };
+        let Some(manifest) = manifest.as_mut() else {
+            continue;
+        };
+        // The image appears and is listed together: a second Ctrl-C waits for both.
+        let commit = crate::interrupt::Commit::begin();
+        if let Some(staged) = staged {
+            staged.commit()?;
+            done += 1;
+            println!("{file}: {}", echo_prompt(&it.prompt));
         }
-        manifest.push(entry);
-        // Rewritten after each prompt so an interrupted batch keeps its record.
-        write_bytes_atomic(
-            &out.join("manifest.json"),
-            serde_json::to_string_pretty(&manifest)?.as_bytes(),
-        )?;
+        manifest.append(&entry)?;
+        drop(commit);
+    }
+    if let Some(m) = manifest {
+        m.finish()?;
+    }
+    let listed = out.join(MANIFEST);
+    if let Some(i) = stopped {
+        return Err(crate::interrupt::Interrupted(format!(
+            "interrupted (Ctrl-C) at prompt {i} of {}: {done} image(s) written, {failed} failed; {} lists them, and the folder holds nothing else",
+            items.len(),
+            listed.display()
+        ))
+        .into());
     }
     if failed > 0 {
         bail!(
             "{failed} of {} prompts failed; see {}",
             items.len(),
-            out.join("manifest.json").display()
+            listed.display()
         );
     }
     Ok(())

@@ -144,6 +144,10 @@ impl Launch {
         let Err(e) = result else {
             return ExitCode::SUCCESS; // dropping `self` finalises MPI
         };
+        if let Some(i) = e.downcast_ref::<crate::interrupt::Interrupted>() {
+            eprintln!("hybridiff: {i}");
+            return ExitCode::from(crate::interrupt::EXIT_STATUS);
+        }
         match self.processes() {
             Some(p) if p.size > 1 => {
                 eprintln!("hybridiff: rank {} of {}: error: {e:#}", p.rank, p.size);

@@ -5,18 +5,22 @@ mod compare;
 mod default_model;
 mod denoise;
 mod generate;
+mod interrupt;
 mod launch;
 mod nccl_check;
+mod outputs;
 mod parity;
+mod plot;
 mod serve;
 mod strategy_args;
+mod tune;
 
 use std::process::ExitCode;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Fast text-to-image diffusion on several devices (Hybridiff, AsyncDiff, CFG split).
 #[derive(Parser, Debug)]
@@ -39,8 +43,13 @@ enum Command {
     Init(InitArgs),
     /// Time the denoiser forward and compare strategies on one machine.
     Bench(bench::BenchArgs),
-    /// PSNR and SSIM between two folders of images, paired by file name.
+    /// PSNR, SSIM (and LPIPS with --lpips) between two folders of images, paired by file name.
     Compare(compare::CompareArgs),
+    /// Chooses Hybridiff's thresholds, k and knobs for a model: the fastest setting that
+    /// keeps a quality floor against serial; writes hybridiff.json and a report with plots.
+    Tune(tune::TuneArgs),
+    /// Draws one run's trace (rel-MAE, slope, mode and per-rank time per step) as a PNG.
+    Plot(plot::PlotArgs),
     /// HTTP image service (OpenAI images API, web page) on ranks kept warm.
     Serve(serve::ServeArgs),
     /// Compares our U-Net, MMDiT and VAE with diffusers' outputs in tests/fixtures on a
@@ -56,11 +65,13 @@ struct InitArgs {
     /// A diffusers `unet/config.json` or `transformer/config.json`.
     #[arg(long)]
     config: std::path::PathBuf,
-    /// The model folder to write (created if missing; an existing non-empty folder needs
-    /// --force).
+    /// The model folder to write: new or empty (created if missing), or with --force one an
+    /// earlier `init` wrote.
     #[arg(long)]
     out: std::path::PathBuf,
-    /// Overwrite the model files in an existing, non-empty --out folder.
+    /// Replace the model in an --out folder an earlier `init` wrote (its model_index.json,
+    /// unet/, transformer/ and scheduler/ are removed first; anything else in the folder is
+    /// refused, never deleted).
     #[arg(long)]
     force: bool,
     /// Seed of the random weights.
@@ -120,7 +131,11 @@ pub(crate) fn progress_bar(steps: usize, shown: bool) -> indicatif::ProgressBar 
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Some((_, sub)) = matches.subcommand() {
+        strategy_args::Given::from_matches(sub).set();
+    }
     init_logging(cli.verbose);
     let launch = match launch::Launch::from_env() {
         Ok(l) => l,
@@ -146,6 +161,12 @@ fn main() -> ExitCode {
         Command::Compare(args) => launch
             .only_one_process("compare")
             .and_then(|()| compare::run(args)),
+        Command::Tune(args) => launch
+            .only_one_process("tune")
+            .and_then(|()| tune::run(args)),
+        Command::Plot(args) => launch
+            .only_one_process("plot")
+            .and_then(|()| plot::run(args)),
         Command::Serve(args) => launch
             .only_one_process("serve")
             .and_then(|()| serve::run(args)),

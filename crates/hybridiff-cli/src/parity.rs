@@ -27,6 +27,15 @@ pub struct ParityArgs {
 
 pub fn run(args: ParityArgs) -> Result<()> {
     args.devices.precheck()?;
+    // The fixtures are inputs: --json may not land among them.
+    let ready = match &args.json {
+        Some(json) => {
+            let mut plan = crate::outputs::Plan::new();
+            plan.file("--json", json, crate::outputs::Format::Json);
+            Some(plan.check(&[("--fixtures", &args.fixtures)])?)
+        }
+        None => None,
+    };
     for name in hybridiff_models::parity::FIXTURES {
         let dir = args.fixtures.join(name);
         anyhow::ensure!(
@@ -34,9 +43,6 @@ pub fn run(args: ParityArgs) -> Result<()> {
             "--fixtures {}: no folder `{name}` (give the repository's tests/fixtures)",
             args.fixtures.display()
         );
-    }
-    if let Some(json) = &args.json {
-        hybridiff_engine::io::check_output_path(json, "--json")?;
     }
     let devices = args.devices.resolve(1, None, true)?;
     let dtype = crate::strategy_args::parse_dtype(&args.dtype, &devices.device)?;
@@ -73,6 +79,9 @@ pub fn run(args: ParityArgs) -> Result<()> {
             "tolerance": hybridiff_models::parity::tolerance(dtype),
             "rows": rows,
         });
+        if let Some(r) = &ready {
+            r.prepare()?;
+        }
         hybridiff_engine::io::write_bytes_atomic(
             json,
             serde_json::to_string_pretty(&v)?.as_bytes(),

@@ -7,20 +7,31 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use hybridiff_engine::pipeline::Pipeline;
 use hybridiff_engine::Runner;
-use hybridiff_serve::{Backend, Config, Limits, PipelineBackend, RequestDefaults, Service};
+use hybridiff_serve::{Backend, Config, Limits, PipelineBackend, RequestDefaults, Service, Stop};
 
 use crate::strategy_args::ModelDefaults;
 
 /// Arguments of `hybridiff serve`.
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// A diffusers pipeline folder [default: the model built into this binary].
+    /// A diffusers pipeline folder, or a single-file SD 1.x / 2.x / SDXL base
+    /// .safetensors checkpoint [default: the model built into this binary].
     #[arg(long)]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub model_args: crate::strategy_args::ModelArgs,
     /// Address or host name to bind (a name is resolved; the first address that binds is
     /// used). Anything but loopback exposes the service: give --api-key.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// A host name clients may reach the service by, besides its own address (and
+    /// localhost when bound to loopback or every address): NAME (any port: a reverse
+    /// proxy's name) or NAME:PORT (e.g. localhost:9000 behind an SSH tunnel or a container
+    /// port mapping). Repeatable. Requests whose Host (or a browser's Origin) names another
+    /// host are refused 403, which stops web pages from driving the service through DNS
+    /// rebinding. Bound to 0.0.0.0 or ::, any IP address with the bound port is taken too.
+    #[arg(long = "allowed-host", value_name = "NAME[:PORT]")]
+    pub allowed_hosts: Vec<String>,
     /// Port to bind (0: any free port; the bound address is printed).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
@@ -66,7 +77,8 @@ pub struct ServeArgs {
     /// Largest guidance_scale.
     #[arg(long, default_value_t = 50.0)]
     pub max_guidance: f64,
-    /// Images kept in memory for response_format "url" (oldest dropped first).
+    /// Images kept in memory for response_format "url" (oldest dropped first); at least
+    /// --max-n, so that an answer's own links are live when it is sent.
     #[arg(long, default_value_t = 64)]
     pub max_stored_images: usize,
     /// Seconds a client has to send a request's head (and an idle keep-alive connection
@@ -115,33 +127,70 @@ fn check_api_key(key: &str, from_flag: bool) -> Result<()> {
     Ok(())
 }
 
-/// Resolves once SIGTERM or SIGINT arrives.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!("cannot listen for Ctrl-C: {e}");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!("cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+/// SIGTERM, where there is one.
+struct Term(#[cfg(unix)] Option<tokio::signal::unix::Signal>);
+
+impl Term {
+    fn new() -> Self {
+        #[cfg(unix)]
+        return Self(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .map_err(|e| tracing::error!("cannot listen for SIGTERM: {e}"))
+                .ok(),
+        );
+        #[cfg(not(unix))]
+        Self()
     }
-    eprintln!("hybridiff serve: stopping (finishing the running job; queued requests get 503)");
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(s) = &mut self.0 {
+            s.recv().await;
+            return;
+        }
+        std::future::pending::<()>().await
+    }
+}
+
+/// Resolves on SIGINT (never when it cannot be listened for).
+async fn ctrl_c() {
+    if let Err(e) = tokio::signal::ctrl_c().await {
+        tracing::error!("cannot listen for Ctrl-C: {e}");
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Resolves once SIGTERM or SIGINT arrives: SIGTERM drains (the running job finishes),
+/// Ctrl-C (SIGINT) cancels the running job at its next step. After either, the next SIGINT
+/// or SIGTERM exits at once (status 130).
+async fn stop_signal() -> Stop {
+    let mut term = Term::new();
+    let stop = tokio::select! {
+        _ = ctrl_c() => {
+            eprintln!(
+                "hybridiff serve: stopping: the running job is cancelled at its next step, \
+                 queued requests get 503 (Ctrl-C again to exit at once)"
+            );
+            Stop::Cancel
+        }
+        _ = term.recv() => {
+            eprintln!(
+                "hybridiff serve: stopping (finishing the running job; queued requests get 503)"
+            );
+            Stop::Drain
+        }
+    };
+    // The first signal's handler stays installed, so without this a second Ctrl-C would
+    // wait for the stop to finish.
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("hybridiff serve: second signal: exiting at once");
+        std::process::exit(130);
+    });
+    stop
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -165,6 +214,24 @@ pub fn run(args: ServeArgs) -> Result<()> {
     // Every image of a request is held in memory (PNG and base64) until it is answered.
     if args.max_n > MAX_N {
         bail!("--max-n {}: at most {MAX_N}", args.max_n);
+    }
+    if args.max_stored_images < args.max_n {
+        bail!(
+            "--max-stored-images {} is below --max-n {}: a response_format \"url\" answer of \
+             n images would push its own first images out of the store before it is sent",
+            args.max_stored_images,
+            args.max_n
+        );
+    }
+    if args.max_steps > hybridiff_engine::memory::MAX_STEPS {
+        bail!(
+            "--max-steps {}: at most {} (the engine's bound)",
+            args.max_steps,
+            hybridiff_engine::memory::MAX_STEPS
+        );
+    }
+    for h in &args.allowed_hosts {
+        hybridiff_serve::guard::parse_allowed_host(h).map_err(anyhow::Error::msg)?;
     }
     if !(args.max_guidance.is_finite() && args.max_guidance >= 0.0) {
         bail!("--max-guidance must be a finite number >= 0");
@@ -221,6 +288,23 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ),
     };
     let defaults = ModelDefaults::read(&model_dir)?;
+    // Headers, configs and LoRA files are read and matched now, before the service starts.
+    let resolved = args.model_args.spec(&model_dir)?.resolve(true)?;
+    if let Some(line) = resolved.summary() {
+        eprintln!("hybridiff: {line}");
+    }
+    let model_source = resolved.description.clone();
+    let loras: Vec<serde_json::Value> = resolved
+        .loras
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "file": l.path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                "scale": l.scale,
+                "modules": l.modules,
+            })
+        })
+        .collect();
     let default_steps = args.steps.or(defaults.steps).unwrap_or(50);
     // Sets the per-rank thread budget before any pool exists. Hybrid's thresholds are
     // checked here for the default step count, and resolved for each request's count as
@@ -264,30 +348,35 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let config = Config {
         limits,
         api_key: api_key.clone(),
+        allowed_hosts: args.allowed_hosts.clone(),
     };
     let (kind, dtype, scheduler, options) = (run.kind, run.dtype, run.scheduler, run.options);
     // The model is loaded and the ranks started once, on the service's job thread.
     let make = move || -> std::result::Result<Box<dyn Backend>, String> {
-        let pipeline = Pipeline::load(&model_dir, dtype, &device).map_err(|e| e.to_string())?;
+        let pipeline =
+            Pipeline::load_resolved(&resolved, dtype, &device).map_err(|e| e.to_string())?;
         let mut options = options;
         options.placement =
-            crate::strategy_args::load_replicas(options.placement, &model_dir, dtype)
+            crate::strategy_args::load_replicas(options.placement, &resolved, dtype)
                 .map_err(|e| format!("{e:#}"))?;
         let runner = Runner::start(options).map_err(|e| e.to_string())?;
-        let strategy_for: hybridiff_serve::StrategyFor = Box::new(move |steps| {
+        let strategy_for: hybridiff_serve::StrategyFor = std::sync::Arc::new(move |steps| {
             let (o, _) = strategy_args
                 .options(&model_defaults, steps)
-                .map_err(|e| format!("{e:#}"))?;
+                .map_err(|e| hybridiff_engine::Error::Options(format!("{e:#}")))?;
             Ok(kind.build(&o))
         });
-        Ok(Box::new(PipelineBackend::new(
-            model_id,
-            pipeline,
-            runner,
-            strategy_for,
-            scheduler,
-            request_defaults,
-        )?))
+        Ok(Box::new(
+            PipelineBackend::new(
+                model_id,
+                pipeline,
+                runner,
+                strategy_for,
+                scheduler,
+                request_defaults,
+            )?
+            .describe(model_source, loras),
+        ))
     };
     let service = Service::start(make, config).map_err(anyhow::Error::msg)?;
     let info = service.info().clone();
@@ -351,7 +440,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         use std::io::Write;
         std::io::stdout().flush()?;
         service
-            .serve(listener, shutdown_signal())
+            .serve_until(listener, stop_signal())
             .await
             .context("serving HTTP")?;
         eprintln!("hybridiff serve: stopped");

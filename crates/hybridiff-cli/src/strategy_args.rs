@@ -1,8 +1,177 @@
 //! The run flags that `generate`, `denoise`, `bench` and `serve` share.
 
+use std::collections::BTreeSet;
+use std::sync::OnceLock;
+
 use anyhow::Result;
 use hybridiff_engine::switch::{self, PartialSwitch, ResolvedSwitch};
+use hybridiff_engine::StrategyKind;
 use hybridiff_engine::{PipelinedGuidance, StrategyOptions};
+
+/// The flags given on this process's command line (or through their environment variable),
+/// by clap id (the field name: `tau_cap` for `--tau-cap`); flags left at their default are
+/// not in it. Set once by `main`; empty when unset (unit tests).
+#[derive(Debug, Default, Clone)]
+pub struct Given(BTreeSet<String>);
+
+static GIVEN: OnceLock<Given> = OnceLock::new();
+
+impl Given {
+    /// The flags of a subcommand's matches that were given (not defaulted).
+    pub fn from_matches(m: &clap::ArgMatches) -> Self {
+        use clap::parser::ValueSource;
+        Self(
+            m.ids()
+                .filter(|id| {
+                    matches!(
+                        m.value_source(id.as_str()),
+                        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                    )
+                })
+                .map(|id| id.as_str().to_string())
+                .collect(),
+        )
+    }
+
+    /// Records this process's flags (the first call wins).
+    pub fn set(self) {
+        let _ = GIVEN.set(self);
+    }
+
+    /// This process's flags.
+    pub fn get() -> &'static Given {
+        static EMPTY: OnceLock<Given> = OnceLock::new();
+        GIVEN
+            .get()
+            .unwrap_or_else(|| EMPTY.get_or_init(Given::default))
+    }
+
+    /// The ids of the given flags.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+
+    /// Whether the flag with clap id `id` was given.
+    pub fn has(&self, id: &str) -> bool {
+        self.0.contains(id)
+    }
+
+    /// The given flags among `ids`, as `--flag` names.
+    pub fn among(&self, ids: &[&str]) -> Vec<String> {
+        ids.iter()
+            .filter(|id| self.has(id))
+            .map(|id| format!("--{}", id.replace('_', "-")))
+            .collect()
+    }
+}
+
+/// A strategy flag and the strategies that read it.
+pub struct FlagUse {
+    /// The clap id (the field of [`StrategyArgs`] or of a command's arguments).
+    pub id: &'static str,
+    /// Whether a run of this strategy, with these flags, reads the flag.
+    pub used_by: fn(StrategyKind, &StrategyArgs) -> bool,
+    /// Those strategies in words, for the message.
+    pub users: &'static str,
+}
+
+/// Which strategy reads which flag. A flag given for a run whose strategy (or, for `bench`,
+/// none of whose `--strategies`) reads it is refused before anything is loaded, rather than
+/// ignored (issue 28). A new strategy flag is one line here.
+pub const STRATEGY_FLAGS: &[FlagUse] = &[
+    FlagUse {
+        id: "warmup",
+        used_by: |k, a| {
+            let mode = a.patch_mode.as_deref();
+            k == StrategyKind::Async
+                || (k == StrategyKind::Patch && mode.unwrap_or("displaced") == "displaced")
+                || (k == StrategyKind::Hybrid && mode == Some("displaced"))
+        },
+        users: "async, patch with displaced bands (its default) and hybrid with --patch-mode displaced",
+    },
+    FlagUse {
+        id: "stride",
+        used_by: |k, _| k == StrategyKind::Async,
+        users: "async",
+    },
+    FlagUse {
+        id: "patch_mode",
+        used_by: |k, _| matches!(k, StrategyKind::Patch | StrategyKind::Hybrid | StrategyKind::Cfg),
+        users: "patch, cfg (sync) and hybrid's exact steps",
+    },
+    FlagUse {
+        id: "pipeline_layout",
+        used_by: |k, _| k == StrategyKind::Hybrid,
+        users: "hybrid",
+    },
+    FlagUse {
+        id: "no_cfg_split",
+        used_by: |k, _| k == StrategyKind::Patch,
+        users: "patch",
+    },
+    FlagUse {
+        id: "l_slope",
+        used_by: |k, _| k == StrategyKind::Hybrid,
+        users: "hybrid",
+    },
+    FlagUse {
+        id: "eps_slope",
+        used_by: |k, _| k == StrategyKind::Hybrid,
+        users: "hybrid",
+    },
+    FlagUse {
+        id: "k",
+        used_by: |k, _| k == StrategyKind::Hybrid,
+        users: "hybrid",
+    },
+    FlagUse {
+        id: "tau_cap",
+        used_by: |k, _| k == StrategyKind::Hybrid,
+        users: "hybrid",
+    },
+    FlagUse {
+        id: "stages",
+        used_by: |k, _| matches!(k, StrategyKind::Async | StrategyKind::Hybrid),
+        users: "async and hybrid",
+    },
+    FlagUse {
+        id: "pipelined_guidance",
+        used_by: |k, _| k == StrategyKind::Hybrid,
+        users: "hybrid",
+    },
+    // serial is one rank: it never waits for another.
+    FlagUse {
+        id: "comm_timeout",
+        used_by: |k, _| k != StrategyKind::Serial,
+        users: "the strategies of more than one rank (all but serial)",
+    },
+];
+
+/// Refuses every flag of [`STRATEGY_FLAGS`] that was given but that no strategy of `kinds`
+/// reads. `what` names where the strategies came from (`--strategy cfg`, `--strategies
+/// serial,cfg`).
+pub fn check_flags_used(
+    given: &Given,
+    kinds: &[StrategyKind],
+    args: &StrategyArgs,
+    what: &str,
+) -> Result<()> {
+    let unused: Vec<String> = STRATEGY_FLAGS
+        .iter()
+        .filter(|f| given.has(f.id) && !kinds.iter().any(|&k| (f.used_by)(k, args)))
+        .map(|f| {
+            format!(
+                "--{}: {what} does not use it (read by {}); leave it out or pick a strategy that reads it",
+                f.id.replace('_', "-"),
+                f.users
+            )
+        })
+        .collect();
+    if !unused.is_empty() {
+        anyhow::bail!("{}", unused.join("\n"));
+    }
+    Ok(())
+}
 
 /// Knobs of the staged strategies (`async`, `hybrid`) and of `patch`.
 #[derive(clap::Args, Debug, Clone)]
@@ -50,13 +219,15 @@ pub struct StrategyArgs {
     pub tau_cap: Option<usize>,
     /// async, hybrid: stage plan, `reference` (the authors' presets: SDXL n=2/4, even DiT
     /// splits), `auto` (balanced by counted FLOPs), `measured` (balanced by module times
-    /// measured before the run), or `default` (reference where one exists, else auto).
-    #[arg(long, default_value = "default")]
-    pub stages: String,
+    /// measured before the run), or `default` (reference where one exists, else auto)
+    /// [default: the model folder's hybridiff.json, else default].
+    #[arg(long)]
+    pub stages: Option<String>,
     /// hybrid: prediction in pipelined steps, `none` (reference) or `reuse` (add the
-    /// last exact step's guidance correction).
-    #[arg(long, default_value = "none")]
-    pub pipelined_guidance: String,
+    /// last exact step's guidance correction) [default: the model folder's hybridiff.json,
+    /// else none].
+    #[arg(long)]
+    pub pipelined_guidance: Option<String>,
 }
 
 impl StrategyArgs {
@@ -82,8 +253,9 @@ impl StrategyArgs {
                 warmup: self.warmup,
                 stride: self.stride,
                 switch: resolved.params,
-                stages: self.stages.parse()?,
-                pipelined_guidance: self.pipelined_guidance.parse::<PipelinedGuidance>()?,
+                stages: defaults.stages(self.stages.as_deref())?,
+                pipelined_guidance: defaults
+                    .pipelined_guidance(self.pipelined_guidance.as_deref())?,
                 patch_mode: self.patch_mode.as_deref().map(str::parse).transpose()?,
                 pipeline_layout: self
                     .pipeline_layout
@@ -102,14 +274,13 @@ impl StrategyArgs {
 /// hybrid thresholds were derived. Hybrid thresholds that cannot fit are an error that
 /// names the values that were derived rather than given.
 pub fn announce(
-    kinds: &[hybridiff_engine::StrategyKind],
+    kinds: &[StrategyKind],
     strategies: &[&dyn hybridiff_engine::Strategy],
     switch: &ResolvedSwitch,
     guidance: f64,
     steps: usize,
     print: bool,
 ) -> Result<()> {
-    use hybridiff_engine::StrategyKind;
     for (kind, strategy) in kinds.iter().zip(strategies) {
         let line = match kind {
             StrategyKind::Cfg | StrategyKind::Hybrid if guidance <= 1.0 => {
@@ -128,16 +299,33 @@ pub fn announce(
     Ok(())
 }
 
-/// Recommended settings a model folder may carry in `hybridiff.json`.
-#[derive(Debug, Default, Clone, serde::Deserialize)]
+/// Recommended settings a model folder may carry in `hybridiff.json` (written by hand or by
+/// `hybridiff tune`).
+#[derive(Debug, Default, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelDefaults {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub guidance: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub l_slope: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub eps_slope: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub k: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tau_cap: Option<usize>,
+    /// `--stages` (async, hybrid).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stages: Option<String>,
+    /// `--pipelined-guidance` (hybrid).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pipelined_guidance: Option<String>,
+    /// What `hybridiff tune` measured for these values (world size, floor, quality, speedup,
+    /// runs); a record for people, not read by runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tune: Option<serde_json::Value>,
 }
 
 impl ModelDefaults {
@@ -155,10 +343,18 @@ impl ModelDefaults {
         .with_context(|| format!("reading {}", p.display()))?;
         let d: Self = serde_json::from_str(&text).with_context(|| {
             format!(
-                "{}: expected {{steps, guidance, l_slope, eps_slope, k, tau_cap}}",
+                "{}: expected {{steps, guidance, l_slope, eps_slope, k, tau_cap, stages, pipelined_guidance, tune}}",
                 p.display()
             )
         })?;
+        if let Some(s) = &d.stages {
+            s.parse::<hybridiff_engine::stages::PlanKind>()
+                .with_context(|| format!("{}: `stages` = {s:?}", p.display()))?;
+        }
+        if let Some(g) = &d.pipelined_guidance {
+            g.parse::<PipelinedGuidance>()
+                .with_context(|| format!("{}: `pipelined_guidance` = {g:?}", p.display()))?;
+        }
         if d.steps == Some(0) {
             anyhow::bail!("{}: `steps` = 0: expected 1 or more", p.display());
         }
@@ -168,6 +364,22 @@ impl ModelDefaults {
         }
         d.switch().check_domains(Some(&p))?;
         Ok(d)
+    }
+
+    /// `--stages`: the flag, else the recommendation, else `default`.
+    pub fn stages(&self, flag: Option<&str>) -> Result<hybridiff_engine::stages::PlanKind> {
+        Ok(flag
+            .or(self.stages.as_deref())
+            .unwrap_or("default")
+            .parse()?)
+    }
+
+    /// `--pipelined-guidance`: the flag, else the recommendation, else `none`.
+    pub fn pipelined_guidance(&self, flag: Option<&str>) -> Result<PipelinedGuidance> {
+        Ok(flag
+            .or(self.pipelined_guidance.as_deref())
+            .unwrap_or("none")
+            .parse()?)
     }
 
     /// The switching thresholds it recommends.
@@ -283,17 +495,17 @@ impl DeviceArgs {
     }
 }
 
-/// Loads the denoiser of `dir` once on every device of `placement` other than rank 0's (whose
-/// copy the caller loaded), for the ranks placed there. Nothing to load when every rank shares
-/// one device (always, on CPU builds).
+/// Loads the denoiser of `model` once on every device of `placement` other than rank 0's
+/// (whose copy the caller loaded), for the ranks placed there, with the same LoRAs. Nothing
+/// to load when every rank shares one device (always, on CPU builds).
 pub fn load_replicas(
     placement: hybridiff_engine::device::Placement,
-    dir: &std::path::Path,
+    model: &hybridiff_engine::source::ResolvedModel,
     dtype: candle_core::DType,
 ) -> Result<hybridiff_engine::device::Placement> {
     let mut placement = placement;
     for (label, device) in placement.other_devices() {
-        let model = hybridiff_engine::Model::load(dir, dtype, &device)?;
+        let model = hybridiff_engine::Model::load_resolved(model, dtype, &device)?;
         placement = placement.with_replica(label, model.denoiser.clone());
     }
     Ok(placement)
@@ -363,7 +575,7 @@ pub(crate) fn parse_dtype(s: &str, device: &candle_core::Device) -> Result<candl
 
 /// [`RunArgs`] checked and resolved.
 pub struct Run {
-    pub kind: hybridiff_engine::StrategyKind,
+    pub kind: StrategyKind,
     pub strategy: Box<dyn hybridiff_engine::Strategy>,
     pub options: hybridiff_engine::RunOptions,
     pub dtype: candle_core::DType,
@@ -403,8 +615,13 @@ impl RunArgs {
         steps: usize,
         processes: Option<crate::launch::Processes>,
     ) -> Result<Run> {
-        use hybridiff_engine::StrategyKind;
         let kind: StrategyKind = self.strategy.parse()?;
+        check_flags_used(
+            Given::get(),
+            &[kind],
+            &self.strategy_args,
+            &format!("--strategy {kind}"),
+        )?;
         let nccl = self.comm == "nccl";
         if nccl {
             crate::launch::check_nccl(processes)?;
@@ -464,5 +681,62 @@ impl RunArgs {
             device: devices.device,
             nccl,
         })
+    }
+}
+
+/// What goes with `--model` (generate, denoise, bench, serve): a config folder for a
+/// single file, a VAE to decode with, LoRAs to merge.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ModelArgs {
+    /// With a single-file --model whose shapes are not a standard SD 1.x / 2.x / SDXL
+    /// base's: a diffusers pipeline folder whose configs and tokenizers to load it with
+    /// (model_index.json, */config.json, tokenizer*/; no weights needed).
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<std::path::PathBuf>,
+    /// Decode with this VAE instead of the model's: a diffusers vae/ folder, or a
+    /// .safetensors VAE in diffusers or original (encoder.down.0...) names, which takes
+    /// the model's VAE config.
+    #[arg(long, value_name = "FOLDER|FILE")]
+    pub vae: Option<std::path::PathBuf>,
+    /// A LoRA merged into the weights once, at load (no cost per step; every strategy and
+    /// rank sees the same weights): FILE or FILE:SCALE (default 1). Repeatable. kohya /
+    /// A1111 (lora_unet_..., lora_te1_..., lora_te2_..., with alpha) or diffusers / PEFT
+    /// (lora_A/lora_B, lora.down/lora.up) naming; linear and conv (LoCon) modules of the
+    /// U-Net / MMDiT and the CLIP text encoders.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    pub loras: Vec<String>,
+}
+
+impl ModelArgs {
+    /// The model spec for `model` with these flags (LoRA scales parsed and checked).
+    pub fn spec(&self, model: &std::path::Path) -> Result<hybridiff_engine::source::ModelSpec> {
+        let loras = self
+            .loras
+            .iter()
+            .map(|l| hybridiff_models::lora::LoraSpec::parse(l))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(hybridiff_engine::source::ModelSpec {
+            model: model.to_path_buf(),
+            config: self.config.clone(),
+            vae: self.vae.clone(),
+            loras,
+        })
+    }
+
+    /// The inputs these flags name, for the checks that no output overwrites an input.
+    pub fn inputs(&self) -> Vec<(&'static str, std::path::PathBuf)> {
+        let mut v = Vec::new();
+        if let Some(c) = &self.config {
+            v.push(("--config", c.clone()));
+        }
+        if let Some(p) = &self.vae {
+            v.push(("--vae", p.clone()));
+        }
+        for l in &self.loras {
+            if let Ok(s) = hybridiff_models::lora::LoraSpec::parse(l) {
+                v.push(("--lora", s.path));
+            }
+        }
+        v
     }
 }

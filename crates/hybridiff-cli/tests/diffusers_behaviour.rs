@@ -226,7 +226,7 @@ fn an_explicit_empty_negative_prompt_is_encoded_as_diffusers_does() {
 #[test]
 fn non_finite_guidance_is_refused_by_every_command() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("x.png");
+    let out = dir.path().join("x.safetensors");
     let model = fixture("tiny-sdxl");
     for g in ["NaN", "inf", "-inf", "1e308"] {
         let o = hybridiff(&[
@@ -362,15 +362,24 @@ fn switching_flags_are_checked_and_derived_values_fit_around_them() {
         !err.contains("hybrid thresholds for"),
         "no note before an error: {err}"
     );
-    // Domains are checked whatever the strategy.
+    // Domains are checked; on a strategy that does not read the flag it is refused as
+    // unused (issue 28), never ignored.
     for (flags, needle) in [
         (
-            &["--strategy", "serial", "--eps-slope=NaN"][..],
+            &["--strategy", "hybrid", "--eps-slope=NaN"][..],
             "--eps-slope NaN",
         ),
-        (&["--strategy", "async", "--k", "0"], "--k 0"),
+        (&["--strategy", "hybrid", "--k", "0"], "--k 0"),
         (&["--strategy", "hybrid", "--l-slope", "1"], "--l-slope 1"),
-        (&["--strategy", "cfg", "--tau-cap", "0"], "--tau-cap 0"),
+        (&["--strategy", "hybrid", "--tau-cap", "0"], "--tau-cap 0"),
+        (
+            &["--strategy", "serial", "--eps-slope=NaN"],
+            "--eps-slope: --strategy serial does not use it",
+        ),
+        (
+            &["--strategy", "cfg", "--tau-cap", "0"],
+            "--tau-cap: --strategy cfg does not use it",
+        ),
     ] {
         let mut f = vec!["--steps", "4"];
         f.extend_from_slice(flags);
@@ -395,6 +404,12 @@ fn bad_recommendations_in_hybridiff_json_name_the_file() {
         (r#"{"eps_slope": -1}"#, "`eps_slope` = -1"),
         (r#"{"k": 0}"#, "`k` = 0"),
         (r#"{"l_slope": 1}"#, "`l_slope` = 1"),
+        (r#"{"stages": "sideways"}"#, "`stages` = \"sideways\""),
+        (
+            r#"{"pipelined_guidance": "half"}"#,
+            "`pipelined_guidance` = \"half\"",
+        ),
+        (r#"{"tuned": true}"#, "unknown field `tuned`"),
     ]
     .into_iter()
     .enumerate()
@@ -409,6 +424,58 @@ fn bad_recommendations_in_hybridiff_json_name_the_file() {
             "{json}: {err}"
         );
     }
+}
+
+/// `stages` and `pipelined_guidance` in hybridiff.json (as `hybridiff tune` writes them)
+/// are the flags' defaults: the run equals one with the flags, and a flag overrides them.
+#[cfg(unix)]
+#[test]
+fn stages_and_pipelined_guidance_come_from_hybridiff_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let hybrid = [
+        "--strategy",
+        "hybrid",
+        "--world-size",
+        "2",
+        "--threads-per-rank",
+        "1",
+        "--steps",
+        "8",
+        "--l-slope",
+        "2",
+        "--eps-slope",
+        "1e-9",
+        "--k",
+        "3",
+        "--tau-cap",
+        "3",
+    ];
+    let run = |model: &Path, name: &str, extra: &[&str]| -> Vec<u8> {
+        let out = dir.path().join(name);
+        let o = denoise(model, &out, &[&hybrid[..], extra].concat());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read(out).unwrap()
+    };
+    let model = tiny_sdxl_with_recommendation(
+        &dir.path().join("m"),
+        r#"{"stages": "auto", "pipelined_guidance": "reuse", "tune": {"world_size": 2}}"#,
+    );
+    let from_json = run(&model, "json.safetensors", &[]);
+    let flags = run(
+        &fixture("tiny-sdxl"),
+        "flags.safetensors",
+        &["--stages", "auto", "--pipelined-guidance", "reuse"],
+    );
+    assert!(
+        from_json == flags,
+        "hybridiff.json's knobs are the flags' defaults"
+    );
+    let overridden = run(
+        &model,
+        "none.safetensors",
+        &["--pipelined-guidance", "none"],
+    );
+    assert!(overridden != from_json, "a flag overrides hybridiff.json");
 }
 
 #[test]

@@ -10,85 +10,9 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 
 mod common;
-use common::{fixture, s, stderr};
-
-/// Runs `hybridiff` with `env`, killing it after `limit` (a hang fails the test).
-fn run_env(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hybridiff"));
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("run hybridiff");
-    let start = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let o = child.wait_with_output().unwrap();
-            panic!(
-                "hybridiff {args:?} still running after {limit:?}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn run(args: &[&str]) -> Output {
-    run_env(args, &[], Duration::from_secs(60))
-}
-
-/// Asserts a clean failure (exit 1, no panic, no abort) whose message has every needle.
-#[track_caller]
-fn fails_with(o: &Output, needles: &[&str]) -> String {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "expected exit 1: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert!(!err.contains("memory allocation"), "abort: {err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
-    }
-    err
-}
-
-#[track_caller]
-fn succeeds(o: &Output) -> String {
-    let err = stderr(o);
-    assert!(o.status.success(), "{err}");
-    err
-}
-
-/// A copy of a fixture folder made of real folders and symbolic links to the fixture's
-/// files, so one file can be replaced without copying the weights.
-fn linked_copy(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let from = e.path().canonicalize().unwrap();
-        let to = dst.join(e.file_name());
-        if from.is_dir() {
-            linked_copy(&from, &to);
-        } else {
-            std::os::unix::fs::symlink(&from, &to).unwrap();
-        }
-    }
-}
-
-/// Replaces the JSON file `rel` of a linked copy by `edit` applied to it.
-fn edit_json(root: &Path, rel: &str, edit: impl FnOnce(&mut serde_json::Value)) {
-    let p = root.join(rel);
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    edit(&mut v);
-    std::fs::remove_file(&p).unwrap();
-    std::fs::write(&p, v.to_string()).unwrap();
-}
+use common::{
+    edit_json, fails_with, fixture, linked_copy, mkfifo, run, run_env, s, stderr, succeeds,
+};
 
 /// Replaces the tensors of the safetensors file `rel` of a linked copy.
 fn edit_tensors(root: &Path, rel: &str, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
@@ -97,11 +21,6 @@ fn edit_tensors(root: &Path, rel: &str, edit: impl FnOnce(&mut HashMap<String, T
     edit(&mut t);
     std::fs::remove_file(&p).unwrap();
     candle_core::safetensors::save(&t, &p).unwrap();
-}
-
-fn mkfifo(p: &Path) {
-    let o = Command::new("mkfifo").arg(p).output().expect("mkfifo");
-    assert!(o.status.success());
 }
 
 fn inputs_with(path: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
@@ -231,14 +150,36 @@ fn unwritable_outputs_are_refused_before_any_compute() {
             s(out),
         ])
     };
+    // (issue 28: a non-empty folder needs --force, which never replaces what is not ours).
     let imgs = dir.path().join("imgs");
     std::fs::create_dir(&imgs).unwrap();
     std::os::unix::fs::symlink("/dev/null", imgs.join("manifest.json")).unwrap();
-    fails_with(&batch(&imgs), &["manifest.json", "character device"]);
+    fails_with(&batch(&imgs), &["manifest.json", "not empty"]);
+    let forced = |out: &Path| {
+        run(&[
+            "generate",
+            "--model",
+            s(&fixture("tiny-sdxl-pipeline")),
+            "--prompts",
+            s(&prompts),
+            "--steps",
+            "1",
+            "--out",
+            s(out),
+            "--force",
+        ])
+    };
+    fails_with(
+        &forced(&imgs),
+        &[
+            "manifest.json (a symbolic link to /dev/null)",
+            "does not write",
+        ],
+    );
     assert!(!imgs.join("0000.png").exists());
     std::fs::remove_file(imgs.join("manifest.json")).unwrap();
     mkfifo(&imgs.join("0001.png"));
-    fails_with(&batch(&imgs), &["0001.png", "FIFO"]);
+    fails_with(&forced(&imgs), &["0001.png (a FIFO", "does not write"]);
     assert!(!imgs.join("0000.png").exists());
     fails_with(
         &batch(Path::new("/proc/imgs")),
@@ -1622,4 +1563,1081 @@ fn bench_checks_its_runs_before_the_timed_forwards() {
             "timed before failing: {out}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Round 3 (issue 28): outputs that overwrite or mix, Ctrl-C in a batch, numbers from
+// impossible traces and images, schedulers that do not fit, flags that would be ignored.
+
+/// `bench` on the tiny SDXL U-Net, 1 step, no timed forwards: quick enough to run for real.
+fn quick_bench(extra: &[&str]) -> Output {
+    let model = fixture("tiny-sdxl");
+    let mut args = vec![
+        "bench",
+        "--model",
+        s(&model),
+        "--steps",
+        "1",
+        "--repeats",
+        "0",
+        "--threads-per-rank",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+/// A batch on the tiny SDXL pipeline.
+fn quick_batch(prompts: &Path, out: &Path, extra: &[&str]) -> Output {
+    let model = fixture("tiny-sdxl-pipeline");
+    let mut args = vec![
+        "generate",
+        "--model",
+        s(&model),
+        "--prompts",
+        s(prompts),
+        "--steps",
+        "1",
+        "--out",
+        s(out),
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+/// The names in a folder, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// The `file` entries of a batch's manifest (which must be a JSON list).
+fn manifest_files(dir: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("manifest not JSON ({e}): {text}"));
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["file"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn no_output_overwrites_another_output_or_an_input_whatever_its_spelling() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bt = d.join("bt");
+    // The issue's example, and its siblings: a summary onto a per-strategy trace.
+    for (flag, name) in [
+        ("--json", "cfg.json"),
+        ("--markdown", "serial.json"),
+        ("--json", "SERIAL.json"),
+        ("--markdown", "./cfg.json"),
+    ] {
+        let target = format!("{}/{name}", s(&bt));
+        let o = quick_bench(&[
+            "--strategies",
+            "serial,cfg",
+            "--trace-dir",
+            s(&bt),
+            flag,
+            &target,
+        ]);
+        fails_with(&o, &[flag, "--trace-dir (", "same file"]);
+        assert!(
+            !bt.exists(),
+            "{flag} {name}: made the folder before refusing"
+        );
+    }
+    // Two summaries by other spellings of one path.
+    let sub = d.join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let o = quick_bench(&[
+        "--json",
+        s(&d.join("x.json")),
+        "--markdown",
+        &format!("{}/../x.json", s(&sub)),
+    ]);
+    fails_with(&o, &["--json", "--markdown", "same file"]);
+    // A link to the folder and a hard link to a file are the same file.
+    std::os::unix::fs::symlink(d, d.join("alias")).unwrap();
+    let model = fixture("tiny-sdxl");
+    let o = denoise(
+        &model,
+        &tiny_inputs(),
+        &d.join("o.safetensors"),
+        &[
+            "--trace",
+            s(&d.join("t.json")),
+            "--decode",
+            s(&d.join("alias/T.json")),
+        ],
+    );
+    fails_with(&o, &["--trace", "--decode", "same file"]);
+    let inputs = d.join("in.safetensors");
+    std::fs::copy(tiny_inputs(), &inputs).unwrap();
+    std::fs::hard_link(&inputs, d.join("in2.safetensors")).unwrap();
+    let o = denoise(&model, &inputs, &d.join("in2.safetensors"), &[]);
+    fails_with(&o, &["--out", "--inputs", "destroy the input"]);
+    // A batch's per-prompt names against its inputs: the prompts file named like an image.
+    let b = d.join("b");
+    std::fs::create_dir(&b).unwrap();
+    let prompts = b.join("0001.png");
+    std::fs::write(&prompts, "a\nb\n").unwrap();
+    let o = quick_batch(&prompts, &b, &["--prompts-format", "text"]);
+    fails_with(&o, &["--out (0001.png)", "--prompts", "destroy the input"]);
+    assert_eq!(std::fs::read_to_string(&prompts).unwrap(), "a\nb\n");
+    // A single image and its trace.
+    let o = run(&[
+        "generate",
+        "--model",
+        s(&fixture("tiny-sdxl-pipeline")),
+        "--prompt",
+        "x",
+        "--out",
+        s(&d.join("i.png")),
+        "--trace",
+        s(&d.join("I.PNG")),
+    ]);
+    fails_with(&o, &["--out", "--trace", "same file"]);
+}
+
+#[test]
+fn image_outputs_are_png_by_name_and_nothing_goes_to_a_file_named_dash() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = fixture("tiny-sdxl");
+    let pipe = fixture("tiny-sdxl-pipeline");
+    let gen = |out: &str| {
+        run(&[
+            "generate",
+            "--model",
+            s(&pipe),
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "--out",
+            out,
+        ])
+    };
+    for bad in ["x.jpg", "x.JPEG", "x.webp", "x", "x.png.tmp"] {
+        let p = d.join(bad);
+        fails_with(&gen(s(&p)), &["--out", "PNG images only", ".png"]);
+        let o = denoise(
+            &model,
+            &tiny_inputs(),
+            &d.join("o.st"),
+            &["--decode", s(&p)],
+        );
+        fails_with(&o, &["--decode", "PNG images only"]);
+    }
+    // Non-image outputs with an image's name.
+    let o = denoise(&model, &tiny_inputs(), &d.join("o.png"), &[]);
+    fails_with(&o, &["--out", "safetensors, not an image"]);
+    let o = denoise(
+        &model,
+        &tiny_inputs(),
+        &d.join("o.st"),
+        &["--trace", s(&d.join("t.jpg"))],
+    );
+    fails_with(&o, &["--trace", "JSON, not an image"]);
+    let o = quick_bench(&["--markdown", s(&d.join("t.png"))]);
+    fails_with(&o, &["--markdown", "Markdown, not an image"]);
+    // `-` everywhere: refused, and no file named `-` appears.
+    let cwd = tempfile::tempdir().unwrap();
+    let in_cwd = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_hybridiff"))
+            .args(args)
+            .current_dir(cwd.path())
+            .output()
+            .unwrap()
+    };
+    let prompts = d.join("p.txt");
+    std::fs::write(&prompts, "a\n").unwrap();
+    let cfg = model.join("unet/config.json");
+    for (args, flag) in [
+        (
+            vec![
+                "generate",
+                "--model",
+                s(&pipe),
+                "--prompt",
+                "x",
+                "--out",
+                "-",
+            ],
+            "--out -",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                s(&pipe),
+                "--prompts",
+                s(&prompts),
+                "--out",
+                "-",
+            ],
+            "--out",
+        ),
+        (
+            vec![
+                "denoise",
+                "--model",
+                s(&model),
+                "--inputs",
+                s(&tiny_inputs()),
+                "--out",
+                "-",
+            ],
+            "--out -",
+        ),
+        (
+            vec![
+                "denoise",
+                "--model",
+                s(&model),
+                "--inputs",
+                s(&tiny_inputs()),
+                "--out",
+                "o.st",
+                "--trace",
+                "-",
+            ],
+            "--trace -",
+        ),
+        (
+            vec!["bench", "--model", s(&model), "--json", "-"],
+            "--json -",
+        ),
+        (
+            vec!["bench", "--model", s(&model), "--markdown", "-"],
+            "--markdown -",
+        ),
+        (
+            vec!["bench", "--model", s(&model), "--trace-dir", "-"],
+            "--trace-dir",
+        ),
+        (vec!["init", "--config", s(&cfg), "--out", "-"], "--out"),
+        (vec!["parity", "--json", "-"], "--json -"),
+    ] {
+        let o = in_cwd(&args);
+        fails_with(&o, &[flag, "standard output"]);
+        assert!(
+            !cwd.path().join("-").exists(),
+            "{args:?} wrote a file named -"
+        );
+    }
+    // `./-` is a file named `-`.
+    let o = in_cwd(&[
+        "bench",
+        "--model",
+        s(&model),
+        "--steps",
+        "1",
+        "--repeats",
+        "0",
+        "--strategies",
+        "serial",
+        "--json",
+        "./-",
+    ]);
+    succeeds(&o);
+    assert!(cwd.path().join("-").is_file());
+}
+
+#[test]
+fn output_folders_are_new_empty_or_forced_and_never_hold_two_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let prompts = d.join("p.txt");
+    std::fs::write(&prompts, "a\nb\nc\n").unwrap();
+    let b = d.join("nested/b");
+    succeeds(&quick_batch(&prompts, &b, &[]));
+    assert_eq!(
+        names_in(&b),
+        ["0000.png", "0001.png", "0002.png", "manifest.json"]
+    );
+    // Again without --force: refused, nothing touched.
+    let before = std::fs::read(b.join("0002.png")).unwrap();
+    std::fs::write(&prompts, "d\n").unwrap();
+    let o = quick_batch(&prompts, &b, &[]);
+    fails_with(&o, &["--out", "not empty", "0000.png", "--force"]);
+    assert_eq!(std::fs::read(b.join("0002.png")).unwrap(), before);
+    // With --force: the old run's files go, even those the new run does not write.
+    succeeds(&quick_batch(&prompts, &b, &["--force"]));
+    assert_eq!(names_in(&b), ["0000.png", "manifest.json"]);
+    assert_eq!(manifest_files(&b), ["0000.png"]);
+    // Something a batch does not write is never deleted: refused, kept.
+    std::fs::write(b.join("notes.txt"), "mine").unwrap();
+    mkfifo(&b.join("0007.png"));
+    let o = quick_batch(&prompts, &b, &["--force"]);
+    fails_with(&o, &["notes.txt", "does not write", "0007.png (a FIFO"]);
+    assert_eq!(
+        std::fs::read_to_string(b.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    // bench --trace-dir: created when missing; a stale trace is refused, then replaced.
+    let bt = d.join("bt");
+    succeeds(&quick_bench(&[
+        "--strategies",
+        "serial,cfg",
+        "--trace-dir",
+        s(&bt),
+    ]));
+    assert_eq!(names_in(&bt), ["cfg.json", "serial.json"]);
+    let o = quick_bench(&["--strategies", "serial", "--trace-dir", s(&bt)]);
+    fails_with(&o, &["--trace-dir", "not empty", "--force"]);
+    succeeds(&quick_bench(&[
+        "--strategies",
+        "serial",
+        "--trace-dir",
+        s(&bt),
+        "--force",
+    ]));
+    assert_eq!(
+        names_in(&bt),
+        ["serial.json"],
+        "a cfg trace of the old run was left"
+    );
+    // init --force: a U-Net folder made into an MMDiT one keeps no unet/.
+    let m = d.join("m");
+    let unet_cfg = fixture("tiny-sdxl").join("unet/config.json");
+    let dit_cfg = fixture("tiny-sd3").join("transformer/config.json");
+    succeeds(&run(&["init", "--config", s(&unet_cfg), "--out", s(&m)]));
+    succeeds(&run(&[
+        "init",
+        "--config",
+        s(&dit_cfg),
+        "--out",
+        s(&m),
+        "--force",
+    ]));
+    assert_eq!(
+        names_in(&m),
+        ["model_index.json", "scheduler", "transformer"]
+    );
+    std::fs::create_dir(m.join("vae")).unwrap();
+    let o = run(&["init", "--config", s(&unet_cfg), "--out", s(&m), "--force"]);
+    fails_with(&o, &["vae", "does not write"]);
+    assert!(m.join("transformer").is_dir());
+}
+
+/// Makes `p` look `secs` seconds old.
+fn age(p: &Path, secs: u64) {
+    let f = std::fs::File::options().write(true).open(p).unwrap();
+    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(secs))
+        .unwrap();
+}
+
+#[test]
+fn temporary_files_a_killed_run_left_are_removed_by_the_next_and_live_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let b = d.join("b");
+    std::fs::create_dir(&b).unwrap();
+    // Left by killed runs: unlocked and old. One a live writer holds: locked.
+    for name in [".hybridiff-aaaaaa.tmp", ".hybridiff-probe-bbbbbb.tmp"] {
+        std::fs::write(b.join(name), "partial").unwrap();
+        age(&b.join(name), 60);
+        std::fs::write(d.join(name), "partial").unwrap();
+        age(&d.join(name), 60);
+    }
+    let live = d.join(".hybridiff-cccccc.tmp");
+    std::fs::write(&live, "in progress").unwrap();
+    age(&live, 60);
+    let held = std::fs::File::open(&live).unwrap();
+    use std::os::fd::AsRawFd;
+    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+    // Not ours (no .tmp suffix, or no prefix): never touched.
+    std::fs::write(d.join(".hybridiff-notes"), "mine").unwrap();
+    let prompts = d.join("p.txt");
+    std::fs::write(&prompts, "a\n").unwrap();
+    // The leftovers do not make the folder count as non-empty.
+    succeeds(&quick_batch(&prompts, &b, &[]));
+    assert_eq!(names_in(&b), ["0000.png", "manifest.json"]);
+    let model = fixture("tiny-sdxl");
+    succeeds(&denoise(
+        &model,
+        &tiny_inputs(),
+        &d.join("o.safetensors"),
+        &[],
+    ));
+    let left: Vec<String> = names_in(d)
+        .into_iter()
+        .filter(|n| n.starts_with(".hybridiff"))
+        .collect();
+    assert_eq!(left, [".hybridiff-cccccc.tmp", ".hybridiff-notes"]);
+    drop(held);
+}
+
+/// Sends `sig` to a child process.
+fn signal(child: &std::process::Child, sig: i32) {
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+/// Starts a batch of `n` prompts on the tiny pipeline, slow enough per image (many steps)
+/// to be interrupted in the middle of one.
+fn start_batch(dir: &Path, n: usize) -> (std::process::Child, PathBuf) {
+    let prompts = dir.join("p.txt");
+    let text: String = (0..n).map(|i| format!("prompt {i}\n")).collect();
+    std::fs::write(&prompts, text).unwrap();
+    let out = dir.join("b");
+    let child = Command::new(env!("CARGO_BIN_EXE_hybridiff"))
+        .args([
+            "generate",
+            "--model",
+            s(&fixture("tiny-sdxl-pipeline")),
+            "--prompts",
+            s(&prompts),
+            "--steps",
+            "40",
+            "--out",
+            s(&out),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    (child, out)
+}
+
+/// Waits (at most a minute) until the batch's manifest lists `n` entries.
+fn wait_for_entries(out: &Path, n: usize) -> u64 {
+    let start = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(out.join("manifest.json")) {
+            if let Ok(serde_json::Value::Array(v)) = serde_json::from_str(&text) {
+                if v.len() >= n {
+                    use std::os::unix::fs::MetadataExt;
+                    return std::fs::metadata(out.join("manifest.json")).unwrap().ino();
+                }
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no {n} entries in a minute"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The folder and its manifest agree: every PNG is listed, every listed file exists, and no
+/// temporary file is left.
+#[track_caller]
+fn folder_agrees_with_manifest(out: &Path, temporaries_allowed: bool) -> Vec<String> {
+    let listed = manifest_files(out);
+    let pngs: Vec<String> = names_in(out)
+        .into_iter()
+        .filter(|n| n.ends_with(".png"))
+        .collect();
+    assert_eq!(
+        pngs, listed,
+        "the folder's images and the manifest disagree"
+    );
+    if !temporaries_allowed {
+        let tmp: Vec<String> = names_in(out)
+            .into_iter()
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(tmp.is_empty(), "temporary files left: {tmp:?}");
+    }
+    listed
+}
+
+#[test]
+fn ctrl_c_in_a_batch_stops_at_the_next_step_and_leaves_folder_and_manifest_agreeing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, out) = start_batch(dir.path(), 40);
+    let inode = wait_for_entries(&out, 1);
+    let asked = Instant::now();
+    signal(&child, libc::SIGINT);
+    let o = wait_with_limit(&mut child, Duration::from_secs(30));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("interrupted") && !err.contains("panicked"),
+        "{err}"
+    );
+    // Cancelled within the running image, not after the rest of the batch.
+    assert!(
+        asked.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        asked.elapsed()
+    );
+    let listed = folder_agrees_with_manifest(&out, false);
+    assert!((1..40).contains(&listed.len()), "{listed:?}");
+    // Entries were appended to one file, never rewritten by rename.
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(out.join("manifest.json")).unwrap().ino(),
+        inode
+    );
+}
+
+#[test]
+fn a_second_ctrl_c_exits_at_once_and_the_next_run_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, out) = start_batch(dir.path(), 40);
+    wait_for_entries(&out, 1);
+    signal(&child, libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(20));
+    signal(&child, libc::SIGINT);
+    let o = wait_with_limit(&mut child, Duration::from_secs(10));
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    // Whatever the moment: a complete list, naming exactly the images there.
+    folder_agrees_with_manifest(&out, true);
+    // Leftover temporary files (aged past the live-writer margin) go with the next run.
+    for n in names_in(&out).into_iter().filter(|n| n.ends_with(".tmp")) {
+        age(&out.join(n), 60);
+    }
+    let prompts = dir.path().join("p.txt");
+    std::fs::write(&prompts, "again\n").unwrap();
+    succeeds(&quick_batch(&prompts, &out, &["--force"]));
+    assert_eq!(folder_agrees_with_manifest(&out, false), ["0000.png"]);
+}
+
+fn wait_with_limit(child: &mut std::process::Child, limit: Duration) -> Output {
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("still running {limit:?} after Ctrl-C");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut o = Output {
+        status: child.wait().unwrap(),
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+    };
+    use std::io::Read;
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut o.stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_end(&mut o.stderr)
+        .unwrap();
+    o
+}
+
+#[test]
+fn bench_from_trace_reads_only_possible_numbers_and_names_the_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good");
+    succeeds(&quick_bench(&[
+        "--strategies",
+        "serial,cfg",
+        "--trace-dir",
+        s(&good),
+    ]));
+    let from = |d: &Path| run(&["bench", "--from-trace", s(d), "--simulate-link", "pcie4"]);
+    succeeds(&from(&good));
+    // One edit per case, on a copy of the good folder.
+    type Edit = fn(&mut serde_json::Value);
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "cfg.json",
+            |v| v["steps"][0]["rank_compute_seconds"][0] = (-0.5).into(),
+            "steps[0].rank_compute_seconds[0]` = -0.5",
+        ),
+        (
+            "cfg.json",
+            |v| v["steps"][0]["rank_compute_seconds"][1] = 1e300.into(),
+            "rank_compute_seconds[1]",
+        ),
+        (
+            "serial.json",
+            |v| v["total_seconds"] = 0.into(),
+            "`total_seconds` = 0",
+        ),
+        (
+            "serial.json",
+            |v| v["total_seconds"] = (-1.0).into(),
+            "`total_seconds` = -1",
+        ),
+        (
+            "cfg.json",
+            |v| v["world_size"] = 3.into(),
+            "one per rank (3)",
+        ),
+        (
+            "cfg.json",
+            |v| v["world_size"] = 0.into(),
+            "`world_size` = 0",
+        ),
+        (
+            "serial.json",
+            |v| v["world_size"] = 2.into(),
+            "`world_size` = 2",
+        ),
+        (
+            "cfg.json",
+            |v| v["strategy"] = "cfg | evil".into(),
+            "`strategy`",
+        ),
+        (
+            "cfg.json",
+            |v| v["rank_devices"] = serde_json::json!(["cpu", "cpu|<b>"]),
+            "rank_devices[1]",
+        ),
+        (
+            "cfg.json",
+            |v| v["transfer"] = "fast\n| x |".into(),
+            "`transfer`",
+        ),
+        ("cfg.json", |v| v["num_steps"] = 5.into(), "`num_steps` = 5"),
+        (
+            "cfg.json",
+            |v| v["bytes_sent"] = 1.into(),
+            "`bytes_sent` = 1",
+        ),
+        (
+            "cfg.json",
+            |v| v["steps"][0]["wall_seconds"] = (-1.0).into(),
+            "wall_seconds",
+        ),
+        ("cfg.json", |v| v["guidance"] = 9.into(), "`guidance` = 9"),
+        (
+            "cfg.json",
+            |v| v["steps"][0]["index"] = 4.into(),
+            "steps[0].index",
+        ),
+    ];
+    for (i, (file, edit, needle)) in cases.into_iter().enumerate() {
+        let d = dir.path().join(format!("case{i}"));
+        std::fs::create_dir(&d).unwrap();
+        for f in ["serial.json", "cfg.json"] {
+            std::fs::copy(good.join(f), d.join(f)).unwrap();
+        }
+        let p = d.join(file);
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        edit(&mut v);
+        std::fs::write(&p, v.to_string()).unwrap();
+        let o = from(&d);
+        let err = stderr(&o);
+        assert!(
+            !o.status.success(),
+            "case {i} ({needle}) exited 0: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        assert!(err.contains(needle), "case {i}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // Exactly one serial baseline.
+    let two = dir.path().join("two");
+    std::fs::create_dir(&two).unwrap();
+    for f in ["serial.json", "cfg.json"] {
+        std::fs::copy(good.join(f), two.join(f)).unwrap();
+    }
+    std::fs::copy(good.join("serial.json"), two.join("serial-again.json")).unwrap();
+    fails_with(&from(&two), &["2 serial traces", "serial-again.json"]);
+    std::fs::remove_file(two.join("serial.json")).unwrap();
+    std::fs::remove_file(two.join("serial-again.json")).unwrap();
+    fails_with(&from(&two), &["no serial trace"]);
+    // A file name is a Markdown cell.
+    std::fs::copy(good.join("serial.json"), two.join("serial.json")).unwrap();
+    std::fs::rename(two.join("cfg.json"), two.join("a|b.json")).unwrap();
+    fails_with(&from(&two), &["a|b.json", "Markdown"]);
+    // Flags that describe a run do not go with --from-trace.
+    let o = run(&[
+        "bench",
+        "--from-trace",
+        s(&good),
+        "--simulate-link",
+        "pcie4",
+        "--steps",
+        "9",
+    ]);
+    fails_with(&o, &["--steps", "--from-trace"]);
+}
+
+/// A PNG file of `w x h` RGBA8 pixels filled by `f`.
+fn write_rgba(p: &Path, w: u32, h: u32, f: impl Fn(u32, u32) -> [u8; 4]) {
+    image::RgbaImage::from_fn(w, h, |x, y| image::Rgba(f(x, y)))
+        .save(p)
+        .unwrap();
+}
+
+/// A PNG that is only a header claiming `w x h` pixels (8-bit RGB) and an end chunk.
+fn png_header_only(p: &Path, w: u32, h: u32) {
+    fn crc(bytes: &[u8]) -> u32 {
+        let mut c = 0xffff_ffffu32;
+        for &b in bytes {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xedb8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+    let chunk = |kind: &[u8], data: &[u8]| {
+        let mut v = (data.len() as u32).to_be_bytes().to_vec();
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        v.extend_from_slice(&body);
+        v.extend_from_slice(&crc(&body).to_be_bytes());
+        v
+    };
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
+    bytes.extend(chunk(b"IHDR", &ihdr));
+    bytes.extend(chunk(b"IEND", &[]));
+    std::fs::write(p, bytes).unwrap();
+}
+
+#[test]
+fn compare_sees_alpha_and_16_bit_differences_and_bounds_pixels_before_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir(&a).unwrap();
+    std::fs::create_dir(&b).unwrap();
+    let rgb = |x: u32, y: u32| [(x * 20) as u8, (y * 20) as u8, 100];
+    // The same colours, different transparency.
+    write_rgba(&a.join("alpha.png"), 9, 9, |x, y| {
+        let [r, g, bl] = rgb(x, y);
+        [r, g, bl, 255]
+    });
+    write_rgba(&b.join("alpha.png"), 9, 9, |x, y| {
+        let [r, g, bl] = rgb(x, y);
+        [r, g, bl, (x * 25) as u8]
+    });
+    // 16-bit images that differ below the 8th bit.
+    let img16 = |lo: u16| {
+        image::ImageBuffer::<image::Rgb<u16>, Vec<u16>>::from_fn(9, 9, |x, _| {
+            image::Rgb([(x as u16) * 4096 + lo, 1000, 2000])
+        })
+    };
+    img16(0).save(a.join("deep.png")).unwrap();
+    img16(7).save(b.join("deep.png")).unwrap();
+    // An RGB image against itself stays identical.
+    write_rgba(&a.join("same.png"), 9, 9, |x, y| {
+        let [r, g, bl] = rgb(x, y);
+        [r, g, bl, 255]
+    });
+    std::fs::copy(a.join("same.png"), b.join("same.png")).unwrap();
+    let o = run(&["compare", s(&a), s(&b), "--json"]);
+    succeeds(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let pair = |name: &str| {
+        v["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["file"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert!(
+        pair("alpha.png")["psnr_db"].is_number(),
+        "alpha ignored: {v}"
+    );
+    assert_eq!(pair("alpha.png")["channels"], "RGBA");
+    assert!(pair("alpha.png")["ssim"].as_f64().unwrap() < 1.0);
+    assert!(
+        pair("deep.png")["psnr_db"].is_number(),
+        "low bits ignored: {v}"
+    );
+    assert_eq!(pair("deep.png")["bits"], 16);
+    assert!(pair("same.png")["psnr_db"].is_null());
+    assert_eq!(v["identical"], 1);
+    // A 140-byte file claiming 12000 x 12000 pixels: refused from its header, at once.
+    let (c, e) = (dir.path().join("c"), dir.path().join("e"));
+    std::fs::create_dir(&c).unwrap();
+    std::fs::create_dir(&e).unwrap();
+    png_header_only(&c.join("big.png"), 12000, 12000);
+    png_header_only(&e.join("big.png"), 12000, 12000);
+    let start = Instant::now();
+    let o = run(&["compare", s(&c), s(&e)]);
+    fails_with(&o, &["big.png", "12000x12000", "at most 16777216 pixels"]);
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn a_scheduler_of_the_other_training_objective_is_refused_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    // The issue's example: flow matching on the default (epsilon) model.
+    let o = run_env(
+        &[
+            "generate",
+            "--prompt",
+            "a red circle on a white background",
+            "--seed",
+            "1",
+            "--scheduler",
+            "flow-euler",
+            "--out",
+            s(&dir.path().join("x.png")),
+        ],
+        &[("HYBRIDIFF_CACHE", s(&dir.path().join("cache")))],
+        Duration::from_secs(60),
+    );
+    fails_with(
+        &o,
+        &[
+            "--scheduler flow-euler",
+            "flow matching",
+            "epsilon prediction",
+            "DDIMScheduler",
+            "--scheduler ddim",
+        ],
+    );
+    assert!(!dir.path().join("x.png").exists());
+    // The other way round: a diffusion sampler on SD3 (flow matching).
+    let sd3 = fixture("tiny-sd3");
+    let o = run(&[
+        "denoise",
+        "--model",
+        s(&sd3),
+        "--inputs",
+        s(&sd3.join("inputs.safetensors")),
+        "--out",
+        s(&dir.path().join("o.st")),
+        "--steps",
+        "2",
+        "--scheduler",
+        "dpmpp-2m",
+    ]);
+    fails_with(
+        &o,
+        &[
+            "--scheduler dpmpp-2m",
+            "diffusion",
+            "FlowMatchEulerDiscreteScheduler",
+            "--scheduler flow-euler",
+        ],
+    );
+    // A v-prediction model is a diffusion model; a config that says nothing falls back to
+    // the denoiser (an MMDiT is flow matching).
+    let v = dir.path().join("v");
+    linked_copy(&fixture("tiny-sdxl"), &v);
+    edit_json(&v, "scheduler/scheduler_config.json", |c| {
+        c["prediction_type"] = "v_prediction".into()
+    });
+    let o = denoise(
+        &v,
+        &tiny_inputs(),
+        &dir.path().join("o.st"),
+        &["--scheduler", "flow-euler"],
+    );
+    fails_with(&o, &["v-prediction", "--scheduler ddim"]);
+    let bare = dir.path().join("bare");
+    linked_copy(&sd3, &bare);
+    edit_json(&bare, "scheduler/scheduler_config.json", |c| {
+        let m = c.as_object_mut().unwrap();
+        m.remove("_class_name");
+        m.remove("prediction_type");
+    });
+    let o = run(&[
+        "denoise",
+        "--model",
+        s(&bare),
+        "--inputs",
+        s(&sd3.join("inputs.safetensors")),
+        "--out",
+        s(&dir.path().join("o.st")),
+        "--steps",
+        "2",
+        "--scheduler",
+        "euler",
+    ]);
+    fails_with(&o, &["SD3Transformer2DModel", "flow matching"]);
+    // bench too.
+    let o = quick_bench(&["--scheduler", "flow-euler"]);
+    fails_with(&o, &["--scheduler flow-euler", "flow matching"]);
+}
+
+#[test]
+fn strategy_flags_a_run_would_ignore_are_refused_naming_who_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-sdxl");
+    let out = dir.path().join("o.st");
+    for (strategy, flag, value, reader) in [
+        ("cfg", "--stages", "auto", "async and hybrid"),
+        ("serial", "--warmup", "2", "async"),
+        ("hybrid", "--warmup", "2", "async"),
+        ("cfg", "--patch-mode", "sync", "patch"),
+        ("hybrid", "--no-cfg-split", "", "patch"),
+        ("cfg", "--k", "3", "hybrid"),
+        ("async", "--l-slope", "3", "hybrid"),
+        ("patch", "--eps-slope", "0.1", "hybrid"),
+        ("serial", "--tau-cap", "3", "hybrid"),
+        ("async", "--pipelined-guidance", "reuse", "hybrid"),
+        ("serial", "--comm-timeout", "30", "all but serial"),
+    ] {
+        let mut extra = vec!["--strategy", strategy, flag];
+        if !value.is_empty() {
+            extra.push(value);
+        }
+        let o = denoise(&model, &tiny_inputs(), &out, &extra);
+        fails_with(
+            &o,
+            &[
+                flag,
+                &format!("--strategy {strategy} does not use it"),
+                reader,
+            ],
+        );
+        // generate shares the flags.
+        let mut args = vec![
+            "generate",
+            "--model",
+            "no-such-model",
+            "--prompt",
+            "x",
+            "--out",
+            "x.png",
+        ];
+        args.extend_from_slice(&extra);
+        fails_with(&run(&args), &[flag, "does not use it"]);
+    }
+    // --warmup with patch in sync mode: every step is synchronous, nothing to warm up.
+    let o = denoise(
+        &model,
+        &tiny_inputs(),
+        &out,
+        &[
+            "--strategy",
+            "patch",
+            "--patch-mode",
+            "sync",
+            "--warmup",
+            "2",
+        ],
+    );
+    fails_with(&o, &["--warmup", "patch with --patch-mode displaced"]);
+    // bench: against the whole --strategies list; a list with a reader is fine.
+    let o = run(&[
+        "bench",
+        "--model",
+        "no-such-model",
+        "--strategies",
+        "serial,cfg",
+        "--k",
+        "3",
+    ]);
+    fails_with(&o, &["--k", "--strategies serial,cfg does not use it"]);
+    let o = run(&[
+        "bench",
+        "--model",
+        "no-such-model",
+        "--strategies",
+        "serial,hybrid",
+        "--k",
+        "3",
+    ]);
+    fails_with(&o, &["no-such-model"]);
+    assert!(!stderr(&o).contains("does not use"), "{}", stderr(&o));
+    for (extra, needle) in [
+        (
+            &["--strategies", "serial", "--world-size", "4"][..],
+            "--world-size",
+        ),
+        (&["--strategies", "cfg,cfg"], "listed twice"),
+        (
+            &["--inputs", s(&tiny_inputs()), "--latent-size", "8"],
+            "--latent-size",
+        ),
+        (&["--repeats", "0", "--only-batch", "1"], "--only-batch"),
+    ] {
+        let mut args = vec!["bench", "--model", s(&model)];
+        args.extend_from_slice(extra);
+        fails_with(&run(&args), &[needle]);
+    }
+    // A negative prompt with guidance off, and a base seed every prompt overrides.
+    let pipe = fixture("tiny-sdxl-pipeline");
+    let o = run(&[
+        "generate",
+        "--model",
+        s(&pipe),
+        "--prompt",
+        "x",
+        "--guidance",
+        "1",
+        "--negative-prompt",
+        "blurry",
+        "--out",
+        s(&dir.path().join("x.png")),
+    ]);
+    fails_with(&o, &["--negative-prompt", "guidance 1", "not be used"]);
+    let p = dir.path().join("p.json");
+    std::fs::write(
+        &p,
+        r#"[{"prompt": "a", "seed": 1}, {"prompt": "b", "seed": 2}]"#,
+    )
+    .unwrap();
+    let o = quick_batch(&p, &dir.path().join("b"), &["--seed", "5"]);
+    fails_with(&o, &["--seed", "sets its own `seed`"]);
+}
+
+#[test]
+fn step_counts_a_schedule_cannot_run_blame_steps_and_say_what_fits() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-sdxl");
+    let out = dir.path().join("o.st");
+    // DPM-Solver++ at 999 of 1000 training steps gives NaN in diffusers too; it used to be
+    // blamed on the weights at step 2.
+    let with = |scheduler: &str, steps: &str| {
+        run(&[
+            "denoise",
+            "--model",
+            s(&model),
+            "--inputs",
+            s(&tiny_inputs()),
+            "--out",
+            s(&out),
+            "--scheduler",
+            scheduler,
+            "--steps",
+            steps,
+        ])
+    };
+    let err = fails_with(
+        &with("dpmpp-2m", "999"),
+        &["--steps 999", "dpmpp-2m", "use --steps 998 or fewer"],
+    );
+    assert!(!err.contains("weights"), "{err}");
+    // DDIM at 1000 steps with steps_offset 1: a timestep past the schedule; said as --steps.
+    fails_with(
+        &with("ddim", "1000"),
+        &["--steps 1000", "use --steps 999 or fewer"],
+    );
+    // hybrid: no "smaller --k" at --k 1.
+    let o = denoise(
+        &model,
+        &tiny_inputs(),
+        &out,
+        &["--strategy", "hybrid", "--k", "1", "--tau-cap", "2"],
+    );
+    let err = fails_with(
+        &o,
+        &[
+            "--tau-cap 2",
+            "--k 1",
+            "use --tau-cap 1 or lower",
+            "--steps 3 or more",
+        ],
+    );
+    assert!(!err.contains("smaller --k"), "{err}");
+    assert!(!out.exists());
 }

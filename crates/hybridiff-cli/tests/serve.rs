@@ -683,7 +683,7 @@ fn an_api_key_no_client_could_send_and_absurd_limits_are_refused_at_start() {
         (
             &["--guidance", "nan"][..],
             &[][..],
-            "the default guidance NaN (--guidance",
+            "a request with the defaults would fail: --guidance NaN: expected a finite number",
         ),
         (&["--guidance", "80"][..], &[][..], "to --max-guidance 50"),
         (
@@ -696,6 +696,22 @@ fn an_api_key_no_client_could_send_and_absurd_limits_are_refused_at_start() {
             &["--width", "256", "--height", "256", "--max-pixels", "4096"][..],
             &[][..],
             "above --max-pixels 4096",
+        ),
+        // A `url` answer of n images must fit in the store, or its first links are gone.
+        (
+            &["--max-n", "8", "--max-stored-images", "4"][..],
+            &[][..],
+            "--max-stored-images 4 is below --max-n 8",
+        ),
+        (
+            &["--allowed-host", "http://images.example"][..],
+            &[][..],
+            "--allowed-host \"http://images.example\": expected a host name",
+        ),
+        (
+            &["--max-steps", "20000"][..],
+            &[][..],
+            "--max-steps 20000: at most",
         ),
     ] {
         let err = refused_at_start(args, env);
@@ -793,4 +809,309 @@ fn a_half_sent_head_is_closed_after_header_timeout() {
     assert!(got.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(after < Duration::from_secs(5), "closed after {after:?}");
     assert_eq!(s.health()["status"], "ok", "still serving");
+}
+
+#[test]
+fn serve_takes_a_single_file_with_loras_and_torch_noise() {
+    let fx = workspace().join("tests/fixtures");
+    let (file, folder) = (
+        fx.join("single-file/sdxl.safetensors"),
+        fx.join("single-file/sdxl"),
+    );
+    let lora = format!("{}:-0.7", fx.join("lora/sdxl_peft.safetensors").display());
+    let model = [
+        "--model",
+        file.to_str().unwrap(),
+        "--config",
+        folder.to_str().unwrap(),
+        "--lora",
+        &lora,
+        "--steps",
+        "3",
+        "--width",
+        "32",
+        "--height",
+        "32",
+    ];
+    let s = Served::start(&model);
+    let c = client();
+    let v: Value = c.get(s.url("/v1/models")).send().unwrap().json().unwrap();
+    let h = &v["data"][0]["hybridiff"];
+    assert!(
+        h["model_source"]
+            .as_str()
+            .unwrap()
+            .contains("SDXL base single file"),
+        "{v}"
+    );
+    assert_eq!(h["loras"][0]["file"], "sdxl_peft.safetensors", "{v}");
+    assert_eq!(h["loras"][0]["scale"], -0.7);
+    assert_eq!(h["loras"][0]["modules"]["unet"], 4, "{v}");
+    assert!(!v.to_string().contains("/lora/"), "no server paths: {v}");
+    let png = generate_png(
+        &c,
+        &s,
+        json!({"prompt": "a red circle", "seed": 5, "noise": "torch"}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("g.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_hybridiff"))
+        .args([
+            "generate",
+            "--prompt",
+            "a red circle",
+            "--seed",
+            "5",
+            "--noise",
+            "torch",
+        ])
+        .args(model)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        png,
+        "serve's PNG equals generate's"
+    );
+    let r = c
+        .post(s.url("/v1/images/generations"))
+        .json(&json!({"prompt": "x", "noise": "mt19937"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().unwrap();
+    assert_eq!(e["error"]["param"], "noise", "{e}");
+}
+
+/// Posts `body` and returns the status and JSON answer.
+fn post_json(s: &Served, body: Value) -> (u16, Value) {
+    let r = client()
+        .post(s.url("/v1/images/generations"))
+        .json(&body)
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap())
+}
+
+#[test]
+fn requests_the_strategy_or_model_would_refuse_are_400_naming_the_field_before_they_queue() {
+    // The example, and its siblings: with fixed thresholds hybrid needs
+    // tau_cap + k = 20 steps; the size must be a multiple of the model's 4 and fit memory.
+    let s = Served::start(&[
+        "--strategy",
+        "hybrid",
+        "--world-size",
+        "2",
+        "--threads-per-rank",
+        "1",
+        "--k",
+        "5",
+        "--tau-cap",
+        "15",
+    ]);
+    for (body, param, words) in [
+        (
+            json!({"prompt": "a", "num_inference_steps": 1}),
+            "num_inference_steps",
+            "at least 2 steps",
+        ),
+        (
+            json!({"prompt": "a", "num_inference_steps": 10}),
+            "num_inference_steps",
+            "need at least 20 steps",
+        ),
+        (
+            json!({"prompt": "a", "size": "62x64"}),
+            "size",
+            "multiples of 4",
+        ),
+        (
+            json!({"prompt": "a", "size": "4096x256"}),
+            "size",
+            "needs an estimated",
+        ),
+    ] {
+        let (status, v) = post_json(&s, body.clone());
+        assert_eq!(status, 400, "{body}: {v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(param) && msg.contains(words), "{msg}");
+        assert!(
+            !msg.contains("--steps") && !msg.contains("--k") && !msg.contains("--tau-cap"),
+            "worded for an API client, not as command-line flags: {msg}"
+        );
+    }
+    let m = s.metrics();
+    assert_eq!(
+        sample(&m, "hybridiff_jobs_total{outcome=\"failed\"}"),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "hybridiff_images_generated_total"),
+        0.0,
+        "none ran"
+    );
+    // /v1/models says so.
+    let v: Value = reqwest::blocking::get(s.url("/v1/models"))
+        .unwrap()
+        .json()
+        .unwrap();
+    let l = &v["data"][0]["hybridiff"]["limits"];
+    assert_eq!(l["num_inference_steps"]["min"], 20, "{l}");
+    assert_eq!(l["size"]["multiple"], 4, "{l}");
+    // Without classifier-free guidance hybrid has nothing to switch: any step count runs.
+    let (status, v) = post_json(
+        &s,
+        json!({"prompt": "a", "num_inference_steps": 2, "guidance_scale": 1}),
+    );
+    assert_eq!(status, 200, "{v}");
+    drop(s);
+
+    // The patch strategy: bands need rows, and an odd rank count cannot split CFG branches.
+    let s = Served::start(&[
+        "--strategy",
+        "patch",
+        "--world-size",
+        "3",
+        "--guidance",
+        "1",
+    ]);
+    for (body, param) in [
+        (
+            json!({"prompt": "a", "guidance_scale": 5, "num_inference_steps": 2}),
+            "guidance_scale",
+        ),
+        (
+            json!({"prompt": "a", "size": "64x16", "num_inference_steps": 2}),
+            "size",
+        ),
+    ] {
+        let (status, v) = post_json(&s, body.clone());
+        assert_eq!(status, 400, "{body}: {v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+        assert!(
+            !v["error"]["message"].as_str().unwrap().contains("--"),
+            "{v}"
+        );
+    }
+}
+
+/// Waits for the process to exit (at most `limit`), returning its status.
+fn wait_exit(s: &mut Served, limit: Duration) -> Option<std::process::ExitStatus> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_cancels_the_running_job_and_a_second_ctrl_c_exits_at_once() {
+    let sigint = |s: &Served| {
+        let rc = unsafe { libc::kill(s.child.id() as libc::pid_t, libc::SIGINT) };
+        assert_eq!(rc, 0);
+    };
+    // A job of minutes: cancelled at its next step, answered 503, exit 0 in seconds.
+    let mut s = Served::start(&[]);
+    let url = s.url("/v1/images/generations");
+    let running = std::thread::spawn(move || {
+        let r = client()
+            .post(&url)
+            .json(&json!({"prompt": "a", "size": "256x256", "num_inference_steps": 150}))
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().unwrap())
+    });
+    s.wait_health("the long job to run", |h| h["running"] == true);
+    let t0 = Instant::now();
+    sigint(&s);
+    let (status, v) = running.join().unwrap();
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "shutting_down");
+    let code = wait_exit(&mut s, Duration::from_secs(30)).expect("exits after Ctrl-C");
+    assert_eq!(code.code(), Some(0));
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    let err = s.stderr.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(err.contains("cancelled at its next step"), "{err}");
+
+    // A stop that has to wait (a request still sending its body, up to --body-timeout):
+    // the second Ctrl-C exits at once.
+    let mut s = Served::start(&["--body-timeout", "120"]);
+    use std::io::Write;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let mut sock = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        sock,
+        "POST /v1/images/generations HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"prompt\":"
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    sigint(&s);
+    assert!(
+        wait_exit(&mut s, Duration::from_millis(1500)).is_none(),
+        "the first Ctrl-C waits for the request in flight"
+    );
+    let t0 = Instant::now();
+    sigint(&s);
+    let code = wait_exit(&mut s, Duration::from_secs(5)).expect("the second Ctrl-C exits at once");
+    assert_eq!(code.code(), Some(130), "{code:?}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    drop(sock);
+}
+
+#[test]
+fn the_service_corpus_runs_clean_against_the_binary() {
+    // tools/hostile_service.py: Host/Origin/content types, repeated headers, request checks,
+    // half-closed clients, HTTP-layer refusals, metrics and Ctrl-C, on loopback, bounded.
+    let python = ci_tool(
+        "HYBRIDIFF_TEST_PYTHON3",
+        PathBuf::from("/usr/bin/python3"),
+        "a python3 (the corpus uses its standard library only)",
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let mut child = Command::new(python)
+        .arg(workspace().join("tools/hostile_service.py"))
+        .args(["--bin", env!("CARGO_BIN_EXE_hybridiff"), "--deadline", "50"])
+        .env("HYBRIDIFF_CACHE", cache.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(90) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the service corpus ran past 90 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "findings:\n{out}\n{err}");
+    assert!(out.contains(", 0 finding(s)"), "{out}");
 }

@@ -16,7 +16,7 @@ use hybridiff_models::unet::{UNet2DConditionModel, UNetConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::io::{save_safetensors, write_bytes_atomic};
+use crate::io::{save_safetensors, write_bytes_atomic, OutputFolder};
 use crate::{Error, Result};
 
 /// A backend that invents every tensor it is asked for, and remembers it.
@@ -137,29 +137,34 @@ pub const SD3_SCHEDULER_CONFIG: &str = r#"{
 /// (`SD3Transformer2DModel`) gives `transformer/` with SD3's flow-matching scheduler;
 /// plus `scheduler/scheduler_config.json` and a `model_index.json`.
 ///
-/// An `out` folder that already holds files is refused unless `force` is set (it would
-/// replace a model's weights with random ones); a new folder is assembled under a
-/// temporary name next to it and renamed into place, so a failed run leaves nothing.
-/// The weights are checked against the memory limit tensor by tensor, before each is made.
+/// `out` is an [`OutputFolder`]: new or empty, or with `force` one that holds only what
+/// an earlier `init` wrote (replaced as a whole, so a U-Net folder re-initialised from an
+/// MMDiT config keeps no `unet/`); anything else in it is refused, never deleted. The folder
+/// is assembled under a temporary name next to `out` and moved into place, so a failed run
+/// leaves nothing. The weights are checked against the memory limit tensor by tensor,
+/// before each is made.
 pub fn init_model_folder(config_path: &Path, out: &Path, seed: u64, force: bool) -> Result<()> {
-    let exists = match std::fs::symlink_metadata(out) {
-        Ok(m) if m.is_dir() => true,
-        Ok(_) => {
-            return Err(Error::io(
-                out,
-                "--out: exists and is not a folder; give a new or empty folder",
-            ))
-        }
-        Err(_) => false,
+    let folder = OutputFolder {
+        flag: "--out",
+        path: out,
+        force,
+        ours: written_by_init,
+        kinds: "model_index.json, unet/, transformer/ and scheduler/ as init writes them",
     };
-    if exists && !force {
-        let mut entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
-        if entries.next().is_some() {
-            return Err(Error::io(
-                out,
-                "--out: the folder is not empty (it may hold a model whose weights would be replaced by random ones); pass --force to overwrite, or give a new folder",
-            ));
-        }
+    let previous = folder.check()?;
+    // --force must not remove the config it reads.
+    let mut keys = std::collections::HashMap::new();
+    let config_key = crate::io::FileKey::of(config_path, &mut keys);
+    if previous.iter().any(|p| {
+        std::fs::canonicalize(config_path)
+            .is_ok_and(|c| p.canonicalize().is_ok_and(|p| c.starts_with(p)))
+            || crate::io::FileKey::of(p, &mut keys) == config_key
+    }) {
+        return Err(Error::Options(format!(
+            "--config {} is inside --out {}, which --force would replace; copy the config elsewhere first",
+            config_path.display(),
+            out.display()
+        )));
     }
     let config_text = hybridiff_models::weights::read_text_bounded(
         config_path,
@@ -210,19 +215,6 @@ pub fn init_model_folder(config_path: &Path, out: &Path, seed: u64, force: bool)
             .expect("no panics while holding the lock"),
     );
 
-    if exists {
-        return write_folder(
-            out,
-            component,
-            &config_text,
-            &made,
-            scheduler_text,
-            pipeline,
-            denoiser_class,
-            scheduler_class,
-            seed,
-        );
-    }
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -230,8 +222,11 @@ pub fn init_model_folder(config_path: &Path, out: &Path, seed: u64, force: bool)
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let staging = tempfile::Builder::new()
         .prefix(".hybridiff-init-")
+        .suffix(crate::io::TEMP_SUFFIX)
         .tempdir_in(parent)
         .map_err(|e| Error::io(parent, format!("cannot create a temporary folder: {e}")))?;
+    // Locked while it is assembled: another run's clean-up leaves it alone.
+    let _lock = std::fs::File::open(staging.path()).inspect(crate::io::lock_exclusive);
     write_folder(
         staging.path(),
         component,
@@ -243,15 +238,60 @@ pub fn init_model_folder(config_path: &Path, out: &Path, seed: u64, force: bool)
         scheduler_class,
         seed,
     )?;
-    let staged = staging.keep();
-    std::fs::rename(&staged, out).map_err(|e| {
-        let _ = std::fs::remove_dir_all(&staged);
-        Error::io(
-            out,
-            format!("cannot move the finished folder into place: {e}"),
-        )
-    })?;
+    if !out.exists() {
+        let staged = staging.keep();
+        std::fs::rename(&staged, out).map_err(|e| {
+            let _ = std::fs::remove_dir_all(&staged);
+            Error::io(
+                out,
+                format!("cannot move the finished folder into place: {e}"),
+            )
+        })?;
+        return Ok(());
+    }
+    // An existing folder (empty, or an earlier init's with --force): its old entries go,
+    // then the new ones move in; the staging folder is removed when `staging` drops.
+    folder.prepare(&previous)?;
+    for e in std::fs::read_dir(staging.path()).map_err(|e| Error::io(staging.path(), e))? {
+        let e = e.map_err(|e| Error::io(staging.path(), e))?;
+        let to = out.join(e.file_name());
+        std::fs::rename(e.path(), &to).map_err(|err| {
+            Error::io(
+                &to,
+                format!("cannot move the finished file into place: {err}"),
+            )
+        })?;
+    }
     Ok(())
+}
+
+/// Whether an entry of an `init --out` folder is one `init` writes: `model_index.json`, or a
+/// `unet/`, `transformer/` or `scheduler/` folder holding only the files init puts there.
+fn written_by_init(p: &Path) -> bool {
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let Ok(meta) = std::fs::symlink_metadata(p) else {
+        return false;
+    };
+    match name {
+        "model_index.json" => meta.is_file(),
+        "unet" | "transformer" | "scheduler" if meta.is_dir() => std::fs::read_dir(p)
+            .map(|entries| {
+                entries.flatten().all(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    let file = e.file_type().is_ok_and(|t| t.is_file());
+                    crate::io::is_temp_name(&n)
+                        || (file
+                            && matches!(
+                                n.as_str(),
+                                "config.json"
+                                    | "diffusion_pytorch_model.safetensors"
+                                    | "scheduler_config.json"
+                            ))
+                })
+            })
+            .unwrap_or(false),
+        _ => false,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

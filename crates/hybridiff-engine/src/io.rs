@@ -94,58 +94,126 @@ fn refuse_special_target(path: &Path, flag: &str) -> Result<()> {
     Ok(())
 }
 
-/// The same file, or the same path for files that do not exist yet.
-fn same_file(a: &Path, b: &Path) -> bool {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
-            return x.dev() == y.dev() && x.ino() == y.ino();
-        }
-    }
-    let norm = |p: &Path| {
-        let parent = match p.parent() {
+/// What identifies a file among a command's outputs and inputs: its folder resolved (links,
+/// `.` and `..`, as far as it exists) with its name folded to lower case, and, when it
+/// exists, its device and inode. Two paths with equal places, or equal inodes, are one file:
+/// `./x` and `x`, `d/../x`, a link to the folder, a hard link, and names that differ only in
+/// case (one file on case-insensitive file systems such as macOS's and Windows'; refused
+/// everywhere so a folder means the same wherever it is copied).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FileKey {
+    place: (std::path::PathBuf, String),
+    inode: Option<(u64, u64)>,
+}
+
+impl FileKey {
+    /// The key of `path`; `folders` caches resolved folders (a batch names many files in one).
+    pub fn of(
+        path: &Path,
+        folders: &mut HashMap<std::path::PathBuf, std::path::PathBuf>,
+    ) -> FileKey {
+        let parent = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => Path::new("."),
         };
-        (
-            parent
-                .canonicalize()
-                .unwrap_or_else(|_| parent.to_path_buf()),
-            p.file_name().map(|n| n.to_os_string()),
-        )
-    };
-    norm(a) == norm(b)
+        let folder = folders
+            .entry(parent.to_path_buf())
+            .or_insert_with(|| resolve_lossy(parent))
+            .clone();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
+        #[cfg(unix)]
+        let inode = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+        };
+        #[cfg(not(unix))]
+        let inode = None;
+        FileKey {
+            place: (folder, name),
+            inode,
+        }
+    }
 }
 
-/// Refuses output paths that name the same file twice, or name an input: one output
-/// would overwrite the other, or the job would destroy what it reads. `outputs` and
-/// `inputs` are `(flag, path)` pairs.
-pub fn check_distinct_paths(outputs: &[(&str, &Path)], inputs: &[(&str, &Path)]) -> Result<()> {
-    for (i, (fa, a)) in outputs.iter().enumerate() {
-        for (fb, b) in outputs.iter().skip(i + 1) {
-            if same_file(a, b) {
-                return Err(Error::Options(format!(
-                    "{fa} and {fb} name the same file ({}); one output would overwrite the other",
-                    a.display()
-                )));
+/// Whether a path is an output (written) or an input (read) of a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Output,
+    Input,
+}
+
+/// Refuses two outputs that are one file ([`FileKey`]), and an output that is an input: one
+/// output would overwrite the other, or the job would destroy what it reads. `paths` are
+/// `(flag, path, role)`, the flag naming where the path came from (`--json`, `--trace-dir
+/// (cfg trace)`); linear in their number.
+pub fn check_no_overlap(paths: &[(&str, &Path, Role)]) -> Result<()> {
+    let mut folders = HashMap::new();
+    let mut by_place: HashMap<(std::path::PathBuf, String), usize> = HashMap::new();
+    let mut by_inode: HashMap<(u64, u64), usize> = HashMap::new();
+    let clash = |i: usize, j: usize| -> Error {
+        let ((fa, a, ra), (fb, _, rb)) = (paths[i], paths[j]);
+        match (ra, rb) {
+            (Role::Output, Role::Output) => Error::Options(format!(
+                "{fa} and {fb} name the same file ({}); one output would overwrite the other",
+                a.display()
+            )),
+            (Role::Output, Role::Input) | (Role::Input, Role::Output) => {
+                let ((fo, o), fi) = if ra == Role::Output {
+                    ((fa, a), fb)
+                } else {
+                    ((fb, paths[j].1), fa)
+                };
+                Error::Options(format!(
+                    "{fo} {} is also {fi}: writing it would destroy the input",
+                    o.display()
+                ))
+            }
+            (Role::Input, Role::Input) => unreachable!("inputs may be read twice"),
+        }
+    };
+    for (i, (_, path, role)) in paths.iter().enumerate() {
+        let key = FileKey::of(path, &mut folders);
+        let mut seen = vec![by_place.get(&key.place).copied()];
+        if let Some(ino) = key.inode {
+            seen.push(by_inode.get(&ino).copied());
+        }
+        for j in seen.into_iter().flatten() {
+            if *role == Role::Output || paths[j].2 == Role::Output {
+                return Err(clash(j, i));
             }
         }
-        for (fb, b) in inputs {
-            if same_file(a, b) {
-                return Err(Error::Options(format!(
-                    "{fa} {} is also {fb}: writing it would destroy the input",
-                    a.display()
-                )));
+        // An output claims its place; an input only until an output takes it.
+        if *role == Role::Output || !by_place.contains_key(&key.place) {
+            by_place.insert(key.place.clone(), i);
+        }
+        if let Some(ino) = key.inode {
+            if *role == Role::Output || !by_inode.contains_key(&ino) {
+                by_inode.insert(ino, i);
             }
         }
     }
     Ok(())
 }
 
-/// `path` with symbolic links and `..` resolved as far as it exists: the deepest existing
-/// ancestor is canonicalised and the rest appended (outputs usually do not exist yet).
+/// Refuses output paths that name the same file twice, or name an input (see
+/// [`check_no_overlap`]). `outputs` and `inputs` are `(flag, path)` pairs.
+pub fn check_distinct_paths(outputs: &[(&str, &Path)], inputs: &[(&str, &Path)]) -> Result<()> {
+    let all: Vec<(&str, &Path, Role)> = outputs
+        .iter()
+        .map(|(f, p)| (*f, *p, Role::Output))
+        .chain(inputs.iter().map(|(f, p)| (*f, *p, Role::Input)))
+        .collect();
+    check_no_overlap(&all)
+}
+
+/// `path` made absolute with symbolic links, `.` and `..` resolved: component by component,
+/// each prefix that exists canonicalised (so a link after a `..` still counts), the rest by
+/// name (outputs usually do not exist yet).
 fn resolve_lossy(path: &Path) -> std::path::PathBuf {
+    use std::path::Component;
     let abs = if path.is_absolute() {
         path.to_path_buf()
     } else {
@@ -153,20 +221,20 @@ fn resolve_lossy(path: &Path) -> std::path::PathBuf {
             .unwrap_or_else(|_| Path::new(".").to_path_buf())
             .join(path)
     };
-    let mut rest = Vec::new();
-    let mut cur = abs.as_path();
-    loop {
-        if let Ok(c) = cur.canonicalize() {
-            return rest.iter().rev().fold(c, |acc, n| acc.join(n));
-        }
-        match (cur.parent(), cur.file_name()) {
-            (Some(parent), Some(name)) => {
-                rest.push(name.to_os_string());
-                cur = parent;
+    let mut out = std::path::PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::CurDir => continue,
+            Component::ParentDir => {
+                out.pop();
             }
-            _ => return abs,
+            other => out.push(other.as_os_str()),
+        }
+        if let Ok(real) = out.canonicalize() {
+            out = real;
         }
     }
+    out
 }
 
 /// Refuses outputs inside `folder` (a model's folder, named by `what` such as
@@ -186,6 +254,13 @@ pub fn check_outside_folder(outputs: &[(&str, &Path)], folder: &Path, what: &str
                 parent
             };
             candidates.push(resolve_lossy(parent).join(name));
+        }
+        if root.is_file() && candidates.contains(&root) {
+            return Err(Error::Options(format!(
+                "{flag} {}: is {what} {}; writing it would destroy that input",
+                out.display(),
+                folder.display()
+            )));
         }
         if candidates.iter().any(|c| c.starts_with(&root)) {
             return Err(Error::Options(format!(
@@ -235,6 +310,7 @@ pub fn check_output_path(path: &Path, flag: &str) -> Result<()> {
 pub fn check_writable_folder(folder: &Path, path: &Path, flag: &str) -> Result<()> {
     tempfile::Builder::new()
         .prefix(".hybridiff-probe-")
+        .suffix(TEMP_SUFFIX)
         .tempfile_in(folder)
         .map(drop)
         .map_err(|e| {
@@ -248,15 +324,283 @@ pub fn check_writable_folder(folder: &Path, path: &Path, flag: &str) -> Result<(
         })
 }
 
+/// Names of our temporary files and folders start with this and end with [`TEMP_SUFFIX`]
+/// (`.hybridiff-XXXXXX.tmp`, `.hybridiff-probe-XXXXXX.tmp`, `.hybridiff-init-XXXXXX.tmp`).
+pub const TEMP_PREFIX: &str = ".hybridiff-";
+/// See [`TEMP_PREFIX`].
+pub const TEMP_SUFFIX: &str = ".tmp";
+
+/// Whether a folder entry's name is one of our temporary files or folders.
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX) && name.len() > 15
+}
+
+/// Takes an exclusive advisory lock (flock) on `file`, held until it is closed: a write in
+/// progress holds one on its temporary file, so [`remove_stale_temp_files`] can tell it from
+/// the leftover of a run that was killed. Best effort: where the file system has no locks,
+/// the leftover is simply never removed.
+pub fn lock_exclusive(file: &std::fs::File) {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a file descriptor we own, valid for the call.
+        unsafe {
+            libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = file;
+}
+
+/// Whether no process holds a lock on `path` (taking and dropping one to find out).
+fn unlocked(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let Ok(f) = std::fs::File::open(path) else {
+            return false;
+        };
+        // SAFETY: as in `lock_exclusive`; the lock goes with `f`.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
+    }
+}
+
+/// How long an unlocked temporary file of ours must have been left before another run
+/// removes it: a writer locks its file the moment it creates it, so this only closes that
+/// instant.
+pub const STALE_TEMP_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Removes the temporary files and folders of ours ([`is_temp_name`]) that a run which was
+/// killed left in `folder`: those no live process holds locked and that are older than
+/// [`STALE_TEMP_AFTER`]. Returns the names removed; anything it cannot remove is left.
+pub fn remove_stale_temp_files(folder: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return removed;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !is_temp_name(&name) {
+            continue;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
+            continue;
+        };
+        let old = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age >= STALE_TEMP_AFTER);
+        if !old || !(meta.is_file() || meta.is_dir()) || !unlocked(&e.path()) {
+            continue;
+        }
+        let gone = if meta.is_dir() {
+            std::fs::remove_dir_all(e.path())
+        } else {
+            std::fs::remove_file(e.path())
+        };
+        if gone.is_ok() {
+            removed.push(name);
+        }
+    }
+    removed.sort();
+    if !removed.is_empty() {
+        tracing::info!(
+            "{}: removed {} temporary file(s) left by an interrupted run: {}",
+            folder.display(),
+            removed.len(),
+            removed.join(", ")
+        );
+    }
+    removed
+}
+
+/// A folder a run writes its files into (a batch's images and manifest, `bench`'s traces, a
+/// model folder). A missing or empty folder is used as it is. A non-empty one is refused
+/// unless `force`; with `force`, the entries of the kinds the command writes (`ours`) are
+/// removed before the run, so the folder never holds files of two runs, and any other entry
+/// is refused, never deleted. Temporary files of ours are not counted (a killed run's are
+/// removed, [`remove_stale_temp_files`]).
+pub struct OutputFolder<'a> {
+    /// The flag that names it (`--out`, `--trace-dir`).
+    pub flag: &'a str,
+    pub path: &'a Path,
+    pub force: bool,
+    /// Whether an entry (its full path) is of the kinds the command writes.
+    pub ours: fn(&Path) -> bool,
+    /// Those kinds in words, for messages (`NNNN.png and manifest.json`).
+    pub kinds: &'a str,
+}
+
+impl OutputFolder<'_> {
+    /// Checks the folder before any compute: a folder (or a missing path whose deepest
+    /// existing ancestor is a writable folder), empty, or with `force` holding only entries
+    /// of ours. Returns those entries, which [`Self::prepare`] removes.
+    ///
+    /// # Errors
+    /// `-`, a path that is a file, a non-empty folder without `force`, an entry that is not
+    /// ours, a folder that cannot be written; each naming the flag and what to do.
+    pub fn check(&self) -> Result<Vec<std::path::PathBuf>> {
+        let (flag, path) = (self.flag, self.path);
+        if path.as_os_str() == "-" {
+            return Err(Error::io(
+                path,
+                format!("{flag}: `-` (standard output) cannot take a folder of files; give a folder path (./- for a folder named `-`)"),
+            ));
+        }
+        if !path.exists() {
+            if std::fs::symlink_metadata(path).is_ok() {
+                return Err(Error::io(
+                    path,
+                    format!("{flag}: is a symbolic link to a missing folder; give a folder path"),
+                ));
+            }
+            // Made with its missing parents: the deepest existing one must take a new entry.
+            let parent = path
+                .ancestors()
+                .skip(1)
+                .map(|a| {
+                    if a.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        a
+                    }
+                })
+                .find(|a| a.exists())
+                .unwrap_or(Path::new("."));
+            if !parent.is_dir() {
+                return Err(Error::io(
+                    path,
+                    format!("{flag}: {} is not a folder", parent.display()),
+                ));
+            }
+            check_writable_folder(parent, path, flag)?;
+            return Ok(Vec::new());
+        }
+        if !path.is_dir() {
+            let kind = special_file_kind(path).unwrap_or("a file");
+            return Err(Error::io(
+                path,
+                format!("{flag}: is {kind}, not a folder; give a new or empty folder (or, with --force, one a previous run wrote)"),
+            ));
+        }
+        let mut entries = Vec::new();
+        for e in std::fs::read_dir(path).map_err(|e| Error::io(path, e))? {
+            let e = e.map_err(|e| Error::io(path, e))?;
+            if !is_temp_name(&e.file_name().to_string_lossy()) {
+                entries.push(e.path());
+            }
+        }
+        entries.sort();
+        let names = |v: &[&std::path::PathBuf]| {
+            let shown: Vec<String> = v
+                .iter()
+                .take(3)
+                .map(|p| {
+                    let name = p
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let link = std::fs::symlink_metadata(p).is_ok_and(|m| m.is_symlink());
+                    match (link, special_file_kind(p)) {
+                        (true, _) => format!(
+                            "{name} (a symbolic link to {})",
+                            std::fs::read_link(p)
+                                .map(|t| t.display().to_string())
+                                .unwrap_or_else(|_| "?".into())
+                        ),
+                        (false, Some(kind)) => format!("{name} ({kind})"),
+                        (false, None) => name,
+                    }
+                })
+                .collect();
+            match v.len() {
+                n if n > 3 => format!("{} and {} more", shown.join(", "), n - 3),
+                _ => shown.join(", "),
+            }
+        };
+        if !entries.is_empty() && !self.force {
+            let all: Vec<&std::path::PathBuf> = entries.iter().collect();
+            return Err(Error::io(
+                path,
+                format!(
+                    "{flag}: the folder is not empty (it holds {}); give a new or empty folder, or pass --force to replace what a previous run wrote there ({})",
+                    names(&all),
+                    self.kinds
+                ),
+            ));
+        }
+        let foreign: Vec<&std::path::PathBuf> =
+            entries.iter().filter(|p| !(self.ours)(p)).collect();
+        if !foreign.is_empty() {
+            return Err(Error::io(
+                path,
+                format!(
+                    "{flag}: the folder holds {}, which this command does not write; --force only replaces what a previous run wrote ({}) and never deletes anything else: move {} away or give another folder",
+                    names(&foreign),
+                    self.kinds,
+                    if foreign.len() == 1 { "it" } else { "them" }
+                ),
+            ));
+        }
+        check_writable_folder(path, path, flag)?;
+        Ok(entries)
+    }
+
+    /// Creates the folder (with its missing parents) and removes `previous` (what
+    /// [`Self::check`] returned) and the temporary files a killed run of ours left there.
+    /// Call it once the run is known good, just before it writes.
+    pub fn prepare(&self, previous: &[std::path::PathBuf]) -> Result<()> {
+        let (flag, path) = (self.flag, self.path);
+        std::fs::create_dir_all(path)
+            .map_err(|e| Error::io(path, format!("{flag}: cannot create the folder: {e}")))?;
+        for p in previous {
+            let meta = std::fs::symlink_metadata(p);
+            let gone = match meta {
+                Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
+                Ok(_) => std::fs::remove_file(p),
+                Err(_) => Ok(()),
+            };
+            gone.map_err(|e| {
+                Error::io(
+                    p,
+                    format!("{flag} --force: cannot remove what a previous run wrote: {e}"),
+                )
+            })?;
+        }
+        remove_stale_temp_files(path);
+        Ok(())
+    }
+}
+
 /// Writes `bytes` to `path` atomically (temp file in the same folder, then rename).
 pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    stage(path, write)?.commit()
+}
+
+/// A finished output in its temporary file next to `path`, not yet in place: [`Staged::commit`]
+/// renames it there, dropping it removes it. Lets a caller make the moment an output appears
+/// short (a batch lists each image in its manifest right after).
+pub struct Staged {
+    tmp: tempfile::NamedTempFile,
+    path: std::path::PathBuf,
+}
+
+/// Writes `path`'s content into a temporary file in its folder with `write` (given the
+/// temporary file's path), locked against other runs' clean-up ([`lock_exclusive`]).
+pub fn stage(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<Staged> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
     let tmp = tempfile::Builder::new()
-        .prefix(".hybridiff-")
-        .suffix(".tmp")
+        .prefix(TEMP_PREFIX)
+        .suffix(TEMP_SUFFIX)
         .tempfile_in(dir)
         .map_err(|e| {
             Error::io(
@@ -264,10 +608,9 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
                 format!("cannot create a temporary file next to it: {e}"),
             )
         })?;
+    // Held until the file is renamed or removed: another run's clean-up leaves it alone.
+    lock_exclusive(tmp.as_file());
     write(tmp.path())?;
-    // Checked again here: batch outputs are named inside a folder, and the target may
-    // have appeared since the flags were checked.
-    refuse_special_target(path, "output")?;
     // Temporary files are private (0600); a finished output gets the usual 0644.
     #[cfg(unix)]
     {
@@ -275,22 +618,42 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
             .map_err(|e| Error::io(path, e))?;
     }
-    tmp.persist(path).map_err(|e| {
-        Error::io(
-            path,
-            format!("cannot move the finished file into place: {e}"),
-        )
-    })?;
-    Ok(())
+    Ok(Staged {
+        tmp,
+        path: path.to_path_buf(),
+    })
 }
 
-/// Writes bytes atomically.
-pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic(path, |tmp| {
+/// [`stage`] of bytes, synced to disk.
+pub fn stage_bytes(path: &Path, bytes: &[u8]) -> Result<Staged> {
+    stage(path, |tmp| {
         let mut f = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
         f.write_all(bytes).map_err(|e| Error::io(path, e))?;
         f.sync_all().map_err(|e| Error::io(path, e))
     })
+}
+
+impl Staged {
+    /// Renames the finished file into place (one rename: readers see the old file or the
+    /// new one), refusing a target that became a device, FIFO, folder or link meanwhile.
+    pub fn commit(self) -> Result<()> {
+        // Checked again here: batch outputs are named inside a folder, and the target may
+        // have appeared since the flags were checked.
+        refuse_special_target(&self.path, "output")?;
+        let path = self.path;
+        self.tmp.persist(&path).map_err(|e| {
+            Error::io(
+                &path,
+                format!("cannot move the finished file into place: {e}"),
+            )
+        })?;
+        Ok(())
+    }
+}
+
+/// Writes bytes atomically.
+pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    stage_bytes(path, bytes)?.commit()
 }
 
 /// Writes named tensors as a safetensors file, atomically.

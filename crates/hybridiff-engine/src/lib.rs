@@ -13,10 +13,13 @@ pub mod model;
 pub mod pipeline;
 pub mod runner;
 pub mod sampler;
+pub mod source;
 pub mod stages;
 pub mod strategy;
 pub mod switch;
+pub mod torch_rng;
 pub mod trace;
+pub mod tune;
 pub mod work;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -27,7 +30,7 @@ use hybridiff_comm::{Communicator, RunError, WarmRanks};
 use hybridiff_models::Denoiser;
 use hybridiff_schedulers::{SchedulerConfig, SchedulerKind};
 
-pub use error::{Error, Result};
+pub use error::{Error, Field, Refusal, Result};
 pub use io::DenoiseInputs;
 pub use model::Model;
 pub use runner::Runner;
@@ -68,9 +71,15 @@ pub fn check_guidance(guidance: f64) -> Result<()> {
         } else {
             guidance.to_string()
         };
-        return Err(Error::Options(format!(
-            "--guidance {shown}: expected a finite number between -{MAX_GUIDANCE} and {MAX_GUIDANCE} (values above 1 turn classifier-free guidance on; diffusers' pipelines use about 1 to 20)"
-        )));
+        return Err(Error::refused(
+            Field::Guidance,
+            format!(
+                "--guidance {shown}: expected a finite number between -{MAX_GUIDANCE} and {MAX_GUIDANCE} (values above 1 turn classifier-free guidance on; diffusers' pipelines use about 1 to 20)"
+            ),
+            format!(
+                "`guidance_scale` {shown}: expected a finite number between -{MAX_GUIDANCE} and {MAX_GUIDANCE} (values above 1 turn classifier-free guidance on; diffusers' pipelines use about 1 to 20)"
+            ),
+        ));
     }
     Ok(())
 }
@@ -335,8 +344,31 @@ fn check_job(
     opts: &RunOptions,
     local_ranks: usize,
 ) -> Result<Option<serde_json::Value>> {
+    let limit = memory::limit().map_err(Error::Options)?;
+    check_job_within(job, strategy, opts, local_ranks, limit)?;
+    strategy.plan_summary(job, opts.world_size)
+}
+
+/// What a job is checked for before any compute: its step count, the rank layout on this
+/// machine (`local_ranks` of them here), guidance, the strategy's own checks (world size,
+/// thresholds, layout for the latent size) and the estimated memory against `limit` (read
+/// earlier; `None`: no limit). It only reads the inputs' shapes and plans nothing that needs
+/// compute, so a service runs it on stand-in inputs of a request's shapes before queueing
+/// the request ([`pipeline::RequestCheck`]); values a request chooses are refused as
+/// [`Error::Refused`].
+pub fn check_job_within(
+    job: &Job,
+    strategy: &dyn Strategy,
+    opts: &RunOptions,
+    local_ranks: usize,
+    limit: Option<memory::Limit>,
+) -> Result<()> {
     if job.steps == 0 {
-        return Err(Error::Options("--steps must be at least 1".into()));
+        return Err(Error::refused(
+            Field::Steps,
+            "--steps must be at least 1",
+            "`num_inference_steps` must be at least 1",
+        ));
     }
     // The ranks on this machine share its cores and memory: all of them as threads, one
     // per process under MPI (the launcher places the others).
@@ -352,8 +384,7 @@ fn check_job(
     let (_, c, h, w) = job.inputs.latents.dims4()?;
     let shape =
         memory::JobShape::for_strategy(strategy.name(), local_ranks, (c, h, w), ctx_len, job.steps);
-    memory::estimate_job(job.model, &shape).check()?;
-    strategy.plan_summary(job, opts.world_size)
+    memory::estimate_job(job.model, &shape).check_within(limit)
 }
 
 /// Fails on every rank whose view of the job differs from rank 0's: processes read their own

@@ -160,9 +160,15 @@ pub fn estimate_decode(config: &VaeConfig, (h, w): (usize, usize)) -> Estimate {
 /// Refuses step counts and text lengths beyond the engine's bounds.
 pub fn check_counts(steps: usize, ctx_len: usize) -> Result<()> {
     if steps > MAX_STEPS {
-        return Err(Error::Options(format!(
-            "--steps {steps}: at most {MAX_STEPS} (the per-step record keeps one latent per step)"
-        )));
+        return Err(Error::refused(
+            crate::Field::Steps,
+            format!(
+                "--steps {steps}: at most {MAX_STEPS} (the per-step record keeps one latent per step)"
+            ),
+            format!(
+                "`num_inference_steps` {steps}: at most {MAX_STEPS} (the per-step record keeps one latent per step)"
+            ),
+        ));
     }
     if ctx_len == 0 || ctx_len > MAX_CONTEXT_LEN {
         return Err(Error::Input(format!(

@@ -12,8 +12,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
+use crate::source::{ModelSpec, ResolvedModel};
 use crate::{
-    denoise, DenoiseInputs, Error, Job, Model, Result, RunOptions, Runner, Strategy, Trace,
+    denoise, DenoiseInputs, Error, Field, Job, Model, Result, RunOptions, Runner, Strategy, Trace,
 };
 
 /// A loaded text-to-image pipeline.
@@ -73,6 +74,113 @@ impl MemoryCheck {
     }
 }
 
+/// diffusers' `check_inputs` of an image's size: `h` and `w` positive multiples of the VAE
+/// factor times the denoiser's latent multiple (SD3's patch size); the U-Net copes with any
+/// latent size (`forward_upsample_size`). Refused as [`Field::Size`].
+pub fn check_size(h: usize, w: usize, vae_factor: usize, latent_multiple: usize) -> Result<()> {
+    let f = vae_factor;
+    let multiple = f * latent_multiple;
+    if h == 0 || w == 0 || !h.is_multiple_of(multiple) || !w.is_multiple_of(multiple) {
+        let why = if latent_multiple == 1 {
+            format!("the VAE's factor {f}")
+        } else {
+            format!("the VAE's factor {f} times the denoiser's patch size {latent_multiple}")
+        };
+        return Err(Error::refused(
+            Field::Size,
+            format!(
+                "--height {h} --width {w}: both must be positive multiples of {multiple} ({why}), as in diffusers"
+            ),
+            format!(
+                "`size` {w}x{h}: width and height must be positive multiples of {multiple} for this model ({why})"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A pipeline's checks of one image request, detached from the pipeline (`Send + Sync` and
+/// cheap to clone) so that another thread, a service's request handlers, can run them while
+/// the pipeline runs a job. They are the checks the job itself runs, on stand-in inputs of
+/// the request's shapes (zero latents, the empty prompt's encodings): [`check_size`], the
+/// memory of the job and its VAE decode ([`MemoryCheck`]), the scheduler's fit with the
+/// model's training objective and its schedule for the step count
+/// ([`crate::sampler::check_schedule`]), and [`crate::check_job_within`] (steps, guidance, the run layout, the
+/// strategy's own checks: world size, hybrid's thresholds, stage plans, patch bands). No
+/// compute: the prompts are not encoded and a measured stage plan is not measured. Values a
+/// request chooses are refused as [`Error::Refused`], worded for the command line and for an
+/// API client.
+#[derive(Clone)]
+pub struct RequestCheck {
+    memory: MemoryCheck,
+    scheduler_config: std::sync::Arc<hybridiff_schedulers::SchedulerConfig>,
+    /// The denoiser's diffusers class, for pairing the scheduler with its objective.
+    denoiser_class: &'static str,
+    latent_multiple: usize,
+    cond: Conditioning,
+    uncond: Conditioning,
+    default_guidance: f64,
+}
+
+impl RequestCheck {
+    /// Checks `req` (all but its prompts) as `strategy` would run it with `opts`, the
+    /// memory against `limit` (read earlier, e.g. when a service started; `None`: no limit).
+    pub fn check(
+        &self,
+        req: &Request,
+        strategy: &dyn Strategy,
+        opts: &RunOptions,
+        limit: Option<crate::memory::Limit>,
+    ) -> Result<()> {
+        let m = &self.memory;
+        // As in `Pipeline::prepare`: given latents set the size, else the sample size.
+        let default = match req.latents.as_ref().map(|l| l.dims()) {
+            Some([_, _, lh, lw]) => (lh * m.vae_factor, lw * m.vae_factor),
+            _ => (m.default_side, m.default_side),
+        };
+        let (h, w) = (
+            req.height.unwrap_or(default.0),
+            req.width.unwrap_or(default.1),
+        );
+        check_size(h, w, m.vae_factor, self.latent_multiple)?;
+        m.check_within(req, strategy.name(), opts.world_size, limit)?;
+        let scheduler = match req.scheduler {
+            Some(s) => s,
+            None => self.scheduler_config.default_kind()?,
+        };
+        crate::model::check_scheduler_family(
+            &self.scheduler_config,
+            self.denoiser_class,
+            scheduler,
+            req.scheduler.is_some(),
+        )?;
+        if req.steps > 0 {
+            crate::sampler::check_schedule(&self.scheduler_config, scheduler, req.steps)?;
+        }
+        // Sized by the checks above (within the memory limit); only its shape is read.
+        let latents = Tensor::zeros(
+            (1, m.latent_channels, h / m.vae_factor, w / m.vae_factor),
+            DType::F32,
+            &Device::Cpu,
+        )?;
+        let inputs = DenoiseInputs {
+            latents,
+            cond: self.cond.clone(),
+            uncond: self.uncond.clone(),
+        };
+        let job = Job {
+            model: m.denoiser.as_ref(),
+            scheduler_config: &self.scheduler_config,
+            scheduler,
+            steps: req.steps,
+            guidance: req.guidance.unwrap_or(self.default_guidance),
+            inputs: &inputs,
+            progress: None,
+        };
+        crate::check_job_within(&job, strategy, opts, opts.world_size, limit)
+    }
+}
+
 /// One image to make.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -88,9 +196,47 @@ pub struct Request {
     /// `sample_size`, times the VAE factor.
     pub height: Option<usize>,
     pub width: Option<usize>,
-    /// Starting noise: given latents, or drawn from `seed` (see [`seeded_latents`]).
+    /// Starting noise: given latents, or drawn from `seed` by `noise` (see
+    /// [`seeded_latents_with`]).
     pub latents: Option<Tensor>,
     pub seed: u64,
+    pub noise: NoiseKind,
+}
+
+/// The generator that draws the starting noise from a seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoiseKind {
+    /// `ChaCha8Rng::seed_from_u64(seed)` with rand_distr's standard normal: the default,
+    /// so that a seed keeps the image it always gave.
+    #[default]
+    Chacha8,
+    /// PyTorch's CPU generator, `torch.randn(shape, generator=torch.Generator("cpu")
+    /// .manual_seed(seed))` bit for bit ([`crate::torch_rng`]): the noise diffusers starts
+    /// from, so a seed reproduces a diffusers image.
+    Torch,
+}
+
+impl std::str::FromStr for NoiseKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "chacha8" => Ok(Self::Chacha8),
+            "torch" => Ok(Self::Torch),
+            other => Err(format!(
+                "{other:?}: expected chacha8 (the default) or torch (diffusers' torch.Generator(\"cpu\").manual_seed)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for NoiseKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Chacha8 => "chacha8",
+            Self::Torch => "torch",
+        })
+    }
 }
 
 /// A made image.
@@ -106,25 +252,55 @@ pub struct Generated {
 /// (rand_distr's `StandardNormal`), filling `[1, C, h, w]` in row-major order. The same
 /// seed gives the same latents on every machine and for every strategy.
 pub fn seeded_latents(seed: u64, shape: (usize, usize, usize), device: &Device) -> Result<Tensor> {
+    seeded_latents_with(NoiseKind::Chacha8, seed, shape, device)
+}
+
+/// The starting noise `[1, C, h, w]` for `seed` from the generator `noise` names, filled
+/// in row-major order (for [`NoiseKind::Torch`], as `torch.randn((1, C, h, w),
+/// generator=torch.Generator("cpu").manual_seed(seed))`, which diffusers' `prepare_latents`
+/// draws before scaling by the scheduler's `init_noise_sigma`).
+pub fn seeded_latents_with(
+    noise: NoiseKind,
+    seed: u64,
+    shape: (usize, usize, usize),
+    device: &Device,
+) -> Result<Tensor> {
     let (c, h, w) = shape;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let v: Vec<f32> = (0..c * h * w)
-        .map(|_| StandardNormal.sample(&mut rng))
-        .collect();
+    let v: Vec<f32> = match noise {
+        NoiseKind::Chacha8 => {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            (0..c * h * w)
+                .map(|_| StandardNormal.sample(&mut rng))
+                .collect()
+        }
+        NoiseKind::Torch => crate::torch_rng::TorchGenerator::manual_seed(seed).randn(c * h * w),
+    };
     Ok(Tensor::from_vec(v, (1, c, h, w), device)?)
 }
 
 impl Pipeline {
     /// Loads the text encoders, the denoiser, the scheduler config and the VAE.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        if !dir.join("model_index.json").is_file() {
+        if dir.is_dir() && !dir.join("model_index.json").is_file() {
             return Err(Error::io(
                 dir,
                 "not a diffusers pipeline folder: model_index.json is missing (for a bare denoiser folder use `hybridiff denoise`)",
             ));
         }
-        let text = PromptEncoder::load(dir, dtype, device)?;
-        let model = Model::load(dir, dtype, device)?;
+        Self::load_resolved(&ModelSpec::folder(dir).resolve(true)?, dtype, device)
+    }
+
+    /// Loads a resolved model (a folder or a single file, with `--vae` and LoRAs): the
+    /// text encoders, the denoiser, the scheduler config and the VAE.
+    pub fn load_resolved(r: &ResolvedModel, dtype: DType, device: &Device) -> Result<Self> {
+        let Some(parts) = &r.text else {
+            return Err(Error::io(
+                &r.path,
+                "not a diffusers pipeline folder: model_index.json is missing (for a bare denoiser folder use `hybridiff denoise`)",
+            ));
+        };
+        let text = PromptEncoder::from_parts(parts, dtype, device)?;
+        let model = Model::load_resolved(r, dtype, device)?;
         let vae = model.load_vae()?;
         Ok(Self { model, text, vae })
     }
@@ -187,22 +363,7 @@ impl Pipeline {
             req.height.unwrap_or(default.0),
             req.width.unwrap_or(default.1),
         );
-        // diffusers' check_inputs: multiples of the VAE factor (times SD3's patch size);
-        // the U-Net copes with any latent size (`forward_upsample_size`).
-        let multiple = f * spec.latent_multiple;
-        if h == 0 || w == 0 || h % multiple != 0 || w % multiple != 0 {
-            let why = if spec.latent_multiple == 1 {
-                format!("the VAE's factor {f}")
-            } else {
-                format!(
-                    "the VAE's factor {f} times the denoiser's patch size {}",
-                    spec.latent_multiple
-                )
-            };
-            return Err(Error::Options(format!(
-                "--height {h} --width {w}: both must be positive multiples of {multiple} ({why}), as in diffusers"
-            )));
-        }
+        check_size(h, w, f, spec.latent_multiple)?;
         let (lh, lw) = (h / f, w / f);
         let device = &self.model.device;
         let latents = match &req.latents {
@@ -224,7 +385,9 @@ impl Pipeline {
                 }
                 l
             }
-            None => seeded_latents(req.seed, (spec.latent_channels, lh, lw), device)?,
+            None => {
+                seeded_latents_with(req.noise, req.seed, (spec.latent_channels, lh, lw), device)?
+            }
         };
         let e = self
             .text
@@ -281,32 +444,52 @@ impl Pipeline {
     }
 
     /// Checks everything about `req` that does not depend on its prompt (sizes, memory,
-    /// steps against the scheduler, the strategy's layout) without denoising, so that a
-    /// batch reports a request-wide error once, before any prompt runs.
+    /// steps against the scheduler, the strategy's layout: [`RequestCheck::check`] against
+    /// the memory limit now), then its given latents and the text encoders' widths, without
+    /// denoising, so that a batch reports a request-wide error once, before any prompt runs.
     pub fn check_request(
         &self,
         req: &Request,
         strategy: &dyn Strategy,
         opts: &RunOptions,
     ) -> Result<()> {
-        opts.check(crate::cores())?;
-        self.check_memory(req, strategy, opts)?;
-        let inputs = self.prepare(req)?;
-        let scheduler = match req.scheduler {
-            Some(s) => s,
-            None => self.model.scheduler_config.default_kind()?,
+        let limit = crate::memory::limit().map_err(Error::Options)?;
+        self.request_check()?.check(req, strategy, opts, limit)?;
+        self.prepare(req).map(|_| ())
+    }
+
+    /// This pipeline's [`RequestCheck`]; encodes the empty prompt once for the stand-in
+    /// conditionings.
+    pub fn request_check(&self) -> Result<RequestCheck> {
+        let e = self.text.encode_opt("", None)?;
+        self.check_text_widths(&e)?;
+        let spec = &self.model.input_spec;
+        let time_ids = if spec.time_ids {
+            let side = self.memory_check().default_side as f32;
+            Some(Tensor::new(
+                &[[side, side, 0.0, 0.0, side, side]],
+                &self.model.device,
+            )?)
+        } else {
+            None
         };
-        hybridiff_schedulers::build(&self.model.scheduler_config, scheduler, req.steps)?;
-        let job = Job {
-            model: self.model.denoiser.as_ref(),
-            scheduler_config: &self.model.scheduler_config,
-            scheduler,
-            steps: req.steps,
-            guidance: req.guidance.unwrap_or_else(|| self.default_guidance()),
-            inputs: &inputs,
-            progress: None,
-        };
-        strategy.check(&job, opts.world_size)
+        Ok(RequestCheck {
+            memory: self.memory_check(),
+            scheduler_config: std::sync::Arc::new(self.model.scheduler_config.clone()),
+            denoiser_class: self.model.denoiser_class,
+            latent_multiple: spec.latent_multiple,
+            cond: Conditioning {
+                prompt_embeds: e.prompt_embeds,
+                pooled: e.pooled_prompt_embeds,
+                time_ids: time_ids.clone(),
+            },
+            uncond: Conditioning {
+                prompt_embeds: e.negative_prompt_embeds,
+                pooled: e.negative_pooled_prompt_embeds,
+                time_ids,
+            },
+            default_guidance: self.default_guidance(),
+        })
     }
 
     /// Makes one image on ranks started for it.
@@ -361,11 +544,8 @@ impl Pipeline {
         progress: Option<&(dyn Fn(usize, usize) + Sync)>,
         run: impl FnOnce(&Job) -> Result<Option<crate::DenoiseOutput>>,
     ) -> Result<Option<Generated>> {
+        let scheduler = self.model.scheduler(req.scheduler, req.steps)?;
         let inputs = self.prepare(req)?;
-        let scheduler = match req.scheduler {
-            Some(s) => s,
-            None => self.model.scheduler_config.default_kind()?,
-        };
         let job = Job {
             model: self.model.denoiser.as_ref(),
             scheduler_config: &self.model.scheduler_config,

@@ -13,7 +13,7 @@ use hybridiff_models::{Conditioning, Denoiser, OutputRef};
 use crate::{Error, Result};
 
 /// How a stage plan is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PlanKind {
     /// `Reference` where the model has a reference preset for the stage count, else `Auto`.
     Default,
@@ -38,6 +38,17 @@ impl FromStr for PlanKind {
                 "--stages: unknown plan `{other}`; expected default, reference, auto or measured"
             ))),
         }
+    }
+}
+
+impl std::fmt::Display for PlanKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Default => "default",
+            Self::Reference => "reference",
+            Self::Auto => "auto",
+            Self::Measured => "measured",
+        })
     }
 }
 
@@ -81,13 +92,7 @@ impl StagePlan {
     /// Builds and validates a plan for `model` at latent size `hw`.
     pub fn new(kind: PlanKind, model: &dyn Denoiser, n: usize, hw: (usize, usize)) -> Result<Self> {
         let names = model.module_names();
-        if n < 2 || n > names.len() {
-            return Err(Error::Options(format!(
-                "{n} stages do not fit a denoiser of {} modules (need 2..={})",
-                names.len(),
-                names.len()
-            )));
-        }
+        check_stage_count(names.len(), n)?;
         let flops = model.module_flops(hw.0, hw.1);
         let owner = match kind {
             PlanKind::Auto => balanced_contiguous(&flops, n),
@@ -115,13 +120,7 @@ impl StagePlan {
         repeats: usize,
     ) -> Result<Self> {
         let names = model.module_names();
-        if n < 2 || n > names.len() {
-            return Err(Error::Options(format!(
-                "{n} stages do not fit a denoiser of {} modules (need 2..={})",
-                names.len(),
-                names.len()
-            )));
-        }
+        check_stage_count(names.len(), n)?;
         let mut samples = vec![Vec::new(); names.len()];
         for pass in 0..=repeats.max(1) {
             let mut state = model.begin(x, t, cond)?;
@@ -205,6 +204,16 @@ impl StagePlan {
         }
         set.into_iter().collect()
     }
+}
+
+/// Refuses `n` stages for a denoiser of `modules` modules unless `2 <= n <= modules`.
+fn check_stage_count(modules: usize, n: usize) -> Result<()> {
+    if n < 2 || n > modules {
+        return Err(Error::Options(format!(
+            "{n} stages do not fit a denoiser of {modules} modules (need 2..={modules})"
+        )));
+    }
+    Ok(())
 }
 
 fn reference_owner(names: &[String], n: usize) -> Result<Vec<usize>> {
@@ -308,6 +317,17 @@ impl PlanCache {
         Self {
             kind,
             cell: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Refuses `job` on `world_size` ranks when no plan of this kind can be made for it,
+    /// without compute: a measured plan is measured only when first asked for with
+    /// [`PlanCache::get`] (its stage count is checked here), the others are planned (and
+    /// kept) now.
+    pub fn check(&self, job: &crate::Job, world_size: usize) -> Result<()> {
+        match self.kind {
+            PlanKind::Measured => check_stage_count(job.model.module_names().len(), world_size),
+            _ => self.get(job, world_size).map(|_| ()),
         }
     }
 

@@ -70,26 +70,48 @@ impl SwitchParams {
             return Err(Error::Options("--tau-cap must be at least 1".into()));
         }
         if steps < 2 {
-            return Err(Error::Options(format!(
-                "--steps {steps}: hybrid needs at least 2 steps (one exact step, then one pipelined); for a 1-step run use --strategy cfg (exact, the same speed)"
-            )));
+            return Err(Error::refused(
+                crate::Field::Steps,
+                format!(
+                    "--steps {steps}: hybrid needs at least 2 steps (one exact step, then one pipelined); for a 1-step run use --strategy cfg (exact, the same speed)"
+                ),
+                format!(
+                    "`num_inference_steps` {steps}: this service's strategy (hybrid) needs at least 2 steps with guidance_scale above 1 (one exact step, then one pipelined)"
+                ),
+            ));
         }
         if self.tau_cap + self.k > steps {
-            let fix = if self.k < steps {
-                format!(
-                    "use --tau-cap {} or lower (with --k {}), or a smaller --k",
-                    steps - self.k,
-                    self.k
-                )
+            // Only changes that fit: no "smaller --k" at --k 1, no --tau-cap below 1.
+            let (k, cap) = (self.k, self.tau_cap);
+            let mut fixes = Vec::new();
+            if k < steps {
+                fixes.push(format!(
+                    "use --tau-cap {} or lower (with --k {k})",
+                    steps - k
+                ));
+                if k > 1 && cap < steps {
+                    fixes.push(format!(
+                        "--k {} or lower (with --tau-cap {cap})",
+                        steps - cap
+                    ));
+                }
             } else {
-                format!("use --k {} or lower and --tau-cap 1", steps - 1)
-            };
-            return Err(Error::Options(format!(
-                "--tau-cap {} + --k {} = {} exceeds --steps {steps}: the fallback switch would run past the last step; {fix}",
-                self.tau_cap,
-                self.k,
-                self.tau_cap + self.k
-            )));
+                fixes.push(format!("use --k {} or lower and --tau-cap 1", steps - 1));
+            }
+            fixes.push(format!("--steps {} or more", cap + k));
+            let fix = fixes.join(", or ");
+            let need = self.tau_cap + self.k;
+            return Err(Error::refused(
+                crate::Field::Steps,
+                format!(
+                    "--tau-cap {} + --k {} = {need} exceeds --steps {steps}: the fallback switch would run past the last step; {fix}",
+                    self.tau_cap, self.k
+                ),
+                format!(
+                    "`num_inference_steps` {steps}: this service's hybrid switching thresholds (tau_cap {} + k {} = {need}) need at least {need} steps with guidance_scale above 1",
+                    self.tau_cap, self.k
+                ),
+            ));
         }
         Ok(())
     }
@@ -160,11 +182,20 @@ pub struct ResolvedSwitch {
 impl ResolvedSwitch {
     /// [`SwitchParams::check`], saying which of the values were derived, not flags.
     pub fn check(&self, steps: usize) -> Result<()> {
-        self.params.check(steps).map_err(|e| match e {
-            Error::Options(m) if !self.derived.is_empty() => Error::Options(format!(
-                "{m} (not given as flags but derived for {steps} steps: {})",
+        let derived = || {
+            format!(
+                " (not given as flags but derived for {steps} steps: {})",
                 self.derived.join(", ")
-            )),
+            )
+        };
+        self.params.check(steps).map_err(|e| match e {
+            Error::Options(m) if !self.derived.is_empty() => {
+                Error::Options(format!("{m}{}", derived()))
+            }
+            Error::Refused(mut r) if !self.derived.is_empty() => {
+                r.flags.push_str(&derived());
+                Error::Refused(r)
+            }
             e => e,
         })
     }
@@ -292,6 +323,11 @@ impl Switcher {
         }
     }
 
+    /// The step at whose end `tau1` became known (`None` while it is unknown).
+    pub fn decided_at(&self) -> Option<usize> {
+        self.decided_at
+    }
+
     /// The phase of step `i`, given what is known before it runs.
     pub fn phase(&self, i: usize) -> Phase {
         match (self.tau1, self.tau2, self.decided_at) {
@@ -398,6 +434,19 @@ mod tests {
         assert!(params(12, 0.4e-3, 5, 15).check(20).is_ok());
         let err = params(2, 0.1, 6, 1).check(4).unwrap_err().to_string();
         assert!(err.contains("use --k 3 or lower"), "{err}");
+        // At --k 1 a smaller --k is no fix.
+        let err = params(2, 0.1, 1, 8).check(8).unwrap_err().to_string();
+        assert!(
+            err.contains("use --tau-cap 7 or lower (with --k 1)")
+                && err.contains("--steps 9 or more")
+                && !err.contains("--k 0"),
+            "{err}"
+        );
+        let err = params(2, 0.1, 3, 6).check(8).unwrap_err().to_string();
+        assert!(
+            err.contains("use --tau-cap 5 or lower") && err.contains("--k 2 or lower"),
+            "{err}"
+        );
         let err = params(2, 0.1, 1, 1).check(1).unwrap_err().to_string();
         assert!(err.contains("--strategy cfg"), "{err}");
         for eps in [f64::NAN, f64::INFINITY, -1.0] {

@@ -34,7 +34,7 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, err: impl std::fmt::Display) -> Self {
+    pub fn io(path: impl Into<PathBuf>, err: impl std::fmt::Display) -> Self {
         Error::Io {
             path: path.into(),
             msg: err.to_string(),

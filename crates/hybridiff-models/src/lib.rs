@@ -9,6 +9,9 @@ pub mod denoiser;
 pub mod error;
 pub mod host;
 pub mod kernels;
+pub mod ldm;
+pub mod lora;
+pub mod lpips;
 pub mod memory;
 pub mod weights;
 
@@ -19,5 +22,6 @@ pub mod mmdit;
 pub mod nn;
 pub mod parity;
 pub mod patch;
+pub mod single_file;
 pub mod unet;
 pub mod vae;

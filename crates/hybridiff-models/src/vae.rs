@@ -10,7 +10,7 @@ use candle_nn::{GroupNorm, VarBuilder};
 use crate::kernels::Linear;
 
 use crate::nn::{attention, conv2d, Conv2d, ResnetBlock2D, ResnetConfig};
-use crate::weights::{read_config, Weights};
+use crate::weights::{read_config, ComponentSource};
 use crate::{Error, Result};
 
 /// diffusers hard-codes this epsilon for every norm of the decoder.
@@ -107,6 +107,13 @@ impl VaeConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let config: Self = read_config(path)?;
         config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Reads and validates the config of a component source.
+    pub fn from_source(src: &ComponentSource) -> Result<Self> {
+        let config: Self = src.read_config()?;
+        config.validate(&src.config_path())?;
         Ok(config)
     }
 
@@ -453,12 +460,16 @@ pub struct AutoencoderKL {
 impl AutoencoderKL {
     /// Loads the decoder from a diffusers `vae/` folder (`config.json` + weights).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let config = VaeConfig::from_file(&dir.join("config.json"))?;
+        Self::load_source(&ComponentSource::folder(dir), dtype, device)
+    }
+
+    /// Loads the decoder from any component source (a `vae/` folder, a VAE file, or the
+    /// VAE of a single-file checkpoint).
+    pub fn load_source(src: &ComponentSource, dtype: DType, device: &Device) -> Result<Self> {
+        let config = VaeConfig::from_source(src)?;
         // The encoder half shares the file; the decoder never reads it.
         let encoder_only = ["encoder.", "quant_conv."];
-        Weights::load_component(dir, dtype, device, &encoder_only, |vb| {
-            Self::new(vb, config)
-        })
+        src.load(dtype, device, &encoder_only, |vb| Self::new(vb, config))
     }
 
     /// Builds the decoder from weights named as diffusers' `AutoencoderKL` state dict.
@@ -531,7 +542,7 @@ impl AutoencoderKL {
 pub struct PipelineVae {
     /// The VAE's config (`dir/config.json`).
     pub config: VaeConfig,
-    dir: PathBuf,
+    source: ComponentSource,
     device: Device,
     model: AutoencoderKL,
     upcast: std::sync::OnceLock<AutoencoderKL>,
@@ -542,18 +553,24 @@ impl PipelineVae {
     /// Loads the decoder of the diffusers `vae/` folder `dir` for a pipeline running in
     /// `dtype` on `device` (see [`PipelineVae`]). Errors name the file or tensor.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let config = VaeConfig::from_file(&dir.join("config.json"))?;
+        Self::load_source(&ComponentSource::folder(dir), dtype, device)
+    }
+
+    /// [`PipelineVae::load`] from any component source (a folder, a VAE file, the VAE of
+    /// a single-file checkpoint).
+    pub fn load_source(src: &ComponentSource, dtype: DType, device: &Device) -> Result<Self> {
+        let config = VaeConfig::from_source(src)?;
         let decode_dtype = config.decode_dtype(dtype);
-        let model = AutoencoderKL::load(dir, decode_dtype, device)?;
+        let model = AutoencoderKL::load_source(src, decode_dtype, device)?;
         if decode_dtype != dtype {
             tracing::debug!(
                 "{}: force_upcast is true, so the VAE decodes in {decode_dtype:?} while the pipeline runs in {dtype:?} (as diffusers)",
-                dir.display()
+                src.label().display()
             );
         }
         Ok(Self {
             config,
-            dir: dir.to_path_buf(),
+            source: src.clone(),
             device: device.clone(),
             model,
             upcast: std::sync::OnceLock::new(),
@@ -583,16 +600,16 @@ impl PipelineVae {
         }
         tracing::warn!(
             "{}: the VAE decode in {:?} gave NaN or inf (half-precision overflow); decoding again in F32. force_upcast is false in {}; set it to true to always decode this VAE in f32",
-            self.dir.display(),
+            self.source.label().display(),
             self.model.dtype,
-            self.dir.join("config.json").display()
+            self.source.config_path().display()
         );
         self.retries
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let f32_model = match self.upcast.get() {
             Some(m) => m,
             None => {
-                let m = AutoencoderKL::load(&self.dir, DType::F32, &self.device)?;
+                let m = AutoencoderKL::load_source(&self.source, DType::F32, &self.device)?;
                 // Two threads racing here load the same weights; either copy serves.
                 let _ = self.upcast.set(m);
                 self.upcast.get().expect("set just above")

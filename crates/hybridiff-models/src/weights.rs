@@ -2,7 +2,7 @@
 //! `fp16`-variant safetensors, memory-mapped, behind a `VarBuilder` whose errors name
 //! the tensor, the expected shape and the file.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -16,12 +16,12 @@ use crate::{Error, Result};
 /// The weight file stems diffusers uses, per component kind.
 const STEMS: &[&str] = &["diffusion_pytorch_model", "model"];
 
-/// Memory-mapped safetensors files of one model component, with a name -> file routing.
+/// Memory-mapped safetensors files of one model component (or of a whole single-file
+/// checkpoint), with a name -> file routing. Opening maps the files and parses their
+/// headers; no tensor data is read until a tensor is loaded.
 pub struct Weights {
     files: Vec<(PathBuf, MmapedSafetensors)>,
     routing: HashMap<String, usize>,
-    /// Names the model asked for, to report the ones it did not (diffusers' "unexpected keys").
-    used: Arc<Mutex<HashSet<String>>>,
 }
 
 /// Largest config or index JSON read (real ones are a few KiB; a sharded index of a big
@@ -122,11 +122,7 @@ impl Weights {
             }
             files.push((path.clone(), st));
         }
-        Ok(Self {
-            files,
-            routing,
-            used: Arc::default(),
-        })
+        Ok(Self { files, routing })
     }
 
     /// Bytes the tensors take once loaded in `dtype`, from the files' headers (nothing is
@@ -135,24 +131,27 @@ impl Weights {
         let mut total = 0u128;
         for (_, st) in &self.files {
             for (_, view) in st.tensors() {
-                let n: u128 = view.shape().iter().map(|&d| d as u128).product();
                 let stored = DType::try_from(view.dtype()).ok();
-                let size = match stored {
-                    Some(d) if d.is_float() => dtype.size_in_bytes(),
-                    Some(d) => d.size_in_bytes(),
-                    None => 8,
-                };
-                total = total.saturating_add(n.saturating_mul(size as u128));
+                total = total.saturating_add(tensor_bytes(view.shape(), stored, dtype));
             }
         }
         total
     }
 
-    /// Opens a component folder, checks that its weights fit in memory (see
-    /// [`crate::memory::limit`]), builds a model with `build`, then warns about tensors
-    /// the model did not read, as diffusers reports "unexpected keys", except those whose
-    /// names start with one of `unused_ok` (e.g. a VAE's `encoder.`, which the decoder
-    /// never needs). Missing tensors are errors from `build`.
+    /// The shape and stored dtype of tensor `name`, from the header (nothing is read).
+    pub fn info(&self, name: &str) -> Option<(Vec<usize>, Option<DType>)> {
+        let (_, st) = &self.files[*self.routing.get(name)?];
+        let view = st.get(name).ok()?;
+        Some((Vec::from(view.shape()), DType::try_from(view.dtype()).ok()))
+    }
+
+    /// The file holding tensor `name`.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.routing.get(name).map(|&i| self.files[i].0.as_path())
+    }
+
+    /// Opens a component folder and builds a model from it: see
+    /// [`ComponentSource::load`] (this is that, for `ComponentSource::folder(dir)`).
     pub fn load_component<T, E: From<Error>>(
         dir: &Path,
         dtype: DType,
@@ -160,32 +159,7 @@ impl Weights {
         unused_ok: &[&str],
         build: impl FnOnce(VarBuilder<'static>) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
-        let weights = Self::from_component_dir(dir)?;
-        crate::memory::check(
-            &format!("loading the weights of {}", dir.display()),
-            weights.bytes_in(dtype),
-        )
-        .map_err(Error::Weights)?;
-        let used = weights.used.clone();
-        let names: Vec<String> = weights.routing.keys().cloned().collect();
-        let files = weights.file_list();
-        let model = build(weights.into_var_builder(dtype, dev))?;
-        let used = used.lock().expect("no panics while holding the lock");
-        let mut unused: Vec<&String> = names
-            .iter()
-            .filter(|n| !used.contains(*n) && !unused_ok.iter().any(|p| n.starts_with(p)))
-            .collect();
-        if !unused.is_empty() {
-            unused.sort();
-            let shown: Vec<&str> = unused.iter().take(8).map(|s| s.as_str()).collect();
-            tracing::warn!(
-                "{files}: {} tensor(s) the model does not use (unexpected keys; does config.json match the checkpoint?): {}{}",
-                unused.len(),
-                shown.join(", "),
-                if unused.len() > shown.len() { ", ..." } else { "" }
-            );
-        }
-        Ok(model)
+        ComponentSource::folder(dir).load(dtype, dev, unused_ok, build)
     }
 
     /// Finds the weight files of a diffusers component folder (e.g. `<model>/unet`):
@@ -228,7 +202,8 @@ impl Weights {
         names.join(", ")
     }
 
-    fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    /// Tensor `name` as stored (any dtype), with errors naming it and its file.
+    pub fn load_raw(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
         let idx = *self.routing.get(name).ok_or_else(|| {
             candle_core::Error::Msg(format!(
                 "missing tensor `{name}` in {}: the checkpoint does not match its config.json",
@@ -236,39 +211,22 @@ impl Weights {
             ))
         })?;
         let (path, st) = &self.files[idx];
-        let t = st.load(name, dev).map_err(|e| {
+        st.load(name, dev).map_err(|e| {
             candle_core::Error::Msg(format!(
                 "tensor `{name}` in {} cannot be read: {e}",
                 path.display()
             ))
-        })?;
-        // Converting integers would run the model on silently rounded weights.
-        if !t.dtype().is_float() {
-            return Err(candle_core::Error::Msg(format!(
-                "tensor `{name}` in {} has dtype {:?}; weights must be floating point (f32, f16, bf16 or f64)",
-                path.display(),
-                t.dtype()
-            )));
-        }
-        let t = t.to_dtype(dtype)?;
-        // After the conversion, so that values beyond f16's range are caught too.
-        if let Some((i, v)) = first_non_finite(&t)? {
-            return Err(candle_core::Error::Msg(format!(
-                "tensor `{name}` in {} holds a non-finite value ({v}) at flat index {i} in {dtype:?}; the checkpoint is damaged{}",
-                path.display(),
-                if dtype == DType::F16 { " or does not fit f16 (try --dtype f32)" } else { "" }
-            )));
-        }
-        self.used
-            .lock()
-            .expect("no panics while holding the lock")
-            .insert(name.to_string());
-        Ok(t)
+        })
     }
 
     /// Wraps these weights into a `VarBuilder` of the given dtype and device.
     pub fn into_var_builder(self, dtype: DType, dev: &Device) -> VarBuilder<'static> {
-        let backend: Box<dyn SimpleBackend> = Box::new(self);
+        let backend = Backend {
+            loader: Loader::Files(self),
+            patches: None,
+            used: Arc::default(),
+        };
+        let backend: Box<dyn SimpleBackend> = Box::new(backend);
         VarBuilder::from_backend(backend, dtype, dev.clone())
     }
 }
@@ -301,7 +259,434 @@ fn shards_of(index: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-impl SimpleBackend for Weights {
+/// Reads a JSON config file into `T`, with errors naming the file.
+pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = read_text_bounded(path, MAX_CONFIG_BYTES)?;
+    serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
+}
+
+/// Parses config text into `T`; `path` names it in errors.
+pub fn parse_config<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
+}
+
+/// Bytes a tensor of `shape` takes once loaded in `dtype` (integer tensors at their stored
+/// size; an unknown stored dtype counts as 8 bytes per element).
+fn tensor_bytes(shape: &[usize], stored: Option<DType>, dtype: DType) -> u128 {
+    let n: u128 = shape.iter().map(|&d| d as u128).product();
+    let size = match stored {
+        Some(d) if d.is_float() => dtype.size_in_bytes(),
+        Some(d) => d.size_in_bytes(),
+        None => 8,
+    };
+    n.saturating_mul(size as u128)
+}
+
+/// How a component tensor is cut from a checkpoint tensor (original-layout checkpoints
+/// store some weights fused or transposed; see `crate::ldm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transform {
+    /// The tensor as stored.
+    None,
+    /// Rows `start..start + len` of dimension 0 (OpenCLIP's fused `in_proj` into q, k, v).
+    Rows { start: usize, len: usize },
+    /// The transpose of a matrix (OpenCLIP's `text_projection` is `x @ P`, a Linear is
+    /// `x @ W^T`).
+    Transpose,
+    /// A `[out, in, 1, 1]` or `[out, in, 1]` convolution weight as the `[out, in]` matrix
+    /// of a Linear (the LDM VAE's attention projections).
+    Squeeze,
+}
+
+/// One component tensor taken from a checkpoint tensor.
+#[derive(Debug, Clone)]
+pub struct Mapped {
+    /// The tensor's name in the checkpoint.
+    pub source: String,
+    pub transform: Transform,
+    /// Shape after the transform.
+    pub shape: Vec<usize>,
+    /// The stored dtype.
+    pub dtype: Option<DType>,
+}
+
+/// The tensors of one component inside a checkpoint that holds several (a single-file
+/// SD / SDXL checkpoint), under the component's diffusers names.
+pub struct MappedTensors {
+    /// The opened checkpoint (shared by every component taken from it).
+    pub file: Arc<Weights>,
+    /// Diffusers name -> where it comes from.
+    pub map: BTreeMap<String, Mapped>,
+    /// Names the component in messages, e.g. `model.safetensors (unet)`.
+    pub label: String,
+}
+
+/// Where a component's `config.json` comes from.
+#[derive(Debug, Clone)]
+enum ConfigSource {
+    File(PathBuf),
+    /// Built in, or taken from another folder; `path` names it in messages.
+    Text {
+        path: PathBuf,
+        text: Arc<str>,
+    },
+}
+
+/// Where a component's tensors come from.
+#[derive(Clone)]
+enum WeightsSource {
+    /// A diffusers component folder (`unet/`, `vae/`, `text_encoder/`, ...).
+    Folder(PathBuf),
+    /// A file of the component alone, under diffusers names (e.g. a VAE `.safetensors`).
+    File(PathBuf),
+    /// Part of a single-file checkpoint.
+    Mapped(Arc<MappedTensors>),
+}
+
+/// A model component to load: its config and its tensors, wherever they come from, plus
+/// the LoRA deltas to merge into them as they are loaded.
+#[derive(Clone)]
+pub struct ComponentSource {
+    label: PathBuf,
+    config: ConfigSource,
+    weights: WeightsSource,
+    patches: Option<Arc<crate::lora::ComponentPatches>>,
+}
+
+impl std::fmt::Debug for ComponentSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ComponentSource")
+            .field("label", &self.label)
+            .field("config", &self.config_path())
+            .field("lora", &self.patches.as_ref().map(|p| p.len()))
+            .finish()
+    }
+}
+
+impl ComponentSource {
+    /// A diffusers component folder: `dir/config.json` and the weights in `dir`.
+    pub fn folder(dir: &Path) -> Self {
+        Self {
+            label: dir.to_path_buf(),
+            config: ConfigSource::File(dir.join("config.json")),
+            weights: WeightsSource::Folder(dir.to_path_buf()),
+            patches: None,
+        }
+    }
+
+    /// A component of a single-file checkpoint with the config `config_text` (named
+    /// `config_path` in messages).
+    pub fn mapped(tensors: Arc<MappedTensors>, config_path: PathBuf, config_text: &str) -> Self {
+        Self {
+            label: PathBuf::from(&tensors.label),
+            config: ConfigSource::Text {
+                path: config_path,
+                text: Arc::from(config_text),
+            },
+            weights: WeightsSource::Mapped(tensors),
+            patches: None,
+        }
+    }
+
+    /// One safetensors file of a component's weights under diffusers names, with the config
+    /// `config_text` (named `config_path` in messages).
+    pub fn file(path: &Path, config_path: PathBuf, config_text: &str) -> Self {
+        Self {
+            label: path.to_path_buf(),
+            config: ConfigSource::Text {
+                path: config_path,
+                text: Arc::from(config_text),
+            },
+            weights: WeightsSource::File(path.to_path_buf()),
+            patches: None,
+        }
+    }
+
+    /// This source with its config replaced by `text` (named `path` in messages).
+    pub fn with_config(mut self, path: PathBuf, text: &str) -> Self {
+        self.config = ConfigSource::Text {
+            path,
+            text: Arc::from(text),
+        };
+        self
+    }
+
+    /// This source with LoRA deltas merged into its tensors as they load.
+    pub fn with_patches(mut self, patches: Arc<crate::lora::ComponentPatches>) -> Self {
+        self.patches = (!patches.is_empty()).then_some(patches);
+        self
+    }
+
+    /// The LoRA deltas merged into this component, if any.
+    pub fn patches(&self) -> Option<&Arc<crate::lora::ComponentPatches>> {
+        self.patches.as_ref()
+    }
+
+    /// The folder or file this component comes from, for messages.
+    pub fn label(&self) -> &Path {
+        &self.label
+    }
+
+    /// The config file (or what names a built-in config) for messages.
+    pub fn config_path(&self) -> PathBuf {
+        match &self.config {
+            ConfigSource::File(p) => p.clone(),
+            ConfigSource::Text { path, .. } => path.clone(),
+        }
+    }
+
+    /// The config's text.
+    pub fn config_text(&self) -> Result<String> {
+        match &self.config {
+            ConfigSource::File(p) => read_text_bounded(p, MAX_CONFIG_BYTES),
+            ConfigSource::Text { text, .. } => Ok(text.to_string()),
+        }
+    }
+
+    /// The config parsed into `T`, with errors naming it.
+    pub fn read_config<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        parse_config(&self.config_text()?, &self.config_path())
+    }
+
+    /// Whether the config exists (a folder without `config.json` has none).
+    pub fn has_config(&self) -> bool {
+        match &self.config {
+            ConfigSource::File(p) => p.is_file(),
+            ConfigSource::Text { .. } => true,
+        }
+    }
+
+    fn loader(&self) -> Result<Loader> {
+        Ok(match &self.weights {
+            WeightsSource::Folder(dir) => Loader::Files(Weights::from_component_dir(dir)?),
+            WeightsSource::File(path) => Loader::Files(Weights::open(std::slice::from_ref(path))?),
+            WeightsSource::Mapped(m) => Loader::Mapped(m.clone()),
+        })
+    }
+
+    /// The component's tensor names and shapes under diffusers names, from the headers
+    /// (no tensor data is read).
+    pub fn tensor_shapes(&self) -> Result<BTreeMap<String, Vec<usize>>> {
+        let loader = self.loader()?;
+        Ok(loader
+            .names()
+            .into_iter()
+            .filter_map(|n| loader.shape(&n).map(|s| (n, s)))
+            .collect())
+    }
+
+    /// Opens the weights, checks that they fit in memory (see [`crate::memory::limit`]),
+    /// builds a model with `build`, then warns about tensors the model did not read, as
+    /// diffusers reports "unexpected keys", except those whose names start with one of
+    /// `unused_ok` (e.g. a VAE's `encoder.`, which the decoder never needs). Missing
+    /// tensors are errors from `build`. LoRA deltas ([`Self::with_patches`]) are added to
+    /// their tensors in f32 as each is loaded, once.
+    pub fn load<T, E: From<Error>>(
+        &self,
+        dtype: DType,
+        dev: &Device,
+        unused_ok: &[&str],
+        build: impl FnOnce(VarBuilder<'static>) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        let loader = self.loader()?;
+        crate::memory::check(
+            &format!("loading the weights of {}", self.label.display()),
+            loader.bytes_in(dtype),
+        )
+        .map_err(Error::Weights)?;
+        let names = loader.names();
+        let files = loader.describe();
+        let used: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let backend = Backend {
+            loader,
+            patches: self.patches.clone(),
+            used: used.clone(),
+        };
+        let backend: Box<dyn SimpleBackend> = Box::new(backend);
+        let model = build(VarBuilder::from_backend(backend, dtype, dev.clone()))?;
+        let used = used.lock().expect("no panics while holding the lock");
+        let mut unused: Vec<&String> = names
+            .iter()
+            .filter(|n| !used.contains(*n) && !unused_ok.iter().any(|p| n.starts_with(p)))
+            .collect();
+        if !unused.is_empty() {
+            unused.sort();
+            let shown: Vec<&str> = unused.iter().take(8).map(|s| s.as_str()).collect();
+            tracing::warn!(
+                "{files}: {} tensor(s) the model does not use (unexpected keys; does config.json match the checkpoint?): {}{}",
+                unused.len(),
+                shown.join(", "),
+                if unused.len() > shown.len() { ", ..." } else { "" }
+            );
+        }
+        if let Some(p) = &self.patches {
+            let mut missed = p.unapplied(&used);
+            // Weights a model knowingly skips (their outputs are discarded) take their
+            // delta to no effect, as in diffusers.
+            missed.retain(|n| !unused_ok.iter().any(|p| n.starts_with(p)));
+            if !missed.is_empty() {
+                return Err(Error::Weights(format!(
+                    "{}: LoRA weights for {} tensor(s) the model never loaded: {}",
+                    self.label.display(),
+                    missed.len(),
+                    missed.join(", ")
+                ))
+                .into());
+            }
+        }
+        Ok(model)
+    }
+}
+
+/// Where a [`Backend`] reads tensors.
+enum Loader {
+    Files(Weights),
+    Mapped(Arc<MappedTensors>),
+}
+
+impl Loader {
+    fn names(&self) -> Vec<String> {
+        match self {
+            Loader::Files(w) => w.routing.keys().cloned().collect(),
+            Loader::Mapped(m) => m.map.keys().cloned().collect(),
+        }
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        match self {
+            Loader::Files(w) => w.info(name).map(|i| i.0),
+            Loader::Mapped(m) => m.map.get(name).map(|t| t.shape.clone()),
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        match self {
+            Loader::Files(w) => w.routing.contains_key(name),
+            Loader::Mapped(m) => m.map.contains_key(name),
+        }
+    }
+
+    fn bytes_in(&self, dtype: DType) -> u128 {
+        match self {
+            Loader::Files(w) => w.bytes_in(dtype),
+            Loader::Mapped(m) => m
+                .map
+                .values()
+                .map(|t| tensor_bytes(&t.shape, t.dtype, dtype))
+                .fold(0u128, u128::saturating_add),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Loader::Files(w) => w.file_list(),
+            Loader::Mapped(m) => m.label.clone(),
+        }
+    }
+
+    /// Where `name` comes from, for messages: the file, and for a mapped tensor its name
+    /// in the checkpoint.
+    fn origin(&self, name: &str) -> String {
+        match self {
+            Loader::Files(w) => w
+                .file_of(name)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| w.file_list()),
+            Loader::Mapped(m) => match m.map.get(name) {
+                Some(t) if t.source != name => {
+                    let file = m
+                        .file
+                        .file_of(&t.source)
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default();
+                    format!("{file} (checkpoint tensor `{}`)", t.source)
+                }
+                _ => m.label.clone(),
+            },
+        }
+    }
+
+    fn load_raw(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Loader::Files(w) => w.load_raw(name, dev),
+            Loader::Mapped(m) => {
+                let t = m.map.get(name).ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "missing tensor `{name}` in {}: the checkpoint has no tensor that maps to it (is it of another model family, or does its config not match?)",
+                        m.label
+                    ))
+                })?;
+                let raw = m.file.load_raw(&t.source, dev)?;
+                let out = match t.transform {
+                    Transform::None => raw,
+                    Transform::Rows { start, len } => raw.narrow(0, start, len)?.contiguous()?,
+                    Transform::Transpose => raw.t()?.contiguous()?,
+                    Transform::Squeeze => raw.reshape(t.shape.as_slice())?,
+                };
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// The `VarBuilder` backend of every component: reads a tensor, refuses integer and
+/// non-finite weights, merges LoRA deltas, converts to the run's dtype and records what
+/// the model read.
+struct Backend {
+    loader: Loader,
+    patches: Option<Arc<crate::lora::ComponentPatches>>,
+    used: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Backend {
+    fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.loader.load_raw(name, dev)?;
+        // Converting integers would run the model on silently rounded weights.
+        if !t.dtype().is_float() {
+            return Err(candle_core::Error::Msg(format!(
+                "tensor `{name}` in {} has dtype {:?}; weights must be floating point (f32, f16, bf16 or f64)",
+                self.loader.origin(name),
+                t.dtype()
+            )));
+        }
+        let t = match self
+            .patches
+            .as_ref()
+            .map(|p| p.apply(name, &t))
+            .transpose()?
+        {
+            Some(Some(merged)) => merged,
+            _ => t,
+        };
+        let t = t.to_dtype(dtype)?;
+        // After the conversion, so that values beyond f16's range are caught too.
+        if let Some((i, v)) = first_non_finite(&t)? {
+            let lora = if self.patches.as_ref().is_some_and(|p| p.touches(name)) {
+                " after merging the LoRA (is its scale too large?)"
+            } else {
+                ""
+            };
+            return Err(candle_core::Error::Msg(format!(
+                "tensor `{name}` in {} holds a non-finite value ({v}) at flat index {i} in {dtype:?}{lora}; the checkpoint is damaged{}",
+                self.loader.origin(name),
+                if dtype == DType::F16 { " or does not fit f16 (try --dtype f32)" } else { "" }
+            )));
+        }
+        self.used
+            .lock()
+            .expect("no panics while holding the lock")
+            .insert(name.to_string());
+        Ok(t)
+    }
+}
+
+impl SimpleBackend for Backend {
     fn get(
         &self,
         s: Shape,
@@ -312,10 +697,9 @@ impl SimpleBackend for Weights {
     ) -> candle_core::Result<Tensor> {
         let t = self.load(name, dtype, dev)?;
         if t.shape() != &s {
-            let file = &self.files[self.routing[name]].0;
             return Err(candle_core::Error::Msg(format!(
                 "tensor `{name}` in {} has shape {:?}, expected {:?} from config.json",
-                file.display(),
+                self.loader.origin(name),
                 t.dims(),
                 s.dims()
             )));
@@ -328,15 +712,6 @@ impl SimpleBackend for Weights {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.routing.contains_key(name)
+        self.loader.contains(name)
     }
-}
-
-/// Reads a JSON config file into `T`, with errors naming the file.
-pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = read_text_bounded(path, MAX_CONFIG_BYTES)?;
-    serde_json::from_str(&text).map_err(|e| Error::Config {
-        path: path.to_path_buf(),
-        msg: e.to_string(),
-    })
 }

@@ -19,6 +19,16 @@ const MAX_CONFIG_BYTES: u64 = 16 << 20;
 /// configs say 1000).
 pub const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
 
+/// What a scheduler config says its model was trained for ([`SchedulerConfig::objective`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Objective {
+    pub family: crate::Family,
+    /// The prediction in words: `epsilon prediction`, `v-prediction`, `velocity (flow matching)`.
+    pub prediction: String,
+    /// The keys that say so, as `DDIMScheduler, prediction_type epsilon`.
+    pub keys: String,
+}
+
 /// A parsed diffusers `scheduler_config.json`; keeps its path for error messages.
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -79,9 +89,56 @@ impl SchedulerConfig {
         &self.path
     }
 
+    /// The value under `key`, if present (e.g. `prediction_type`).
+    pub fn value(&self, key: &str) -> Option<&Value> {
+        self.values.get(key)
+    }
+
     /// The diffusers class named by `_class_name`, if any.
     pub fn class_name(&self) -> Option<&str> {
         self.values.get("_class_name").and_then(Value::as_str)
+    }
+
+    /// The training objective this config declares, with the keys that say so, or `None`
+    /// when it says nothing (no `_class_name` and no `prediction_type`): diffusers'
+    /// flow-matching classes (`FlowMatch*`), `prediction_type: flow_prediction` or
+    /// `use_flow_sigmas: true` mean flow matching; any other scheduler class, or an
+    /// `epsilon`, `v_prediction` or `sample` prediction, means diffusion.
+    pub fn objective(&self) -> Option<Objective> {
+        let class = self.class_name();
+        let prediction = self.values.get("prediction_type").and_then(Value::as_str);
+        let flow_sigmas = self.values.get("use_flow_sigmas").and_then(Value::as_bool) == Some(true);
+        let mut keys = Vec::new();
+        if let Some(c) = class {
+            keys.push(c.to_string());
+        }
+        if let Some(p) = prediction {
+            keys.push(format!("prediction_type {p}"));
+        }
+        if flow_sigmas {
+            keys.push("use_flow_sigmas true".into());
+        }
+        let family = if class.is_some_and(|c| c.starts_with("FlowMatch"))
+            || prediction == Some("flow_prediction")
+            || flow_sigmas
+        {
+            crate::Family::FlowMatching
+        } else if class.is_some_and(|c| c.ends_with("Scheduler")) || prediction.is_some() {
+            crate::Family::Diffusion
+        } else {
+            return None;
+        };
+        Some(Objective {
+            family,
+            prediction: match family {
+                crate::Family::FlowMatching => "velocity (flow matching)".into(),
+                crate::Family::Diffusion => match prediction.unwrap_or("epsilon") {
+                    "v_prediction" => "v-prediction".into(),
+                    p => format!("{p} prediction"),
+                },
+            },
+            keys: keys.join(", "),
+        })
     }
 
     /// The scheduler kind that `_class_name` names.
@@ -300,6 +357,50 @@ fn quote_non_finite(text: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_training_objective_comes_from_the_class_and_prediction_type() {
+        use crate::Family::{Diffusion, FlowMatching};
+        let family = |text: &str| {
+            SchedulerConfig::from_json_str(text, "s.json")
+                .unwrap()
+                .objective()
+                .map(|o| (o.family, o.prediction))
+        };
+        let eps = Some((Diffusion, "epsilon prediction".to_string()));
+        assert_eq!(family(r#"{"_class_name": "DDIMScheduler"}"#), eps);
+        assert_eq!(
+            family(r#"{"_class_name": "PNDMScheduler", "prediction_type": "epsilon"}"#),
+            eps
+        );
+        assert_eq!(
+            family(
+                r#"{"_class_name": "EulerDiscreteScheduler", "prediction_type": "v_prediction"}"#
+            ),
+            Some((Diffusion, "v-prediction".to_string()))
+        );
+        let flow = Some((FlowMatching, "velocity (flow matching)".to_string()));
+        assert_eq!(
+            family(r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}"#),
+            flow
+        );
+        assert_eq!(
+            family(
+                r#"{"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction"}"#
+            ),
+            flow
+        );
+        assert_eq!(
+            family(r#"{"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": true}"#),
+            flow
+        );
+        // Nothing said: the denoiser decides (engine's check_scheduler_family).
+        assert_eq!(family(r#"{"num_train_timesteps": 1000}"#), None);
+        // Every sampler belongs to a family, and both families have samplers.
+        for f in [Diffusion, FlowMatching] {
+            assert!(crate::SchedulerKind::ALL.iter().any(|k| k.family() == f));
+        }
+    }
 
     #[test]
     fn non_finite_tokens_are_quoted_outside_strings_only() {

@@ -19,7 +19,7 @@ mod euler;
 mod flow;
 mod numerics;
 
-pub use config::SchedulerConfig;
+pub use config::{Objective, SchedulerConfig};
 pub use ddim::DDIMScheduler;
 pub use dpm::DPMSolverMultistepScheduler;
 pub use euler::EulerDiscreteScheduler;
@@ -100,7 +100,42 @@ pub enum SchedulerKind {
     FlowEuler,
 }
 
+/// The training objective a sampler integrates, which must be the model's: a diffusion
+/// model predicts the added noise (`epsilon`) or `v` (`v_prediction`), and DDIM, Euler and
+/// DPM-Solver read either from the config's `prediction_type`; a flow-matching model (SD3,
+/// rectified flow) predicts a velocity, which only the flow-matching samplers step. A sampler
+/// of the other family runs without error and ruins the image, so it is refused
+/// ([`SchedulerConfig::objective`] says what a model was trained for).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// Denoising diffusion with an `epsilon`, `v_prediction` or `sample` prediction.
+    Diffusion,
+    /// Flow matching: the model predicts the velocity from noise to data.
+    FlowMatching,
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Diffusion => "diffusion (epsilon / v-prediction)",
+            Self::FlowMatching => "flow matching",
+        })
+    }
+}
+
 impl SchedulerKind {
+    /// Every sampler, in the order `--help` lists them.
+    pub const ALL: [SchedulerKind; 4] = [Self::Ddim, Self::Euler, Self::DpmPp2M, Self::FlowEuler];
+
+    /// The training objective this sampler steps (one line per kind: a new kind adds its
+    /// family here and is paired with models by it).
+    pub fn family(self) -> Family {
+        match self {
+            Self::Ddim | Self::Euler | Self::DpmPp2M => Family::Diffusion,
+            Self::FlowEuler => Family::FlowMatching,
+        }
+    }
+
     /// The name used by [`FromStr`] and [`fmt::Display`].
     pub fn as_str(self) -> &'static str {
         match self {

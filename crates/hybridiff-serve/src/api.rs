@@ -47,6 +47,76 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
     }
 
+    /// 400 with a `code`.
+    pub fn bad_request_code(message: impl Into<String>, code: &'static str) -> Self {
+        let mut e = Self::bad_request(message);
+        e.code = Some(code);
+        e
+    }
+
+    /// 403: a request this service does not take from where it comes (its Host, its Origin).
+    pub fn forbidden(message: impl Into<String>, code: &'static str) -> Self {
+        let mut e = Self::new(StatusCode::FORBIDDEN, "invalid_request_error", message);
+        e.code = Some(code);
+        e
+    }
+
+    /// 415: a body that is not declared as JSON.
+    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
+        let mut e = Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            message,
+        );
+        e.code = Some("unsupported_media_type");
+        e
+    }
+
+    /// 414: a request target longer than `limit` bytes.
+    pub fn uri_too_long(len: usize, limit: usize) -> Self {
+        let mut e = Self::new(
+            StatusCode::URI_TOO_LONG,
+            "invalid_request_error",
+            format!("the request target is {len} bytes long; at most {limit}"),
+        );
+        e.code = Some("uri_too_long");
+        e
+    }
+
+    /// The answer to a request the HTTP layer refused before any route saw it (`status` is
+    /// hyper's: 400 for a malformed head, 414 for a target too long to parse, 431 for too
+    /// many or too large headers; 408 for a head that did not arrive in time).
+    pub fn http_layer(status: StatusCode) -> Self {
+        let (message, code) = match status.as_u16() {
+            408 => (
+                "the request head did not arrive within this service's header timeout",
+                "header_timeout",
+            ),
+            414 => ("the request target is too long", "uri_too_long"),
+            431 => (
+                "the request head is too large (too many headers, or headers too long)",
+                "headers_too_large",
+            ),
+            505 => (
+                "this service speaks HTTP/1.1 (and 1.0) only",
+                "http_version",
+            ),
+            _ => (
+                "the request could not be parsed as HTTP/1.1 (a malformed request line, header or \
+                 body framing)",
+                "malformed_request",
+            ),
+        };
+        let kind = if status.is_server_error() {
+            "server_error"
+        } else {
+            "invalid_request_error"
+        };
+        let mut e = Self::new(status, kind, message);
+        e.code = Some(code);
+        e
+    }
+
     pub fn unauthorized(message: impl Into<String>) -> Self {
         let mut e = Self::new(StatusCode::UNAUTHORIZED, "authentication_error", message);
         e.code = Some("invalid_api_key");
@@ -87,6 +157,18 @@ impl ApiError {
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
             "the service is shutting down; this request was not run",
+        );
+        e.code = Some("shutting_down");
+        e
+    }
+
+    /// 503: the service stopped (Ctrl-C) while this request's job ran; the job was
+    /// cancelled.
+    pub fn stopped() -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "the service is stopping; this request's job was cancelled",
         );
         e.code = Some("shutting_down");
         e
@@ -207,6 +289,7 @@ const FIELDS: &[&str] = &[
     "user",
     "negative_prompt",
     "seed",
+    "noise",
     "num_inference_steps",
     "guidance_scale",
     "stream",
@@ -247,7 +330,7 @@ fn check_text(k: &str, s: &str, max_chars: usize) -> Result<(), ApiError> {
     if n > max_chars {
         return Err(ApiError::bad_field(
             k,
-            format!("`{k}` has {n} characters; at most {max_chars} (--max-prompt-chars)"),
+            format!("`{k}` has {n} characters; this service takes at most {max_chars}"),
         ));
     }
     Ok(())
@@ -274,21 +357,20 @@ fn parse_size(s: &str, info: &BackendInfo, limits: &Limits) -> Result<(u32, u32)
         return Err(bad());
     }
     let (w, h): (u32, u32) = (w.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?);
-    let m = info.size_multiple.max(1);
-    if w == 0 || h == 0 || w % m != 0 || h % m != 0 {
+    if w == 0 || h == 0 {
         return Err(ApiError::bad_field(
             "size",
-            format!(
-                "`size` {w}x{h}: width and height must be positive multiples of {m} for this model"
-            ),
+            format!("`size` {w}x{h}: width and height must be positive"),
         ));
     }
+    // What the model takes (multiples of its VAE factor, what fits in memory, the
+    // strategy's layout) is the backend's request check: the engine's own checks.
     let pixels = w as u64 * h as u64;
     if pixels > limits.max_pixels {
         return Err(ApiError::bad_field(
             "size",
             format!(
-                "`size` {w}x{h} is {pixels} pixels; at most {} (--max-pixels)",
+                "`size` {w}x{h} is {pixels} pixels; this service takes at most {}",
                 limits.max_pixels
             ),
         ));
@@ -353,6 +435,17 @@ pub fn parse_generation(
             ))
         }
     };
+    // A `url` answer's links must all be live when it is sent: its images go into the
+    // store together and push out older ones only.
+    if response_format == ResponseFormat::Url && n > limits.max_stored_images {
+        return Err(ApiError::bad_field(
+            "n",
+            format!(
+                "`n` {n} with `response_format` \"url\": this service keeps {} images for links",
+                limits.max_stored_images
+            ),
+        ));
+    }
     let steps = opt_uint(&m, "num_inference_steps", 1, limits.max_steps as u64)?
         .map(|s| s as usize)
         .unwrap_or(info.default_steps);
@@ -360,7 +453,7 @@ pub fn parse_generation(
         return Err(ApiError::bad_field(
             "num_inference_steps",
             format!(
-                "the default of {steps} steps is above --max-steps {}; give `num_inference_steps`",
+                "the service's default of {steps} steps is above its limit of {}; give `num_inference_steps`",
                 limits.max_steps
             ),
         ));
@@ -385,6 +478,18 @@ pub fn parse_generation(
         // 53 bits, so that JavaScript clients (the page, openai-node) keep it exact.
         None => (rand::random::<u64>() >> 11, false),
     };
+    let noise = match m.get("noise") {
+        None | Some(Value::Null) => hybridiff_engine::pipeline::NoiseKind::default(),
+        Some(Value::String(v)) => v
+            .parse()
+            .map_err(|e: String| ApiError::bad_field("noise", format!("`noise` {e}")))?,
+        Some(_) => {
+            return Err(ApiError::bad_field(
+                "noise",
+                "`noise` must be \"chacha8\" or \"torch\"",
+            ))
+        }
+    };
     let stream = match m.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -400,6 +505,7 @@ pub fn parse_generation(
             prompt: prompt.to_string(),
             negative_prompt: negative.map(str::to_string),
             seed: seed + i as u64,
+            noise,
             steps,
             guidance,
             width,

@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use hybridiff_engine::pipeline::{Pipeline, Request};
+use hybridiff_engine::pipeline::{NoiseKind, Pipeline, Request};
 use hybridiff_engine::{Runner, Strategy};
 use hybridiff_schedulers::SchedulerKind;
 
@@ -30,6 +30,11 @@ pub struct BackendInfo {
     pub strategy: String,
     pub world_size: usize,
     pub threads_per_rank: usize,
+    /// What the model is (`diffusers folder`, `SDXL base single file (...)`).
+    pub model_source: String,
+    /// The LoRAs merged into it: file name (no folder: clients learn nothing of the
+    /// server's files), scale, modules changed per component.
+    pub loras: Vec<serde_json::Value>,
 }
 
 /// One image to make (a request with `n` images is `n` jobs with seeds `seed`, `seed + 1`, ...).
@@ -39,6 +44,8 @@ pub struct ImageJob {
     /// `None`: not given (zero negative embeddings on SDXL with force_zeros_for_empty_prompt).
     pub negative_prompt: Option<String>,
     pub seed: u64,
+    /// The generator that draws the starting noise from `seed` (request field `noise`).
+    pub noise: NoiseKind,
     pub steps: usize,
     pub guidance: f64,
     /// Pixels; already checked against the limits and [`BackendInfo::size_multiple`].
@@ -81,9 +88,11 @@ pub trait Backend {
     fn info(&self) -> &BackendInfo;
 
     /// What the service checks of a request (its first job: the others differ only in seed)
-    /// before queueing it, so that a job this backend would refuse (e.g. a size that does not
-    /// fit in memory) is answered 400 at once rather than 500 after its wait. Asked once,
-    /// when the service starts. `None`: nothing beyond the service's limits.
+    /// before queueing it: every check the job would make of the values a request chooses
+    /// (steps, size, guidance and any field added to [`ImageJob`]), so that a job this
+    /// backend would refuse is answered 400 naming the field at once rather than 500 after
+    /// its wait. Asked once, when the service starts; also used then to find the limits
+    /// `GET /v1/models` reports. `None`: nothing beyond the service's limits.
     fn request_check(&self) -> Option<RequestCheck> {
         None
     }
@@ -100,8 +109,43 @@ pub trait Backend {
 
 /// Builds the strategy for a request's step count, with the thresholds that depend on it
 /// (hybrid's) resolved for that count as `hybridiff generate --steps N` resolves them.
-/// `Err` says why (naming the flags).
-pub type StrategyFor = Box<dyn Fn(usize) -> Result<Box<dyn Strategy>, String> + Send>;
+/// Shared by the job thread and the request check, so `Send + Sync`; `Err` says why.
+pub type StrategyFor =
+    Arc<dyn Fn(usize) -> Result<Box<dyn Strategy>, hybridiff_engine::Error> + Send + Sync>;
+
+/// The engine's request for `job` (the one conversion the job and its check share, so that
+/// a field added to [`ImageJob`] reaches both).
+fn engine_request(job: &ImageJob, scheduler: Option<SchedulerKind>) -> Request {
+    Request {
+        prompt: job.prompt.clone(),
+        negative_prompt: job.negative_prompt.clone(),
+        steps: job.steps,
+        guidance: Some(job.guidance),
+        scheduler,
+        height: Some(job.height as usize),
+        width: Some(job.width as usize),
+        latents: None,
+        seed: job.seed,
+        noise: job.noise,
+    }
+}
+
+/// The answer to a job the engine refuses before running it: 400 naming the request field
+/// (the engine's [`hybridiff_engine::Refusal`] in an API client's words), a job that cannot
+/// fit in memory as 400 on `size`, anything else 400 with the engine's message.
+pub fn refusal(e: &hybridiff_engine::Error, job: &ImageJob) -> crate::ApiError {
+    use hybridiff_engine::Error as E;
+    match e {
+        E::Refused(r) => crate::ApiError::bad_field(r.field.param(), r.request.clone()),
+        E::Memory(m) => {
+            crate::ApiError::bad_field("size", format!("`size` {}x{}: {m}", job.width, job.height))
+        }
+        e => crate::ApiError::bad_request_code(
+            format!("this service cannot run this request: {e}"),
+            "unsupported_request",
+        ),
+    }
+}
 
 /// A pipeline loaded once, denoising on ranks started once.
 pub struct PipelineBackend {
@@ -110,7 +154,6 @@ pub struct PipelineBackend {
     strategy_for: StrategyFor,
     /// Built by `strategy_for`, by step count (at most `--max-steps` of them).
     strategies: HashMap<usize, Box<dyn Strategy>>,
-    strategy_name: &'static str,
     scheduler: Option<SchedulerKind>,
     info: BackendInfo,
 }
@@ -145,7 +188,7 @@ impl PipelineBackend {
         let f = pipeline.vae_factor();
         let multiple = (f * pipeline.model.input_spec.latent_multiple) as u32;
         let side = (pipeline.model.sample_size().unwrap_or(128) * f) as u32;
-        let strategy = strategy_for(defaults.steps)?;
+        let strategy = strategy_for(defaults.steps).map_err(|e| e.to_string())?;
         let info = BackendInfo {
             model_id,
             default_size: defaults.size.unwrap_or((side, side)),
@@ -157,6 +200,8 @@ impl PipelineBackend {
             strategy: strategy.name().to_string(),
             world_size: runner.options().world_size,
             threads_per_rank: runner.options().threads_per_rank,
+            model_source: String::new(),
+            loras: Vec::new(),
         };
         let default_request = Request {
             prompt: String::new(),
@@ -168,20 +213,28 @@ impl PipelineBackend {
             width: Some(info.default_size.0 as usize),
             latents: None,
             seed: 0,
+            noise: NoiseKind::default(),
         };
         pipeline
             .check_request(&default_request, strategy.as_ref(), runner.options())
             .map_err(|e| format!("a request with the defaults would fail: {e}"))?;
-        let strategy_name = strategy.name();
         Ok(Self {
             pipeline,
             runner,
             strategy_for,
             strategies: HashMap::from([(info.default_steps, strategy)]),
-            strategy_name,
             scheduler,
             info,
         })
+    }
+}
+
+impl PipelineBackend {
+    /// Says what the model is and which LoRAs it carries, for `GET /v1/models`.
+    pub fn describe(mut self, model_source: String, loras: Vec<serde_json::Value>) -> Self {
+        self.info.model_source = model_source;
+        self.info.loras = loras;
+        self
     }
 }
 
@@ -203,11 +256,13 @@ impl Backend for PipelineBackend {
         &self.info
     }
 
-    /// The engine's memory estimate of the job (and its VAE decode) against the memory limit
-    /// read now, when the service starts (weights resident, no job running), so that the
-    /// answer does not depend on what a running job holds: a job that cannot fit is 400 on
-    /// `size`, with the estimate and the limit. A job that fits then but not when it runs
-    /// (the machine's memory went elsewhere) still fails at run time, 500.
+    /// The engine's checks of the job ([`hybridiff_engine::pipeline::RequestCheck`]: size,
+    /// memory, the schedule, steps, guidance, the strategy built for the request's step
+    /// count), the memory against the limit read now, when the service starts (weights
+    /// resident, no job running), so that the answer does not depend on what a running job
+    /// holds. A refusal is 400 naming the field in an API client's words. A job that fits
+    /// then but not when it runs (the machine's memory went elsewhere) still fails at run
+    /// time, 500.
     fn request_check(&self) -> Option<RequestCheck> {
         let limit = match hybridiff_engine::memory::limit() {
             Ok(l) => l,
@@ -218,31 +273,21 @@ impl Backend for PipelineBackend {
                 return None;
             }
         };
-        let memory = self.pipeline.memory_check();
-        let strategy = self.strategy_name;
-        let world_size = self.runner.options().world_size;
+        let check = match self.pipeline.request_check() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("no request check: {e}");
+                return None;
+            }
+        };
+        let strategy_for = Arc::clone(&self.strategy_for);
+        let opts = self.runner.options().clone();
         let scheduler = self.scheduler;
         Some(Arc::new(move |job: &ImageJob| {
-            let req = Request {
-                prompt: String::new(),
-                negative_prompt: None,
-                steps: job.steps,
-                guidance: Some(job.guidance),
-                scheduler,
-                height: Some(job.height as usize),
-                width: Some(job.width as usize),
-                latents: None,
-                seed: job.seed,
-            };
-            memory
-                .check_within(&req, strategy, world_size, limit)
-                .map_err(|e| match e {
-                    hybridiff_engine::Error::Memory(m) => crate::ApiError::bad_field(
-                        "size",
-                        format!("`size` {}x{}: {m}", job.width, job.height),
-                    ),
-                    e => crate::ApiError::internal(format!("cannot check the request: {e}")),
-                })
+            let req = engine_request(job, scheduler);
+            strategy_for(job.steps)
+                .and_then(|s| check.check(&req, s.as_ref(), &opts, limit))
+                .map_err(|e| refusal(&e, job))
         }))
     }
 
@@ -253,19 +298,10 @@ impl Backend for PipelineBackend {
         cancel: &AtomicBool,
     ) -> Result<Image, BackendError> {
         let start = Instant::now();
-        let req = Request {
-            prompt: job.prompt.clone(),
-            negative_prompt: job.negative_prompt.clone(),
-            steps: job.steps,
-            guidance: Some(job.guidance),
-            scheduler: self.scheduler,
-            height: Some(job.height as usize),
-            width: Some(job.width as usize),
-            latents: None,
-            seed: job.seed,
-        };
+        let req = engine_request(job, self.scheduler);
         if !self.strategies.contains_key(&job.steps) {
-            let s = (self.strategy_for)(job.steps).map_err(BackendError::Failed)?;
+            let s =
+                (self.strategy_for)(job.steps).map_err(|e| BackendError::Failed(e.to_string()))?;
             self.strategies.insert(job.steps, s);
         }
         let strategy: &dyn Strategy = self.strategies[&job.steps].as_ref();

@@ -8,25 +8,40 @@
 //!
 //! One job runs on the ranks at a time ([`queue`]); at most `max_queue` wait, the next get
 //! 429 with `Retry-After`. A request that times out or whose client leaves is dropped from
-//! the queue (or its running job cancelled). A request the backend would refuse (a size that
-//! does not fit in memory) is answered 400 before it queues ([`Backend::request_check`]).
-//! With an API key every route but `/health` and the static page needs
-//! `Authorization: Bearer KEY` (compared in constant time), unknown routes included. Nothing
-//! a request says reaches the filesystem.
+//! the queue (or its running job cancelled). A request the backend would refuse (steps,
+//! size, guidance its strategy or model cannot take, a size that does not fit in memory) is
+//! answered 400 naming the field before it queues ([`Backend::request_check`]: the engine's
+//! own checks); `GET /v1/models` says the limits a request must keep. With an API key every
+//! route but `/health` and the static page needs `Authorization: Bearer KEY` (compared in
+//! constant time), unknown routes included. Nothing a request says reaches the filesystem.
 //!
-//! Connections are served by hyper: a request's head must arrive within `header_timeout`
-//! (idle keep-alive connections are closed after it too), its body within `body_timeout`
-//! (else 408), every write of its answer must make progress within `write_timeout` (else
-//! the connection is closed: a client that never reads its answer does not hold its slot),
-//! and at most `max_connections` are open; more wait in the listen backlog.
+//! Key or not, every request must name this service in `Host` and, where a browser sends
+//! one, in `Origin`; the API takes JSON bodies only (415 otherwise); headers that must be
+//! single (`Authorization`, `Host`, `Content-Type`, `Content-Length`) are 400 when repeated;
+//! every answer carries `X-Content-Type-Options: nosniff`, `X-Frame-Options: DENY` and a
+//! Content-Security-Policy ([`guard`]). `url` answers link to `http://HOST/...` with the
+//! `Host` the request was accepted with (so the links reach the service the way the client
+//! did); an answer's images enter the store together and `n` is never above the store's
+//! size, so its links are all live when it is sent.
+//!
+//! Connections are served by hyper ([`conn`]): a request's head must arrive within
+//! `header_timeout` (idle keep-alive connections are closed after it too), its body within
+//! `body_timeout` (else 408), every write of its answer must make progress within
+//! `write_timeout` (else the connection is closed: a client that never reads its answer does
+//! not hold its slot), and at most `max_connections` are open; more wait in the listen
+//! backlog. A client that closes its sending side after its request still gets its answer;
+//! refusals of the HTTP layer (400, 414, 431, 408) have the OpenAI error body. Every request
+//! is counted once in the metrics, under its final status (a stream that ends in an error
+//! event under that error's status; 499 when the client left first).
 
 pub mod api;
 pub mod backend;
+mod conn;
+pub mod guard;
 mod metrics;
 mod queue;
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -35,7 +50,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{MatchedPath, Path, Request, State};
+use axum::extract::{Extension, MatchedPath, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -49,11 +64,12 @@ use subtle::ConstantTimeEq;
 
 pub use api::ApiError;
 pub use backend::{
-    encode_png, Backend, BackendError, BackendInfo, Image, ImageJob, PipelineBackend, RequestCheck,
-    RequestDefaults, StrategyFor,
+    encode_png, refusal, Backend, BackendError, BackendInfo, Image, ImageJob, PipelineBackend,
+    RequestCheck, RequestDefaults, StrategyFor,
 };
 
 use api::{GenerationRequest, ResponseFormat};
+use guard::{AcceptedHost, Hosts};
 use metrics::Metrics;
 use queue::{JobError, JobThread, Progress};
 
@@ -122,6 +138,19 @@ pub struct Config {
     pub limits: Limits,
     /// When set, every route but `/health` and `/` needs `Authorization: Bearer KEY`.
     pub api_key: Option<String>,
+    /// Host names (`NAME` or `NAME:PORT`) the service answers to besides its own address
+    /// and `localhost` (`--allowed-host`); see [`guard`].
+    pub allowed_hosts: Vec<String>,
+}
+
+/// How [`Service::serve_until`] stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Take no more requests, answer the queued ones 503, let the running job finish and
+    /// answer it (SIGTERM).
+    Drain,
+    /// As `Drain`, but cancel the running job at its next step and answer it 503 (Ctrl-C).
+    Cancel,
 }
 
 /// Images kept for `url` answers: at most `cap`, oldest dropped first; ids are 128 random
@@ -132,14 +161,21 @@ struct Store {
 }
 
 impl Store {
-    fn put(&self, png: Vec<u8>) -> String {
-        let id = format!("{:032x}", rand::random::<u128>());
+    /// Stores one answer's images together (at most `cap` of them: the request check keeps
+    /// `n` within it), pushing out the oldest of earlier answers only; returns their ids.
+    fn put_all(&self, pngs: Vec<Vec<u8>>) -> Vec<String> {
         let mut items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
-        while items.len() >= self.cap.max(1) {
+        let cap = self.cap.max(pngs.len()).max(1);
+        while items.len() + pngs.len() > cap {
             items.pop_front();
         }
-        items.push_back((id.clone(), Bytes::from(png)));
-        id
+        pngs.into_iter()
+            .map(|png| {
+                let id = format!("{:032x}", rand::random::<u128>());
+                items.push_back((id.clone(), Bytes::from(png)));
+                id
+            })
+            .collect()
     }
 
     fn get(&self, id: &str) -> Option<Bytes> {
@@ -159,8 +195,13 @@ struct AppState {
     store: Store,
     /// Unix seconds at start, `created` of the model.
     started: u64,
-    /// The bound address, for `url`s when the request has no usable Host header.
-    local: Mutex<Option<SocketAddr>>,
+    /// The hosts this service answers to; the bound address is set when it serves.
+    hosts: Mutex<Hosts>,
+    /// The limits a request must keep, as `GET /v1/models` says them (found with the
+    /// backend's request check when the service started).
+    request_limits: Value,
+    /// The page's Content-Security-Policy (hashes of its inline script and style).
+    page_csp: HeaderValue,
 }
 
 /// A started service: the backend is built and its job thread runs; [`Service::serve`]
@@ -184,8 +225,24 @@ impl Service {
     where
         F: FnOnce() -> Result<Box<dyn Backend>, String> + Send + 'static,
     {
+        let limits = &config.limits;
+        if limits.max_stored_images < limits.max_n {
+            return Err(format!(
+                "--max-stored-images {} is below --max-n {}: a `url` answer of n images would \
+                 push its own first images out of the store before it is sent",
+                limits.max_stored_images, limits.max_n
+            ));
+        }
+        let allowed = config
+            .allowed_hosts
+            .iter()
+            .map(|h| guard::parse_allowed_host(h))
+            .collect::<Result<Vec<_>, _>>()?;
         let metrics = Arc::new(Metrics::new());
         let jobs = JobThread::start(make, config.limits.max_queue, Arc::clone(&metrics))?;
+        let request_limits = request_limits(&jobs.info, &config.limits, jobs.check.as_ref());
+        let page_csp = HeaderValue::from_str(&guard::page_csp(PAGE))
+            .map_err(|e| format!("the page's Content-Security-Policy: {e}"))?;
         let state = Arc::new(AppState {
             key_hash: config
                 .api_key
@@ -201,7 +258,12 @@ impl Service {
             },
             limits: config.limits,
             started: unix_now(),
-            local: Mutex::new(None),
+            hosts: Mutex::new(Hosts {
+                bound: None,
+                allowed,
+            }),
+            request_limits,
+            page_csp,
         });
         Ok(Self { state, jobs })
     }
@@ -216,40 +278,59 @@ impl Service {
         router(Arc::clone(&self.state))
     }
 
-    /// Answers HTTP on `listener` until `shutdown` completes; then stops accepting, answers
-    /// the queued requests 503, lets the running job finish and its answer go out, and
-    /// returns once every request in flight is answered and the job thread has stopped.
-    /// Connections with no request in flight (idle, or a client still sending its head) are
-    /// closed then; requests in flight are bounded by the body and request timeouts (and
-    /// past both plus 2 s their connections are closed too).
+    /// Answers HTTP on `listener` until `shutdown` completes; then stops as
+    /// [`Stop::Drain`] says.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        *self
-            .state
-            .local
+        self.serve_until(listener, async move {
+            shutdown.await;
+            Stop::Drain
+        })
+        .await
+    }
+
+    /// Answers HTTP on `listener` until `stop` completes; then stops accepting, answers the
+    /// queued requests 503, lets the running job finish ([`Stop::Drain`]) or cancels it at
+    /// its next step ([`Stop::Cancel`]), and returns once every request in flight is
+    /// answered and the job thread has stopped. Connections with no request in flight
+    /// (idle, or a client still sending its head) are closed then; requests in flight are
+    /// bounded by the body and request timeouts (and past both plus 2 s their connections
+    /// are closed too).
+    pub async fn serve_until(
+        self,
+        listener: tokio::net::TcpListener,
+        stop: impl Future<Output = Stop> + Send + 'static,
+    ) -> std::io::Result<()> {
+        self.state
+            .hosts
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = listener.local_addr().ok();
+            .unwrap_or_else(PoisonError::into_inner)
+            .bound = listener.local_addr().ok();
         let limits = self.state.limits.clone();
         let app = self.router();
         let mut http = hyper::server::conn::http1::Builder::new();
+        // A head larger than this is refused 431, and a connection's read buffer is bounded
+        // by it (hyper's default is about 400 KiB).
         http.timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(limits.header_timeout);
+            .header_read_timeout(limits.header_timeout)
+            .max_header_size(MAX_HEAD_BYTES)
+            .max_buf_size(MAX_HEAD_BYTES);
         let http = Arc::new(http);
         let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut conns = tokio::task::JoinSet::new();
-        tokio::pin!(shutdown);
-        loop {
+        tokio::pin!(stop);
+        let how = loop {
             tokio::select! {
                 biased;
-                _ = &mut shutdown => break,
+                how = &mut stop => break how,
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 (slot, accepted) = accept_with_slot(&listener, &slots) => match accepted {
                     Ok((stream, _)) => {
-                        conns.spawn(serve_connection(
+                        conns.spawn(conn::serve_connection(
                             stream,
                             app.clone(),
                             Arc::clone(&http),
@@ -267,10 +348,13 @@ impl Service {
                     }
                 },
             }
-        }
+        };
         drop(listener);
         tracing::info!("shutting down: no new requests, queued ones get 503");
         self.state.queue.close();
+        if how == Stop::Cancel {
+            self.state.queue.cancel_running();
+        }
         let _ = stop_tx.send(true);
         let grace = limits.request_timeout + limits.body_timeout + Duration::from_secs(2);
         let drained =
@@ -305,30 +389,111 @@ async fn accept_with_slot(
     (slot, listener.accept().await)
 }
 
-/// Requests of one connection in flight, from the head read to the last byte of the answer
-/// handed to hyper.
-struct Busy(Arc<tokio::sync::watch::Sender<usize>>);
+/// Paths anyone may ask for, key or not.
+const PUBLIC: [&str; 2] = ["/health", "/"];
 
-impl Busy {
-    fn enter(count: &Arc<tokio::sync::watch::Sender<usize>>) -> Self {
-        count.send_modify(|n| *n += 1);
-        Self(Arc::clone(count))
+fn router(state: Arc<AppState>) -> Router {
+    // `auth` wraps every route and the fallbacks, so that without the key unknown paths and
+    // wrong methods get 401 too and say nothing about which routes exist.
+    Router::new()
+        .route("/v1/images/generations", post(generations))
+        .route("/v1/models", get(models))
+        .route("/v1/images/files/{file}", get(file))
+        .route("/metrics", get(metrics_text))
+        .route("/health", get(health))
+        .route("/", get(page))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), auth))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), guard))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), track))
+        .with_state(state)
+}
+
+/// The page, compiled in.
+const PAGE: &str = include_str!("page.html");
+
+/// The largest request head (request line and headers) in bytes; larger is refused 431.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// [`guard::check`] before auth (a request that is not for this service learns nothing,
+/// not even whether a key is needed), and the headers every answer carries.
+async fn guard(State(s): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let target_len = req
+        .uri()
+        .path_and_query()
+        .map_or(req.uri().path().len(), |p| p.as_str().len());
+    let checked = {
+        let hosts = s.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        guard::check(&hosts, target_len, req.headers())
+    };
+    let mut resp = match checked {
+        Ok(host) => {
+            req.extensions_mut().insert(host);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    };
+    guard::secure(resp.headers_mut());
+    resp
+}
+
+/// One request's entry in the metrics, made when it is dropped: with the answer's status,
+/// or 499 (nginx's "client closed request") when the client left before the answer.
+struct Tally {
+    s: Arc<AppState>,
+    route: String,
+    start: Instant,
+    status: Option<StatusCode>,
+    /// The latency (to the response head) is already observed.
+    timed: bool,
+}
+
+impl Tally {
+    fn time(&mut self) {
+        if !self.timed {
+            self.timed = true;
+            self.s
+                .metrics
+                .latency
+                .with_label_values(&[self.route.as_str()])
+                .observe(self.start.elapsed().as_secs_f64());
+        }
     }
 }
 
-impl Drop for Busy {
+impl Drop for Tally {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
+        self.time();
+        let status = self.status.map_or(499, |s| s.as_u16()).to_string();
+        self.s
+            .metrics
+            .requests
+            .with_label_values(&[self.route.as_str(), status.as_str()])
+            .inc();
     }
 }
 
-/// A response body that keeps its request counted as in flight until it is dropped.
-struct BusyBody {
-    inner: Body,
-    _busy: Busy,
+/// The final status of a streamed answer, set by the stream when it ends (`completed`: 200,
+/// `error`: that error's status); unset when the client left first (499).
+#[derive(Clone, Default)]
+struct StreamOutcome(Arc<Mutex<Option<StatusCode>>>);
+
+impl StreamOutcome {
+    fn set(&self, status: StatusCode) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(status);
+    }
 }
 
-impl http_body::Body for BusyBody {
+/// A streamed answer's body, which counts its request when it is dropped, under the status
+/// the stream ended with.
+struct TalliedBody {
+    inner: Body,
+    tally: Tally,
+    outcome: StreamOutcome,
+}
+
+impl http_body::Body for TalliedBody {
     type Data = Bytes;
     type Error = axum::Error;
 
@@ -348,127 +513,17 @@ impl http_body::Body for BusyBody {
     }
 }
 
-/// Counts an open connection in the metrics while it lives.
-struct OpenConnection(Arc<Metrics>);
-
-impl Drop for OpenConnection {
+impl Drop for TalliedBody {
     fn drop(&mut self) {
-        self.0.connections.dec();
+        self.tally.status = *self
+            .outcome
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
     }
 }
 
-/// How long a connection with nothing in flight gets after the stop signal to finish writing
-/// its last answer before it is dropped.
-const STOP_FLUSH: Duration = Duration::from_secs(1);
-
-/// Serves one connection until it closes, or, once `stop` is set, until no request of it is
-/// in flight (plus [`STOP_FLUSH`]), or until a write makes no progress for `write_timeout`.
-/// Holds `_slot` (a `max_connections` permit) meanwhile.
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
-    app: Router,
-    http: Arc<hyper::server::conn::http1::Builder>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-    _slot: tokio::sync::OwnedSemaphorePermit,
-    metrics: Arc<Metrics>,
-    write_timeout: Duration,
-) {
-    // Without it, a client that never reads its answer blocks the write once the socket
-    // buffers are full, and holds the connection (and its slot) for ever.
-    let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
-    stream.set_write_timeout(Some(write_timeout));
-    let stream = Box::pin(stream);
-    metrics.connections.inc();
-    let _open = OpenConnection(metrics);
-    let (busy_tx, mut busy) = tokio::sync::watch::channel(0usize);
-    let busy_tx = Arc::new(busy_tx);
-    let tower = hyper_util::service::TowerToHyperService::new(app);
-    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let guard = Busy::enter(&busy_tx);
-        let answer = hyper::service::Service::call(&tower, req);
-        async move {
-            let resp = answer.await?;
-            Ok::<_, Infallible>(resp.map(|b| {
-                Body::new(BusyBody {
-                    inner: b,
-                    _busy: guard,
-                })
-            }))
-        }
-    });
-    let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!("connection ended: {e}");
-            }
-            return;
-        }
-        // Set, or the server is gone: stop either way.
-        _ = stop.wait_for(|s| *s) => {}
-    }
-    // No more requests on this connection once the one in flight (if any) is answered.
-    conn.as_mut().graceful_shutdown();
-    loop {
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = busy.wait_for(|n| *n == 0) => {}
-        }
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = tokio::time::sleep(STOP_FLUSH) => {
-                if *busy.borrow() == 0 {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// Paths anyone may ask for, key or not.
-const PUBLIC: [&str; 2] = ["/health", "/"];
-
-fn router(state: Arc<AppState>) -> Router {
-    // `auth` wraps every route and the fallbacks, so that without the key unknown paths and
-    // wrong methods get 401 too and say nothing about which routes exist.
-    Router::new()
-        .route("/v1/images/generations", post(generations))
-        .route("/v1/models", get(models))
-        .route("/v1/images/files/{file}", get(file))
-        .route("/metrics", get(metrics_text))
-        .route("/health", get(health))
-        .route("/", get(page))
-        .fallback(|| async { ApiError::not_found("no such route") })
-        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
-        .layer(middleware::from_fn_with_state(Arc::clone(&state), auth))
-        .layer(middleware::from_fn_with_state(Arc::clone(&state), track))
-        .with_state(state)
-}
-
-/// One request's entry in the metrics, made when it is dropped: with the answer's status,
-/// or 499 (nginx's "client closed request") when the client left before the answer.
-struct Tally {
-    s: Arc<AppState>,
-    route: String,
-    start: Instant,
-    status: Option<StatusCode>,
-}
-
-impl Drop for Tally {
-    fn drop(&mut self) {
-        let status = self.status.map_or(499, |s| s.as_u16()).to_string();
-        let m = &self.s.metrics;
-        m.requests
-            .with_label_values(&[self.route.as_str(), status.as_str()])
-            .inc();
-        m.latency
-            .with_label_values(&[self.route.as_str()])
-            .observe(self.start.elapsed().as_secs_f64());
-    }
-}
-
-/// Counts every request by route and status, and times it to the response head.
+/// Counts every request once by route and final status, and times it to the response head.
 async fn track(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
@@ -481,10 +536,24 @@ async fn track(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Resp
         route,
         start: Instant::now(),
         status: None,
+        timed: false,
     };
-    let resp = next.run(req).await;
-    tally.status = Some(resp.status());
-    resp
+    let mut resp = next.run(req).await;
+    tally.time();
+    match resp.extensions_mut().remove::<StreamOutcome>() {
+        // A stream's status is known when it ends: counted then, by its body.
+        Some(outcome) => resp.map(|inner| {
+            Body::new(TalliedBody {
+                inner,
+                tally,
+                outcome,
+            })
+        }),
+        None => {
+            tally.status = Some(resp.status());
+            resp
+        }
+    }
 }
 
 /// `Authorization: Bearer KEY` on every path but [`PUBLIC`], compared as SHA-256 digests in
@@ -538,8 +607,12 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
     (code, Json(body)).into_response()
 }
 
-async fn page() -> Html<&'static str> {
-    Html(include_str!("page.html"))
+async fn page(State(s): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_SECURITY_POLICY, s.page_csp.clone())],
+        Html(PAGE),
+    )
+        .into_response()
 }
 
 async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
@@ -570,12 +643,67 @@ async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
                 "strategy": i.strategy,
                 "world_size": i.world_size,
                 "threads_per_rank": i.threads_per_rank,
+                "model_source": i.model_source,
+                "loras": i.loras,
                 "max_n": s.limits.max_n,
                 "max_steps": s.limits.max_steps,
                 "max_pixels": s.limits.max_pixels,
+                "limits": s.request_limits,
             },
         }],
     }))
+}
+
+/// The limits a request must keep, found with `check` (the backend's request check, the
+/// engine's own checks) for the defaults of the other fields: the step counts and square
+/// sizes it accepts within the service's bounds. With guidance at or below 1 (no
+/// classifier-free guidance) some strategies accept fewer steps than `min`.
+fn request_limits(info: &BackendInfo, limits: &Limits, check: Option<&RequestCheck>) -> Value {
+    let job = |steps: usize, (width, height): (u32, u32)| ImageJob {
+        prompt: String::new(),
+        negative_prompt: None,
+        seed: 0,
+        noise: Default::default(),
+        steps,
+        guidance: info.default_guidance,
+        width,
+        height,
+    };
+    let passes = |j: &ImageJob| check.is_none_or(|c| c(j).is_ok());
+    let steps: Vec<usize> = (1..=limits.max_steps)
+        .filter(|&n| passes(&job(n, info.default_size)))
+        .collect();
+    let m = info.size_multiple.max(1);
+    let most_side = ((limits.max_pixels as f64).sqrt() as u32 / m) * m;
+    let sides: Vec<u32> = (1..=most_side / m)
+        .map(|i| i * m)
+        .filter(|&side| passes(&job(info.default_steps, (side, side))))
+        .collect();
+    let square = |s: Option<&u32>| s.map(|s| format!("{s}x{s}"));
+    json!({
+        "n": {"min": 1, "max": limits.max_n},
+        "num_inference_steps": {
+            "min": steps.first(),
+            "max": steps.last(),
+            "default": info.default_steps,
+        },
+        "size": {
+            "default": format!("{}x{}", info.default_size.0, info.default_size.1),
+            "multiple": info.size_multiple,
+            "max_pixels": limits.max_pixels,
+            "min_square": square(sides.first()),
+            "max_square": square(sides.last()),
+        },
+        "guidance_scale": {
+            "min": 0.0,
+            "max": limits.max_guidance,
+            "default": info.default_guidance,
+        },
+        "prompt_chars": {"max": limits.max_prompt_chars},
+        "response_format": ["b64_json", "url"],
+        "max_stored_images": limits.max_stored_images,
+        "max_body_bytes": limits.max_body_bytes,
+    })
 }
 
 async fn file(State(s): State<Arc<AppState>>, Path(file): Path<String>) -> Response {
@@ -633,27 +761,10 @@ fn body_error(e: &axum::Error, limit: usize) -> ApiError {
     ApiError::bad_request(format!("the request body could not be read: {e}"))
 }
 
-/// `http://HOST` for `url`s: the request's Host header when it looks like one, else the
-/// bound address.
-fn base_url(s: &AppState, headers: &HeaderMap) -> String {
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .filter(|h| {
-            !h.is_empty()
-                && h.len() <= 255
-                && h.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
-        })
-        .map(str::to_string)
-        .or_else(|| {
-            s.local
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .map(|a| a.to_string())
-        })
-        .unwrap_or_else(|| "127.0.0.1".into());
-    format!("http://{host}")
+/// `http://HOST` for `url`s: HOST is the `Host` the request was accepted with (see
+/// [`guard`]), never one the service did not accept.
+fn base_url(host: &AcceptedHost) -> String {
+    format!("http://{}", host.0)
 }
 
 /// The OpenAI answer for made images, with hybridiff's `hybridiff` object.
@@ -673,19 +784,25 @@ fn images_body(
         .collect();
     let first = &req.jobs[0];
     let (tau1, tau2) = images.first().map(|i| (i.tau1, i.tau2)).unwrap_or_default();
-    let data: Vec<Value> = images
-        .into_iter()
-        .map(|img| match req.response_format {
-            ResponseFormat::B64Json => json!({
-                "b64_json": base64::engine::general_purpose::STANDARD.encode(&img.png),
-                "revised_prompt": null,
-            }),
-            ResponseFormat::Url => {
-                let id = s.store.put(img.png);
+    let data: Vec<Value> = match req.response_format {
+        ResponseFormat::B64Json => images
+            .into_iter()
+            .map(|img| {
+                json!({
+                    "b64_json": base64::engine::general_purpose::STANDARD.encode(&img.png),
+                    "revised_prompt": null,
+                })
+            })
+            .collect(),
+        ResponseFormat::Url => s
+            .store
+            .put_all(images.into_iter().map(|img| img.png).collect())
+            .into_iter()
+            .map(|id| {
                 json!({"url": format!("{base}/v1/images/files/{id}.png"), "revised_prompt": null})
-            }
-        })
-        .collect();
+            })
+            .collect(),
+    };
     json!({
         "created": unix_now(),
         "data": data,
@@ -708,6 +825,7 @@ fn images_body(
 fn job_error(e: JobError) -> ApiError {
     match e {
         JobError::ShuttingDown => ApiError::shutting_down(),
+        JobError::Stopped => ApiError::stopped(),
         // Only a dropped handle cancels, so nobody normally sees this.
         JobError::Cancelled => ApiError::job_failed("cancelled"),
         JobError::Failed(m) => ApiError::job_failed(&m),
@@ -716,10 +834,12 @@ fn job_error(e: JobError) -> ApiError {
 
 async fn generations(
     State(s): State<Arc<AppState>>,
+    Extension(host): Extension<AcceptedHost>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let start = Instant::now();
+    guard::check_json_type(&headers)?;
     let bytes = read_body(
         &headers,
         body,
@@ -733,11 +853,14 @@ async fn generations(
     if let Some(check) = &s.check {
         check(&req.jobs[0])?;
     }
-    let base = base_url(&s, &headers);
+    let base = base_url(&host);
     let mut handle = s.queue.submit(req.jobs.clone())?;
     let timeout = s.limits.request_timeout;
     if req.stream {
-        return Ok(stream(s, req, handle, base, start).into_response());
+        let outcome = StreamOutcome::default();
+        let mut resp = stream(s, req, handle, base, start, outcome.clone()).into_response();
+        resp.extensions_mut().insert(outcome);
+        return Ok(resp);
     }
     // Dropping `handle` (timeout below, or this future dropped because the client left)
     // takes the job out of the queue or cancels it.
@@ -753,12 +876,14 @@ async fn generations(
 
 /// The answer as server-sent events: `queued` (`position`), `progress` (`image`, `images`,
 /// `step`, `steps`), then `completed` (the JSON answer) or `error` (`status` and the error).
+/// The request is counted under the status of the last event ([`StreamOutcome`]).
 fn stream(
     s: Arc<AppState>,
     req: GenerationRequest,
     handle: queue::Handle,
     base: String,
     start: Instant,
+    outcome: StreamOutcome,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>> {
     struct St {
         s: Arc<AppState>,
@@ -769,8 +894,10 @@ fn stream(
         deadline: tokio::time::Instant,
         queued_sent: bool,
         progress_open: bool,
+        outcome: StreamOutcome,
     }
-    fn error_event(e: &ApiError) -> Event {
+    fn error_event(e: &ApiError, outcome: &StreamOutcome) -> Event {
+        outcome.set(e.status);
         let mut body = e.body();
         body["status"] = json!(e.status.as_u16());
         Event::default().event("error").data(body.to_string())
@@ -785,6 +912,7 @@ fn stream(
         deadline,
         queued_sent: false,
         progress_open: true,
+        outcome,
     });
     let events = futures_util::stream::unfold(init, |st| async move {
         let mut st = st?;
@@ -802,10 +930,14 @@ fn stream(
                     Ok(Ok(images)) => {
                         let seconds = st.start.elapsed().as_secs_f64();
                         let body = images_body(&st.s, &st.req, images, &st.base, seconds);
+                        st.outcome.set(StatusCode::OK);
                         Event::default().event("completed").data(body.to_string())
                     }
-                    Ok(Err(e)) => error_event(&job_error(e)),
-                    Err(_) => error_event(&ApiError::job_failed("the job thread has stopped")),
+                    Ok(Err(e)) => error_event(&job_error(e), &st.outcome),
+                    Err(_) => error_event(
+                        &ApiError::job_failed("the job thread has stopped"),
+                        &st.outcome,
+                    ),
                 };
                 Some((Ok(ev), None))
             }
@@ -824,7 +956,7 @@ fn stream(
             }
             _ = tokio::time::sleep_until(st.deadline) => {
                 let e = ApiError::timeout(st.s.limits.request_timeout.as_secs_f64());
-                Some((Ok(error_event(&e)), None))
+                Some((Ok(error_event(&e, &st.outcome)), None))
             }
         }
     });

@@ -8,9 +8,10 @@ use prometheus::{
 
 pub(crate) struct Metrics {
     registry: Registry,
-    /// By route (the matched pattern, `unmatched` for 404s) and status code; 499 when the
-    /// client closed the connection before its answer. Every request received is counted
-    /// once, when it ends.
+    /// By route (the matched pattern, `unmatched` for 404s, `unparsed` for requests the
+    /// HTTP layer refused before routing) and final status code; 499 when the client closed
+    /// the connection before its answer; a stream under the status of its last event. Every
+    /// request received is counted once, when it ends.
     pub requests: IntCounterVec,
     /// Time to the response head, by route.
     pub latency: HistogramVec,

@@ -29,7 +29,10 @@ pub(crate) struct Progress {
 /// Why a job gave no images.
 #[derive(Debug, Clone)]
 pub(crate) enum JobError {
+    /// Queued when the service stopped; never ran.
     ShuttingDown,
+    /// Running when the service stopped with [`crate::Stop::Cancel`]: cancelled.
+    Stopped,
     Cancelled,
     Failed(String),
 }
@@ -39,6 +42,8 @@ pub(crate) type JobOutcome = Result<Vec<Image>, JobError>;
 struct Ticket {
     jobs: Vec<ImageJob>,
     cancel: AtomicBool,
+    /// Cancelled because the service is stopping (not because its client left).
+    stopped: AtomicBool,
     progress: watch::Sender<Progress>,
     answer: Mutex<Option<oneshot::Sender<JobOutcome>>>,
 }
@@ -131,6 +136,7 @@ impl Queue {
         let ticket = Arc::new(Ticket {
             jobs,
             cancel: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
             progress: progress_tx,
             answer: Mutex::new(Some(answer_tx)),
         });
@@ -175,6 +181,15 @@ impl Queue {
             t.answer(Err(JobError::ShuttingDown));
         }
         self.wake.notify_all();
+    }
+
+    /// Cancels the running job (if any) at its next step; its request is answered 503.
+    pub fn cancel_running(&self) {
+        let inner = lock(&self.inner);
+        if let Some(t) = &inner.running {
+            t.stopped.store(true, Ordering::SeqCst);
+            t.cancel.store(true, Ordering::SeqCst);
+        }
     }
 
     pub fn status(&self) -> Status {
@@ -248,10 +263,15 @@ impl JobThread {
                 };
                 while let Some(ticket) = q.next() {
                     let start = Instant::now();
-                    let outcome = run_ticket(backend.as_mut(), &ticket, &metrics);
+                    let mut outcome = run_ticket(backend.as_mut(), &ticket, &metrics);
+                    if matches!(outcome, Err(JobError::Cancelled))
+                        && ticket.stopped.load(Ordering::SeqCst)
+                    {
+                        outcome = Err(JobError::Stopped);
+                    }
                     let label = match &outcome {
                         Ok(_) => "ok",
-                        Err(JobError::Cancelled) => "cancelled",
+                        Err(JobError::Cancelled | JobError::Stopped) => "cancelled",
                         Err(JobError::ShuttingDown) => "shutdown",
                         Err(JobError::Failed(_)) => "failed",
                     };

@@ -231,7 +231,13 @@ async fn bad_requests_name_the_field() {
         expect_error(r, 400, Some(field)).await;
     }
     // Not JSON, not an object.
-    let r = c.post(&url).body("{nope").send().await.unwrap();
+    let r = c
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
     expect_error(r, 400, None).await;
     let r = post(&c, &url, json!([1, 2])).await;
     expect_error(r, 400, None).await;
@@ -246,6 +252,7 @@ async fn bad_requests_name_the_field() {
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![Ok(big.to_string().into_bytes())];
     let r = c
         .post(&url)
+        .header("content-type", "application/json")
         .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
             chunks,
         )))

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
-use hybridiff_models::weights::{read_config, Weights};
+use hybridiff_models::weights::{read_config, ComponentSource};
 use serde::Deserialize;
 
 use crate::act::Activation;
@@ -81,7 +81,20 @@ fn d_eos() -> i64 {
 impl ClipTextConfig {
     /// Reads and checks `path` (a `config.json`).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: Self = read_config(path)?;
+        Self::checked(read_config(path)?, path)
+    }
+
+    /// Reads and checks the config of a component source.
+    pub fn from_source(src: &ComponentSource) -> Result<Self> {
+        Self::checked(src.read_config()?, &src.config_path())
+    }
+
+    /// Parses and checks config text; `path` names it in errors.
+    pub fn from_text(text: &str, path: &Path) -> Result<Self> {
+        Self::checked(hybridiff_models::weights::parse_config(text, path)?, path)
+    }
+
+    fn checked(cfg: Self, path: &Path) -> Result<Self> {
         Activation::parse(&cfg.hidden_act, path, "hidden_act")?;
         if !(cfg.layer_norm_eps.is_finite()
             && cfg.layer_norm_eps > 0.0
@@ -272,8 +285,9 @@ impl ClipTextModel {
     /// the config's `architectures` names `CLIPTextModelWithProjection`, or, without
     /// `architectures`, when the weights hold `text_projection.weight`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let cfg = ClipTextConfig::from_file(&dir.join("config.json"))?;
-        Weights::load_component(dir, dtype, device, CLIP_UNUSED_OK, |vb| {
+        let src = ComponentSource::folder(dir);
+        let cfg = ClipTextConfig::from_source(&src)?;
+        src.load(dtype, device, CLIP_UNUSED_OK, |vb| {
             let with_projection = if cfg.architectures.is_empty() {
                 vb.contains_tensor("text_projection.weight")
             } else {
@@ -293,9 +307,25 @@ impl ClipTextModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let cfg = ClipTextConfig::from_file(&dir.join("config.json"))?;
-        Weights::load_component(dir, dtype, device, CLIP_UNUSED_OK, |vb| {
-            Self::with_config(dir, &cfg, vb, with_projection)
+        Self::load_source_as(
+            &ComponentSource::folder(dir),
+            with_projection,
+            dtype,
+            device,
+        )
+    }
+
+    /// [`Self::load_as`] from any component source (a folder, or a text encoder inside a
+    /// single-file checkpoint), with its LoRA deltas merged.
+    pub fn load_source_as(
+        src: &ComponentSource,
+        with_projection: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let cfg = ClipTextConfig::from_source(src)?;
+        src.load(dtype, device, CLIP_UNUSED_OK, |vb| {
+            Self::with_config(src.label(), &cfg, vb, with_projection)
         })
     }
 

@@ -13,6 +13,8 @@ mod act;
 
 pub use clip::{ClipTextConfig, ClipTextModel, ClipTextOutput};
 pub use error::{Error, Result};
-pub use prompt::{EncodedPrompts, PipelineKind, PromptEncoder};
+pub use prompt::{
+    ClipPart, EncodedPrompts, PipelineKind, PromptEncoder, PromptParts, TokenizerSource,
+};
 pub use t5::{T5Config, T5EncoderModel};
 pub use tokenizer::{ClipTokenizer, Encoded, T5Tokenizer};

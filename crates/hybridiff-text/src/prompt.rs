@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
-use hybridiff_models::weights::read_config;
+use hybridiff_models::weights::{read_config, ComponentSource};
 use serde_json::Value;
 
 use crate::error::CandleContext;
@@ -30,7 +30,8 @@ pub enum PipelineKind {
 }
 
 impl PipelineKind {
-    fn from_class_name(name: &str) -> Option<Self> {
+    /// The family of a diffusers pipeline class name (`model_index.json`'s `_class_name`).
+    pub fn from_class_name(name: &str) -> Option<Self> {
         // Img2img/inpaint/controlnet variants share their family's encode_prompt.
         if name.starts_with("StableDiffusion3") {
             Some(Self::StableDiffusion3)
@@ -156,10 +157,52 @@ fn require_dir(model_dir: &Path, name: &str) -> Result<PathBuf> {
     }
 }
 
-impl PromptEncoder {
-    /// Loads the tokenizers and text encoders that `model_dir/model_index.json` lists,
-    /// in `dtype` on `device`.
-    pub fn load(model_dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+/// Where a CLIP tokenizer comes from.
+#[derive(Debug, Clone)]
+pub enum TokenizerSource {
+    /// A diffusers `tokenizer*/` folder.
+    Folder(PathBuf),
+    /// The CLIP vocabulary this binary carries, with this pad token (see
+    /// [`ClipTokenizer::builtin`]); the path names it in messages.
+    BuiltinClip { pad: String, label: PathBuf },
+}
+
+impl TokenizerSource {
+    fn load(&self) -> Result<ClipTokenizer> {
+        match self {
+            TokenizerSource::Folder(dir) => ClipTokenizer::from_dir(dir),
+            TokenizerSource::BuiltinClip { pad, label } => ClipTokenizer::builtin(pad, label),
+        }
+    }
+}
+
+/// One CLIP branch of a pipeline: its slot (`text_encoder`, `text_encoder_2`), tokenizer
+/// and encoder.
+#[derive(Debug, Clone)]
+pub struct ClipPart {
+    pub slot: String,
+    pub tokenizer: TokenizerSource,
+    pub encoder: ComponentSource,
+    /// `CLIPTextModelWithProjection` (SDXL's second encoder, SD3's two).
+    pub with_projection: bool,
+}
+
+/// Everything [`PromptEncoder`] loads, resolved but not read: the family, the CLIP
+/// branches in the pipeline's order, SD3's T5, and `force_zeros_for_empty_prompt`.
+#[derive(Debug, Clone)]
+pub struct PromptParts {
+    pub kind: PipelineKind,
+    pub clips: Vec<ClipPart>,
+    /// SD3's `(tokenizer_3 folder, text_encoder_3 folder)`.
+    pub t5: Option<(PathBuf, PathBuf)>,
+    /// SD3 without `text_encoder_3`: the width of the zeros in T5's place.
+    pub t5_zeros_width: usize,
+    pub force_zeros_for_empty_prompt: bool,
+}
+
+impl PromptParts {
+    /// The tokenizers and text encoders that `model_dir/model_index.json` lists.
+    pub fn from_folder(model_dir: &Path) -> Result<Self> {
         let index_path = model_dir.join("model_index.json");
         if !index_path.is_file() {
             return Err(Error::io(
@@ -186,7 +229,7 @@ impl PromptEncoder {
             value,
             hint: hint.into(),
         };
-        let load_clip = |n: &str, required: bool| -> Result<Option<ClipBranch>> {
+        let clip_part = |n: &str, required: bool| -> Result<Option<ClipPart>> {
             let te_key = format!("text_encoder{n}");
             let tok_key = format!("tokenizer{n}");
             let (te, tok) = (component(&index, &te_key), component(&index, &tok_key));
@@ -221,12 +264,11 @@ impl PromptEncoder {
             }
             let tok_dir = require_dir(model_dir, &tok_key)?;
             let te_dir = require_dir(model_dir, &te_key)?;
-            let tokenizer = ClipTokenizer::from_dir(&tok_dir)?;
-            let encoder = ClipTextModel::load_as(&te_dir, with_projection, dtype, device)?;
-            Ok(Some(ClipBranch {
-                dir: te_dir,
-                tokenizer,
-                encoder,
+            Ok(Some(ClipPart {
+                slot: te_key,
+                tokenizer: TokenizerSource::Folder(tok_dir),
+                encoder: ComponentSource::folder(&te_dir),
+                with_projection,
             }))
         };
 
@@ -246,24 +288,20 @@ impl PromptEncoder {
                         hint: "the padding attention mask is not implemented".into(),
                     });
                 }
-                clips.extend(load_clip("", true)?);
+                clips.extend(clip_part("", true)?);
             }
             PipelineKind::StableDiffusionXl => {
                 // The SDXL refiner has only the second encoder.
-                clips.extend(load_clip("", false)?);
-                clips.extend(load_clip("_2", true)?);
+                clips.extend(clip_part("", false)?);
+                clips.extend(clip_part("_2", true)?);
             }
             PipelineKind::StableDiffusion3 => {
-                clips.extend(load_clip("", true)?);
-                clips.extend(load_clip("_2", true)?);
+                clips.extend(clip_part("", true)?);
+                clips.extend(clip_part("_2", true)?);
                 if component(&index, "text_encoder_3").is_some() {
                     let tok_dir = require_dir(model_dir, "tokenizer_3")?;
                     let te_dir = require_dir(model_dir, "text_encoder_3")?;
-                    t5 = Some(T5Branch {
-                        tokenizer: T5Tokenizer::from_dir(&tok_dir)?,
-                        encoder: T5EncoderModel::load(&te_dir, dtype, device)?,
-                        dir: te_dir,
-                    });
+                    t5 = Some((tok_dir, te_dir));
                 } else {
                     let cfg_path = model_dir.join("transformer").join("config.json");
                     let cfg: Value = read_config(&cfg_path)?;
@@ -280,9 +318,7 @@ impl PromptEncoder {
                 }
             }
         }
-        if kind != PipelineKind::StableDiffusion
-            && !clips.iter().any(|c| c.encoder.has_projection())
-        {
+        if kind != PipelineKind::StableDiffusion && !clips.iter().any(|c| c.with_projection) {
             return Err(unsupported(
                 "text_encoder_2",
                 "CLIPTextModel".into(),
@@ -299,8 +335,52 @@ impl PromptEncoder {
             clips,
             t5,
             t5_zeros_width,
-            max_sequence_length: DEFAULT_T5_MAX_LENGTH,
             force_zeros_for_empty_prompt,
+        })
+    }
+}
+
+impl PromptEncoder {
+    /// Loads the tokenizers and text encoders that `model_dir/model_index.json` lists,
+    /// in `dtype` on `device`.
+    pub fn load(model_dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::from_parts(&PromptParts::from_folder(model_dir)?, dtype, device)
+    }
+
+    /// Loads resolved parts (a folder's, or a single file's with built-in tokenizers),
+    /// with the LoRA deltas their encoders carry.
+    pub fn from_parts(parts: &PromptParts, dtype: DType, device: &Device) -> Result<Self> {
+        let clips = parts
+            .clips
+            .iter()
+            .map(|c| {
+                Ok(ClipBranch {
+                    dir: c.encoder.label().to_path_buf(),
+                    tokenizer: c.tokenizer.load()?,
+                    encoder: ClipTextModel::load_source_as(
+                        &c.encoder,
+                        c.with_projection,
+                        dtype,
+                        device,
+                    )?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let t5 = match &parts.t5 {
+            Some((tok_dir, te_dir)) => Some(T5Branch {
+                tokenizer: T5Tokenizer::from_dir(tok_dir)?,
+                encoder: T5EncoderModel::load(te_dir, dtype, device)?,
+                dir: te_dir.clone(),
+            }),
+            None => None,
+        };
+        Ok(Self {
+            kind: parts.kind,
+            clips,
+            t5,
+            t5_zeros_width: parts.t5_zeros_width,
+            max_sequence_length: DEFAULT_T5_MAX_LENGTH,
+            force_zeros_for_empty_prompt: parts.force_zeros_for_empty_prompt,
             dtype,
             device: device.clone(),
         })

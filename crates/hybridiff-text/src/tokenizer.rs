@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use tokenizers::decoders::byte_level::ByteLevel;
-use tokenizers::models::bpe::BPE;
+use tokenizers::models::bpe::{Merges, Vocab, BPE};
 use tokenizers::normalizers::replace::{Replace, ReplacePattern};
 use tokenizers::normalizers::unicode::NFC;
 use tokenizers::normalizers::utils::{Lowercase, Sequence as NormalizerSequence};
@@ -213,16 +213,58 @@ impl ClipTokenizer {
             return Err(Error::io(dir, "tokenizer folder not found"));
         }
         let cfg = TokenizerConfig::read(dir)?;
+        let unk = cfg.unk.clone().unwrap_or_else(|| "<|endoftext|>".into());
+        let json = dir.join("tokenizer.json");
+        let (tokenizer, from_json) = if json.is_file() {
+            (
+                Tokenizer::from_file(&json).map_err(tokenizer_error(&json))?,
+                true,
+            )
+        } else {
+            (Self::build_bpe(dir, &unk)?, false)
+        };
+        Self::finish(tokenizer, from_json, cfg, dir)
+    }
+
+    /// The CLIP tokenizer of OpenAI's CLIP and OpenCLIP (SD 1.x, 2.x and SDXL), built from
+    /// the merge list this binary carries (`data/clip_merges.txt.gz`, from the
+    /// `open_clip_torch` wheel, MIT licence): for single-file checkpoints, which hold no
+    /// tokenizer. `pad` is the pad token: `<|endoftext|>` for SD 1.x and SDXL's first
+    /// tokenizer, `!` for SD 2.x and SDXL's second (OpenCLIP pads with id 0), as the
+    /// published diffusers folders set it. `label` names it in messages.
+    pub fn builtin(pad: &str, label: &Path) -> Result<Self> {
+        let (vocab, merges) = builtin_vocab().map_err(|e| Error::tokenizer(label, e))?;
+        let unk = "<|endoftext|>";
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .continuing_subword_prefix(String::new())
+            .end_of_word_suffix("</w>".into())
+            .unk_token(unk.into())
+            .fuse_unk(false)
+            .build()
+            .map_err(tokenizer_error(label))?;
+        let tokenizer = Self::clip_pipeline(Tokenizer::new(bpe), label)?;
+        let cfg = TokenizerConfig {
+            bos: Some("<|startoftext|>".into()),
+            eos: Some("<|endoftext|>".into()),
+            unk: Some(unk.into()),
+            pad: Some(pad.into()),
+            model_max_length: Some(77),
+            added: Vec::new(),
+        };
+        Self::finish(tokenizer, false, cfg, label)
+    }
+
+    fn finish(
+        mut tokenizer: Tokenizer,
+        from_json: bool,
+        cfg: TokenizerConfig,
+        dir: &Path,
+    ) -> Result<Self> {
         let bos = cfg.bos.clone().unwrap_or_else(|| "<|startoftext|>".into());
         let eos = cfg.eos.clone().unwrap_or_else(|| "<|endoftext|>".into());
         let unk = cfg.unk.clone().unwrap_or_else(|| "<|endoftext|>".into());
         let pad = cfg.pad.clone().unwrap_or_else(|| "<|endoftext|>".into());
-        let json = dir.join("tokenizer.json");
-        let mut tokenizer = if json.is_file() {
-            Tokenizer::from_file(&json).map_err(tokenizer_error(&json))?
-        } else {
-            Self::build_bpe(dir, &unk)?
-        };
         tokenizer
             .with_truncation(None)
             .map_err(tokenizer_error(dir))?
@@ -246,7 +288,7 @@ impl ClipTokenizer {
         let bos_id = token_id(&tokenizer, dir, &bos, "bos")?;
         let eos_id = token_id(&tokenizer, dir, &eos, "eos")?;
         let pad_id = token_id(&tokenizer, dir, &pad, "pad")?;
-        if !json.is_file() {
+        if !from_json {
             tokenizer.with_post_processor(Some(
                 RobertaProcessing::new((eos.clone(), eos_id), (bos.clone(), bos_id))
                     .trim_offsets(false)
@@ -290,7 +332,11 @@ impl ClipTokenizer {
             .fuse_unk(false)
             .build()
             .map_err(tokenizer_error(dir))?;
-        let mut tokenizer = Tokenizer::new(bpe);
+        Self::clip_pipeline(Tokenizer::new(bpe), dir)
+    }
+
+    /// transformers' `CLIPTokenizer` normaliser, pre-tokeniser and decoder around `bpe`.
+    fn clip_pipeline(mut tokenizer: Tokenizer, dir: &Path) -> Result<Tokenizer> {
         let normalizer = NormalizerSequence::new(vec![
             NFC.into(),
             Replace::new(ReplacePattern::Regex(r"\s+".into()), " ")
@@ -349,6 +395,11 @@ impl ClipTokenizer {
             .map_err(tokenizer_error(&self.dir))?;
         // transformers' CLIPTokenizer turns the end-of-word suffix into spaces.
         Ok(text.replace("</w>", " ").trim().to_owned())
+    }
+
+    /// The id of `token` in the vocabulary, if it has one.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
     }
 
     /// `model_max_length` (77 for every SD-family CLIP).
@@ -442,6 +493,61 @@ impl T5Tokenizer {
     pub fn pad_id(&self) -> u32 {
         self.pad_id
     }
+}
+
+/// The merge list of OpenAI's CLIP tokenizer (see [`ClipTokenizer::builtin`]).
+const CLIP_MERGES_GZ: &[u8] = include_bytes!("../data/clip_merges.txt.gz");
+
+/// GPT-2's reversible byte -> character table that CLIP's BPE works on: printable bytes
+/// stand for themselves, the others for characters from U+0100 on.
+fn bytes_to_unicode() -> Vec<char> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut chars: Vec<u32> = (0..256).filter(|&b| printable(b)).collect();
+    let mut n = 0;
+    for b in 0..256 {
+        if !printable(b) {
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    chars
+        .into_iter()
+        .map(|c| char::from_u32(c).expect("valid code point"))
+        .collect()
+}
+
+/// CLIP's vocabulary and merges from the carried merge list, as CLIP's `SimpleTokenizer`
+/// builds them: the byte symbols, the same with `</w>`, each merge joined, then
+/// `<|startoftext|>` and `<|endoftext|>` (49408 tokens).
+fn builtin_vocab() -> std::result::Result<(Vocab, Merges), String> {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(CLIP_MERGES_GZ)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("the built-in CLIP merge list cannot be read: {e}"))?;
+    let mut merges = Vec::with_capacity(48894);
+    for line in text.lines().skip(1) {
+        if line.is_empty() {
+            continue;
+        }
+        let (a, b) = line
+            .split_once(' ')
+            .ok_or_else(|| format!("the built-in CLIP merge list has a bad line {line:?}"))?;
+        merges.push((a.to_string(), b.to_string()));
+    }
+    let symbols = bytes_to_unicode();
+    let mut tokens: Vec<String> = symbols.iter().map(|c| c.to_string()).collect();
+    tokens.extend(symbols.iter().map(|c| format!("{c}</w>")));
+    tokens.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
+    tokens.push("<|startoftext|>".into());
+    tokens.push("<|endoftext|>".into());
+    let vocab = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, i as u32))
+        .collect();
+    Ok((vocab, merges))
 }
 
 #[cfg(test)]

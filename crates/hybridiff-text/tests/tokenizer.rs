@@ -139,3 +139,61 @@ fn t5_tokenizer_matches_transformers() {
     assert_eq!(eos, 5, "one piece per word, then </s>: {:?}", short.ids);
     assert!(short.ids[eos + 1..].iter().all(|&i| i == tok.pad_id()));
 }
+
+/// The CLIP vocabulary carried in the binary (for single-file checkpoints) tokenizes as the
+/// published tokenizer folders do: transformers' ids on every edge case, for both pads.
+#[test]
+fn builtin_clip_tokenizer_equals_the_published_folders() {
+    let cases: Vec<Case> = serde_json::from_str(
+        &std::fs::read_to_string(text_fixtures().join("clip_tokenizer_cases.json")).unwrap(),
+    )
+    .unwrap();
+    let label = std::path::Path::new("<built-in>");
+    let builtin = [
+        (
+            "tokenizer",
+            ClipTokenizer::builtin("<|endoftext|>", label).unwrap(),
+        ),
+        ("tokenizer_2", ClipTokenizer::builtin("!", label).unwrap()),
+    ];
+    let mut n = 0;
+    for case in &cases {
+        let Some((_, tok)) = builtin.iter().find(|(name, _)| *name == case.tokenizer) else {
+            continue;
+        };
+        assert_eq!(
+            tok.encode(&case.text).unwrap().ids,
+            case.ids,
+            "{}: ids of {:?}",
+            case.tokenizer,
+            case.text
+        );
+        n += 1;
+    }
+    assert!(n >= 20, "{n} cases");
+    // Every token of the published vocabulary has the same id.
+    let vocab: std::collections::HashMap<String, u32> = serde_json::from_str(
+        &std::fs::read_to_string(
+            fixtures()
+                .join("tiny-sdxl-pipeline")
+                .join("tokenizer")
+                .join("vocab.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(vocab.len(), 49408);
+    let (b, f) = (&builtin[0].1, sdxl_tokenizer("tokenizer"));
+    for (token, id) in &vocab {
+        assert_eq!(b.token_id(token), Some(*id), "{token:?}");
+    }
+    assert_eq!((b.bos_id(), b.eos_id(), b.pad_id()), (49406, 49407, 49407));
+    assert_eq!(builtin[1].1.pad_id(), 0);
+    for text in [
+        "a photo of an astronaut riding a horse on mars",
+        "Ünïcödé 東京 🚀!!",
+        "",
+    ] {
+        assert_eq!(b.encode(text).unwrap(), f.encode(text).unwrap(), "{text:?}");
+    }
+}

@@ -103,7 +103,7 @@ impl Strategy for AsyncDiff {
                 )));
             }
         }
-        self.stages.get(job, n).map(|_| ())
+        self.stages.check(job, n)
     }
 
     fn worker<'a>(

@@ -174,7 +174,7 @@ impl Strategy for Hybrid {
         self.switch.check(job.steps)?;
         let layout = self.pipeline(job, l.bands)?;
         let (n, _) = Self::placement(layout, l.bands, 0);
-        self.stages.get(job, n).map(|_| ())
+        self.stages.check(job, n)
     }
 
     fn without_cfg(&self) -> &'static str {

@@ -45,11 +45,26 @@ impl BandLayout {
         } else {
             "P bands of the latents (W = P)"
         };
-        if world_size == 0 || !world_size.is_multiple_of(branches) {
+        if world_size == 0 {
             return Err(Error::Options(format!(
-                "--world-size {world_size}: {strategy} runs {what}, so it needs an even number of ranks; {}",
+                "--world-size 0: {strategy} runs {what}; {}",
                 fits(job, branches)
             )));
+        }
+        if !world_size.is_multiple_of(branches) {
+            // Only with classifier-free guidance on (guidance > 1) are there two branches: a
+            // service request can avoid the split with its guidance.
+            return Err(Error::refused(
+                crate::Field::Guidance,
+                format!(
+                    "--world-size {world_size}: {strategy} runs {what}, so it needs an even number of ranks; {}",
+                    fits(job, branches)
+                ),
+                format!(
+                    "`guidance_scale` {}: this service's {strategy} strategy runs on {world_size} ranks, which cannot be split between the two branches of classifier-free guidance; use guidance_scale 1 or below",
+                    job.guidance
+                ),
+            ));
         }
         let bands = world_size / branches;
         if bands > 1 && job.model.patch_alignment().is_none() {
@@ -62,10 +77,18 @@ impl BandLayout {
         let dims = job.inputs.latents.dims();
         let rows = dims.get(2).copied().unwrap_or(0);
         let split = split_rows(rows, bands, align, min_rows).map_err(|e| {
-            Error::Options(format!(
-                "--world-size {world_size}: {strategy} runs {what}, {bands} bands here: {e}; {}",
-                fits(job, branches)
-            ))
+            let per = if branches == 2 { " per CFG branch" } else { "" };
+            Error::refused(
+                crate::Field::Size,
+                format!(
+                    "--world-size {world_size}: {strategy} runs {what}, {bands} bands here: {e}; {}",
+                    fits(job, branches)
+                ),
+                format!(
+                    "`size`: the image is {rows} latent rows high, too few for this service's {strategy} strategy, which cuts it into {bands} horizontal bands{per} of at least {} latent rows each, at multiples of {align} rows; use a taller size",
+                    min_rows.max(align)
+                ),
+            )
         })?;
         Ok(Self {
             branches,

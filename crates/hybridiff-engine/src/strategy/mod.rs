@@ -81,7 +81,7 @@ impl std::fmt::Display for StrategyKind {
 }
 
 /// What the model's prediction is in pipelined Hybridiff steps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PipelinedGuidance {
     /// The reference: the last stage's output, unguided.
     None,
@@ -99,6 +99,15 @@ impl FromStr for PipelinedGuidance {
                 "--pipelined-guidance: unknown mode `{other}`; expected none or reuse"
             ))),
         }
+    }
+}
+
+impl std::fmt::Display for PipelinedGuidance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::Reuse => "reuse",
+        })
     }
 }
 
@@ -353,9 +362,16 @@ fn check_latents(
         StepMode::Fill => "fill",
         StepMode::Pipelined => "pipelined",
     };
+    // What the user can change first; the weights are finite (checked when loaded) and the
+    // schedule runs a stand-in model without NaN (checked before compute), so neither alone
+    // is the cause.
+    let sampler = format!(
+        "the {} sampler at --steps {} with this model's predictions (try another --scheduler or fewer --steps)",
+        job.scheduler, job.steps
+    );
     let mut causes = vec![
-        "NaN or inf in the model's weights",
-        "a scheduler config that divides by zero (betas, sigmas)",
+        "activations beyond the float range inside the denoiser (weights or inputs far from what it was trained on)",
+        sampler.as_str(),
     ];
     let pred_dtype = match &out.prediction {
         Prediction::Branches(u, _) => u.dtype(),
@@ -374,8 +390,12 @@ fn check_latents(
         ),
         _ => {}
     }
+    let guidance = format!(
+        "a very large --guidance {} (diffusers' pipelines use about 1 to 20)",
+        job.guidance
+    );
     if job.cfg() && job.guidance.abs() > 50.0 {
-        causes.insert(0, "a very large --guidance");
+        causes.insert(0, guidance.as_str());
     }
     Err(Error::Numerics(format!(
         "the latents became non-finite (NaN or inf) at step {} of {} (trace index {i}; {mode} step of strategy {strategy}, guidance {}); likely causes: {}; no output was written",

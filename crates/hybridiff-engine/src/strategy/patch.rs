@@ -81,12 +81,15 @@ impl PatchParallel {
         }
         let branches = if job.cfg() && self.cfg_split { 2 } else { 1 };
         BandLayout::new(job, world_size, branches, "patch").map_err(|e| {
-            if branches == 2 {
-                Error::Options(format!(
-                    "{e} (--no-cfg-split runs W bands with both branches on every rank)"
-                ))
-            } else {
-                e
+            const HINT: &str = " (--no-cfg-split runs W bands with both branches on every rank)";
+            match e {
+                // The service's wording has no flags to suggest; the command line's gets the hint.
+                Error::Refused(mut r) if branches == 2 => {
+                    r.flags.push_str(HINT);
+                    Error::Refused(r)
+                }
+                e if branches == 2 => Error::Options(format!("{e}{HINT}")),
+                e => e,
             }
         })
     }

@@ -22,7 +22,7 @@ pub use config::MMDiTConfig;
 
 use crate::patch::{Band, Patch, PatchContext};
 use crate::unet::timestep_embedding;
-use crate::weights::Weights;
+use crate::weights::ComponentSource;
 use crate::{Conditioning, Denoiser, Error, OutputRef, Result, State};
 use block::{ada_norm_continuous, AdaLinear, JointTransformerBlock};
 
@@ -123,12 +123,19 @@ impl SD3Transformer2DModel {
                 "transformer folder not found (expected <model>/transformer)",
             ));
         }
-        let config = MMDiTConfig::from_file(&dir.join("config.json"))?;
+        Self::load_source(&ComponentSource::folder(dir), dtype, device)
+    }
+
+    /// Loads the transformer of any component source, with its LoRA deltas merged.
+    pub fn load_source(src: &ComponentSource, dtype: DType, device: &Device) -> Result<Self> {
+        let mut config: MMDiTConfig = src.read_config()?;
+        config.path = src.config_path();
+        config.validate()?;
         // The last block (context_pre_only) has an `add_q_proj` whose output only feeds
         // the context tokens that block discards: diffusers computes it, we skip it.
         let last = config.num_layers.saturating_sub(1);
         let skipped = format!("transformer_blocks.{last}.attn.add_q_proj.");
-        Weights::load_component(dir, dtype, device, &[skipped.as_str()], |vb| {
+        src.load(dtype, device, &[skipped.as_str()], |vb| {
             Self::new(vb, config)
         })
     }

@@ -17,7 +17,7 @@ pub use transformer::{CrossAttention, Transformer2DModel, TransformerConfig};
 
 use crate::nn::{conv2d, Conv2d, ResnetBlock2D, ResnetConfig};
 use crate::patch::{self, GroupNorm, Patch, PatchContext};
-use crate::weights::Weights;
+use crate::weights::ComponentSource;
 use crate::{Conditioning, Denoiser, Error, OutputRef, Result, State};
 
 /// Sinusoidal timestep embedding, computed in f32 exactly as diffusers'
@@ -233,8 +233,14 @@ impl UNet2DConditionModel {
                 "U-Net folder not found (expected <model>/unet)",
             ));
         }
-        let config = UNetConfig::from_file(&dir.join("config.json"))?;
-        Weights::load_component(dir, dtype, device, &[], |vb| Self::new(vb, config))
+        Self::load_source(&ComponentSource::folder(dir), dtype, device)
+    }
+
+    /// Loads the U-Net of any component source (a `unet/` folder, or the U-Net of a
+    /// single-file checkpoint), with its LoRA deltas merged.
+    pub fn load_source(src: &ComponentSource, dtype: DType, device: &Device) -> Result<Self> {
+        let config = UNetConfig::from_raw(src.read_config()?, &src.config_path())?;
+        src.load(dtype, device, &[], |vb| Self::new(vb, config))
     }
 
     /// Builds the model from a var builder rooted at the U-Net's weights.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use hybridiff_serve::{
     encode_png, ApiError, Backend, BackendError, BackendInfo, Config, Image, ImageJob,
-    RequestCheck, Service,
+    RequestCheck, Service, Stop,
 };
 
 /// What the fake backend did, shared with the test.
@@ -51,11 +51,16 @@ pub fn fake_info() -> BackendInfo {
         strategy: "serial".into(),
         world_size: 1,
         threads_per_rank: 1,
+        model_source: "diffusers folder".into(),
+        loras: Vec::new(),
     }
 }
 
 /// Pixels the fake backend "fits in memory".
 pub const FAKE_MAX_FIT: u64 = 256 * 256;
+
+/// The fewest steps the fake backend's "strategy" takes.
+pub const FAKE_MIN_STEPS: usize = 2;
 
 impl Backend for Fake {
     fn info(&self) -> &BackendInfo {
@@ -64,6 +69,26 @@ impl Backend for Fake {
 
     fn request_check(&self) -> Option<RequestCheck> {
         Some(Arc::new(|job: &ImageJob| {
+            // As the engine's `check_size` (a model with a VAE factor of 8).
+            if !job.width.is_multiple_of(8) || !job.height.is_multiple_of(8) {
+                return Err(ApiError::bad_field(
+                    "size",
+                    format!(
+                        "`size` {}x{}: width and height must be positive multiples of 8 for this model",
+                        job.width, job.height
+                    ),
+                ));
+            }
+            // As hybrid's thresholds on a service with fixed --k and --tau-cap.
+            if job.steps < FAKE_MIN_STEPS {
+                return Err(ApiError::bad_field(
+                    "num_inference_steps",
+                    format!(
+                        "`num_inference_steps` {}: this service's strategy needs at least {FAKE_MIN_STEPS} steps",
+                        job.steps
+                    ),
+                ));
+            }
             let pixels = job.width as u64 * job.height as u64;
             if pixels > FAKE_MAX_FIT {
                 return Err(ApiError::bad_field(
@@ -149,8 +174,10 @@ impl Backend for Fake {
 /// A service on 127.0.0.1:0 with the fake backend.
 pub struct TestServer {
     pub base: String,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
     pub record: Arc<Record>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    shutdown: Option<tokio::sync::oneshot::Sender<Stop>>,
     pub done: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
@@ -169,13 +196,15 @@ impl TestServer {
         )
         .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let done = tokio::spawn(service.serve(listener, async move {
-            let _ = rx.await;
-        }));
+        let addr = listener.local_addr().unwrap().to_string();
+        let base = format!("http://{addr}");
+        let (tx, rx) = tokio::sync::oneshot::channel::<Stop>();
+        let done = tokio::spawn(
+            service.serve_until(listener, async move { rx.await.unwrap_or(Stop::Drain) }),
+        );
         Self {
             base,
+            addr,
             record,
             shutdown: Some(tx),
             done: Some(done),
@@ -188,9 +217,20 @@ impl TestServer {
 
     /// Sends the stop signal (as SIGTERM would).
     pub fn stop(&mut self) {
+        self.stop_with(Stop::Drain);
+    }
+
+    /// Sends the stop signal `how` (Ctrl-C: [`Stop::Cancel`]).
+    pub fn stop_with(&mut self, how: Stop) {
         if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+            let _ = tx.send(how);
         }
+    }
+
+    /// Sends `request` as is on a new connection (then half-closes it when `half_close`)
+    /// and returns everything the server sent until it closed (at most 10 s).
+    pub async fn raw(&self, request: &[u8], half_close: bool) -> Raw {
+        raw_exchange(&self.addr, request, half_close).await
     }
 
     pub async fn health(&self) -> serde_json::Value {
@@ -262,4 +302,106 @@ pub fn decode_b64_png(b64: &str) -> image::RgbImage {
         .unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
     image::load_from_memory(&bytes).unwrap().to_rgb8()
+}
+
+/// What a server sent on one connection, parsed as HTTP/1.1 answers.
+#[derive(Debug)]
+pub struct Raw {
+    pub bytes: Vec<u8>,
+}
+
+impl Raw {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).into_owned()
+    }
+
+    /// The interim (1xx) statuses, then the final answer's status, headers (names
+    /// lowercase) and body (as text, lossily).
+    pub fn answer(&self) -> (Vec<u16>, u16, Vec<(String, String)>, String) {
+        let text = self.text();
+        let mut rest: &[u8] = &self.bytes;
+        let mut interim = Vec::new();
+        loop {
+            let end = rest
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .unwrap_or_else(|| panic!("no complete answer in {text:?}"));
+            let head = String::from_utf8_lossy(&rest[..end]).into_owned();
+            let after = &rest[end + 4..];
+            let mut lines = head.split("\r\n");
+            let status: u16 = lines
+                .next()
+                .and_then(|l| l.split(' ').nth(1))
+                .and_then(|c| c.parse().ok())
+                .unwrap_or_else(|| panic!("no status line in {text:?}"));
+            let headers: Vec<(String, String)> = lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .collect();
+            if (100..200).contains(&status) {
+                interim.push(status);
+                rest = after;
+                continue;
+            }
+            let len = headers
+                .iter()
+                .find(|(k, _)| k == "content-length")
+                .map(|(_, v)| v.parse::<usize>().unwrap());
+            let body = match len {
+                Some(n) => &after[..n.min(after.len())],
+                None => after,
+            };
+            return (
+                interim,
+                status,
+                headers,
+                String::from_utf8_lossy(body).into_owned(),
+            );
+        }
+    }
+
+    /// The final status and its JSON body.
+    pub fn json(&self) -> (u16, serde_json::Value) {
+        let (_, status, _, body) = self.answer();
+        let v = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{e}: not JSON: {:?}", self.text()));
+        (status, v)
+    }
+}
+
+/// See [`TestServer::raw`].
+pub async fn raw_exchange(addr: &str, request: &[u8], half_close: bool) -> Raw {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    sock.write_all(request).await.unwrap();
+    if half_close {
+        sock.shutdown().await.unwrap();
+    }
+    let mut bytes = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "the server kept the connection open 10 s; got {:?}",
+        String::from_utf8_lossy(&bytes)
+    );
+    Raw { bytes }
+}
+
+/// A `POST /v1/images/generations` with `body`, `Host: host` and `extra` header lines
+/// (each ending in CRLF), closing the connection after the answer.
+pub fn post_bytes(host: &str, body: &str, extra: &str) -> Vec<u8> {
+    format!(
+        "POST /v1/images/generations HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
