@@ -102,6 +102,11 @@ pub struct BenchArgs {
     /// per-message latency in microseconds (25, 25/10). See docs/benchmarks/latency-model.md.
     #[arg(long)]
     pub simulate_link: Option<String>,
+    /// With --simulate-link: time each rank's compute by its counted FLOPs at this many
+    /// TFLOP/s (the sustained rate of the GPU to predict for, e.g. about 400 for an H100 on
+    /// SDXL's U-Net in f16) instead of the compute this machine measured.
+    #[arg(long, requires = "simulate_link")]
+    pub gpu_tflops: Option<f64>,
     /// Predict from the traces in this folder (as `--trace-dir` writes them, e.g. measured
     /// on GPUs) instead of running anything; needs --simulate-link.
     #[arg(long, conflicts_with_all = ["model", "inputs", "json", "markdown", "trace_dir"])]
@@ -130,8 +135,26 @@ fn parse_link(s: &str) -> Result<hybridiff_engine::latency::Link> {
     Ok(s.parse()?)
 }
 
+/// `--gpu-tflops`: FLOP-timed compute, or the measured one without it.
+fn parse_compute(tflops: Option<f64>) -> Result<hybridiff_engine::latency::Compute> {
+    use hybridiff_engine::latency::Compute;
+    match tflops {
+        None => Ok(Compute::Measured),
+        Some(t) if t.is_finite() && t > 0.0 && t <= 1e6 => Ok(Compute::Flops {
+            per_second: t * 1e12,
+        }),
+        Some(t) => {
+            anyhow::bail!("--gpu-tflops {t}: expected a throughput above 0 and at most 1e6 TFLOP/s")
+        }
+    }
+}
+
 /// `bench --from-trace DIR --simulate-link L`: the latency model over traces already written.
-fn run_from_trace(dir: &std::path::Path, link: Option<&str>) -> Result<()> {
+fn run_from_trace(
+    dir: &std::path::Path,
+    link: Option<&str>,
+    compute: hybridiff_engine::latency::Compute,
+) -> Result<()> {
     use anyhow::Context;
     let Some(link) = link else {
         anyhow::bail!(
@@ -254,17 +277,26 @@ fn run_from_trace(dir: &std::path::Path, link: Option<&str>) -> Result<()> {
     }
     let traces: Vec<(String, hybridiff_engine::Trace)> =
         traces.into_iter().map(|(n, _, t)| (n, t)).collect();
-    print!("{}", hybridiff_engine::bench::trace_table(&traces, &link)?);
+    print!(
+        "{}",
+        hybridiff_engine::bench::trace_table(&traces, &link, compute)?
+    );
     Ok(())
 }
 
 pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
+    let compute = parse_compute(args.gpu_tflops)?;
     let given = crate::strategy_args::Given::get();
     if let Some(dir) = &args.from_trace {
         // Everything but the link describes a run, and --from-trace runs nothing.
         let ignored: Vec<String> = given
             .ids()
-            .filter(|id| !matches!(*id, "from_trace" | "simulate_link" | "verbose"))
+            .filter(|id| {
+                !matches!(
+                    *id,
+                    "from_trace" | "simulate_link" | "gpu_tflops" | "verbose"
+                )
+            })
             .map(|id| format!("--{}", id.replace('_', "-")))
             .collect();
         if !ignored.is_empty() {
@@ -275,7 +307,7 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
                 if ignored.len() == 1 { "it" } else { "them" }
             );
         }
-        return run_from_trace(dir, args.simulate_link.as_deref());
+        return run_from_trace(dir, args.simulate_link.as_deref(), compute);
     }
     // Flags that only shape something this run does not do are refused, not ignored.
     if args.inputs.is_some() {
@@ -610,7 +642,15 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     if let Some(r) = &ready {
         r.prepare()?;
     }
-    let results = compare_on(&job, &runs, &options, tpr, &placement, link.as_ref(), group)?;
+    let results = compare_on(
+        &job,
+        &runs,
+        &options,
+        tpr,
+        &placement,
+        link.as_ref().map(|l| (l, compute)),
+        group,
+    )?;
     if !root {
         return Ok(());
     }

@@ -83,14 +83,33 @@ pub const STRATEGY_FLAGS: &[FlagUse] = &[
     FlagUse {
         id: "warmup",
         used_by: |k, a| {
-            k == StrategyKind::Async || (k == StrategyKind::Patch && a.patch_mode == "displaced")
+            let mode = a.patch_mode.as_deref();
+            k == StrategyKind::Async
+                || (k == StrategyKind::Patch && mode.unwrap_or("displaced") == "displaced")
+                || (k == StrategyKind::Hybrid && mode == Some("displaced"))
         },
-        users: "async, and patch with --patch-mode displaced",
+        users:
+            "async, patch with displaced bands (its default) and hybrid with --patch-mode displaced",
+    },
+    FlagUse {
+        id: "stride",
+        used_by: |k, _| k == StrategyKind::Async,
+        users: "async",
     },
     FlagUse {
         id: "patch_mode",
-        used_by: |k, _| k == StrategyKind::Patch,
-        users: "patch",
+        used_by: |k, _| {
+            matches!(
+                k,
+                StrategyKind::Patch | StrategyKind::Hybrid | StrategyKind::Cfg
+            )
+        },
+        users: "patch, cfg (sync) and hybrid's exact steps",
+    },
+    FlagUse {
+        id: "pipeline_layout",
+        used_by: |k, _| k == StrategyKind::Hybrid,
+        users: "hybrid",
     },
     FlagUse {
         id: "no_cfg_split",
@@ -164,14 +183,27 @@ pub fn check_flags_used(
 /// Knobs of the staged strategies (`async`, `hybrid`) and of `patch`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct StrategyArgs {
-    /// async: exact steps before pipelining; patch (displaced): synchronous steps before
-    /// other bands' activations are taken from the previous step.
+    /// async: exact steps before pipelining; patch and hybrid with displaced bands:
+    /// synchronous steps before other bands' activations are taken from the previous step.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    /// patch: `displaced` (DistriFusion: other bands' halos, GroupNorm statistics and
-    /// keys/values from the previous step, exchanged asynchronously) or `sync` (exact).
-    #[arg(long, default_value = "displaced")]
-    pub patch_mode: String,
+    /// async: AsyncDiff's stride, 1 (n = W stages, one per rank, every step) or 2 (n = W - 1
+    /// stages plus a rank that computes the last stage again; each rank computes once per
+    /// two steps).
+    #[arg(long, default_value_t = 1)]
+    pub stride: usize,
+    /// Bands inside each CFG branch group: `displaced` (DistriFusion: other bands' halos,
+    /// GroupNorm statistics and keys/values from the previous step, exchanged asynchronously)
+    /// or `sync` (exact) [default: displaced for patch; sync for hybrid's exact steps; cfg
+    /// takes sync only].
+    #[arg(long)]
+    pub patch_mode: Option<String>,
+    /// hybrid, pipelined steps on W = 2P ranks: `across` (2P stages over both branch groups,
+    /// one unguided prediction: the paper's layout; the fastest) or `per-branch` (P stages
+    /// per branch group, both branches, guided; P >= 2: better images, cfg's speed, fewer
+    /// bytes than cfg on slow links) [default: across; see docs/benchmarks/scale-out.md].
+    #[arg(long)]
+    pub pipeline_layout: Option<String>,
     /// patch: run both CFG branches on every rank (W = bands) instead of one rank group
     /// per branch (W = 2 x bands).
     #[arg(long)]
@@ -232,11 +264,17 @@ impl StrategyArgs {
         Ok((
             StrategyOptions {
                 warmup: self.warmup,
+                stride: self.stride,
                 switch: resolved.params,
                 stages: defaults.stages(self.stages.as_deref())?,
                 pipelined_guidance: defaults
                     .pipelined_guidance(self.pipelined_guidance.as_deref())?,
-                patch_mode: self.patch_mode.parse()?,
+                patch_mode: self.patch_mode.as_deref().map(str::parse).transpose()?,
+                pipeline_layout: self
+                    .pipeline_layout
+                    .as_deref()
+                    .map(str::parse)
+                    .transpose()?,
                 cfg_split: !self.no_cfg_split,
                 cache: self.cache(defaults, steps)?.map(|(c, _)| c),
             },
@@ -566,8 +604,11 @@ fn local_rank(p: crate::launch::Processes) -> (usize, usize) {
 /// How a job runs: strategy, ranks, threads, precision. Shared by `denoise` and `generate`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
-    /// serial (1 rank), cfg (2 or 4), async (2+), hybrid (2 or 4), patch (2 x bands, or
-    /// bands with --no-cfg-split or guidance <= 1).
+    /// serial (1 rank); cfg (2P ranks: the CFG branches x P bands, exact); hybrid (2P ranks:
+    /// cfg's exact steps, pipelined where the branches agree); async (2+ ranks, 3+ with
+    /// --stride 2); patch (2P ranks, or P with --no-cfg-split). Which to pick: hybrid on 2, 4
+    /// or 8 devices (the fastest at the quality of exact steps; see README, "Which strategy");
+    /// cfg where every step must be exact.
     #[arg(long, default_value = "serial")]
     pub strategy: String,
     /// Number of ranks [default: 1 for serial, 2 otherwise]. Ranks are threads of this

@@ -118,11 +118,18 @@ pub struct BenchRow {
     /// Final latents against serial's.
     pub psnr_db: f64,
     pub max_abs_diff: f64,
+    /// `max_abs_diff` over the largest magnitude of serial's final latents.
+    pub max_rel_diff: f64,
     pub tau1: Option<usize>,
     pub tau2: Option<usize>,
     pub pipelined_steps: usize,
     /// Summed per-rank compute seconds over the run, per rank.
     pub rank_compute_seconds: Vec<f64>,
+    /// Counted FLOPs over the run, per rank (`engine/src/work.rs`).
+    pub rank_flops: Vec<f64>,
+    /// The worst step's spread of work: `max_r |flops_r - mean| / mean` over the ranks of the
+    /// step where it is largest (steps that compute nothing left out); 0 = perfectly even.
+    pub flops_spread: f64,
     /// Each rank's device and how tensors crossed between ranks (see [`crate::Trace`]).
     pub rank_devices: Vec<String>,
     pub transfer: String,
@@ -145,6 +152,8 @@ pub struct BenchRow {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PredictedRow {
     pub link: crate::latency::Link,
+    /// Where the compute times came from (measured, or counted FLOPs at a throughput).
+    pub compute: crate::latency::Compute,
     /// Predicted seconds of the run with its ranks on devices joined by `link`.
     pub seconds: f64,
     /// The slowest rank's compute summed over steps (the run on an infinitely fast link).
@@ -161,11 +170,13 @@ pub fn predicted_row(
     trace: &crate::Trace,
     serial: &crate::Trace,
     link: &crate::latency::Link,
+    compute: crate::latency::Compute,
 ) -> Result<PredictedRow> {
-    let p = crate::latency::predict_trace(trace, link)?;
-    let base = crate::latency::predict_trace(serial, link)?;
+    let p = crate::latency::predict_trace_with(trace, link, compute)?;
+    let base = crate::latency::predict_trace_with(serial, link, compute)?;
     Ok(PredictedRow {
         link: link.clone(),
+        compute,
         seconds: p.seconds,
         compute_seconds: p.compute_seconds,
         speedup: base.seconds / p.seconds,
@@ -272,16 +283,16 @@ pub fn compare(
 /// one run on the same machine. Rows are labelled `threads` or `label`. Rank 0 returns the
 /// rows, the others an empty list.
 ///
-/// In-process ranks run on `placement`'s devices; with `link`, each row gets the latency
-/// model's prediction on it ([`predicted_row`]). The serial baseline runs without a step
-/// cache; runs with `cached` take `options.cache`.
+/// In-process ranks run on `placement`'s devices; with `link` (a link and where compute
+/// times come from), each row gets the latency model's prediction on it ([`predicted_row`]).
+/// The serial baseline runs without a step cache; runs with `cached` take `options.cache`.
 pub fn compare_on(
     job: &crate::Job,
     runs: &[BenchRun],
     options: &crate::StrategyOptions,
     threads_per_rank: usize,
     placement: &crate::device::Placement,
-    link: Option<&crate::latency::Link>,
+    link: Option<(&crate::latency::Link, crate::latency::Compute)>,
     mut group: Option<(&mut dyn hybridiff_comm::Communicator, &str)>,
 ) -> Result<Vec<(BenchRow, crate::Trace)>> {
     use crate::{denoise, denoise_rank, RunOptions, StrategyKind};
@@ -366,6 +377,14 @@ pub fn compare_on(
             reference_bytes_sent: t.reference_bytes_sent,
             psnr_db: crate::metrics::psnr(&out.latents, &serial.latents)?,
             max_abs_diff: crate::metrics::max_abs_diff(&out.latents, &serial.latents)?,
+            max_rel_diff: crate::metrics::max_abs_diff(&out.latents, &serial.latents)?
+                / serial
+                    .latents
+                    .abs()?
+                    .max_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?
+                    .max(f64::MIN_POSITIVE),
             tau1: t.tau1,
             tau2: t.tau2,
             pipelined_steps: t
@@ -376,6 +395,22 @@ pub fn compare_on(
             rank_compute_seconds: (0..ranks)
                 .map(|r| t.steps.iter().map(|s| s.rank_compute_seconds[r]).sum())
                 .collect(),
+            rank_flops: (0..ranks)
+                .map(|r| {
+                    t.steps
+                        .iter()
+                        .map(|s| s.rank_flops.get(r).copied().unwrap_or(0.0))
+                        .sum()
+                })
+                .collect(),
+            flops_spread: crate::work::worst_imbalance(
+                &t.steps
+                    .iter()
+                    .map(|s| s.rank_flops.clone())
+                    .collect::<Vec<_>>(),
+                &[],
+            )
+            .map_or(0.0, |(_, w)| w),
             rank_devices: t.rank_devices.clone(),
             transfer: t.transfer.clone(),
             cache: t.cache.clone().unwrap_or_else(|| "-".into()),
@@ -384,7 +419,7 @@ pub fn compare_on(
             cached_steps: t.cached_steps,
             step_overhead_ms: step_overhead_ms(t),
             predicted: match link {
-                Some(l) => Some(predicted_row(t, &serial.trace, l)?),
+                Some((l, compute)) => Some(predicted_row(t, &serial.trace, l, compute)?),
                 None => None,
             },
         };
@@ -411,12 +446,13 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
     let link = rows
         .iter()
         .find_map(|r| r.predicted.as_ref())
-        .map(|p| p.link.name.clone());
+        .map(|p| format!("{}{}", p.link.name, compute_label(p.compute)));
     let mut s = String::from(
-        "| strategy | cache | ranks | transport | latency (s) | speedup | forwards | cached steps | step overhead (ms) | bytes sent | reference bytes | PSNR vs serial (dB) | max abs diff | tau1 | tau2 | staged steps | setup | devices |",
+        "| strategy | cache | ranks | transport | latency (s) | speedup | forwards | cached steps | step overhead (ms) | bytes sent | reference bytes | PSNR vs serial (dB) | max abs diff | tau1 | tau2 | staged steps | GFLOPs per rank | worst step's FLOPs spread | setup | devices |",
     );
-    let mut rule =
-        String::from("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut rule = String::from(
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    );
     if let Some(l) = &link {
         s.push_str(&format!(
             " predicted on {l} (s) | predicted speedup | predicted vs measured |"
@@ -429,7 +465,7 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
     let opt = |v: Option<usize>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {:.3} | {:.2}x | {:.1} | {} | {:.2} | {} | {} | {:.2} | {:.3e} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.3} | {:.2}x | {:.1} | {} | {:.2} | {} | {} | {:.2} | {:.3e} | {} | {} | {} | {} | {:.0}% | {} | {} |",
             r.strategy,
             r.cache,
             r.world_size,
@@ -446,6 +482,8 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
             opt(r.tau1),
             opt(r.tau2),
             r.pipelined_steps,
+            flops_cell(&r.rank_flops),
+            100.0 * r.flops_spread,
             if r.setup.is_empty() { "-" } else { &r.setup },
             devices_cell(&r.rank_devices, &r.transfer),
         ));
@@ -463,6 +501,27 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
         s.push('\n');
     }
     s
+}
+
+/// ` at 400 TFLOP/s` for FLOP-timed predictions, nothing for measured ones.
+pub fn compute_label(c: crate::latency::Compute) -> String {
+    match c {
+        crate::latency::Compute::Measured => String::new(),
+        crate::latency::Compute::Flops { per_second } => {
+            format!(" at {} TFLOP/s", per_second / 1e12)
+        }
+    }
+}
+
+/// Per-rank GFLOPs in a few words: `12.1 x4` when equal, else the list.
+fn flops_cell(flops: &[f64]) -> String {
+    let g: Vec<String> = flops.iter().map(|f| format!("{:.1}", f / 1e9)).collect();
+    match g.as_slice() {
+        [] => "-".into(),
+        [one] => one.clone(),
+        _ if g.windows(2).all(|w| w[0] == w[1]) => format!("{} x{}", g[0], g.len()),
+        _ => g.join(", "),
+    }
 }
 
 /// `cpu x2 (host)`, `cuda:0, cuda:1 (device-to-device)`: the devices in a few words.
@@ -495,18 +554,20 @@ pub fn devices_cell(devices: &[String], transfer: &str) -> String {
 pub fn trace_table(
     traces: &[(String, crate::Trace)],
     link: &crate::latency::Link,
+    compute: crate::latency::Compute,
 ) -> Result<String> {
     let serial = traces
         .iter()
         .find(|(_, t)| t.strategy == "serial")
-        .map(|(_, t)| crate::latency::predict_trace(t, link))
+        .map(|(_, t)| crate::latency::predict_trace_with(t, link, compute))
         .transpose()?;
     let mut s = format!(
-        "| trace | strategy | ranks | devices | measured (s) | bytes sent | staged steps | compute-bound (s) | link adds (ms) | predicted on {} (s) | predicted speedup | predicted vs measured |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
-        link.name
+        "| trace | strategy | ranks | devices | measured (s) | bytes sent | staged steps | compute-bound (s) | link adds (ms) | predicted on {}{} (s) | predicted speedup | predicted vs measured |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        link.name,
+        compute_label(compute)
     );
     for (name, t) in traces {
-        let p = crate::latency::predict_trace(t, link)?;
+        let p = crate::latency::predict_trace_with(t, link, compute)?;
         let speedup = serial
             .as_ref()
             .map(|b| format!("{:.2}x", b.seconds / p.seconds))

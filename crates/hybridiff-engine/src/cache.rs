@@ -1014,6 +1014,10 @@ impl Denoiser for StepCache<'_> {
             .map_err(model_err)
     }
 
+    fn band_dim(&self, idx: usize, index: usize) -> Option<usize> {
+        self.inner.band_dim(idx, index)
+    }
+
     fn begin_patch(
         &self,
         sample: &Tensor,
@@ -1044,7 +1048,9 @@ impl Denoiser for StepCache<'_> {
     ) -> hybridiff_models::Result<Tensor> {
         let band = ctx.band();
         let weight = band.rows as f64 / band.full_rows.max(1) as f64;
-        let Some(range) = self.range else {
+        // A step a stage pipeline starts from needs every module's output: computed whole.
+        let range = self.range.filter(|_| !ctx.keeps_outputs());
+        let Some(range) = range else {
             let y = self.inner.forward_patch(sample, timestep, cond, ctx)?;
             self.count(sample.dim(0)? as f64 * weight, 0.0, &[]);
             return Ok(y);

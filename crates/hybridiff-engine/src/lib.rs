@@ -21,6 +21,7 @@ pub mod switch;
 pub mod torch_rng;
 pub mod trace;
 pub mod tune;
+pub mod work;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
@@ -458,6 +459,7 @@ fn gather_devices(
 #[derive(Debug, Clone, Copy)]
 struct RankCost {
     compute_seconds: f64,
+    flops: f64,
     bytes: u64,
     messages: u64,
     overlapped: strategy::Sent,
@@ -470,6 +472,7 @@ impl RankCost {
     fn of(s: &strategy::RankStep) -> Self {
         Self {
             compute_seconds: s.compute_seconds,
+            flops: s.flops,
             bytes: s.bytes_sent,
             messages: s.messages_sent,
             overlapped: s.overlapped,
@@ -485,10 +488,10 @@ fn gather_steps(
     steps: &[strategy::RankStep],
 ) -> Result<Vec<Vec<RankCost>>> {
     let dev = candle_core::Device::Cpu;
-    // Per step: compute seconds, forwards computed and forwards saved.
+    // Per step: compute seconds, FLOPs, forwards computed and forwards saved.
     let secs: Vec<f64> = steps
         .iter()
-        .flat_map(|s| [s.compute_seconds, s.cache.forwards, s.cache.saved])
+        .flat_map(|s| [s.compute_seconds, s.flops, s.cache.forwards, s.cache.saved])
         .collect();
     // i64 carries any count a step can have (< 2^63): bytes, messages, overlapped bytes
     // and messages, step after step.
@@ -510,25 +513,26 @@ fn gather_steps(
         .zip(&counts)
         .map(|(s, c)| {
             let (s, c) = (s.to_vec1::<f64>()?, c.to_vec1::<i64>()?);
-            if s.len() != 3 * steps.len() || c.len() != 4 * steps.len() {
+            if s.len() != 4 * steps.len() || c.len() != 4 * steps.len() {
                 return Err(Error::Options(format!(
                     "a rank reported {} steps, expected {}",
                     s.len(),
                     steps.len()
                 )));
             }
-            Ok(s.chunks(3)
+            Ok(s.chunks(4)
                 .zip(c.chunks(4))
                 .map(|(s, c)| RankCost {
                     compute_seconds: s[0],
+                    flops: s[1],
                     bytes: c[0] as u64,
                     messages: c[1] as u64,
                     overlapped: strategy::Sent {
                         bytes: c[2] as u64,
                         messages: c[3] as u64,
                     },
-                    forwards: s[1],
-                    saved: s[2],
+                    forwards: s[2],
+                    saved: s[3],
                 })
                 .collect())
         })
@@ -564,6 +568,8 @@ fn assemble(
                 rel_mae: s.rel_mae,
                 wall_seconds: s.wall_seconds,
                 rank_compute_seconds: per_rank.iter().map(|r| r[i].compute_seconds).collect(),
+                rank_flops: per_rank.iter().map(|r| r[i].flops).collect(),
+                chain_groups: s.chain_groups,
                 bytes_sent,
                 rank_bytes_sent: per_rank.iter().map(|r| r[i].bytes).collect(),
                 rank_messages_sent: per_rank.iter().map(|r| r[i].messages).collect(),

@@ -152,7 +152,13 @@ impl RequestCheck {
             req.width.unwrap_or(default.1),
         );
         check_size(h, w, m.vae_factor, self.latent_multiple)?;
-        m.check_within(req, strategy.name(), opts.world_size, strategy.cache().copied(), limit)?;
+        m.check_within(
+            req,
+            strategy.name(),
+            opts.world_size,
+            strategy.cache().copied(),
+            limit,
+        )?;
         let scheduler = match req.scheduler {
             Some(s) => s,
             None => self.scheduler_config.default_kind()?,

@@ -142,6 +142,9 @@ impl Denoiser for Cancellable<'_> {
     fn patch_alignment(&self) -> Option<(usize, usize)> {
         self.inner.patch_alignment()
     }
+    fn band_dim(&self, idx: usize, index: usize) -> Option<usize> {
+        self.inner.band_dim(idx, index)
+    }
     fn begin_patch(
         &self,
         sample: &Tensor,

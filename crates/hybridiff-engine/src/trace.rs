@@ -2,6 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
+fn is_zero(v: &usize) -> bool {
+    *v == 0
+}
+
 /// How a step's prediction was computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -27,6 +31,15 @@ pub struct StepTrace {
     pub wall_seconds: f64,
     /// Seconds each rank spent in denoiser compute during the step.
     pub rank_compute_seconds: Vec<f64>,
+    /// FLOPs each rank computed during the step, counted where the denoiser was called
+    /// (`engine/src/work.rs`).
+    #[serde(default)]
+    pub rank_flops: Vec<f64>,
+    /// When the ranks computed one after another (a sequential fill or warm-up), the number
+    /// of independent chains they formed (equal consecutive rank groups); 0 when they
+    /// computed side by side. The latency model sums a chain's compute.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub chain_groups: usize,
     /// Bytes sent by all ranks during the step.
     pub bytes_sent: u64,
     /// Bytes each rank sent during the step (index = rank; they sum to `bytes_sent`).

@@ -189,7 +189,7 @@ fn deepcache_takes_the_same_decisions_under_every_strategy() {
     let scale = max_abs(&serial.step_latents).max(1.0);
     for (world, split) in [(4, true), (2, false)] {
         let o = StrategyOptions {
-            patch_mode: PatchMode::Sync,
+            patch_mode: Some(PatchMode::Sync),
             cfg_split: split,
             ..opts.clone()
         };
@@ -205,7 +205,7 @@ fn deepcache_takes_the_same_decisions_under_every_strategy() {
     // Displaced bands (skipped layers' messages drained, stale values kept), pipelined
     // stages (async), and Hybridiff: the same decisions, no hang, close to serial + cache.
     let displaced = StrategyOptions {
-        patch_mode: PatchMode::Displaced,
+        patch_mode: Some(PatchMode::Displaced),
         ..opts.clone()
     };
     for (kind, world, o) in [
@@ -289,7 +289,7 @@ fn teacache_takes_the_same_decisions_under_every_strategy() {
     }
     let scale = max_abs(&serial.step_latents).max(1.0);
     let sync = StrategyOptions {
-        patch_mode: PatchMode::Sync,
+        patch_mode: Some(PatchMode::Sync),
         ..opts.clone()
     };
     let p = run_steps(&s, STEPS, StrategyKind::Patch, 4, &sync).unwrap();
@@ -297,7 +297,7 @@ fn teacache_takes_the_same_decisions_under_every_strategy() {
     let d = max_abs(&(&p.step_latents - &serial.step_latents).unwrap());
     assert!(d <= 1e-4 * scale, "patch sync + teacache: {d}");
     let displaced = StrategyOptions {
-        patch_mode: PatchMode::Displaced,
+        patch_mode: Some(PatchMode::Displaced),
         ..opts.clone()
     };
     for (kind, world, o) in [
@@ -333,7 +333,7 @@ fn teacache_on_a_unet_reuses_the_whole_prediction_under_every_strategy() {
         assert!(same_bits(&cfg.step_latents, &serial.step_latents));
     }
     let displaced = StrategyOptions {
-        patch_mode: PatchMode::Displaced,
+        patch_mode: Some(PatchMode::Displaced),
         ..opts.clone()
     };
     for (kind, world, o) in [

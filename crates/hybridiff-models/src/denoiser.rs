@@ -186,6 +186,14 @@ pub trait Denoiser: Send + Sync {
         ))
     }
 
+    /// For a band forward ([`Self::forward_patch`]): the dimension along which output
+    /// `index` of module `idx` is cut by the bands (the rows of a `[B, C, h, w]` activation,
+    /// the tokens of a `[B, L, D]` one), so that the bands' outputs concatenated along it in
+    /// band order are the whole image's; `None` when every band computes the output whole
+    /// (an MMDiT's text stream). Required (no default) so that a wrapper cannot forget to
+    /// forward it.
+    fn band_dim(&self, idx: usize, index: usize) -> Option<usize>;
+
     /// The forward pass on one horizontal band of the latents (DistriFusion's patch
     /// parallelism): `sample` is `[B, C, rows, W]`, the rows `ctx.band()` names, and the
     /// result is the prediction for those rows. Layers that need other bands' data ask
@@ -206,6 +214,7 @@ pub trait Denoiser: Send + Sync {
         for idx in 0..self.module_names().len() {
             p.enter_module(idx)?;
             let out = self.run_module_patch(idx, &state, &p)?;
+            ctx.module_output(idx, &out);
             self.apply_module(idx, &mut state, out)?;
         }
         self.end(state)

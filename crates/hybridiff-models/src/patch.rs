@@ -57,6 +57,17 @@ pub trait PatchContext {
     ) -> Result<(Option<Tensor>, Option<Tensor>)>;
     /// Every band's `x` for exchange `layer`, in band order (this band's is `x` itself).
     fn gather(&self, layer: usize, x: &Tensor) -> Result<Vec<Tensor>>;
+    /// Module `idx`'s output on this band, handed over as soon as it is computed (by
+    /// [`crate::Denoiser::forward_patch`], module by module), for an engine that keeps band
+    /// outputs (to start a stage pipeline from an exact banded step). Ignored by default.
+    fn module_output(&self, idx: usize, output: &[Tensor]) {
+        let _ = (idx, output);
+    }
+    /// Whether [`Self::module_output`] keeps what it is handed (a step a stage pipeline
+    /// starts from): such a forward must compute every module, so a step cache runs it whole.
+    fn keeps_outputs(&self) -> bool {
+        false
+    }
 }
 
 /// Layer ids each module may use: a module's `k`-th exchange has id

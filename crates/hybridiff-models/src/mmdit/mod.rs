@@ -508,6 +508,21 @@ impl Denoiser for SD3Transformer2DModel {
         Some((self.config.patch_size, self.config.patch_size))
     }
 
+    /// Blocks and `norm_out` output image tokens `[B, L, D]` (a band's are a run of rows of
+    /// patches: dim 1) and, but the last block, the text stream `[B, Lc, D]`, which every band
+    /// computes whole; `proj_out` outputs the band's rows of the prediction (dim 2).
+    fn band_dim(&self, idx: usize, index: usize) -> Option<usize> {
+        if idx + 1 == self.names.len() {
+            return Some(2);
+        }
+        let texts = self.module_output_count(idx) - 1;
+        if index < texts {
+            None
+        } else {
+            Some(1)
+        }
+    }
+
     fn begin_patch(
         &self,
         sample: &Tensor,

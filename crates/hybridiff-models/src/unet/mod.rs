@@ -769,6 +769,11 @@ impl Denoiser for UNet2DConditionModel {
         Some((1 << (self.config.block_out_channels.len() - 1), 1))
     }
 
+    /// Every module outputs `[B, C, h, w]` activations: a band's are rows (dim 2).
+    fn band_dim(&self, _idx: usize, _index: usize) -> Option<usize> {
+        Some(2)
+    }
+
     fn begin_patch(
         &self,
         sample: &Tensor,
