@@ -89,7 +89,7 @@ pub const STRATEGY_FLAGS: &[FlagUse] = &[
                 || (k == StrategyKind::Hybrid && mode == Some("displaced"))
         },
         users:
-            "async, patch with displaced bands (its default) and hybrid with --patch-mode displaced",
+            "async, patch with --patch-mode displaced (its default) and hybrid with --patch-mode displaced",
     },
     FlagUse {
         id: "stride",

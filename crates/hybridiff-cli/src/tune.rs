@@ -161,7 +161,7 @@ const BARE_PROMPTS: usize = 3;
 /// What is denoised: prompts through a pipeline, or random embeddings for a bare denoiser.
 enum Subject {
     Pipeline(Box<Pipeline>),
-    Bare { model: Model, latent: usize },
+    Bare { model: Box<Model>, latent: usize },
 }
 
 impl Subject {
@@ -634,7 +634,10 @@ pub fn run(args: TuneArgs) -> Result<()> {
         }
         let model = Model::load_resolved(&resolved, dtype, &device)?;
         let latent = args.latent_size.or(model.sample_size()).unwrap_or(64);
-        Subject::Bare { model, latent }
+        Subject::Bare {
+            model: Box::new(model),
+            latent,
+        }
     };
     let model = subject.model();
     let guidance = args

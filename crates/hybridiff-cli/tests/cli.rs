@@ -530,7 +530,7 @@ fn init_writes_a_loadable_model_and_bench_prints_numbers() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
-        stdout.contains("batch 1") && stdout.contains("| cfg | 2 |"),
+        stdout.contains("batch 1") && stdout.contains("| cfg | - | 2 |"),
         "{stdout}"
     );
     let v: serde_json::Value =
@@ -681,7 +681,7 @@ fn bench_compares_all_strategies_and_writes_json_and_markdown() {
         runs[2]["bytes_sent"].as_u64().unwrap() < runs[2]["reference_bytes_sent"].as_u64().unwrap()
     );
     let table = std::fs::read_to_string(&md).unwrap();
-    assert!(table.contains("| hybrid | 2 |"), "{table}");
+    assert!(table.contains("| hybrid | - | 2 |"), "{table}");
 }
 
 #[test]
@@ -758,7 +758,7 @@ fn init_writes_a_random_sd3_folder_that_runs() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
-        stdout.contains("flow-euler") && stdout.contains("| hybrid | 2 |"),
+        stdout.contains("flow-euler") && stdout.contains("| hybrid | - | 2 |"),
         "{stdout}"
     );
 }
@@ -1171,11 +1171,12 @@ fn bench_patch_reports_mode_bands_and_bytes_and_bad_patch_flags_fail() {
     let table = std::fs::read_to_string(&md).unwrap();
     let row = table
         .lines()
-        .find(|l| l.starts_with("| patch | 2 |"))
+        .find(|l| l.starts_with("| patch | - | 2 |"))
         .unwrap();
     assert!(row.contains("sync 2 bands, CFG batched"), "{table}");
-    // Columns: strategy, ranks, transport, latency, speedup, bytes sent, ...
-    let bytes: u64 = row.split('|').nth(6).unwrap().trim().parse().unwrap();
+    // Columns: strategy, cache, ranks, transport, latency, speedup, forwards, cached steps,
+    // step overhead, bytes sent, ...
+    let bytes: u64 = row.split('|').nth(10).unwrap().trim().parse().unwrap();
     assert!(bytes > 0, "{table}");
 
     let out = dir.path().join("o.safetensors");

@@ -79,6 +79,12 @@ const ALLOWED_HOST_READS: &[(&str, usize, &str)] = &[
         "LoRA files are read on the host when the model is resolved (their alpha scalars \
          too), before any weight loads; each delta moves to its weight's device to merge",
     ),
+    (
+        "lpips.rs",
+        3,
+        "a metric, never inside a denoising forward: the distances leave the device once \
+         per image pair, and images come from (and LPIPS weights load on) the host",
+    ),
 ];
 
 #[test]
