@@ -13,11 +13,13 @@ use hybridiff_engine::{DenoiseInputs, Job, Model, StrategyKind};
 use crate::outputs::{Format, Plan};
 
 /// The trace file of a strategy's row in `--trace-dir`: `<strategy>.json` for ranks as
-/// threads, `<strategy>-<transport>.json` otherwise.
-fn trace_name(kind: StrategyKind, transport: &str) -> String {
+/// threads, `<strategy>-<transport>.json` otherwise; a run with the step cache `method`
+/// (`--cache`) inserts `-<method>` after the strategy (`hybrid-deepcache-mpi.json`).
+fn trace_name(kind: StrategyKind, cache: Option<&str>, transport: &str) -> String {
+    let cached = cache.map(|m| format!("-{m}")).unwrap_or_default();
     match transport {
-        "threads" => format!("{kind}.json"),
-        t => format!("{kind}-{t}.json"),
+        "threads" => format!("{kind}{cached}.json"),
+        t => format!("{kind}{cached}-{t}.json"),
     }
 }
 
@@ -101,6 +103,11 @@ pub struct BenchArgs {
     /// per-message latency in microseconds (25, 25/10). See docs/benchmarks/latency-model.md.
     #[arg(long)]
     pub simulate_link: Option<String>,
+    /// With --simulate-link: time each rank's compute by its counted FLOPs at this many
+    /// TFLOP/s (the sustained rate of the GPU to predict for, e.g. about 400 for an H100 on
+    /// SDXL's U-Net in f16) instead of the compute this machine measured.
+    #[arg(long, requires = "simulate_link")]
+    pub gpu_tflops: Option<f64>,
     /// Predict from the traces in this folder (as `--trace-dir` writes them, e.g. measured
     /// on GPUs) instead of running anything; needs --simulate-link.
     #[arg(long, conflicts_with_all = ["model", "inputs", "json", "markdown", "trace_dir"])]
@@ -129,8 +136,26 @@ fn parse_link(s: &str) -> Result<hybridiff_engine::latency::Link> {
     Ok(s.parse()?)
 }
 
+/// `--gpu-tflops`: FLOP-timed compute, or the measured one without it.
+fn parse_compute(tflops: Option<f64>) -> Result<hybridiff_engine::latency::Compute> {
+    use hybridiff_engine::latency::Compute;
+    match tflops {
+        None => Ok(Compute::Measured),
+        Some(t) if t.is_finite() && t > 0.0 && t <= 1e6 => Ok(Compute::Flops {
+            per_second: t * 1e12,
+        }),
+        Some(t) => {
+            anyhow::bail!("--gpu-tflops {t}: expected a throughput above 0 and at most 1e6 TFLOP/s")
+        }
+    }
+}
+
 /// `bench --from-trace DIR --simulate-link L`: the latency model over traces already written.
-fn run_from_trace(dir: &std::path::Path, link: Option<&str>) -> Result<()> {
+fn run_from_trace(
+    dir: &std::path::Path,
+    link: Option<&str>,
+    compute: hybridiff_engine::latency::Compute,
+) -> Result<()> {
     use anyhow::Context;
     let Some(link) = link else {
         anyhow::bail!(
@@ -253,17 +278,26 @@ fn run_from_trace(dir: &std::path::Path, link: Option<&str>) -> Result<()> {
     }
     let traces: Vec<(String, hybridiff_engine::Trace)> =
         traces.into_iter().map(|(n, _, t)| (n, t)).collect();
-    print!("{}", hybridiff_engine::bench::trace_table(&traces, &link)?);
+    print!(
+        "{}",
+        hybridiff_engine::bench::trace_table(&traces, &link, compute)?
+    );
     Ok(())
 }
 
 pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
+    let compute = parse_compute(args.gpu_tflops)?;
     let given = crate::strategy_args::Given::get();
     if let Some(dir) = &args.from_trace {
         // Everything but the link describes a run, and --from-trace runs nothing.
         let ignored: Vec<String> = given
             .ids()
-            .filter(|id| !matches!(*id, "from_trace" | "simulate_link" | "verbose"))
+            .filter(|id| {
+                !matches!(
+                    *id,
+                    "from_trace" | "simulate_link" | "gpu_tflops" | "verbose"
+                )
+            })
             .map(|id| format!("--{}", id.replace('_', "-")))
             .collect();
         if !ignored.is_empty() {
@@ -274,7 +308,7 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
                 if ignored.len() == 1 { "it" } else { "them" }
             );
         }
-        return run_from_trace(dir, args.simulate_link.as_deref());
+        return run_from_trace(dir, args.simulate_link.as_deref(), compute);
     }
     // Flags that only shape something this run does not do are refused, not ignored.
     if args.inputs.is_some() {
@@ -379,6 +413,10 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
             "{what}: `{k}` is listed twice; each strategy runs (and writes its trace) once"
         );
     }
+    // The cache decides the trace names: read before the outputs are planned.
+    let defaults = crate::strategy_args::ModelDefaults::read(&model_dir)?;
+    let cache = args.strategy_args.cache(&defaults, args.steps)?;
+    let cache_method = cache.as_ref().map(|(spec, _)| spec.method());
     // Every file the run writes, checked before anything is loaded.
     let mut plan = Plan::new();
     if let Some(p) = &args.inputs {
@@ -398,9 +436,16 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
             } else {
                 &transports
             };
+            // With --cache, every strategy runs without and then with it.
+            let variants: &[Option<&str>] = match cache_method {
+                Some(_) => &[None, cache_method],
+                None => &[None],
+            };
             for &mpi in on {
-                let name = trace_name(kind, if mpi { "mpi" } else { "threads" });
-                files.push((format!("--trace-dir ({name})"), d.join(&name), Format::Json));
+                for &c in variants {
+                    let name = trace_name(kind, c, if mpi { "mpi" } else { "threads" });
+                    files.push((format!("--trace-dir ({name})"), d.join(&name), Format::Json));
+                }
             }
         }
         plan.folder(
@@ -442,10 +487,14 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
         }
     }
     hybridiff_engine::check_guidance(args.guidance)?;
-    let (options, switch) = args.strategy_args.options(
-        &crate::strategy_args::ModelDefaults::read(&model_dir)?,
-        args.steps,
-    )?;
+    let (options, switch) = args.strategy_args.options(&defaults, args.steps)?;
+    if let Some((spec, note)) = &cache {
+        spec.check_steps(args.steps)
+            .map_err(|e| anyhow::anyhow!("{e}{}", crate::strategy_args::from_default(note)))?;
+        if root && note.starts_with("--cache default") {
+            eprintln!("hybridiff: {note}");
+        }
+    }
     let built: Vec<Box<dyn hybridiff_engine::Strategy>> =
         kinds.iter().map(|k| k.build(&options)).collect();
     let refs: Vec<&dyn hybridiff_engine::Strategy> = built.iter().map(|b| b.as_ref()).collect();
@@ -456,6 +505,7 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     let device = devices.device.clone();
     let dtype = crate::strategy_args::parse_dtype(&args.dtype, &device)?;
     let model = Model::load_resolved(&resolved, dtype, &device)?;
+    crate::strategy_args::check_cache_fits(cache.as_ref(), model.denoiser.as_ref())?;
     let placement = crate::strategy_args::load_replicas(devices.placement, &resolved, dtype)?;
     let inputs = match &args.inputs {
         Some(p) => DenoiseInputs::load(p, &model.input_spec, &device)?,
@@ -482,7 +532,8 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
                     (model.input_spec.latent_channels, size, size),
                     args.context_len,
                     args.steps,
-                );
+                )
+                .with_cache(options.cache);
                 estimate_job(model.denoiser.as_ref(), &shape).check()?;
             }
             random_inputs(
@@ -521,22 +572,32 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
         sampling: Default::default(),
     };
     let mut runs = Vec::new();
+    // With --cache, every strategy runs without and then with it.
+    let variants: &[bool] = if options.cache.is_some() {
+        &[false, true]
+    } else {
+        &[false]
+    };
     for &kind in &kinds {
-        if kind == StrategyKind::Serial {
-            // One rank: the same on threads and processes, so it runs once.
-            runs.push(BenchRun {
-                kind,
-                world_size: 1,
-                on_processes: false,
-            });
-            continue;
-        }
-        for &on_processes in &transports {
-            runs.push(BenchRun {
-                kind,
-                world_size: args.world_size,
-                on_processes,
-            });
+        for &cached in variants {
+            if kind == StrategyKind::Serial {
+                // One rank: the same on threads and processes, so it runs once.
+                runs.push(BenchRun {
+                    kind,
+                    world_size: 1,
+                    on_processes: false,
+                    cached,
+                });
+                continue;
+            }
+            for &on_processes in &transports {
+                runs.push(BenchRun {
+                    kind,
+                    world_size: args.world_size,
+                    on_processes,
+                    cached,
+                });
+            }
         }
     }
     // Every run's layout and options are checked before the timed forwards, so a bad flag
@@ -583,7 +644,15 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     if let Some(r) = &ready {
         r.prepare()?;
     }
-    let results = compare_on(&job, &runs, &options, tpr, &placement, link.as_ref(), group)?;
+    let results = compare_on(
+        &job,
+        &runs,
+        &options,
+        tpr,
+        &placement,
+        link.as_ref().map(|l| (l, compute)),
+        group,
+    )?;
     if !root {
         return Ok(());
     }
@@ -594,7 +663,8 @@ pub fn run(args: BenchArgs, launch: &crate::launch::Launch) -> Result<()> {
     if let Some(d) = &args.trace_dir {
         for (row, trace) in &results {
             let kind: StrategyKind = row.strategy.parse()?;
-            let p = d.join(trace_name(kind, &row.transport));
+            let method = (row.cache != "-").then(|| row.cache.split(':').next().unwrap_or("cache"));
+            let p = d.join(trace_name(kind, method, &row.transport));
             write_bytes_atomic(&p, serde_json::to_string_pretty(trace)?.as_bytes())?;
         }
     }

@@ -112,6 +112,7 @@ pub fn run(args: DenoiseArgs, launch: &crate::launch::Launch) -> Result<()> {
         eprintln!("hybridiff: {line}");
     }
     let model = Model::load_resolved(&resolved, run.dtype, &device)?;
+    run.check_cache_fits(model.denoiser.as_ref())?;
     run.options.placement = crate::strategy_args::load_replicas(
         std::mem::take(&mut run.options.placement),
         &resolved,

@@ -350,6 +350,7 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
         eprintln!("hybridiff: {line}");
     }
     let pipeline = Pipeline::load_resolved(&resolved, run.dtype, &device)?;
+    run.check_cache_fits(pipeline.model.denoiser.as_ref())?;
     run.options.placement = crate::strategy_args::load_replicas(
         std::mem::take(&mut run.options.placement),
         &resolved,
@@ -610,6 +611,15 @@ fn run_batch(
                 entry["classifier_free_guidance"] = trace.classifier_free_guidance.into();
                 entry["tau1"] = serde_json::json!(trace.tau1);
                 entry["tau2"] = serde_json::json!(trace.tau2);
+                entry["denoise_seconds"] = trace.total_seconds.into();
+                entry["step_overhead_ms"] =
+                    hybridiff_engine::bench::step_overhead_ms(&trace).into();
+                entry["forwards"] = trace.forwards.into();
+                if let Some(c) = &trace.cache {
+                    entry["cache"] = c.clone().into();
+                    entry["cached_steps"] = trace.cached_steps.into();
+                    entry["forwards_saved"] = trace.forwards_saved.into();
+                }
                 Some(staged)
             }
             Err(_) if cancel.is_some() && crate::interrupt::requested() => {

@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::sync::OnceLock;
 
 use anyhow::Result;
+use hybridiff_engine::cache::CacheSpec;
 use hybridiff_engine::switch::{self, PartialSwitch, ResolvedSwitch};
 use hybridiff_engine::StrategyKind;
 use hybridiff_engine::{PipelinedGuidance, StrategyOptions};
@@ -82,14 +83,33 @@ pub const STRATEGY_FLAGS: &[FlagUse] = &[
     FlagUse {
         id: "warmup",
         used_by: |k, a| {
-            k == StrategyKind::Async || (k == StrategyKind::Patch && a.patch_mode == "displaced")
+            let mode = a.patch_mode.as_deref();
+            k == StrategyKind::Async
+                || (k == StrategyKind::Patch && mode.unwrap_or("displaced") == "displaced")
+                || (k == StrategyKind::Hybrid && mode == Some("displaced"))
         },
-        users: "async, and patch with --patch-mode displaced",
+        users:
+            "async, patch with --patch-mode displaced (its default) and hybrid with --patch-mode displaced",
+    },
+    FlagUse {
+        id: "stride",
+        used_by: |k, _| k == StrategyKind::Async,
+        users: "async",
     },
     FlagUse {
         id: "patch_mode",
-        used_by: |k, _| k == StrategyKind::Patch,
-        users: "patch",
+        used_by: |k, _| {
+            matches!(
+                k,
+                StrategyKind::Patch | StrategyKind::Hybrid | StrategyKind::Cfg
+            )
+        },
+        users: "patch, cfg (sync) and hybrid's exact steps",
+    },
+    FlagUse {
+        id: "pipeline_layout",
+        used_by: |k, _| k == StrategyKind::Hybrid,
+        users: "hybrid",
     },
     FlagUse {
         id: "no_cfg_split",
@@ -163,14 +183,27 @@ pub fn check_flags_used(
 /// Knobs of the staged strategies (`async`, `hybrid`) and of `patch`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct StrategyArgs {
-    /// async: exact steps before pipelining; patch (displaced): synchronous steps before
-    /// other bands' activations are taken from the previous step.
+    /// async: exact steps before pipelining; patch and hybrid with displaced bands:
+    /// synchronous steps before other bands' activations are taken from the previous step.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    /// patch: `displaced` (DistriFusion: other bands' halos, GroupNorm statistics and
-    /// keys/values from the previous step, exchanged asynchronously) or `sync` (exact).
-    #[arg(long, default_value = "displaced")]
-    pub patch_mode: String,
+    /// async: AsyncDiff's stride, 1 (n = W stages, one per rank, every step) or 2 (n = W - 1
+    /// stages plus a rank that computes the last stage again; each rank computes once per
+    /// two steps).
+    #[arg(long, default_value_t = 1)]
+    pub stride: usize,
+    /// Bands inside each CFG branch group: `displaced` (DistriFusion: other bands' halos,
+    /// GroupNorm statistics and keys/values from the previous step, exchanged asynchronously)
+    /// or `sync` (exact) [default: displaced for patch; sync for hybrid's exact steps; cfg
+    /// takes sync only].
+    #[arg(long)]
+    pub patch_mode: Option<String>,
+    /// hybrid, pipelined steps on W = 2P ranks: `across` (2P stages over both branch groups,
+    /// one unguided prediction: the paper's layout; the fastest) or `per-branch` (P stages
+    /// per branch group, both branches, guided; P >= 2: better images, cfg's speed, fewer
+    /// bytes than cfg on slow links) [default: across; see docs/benchmarks/scale-out.md].
+    #[arg(long)]
+    pub pipeline_layout: Option<String>,
     /// patch: run both CFG branches on every rank (W = bands) instead of one rank group
     /// per branch (W = 2 x bands).
     #[arg(long)]
@@ -202,6 +235,12 @@ pub struct StrategyArgs {
     /// else none].
     #[arg(long)]
     pub pipelined_guidance: Option<String>,
+    /// Step caching, every strategy [default: off]: `deepcache[:interval=N,branch=B,warmup=W]`
+    /// (U-Nets: cached steps run only the shallow branch), `teacache[:threshold=T,warmup=W]`
+    /// (MMDiTs: cached steps reuse the blocks' residual; U-Nets: the last prediction),
+    /// `default` (what the model folder's hybridiff.json recommends) or `none`.
+    #[arg(long, value_name = "METHOD[:KEY=VALUE,...]")]
+    pub cache: Option<String>,
 }
 
 impl StrategyArgs {
@@ -225,15 +264,68 @@ impl StrategyArgs {
         Ok((
             StrategyOptions {
                 warmup: self.warmup,
+                stride: self.stride,
                 switch: resolved.params,
                 stages: defaults.stages(self.stages.as_deref())?,
                 pipelined_guidance: defaults
                     .pipelined_guidance(self.pipelined_guidance.as_deref())?,
-                patch_mode: self.patch_mode.parse()?,
+                patch_mode: self.patch_mode.as_deref().map(str::parse).transpose()?,
+                pipeline_layout: self
+                    .pipeline_layout
+                    .as_deref()
+                    .map(str::parse)
+                    .transpose()?,
                 cfg_split: !self.no_cfg_split,
+                cache: self.cache(defaults, steps)?.map(|(c, _)| c),
             },
             resolved,
         ))
+    }
+
+    /// `--cache`: the method and parameters given, or (`default`) the model's
+    /// recommendation for a run of `steps` steps (its `warmup` scaled from the recommended
+    /// steps, as the switching thresholds are), with a line saying where it came from;
+    /// `None` without the flag or with `none`.
+    pub fn cache(
+        &self,
+        defaults: &ModelDefaults,
+        steps: usize,
+    ) -> Result<Option<(CacheSpec, String)>> {
+        match self.cache.as_deref().map(str::trim) {
+            None | Some("none") => Ok(None),
+            Some("default") => {
+                match &defaults.cache {
+                    Some(c) => {
+                        let file = defaults
+                            .path
+                            .as_ref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_else(|| "hybridiff.json".into());
+                        let (spec, how) = match defaults.steps {
+                        Some(tuned) if tuned != steps => (
+                            c.scaled_to(tuned, steps),
+                            format!("{c} for {tuned} steps from {file}, warmup scaled to {steps} steps"),
+                        ),
+                        _ => (*c, format!("from {file}")),
+                    };
+                        Ok(Some((spec, format!("--cache default: {spec} ({how})"))))
+                    }
+                    None => anyhow::bail!(
+                    "--cache default: {} recommends no cache (no `cache` key); give a method: {}",
+                    defaults
+                        .path
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "the model folder has no hybridiff.json, so it".into()),
+                    hybridiff_engine::cache::METHODS
+                ),
+                }
+            }
+            Some(s) => {
+                let spec = CacheSpec::parse(s, "--cache")?;
+                Ok(Some((spec, format!("--cache {spec}"))))
+            }
+        }
     }
 }
 
@@ -294,6 +386,25 @@ pub struct ModelDefaults {
     /// runs); a record for people, not read by runs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tune: Option<serde_json::Value>,
+    /// The step cache `--cache default` takes, as `--cache` writes it.
+    #[serde(
+        default,
+        deserialize_with = "cache_key",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cache: Option<CacheSpec>,
+    /// The file it was read from.
+    #[serde(skip)]
+    pub path: Option<std::path::PathBuf>,
+}
+
+/// `cache` as a `--cache` string; read as a string first so that a bad value is named by
+/// the caller with the file and the key.
+fn cache_key<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<CacheSpec>, D::Error> {
+    let s: Option<String> = serde::Deserialize::deserialize(d)?;
+    s.map(|s| CacheSpec::parse(&s, "key `cache`"))
+        .transpose()
+        .map_err(serde::de::Error::custom)
 }
 
 impl ModelDefaults {
@@ -309,9 +420,9 @@ impl ModelDefaults {
             hybridiff_models::weights::MAX_CONFIG_BYTES,
         )
         .with_context(|| format!("reading {}", p.display()))?;
-        let d: Self = serde_json::from_str(&text).with_context(|| {
+        let mut d: Self = serde_json::from_str(&text).with_context(|| {
             format!(
-                "{}: expected {{steps, guidance, l_slope, eps_slope, k, tau_cap, stages, pipelined_guidance, tune}}",
+                "{}: expected {{steps, guidance, l_slope, eps_slope, k, tau_cap, stages, pipelined_guidance, cache, tune}}",
                 p.display()
             )
         })?;
@@ -323,6 +434,7 @@ impl ModelDefaults {
             g.parse::<PipelinedGuidance>()
                 .with_context(|| format!("{}: `pipelined_guidance` = {g:?}", p.display()))?;
         }
+        d.path = Some(p.clone());
         if d.steps == Some(0) {
             anyhow::bail!("{}: `steps` = 0: expected 1 or more", p.display());
         }
@@ -492,8 +604,11 @@ fn local_rank(p: crate::launch::Processes) -> (usize, usize) {
 /// How a job runs: strategy, ranks, threads, precision. Shared by `denoise` and `generate`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
-    /// serial (1 rank), cfg (2 or 4), async (2+), hybrid (2 or 4), patch (2 x bands, or
-    /// bands with --no-cfg-split or guidance <= 1).
+    /// serial (1 rank); cfg (2P ranks: the CFG branches x P bands, exact); hybrid (2P ranks:
+    /// cfg's exact steps, pipelined where the branches agree); async (2+ ranks, 3+ with
+    /// --stride 2); patch (2P ranks, or P with --no-cfg-split). Which to pick: hybrid on 2, 4
+    /// or 8 devices (the fastest at the quality of exact steps; see README, "Which strategy");
+    /// cfg where every step must be exact.
     #[arg(long, default_value = "serial")]
     pub strategy: String,
     /// Number of ranks [default: 1 for serial, 2 otherwise]. Ranks are threads of this
@@ -537,6 +652,27 @@ pub struct RunArgs {
     pub strategy_args: StrategyArgs,
 }
 
+/// Refuses a step cache that does not fit `model`, saying where a `default` one came from.
+pub fn check_cache_fits(
+    cache: Option<&(CacheSpec, String)>,
+    model: &dyn hybridiff_models::Denoiser,
+) -> Result<()> {
+    if let Some((spec, note)) = cache {
+        spec.skip_range(model)
+            .map_err(|e| anyhow::anyhow!("{e}{}", from_default(note)))?;
+    }
+    Ok(())
+}
+
+/// ` (--cache default: ... from FILE)` when the cache came from a model's recommendation.
+pub(crate) fn from_default(note: &str) -> String {
+    if note.starts_with("--cache default") {
+        format!(" ({note})")
+    } else {
+        String::new()
+    }
+}
+
 /// `--dtype`: f32 or f16, and bf16 where the device has bf16 kernels.
 pub(crate) fn parse_dtype(s: &str, device: &candle_core::Device) -> Result<candle_core::DType> {
     use candle_core::DType;
@@ -565,6 +701,8 @@ pub struct Run {
     pub guidance_rescale: f64,
     /// The hybrid thresholds and where they came from.
     pub switch: ResolvedSwitch,
+    /// `--cache`, and the line saying where it came from.
+    pub cache: Option<(CacheSpec, String)>,
     /// Rank 0's device: load the model and inputs here (`options.placement` has every
     /// rank's; [`load_replicas`] loads the model on the others).
     pub device: candle_core::Device,
@@ -589,8 +727,19 @@ impl Run {
             .transpose()
     }
 
-    /// [`announce`] for this run's strategy.
+    /// Refuses a `--cache` that does not fit the loaded `model` (before any compute), saying
+    /// where a `default` one came from.
+    pub fn check_cache_fits(&self, model: &dyn hybridiff_models::Denoiser) -> Result<()> {
+        check_cache_fits(self.cache.as_ref(), model)
+    }
+
+    /// [`announce`] for this run's strategy, and where `--cache default` came from.
     pub fn announce(&self, guidance: f64, steps: usize, print: bool) -> Result<()> {
+        if let (true, Some((_, note))) = (print, &self.cache) {
+            if note.starts_with("--cache default") {
+                eprintln!("hybridiff: {note}");
+            }
+        }
         announce(
             &[self.kind],
             &[self.strategy.as_ref()],
@@ -667,6 +816,11 @@ impl RunArgs {
         run_options.placement = devices.placement;
         crate::set_compute_threads(threads);
         let (options, switch) = self.strategy_args.options(defaults, steps)?;
+        let cache = self.strategy_args.cache(defaults, steps)?;
+        if let Some((spec, note)) = &cache {
+            spec.check_steps(steps)
+                .map_err(|e| anyhow::anyhow!("{e}{}", from_default(note)))?;
+        }
         Ok(Run {
             kind,
             strategy: kind.build(&options),
@@ -676,6 +830,7 @@ impl RunArgs {
             karras: self.karras,
             guidance_rescale: self.guidance_rescale,
             switch,
+            cache,
             device: devices.device,
             nccl,
         })

@@ -985,6 +985,9 @@ pub fn run(args: TuneArgs) -> Result<()> {
         tau_cap: Some(c.switch.tau_cap),
         stages: Some(c.knobs.stages.to_string()),
         pipelined_guidance: Some(c.knobs.pipelined_guidance.to_string()),
+        // Not tuned here: the model's step-cache recommendation is kept as it was.
+        cache: defaults.cache,
+        path: None,
         tune: Some(serde_json::json!({
             "world_size": world,
             "scheduler": scheduler.to_string(),
@@ -1110,12 +1113,12 @@ fn step_costs_line(c: &StepCosts) -> String {
     let slowest = |v: &[hybridiff_engine::latency::RankCost]| {
         v.iter().map(|r| r.compute_seconds).fold(0.0, f64::max)
     };
-    let mut s = format!("exact {:.4} s", slowest(&c.exact));
+    let mut s = format!("exact {:.4} s", slowest(&c.exact.ranks));
     if let Some(f) = &c.fill {
-        s += &format!(", fill {:.4} s", slowest(f));
+        s += &format!(", fill {:.4} s", slowest(&f.ranks));
     }
     if let Some(p) = &c.pipelined {
-        s += &format!(", pipelined {:.4} s", slowest(p));
+        s += &format!(", pipelined {:.4} s", slowest(&p.ranks));
     }
     s
 }

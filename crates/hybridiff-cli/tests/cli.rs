@@ -300,8 +300,144 @@ fn world_size_three_with_cfg_is_rejected() {
         &inputs,
         &out,
         &["--strategy", "cfg", "--world-size", "3"],
-        &["--world-size 3", "2 or 4"],
+        &[
+            "--world-size 3",
+            "even number of ranks",
+            "use --world-size 2, 4, 6 or 8",
+        ],
     );
+}
+
+/// Layouts that would leave a rank idle or cannot fit, each refused before compute with the
+/// flag, the value and what would fit (issue 25). The tiny U-Net's 16 latent rows make at
+/// most 4 bands (whole 4-row units).
+#[test]
+fn scale_out_layouts_that_do_not_fit_are_refused_before_compute() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = fixture("tiny-sdxl");
+    let out = dir.path().join("out.safetensors");
+    let inputs = root.join("inputs.safetensors");
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["--strategy", "hybrid", "--world-size", "5"],
+            &["--world-size 5", "hybrid", "even number of ranks"],
+        ),
+        (
+            &["--strategy", "async", "--stride", "2", "--world-size", "2"],
+            &[
+                "--world-size 2",
+                "--stride 2",
+                "at least 3 ranks",
+                "--stride 1",
+            ],
+        ),
+        (
+            &["--strategy", "async", "--stride", "3", "--world-size", "4"],
+            &["--stride 3", "1 or 2"],
+        ),
+        (
+            &["--strategy", "async", "--stride", "2", "--world-size", "3"],
+            &["--steps 2", "--stride 2", "use --steps 3 or more"],
+        ),
+        (
+            &["--strategy", "hybrid", "--pipeline-layout", "per-branch"],
+            &[
+                "--pipeline-layout per-branch",
+                "--world-size 4 or 8",
+                "across",
+            ],
+        ),
+        (
+            &[
+                "--strategy",
+                "hybrid",
+                "--world-size",
+                "4",
+                "--pipeline-layout",
+                "per-branch",
+                "--pipelined-guidance",
+                "reuse",
+            ],
+            &["--pipelined-guidance reuse", "--pipeline-layout across"],
+        ),
+        (
+            &["--strategy", "hybrid", "--pipeline-layout", "diagonal"],
+            &["--pipeline-layout", "diagonal", "across or per-branch"],
+        ),
+        (
+            &[
+                "--strategy",
+                "cfg",
+                "--world-size",
+                "4",
+                "--patch-mode",
+                "displaced",
+            ],
+            &["--patch-mode displaced", "cfg is exact", "--strategy patch"],
+        ),
+        (
+            &[
+                "--strategy",
+                "hybrid",
+                "--world-size",
+                "4",
+                "--patch-mode",
+                "displaced",
+                "--warmup",
+                "0",
+            ],
+            &["--warmup 0", "at least 1 synchronous step"],
+        ),
+    ];
+    for (extra, needles) in cases {
+        expect_failure(&root, &inputs, &out, extra, needles);
+    }
+    // Bands thinner than the model allows: 8 latent rows make 2 bands of 4 rows at most.
+    for (strategy, world, needles) in [
+        (
+            "cfg",
+            "8",
+            &[
+                "--world-size 8",
+                "4 bands",
+                "use at most 2 bands",
+                "use --world-size 2 or 4",
+            ][..],
+        ),
+        (
+            "hybrid",
+            "8",
+            &["--world-size 8", "hybrid", "use --world-size 2 or 4"][..],
+        ),
+    ] {
+        let o = hybridiff(&[
+            "bench",
+            "--model",
+            s(&root),
+            "--latent-size",
+            "8",
+            "--strategies",
+            strategy,
+            "--world-size",
+            world,
+            "--steps",
+            "6",
+            "--repeats",
+            "0",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && !err.contains("panicked"),
+            "{strategy}: {err}"
+        );
+        for n in needles {
+            assert!(err.contains(n), "{strategy}: stderr lacks {n:?}: {err}");
+        }
+        assert!(
+            !String::from_utf8_lossy(&o.stdout).contains("denoiser forward"),
+            "refused after compute"
+        );
+    }
 }
 
 #[test]
@@ -394,7 +530,7 @@ fn init_writes_a_loadable_model_and_bench_prints_numbers() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
-        stdout.contains("batch 1") && stdout.contains("| cfg | 2 |"),
+        stdout.contains("batch 1") && stdout.contains("| cfg | - | 2 |"),
         "{stdout}"
     );
     let v: serde_json::Value =
@@ -545,7 +681,7 @@ fn bench_compares_all_strategies_and_writes_json_and_markdown() {
         runs[2]["bytes_sent"].as_u64().unwrap() < runs[2]["reference_bytes_sent"].as_u64().unwrap()
     );
     let table = std::fs::read_to_string(&md).unwrap();
-    assert!(table.contains("| hybrid | 2 |"), "{table}");
+    assert!(table.contains("| hybrid | - | 2 |"), "{table}");
 }
 
 #[test]
@@ -622,7 +758,7 @@ fn init_writes_a_random_sd3_folder_that_runs() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
-        stdout.contains("flow-euler") && stdout.contains("| hybrid | 2 |"),
+        stdout.contains("flow-euler") && stdout.contains("| hybrid | - | 2 |"),
         "{stdout}"
     );
 }
@@ -1035,11 +1171,12 @@ fn bench_patch_reports_mode_bands_and_bytes_and_bad_patch_flags_fail() {
     let table = std::fs::read_to_string(&md).unwrap();
     let row = table
         .lines()
-        .find(|l| l.starts_with("| patch | 2 |"))
+        .find(|l| l.starts_with("| patch | - | 2 |"))
         .unwrap();
     assert!(row.contains("sync 2 bands, CFG batched"), "{table}");
-    // Columns: strategy, ranks, transport, latency, speedup, bytes sent, ...
-    let bytes: u64 = row.split('|').nth(6).unwrap().trim().parse().unwrap();
+    // Columns: strategy, cache, ranks, transport, latency, speedup, forwards, cached steps,
+    // step overhead, bytes sent, ...
+    let bytes: u64 = row.split('|').nth(10).unwrap().trim().parse().unwrap();
     assert!(bytes > 0, "{table}");
 
     let out = dir.path().join("o.safetensors");

@@ -109,6 +109,7 @@ fn trace_facts(t: &serde_json::Value) -> serde_json::Value {
                 "rank_messages_sent": s["rank_messages_sent"],
                 "rank_overlapped_bytes": s["rank_overlapped_bytes"],
                 "rank_overlapped_messages": s["rank_overlapped_messages"],
+                "forwards": s["forwards"], "cache": s["cache"],
             })
         })
         .collect();
@@ -118,14 +119,21 @@ fn trace_facts(t: &serde_json::Value) -> serde_json::Value {
         "reference_bytes_sent": t["reference_bytes_sent"], "stage_plan": t["stage_plan"],
         "tau1": t["tau1"], "tau2": t["tau2"], "rel_mae_log": t["rel_mae_log"], "steps": steps,
         "rank_devices": t["rank_devices"], "transfer": t["transfer"],
+        "cache": t["cache"], "forwards": t["forwards"], "forwards_saved": t["forwards_saved"],
+        "cached_steps": t["cached_steps"],
     })
 }
 
 /// Denoises the tiny SDXL with `extra` flags both ways; latents must agree bit for bit and the
 /// traces in everything but timings.
-fn same_as_in_process(np: usize, extra: &[&str]) {
+fn same_as_in_process(np: usize, extra: &[&str]) -> serde_json::Value {
+    same_as_in_process_on("tiny-sdxl", np, extra)
+}
+
+/// [`same_as_in_process`] on fixture `model`; returns the trace of the run on processes.
+fn same_as_in_process_on(model: &str, np: usize, extra: &[&str]) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
-    let root = fixture("tiny-sdxl");
+    let root = fixture(model);
     let inputs = root.join("inputs.safetensors");
     let mut outs = Vec::new();
     for mode in ["threads", "mpi"] {
@@ -192,6 +200,7 @@ fn same_as_in_process(np: usize, extra: &[&str]) {
         others > 0.0,
         "the other ranks' compute seconds are missing from the trace"
     );
+    tb
 }
 
 #[test]
@@ -210,6 +219,41 @@ fn hybrid_on_two_processes_equals_two_threads_bit_for_bit() {
             "--tau-cap",
             "8",
         ],
+    );
+}
+
+#[test]
+fn step_caching_on_processes_equals_threads_bit_for_bit() {
+    // deepcache's decisions come from the step index; the forwards counted and saved on
+    // every rank reach rank 0's trace.
+    let t = same_as_in_process(
+        2,
+        &[
+            "--strategy",
+            "hybrid",
+            "--l-slope",
+            "3",
+            "--eps-slope",
+            "0.05",
+            "--k",
+            "4",
+            "--tau-cap",
+            "8",
+            "--cache",
+            "deepcache:interval=2",
+        ],
+    );
+    assert!(t["cached_steps"].as_u64().unwrap() > 0 && t["forwards_saved"].as_f64().unwrap() > 0.0);
+    // teacache's come from rank 0's indicator, broadcast to the other processes.
+    let t = same_as_in_process_on(
+        "tiny-sd3",
+        2,
+        &["--strategy", "cfg", "--cache", "teacache:threshold=0.3"],
+    );
+    assert!(
+        t["cached_steps"].as_u64().unwrap() > 0,
+        "{}",
+        t["cached_steps"]
     );
 }
 
@@ -301,6 +345,127 @@ fn stochastic_samplers_on_processes_equal_threads_bit_for_bit() {
             "--seed",
             "4",
         ],
+    );
+}
+
+/// Issue 25's layouts on four processes: hybrid's exact steps as 2 branch groups x 2 bands
+/// (sync and displaced) with either pipelined layout, and AsyncDiff's stride 2 (3 stages and
+/// a rank mirroring the last), bit for bit and byte for byte as on threads.
+#[test]
+fn scale_out_layouts_on_four_processes_equal_four_threads_bit_for_bit() {
+    let switch = [
+        "--l-slope",
+        "3",
+        "--eps-slope",
+        "0.05",
+        "--k",
+        "3",
+        "--tau-cap",
+        "5",
+    ];
+    for extra in [
+        &["--strategy", "hybrid", "--pipeline-layout", "per-branch"][..],
+        &[
+            "--strategy",
+            "hybrid",
+            "--pipeline-layout",
+            "across",
+            "--patch-mode",
+            "displaced",
+        ][..],
+        &["--strategy", "async", "--stride", "2", "--stages", "auto"][..],
+    ] {
+        let mut args = extra.to_vec();
+        // The switching thresholds only where a strategy reads them (others refuse them).
+        if extra[1] == "hybrid" {
+            args.extend_from_slice(&switch);
+        }
+        same_as_in_process(4, &args);
+    }
+}
+
+/// Bands of unequal heights (14 latent rows: 8 + 6 per branch group) in the new layouts'
+/// all-gathers and halos across processes: results and bytes equal the threads'.
+#[test]
+fn scale_out_layouts_with_uneven_bands_on_processes_equal_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let js = dir.path().join("b.json");
+    let model = fixture("tiny-sdxl");
+    let r = mpirun(
+        4,
+        &[
+            "bench",
+            "--model",
+            s(&model),
+            "--strategies",
+            "serial,cfg,hybrid",
+            "--transport",
+            "threads,mpi",
+            "--latent-size",
+            "14",
+            "--steps",
+            "7",
+            "--tau-cap",
+            "3",
+            "--k",
+            "2",
+            "--l-slope",
+            "2",
+            "--repeats",
+            "0",
+            "--world-size",
+            "4",
+            "--json",
+            s(&js),
+        ],
+        &[],
+        dir.path(),
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let rows = json(&js)["runs"].as_array().unwrap().clone();
+    for strategy in ["cfg", "hybrid"] {
+        let pick = |t: &str| {
+            rows.iter()
+                .find(|r| r["strategy"] == strategy && r["transport"] == t)
+                .unwrap_or_else(|| panic!("no {strategy} row on {t}: {rows:?}"))
+                .clone()
+        };
+        let (a, b) = (pick("threads"), pick("mpi"));
+        for k in [
+            "bytes_sent",
+            "max_abs_diff",
+            "psnr_db",
+            "rank_flops",
+            "pipelined_steps",
+        ] {
+            assert_eq!(a[k], b[k], "{strategy}: {k}");
+        }
+        assert!(
+            a["setup"]
+                .as_str()
+                .unwrap()
+                .contains("2 CFG groups x 2 bands"),
+            "{a}"
+        );
+    }
+    let cfg = rows.iter().find(|r| r["strategy"] == "cfg").unwrap();
+    assert!(
+        cfg["max_abs_diff"].as_f64().unwrap() < 1e-3,
+        "cfg is exact: {cfg}"
+    );
+}
+
+/// A rank killed mid-run in a four-process hybrid job (bands, then stages) stops every rank,
+/// and the job names it.
+#[test]
+fn rank_killed_in_a_four_process_hybrid_stops_every_rank_naming_it() {
+    failing_rank_stops(4, "2:150", &["--world-size", "4"], "kill", &["rank 2"]);
+    failing_rank_stops(
+        4,
+        "3:300",
+        &["--world-size", "4"],
+        "error",
+        &["rank 3", "injected error"],
     );
 }
 
@@ -514,39 +679,43 @@ fn patch_with_uneven_bands_on_processes_equals_threads() {
 /// Runs a 2-process hybrid job whose rank 1 fails at its 3rd send as `mode` says, and checks
 /// that the job stops well within `--comm-timeout` plus slack, names rank 1, and leaves no file.
 fn failing_rank_stops_the_job(mode: &str, needles: &[&str]) {
+    failing_rank_stops(2, "1:3", &[], mode, needles);
+}
+
+/// [`failing_rank_stops_the_job`] on `np` processes with `extra` flags; `at` is
+/// `RANK:SEND` of the fault.
+fn failing_rank_stops(np: usize, at: &str, extra: &[&str], mode: &str, needles: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let root = fixture("tiny-sdxl");
     let out = dir.path().join("out.safetensors");
     let trace = dir.path().join("trace.json");
-    let fault = format!("1:3:{mode}");
-    let r = mpirun(
-        2,
-        &[
-            "denoise",
-            "--model",
-            s(&root),
-            "--inputs",
-            s(&root.join("inputs.safetensors")),
-            "--out",
-            s(&out),
-            "--trace",
-            s(&trace),
-            "--steps",
-            "10",
-            "--strategy",
-            "hybrid",
-            "--tau-cap",
-            "4",
-            "--k",
-            "3",
-            "--threads-per-rank",
-            "1",
-            "--comm-timeout",
-            "8",
-        ],
-        &[("HYBRIDIFF_TEST_FAULT", &fault)],
-        dir.path(),
-    );
+    let fault = format!("{at}:{mode}");
+    let inputs = root.join("inputs.safetensors");
+    let mut args = vec![
+        "denoise",
+        "--model",
+        s(&root),
+        "--inputs",
+        s(&inputs),
+        "--out",
+        s(&out),
+        "--trace",
+        s(&trace),
+        "--steps",
+        "10",
+        "--strategy",
+        "hybrid",
+        "--tau-cap",
+        "4",
+        "--k",
+        "3",
+        "--threads-per-rank",
+        "1",
+        "--comm-timeout",
+        "8",
+    ];
+    args.extend_from_slice(extra);
+    let r = mpirun(np, &args, &[("HYBRIDIFF_TEST_FAULT", &fault)], dir.path());
     let all = format!("{}{}", r.stdout, r.stderr);
     assert!(!r.ok, "{mode}: the job succeeded: {all}");
     // The timeout (8 s) plus process start-up and the abort's grace.

@@ -19,7 +19,7 @@ use std::time::Duration;
 use candle_core::Tensor;
 
 use crate::error::{Error, Op, Result};
-use crate::Communicator;
+use crate::{Communicator, Group};
 
 /// The variable read by [`Fault::from_env`].
 pub const VAR: &str = "HYBRIDIFF_TEST_FAULT";
@@ -145,14 +145,14 @@ impl<C: Communicator> Communicator for Faulty<C> {
     fn recv(&self, src: usize) -> Result<Tensor> {
         self.inner.recv(src)
     }
-    fn broadcast(&self, tensor: Option<&Tensor>, root: usize) -> Result<Tensor> {
-        self.inner.broadcast(tensor, root)
+    fn broadcast_in(&self, group: &Group, tensor: Option<&Tensor>, root: usize) -> Result<Tensor> {
+        self.inner.broadcast_in(group, tensor, root)
     }
-    fn all_gather(&self, tensor: &Tensor) -> Result<Vec<Tensor>> {
-        self.inner.all_gather(tensor)
+    fn all_gather_in(&self, group: &Group, tensor: &Tensor) -> Result<Vec<Tensor>> {
+        self.inner.all_gather_in(group, tensor)
     }
-    fn barrier(&self) -> Result<()> {
-        self.inner.barrier()
+    fn barrier_in(&self, group: &Group) -> Result<()> {
+        self.inner.barrier_in(group)
     }
     fn bytes_sent(&self) -> u64 {
         self.inner.bytes_sent()

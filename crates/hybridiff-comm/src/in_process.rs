@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 
+use crate::collective::{self, check_p2p_peer, deadline_after, Group, Sequences, Tag, Wire};
 use crate::error::{Error, Op, Result};
 use crate::{tensor_bytes, Communicator};
 
 /// A collective's message; the tag lets the receiver check that both sides are in the same call.
 struct CollMsg {
-    op: Op,
-    seq: u64,
+    tag: Tag,
     tensor: Option<Tensor>,
 }
 
@@ -126,7 +126,7 @@ impl InProcessGroup {
                 timeout,
                 shared: Arc::clone(&shared),
                 bytes_sent: AtomicU64::new(0),
-                coll_seq: AtomicU64::new(0),
+                sequences: Sequences::new(world_size),
             })
             .collect();
         (shared, comms)
@@ -144,8 +144,8 @@ pub struct InProcessComm {
     timeout: Duration,
     shared: Arc<Shared>,
     bytes_sent: AtomicU64,
-    /// Number of collectives this rank has entered; tags collective messages.
-    coll_seq: AtomicU64,
+    /// Tags collective messages.
+    sequences: Sequences,
 }
 
 impl InProcessComm {
@@ -167,29 +167,6 @@ impl InProcessComm {
             .aborted
             .as_ref()
             .map(|a| (a.by_rank, a.reason.clone()))
-    }
-
-    fn check_peer(&self, peer: usize, op: Op) -> Result<()> {
-        if peer >= self.shared.world_size {
-            return Err(Error::InvalidRank {
-                rank: self.rank,
-                peer,
-                world_size: self.shared.world_size,
-                op,
-            });
-        }
-        Ok(())
-    }
-
-    fn check_p2p_peer(&self, peer: usize, op: Op) -> Result<()> {
-        self.check_peer(peer, op)?;
-        if peer == self.rank {
-            return Err(Error::SelfPeer {
-                rank: self.rank,
-                op,
-            });
-        }
-        Ok(())
     }
 
     fn aborted_error(&self, a: &AbortInfo, op: Op) -> Error {
@@ -265,38 +242,8 @@ impl InProcessComm {
         }
     }
 
-    fn deadline(&self) -> Instant {
-        // A timeout too large to add (e.g. Duration::MAX) means "as long as representable".
-        let now = Instant::now();
-        now.checked_add(self.timeout)
-            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
-    }
-
-    fn next_seq(&self) -> u64 {
-        self.coll_seq.fetch_add(1, Ordering::Relaxed)
-    }
-
-    fn coll_send(&self, op: Op, seq: u64, dst: usize, tensor: Option<&Tensor>) -> Result<()> {
-        let bytes = tensor.map_or(0, tensor_bytes);
-        let tensor = tensor.cloned();
-        self.post(op, dst, bytes, |p| {
-            p.coll.push_back(CollMsg { op, seq, tensor })
-        })
-    }
-
-    fn coll_recv(&self, op: Op, seq: u64, src: usize, deadline: Instant) -> Result<Option<Tensor>> {
-        let msg = self.wait_from(op, src, deadline, |p| p.coll.pop_front())?;
-        if msg.op != op || msg.seq != seq {
-            return Err(Error::CollectiveMismatch {
-                rank: self.rank,
-                peer: src,
-                op,
-                seq,
-                got_op: msg.op,
-                got_seq: msg.seq,
-            });
-        }
-        Ok(msg.tensor)
+    fn check_p2p_peer(&self, peer: usize, op: Op) -> Result<()> {
+        check_p2p_peer(self.rank, self.shared.world_size, peer, op)
     }
 }
 
@@ -324,88 +271,21 @@ impl Communicator for InProcessComm {
 
     fn recv(&self, src: usize) -> Result<Tensor> {
         self.check_p2p_peer(src, Op::Recv)?;
-        self.wait_from(Op::Recv, src, self.deadline(), |p| p.p2p.pop_front())
+        self.wait_from(Op::Recv, src, deadline_after(self.timeout), |p| {
+            p.p2p.pop_front()
+        })
     }
 
-    fn broadcast(&self, tensor: Option<&Tensor>, root: usize) -> Result<Tensor> {
-        let op = Op::Broadcast;
-        self.check_peer(root, op)?;
-        let seq = self.next_seq();
-        if self.rank == root {
-            let Some(tensor) = tensor else {
-                return Err(Error::BadArgument {
-                    rank: self.rank,
-                    op,
-                    what: format!("rank {root} is the root and must pass Some(tensor)"),
-                });
-            };
-            for dst in (0..self.world_size()).filter(|&d| d != root) {
-                self.coll_send(op, seq, dst, Some(tensor))?;
-            }
-            Ok(tensor.clone())
-        } else {
-            if tensor.is_some() {
-                return Err(Error::BadArgument {
-                    rank: self.rank,
-                    op,
-                    what: format!(
-                        "only the root (rank {root}) passes a tensor; other ranks pass None \
-                         (do two ranks think they are the root?)"
-                    ),
-                });
-            }
-            match self.coll_recv(op, seq, root, self.deadline())? {
-                Some(t) => Ok(t),
-                None => Err(Error::BadArgument {
-                    rank: self.rank,
-                    op,
-                    what: format!("rank {root} sent no tensor"),
-                }),
-            }
-        }
+    fn broadcast_in(&self, group: &Group, tensor: Option<&Tensor>, root: usize) -> Result<Tensor> {
+        collective::broadcast(self, group, tensor, root)
     }
 
-    fn all_gather(&self, tensor: &Tensor) -> Result<Vec<Tensor>> {
-        let op = Op::AllGather;
-        let seq = self.next_seq();
-        let n = self.world_size();
-        // Send everything first: sends never block, so no ordering of ranks can deadlock.
-        for dst in (0..n).filter(|&d| d != self.rank) {
-            self.coll_send(op, seq, dst, Some(tensor))?;
-        }
-        let deadline = self.deadline();
-        let mut out = Vec::with_capacity(n);
-        for src in 0..n {
-            if src == self.rank {
-                out.push(tensor.clone());
-                continue;
-            }
-            match self.coll_recv(op, seq, src, deadline)? {
-                Some(t) => out.push(t),
-                None => {
-                    return Err(Error::BadArgument {
-                        rank: self.rank,
-                        op,
-                        what: format!("rank {src} sent no tensor"),
-                    })
-                }
-            }
-        }
-        Ok(out)
+    fn all_gather_in(&self, group: &Group, tensor: &Tensor) -> Result<Vec<Tensor>> {
+        collective::all_gather(self, group, tensor)
     }
 
-    fn barrier(&self) -> Result<()> {
-        let op = Op::Barrier;
-        let seq = self.next_seq();
-        let n = self.world_size();
-        for dst in (0..n).filter(|&d| d != self.rank) {
-            self.coll_send(op, seq, dst, None)?;
-        }
-        let deadline = self.deadline();
-        for src in (0..n).filter(|&s| s != self.rank) {
-            self.coll_recv(op, seq, src, deadline)?;
-        }
-        Ok(())
+    fn barrier_in(&self, group: &Group) -> Result<()> {
+        collective::barrier(self, group)
     }
 
     fn bytes_sent(&self) -> u64 {
@@ -414,5 +294,36 @@ impl Communicator for InProcessComm {
 
     fn abort(&self, reason: &str) {
         self.shared.abort_as(self.rank, reason);
+    }
+}
+
+impl Wire for InProcessComm {
+    fn me(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.shared.world_size
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn post_coll(&self, tag: Tag, dst: usize, tensor: Option<&Tensor>) -> Result<()> {
+        let bytes = tensor.map_or(0, tensor_bytes);
+        let tensor = tensor.cloned();
+        self.post(tag.op, dst, bytes, |p| {
+            p.coll.push_back(CollMsg { tag, tensor })
+        })
+    }
+
+    fn take_coll(&self, op: Op, src: usize, deadline: Instant) -> Result<(Tag, Option<Tensor>)> {
+        let msg = self.wait_from(op, src, deadline, |p| p.coll.pop_front())?;
+        Ok((msg.tag, msg.tensor))
+    }
+
+    fn sequences(&self) -> &Sequences {
+        &self.sequences
     }
 }

@@ -11,6 +11,7 @@
 //! [`Communicator::abort`] makes every pending and future wait on every rank fail promptly, so a
 //! failing rank stops the whole job instead of leaving the others hung.
 
+mod collective;
 mod error;
 #[doc(hidden)]
 pub mod fault;
@@ -25,6 +26,7 @@ mod warm;
 
 use candle_core::Tensor;
 
+pub use collective::Group;
 pub use error::{Error, Op, Result};
 pub use in_process::{InProcessComm, InProcessGroup};
 pub use run::{panic_message, run_ranks, threads_started, RunError};
@@ -33,8 +35,10 @@ pub use warm::WarmRanks;
 /// One rank's handle on a group of ranks.
 ///
 /// Point-to-point messages are FIFO per (source, destination) pair. Collectives must be called
-/// by every rank of the group, in the same order; they may be called repeatedly, and a fast
-/// rank's next collective never mixes with a slow rank's current one.
+/// by every member of their group, in the same order; they may be called repeatedly, and a fast
+/// rank's next collective never mixes with a slow rank's current one. Transports implement
+/// send/recv and a tagged collective channel; the collectives themselves are written once
+/// (`collective.rs`) over that channel, for every transport.
 pub trait Communicator: Send {
     /// This rank, in `0..world_size()`.
     fn rank(&self) -> usize;
@@ -48,14 +52,32 @@ pub trait Communicator: Send {
     /// Receives the next tensor `src` sent to this rank, waiting at most the timeout.
     fn recv(&self, src: usize) -> Result<Tensor>;
 
+    /// Broadcast within `group` (see [`Group`]): `root`, a member, passes `Some(tensor)`, the
+    /// other members `None`; every member gets root's tensor. Ranks outside the group do not
+    /// call it.
+    fn broadcast_in(&self, group: &Group, tensor: Option<&Tensor>, root: usize) -> Result<Tensor>;
+
+    /// All-gather within `group`: every member contributes one tensor and gets all of them,
+    /// index = the member's position in the group.
+    fn all_gather_in(&self, group: &Group, tensor: &Tensor) -> Result<Vec<Tensor>>;
+
+    /// Returns once every member of `group` has entered the barrier.
+    fn barrier_in(&self, group: &Group) -> Result<()>;
+
     /// Root passes `Some(tensor)`, others `None`; every rank gets root's tensor.
-    fn broadcast(&self, tensor: Option<&Tensor>, root: usize) -> Result<Tensor>;
+    fn broadcast(&self, tensor: Option<&Tensor>, root: usize) -> Result<Tensor> {
+        self.broadcast_in(&Group::world(self.world_size()), tensor, root)
+    }
 
     /// Every rank contributes one tensor; every rank gets all, index = rank.
-    fn all_gather(&self, tensor: &Tensor) -> Result<Vec<Tensor>>;
+    fn all_gather(&self, tensor: &Tensor) -> Result<Vec<Tensor>> {
+        self.all_gather_in(&Group::world(self.world_size()), tensor)
+    }
 
     /// Returns once every rank has entered the barrier.
-    fn barrier(&self) -> Result<()>;
+    fn barrier(&self) -> Result<()> {
+        self.barrier_in(&Group::world(self.world_size()))
+    }
 
     /// Bytes this rank has sent so far, counted as a wire transport would: elements × dtype size
     /// of every tensor, once per destination (a broadcast from the root to 3 others counts 3×, an

@@ -11,11 +11,11 @@
 //!   (both condition-split leaders do), which deadlocks with blocking standard-mode sends once a
 //!   message is past MPI's eager limit. Each send is an `MPI_Isend` of an owned buffer that is
 //!   freed when a later call finds it complete.
-//! - **Collectives** are built from the same tagged messages as the in-process transport (root
-//!   sends to each rank; all-gather sends to every peer), so they time out, detect ranks calling
-//!   different collectives, and count bytes exactly as the in-process transport does: traces
-//!   and byte counts are the same whichever transport ran a job. With 2 to 4 ranks and tensors
-//!   of a few MB the tree algorithms of native MPI collectives would gain nothing.
+//! - **Collectives** are the shared ones of `collective.rs`, over this transport's tagged
+//!   collective messages (`TAG_COLL`), so they time out, detect ranks calling different
+//!   collectives, and count bytes exactly as on the other transports: traces and byte counts
+//!   are the same whichever transport ran a job. With 2 to 8 ranks and tensors of a few MB the
+//!   tree algorithms of native MPI collectives would gain nothing.
 //! - **Abort** sends a notice (the reason) to every peer; their waits look for notices while
 //!   polling and fail with [`Error::Aborted`] naming the rank that gave up. What stops the
 //!   processes afterwards is the caller's business ([`MpiWorld::abort`], i.e. `MPI_Abort`).
@@ -33,6 +33,7 @@ use mpi::request::{Request, StaticScope};
 use mpi::topology::{Communicator as _, SimpleCommunicator};
 use mpi::Threading;
 
+use crate::collective::{self, check_p2p_peer, deadline_after, Group, Sequences, Tag, Wire};
 use crate::error::{Error, Op, Result};
 use crate::{tensor_bytes, Communicator};
 
@@ -92,14 +93,15 @@ impl MpiWorld {
     /// Use one at a time: two live communicators would share the same message streams.
     pub fn communicator(&self, timeout: Duration) -> MpiComm {
         let world = self.universe.world();
+        let size = world.size() as usize;
         MpiComm {
             rank: world.rank() as usize,
-            size: world.size() as usize,
+            size,
             world,
             timeout,
             device: Device::Cpu,
             bytes_sent: Cell::new(0),
-            coll_seq: Cell::new(0),
+            sequences: Sequences::new(size),
             pending: RefCell::new(Vec::new()),
             aborted: RefCell::new(None),
         }
@@ -162,8 +164,8 @@ pub struct MpiComm {
     timeout: Duration,
     device: Device,
     bytes_sent: Cell<u64>,
-    /// Number of collectives this rank has entered; tags collective messages.
-    coll_seq: Cell<u64>,
+    /// Tags collective messages.
+    sequences: Sequences,
     pending: RefCell<Vec<PendingSend>>,
     /// `(by_rank, reason)` once the group was aborted, by this rank or a notice.
     aborted: RefCell<Option<(usize, String)>>,
@@ -191,33 +193,8 @@ impl MpiComm {
         self
     }
 
-    fn deadline(&self) -> Instant {
-        let now = Instant::now();
-        now.checked_add(self.timeout)
-            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
-    }
-
-    fn check_peer(&self, peer: usize, op: Op) -> Result<()> {
-        if peer >= self.size {
-            return Err(Error::InvalidRank {
-                rank: self.rank,
-                peer,
-                world_size: self.size,
-                op,
-            });
-        }
-        Ok(())
-    }
-
     fn check_p2p_peer(&self, peer: usize, op: Op) -> Result<()> {
-        self.check_peer(peer, op)?;
-        if peer == self.rank {
-            return Err(Error::SelfPeer {
-                rank: self.rank,
-                op,
-            });
-        }
-        Ok(())
+        check_p2p_peer(self.rank, self.size, peer, op)
     }
 
     /// Lets MPI progress the pending sends and frees the finished ones.
@@ -316,12 +293,6 @@ impl MpiComm {
         }
     }
 
-    fn next_seq(&self) -> u64 {
-        let s = self.coll_seq.get();
-        self.coll_seq.set(s + 1);
-        s
-    }
-
     fn transport_error(&self, peer: usize, op: Op, what: impl std::fmt::Display) -> Error {
         Error::Transport {
             rank: self.rank,
@@ -329,28 +300,6 @@ impl MpiComm {
             op,
             what: what.to_string(),
         }
-    }
-
-    fn coll_send(&self, op: Op, seq: u64, dst: usize, tensor: Option<&Tensor>) -> Result<()> {
-        let bytes = encode(op, seq, tensor).map_err(|e| self.transport_error(dst, op, e))?;
-        self.post(op, dst, TAG_COLL, bytes, tensor.map_or(0, tensor_bytes))
-    }
-
-    fn coll_recv(&self, op: Op, seq: u64, src: usize, deadline: Instant) -> Result<Option<Tensor>> {
-        let bytes = self.wait_from(op, src, TAG_COLL, deadline)?;
-        let (got_op, got_seq, tensor) =
-            decode(&bytes, &self.device).map_err(|e| self.transport_error(src, op, e))?;
-        if got_op != op || got_seq != seq {
-            return Err(Error::CollectiveMismatch {
-                rank: self.rank,
-                peer: src,
-                op,
-                seq,
-                got_op,
-                got_seq,
-            });
-        }
-        Ok(tensor)
     }
 }
 
@@ -364,7 +313,7 @@ impl Drop for MpiComm {
                 .for_each(PendingSend::abandon);
             return;
         }
-        let deadline = self.deadline();
+        let deadline = deadline_after(self.timeout);
         while !self.pending.borrow().is_empty() && Instant::now() < deadline {
             self.progress_sends();
             std::thread::sleep(Duration::from_micros(100));
@@ -399,89 +348,23 @@ impl Communicator for MpiComm {
 
     fn recv(&self, src: usize) -> Result<Tensor> {
         self.check_p2p_peer(src, Op::Recv)?;
-        let bytes = self.wait_from(Op::Recv, src, TAG_P2P, self.deadline())?;
+        let bytes = self.wait_from(Op::Recv, src, TAG_P2P, deadline_after(self.timeout))?;
         match decode(&bytes, &self.device).map_err(|e| self.transport_error(src, Op::Recv, e))? {
             (_, _, Some(t)) => Ok(t),
             _ => Err(self.transport_error(src, Op::Recv, "the message held no tensor")),
         }
     }
 
-    fn broadcast(&self, tensor: Option<&Tensor>, root: usize) -> Result<Tensor> {
-        let op = Op::Broadcast;
-        self.check_peer(root, op)?;
-        let seq = self.next_seq();
-        if self.rank == root {
-            let Some(tensor) = tensor else {
-                return Err(Error::BadArgument {
-                    rank: self.rank,
-                    op,
-                    what: format!("rank {root} is the root and must pass Some(tensor)"),
-                });
-            };
-            for dst in (0..self.size).filter(|&d| d != root) {
-                self.coll_send(op, seq, dst, Some(tensor))?;
-            }
-            Ok(tensor.clone())
-        } else {
-            if tensor.is_some() {
-                return Err(Error::BadArgument {
-                    rank: self.rank,
-                    op,
-                    what: format!(
-                        "only the root (rank {root}) passes a tensor; other ranks pass None \
-                         (do two ranks think they are the root?)"
-                    ),
-                });
-            }
-            match self.coll_recv(op, seq, root, self.deadline())? {
-                Some(t) => Ok(t),
-                None => Err(Error::BadArgument {
-                    rank: self.rank,
-                    op,
-                    what: format!("rank {root} sent no tensor"),
-                }),
-            }
-        }
+    fn broadcast_in(&self, group: &Group, tensor: Option<&Tensor>, root: usize) -> Result<Tensor> {
+        collective::broadcast(self, group, tensor, root)
     }
 
-    fn all_gather(&self, tensor: &Tensor) -> Result<Vec<Tensor>> {
-        let op = Op::AllGather;
-        let seq = self.next_seq();
-        for dst in (0..self.size).filter(|&d| d != self.rank) {
-            self.coll_send(op, seq, dst, Some(tensor))?;
-        }
-        let deadline = self.deadline();
-        let mut out = Vec::with_capacity(self.size);
-        for src in 0..self.size {
-            if src == self.rank {
-                out.push(tensor.clone());
-                continue;
-            }
-            match self.coll_recv(op, seq, src, deadline)? {
-                Some(t) => out.push(t),
-                None => {
-                    return Err(Error::BadArgument {
-                        rank: self.rank,
-                        op,
-                        what: format!("rank {src} sent no tensor"),
-                    })
-                }
-            }
-        }
-        Ok(out)
+    fn all_gather_in(&self, group: &Group, tensor: &Tensor) -> Result<Vec<Tensor>> {
+        collective::all_gather(self, group, tensor)
     }
 
-    fn barrier(&self) -> Result<()> {
-        let op = Op::Barrier;
-        let seq = self.next_seq();
-        for dst in (0..self.size).filter(|&d| d != self.rank) {
-            self.coll_send(op, seq, dst, None)?;
-        }
-        let deadline = self.deadline();
-        for src in (0..self.size).filter(|&s| s != self.rank) {
-            self.coll_recv(op, seq, src, deadline)?;
-        }
-        Ok(())
+    fn barrier_in(&self, group: &Group) -> Result<()> {
+        collective::barrier(self, group)
     }
 
     fn bytes_sent(&self) -> u64 {
@@ -499,6 +382,37 @@ impl Communicator for MpiComm {
             self.pending.borrow_mut().push(send);
         }
         self.progress_sends();
+    }
+}
+
+impl Wire for MpiComm {
+    fn me(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn post_coll(&self, tag: Tag, dst: usize, tensor: Option<&Tensor>) -> Result<()> {
+        let bytes =
+            encode(tag.op, tag.seq, tensor).map_err(|e| self.transport_error(dst, tag.op, e))?;
+        self.post(tag.op, dst, TAG_COLL, bytes, tensor.map_or(0, tensor_bytes))
+    }
+
+    fn take_coll(&self, op: Op, src: usize, deadline: Instant) -> Result<(Tag, Option<Tensor>)> {
+        let bytes = self.wait_from(op, src, TAG_COLL, deadline)?;
+        let (op, seq, tensor) =
+            decode(&bytes, &self.device).map_err(|e| self.transport_error(src, op, e))?;
+        Ok((Tag { op, seq }, tensor))
+    }
+
+    fn sequences(&self) -> &Sequences {
+        &self.sequences
     }
 }
 

@@ -46,6 +46,7 @@ use candle_core::{DType, Device, Storage, Tensor};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use cudarc::nccl::sys;
 
+use crate::collective::{self, check_p2p_peer, deadline_after, Group, Sequences, Tag, Wire};
 use crate::error::{Error, Op, Result};
 use crate::nccl_wire::{self, Header, CHANNELS, HEADER_LEN, UNIQUE_ID_LEN};
 use crate::{tensor_bytes, Communicator, InProcessComm};
@@ -145,7 +146,8 @@ pub struct NcclComm {
     recvs: [Vec<Option<Link>>; CHANNELS],
     control: Control,
     bytes_sent: Cell<u64>,
-    coll_seq: Cell<u64>,
+    /// Tags collective messages.
+    sequences: Sequences,
     pending: RefCell<Vec<PendingSend>>,
     aborted: RefCell<Option<(usize, String)>>,
 }
@@ -205,12 +207,6 @@ fn nonblocking_config() -> sys::ncclConfig_t {
         numRmaCtx: UNDEF,
         maxP2pPeers: UNDEF,
     }
-}
-
-fn deadline_after(timeout: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(timeout)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 /// Sleeps a little longer each round (spinning first), up to 200 µs, never past `deadline`.
@@ -332,7 +328,7 @@ impl NcclComm {
             recvs: std::array::from_fn(|_| (0..world).map(|_| None).collect()),
             control,
             bytes_sent: Cell::new(0),
-            coll_seq: Cell::new(0),
+            sequences: Sequences::new(world),
             pending: RefCell::new(Vec::new()),
             aborted: RefCell::new(None),
         };
@@ -480,27 +476,8 @@ impl NcclComm {
         }
     }
 
-    fn check_peer(&self, peer: usize, op: Op) -> Result<()> {
-        if peer >= self.world {
-            return Err(Error::InvalidRank {
-                rank: self.rank,
-                peer,
-                world_size: self.world,
-                op,
-            });
-        }
-        Ok(())
-    }
-
     fn check_p2p_peer(&self, peer: usize, op: Op) -> Result<()> {
-        self.check_peer(peer, op)?;
-        if peer == self.rank {
-            return Err(Error::SelfPeer {
-                rank: self.rank,
-                op,
-            });
-        }
-        Ok(())
+        check_p2p_peer(self.rank, self.world, peer, op)
     }
 
     fn transport_error(&self, peer: usize, op: Op, what: impl std::fmt::Display) -> Error {
@@ -863,27 +840,6 @@ impl NcclComm {
         }
         Ok((header, Some(tensor)))
     }
-
-    fn next_seq(&self) -> u64 {
-        let s = self.coll_seq.get();
-        self.coll_seq.set(s + 1);
-        s
-    }
-
-    fn coll_recv(&self, op: Op, seq: u64, src: usize, deadline: Instant) -> Result<Option<Tensor>> {
-        let (h, tensor) = self.take(COLL, op, src, deadline)?;
-        if h.op != op || h.seq != seq {
-            return Err(self.fail(Error::CollectiveMismatch {
-                rank: self.rank,
-                peer: src,
-                op,
-                seq,
-                got_op: h.op,
-                got_seq: h.seq,
-            }));
-        }
-        Ok(tensor)
-    }
 }
 
 /// Calls `f` with the device address and byte length of contiguous CUDA tensor `t`, as seen by
@@ -1038,82 +994,16 @@ impl Communicator for NcclComm {
         }
     }
 
-    fn broadcast(&self, tensor: Option<&Tensor>, root: usize) -> Result<Tensor> {
-        let op = Op::Broadcast;
-        self.check_peer(root, op)?;
-        let seq = self.next_seq();
-        if self.rank == root {
-            let Some(tensor) = tensor else {
-                return Err(Error::BadArgument {
-                    rank: self.rank,
-                    op,
-                    what: format!("rank {root} is the root and must pass Some(tensor)"),
-                });
-            };
-            for dst in (0..self.world).filter(|&d| d != root) {
-                self.post(COLL, op, seq, dst, Some(tensor))?;
-            }
-            Ok(tensor.clone())
-        } else {
-            if tensor.is_some() {
-                return Err(Error::BadArgument {
-                    rank: self.rank,
-                    op,
-                    what: format!(
-                        "only the root (rank {root}) passes a tensor; other ranks pass None \
-                         (do two ranks think they are the root?)"
-                    ),
-                });
-            }
-            match self.coll_recv(op, seq, root, deadline_after(self.timeout))? {
-                Some(t) => Ok(t),
-                None => Err(Error::BadArgument {
-                    rank: self.rank,
-                    op,
-                    what: format!("rank {root} sent no tensor"),
-                }),
-            }
-        }
+    fn broadcast_in(&self, group: &Group, tensor: Option<&Tensor>, root: usize) -> Result<Tensor> {
+        collective::broadcast(self, group, tensor, root)
     }
 
-    fn all_gather(&self, tensor: &Tensor) -> Result<Vec<Tensor>> {
-        let op = Op::AllGather;
-        let seq = self.next_seq();
-        for dst in (0..self.world).filter(|&d| d != self.rank) {
-            self.post(COLL, op, seq, dst, Some(tensor))?;
-        }
-        let deadline = deadline_after(self.timeout);
-        let mut out = Vec::with_capacity(self.world);
-        for src in 0..self.world {
-            if src == self.rank {
-                out.push(tensor.clone());
-                continue;
-            }
-            match self.coll_recv(op, seq, src, deadline)? {
-                Some(t) => out.push(t),
-                None => {
-                    return Err(Error::BadArgument {
-                        rank: self.rank,
-                        op,
-                        what: format!("rank {src} sent no tensor"),
-                    })
-                }
-            }
-        }
-        Ok(out)
+    fn all_gather_in(&self, group: &Group, tensor: &Tensor) -> Result<Vec<Tensor>> {
+        collective::all_gather(self, group, tensor)
     }
 
-    fn barrier(&self) -> Result<()> {
-        let op = Op::Barrier;
-        let seq = self.next_seq();
-        for dst in (0..self.world).filter(|&d| d != self.rank) {
-            self.post(COLL, op, seq, dst, None)?;
-        }
-        let deadline = deadline_after(self.timeout);
-        for src in (0..self.world).filter(|&s| s != self.rank) {
-            self.coll_recv(op, seq, src, deadline)?;
-        }
-        Ok(())
+    fn barrier_in(&self, group: &Group) -> Result<()> {
+        collective::barrier(self, group)
     }
 
     fn bytes_sent(&self) -> u64 {
@@ -1128,6 +1018,45 @@ impl Communicator for NcclComm {
         *self.aborted.borrow_mut() = Some((self.rank, reason.to_string()));
         self.abort_links();
         self.control.comm().abort(reason);
+    }
+}
+
+impl Wire for NcclComm {
+    fn me(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.world
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn post_coll(&self, tag: Tag, dst: usize, tensor: Option<&Tensor>) -> Result<()> {
+        self.post(COLL, tag.op, tag.seq, dst, tensor)
+    }
+
+    fn take_coll(&self, op: Op, src: usize, deadline: Instant) -> Result<(Tag, Option<Tensor>)> {
+        let (h, tensor) = self.take(COLL, op, src, deadline)?;
+        Ok((
+            Tag {
+                op: h.op,
+                seq: h.seq,
+            },
+            tensor,
+        ))
+    }
+
+    fn sequences(&self) -> &Sequences {
+        &self.sequences
+    }
+
+    /// A collective that went wrong here leaves the peers' NCCL sends unmatched: the group
+    /// is torn down and the peers told.
+    fn failed(&self, error: Error) -> Error {
+        self.fail(error)
     }
 }
 

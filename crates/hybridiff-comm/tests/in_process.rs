@@ -7,23 +7,19 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use anyhow::anyhow;
 use candle_core::{DType, Device, Tensor};
 use hybridiff_comm::{
-    run_ranks, Communicator, Error, InProcessGroup, Op, Result as CommResult, RunError,
+    run_ranks, Communicator, Error, Group, InProcessGroup, Op, Result as CommResult, RunError,
 };
 
 const LONG: Duration = Duration::from_secs(60);
 /// How fast an abort must reach ranks blocked with a 60 s timeout.
 const PROMPT: Duration = Duration::from_secs(5);
 
-fn t(vals: &[f32]) -> Tensor {
-    Tensor::new(vals, &Device::Cpu).unwrap()
-}
-
-fn vals(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
-}
+use common::{t, vals};
 
 #[test]
 fn send_recv_keeps_order_per_pair() {
@@ -563,4 +559,64 @@ fn works_through_a_trait_object() {
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(out, vec![vec![0.0, 1.0], vec![0.0, 1.0]]);
+}
+
+#[test]
+fn band_groups_inside_branch_groups_interleave_with_world_collectives() {
+    run_ranks(4, 1, LONG, |c| common::band_groups_in_branch_groups(c)).unwrap();
+}
+
+#[test]
+fn group_collectives_detect_mismatches_and_refuse_outsiders() {
+    let comms = InProcessGroup::new(4, LONG);
+    let pair = Group::new([0, 1]);
+    // Rank 0 broadcasts in {0, 1} while rank 1 all-gathers there: rank 1 sees the mismatch.
+    thread::scope(|s| {
+        let (c0, c1) = (&comms[0], &comms[1]);
+        let a = s.spawn(|| c0.broadcast_in(&pair, Some(&t(&[1.0])), 0));
+        let b = s.spawn(|| c1.all_gather_in(&pair, &t(&[2.0])));
+        a.join().unwrap().unwrap();
+        let e = b.join().unwrap().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::CollectiveMismatch {
+                    rank: 1,
+                    peer: 0,
+                    op: Op::AllGather,
+                    got_op: Op::Broadcast,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    });
+    // A rank outside the group, a group naming a rank that does not exist, a root outside.
+    let e = comms[3].all_gather_in(&pair, &t(&[1.0])).unwrap_err();
+    assert!(e.to_string().contains("not in the group [0, 1]"), "{e}");
+    let e = comms[0].barrier_in(&Group::new([0, 7])).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidRank {
+                peer: 7,
+                world_size: 4,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = comms[0].broadcast_in(&pair, None, 2).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("the root, rank 2, is not in the group"),
+        "{e}"
+    );
+    // Groups of one are a no-op that returns this rank's own tensor.
+    let solo = Group::new([2]);
+    assert_eq!(
+        vals(&comms[2].all_gather_in(&solo, &t(&[5.0])).unwrap()[0]),
+        vec![5.0]
+    );
+    comms[2].barrier_in(&solo).unwrap();
 }

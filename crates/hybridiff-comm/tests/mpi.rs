@@ -2,6 +2,8 @@
 //! this test binary, which runs the same test in every process (`HYBRIDIFF_MPI_CHILD` set) as
 //! one rank. Needs the `mpi` feature and Open MPI's `mpirun`.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -109,13 +111,7 @@ fn rank_outputs(dir: &std::path::Path) -> Vec<String> {
     ranks
 }
 
-fn t(vals: &[f32]) -> Tensor {
-    Tensor::new(vals, &Device::Cpu).unwrap()
-}
-
-fn vals(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
-}
+use common::{t, vals};
 
 #[test]
 fn streams_and_collectives_keep_order_and_count_bytes() {
@@ -283,4 +279,16 @@ fn ranks_calling_different_collectives_get_an_error() {
         // Point-to-point traffic is a separate stream and still works.
         c.send(&t(&[9.0]), 0).unwrap();
     }
+}
+
+#[test]
+fn band_groups_inside_branch_groups_interleave_with_world_collectives() {
+    let Some((_world, c)) = ranks(
+        "band_groups_inside_branch_groups_interleave_with_world_collectives",
+        4,
+        Duration::from_secs(60),
+    ) else {
+        return;
+    };
+    common::band_groups_in_branch_groups(&c).unwrap();
 }

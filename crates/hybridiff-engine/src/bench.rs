@@ -118,14 +118,31 @@ pub struct BenchRow {
     /// Final latents against serial's.
     pub psnr_db: f64,
     pub max_abs_diff: f64,
+    /// `max_abs_diff` over the largest magnitude of serial's final latents.
+    pub max_rel_diff: f64,
     pub tau1: Option<usize>,
     pub tau2: Option<usize>,
     pub pipelined_steps: usize,
     /// Summed per-rank compute seconds over the run, per rank.
     pub rank_compute_seconds: Vec<f64>,
+    /// Counted FLOPs over the run, per rank (`engine/src/work.rs`).
+    pub rank_flops: Vec<f64>,
+    /// The worst step's spread of work: `max_r |flops_r - mean| / mean` over the ranks of the
+    /// step where it is largest (steps that compute nothing left out); 0 = perfectly even.
+    pub flops_spread: f64,
     /// Each rank's device and how tensors crossed between ranks (see [`crate::Trace`]).
     pub rank_devices: Vec<String>,
     pub transfer: String,
+    /// The step cache (`--cache`), or `-`.
+    pub cache: String,
+    /// Sample-forwards computed by all ranks (serial: 2 per step), and saved by the cache.
+    pub forwards: f64,
+    pub forwards_saved: f64,
+    /// Steps the cache decided to cache.
+    pub cached_steps: usize,
+    /// Mean milliseconds per step outside the denoiser on rank 0: the step's wall time less
+    /// rank 0's compute (scheduler, guidance, checks, waiting for other ranks).
+    pub step_overhead_ms: f64,
     /// The latency model's prediction on `--simulate-link`, when one was asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub predicted: Option<PredictedRow>,
@@ -135,6 +152,8 @@ pub struct BenchRow {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PredictedRow {
     pub link: crate::latency::Link,
+    /// Where the compute times came from (measured, or counted FLOPs at a throughput).
+    pub compute: crate::latency::Compute,
     /// Predicted seconds of the run with its ranks on devices joined by `link`.
     pub seconds: f64,
     /// The slowest rank's compute summed over steps (the run on an infinitely fast link).
@@ -151,11 +170,13 @@ pub fn predicted_row(
     trace: &crate::Trace,
     serial: &crate::Trace,
     link: &crate::latency::Link,
+    compute: crate::latency::Compute,
 ) -> Result<PredictedRow> {
-    let p = crate::latency::predict_trace(trace, link)?;
-    let base = crate::latency::predict_trace(serial, link)?;
+    let p = crate::latency::predict_trace_with(trace, link, compute)?;
+    let base = crate::latency::predict_trace_with(serial, link, compute)?;
     Ok(PredictedRow {
         link: link.clone(),
+        compute,
         seconds: p.seconds,
         compute_seconds: p.compute_seconds,
         speedup: base.seconds / p.seconds,
@@ -215,9 +236,12 @@ pub struct BenchRun {
     pub kind: crate::StrategyKind,
     pub world_size: usize,
     pub on_processes: bool,
+    /// With the options' step cache (`--cache`); else without.
+    pub cached: bool,
 }
 
-/// Runs `serial` and each strategy on the same job, one after the other, and compares.
+/// Runs `serial` and each strategy on the same job, one after the other, and compares;
+/// with a step cache in `options`, each strategy (serial included) also runs with it.
 /// Returns the rows and each run's trace.
 pub fn compare(
     job: &crate::Job,
@@ -225,12 +249,20 @@ pub fn compare(
     options: &crate::StrategyOptions,
     threads_per_rank: usize,
 ) -> Result<Vec<(BenchRow, crate::Trace)>> {
+    let variants: &[bool] = if options.cache.is_some() {
+        &[false, true]
+    } else {
+        &[false]
+    };
     let runs: Vec<BenchRun> = strategies
         .iter()
-        .map(|&(kind, world_size)| BenchRun {
-            kind,
-            world_size,
-            on_processes: false,
+        .flat_map(|&(kind, world_size)| {
+            variants.iter().map(move |&cached| BenchRun {
+                kind,
+                world_size,
+                on_processes: false,
+                cached,
+            })
         })
         .collect();
     compare_on(
@@ -251,18 +283,24 @@ pub fn compare(
 /// one run on the same machine. Rows are labelled `threads` or `label`. Rank 0 returns the
 /// rows, the others an empty list.
 ///
-/// In-process ranks run on `placement`'s devices; with `link`, each row gets the latency
-/// model's prediction on it ([`predicted_row`]).
+/// In-process ranks run on `placement`'s devices; with `link` (a link and where compute
+/// times come from), each row gets the latency model's prediction on it ([`predicted_row`]).
+/// The serial baseline runs without a step cache; runs with `cached` take `options.cache`.
 pub fn compare_on(
     job: &crate::Job,
     runs: &[BenchRun],
     options: &crate::StrategyOptions,
     threads_per_rank: usize,
     placement: &crate::device::Placement,
-    link: Option<&crate::latency::Link>,
+    link: Option<(&crate::latency::Link, crate::latency::Compute)>,
     mut group: Option<(&mut dyn hybridiff_comm::Communicator, &str)>,
 ) -> Result<Vec<(BenchRow, crate::Trace)>> {
     use crate::{denoise, denoise_rank, RunOptions, StrategyKind};
+    let uncached = crate::StrategyOptions {
+        cache: None,
+        ..options.clone()
+    };
+    let options_of = |cached: bool| if cached { options } else { &uncached };
     let opts = |world_size| RunOptions {
         world_size,
         threads_per_rank,
@@ -272,11 +310,11 @@ pub fn compare_on(
     let root = group.as_ref().is_none_or(|(c, _)| c.rank() == 0);
     // On threads of rank 0's process, while the other processes wait at a barrier.
     let on_threads = |group: &mut Option<(&mut dyn hybridiff_comm::Communicator, &str)>,
-                      kind: StrategyKind,
-                      world: usize|
+                      run: BenchRun|
      -> Result<Option<crate::DenoiseOutput>> {
         let out = if root {
-            Some(denoise(job, kind.build(options).as_ref(), &opts(world))?)
+            let strategy = run.kind.build(options_of(run.cached));
+            Some(denoise(job, strategy.as_ref(), &opts(run.world_size))?)
         } else {
             None
         };
@@ -285,13 +323,21 @@ pub fn compare_on(
         }
         Ok(out)
     };
-    let serial = on_threads(&mut group, StrategyKind::Serial, 1)?;
+    let serial = on_threads(
+        &mut group,
+        BenchRun {
+            kind: StrategyKind::Serial,
+            world_size: 1,
+            on_processes: false,
+            cached: false,
+        },
+    )?;
     let mut outs = Vec::with_capacity(runs.len());
     for run in runs {
         let out = match (run.on_processes, group.as_mut()) {
             (true, Some((comm, _))) => denoise_rank(
                 job,
-                run.kind.build(options).as_ref(),
+                run.kind.build(options_of(run.cached)).as_ref(),
                 &opts(run.world_size),
                 *comm,
             )?,
@@ -300,8 +346,8 @@ pub fn compare_on(
                     "a run on processes needs a communicator over the processes".into(),
                 ))
             }
-            (false, _) if run.kind == StrategyKind::Serial => serial.clone(),
-            (false, _) => on_threads(&mut group, run.kind, run.world_size)?,
+            (false, _) if run.kind == StrategyKind::Serial && !run.cached => serial.clone(),
+            (false, _) => on_threads(&mut group, *run)?,
         };
         outs.push((run, out));
     }
@@ -313,7 +359,7 @@ pub fn compare_on(
     let mut rows = Vec::new();
     for (run, out) in outs {
         let out = out.ok_or_else(|| Error::Options("rank 0 got no output of a run".into()))?;
-        let setup = run.kind.build(options).describe(job, run.world_size);
+        let setup = run.kind.build(&uncached).describe(job, run.world_size);
         let t = &out.trace;
         let ranks = t
             .steps
@@ -331,6 +377,14 @@ pub fn compare_on(
             reference_bytes_sent: t.reference_bytes_sent,
             psnr_db: crate::metrics::psnr(&out.latents, &serial.latents)?,
             max_abs_diff: crate::metrics::max_abs_diff(&out.latents, &serial.latents)?,
+            max_rel_diff: crate::metrics::max_abs_diff(&out.latents, &serial.latents)?
+                / serial
+                    .latents
+                    .abs()?
+                    .max_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?
+                    .max(f64::MIN_POSITIVE),
             tau1: t.tau1,
             tau2: t.tau2,
             pipelined_steps: t
@@ -341,10 +395,31 @@ pub fn compare_on(
             rank_compute_seconds: (0..ranks)
                 .map(|r| t.steps.iter().map(|s| s.rank_compute_seconds[r]).sum())
                 .collect(),
+            rank_flops: (0..ranks)
+                .map(|r| {
+                    t.steps
+                        .iter()
+                        .map(|s| s.rank_flops.get(r).copied().unwrap_or(0.0))
+                        .sum()
+                })
+                .collect(),
+            flops_spread: crate::work::worst_imbalance(
+                &t.steps
+                    .iter()
+                    .map(|s| s.rank_flops.clone())
+                    .collect::<Vec<_>>(),
+                &[],
+            )
+            .map_or(0.0, |(_, w)| w),
             rank_devices: t.rank_devices.clone(),
             transfer: t.transfer.clone(),
+            cache: t.cache.clone().unwrap_or_else(|| "-".into()),
+            forwards: t.forwards,
+            forwards_saved: t.forwards_saved,
+            cached_steps: t.cached_steps,
+            step_overhead_ms: step_overhead_ms(t),
             predicted: match link {
-                Some(l) => Some(predicted_row(t, &serial.trace, l)?),
+                Some((l, compute)) => Some(predicted_row(t, &serial.trace, l, compute)?),
                 None => None,
             },
         };
@@ -353,16 +428,31 @@ pub fn compare_on(
     Ok(rows)
 }
 
+/// Mean milliseconds per step that rank 0 spent outside its denoiser compute.
+pub fn step_overhead_ms(t: &crate::Trace) -> f64 {
+    if t.steps.is_empty() {
+        return 0.0;
+    }
+    let sum: f64 = t
+        .steps
+        .iter()
+        .map(|s| s.wall_seconds - s.rank_compute_seconds.first().copied().unwrap_or(0.0))
+        .sum();
+    1e3 * sum / t.steps.len() as f64
+}
+
 /// The rows as a Markdown table (with the predicted columns when rows have predictions).
 pub fn markdown_table(rows: &[BenchRow]) -> String {
     let link = rows
         .iter()
         .find_map(|r| r.predicted.as_ref())
-        .map(|p| p.link.name.clone());
+        .map(|p| format!("{}{}", p.link.name, compute_label(p.compute)));
     let mut s = String::from(
-        "| strategy | ranks | transport | latency (s) | speedup | bytes sent | reference bytes | PSNR vs serial (dB) | max abs diff | tau1 | tau2 | staged steps | setup | devices |",
+        "| strategy | cache | ranks | transport | latency (s) | speedup | forwards | cached steps | step overhead (ms) | bytes sent | reference bytes | PSNR vs serial (dB) | max abs diff | tau1 | tau2 | staged steps | GFLOPs per rank | worst step's FLOPs spread | setup | devices |",
     );
-    let mut rule = String::from("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut rule = String::from(
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    );
     if let Some(l) = &link {
         s.push_str(&format!(
             " predicted on {l} (s) | predicted speedup | predicted vs measured |"
@@ -375,12 +465,16 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
     let opt = |v: Option<usize>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {:.3} | {:.2}x | {} | {} | {:.2} | {:.3e} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.3} | {:.2}x | {:.1} | {} | {:.2} | {} | {} | {:.2} | {:.3e} | {} | {} | {} | {} | {:.0}% | {} | {} |",
             r.strategy,
+            r.cache,
             r.world_size,
             r.transport,
             r.seconds,
             r.speedup,
+            r.forwards,
+            r.cached_steps,
+            r.step_overhead_ms,
             r.bytes_sent,
             r.reference_bytes_sent,
             r.psnr_db,
@@ -388,6 +482,8 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
             opt(r.tau1),
             opt(r.tau2),
             r.pipelined_steps,
+            flops_cell(&r.rank_flops),
+            100.0 * r.flops_spread,
             if r.setup.is_empty() { "-" } else { &r.setup },
             devices_cell(&r.rank_devices, &r.transfer),
         ));
@@ -405,6 +501,27 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
         s.push('\n');
     }
     s
+}
+
+/// ` at 400 TFLOP/s` for FLOP-timed predictions, nothing for measured ones.
+pub fn compute_label(c: crate::latency::Compute) -> String {
+    match c {
+        crate::latency::Compute::Measured => String::new(),
+        crate::latency::Compute::Flops { per_second } => {
+            format!(" at {} TFLOP/s", per_second / 1e12)
+        }
+    }
+}
+
+/// Per-rank GFLOPs in a few words: `12.1 x4` when equal, else the list.
+fn flops_cell(flops: &[f64]) -> String {
+    let g: Vec<String> = flops.iter().map(|f| format!("{:.1}", f / 1e9)).collect();
+    match g.as_slice() {
+        [] => "-".into(),
+        [one] => one.clone(),
+        _ if g.windows(2).all(|w| w[0] == w[1]) => format!("{} x{}", g[0], g.len()),
+        _ => g.join(", "),
+    }
 }
 
 /// `cpu x2 (host)`, `cuda:0, cuda:1 (device-to-device)`: the devices in a few words.
@@ -437,18 +554,20 @@ pub fn devices_cell(devices: &[String], transfer: &str) -> String {
 pub fn trace_table(
     traces: &[(String, crate::Trace)],
     link: &crate::latency::Link,
+    compute: crate::latency::Compute,
 ) -> Result<String> {
     let serial = traces
         .iter()
         .find(|(_, t)| t.strategy == "serial")
-        .map(|(_, t)| crate::latency::predict_trace(t, link))
+        .map(|(_, t)| crate::latency::predict_trace_with(t, link, compute))
         .transpose()?;
     let mut s = format!(
-        "| trace | strategy | ranks | devices | measured (s) | bytes sent | staged steps | compute-bound (s) | link adds (ms) | predicted on {} (s) | predicted speedup | predicted vs measured |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
-        link.name
+        "| trace | strategy | ranks | devices | measured (s) | bytes sent | staged steps | compute-bound (s) | link adds (ms) | predicted on {}{} (s) | predicted speedup | predicted vs measured |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        link.name,
+        compute_label(compute)
     );
     for (name, t) in traces {
-        let p = crate::latency::predict_trace(t, link)?;
+        let p = crate::latency::predict_trace_with(t, link, compute)?;
         let speedup = serial
             .as_ref()
             .map(|b| format!("{:.2}x", b.seconds / p.seconds))

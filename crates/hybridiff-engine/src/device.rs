@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use hybridiff_comm::{Communicator, Op};
+use hybridiff_comm::{Communicator, Group, Op};
 use hybridiff_models::Denoiser;
 
 use crate::{Error, Result};
@@ -481,25 +481,30 @@ impl Communicator for DeviceComm<'_> {
     fn recv(&self, src: usize) -> hybridiff_comm::Result<Tensor> {
         self.here(self.inner.recv(src)?, Op::Recv, src)
     }
-    fn broadcast(&self, tensor: Option<&Tensor>, root: usize) -> hybridiff_comm::Result<Tensor> {
+    fn broadcast_in(
+        &self,
+        group: &Group,
+        tensor: Option<&Tensor>,
+        root: usize,
+    ) -> hybridiff_comm::Result<Tensor> {
+        let t = self.inner.broadcast_in(group, tensor, root)?;
         if self.rank() == root {
-            let n = self.world_size() as u64 - 1;
+            let n = group.len() as u64 - 1;
             self.messages.fetch_add(n, Ordering::Relaxed);
         }
-        self.here(self.inner.broadcast(tensor, root)?, Op::Broadcast, root)
+        self.here(t, Op::Broadcast, root)
     }
-    fn all_gather(&self, tensor: &Tensor) -> hybridiff_comm::Result<Vec<Tensor>> {
-        let n = self.world_size() as u64 - 1;
+    fn all_gather_in(&self, group: &Group, tensor: &Tensor) -> hybridiff_comm::Result<Vec<Tensor>> {
+        let all = self.inner.all_gather_in(group, tensor)?;
+        let n = group.len() as u64 - 1;
         self.messages.fetch_add(n, Ordering::Relaxed);
-        self.inner
-            .all_gather(tensor)?
-            .into_iter()
-            .enumerate()
-            .map(|(peer, t)| self.here(t, Op::AllGather, peer))
+        all.into_iter()
+            .zip(group.ranks())
+            .map(|(t, &peer)| self.here(t, Op::AllGather, peer))
             .collect()
     }
-    fn barrier(&self) -> hybridiff_comm::Result<()> {
-        self.inner.barrier()
+    fn barrier_in(&self, group: &Group) -> hybridiff_comm::Result<()> {
+        self.inner.barrier_in(group)
     }
     fn bytes_sent(&self) -> u64 {
         self.inner.bytes_sent()

@@ -15,6 +15,16 @@
 //! last message arrives:
 //!
 //! `step = max_r( max(c_r, o_r) + k_r )`, and the run is the sum of its steps.
+//!
+//! A step whose ranks computed one after another (a sequential fill or warm-up of the staged
+//! strategies, marked `chain_groups` in the trace) lasts its slowest chain:
+//! `step = max_g sum_{r in g} (c_r + o_r + k_r)` over the chains `g` (equal groups of
+//! consecutive ranks).
+//!
+//! `c_r` is the rank's measured compute ([`Compute::Measured`]) or its counted FLOPs at a
+//! stated throughput ([`Compute::Flops`], `bench --gpu-tflops`): the way to predict a GPU's
+//! latency from a CPU run, since a GPU's time per step follows the FLOPs far more closely
+//! than a CPU's does under a loaded machine.
 
 use std::str::FromStr;
 
@@ -50,7 +60,7 @@ impl Link {
         Self::new("nvlink", 300e9, 5e-6)
     }
 
-    fn new(name: &str, bytes_per_second: f64, seconds_per_message: f64) -> Self {
+    pub(crate) fn new(name: &str, bytes_per_second: f64, seconds_per_message: f64) -> Self {
         Self {
             name: name.to_string(),
             bytes_per_second,
@@ -113,6 +123,8 @@ impl FromStr for Link {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RankCost {
     pub compute_seconds: f64,
+    /// Counted FLOPs (0 in traces from before they were counted).
+    pub flops: f64,
     /// Everything it sent in the step.
     pub bytes: u64,
     pub messages: u64,
@@ -121,8 +133,39 @@ pub struct RankCost {
     pub overlapped_messages: u64,
 }
 
+/// Where a rank's compute time comes from.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub enum Compute {
+    /// The seconds the rank measured.
+    Measured,
+    /// Its counted FLOPs at this many FLOP/s.
+    Flops { per_second: f64 },
+}
+
+impl Compute {
+    /// `r`'s compute seconds under this model.
+    pub fn seconds(&self, r: &RankCost) -> f64 {
+        match self {
+            Compute::Measured => r.compute_seconds,
+            Compute::Flops { per_second } => r.flops / per_second,
+        }
+    }
+}
+
+/// One step of a trace: every rank's cost, and whether they computed one after another.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepCost {
+    pub ranks: Vec<RankCost>,
+    /// 0: side by side; `g > 0`: `g` chains of equal consecutive rank groups.
+    pub chain_groups: usize,
+}
+
 /// A step's predicted seconds on `link`: `max_r(max(c_r, o_r) + k_r)` (see the module docs).
 pub fn step_seconds(ranks: &[RankCost], link: &Link) -> f64 {
+    step_seconds_with(ranks, link, Compute::Measured)
+}
+
+fn step_seconds_with(ranks: &[RankCost], link: &Link, compute: Compute) -> f64 {
     ranks
         .iter()
         .map(|r| {
@@ -131,7 +174,24 @@ pub fn step_seconds(ranks: &[RankCost], link: &Link) -> f64 {
                 r.bytes.saturating_sub(r.overlapped_bytes),
                 r.messages.saturating_sub(r.overlapped_messages),
             );
-            r.compute_seconds.max(overlapped) + critical
+            compute.seconds(r).max(overlapped) + critical
+        })
+        .fold(0.0, f64::max)
+}
+
+/// A step's predicted seconds, chained or not (see the module docs).
+pub fn step_cost_seconds(step: &StepCost, link: &Link, compute: Compute) -> f64 {
+    let g = step.chain_groups;
+    if g == 0 || step.ranks.is_empty() || !step.ranks.len().is_multiple_of(g) {
+        return step_seconds_with(&step.ranks, link, compute);
+    }
+    step.ranks
+        .chunks(step.ranks.len() / g)
+        .map(|chain| {
+            chain
+                .iter()
+                .map(|r| compute.seconds(r) + link.seconds(r.bytes, r.messages))
+                .sum::<f64>()
         })
         .fold(0.0, f64::max)
 }
@@ -147,12 +207,28 @@ pub struct Prediction {
     pub link_seconds: f64,
 }
 
-/// Predicts a run of `steps` (index = step, then rank) on `link`.
+/// Predicts a run of `steps` (index = step, then rank; every step side by side) on `link`.
 pub fn predict(steps: &[Vec<RankCost>], link: &Link) -> Prediction {
-    let seconds: f64 = steps.iter().map(|s| step_seconds(s, link)).sum();
+    let steps: Vec<StepCost> = steps
+        .iter()
+        .map(|r| StepCost {
+            ranks: r.clone(),
+            chain_groups: 0,
+        })
+        .collect();
+    predict_with(&steps, link, Compute::Measured)
+}
+
+/// Predicts a run of `steps` on `link` with compute times from `compute`.
+pub fn predict_with(steps: &[StepCost], link: &Link, compute: Compute) -> Prediction {
+    let seconds: f64 = steps
+        .iter()
+        .map(|s| step_cost_seconds(s, link, compute))
+        .sum();
+    let inf = Link::new("infinite", f64::INFINITY, 0.0);
     let compute_seconds: f64 = steps
         .iter()
-        .map(|s| s.iter().map(|r| r.compute_seconds).fold(0.0, f64::max))
+        .map(|s| step_cost_seconds(s, &inf, compute))
         .sum();
     Prediction {
         seconds,
@@ -165,7 +241,7 @@ pub fn predict(steps: &[Vec<RankCost>], link: &Link) -> Prediction {
 ///
 /// # Errors
 /// A trace without per-rank counts (written before they were recorded) or with ragged ones.
-pub fn costs_of(trace: &Trace) -> Result<Vec<Vec<RankCost>>> {
+pub fn costs_of(trace: &Trace) -> Result<Vec<StepCost>> {
     trace
         .steps
         .iter()
@@ -190,22 +266,43 @@ pub fn costs_of(trace: &Trace) -> Result<Vec<Vec<RankCost>>> {
             n(&s.rank_overlapped_bytes, "rank_overlapped_bytes")?;
             n(&s.rank_overlapped_messages, "rank_overlapped_messages")?;
             let get = |v: &[u64], r: usize| v.get(r).copied().unwrap_or(0);
-            Ok((0..w)
+            let ranks = (0..w)
                 .map(|r| RankCost {
                     compute_seconds: s.rank_compute_seconds[r],
+                    flops: s.rank_flops.get(r).copied().unwrap_or(0.0),
                     bytes: get(&s.rank_bytes_sent, r),
                     messages: get(&s.rank_messages_sent, r),
                     overlapped_bytes: get(&s.rank_overlapped_bytes, r),
                     overlapped_messages: get(&s.rank_overlapped_messages, r),
                 })
-                .collect())
+                .collect();
+            Ok(StepCost {
+                ranks,
+                chain_groups: s.chain_groups,
+            })
         })
         .collect()
 }
 
 /// [`predict`] for a recorded run.
 pub fn predict_trace(trace: &Trace, link: &Link) -> Result<Prediction> {
-    Ok(predict(&costs_of(trace)?, link))
+    predict_trace_with(trace, link, Compute::Measured)
+}
+
+/// [`predict_with`] for a recorded run.
+///
+/// # Errors
+/// As [`costs_of`]; with [`Compute::Flops`], a trace without counted FLOPs.
+pub fn predict_trace_with(trace: &Trace, link: &Link, compute: Compute) -> Result<Prediction> {
+    if let Compute::Flops { .. } = compute {
+        if trace.steps.iter().any(|s| s.rank_flops.is_empty()) {
+            return Err(Error::Input(format!(
+                "trace of {}: no counted FLOPs (`rank_flops`), so --gpu-tflops cannot time it; re-run bench --trace-dir",
+                trace.strategy
+            )));
+        }
+    }
+    Ok(predict_with(&costs_of(trace)?, link, compute))
 }
 
 /// How many of a trace's steps were staged (not exact), for tables.
@@ -268,6 +365,7 @@ mod tests {
             messages: 2,
             overlapped_bytes: 2_000_000,
             overlapped_messages: 1,
+            ..Default::default()
         };
         assert!(close(step_seconds(&[staged(0.5)], &l), 0.5 + 0.001));
         // Compute shorter than the overlapped transfer: the transfer sets the pace.
@@ -313,6 +411,37 @@ mod tests {
             let e = bad.parse::<Link>().unwrap_err().to_string();
             assert!(e.starts_with(&format!("--simulate-link {bad}:")), "{e}");
         }
+    }
+
+    #[test]
+    fn a_chained_step_sums_its_ranks_and_flops_give_compute_at_the_stated_rate() {
+        let l = link(1.0, 0.0);
+        let r = |c: f64, flops: f64| RankCost {
+            compute_seconds: c,
+            flops,
+            bytes: 1_000_000,
+            messages: 1,
+            ..Default::default()
+        };
+        let step = StepCost {
+            ranks: vec![r(1.0, 4e12), r(2.0, 2e12), r(0.5, 1e12), r(0.25, 1e12)],
+            chain_groups: 2,
+        };
+        // Two chains: (1.0 + 0.001) + (2.0 + 0.001) against (0.5 + 0.001) + (0.25 + 0.001).
+        let got = step_cost_seconds(&step, &l, Compute::Measured);
+        assert!(close(got, 3.002), "{got}");
+        // At 1e12 FLOP/s the chains take 4 + 2 and 1 + 1 seconds of compute.
+        let got = step_cost_seconds(&step, &l, Compute::Flops { per_second: 1e12 });
+        assert!(close(got, 6.002), "{got}");
+        // Side by side, the slowest rank sets the pace.
+        let side = StepCost {
+            chain_groups: 0,
+            ..step
+        };
+        assert!(close(
+            step_cost_seconds(&side, &l, Compute::Measured),
+            2.001
+        ));
     }
 
     #[test]

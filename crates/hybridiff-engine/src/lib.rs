@@ -2,6 +2,7 @@
 //! loop and the parallel strategies that share its work.
 
 pub mod bench;
+pub mod cache;
 pub mod device;
 pub mod error;
 pub mod init;
@@ -21,6 +22,7 @@ pub mod switch;
 pub mod torch_rng;
 pub mod trace;
 pub mod tune;
+pub mod work;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
@@ -457,7 +459,8 @@ pub fn check_job_within(
     strategy.check(job, opts.world_size)?;
     let (_, c, h, w) = job.inputs.latents.dims4()?;
     let shape =
-        memory::JobShape::for_strategy(strategy.name(), local_ranks, (c, h, w), ctx_len, job.steps);
+        memory::JobShape::for_strategy(strategy.name(), local_ranks, (c, h, w), ctx_len, job.steps)
+            .with_cache(strategy.cache().copied());
     memory::estimate_job(job.model, &shape).check_within(limit)
 }
 
@@ -471,7 +474,7 @@ fn agree_on_job(
     comm: &mut dyn hybridiff_comm::Communicator,
 ) -> Result<()> {
     let mine = format!(
-        "strategy {} | world {} | steps {} | guidance {} | scheduler {} | sampling {:?} | latents {:?} {:?} | stages {}",
+        "strategy {} | world {} | steps {} | guidance {} | scheduler {} | sampling {:?} | latents {:?} {:?} | stages {} | cache {}",
         strategy.name(),
         opts.world_size,
         job.steps,
@@ -481,6 +484,10 @@ fn agree_on_job(
         job.inputs.latents.dims(),
         job.inputs.latents.dtype(),
         stage_plan.map(|p| p.to_string()).unwrap_or_default(),
+        strategy
+            .cache()
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "none".into()),
     );
     let bytes = Tensor::new(mine.as_bytes(), &candle_core::Device::Cpu)?;
     let root = comm.broadcast((comm.rank() == 0).then_some(&bytes), 0)?;
@@ -528,18 +535,25 @@ fn gather_devices(
 #[derive(Debug, Clone, Copy)]
 struct RankCost {
     compute_seconds: f64,
+    flops: f64,
     bytes: u64,
     messages: u64,
     overlapped: strategy::Sent,
+    /// Sample-forwards computed and saved by the step cache.
+    forwards: f64,
+    saved: f64,
 }
 
 impl RankCost {
     fn of(s: &strategy::RankStep) -> Self {
         Self {
             compute_seconds: s.compute_seconds,
+            flops: s.flops,
             bytes: s.bytes_sent,
             messages: s.messages_sent,
             overlapped: s.overlapped,
+            forwards: s.cache.forwards,
+            saved: s.cache.saved,
         }
     }
 }
@@ -550,7 +564,11 @@ fn gather_steps(
     steps: &[strategy::RankStep],
 ) -> Result<Vec<Vec<RankCost>>> {
     let dev = candle_core::Device::Cpu;
-    let secs: Vec<f64> = steps.iter().map(|s| s.compute_seconds).collect();
+    // Per step: compute seconds, FLOPs, forwards computed and forwards saved.
+    let secs: Vec<f64> = steps
+        .iter()
+        .flat_map(|s| [s.compute_seconds, s.flops, s.cache.forwards, s.cache.saved])
+        .collect();
     // i64 carries any count a step can have (< 2^63): bytes, messages, overlapped bytes
     // and messages, step after step.
     let counts: Vec<i64> = steps
@@ -571,23 +589,26 @@ fn gather_steps(
         .zip(&counts)
         .map(|(s, c)| {
             let (s, c) = (s.to_vec1::<f64>()?, c.to_vec1::<i64>()?);
-            if s.len() != steps.len() || c.len() != 4 * steps.len() {
+            if s.len() != 4 * steps.len() || c.len() != 4 * steps.len() {
                 return Err(Error::Options(format!(
                     "a rank reported {} steps, expected {}",
                     s.len(),
                     steps.len()
                 )));
             }
-            Ok(s.into_iter()
+            Ok(s.chunks(4)
                 .zip(c.chunks(4))
-                .map(|(secs, c)| RankCost {
-                    compute_seconds: secs,
+                .map(|(s, c)| RankCost {
+                    compute_seconds: s[0],
+                    flops: s[1],
                     bytes: c[0] as u64,
                     messages: c[1] as u64,
                     overlapped: strategy::Sent {
                         bytes: c[2] as u64,
                         messages: c[3] as u64,
                     },
+                    forwards: s[2],
+                    saved: s[3],
                 })
                 .collect())
         })
@@ -605,6 +626,7 @@ fn assemble(
     ranks: &RankRecords,
 ) -> Result<DenoiseOutput> {
     let per_rank = &ranks.costs;
+    let names = job.model.module_names();
     let job_device = job.inputs.latents.device();
     let rank_devices: Vec<device::RankDevice> = ranks.devices.clone().unwrap_or_else(|| {
         (0..opts.world_size)
@@ -622,6 +644,8 @@ fn assemble(
                 rel_mae: s.rel_mae,
                 wall_seconds: s.wall_seconds,
                 rank_compute_seconds: per_rank.iter().map(|r| r[i].compute_seconds).collect(),
+                rank_flops: per_rank.iter().map(|r| r[i].flops).collect(),
+                chain_groups: s.chain_groups,
                 bytes_sent,
                 rank_bytes_sent: per_rank.iter().map(|r| r[i].bytes).collect(),
                 rank_messages_sent: per_rank.iter().map(|r| r[i].messages).collect(),
@@ -634,6 +658,18 @@ fn assemble(
                 slope: s.slope,
                 tau1: s.tau1,
                 tau2: s.tau2,
+                forwards: per_rank.iter().fold(0.0, |a, r| a + r[i].forwards),
+                cache: strategy.cache().map(|_| trace::StepCacheTrace {
+                    decision: if s.cache.cached { "cached" } else { "computed" }.into(),
+                    cached_modules: s
+                        .cache
+                        .served
+                        .iter()
+                        .map(|&m| names.get(m).cloned().unwrap_or_default())
+                        .collect(),
+                    forwards_saved: per_rank.iter().fold(0.0, |a, r| a + r[i].saved),
+                    signal: s.cache.signal,
+                }),
             }
         })
         .collect();
@@ -661,6 +697,16 @@ fn assemble(
         tau1: rank0.steps.last().and_then(|s| s.tau1),
         tau2: rank0.steps.last().and_then(|s| s.tau2),
         rel_mae_log: steps.iter().map(|s| s.rel_mae).collect(),
+        cache: strategy.cache().map(|c| c.to_string()),
+        forwards: steps.iter().fold(0.0, |a, s| a + s.forwards),
+        forwards_saved: steps
+            .iter()
+            .filter_map(|s| s.cache.as_ref())
+            .fold(0.0, |a, c| a + c.forwards_saved),
+        cached_steps: steps
+            .iter()
+            .filter(|s| s.cache.as_ref().is_some_and(|c| c.decision == "cached"))
+            .count(),
         steps,
     };
     let step_latents = Tensor::cat(&rank0.step_latents, 0)?;

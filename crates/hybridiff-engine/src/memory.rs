@@ -3,7 +3,9 @@
 //! All ranks of a job are threads of one process, so the estimate is the sum over ranks
 //! of what each holds at its peak: the denoiser forward's live activations and attention
 //! score matrices (from [`hybridiff_models::Denoiser::forward_memory`]), a staged
-//! runner's cache of every module output, and the sampler's latents and per-step record.
+//! runner's cache of every module output, the step cache of `--cache` (what
+//! [`crate::cache::CacheSpec::memory`] says one rank keeps), and the sampler's latents and
+//! per-step record.
 //! Weights are checked when they are loaded ([`hybridiff_models::weights::Weights`]), so
 //! by the time a job is estimated they are resident and `MemAvailable` no longer counts
 //! them. The limit is [`hybridiff_models::memory::limit`]: `HYBRIDIFF_MEMORY_LIMIT`, else
@@ -35,6 +37,8 @@ pub struct JobShape {
     pub batch_per_rank: usize,
     /// Whether ranks keep a cache of every module output (async, hybrid).
     pub staged: bool,
+    /// The step cache (`--cache`), if any.
+    pub cache: Option<crate::cache::CacheSpec>,
 }
 
 impl JobShape {
@@ -54,7 +58,13 @@ impl JobShape {
             // `cfg` gives each rank one branch; the others may batch both on a rank.
             batch_per_rank: if strategy == "cfg" { 1 } else { 2 },
             staged: matches!(strategy, "async" | "hybrid"),
+            cache: None,
         }
+    }
+
+    /// The same shape with a step cache on every rank.
+    pub fn with_cache(self, cache: Option<crate::cache::CacheSpec>) -> Self {
+        Self { cache, ..self }
     }
 }
 
@@ -122,6 +132,7 @@ fn estimate_from(fwd: ForwardMemory, shape: &JobShape, c: usize, h: usize, w: us
     // the result stacks rank 0's steps once more.
     let sampler = latent.saturating_mul(shape.steps as u128 + 8);
     let cache = if shape.staged { fwd.module_outputs } else { 0 };
+    let step_cache = shape.cache.map(|c| c.memory(&fwd)).unwrap_or(0);
     Estimate {
         what: format!(
             "this job ({}x{} latents, {} rank(s), {} steps)",
@@ -134,6 +145,13 @@ fn estimate_from(fwd: ForwardMemory, shape: &JobShape, c: usize, h: usize, w: us
                 fwd.attention.saturating_mul(ranks),
             ),
             ("module cache".into(), cache.saturating_mul(ranks)),
+            (
+                match shape.cache {
+                    Some(c) => format!("step cache (--cache {})", c.method()),
+                    None => "step cache".into(),
+                },
+                step_cache.saturating_mul(ranks),
+            ),
             (
                 "latents and step record".into(),
                 sampler
@@ -188,6 +206,7 @@ mod tests {
             activations: 1000,
             attention: 500,
             module_outputs: 300,
+            hidden: 50,
         };
         let mut shape = JobShape::for_strategy("serial", 1, (4, 8, 8), 77, 10);
         let one = estimate_from(fwd, &shape, 4, 8, 8).total();
@@ -202,6 +221,36 @@ mod tests {
         );
         // 8x8x4 f32 latents = 1 KiB; 10 steps + 8 temporaries per rank, 10 more once.
         assert_eq!(two - 3000, 1024 * (18 * 2 + 10));
+    }
+
+    #[test]
+    fn the_step_cache_is_counted_per_rank_and_named_when_it_does_not_fit() {
+        let fwd = ForwardMemory {
+            activations: 1000,
+            attention: 500,
+            module_outputs: 300,
+            hidden: 50,
+        };
+        let plain = JobShape::for_strategy("cfg", 2, (4, 8, 8), 77, 10);
+        let base = estimate_from(fwd, &plain, 4, 8, 8).total();
+        let deep = plain.with_cache(Some("deepcache".parse().unwrap()));
+        let tea = plain.with_cache(Some("teacache".parse().unwrap()));
+        assert_eq!(estimate_from(fwd, &deep, 4, 8, 8).total(), base + 2 * 300);
+        assert_eq!(estimate_from(fwd, &tea, 4, 8, 8).total(), base + 2 * 4 * 50);
+        // A limit that holds the job without the cache but not with it refuses the cached
+        // job before compute, naming the cache.
+        let limit = hybridiff_models::memory::Limit {
+            bytes: base + 100,
+            source: hybridiff_models::memory::LimitSource::Env,
+        };
+        assert!(estimate_from(fwd, &plain, 4, 8, 8)
+            .check_within(Some(limit))
+            .is_ok());
+        let e = estimate_from(fwd, &deep, 4, 8, 8)
+            .check_within(Some(limit))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("step cache (--cache deepcache)"), "{e}");
     }
 
     #[test]

@@ -36,12 +36,19 @@ pub struct MemoryCheck {
 
 impl MemoryCheck {
     /// Refuses `req` (its size and steps) run by the strategy named `strategy` on
-    /// `world_size` ranks when its job or its VAE decode is estimated not to fit in the
-    /// memory limit ([`Error::Memory`], naming the estimate and the limit). The text length
-    /// is taken at its upper bound (512 tokens), as the prompts are not encoded yet.
-    pub fn check(&self, req: &Request, strategy: &str, world_size: usize) -> Result<()> {
+    /// `world_size` ranks with step cache `cache` when its job or its VAE decode is
+    /// estimated not to fit in the memory limit ([`Error::Memory`], naming the estimate and
+    /// the limit). The text length is taken at its upper bound (512 tokens), as the prompts
+    /// are not encoded yet.
+    pub fn check(
+        &self,
+        req: &Request,
+        strategy: &str,
+        world_size: usize,
+        cache: Option<crate::cache::CacheSpec>,
+    ) -> Result<()> {
         let limit = crate::memory::limit().map_err(Error::Options)?;
-        self.check_within(req, strategy, world_size, limit)
+        self.check_within(req, strategy, world_size, cache, limit)
     }
 
     /// [`MemoryCheck::check`] against a limit read earlier (`None`: no limit), e.g. when a
@@ -52,6 +59,7 @@ impl MemoryCheck {
         req: &Request,
         strategy: &str,
         world_size: usize,
+        cache: Option<crate::cache::CacheSpec>,
         limit: Option<crate::memory::Limit>,
     ) -> Result<()> {
         let f = self.vae_factor;
@@ -67,7 +75,8 @@ impl MemoryCheck {
             (self.latent_channels, lh, lw),
             512,
             req.steps,
-        );
+        )
+        .with_cache(cache);
         crate::memory::estimate_job(self.denoiser.as_ref(), &shape).check_within(limit)?;
         crate::memory::estimate_decode(&self.vae, (lh, lw)).check_within(limit)
     }
@@ -142,7 +151,13 @@ impl RequestCheck {
             req.width.unwrap_or(default.1),
         );
         check_size(h, w, m.vae_factor, self.latent_multiple)?;
-        m.check_within(req, strategy.name(), opts.world_size, limit)?;
+        m.check_within(
+            req,
+            strategy.name(),
+            opts.world_size,
+            strategy.cache().copied(),
+            limit,
+        )?;
         let (lh, lw) = (h / m.vae_factor, w / m.vae_factor);
         let scheduler = check_sampler(
             &self.scheduler_config,
@@ -462,8 +477,12 @@ impl Pipeline {
         strategy: &dyn Strategy,
         opts: &RunOptions,
     ) -> Result<()> {
-        self.memory_check()
-            .check(req, strategy.name(), opts.world_size)
+        self.memory_check().check(
+            req,
+            strategy.name(),
+            opts.world_size,
+            strategy.cache().copied(),
+        )
     }
 
     /// What [`Pipeline::check_memory`] reads, detached from the pipeline (it is `Send + Sync`

@@ -51,7 +51,8 @@ impl Runner {
     /// Runs one denoising job on the warm ranks; see [`crate::denoise`] for the result and
     /// the errors.
     ///
-    /// With `cancel`, every rank checks the flag before each denoiser module, so setting it
+    /// With `cancel`, every rank checks the flag before each denoiser module (band forwards
+    /// included), so setting it
     /// stops the job within one module's time with [`Error::Cancelled`] (a service uses it
     /// for requests that timed out or whose client left).
     pub fn denoise(
@@ -146,16 +147,35 @@ impl Denoiser for Cancellable<'_> {
     fn patch_alignment(&self) -> Option<(usize, usize)> {
         self.inner.patch_alignment()
     }
-    fn forward_patch(
+    fn band_dim(&self, idx: usize, index: usize) -> Option<usize> {
+        self.inner.band_dim(idx, index)
+    }
+    fn begin_patch(
         &self,
         sample: &Tensor,
         timestep: f64,
         cond: &Conditioning,
-        ctx: &dyn hybridiff_models::PatchContext,
-    ) -> hybridiff_models::Result<Tensor> {
+        band: hybridiff_models::Band,
+    ) -> hybridiff_models::Result<State> {
+        self.inner.begin_patch(sample, timestep, cond, band)
+    }
+    fn run_module_patch(
+        &self,
+        idx: usize,
+        state: &State,
+        patch: &hybridiff_models::patch::Patch,
+    ) -> hybridiff_models::Result<Vec<Tensor>> {
         if self.cancel.load(Ordering::Relaxed) {
             return Err(hybridiff_models::Error::Input("job cancelled".into()));
         }
-        self.inner.forward_patch(sample, timestep, cond, ctx)
+        self.inner.run_module_patch(idx, state, patch)
+    }
+    fn modulated_input(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        cond: &Conditioning,
+    ) -> hybridiff_models::Result<Option<Tensor>> {
+        self.inner.modulated_input(sample, timestep, cond)
     }
 }

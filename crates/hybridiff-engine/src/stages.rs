@@ -356,12 +356,69 @@ impl PlanCache {
     }
 }
 
+/// Which ranks run a plan's stages: the owner of each stage, and the ranks that compute the
+/// last stage again without owning it (AsyncDiff's stride 2: the extra rank of
+/// `n + stride - 1`). Owners send what other stages read; mirrors only receive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageRanks {
+    /// Global rank of each stage's owner, stage order.
+    pub owners: Vec<usize>,
+    /// Global ranks mirroring the last stage.
+    pub mirrors: Vec<usize>,
+}
+
+impl StageRanks {
+    /// Stage `s` on rank `first + s`, no mirrors.
+    pub fn consecutive(first: usize, n: usize) -> Self {
+        Self {
+            owners: (first..first + n).collect(),
+            mirrors: Vec::new(),
+        }
+    }
+
+    /// Every rank taking part, owners then mirrors.
+    pub fn all(&self) -> impl Iterator<Item = usize> + '_ {
+        self.owners.iter().chain(&self.mirrors).copied()
+    }
+
+    /// The stage `rank` computes and whether it only mirrors it.
+    pub fn stage_of(&self, rank: usize) -> Option<(usize, bool)> {
+        if let Some(s) = self.owners.iter().position(|&r| r == rank) {
+            return Some((s, false));
+        }
+        self.mirrors
+            .contains(&rank)
+            .then(|| (self.owners.len() - 1, true))
+    }
+}
+
+/// The shape message a fill sends for an output the receiver only carries along.
+fn shape_message(t: &Tensor) -> Result<Tensor> {
+    let dims: Vec<u32> = t.dims().iter().map(|&d| d as u32).collect();
+    Ok(Tensor::new(dims.as_slice(), &candle_core::Device::Cpu)?)
+}
+
+/// A stand-in of the shape `msg` names: zeros that take no memory (a broadcast view), for an
+/// output that is only carried along (the module-reads contract: its values are never read).
+fn placeholder(msg: &Tensor, like: &Tensor) -> Result<Tensor> {
+    let dims: Vec<usize> = msg
+        .to_vec1::<u32>()?
+        .into_iter()
+        .map(|d| d as usize)
+        .collect();
+    Ok(Tensor::zeros((), like.dtype(), like.device())?.broadcast_as(dims)?)
+}
+
 /// One rank's side of staged execution: the module output cache and the exchange.
 pub struct StagedRunner<'a> {
     model: &'a dyn Denoiser,
     plan: StagePlan,
-    rank: usize,
-    /// Per stage rank: the outputs it needs from others (sorted; both sides agree).
+    ranks: StageRanks,
+    /// The stage this rank computes.
+    stage: usize,
+    /// Whether this rank only mirrors `stage` (computes it, sends nothing).
+    mirror: bool,
+    /// Per stage: the outputs it needs from others (sorted; both sides agree).
     needs: Vec<Vec<OutputRef>>,
     cache: Vec<Vec<Tensor>>,
     /// Seconds of denoiser compute in the last call.
@@ -373,23 +430,57 @@ pub struct StagedRunner<'a> {
 }
 
 impl<'a> StagedRunner<'a> {
-    /// A runner for stage `rank` of `plan`.
+    /// A runner for stage `rank` of `plan`, stages on ranks `0..n`.
     pub fn new(model: &'a dyn Denoiser, plan: StagePlan, rank: usize) -> Self {
+        let n = plan.n;
+        Self::on(model, plan, StageRanks::consecutive(0, n), rank)
+            .expect("rank is one of the plan's stages")
+    }
+
+    /// A runner for global rank `rank`, which must be one of `ranks`.
+    pub fn on(
+        model: &'a dyn Denoiser,
+        plan: StagePlan,
+        ranks: StageRanks,
+        rank: usize,
+    ) -> Result<Self> {
+        if ranks.owners.len() != plan.n {
+            return Err(Error::Options(format!(
+                "a plan of {} stages placed on {} ranks",
+                plan.n,
+                ranks.owners.len()
+            )));
+        }
+        let (stage, mirror) = ranks.stage_of(rank).ok_or_else(|| {
+            Error::Options(format!("rank {rank} runs none of the stages of {ranks:?}"))
+        })?;
         let needs = (0..plan.n).map(|r| plan.needs(model, r)).collect();
-        Self {
+        Ok(Self {
             model,
             plan,
-            rank,
+            ranks,
+            stage,
+            mirror,
             needs,
             cache: Vec::new(),
             compute_seconds: 0.0,
             exchanged: Default::default(),
-        }
+        })
     }
 
     /// The plan this runner follows.
     pub fn plan(&self) -> &StagePlan {
         &self.plan
+    }
+
+    /// Where the stages run.
+    pub fn ranks(&self) -> &StageRanks {
+        &self.ranks
+    }
+
+    /// The global rank that owns the last stage (the output layer).
+    pub fn last_stage_rank(&self) -> usize {
+        self.ranks.owners[self.plan.n - 1]
     }
 
     /// Whether the cache holds a full forward's outputs.
@@ -402,7 +493,8 @@ impl<'a> StagedRunner<'a> {
         self.cache.clear();
     }
 
-    /// Runs the whole denoiser, caching every module's output (the fill step).
+    /// Runs the whole denoiser, caching every module's output (the reference's fill step:
+    /// every rank computes everything).
     pub fn fill(&mut self, x: &Tensor, t: f64, cond: &Conditioning) -> Result<Tensor> {
         let start = Instant::now();
         let mut state = self.model.begin(x, t, cond)?;
@@ -419,23 +511,221 @@ impl<'a> StagedRunner<'a> {
         Ok(y)
     }
 
+    /// The outputs stage `s` reads from other stages.
+    fn needs_of_rank(&self, rank: usize) -> &[OutputRef] {
+        match self.ranks.stage_of(rank) {
+            Some((s, _)) => &self.needs[s],
+            None => &[],
+        }
+    }
+
+    /// A fresh forward computed once, stage after stage (the pipeline's fill without
+    /// duplicated work): walking the modules in order, each module's owner computes it on its
+    /// own state and sends each output to every other rank of the stages, as the tensor when
+    /// that rank's stage reads it, else as its shape (the receiver keeps a stand-in: the
+    /// output is only carried along). Every rank ends with a full cache for the pipelined
+    /// steps. Bit for bit the plain forward when every rank has the same `x`, `t` and `cond`
+    /// (AsyncDiff's exact warm-up); with per-rank conditioning (Hybridiff) each stage runs on
+    /// its rank's branch, as in pipelined steps.
+    ///
+    /// Returns the prediction on the last stage's owner (`None` elsewhere). Its latency is
+    /// the sum of the stages' compute (each waits for the one before): the trace marks such
+    /// steps as chained.
+    pub fn fill_sequential(
+        &mut self,
+        comm: &mut dyn Communicator,
+        x: &Tensor,
+        t: f64,
+        cond: &Conditioning,
+    ) -> Result<Option<Tensor>> {
+        let me = comm.rank();
+        let mut compute = 0.0;
+        let mut state = if self.mirror {
+            None
+        } else {
+            let start = Instant::now();
+            let st = self.model.begin(x, t, cond)?;
+            compute += start.elapsed().as_secs_f64();
+            Some(st)
+        };
+        let others: Vec<usize> = self.ranks.all().filter(|&r| r != me).collect();
+        let mine = self.needs_of_rank(me).to_vec();
+        self.cache.clear();
+        for m in 0..self.plan.owner.len() {
+            let owner_stage = self.plan.owner[m];
+            let out = match &mut state {
+                Some(st) if owner_stage == self.stage => {
+                    let start = Instant::now();
+                    let out = self.model.run_module(m, st)?;
+                    if let Some(o) = out.first() {
+                        o.device().synchronize()?;
+                    }
+                    compute += start.elapsed().as_secs_f64();
+                    for &q in &others {
+                        let wants = self.needs_of_rank(q);
+                        for (index, o) in out.iter().enumerate() {
+                            if wants.contains(&OutputRef { module: m, index }) {
+                                comm.send(o, q)?;
+                            } else {
+                                comm.send(&shape_message(o)?, q)?;
+                            }
+                        }
+                    }
+                    out
+                }
+                _ => {
+                    let src = self.ranks.owners[owner_stage];
+                    (0..self.model.module_output_count(m))
+                        .map(|index| {
+                            let got = comm.recv(src)?;
+                            if mine.contains(&OutputRef { module: m, index }) {
+                                Ok(got)
+                            } else {
+                                placeholder(&got, x)
+                            }
+                        })
+                        .collect::<Result<Vec<_>>>()?
+                }
+            };
+            if let Some(st) = &mut state {
+                self.model.apply_module(m, st, out.clone())?;
+            }
+            self.cache.push(out);
+        }
+        let last = self.plan.n - 1;
+        let y = match state {
+            Some(st) if self.stage == last && !self.mirror => {
+                let start = Instant::now();
+                let y = self.model.end(st)?;
+                y.device().synchronize()?;
+                compute += start.elapsed().as_secs_f64();
+                Some(y)
+            }
+            _ => None,
+        };
+        self.compute_seconds = compute;
+        Ok(y)
+    }
+
+    /// Fills the cache from an exact banded step (stages x bands): `kept` is this rank's band
+    /// of every module's output ([`crate::strategy::patch::BandStep::step_keeping_outputs`])
+    /// and `group` its band group, in band order, every rank of which runs a stage of this
+    /// plan. Each rank collects from the others of its group their bands of the outputs its
+    /// own stage computes and other stages read, and joins them along the model's band
+    /// dimension ([`Denoiser::band_dim`]); every other output is a stand-in of the whole
+    /// image's shape (the module-reads contract: only carried along until its owner sends
+    /// it). So one exact step's work, split `W` ways, fills the pipeline, where the
+    /// reference's fill runs the whole denoiser on every rank.
+    pub fn fill_from_bands(
+        &mut self,
+        comm: &mut dyn Communicator,
+        group: &hybridiff_comm::Group,
+        kept: Vec<Vec<Tensor>>,
+    ) -> Result<()> {
+        let me = comm.rank();
+        let modules = self.plan.owner.len();
+        if kept.len() != modules {
+            return Err(Error::Options(format!(
+                "a banded step kept {} module outputs, the plan has {modules} modules",
+                kept.len()
+            )));
+        }
+        let read: BTreeSet<OutputRef> = self
+            .ranks
+            .all()
+            .flat_map(|r| self.needs_of_rank(r).iter().copied())
+            .collect();
+        let owned_read = |rank: usize| -> Vec<OutputRef> {
+            match self.ranks.stage_of(rank) {
+                Some((stage, false)) => read
+                    .iter()
+                    .filter(|r| self.plan.owner[r.module] == stage)
+                    .copied()
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        let outputs: Vec<OutputRef> = (0..modules)
+            .flat_map(|module| {
+                (0..kept[module].len()).map(move |index| OutputRef { module, index })
+            })
+            .collect();
+        // Every band's extent along the band dimension of every output, for the stand-ins.
+        let extent: Vec<i64> = outputs
+            .iter()
+            .map(|r| match self.model.band_dim(r.module, r.index) {
+                Some(d) => kept[r.module][r.index].dim(d).map(|v| v as i64),
+                None => Ok(-1),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let extents = comm.all_gather_in(
+            group,
+            &Tensor::new(extent.as_slice(), &candle_core::Device::Cpu)?,
+        )?;
+        let extents: Vec<Vec<i64>> = extents
+            .iter()
+            .map(|t| t.to_vec1::<i64>())
+            .collect::<candle_core::Result<_>>()?;
+        let before = crate::strategy::Sent::so_far(comm);
+        for &q in group.ranks().iter().filter(|&&q| q != me) {
+            for r in owned_read(q) {
+                if self.model.band_dim(r.module, r.index).is_some() {
+                    comm.send(&kept[r.module][r.index].contiguous()?, q)?;
+                }
+            }
+        }
+        let mine: BTreeSet<OutputRef> = owned_read(me).into_iter().collect();
+        let mut cache: Vec<Vec<Tensor>> = Vec::with_capacity(modules);
+        for (k, r) in outputs.iter().enumerate() {
+            if r.index == 0 {
+                cache.push(Vec::with_capacity(kept[r.module].len()));
+            }
+            let piece = &kept[r.module][r.index];
+            let whole = match self.model.band_dim(r.module, r.index) {
+                None => piece.clone(),
+                Some(d) if mine.contains(r) => {
+                    let mut parts = Vec::with_capacity(group.len());
+                    for &q in group.ranks() {
+                        parts.push(if q == me {
+                            piece.clone()
+                        } else {
+                            comm.recv(q)?
+                        });
+                    }
+                    Tensor::cat(&parts, d)?
+                }
+                Some(d) => {
+                    let mut dims = piece.dims().to_vec();
+                    dims[d] = extents.iter().map(|e| e[k].max(0) as usize).sum();
+                    Tensor::zeros((), piece.dtype(), piece.device())?.broadcast_as(dims)?
+                }
+            };
+            cache.last_mut().expect("pushed above").push(whole);
+        }
+        self.cache = cache;
+        self.exchanged = crate::strategy::Sent::so_far(comm).since(before);
+        Ok(())
+    }
+
     /// Sends this rank's cached outputs that other stages read, and receives the ones it
     /// reads from their owners: the start of a pipelined step.
     pub fn exchange(&mut self, comm: &mut dyn Communicator) -> Result<()> {
         let before = crate::strategy::Sent::so_far(comm);
-        for (dst, needs) in self.needs.iter().enumerate() {
-            if dst == self.rank {
-                continue;
-            }
-            for r in needs
-                .iter()
-                .filter(|r| self.plan.owner[r.module] == self.rank)
-            {
-                comm.send(&self.cache[r.module][r.index], dst)?;
+        let me = comm.rank();
+        if !self.mirror {
+            let receivers: Vec<usize> = self.ranks.all().filter(|&r| r != me).collect();
+            for dst in receivers {
+                for r in self
+                    .needs_of_rank(dst)
+                    .iter()
+                    .filter(|r| self.plan.owner[r.module] == self.stage)
+                {
+                    comm.send(&self.cache[r.module][r.index], dst)?;
+                }
             }
         }
-        for r in self.needs[self.rank].clone() {
-            let src = self.plan.owner[r.module];
+        for r in self.needs[self.stage].clone() {
+            let src = self.ranks.owners[self.plan.owner[r.module]];
             self.cache[r.module][r.index] = comm.recv(src)?;
         }
         self.exchanged = crate::strategy::Sent::so_far(comm).since(before);
@@ -448,7 +738,7 @@ impl<'a> StagedRunner<'a> {
         let start = Instant::now();
         let mut state = self.model.begin(x, t, cond)?;
         for m in 0..self.plan.owner.len() {
-            let out = if self.plan.owner[m] == self.rank {
+            let out = if self.plan.owner[m] == self.stage {
                 let out = self.model.run_module(m, &state)?;
                 self.cache[m] = out.clone();
                 out
@@ -474,27 +764,34 @@ impl<'a> StagedRunner<'a> {
         t: f64,
         cond: &Conditioning,
     ) -> Result<(Tensor, u64)> {
-        let extra = if self.rank == 0 {
-            self.reference_exchange_bytes() - self.exchange_bytes()
-        } else {
-            0
-        };
+        let extra = self.reference_extra(comm.rank());
         self.exchange(comm)?;
         let y = self.pipelined(x, t, cond)?;
         Ok((self.from_last_stage(comm, &y)?, extra))
     }
 
-    /// The last stage's `y` on every rank.
+    /// On rank 0, how many more bytes the reference's exchange would send than ours (0
+    /// elsewhere, so the step's sum counts it once).
+    pub fn reference_extra(&self, rank: usize) -> u64 {
+        if rank == 0 {
+            self.reference_exchange_bytes()
+                .saturating_sub(self.exchange_bytes())
+        } else {
+            0
+        }
+    }
+
+    /// The last stage's `y` on every rank of the world.
     pub fn from_last_stage(&self, comm: &mut dyn Communicator, y: &Tensor) -> Result<Tensor> {
-        let root = self.plan.n - 1;
-        Ok(comm.broadcast((self.rank == root).then_some(y), root)?)
+        let root = self.last_stage_rank();
+        Ok(comm.broadcast((comm.rank() == root).then_some(y), root)?)
     }
 
     /// Bytes one pipelined step's exchange sends in all (every rank together).
     pub fn exchange_bytes(&self) -> u64 {
-        self.needs
-            .iter()
-            .flatten()
+        self.ranks
+            .all()
+            .flat_map(|r| self.needs_of_rank(r).iter())
             .map(|r| tensor_bytes(&self.cache[r.module][r.index]))
             .sum()
     }
@@ -503,6 +800,6 @@ impl<'a> StagedRunner<'a> {
     /// owner to every other rank.
     pub fn reference_exchange_bytes(&self) -> u64 {
         let per_copy: u64 = self.cache.iter().flatten().map(tensor_bytes).sum();
-        per_copy * (self.plan.n as u64 - 1)
+        per_copy * (self.ranks.all().count() as u64 - 1)
     }
 }

@@ -2,6 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
+fn is_zero(v: &usize) -> bool {
+    *v == 0
+}
+
 /// How a step's prediction was computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -27,6 +31,15 @@ pub struct StepTrace {
     pub wall_seconds: f64,
     /// Seconds each rank spent in denoiser compute during the step.
     pub rank_compute_seconds: Vec<f64>,
+    /// FLOPs each rank computed during the step, counted where the denoiser was called
+    /// (`engine/src/work.rs`).
+    #[serde(default)]
+    pub rank_flops: Vec<f64>,
+    /// When the ranks computed one after another (a sequential fill or warm-up), the number
+    /// of independent chains they formed (equal consecutive rank groups); 0 when they
+    /// computed side by side. The latency model sums a chain's compute.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub chain_groups: usize,
     /// Bytes sent by all ranks during the step.
     pub bytes_sent: u64,
     /// Bytes each rank sent during the step (index = rank; they sum to `bytes_sent`).
@@ -49,6 +62,31 @@ pub struct StepTrace {
     /// `tau1` and `tau2` once known.
     pub tau1: Option<usize>,
     pub tau2: Option<usize>,
+    /// Sample-forwards all ranks computed during the step: each module's share of a whole
+    /// forward's counted FLOPs, times the batch (serial's CFG batch counts 2), times the
+    /// share of the rows (a patch band).
+    #[serde(default)]
+    pub forwards: f64,
+    /// What the step cache did, with `--cache`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<StepCacheTrace>,
+}
+
+/// One step of the step cache (`--cache`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepCacheTrace {
+    /// The step's decision, the same on every rank: `cached` (modules may be reused from
+    /// the previous step) or `computed`.
+    pub decision: String,
+    /// The modules rank 0 took from an earlier step instead of computing (empty where a
+    /// cached step found nothing to reuse on its path, e.g. a fill step).
+    pub cached_modules: Vec<String>,
+    /// Sample-forwards the cache saved all ranks this step.
+    pub forwards_saved: f64,
+    /// `teacache`: the accumulated relative L1 change of the modulated input that the
+    /// decision compared with the threshold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal: Option<f64>,
 }
 
 /// A whole run.
@@ -89,6 +127,18 @@ pub struct Trace {
     pub tau1: Option<usize>,
     pub tau2: Option<usize>,
     pub rel_mae_log: Vec<f64>,
+    /// The step cache (`--cache METHOD:...`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
+    /// Sample-forwards all ranks computed over the run (see [`StepTrace::forwards`]).
+    #[serde(default)]
+    pub forwards: f64,
+    /// Sample-forwards the step cache saved over the run.
+    #[serde(default)]
+    pub forwards_saved: f64,
+    /// Steps whose decision was `cached`.
+    #[serde(default)]
+    pub cached_steps: usize,
     pub steps: Vec<StepTrace>,
 }
 

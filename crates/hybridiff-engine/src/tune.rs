@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 
-use crate::latency::{Link, RankCost};
+use crate::latency::{Link, RankCost, StepCost};
 use crate::stages::PlanKind;
 use crate::strategy::PipelinedGuidance;
 use crate::switch::{PartialSwitch, SwitchParams, Switcher};
@@ -352,9 +352,9 @@ impl Plan {
 /// latency of any schedule (`tune`'s latency model; [`crate::latency`] adds the link).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepCosts {
-    pub exact: Vec<RankCost>,
-    pub fill: Option<Vec<RankCost>>,
-    pub pipelined: Option<Vec<RankCost>>,
+    pub exact: StepCost,
+    pub fill: Option<StepCost>,
+    pub pipelined: Option<StepCost>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -370,16 +370,21 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn median_cost(steps: &[Vec<RankCost>]) -> Option<Vec<RankCost>> {
-    let ranks = steps.first()?.len();
-    Some(
-        (0..ranks)
+/// Per rank, the median of each field; the chaining of the first step (steps of one mode
+/// in one layout chain alike).
+fn median_cost(steps: &[StepCost]) -> Option<StepCost> {
+    let first = steps.first()?;
+    let ranks = first.ranks.len();
+    Some(StepCost {
+        chain_groups: first.chain_groups,
+        ranks: (0..ranks)
             .map(|r| {
                 let field = |f: &dyn Fn(&RankCost) -> f64| {
-                    median(steps.iter().filter_map(|s| s.get(r)).map(f).collect())
+                    median(steps.iter().filter_map(|s| s.ranks.get(r)).map(f).collect())
                 };
                 RankCost {
                     compute_seconds: field(&|c| c.compute_seconds),
+                    flops: field(&|c| c.flops),
                     bytes: field(&|c| c.bytes as f64).round() as u64,
                     messages: field(&|c| c.messages as f64).round() as u64,
                     overlapped_bytes: field(&|c| c.overlapped_bytes as f64).round() as u64,
@@ -387,7 +392,7 @@ fn median_cost(steps: &[Vec<RankCost>]) -> Option<Vec<RankCost>> {
                 }
             })
             .collect(),
-    )
+    })
 }
 
 impl StepCosts {
@@ -397,16 +402,16 @@ impl StepCosts {
     /// No exact step in the traces, traces of different rank counts, or traces without
     /// per-rank counts ([`crate::latency::costs_of`]).
     pub fn measure(traces: &[&Trace]) -> Result<Self> {
-        let mut by_mode: [Vec<Vec<RankCost>>; 3] = Default::default();
+        let mut by_mode: [Vec<StepCost>; 3] = Default::default();
         let mut ranks = None;
         for t in traces {
             let costs = crate::latency::costs_of(t)?;
             for (s, c) in t.steps.iter().zip(costs) {
-                if *ranks.get_or_insert(c.len()) != c.len() {
+                if *ranks.get_or_insert(c.ranks.len()) != c.ranks.len() {
                     return Err(Error::Input(format!(
                         "trace of {}: steps of {} ranks among steps of {}",
                         t.strategy,
-                        c.len(),
+                        c.ranks.len(),
                         ranks.unwrap_or(0)
                     )));
                 }
@@ -455,7 +460,7 @@ impl StepCosts {
                 .clone(),
             );
         }
-        Ok(crate::latency::predict(&run, link).seconds)
+        Ok(crate::latency::predict_with(&run, link, crate::latency::Compute::Measured).seconds)
     }
 }
 
@@ -902,6 +907,13 @@ mod tests {
         assert_eq!(g.tau_cap, vec![15, 23, 30, 38]);
     }
 
+    fn side_by_side(ranks: Vec<RankCost>) -> StepCost {
+        StepCost {
+            ranks,
+            chain_groups: 0,
+        }
+    }
+
     fn rank(c: f64) -> RankCost {
         RankCost {
             compute_seconds: c,
@@ -912,9 +924,9 @@ mod tests {
     #[test]
     fn latency_of_a_schedule_adds_its_steps_costs() {
         let costs = StepCosts {
-            exact: vec![rank(1.0), rank(1.0)],
-            fill: Some(vec![rank(2.0), rank(2.0)]),
-            pipelined: Some(vec![rank(0.5), rank(0.6)]),
+            exact: side_by_side(vec![rank(1.0), rank(1.0)]),
+            fill: Some(side_by_side(vec![rank(2.0), rank(2.0)])),
+            pipelined: Some(side_by_side(vec![rank(0.5), rank(0.6)])),
         };
         let l = free_link();
         assert_eq!(costs.predict(10, None, &l).unwrap(), 10.0);

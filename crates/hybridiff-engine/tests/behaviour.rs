@@ -116,7 +116,11 @@ fn guidance_at_most_1_runs_the_conditional_branch_alone_on_every_strategy() {
     assert!(cfg1.trace.classifier_free_guidance);
     let d = max_abs(&(&cfg1.latents - &base.latents).unwrap());
     assert!(d < 1e-3, "no-CFG run differs from eps_c by {d}");
-    // Every strategy gives the serial result bit for bit, each step exact.
+    // Every strategy gives the serial result, each step exact: bit for bit where one rank
+    // computes each module on the whole image (serial, async's exact warm-up), up to float
+    // rounding where the ranks split the conditional branch into bands (cfg, hybrid: no
+    // rank idles, issue 25).
+    let scale = max_abs(&base.latents);
     for (kind, world, opts) in all_strategies(steps) {
         let out = run_job(
             model,
@@ -128,7 +132,12 @@ fn guidance_at_most_1_runs_the_conditional_branch_alone_on_every_strategy() {
         )
         .unwrap();
         let what = format!("{kind} x{world}");
-        assert_eq!(bits(&out.latents), bits(&base.latents), "{what}");
+        if matches!(kind, StrategyKind::Cfg | StrategyKind::Hybrid) && world > 1 {
+            let d = max_abs(&(&out.latents - &base.latents).unwrap());
+            assert!(d < 1e-4 * scale, "{what}: off by {d} (scale {scale})");
+        } else {
+            assert_eq!(bits(&out.latents), bits(&base.latents), "{what}");
+        }
         assert!(!out.trace.classifier_free_guidance, "{what}");
         assert!(
             out.trace
@@ -143,12 +152,16 @@ fn guidance_at_most_1_runs_the_conditional_branch_alone_on_every_strategy() {
             "{what}"
         );
         if matches!(kind, StrategyKind::Cfg | StrategyKind::Hybrid) {
-            // Rank 0 broadcasts one [1, 4, 16, 16] f32 prediction to every other rank.
-            let per_step = (world as u64 - 1) * 4 * 16 * 16 * 4;
-            assert!(
-                out.trace.steps.iter().all(|st| st.bytes_sent == per_step),
-                "{what}"
-            );
+            // W bands of the conditional branch: every rank computes in every step, and the
+            // band predictions ([1, 4, 16 / W, 16] f32 each) are all-gathered.
+            for st in &out.trace.steps {
+                assert!(st.rank_flops.iter().all(|&f| f > 0.0), "{what}: {st:?}");
+                let gather = (world as u64 - 1) * 4 * (16 / world as u64) * 16 * 4;
+                assert!(
+                    st.rank_bytes_sent.iter().all(|&b| b > gather),
+                    "{what}: the bands exchange halos, statistics and keys/values too"
+                );
+            }
             assert!(out
                 .trace
                 .note
@@ -305,6 +318,28 @@ impl Denoiser for PoisonedAfter<'_> {
     }
     fn end(&self, st: State) -> hybridiff_models::Result<Tensor> {
         let y = self.inner.end(st)?;
+        self.poison(y)
+    }
+    fn patch_alignment(&self) -> Option<(usize, usize)> {
+        self.inner.patch_alignment()
+    }
+    fn band_dim(&self, idx: usize, index: usize) -> Option<usize> {
+        self.inner.band_dim(idx, index)
+    }
+    fn forward_patch(
+        &self,
+        x: &Tensor,
+        t: f64,
+        c: &Conditioning,
+        ctx: &dyn hybridiff_models::PatchContext,
+    ) -> hybridiff_models::Result<Tensor> {
+        let y = self.inner.forward_patch(x, t, c, ctx)?;
+        self.poison(y)
+    }
+}
+
+impl PoisonedAfter<'_> {
+    fn poison(&self, y: Tensor) -> hybridiff_models::Result<Tensor> {
         if self.calls.fetch_add(1, Ordering::SeqCst) < self.clean {
             Ok(y)
         } else {

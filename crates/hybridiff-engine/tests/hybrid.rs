@@ -147,6 +147,7 @@ fn async_equals_serial_when_warmup_covers_all_steps() {
         &Device::Cpu,
     )
     .unwrap();
+    let one = run(&s, StrategyKind::Serial, 1, &StrategyOptions::default()).unwrap();
     for world in [2, 4] {
         let opts = StrategyOptions {
             warmup: 20,
@@ -158,7 +159,16 @@ fn async_equals_serial_when_warmup_covers_all_steps() {
             &serial["step_latents"],
             "async warm-up only",
         );
-        assert_eq!(out.trace.bytes_sent, 0);
+        // The exact steps run the stages one after another, each computed once (the
+        // reference computes the whole forward on every rank): the ranks' FLOPs add up to
+        // serial's, and only stage outputs and the prediction cross ranks.
+        for (st, se) in out.trace.steps.iter().zip(&one.trace.steps) {
+            assert_eq!(st.chain_groups, 1);
+            let total: f64 = st.rank_flops.iter().sum();
+            assert!((total - se.rank_flops[0]).abs() <= 1e-9 * total, "{st:?}");
+            assert!(st.rank_flops.iter().all(|&f| f > 0.0 && f < total));
+            assert!(st.bytes_sent > 0);
+        }
     }
     // With pipelining it departs from serial, but stays in the same range.
     let out = run(&s, StrategyKind::Async, 2, &StrategyOptions::default()).unwrap();

@@ -45,7 +45,7 @@ fn run_with(
 
 fn patch_opts(mode: PatchMode, warmup: usize, cfg_split: bool) -> StrategyOptions {
     StrategyOptions {
-        patch_mode: mode,
+        patch_mode: Some(mode),
         warmup,
         cfg_split,
         ..Default::default()

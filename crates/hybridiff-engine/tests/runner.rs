@@ -82,6 +82,9 @@ impl Denoiser for FailOnRank1<'_> {
     fn module_reads(&self, idx: usize) -> Vec<OutputRef> {
         self.inner.module_reads(idx)
     }
+    fn band_dim(&self, idx: usize, index: usize) -> Option<usize> {
+        self.inner.band_dim(idx, index)
+    }
     fn begin(
         &self,
         sample: &Tensor,

@@ -26,9 +26,9 @@ fn opts(f: impl FnOnce(&mut StrategyOptions)) -> StrategyOptions {
 }
 
 /// Every strategy against serial, for `s`'s sampler and sampling options, at 2 and 4 ranks
-/// (`all_sizes`) or at one layout each. cfg and async without pipelined steps must give
-/// serial's latents bit for bit (a branch predicts the same on its own rank as in serial's
-/// batch); patch sync to float rounding; the approximate ones (hybrid, patch displaced)
+/// (`all_sizes`) or at one layout each. cfg on 2 ranks and async without pipelined steps
+/// must give serial's latents bit for bit (a branch predicts the same on its own rank as in
+/// serial's batch); patch sync and cfg on 4 ranks (branches x bands) to float rounding; the approximate ones (hybrid, patch displaced)
 /// must stay far closer to serial than serial is to itself with another seed, so that noise
 /// drawn differently on some rank (or in some strategy, or at some world size) fails.
 fn check_every_strategy(s: &mut Setup, what: &str, all_sizes: bool) {
@@ -60,7 +60,7 @@ fn check_every_strategy(s: &mut Setup, what: &str, all_sizes: bool) {
         (
             StrategyKind::Patch,
             4,
-            opts(|o| o.patch_mode = PatchMode::Sync),
+            opts(|o| o.patch_mode = Some(PatchMode::Sync)),
         ),
     ];
     if all_sizes {
@@ -71,7 +71,7 @@ fn check_every_strategy(s: &mut Setup, what: &str, all_sizes: bool) {
                 StrategyKind::Patch,
                 2,
                 opts(|o| {
-                    o.patch_mode = PatchMode::Sync;
+                    o.patch_mode = Some(PatchMode::Sync);
                     o.cfg_split = false
                 }),
             ),
@@ -81,7 +81,9 @@ fn check_every_strategy(s: &mut Setup, what: &str, all_sizes: bool) {
         let out = run(s, kind, world, &o).unwrap();
         let d = diff(&out, &serial);
         eprintln!("{what}: {kind} x{world}: max diff {d:e} (scale {scale})");
-        if kind == StrategyKind::Patch {
+        // Latent bands (patch; cfg on 4 ranks is 2 branches x 2 bands since issue 25) agree
+        // to float rounding: a band's convolution edges sum in another order.
+        if kind == StrategyKind::Patch || (kind == StrategyKind::Cfg && world > 2) {
             assert!(
                 d <= 1e-4 * scale,
                 "{what}: {kind} x{world}: max diff {d} vs serial"

@@ -5,7 +5,7 @@
 
 use candle_core::Tensor;
 
-use crate::patch::PatchContext;
+use crate::patch::{Band, Patch, PatchContext};
 use crate::{Error, Result};
 
 /// Per-branch conditioning, batched like the sample (`B` = 1 per branch, 2 for CFG).
@@ -31,7 +31,7 @@ impl Conditioning {
     }
 
     /// Whether every tensor has batch `b` (not a broadcast batch of 1).
-    fn batch_is(&self, b: usize) -> bool {
+    pub fn batch_is(&self, b: usize) -> bool {
         [
             Some(&self.prompt_embeds),
             self.pooled.as_ref(),
@@ -164,10 +164,48 @@ pub trait Denoiser: Send + Sync {
         None
     }
 
+    /// [`Self::begin`] for one horizontal band of the latents (DistriFusion's patch
+    /// parallelism): `sample` is `[B, C, rows, W]`, the rows `band` names.
+    ///
+    /// # Errors
+    /// [`Error::Input`] when the model does not support bands, or the band does not fit.
+    fn begin_patch(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        cond: &Conditioning,
+        band: Band,
+    ) -> Result<State> {
+        let _ = (sample, timestep, cond, band);
+        Err(Error::Input(
+            "this model does not support patch parallelism".into(),
+        ))
+    }
+
+    /// [`Self::run_module`] on one band: layers that need other bands' data ask `patch`.
+    ///
+    /// # Errors
+    /// [`Error::Input`] when the model does not support bands.
+    fn run_module_patch(&self, idx: usize, state: &State, patch: &Patch) -> Result<Vec<Tensor>> {
+        let _ = (idx, state, patch);
+        Err(Error::Input(
+            "this model does not support patch parallelism".into(),
+        ))
+    }
+
+    /// For a band forward ([`Self::forward_patch`]): the dimension along which output
+    /// `index` of module `idx` is cut by the bands (the rows of a `[B, C, h, w]` activation,
+    /// the tokens of a `[B, L, D]` one), so that the bands' outputs concatenated along it in
+    /// band order are the whole image's; `None` when every band computes the output whole
+    /// (an MMDiT's text stream). Required (no default) so that a wrapper cannot forget to
+    /// forward it.
+    fn band_dim(&self, idx: usize, index: usize) -> Option<usize>;
+
     /// The forward pass on one horizontal band of the latents (DistriFusion's patch
     /// parallelism): `sample` is `[B, C, rows, W]`, the rows `ctx.band()` names, and the
     /// result is the prediction for those rows. Layers that need other bands' data ask
-    /// `ctx`; with one band this equals [`Self::forward`].
+    /// `ctx`, numbered by module ([`Patch::enter_module`]); with one band this equals
+    /// [`Self::forward`].
     ///
     /// # Errors
     /// [`Error::Input`] when the model does not support bands, or the band does not fit.
@@ -178,10 +216,31 @@ pub trait Denoiser: Send + Sync {
         cond: &Conditioning,
         ctx: &dyn PatchContext,
     ) -> Result<Tensor> {
-        let _ = (sample, timestep, cond, ctx);
-        Err(Error::Input(
-            "this model does not support patch parallelism".into(),
-        ))
+        let p = Patch::new(ctx);
+        let mut state = self.begin_patch(sample, timestep, cond, p.band())?;
+        for idx in 0..self.module_names().len() {
+            p.enter_module(idx)?;
+            let out = self.run_module_patch(idx, &state, &p)?;
+            ctx.module_output(idx, &out);
+            self.apply_module(idx, &mut state, out)?;
+        }
+        self.end(state)
+    }
+
+    /// TeaCache's indicator (Liu et al., arXiv 2411.19108, sec. 4.2): the first
+    /// transformer block's timestep-modulated input, `[B, N, D]`, for `sample`
+    /// (`[B, C, h, w]`) at `timestep` under `cond` (batch `B`). Its relative L1 change
+    /// from step to step tracks how much the blocks' output changes, so a step whose
+    /// indicator moved little may reuse the blocks' last residual. `Ok(None)` when the
+    /// model has no such input (U-Nets).
+    fn modulated_input(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        cond: &Conditioning,
+    ) -> Result<Option<Tensor>> {
+        let _ = (sample, timestep, cond);
+        Ok(None)
     }
 }
 

@@ -224,6 +224,9 @@ pub struct ForwardMemory {
     pub attention: u128,
     /// All module outputs of one forward: what a staged runner's cache holds.
     pub module_outputs: u128,
+    /// The main activation between modules (an MMDiT's image tokens; a U-Net's
+    /// full-resolution state): what a residual cache holds per tensor.
+    pub hidden: u128,
 }
 
 impl ForwardMemory {
@@ -278,10 +281,12 @@ pub fn unet_forward(
         largest = largest.max(layer);
         outputs = outputs.saturating_add(level_skips.saturating_mul(2));
     }
+    let hidden = prod(&[batch, c.block_out_channels[0], elem, h, w]);
     ForwardMemory {
         activations: skips.saturating_add(largest),
         attention,
         module_outputs: outputs,
+        hidden,
     }
 }
 
@@ -310,6 +315,7 @@ pub fn mmdit_forward(
         activations: stream.saturating_mul(12),
         attention,
         module_outputs: stream.saturating_mul(c.num_layers as u128),
+        hidden: width.saturating_mul(tokens),
     }
 }
 
@@ -335,6 +341,7 @@ pub fn vae_decode(c: &crate::vae::VaeConfig, (h, w): (usize, usize), elem: usize
             0
         },
         module_outputs: 0,
+        hidden: 0,
     }
 }
 

@@ -81,6 +81,22 @@ impl ResnetBlock2D {
             .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 
+    /// The hidden state where the time embedding enters: `conv1(silu(norm1(x)))` plus the
+    /// projected `temb` (`[B, C_out, h, w]`), the block's timestep-modulated input (TeaCache's
+    /// indicator on a U-Net).
+    pub fn modulated(&self, x: &Tensor, temb: &Tensor) -> crate::Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward_silu(x, None)?)?;
+        Ok(match &self.time_emb_proj {
+            Some(proj) => h.broadcast_add(
+                &proj
+                    .forward(&crate::kernels::silu(temb)?)?
+                    .unsqueeze(2)?
+                    .unsqueeze(3)?,
+            )?,
+            None => h,
+        })
+    }
+
     /// [`Self::forward`] on the whole image, or on one band with `patch` (the norms and
     /// 3x3 convolutions read the other bands).
     pub fn forward_patch(

@@ -12,8 +12,9 @@
 //! - self-attention (U-Net) and joint attention (MMDiT) read every band's keys and values.
 //!
 //! Everything else (resnets' time embeddings, cross-attention, per-token norms, feed
-//! forwards) is local. Exchanges are numbered in call order within one forward (the
-//! layer id), which is the same on every band and every step.
+//! forwards) is local. Exchanges are numbered by module and call order within it (the
+//! layer id, [`Patch::enter_module`]), which is the same on every band and every step, and
+//! stays the same for a module whatever other modules a step skips (step caching).
 
 use std::cell::Cell;
 
@@ -56,20 +57,37 @@ pub trait PatchContext {
     ) -> Result<(Option<Tensor>, Option<Tensor>)>;
     /// Every band's `x` for exchange `layer`, in band order (this band's is `x` itself).
     fn gather(&self, layer: usize, x: &Tensor) -> Result<Vec<Tensor>>;
+    /// Module `idx`'s output on this band, handed over as soon as it is computed (by
+    /// [`crate::Denoiser::forward_patch`], module by module), for an engine that keeps band
+    /// outputs (to start a stage pipeline from an exact banded step). Ignored by default.
+    fn module_output(&self, idx: usize, output: &[Tensor]) {
+        let _ = (idx, output);
+    }
+    /// Whether [`Self::module_output`] keeps what it is handed (a step a stage pipeline
+    /// starts from): such a forward must compute every module, so a step cache runs it whole.
+    fn keeps_outputs(&self) -> bool {
+        false
+    }
 }
+
+/// Layer ids each module may use: a module's `k`-th exchange has id
+/// `module * MODULE_IDS + k`.
+pub const MODULE_IDS: usize = 1 << 16;
 
 /// A [`PatchContext`] plus the running layer id of one forward.
 pub struct Patch<'a> {
     ctx: &'a dyn PatchContext,
     next: Cell<usize>,
+    end: Cell<usize>,
 }
 
 impl<'a> Patch<'a> {
-    /// Starts a forward: layer ids count from 0.
+    /// Starts a forward: layer ids count from 0 (module 0).
     pub fn new(ctx: &'a dyn PatchContext) -> Self {
         Self {
             ctx,
             next: Cell::new(0),
+            end: Cell::new(MODULE_IDS),
         }
     }
 
@@ -78,10 +96,34 @@ impl<'a> Patch<'a> {
         self.ctx.band()
     }
 
-    fn id(&self) -> usize {
+    /// Numbers the exchanges of module `module` from `module * MODULE_IDS`, so a layer's id
+    /// does not depend on which earlier modules ran this step.
+    ///
+    /// # Errors
+    /// A module index too large for the id space.
+    pub fn enter_module(&self, module: usize) -> Result<()> {
+        let base = module
+            .checked_mul(MODULE_IDS)
+            .and_then(|b| b.checked_add(MODULE_IDS).map(|e| (b, e)));
+        let Some((base, end)) = base else {
+            return Err(crate::Error::Input(format!(
+                "module {module}: too many modules to number their band exchanges"
+            )));
+        };
+        self.next.set(base);
+        self.end.set(end);
+        Ok(())
+    }
+
+    fn id(&self) -> Result<usize> {
         let i = self.next.get();
+        if i >= self.end.get() {
+            return Err(crate::Error::Input(format!(
+                "more than {MODULE_IDS} band exchanges in one module"
+            )));
+        }
         self.next.set(i + 1);
-        i
+        Ok(i)
     }
 
     /// `x` (`[B, C, h, W]`) with `top` rows above and `bottom` rows below: the neighbours'
@@ -94,7 +136,7 @@ impl<'a> Patch<'a> {
         bottom: usize,
         bottom_edge: usize,
     ) -> Result<Tensor> {
-        let id = self.id();
+        let id = self.id()?;
         if self.band().count == 1 {
             return Ok(x.pad_with_zeros(2, top, bottom_edge)?);
         }
@@ -132,7 +174,7 @@ impl<'a> Patch<'a> {
     /// Every band's tokens (`[B, L_band, D]`) concatenated along the tokens, in band
     /// (= row-major) order.
     pub(crate) fn gather_tokens(&self, x: &Tensor) -> Result<Tensor> {
-        let id = self.id();
+        let id = self.id()?;
         if self.band().count == 1 {
             return Ok(x.clone());
         }
@@ -142,7 +184,7 @@ impl<'a> Patch<'a> {
 
     /// GroupNorm over the whole image: per-group statistics of every band combined.
     pub(crate) fn group_norm(&self, gn: &GroupNorm, x: &Tensor) -> Result<Tensor> {
-        let id = self.id();
+        let id = self.id()?;
         let (b, c, h, w) = x.dims4()?;
         let g = gn.groups;
         let n = (c / g) * h * w;

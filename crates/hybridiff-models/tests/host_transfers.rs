@@ -82,8 +82,8 @@ const ALLOWED_HOST_READS: &[(&str, usize, &str)] = &[
     (
         "lpips.rs",
         3,
-        "LPIPS is a metric, not a denoising forward: its distances (one scalar per image) \
-         leave the device after it; seeded stand-in weights are made on the host",
+        "a metric, never inside a denoising forward: the distances leave the device once \
+         per image pair, and images come from (and LPIPS weights load on) the host",
     ),
 ];
 

@@ -1,10 +1,17 @@
 //! Parallel strategies: how the ranks of a job share the work of each denoising step.
 //! One file each. Every rank runs the same sampling loop ([`run_rank`]); a strategy's
 //! per-rank [`Worker`] supplies each step's prediction, identical on every rank.
+//!
+//! Strategies compose three mechanisms rather than copying each other: the condition split
+//! and bands of [`layout::BandLayout`] run by [`patch::BandStep`] (`cfg`, `patch`, `hybrid`'s
+//! exact steps), and stages run by [`crate::stages::StagedRunner`] (`async`, `hybrid`'s
+//! pipelined steps). `run_rank` counts every rank's FLOPs where the denoiser is called
+//! ([`crate::work::Counted`]).
 
 pub mod asyncdiff;
 pub mod cfg;
 pub mod hybrid;
+pub mod layout;
 pub mod patch;
 pub mod serial;
 
@@ -107,50 +114,77 @@ impl std::fmt::Display for PipelinedGuidance {
 /// The knobs of every strategy (each reads its own).
 #[derive(Debug, Clone)]
 pub struct StrategyOptions {
-    /// `async`: exact steps before pipelining.
+    /// `async`: exact steps before pipelining; `patch`, `hybrid` (displaced bands): sync
+    /// steps first.
     pub warmup: usize,
+    /// `async`: AsyncDiff's stride, 1 or 2 (world size `n + stride - 1`).
+    pub stride: usize,
     /// `hybrid`: the switching parameters.
     pub switch: SwitchParams,
     /// `async`, `hybrid`: how stages are planned.
     pub stages: PlanKind,
     /// `hybrid`: the prediction of pipelined steps.
     pub pipelined_guidance: PipelinedGuidance,
-    /// `patch`: fresh (`sync`) or previous-step (`displaced`) activations of other bands.
-    pub patch_mode: patch::PatchMode,
+    /// `patch`, `hybrid`'s exact steps, `cfg` (sync only): fresh (`sync`) or previous-step
+    /// (`displaced`) activations of other bands; `None` for the strategy's default
+    /// (`patch`: displaced; `cfg`, `hybrid`: sync).
+    pub patch_mode: Option<patch::PatchMode>,
+    /// `hybrid`: the pipelined steps' layout; `None` for the default at the run's `W`.
+    pub pipeline_layout: Option<hybrid::PipelineLayout>,
     /// `patch`: split the CFG branches across two rank groups before the bands.
     pub cfg_split: bool,
+    /// Every strategy: step caching (`--cache`), none by default.
+    pub cache: Option<crate::cache::CacheSpec>,
 }
 
 impl Default for StrategyOptions {
     fn default() -> Self {
         Self {
             warmup: 1,
+            stride: 1,
             switch: SwitchParams::SDXL,
             stages: PlanKind::Default,
             pipelined_guidance: PipelinedGuidance::None,
-            patch_mode: patch::PatchMode::Displaced,
+            patch_mode: None,
+            pipeline_layout: None,
             cfg_split: true,
+            cache: None,
         }
     }
 }
 
 impl StrategyKind {
-    /// The strategy's implementation with its options.
+    /// The strategy's implementation with its options (with a step cache when
+    /// `opts.cache` says so).
     pub fn build(self, opts: &StrategyOptions) -> Box<dyn Strategy> {
+        let inner = self.build_uncached(opts);
+        match opts.cache {
+            Some(spec) => Box::new(Cached { inner, spec }),
+            None => inner,
+        }
+    }
+
+    fn build_uncached(self, opts: &StrategyOptions) -> Box<dyn Strategy> {
         match self {
             Self::Serial => Box::new(serial::Serial),
-            Self::Cfg => Box::new(cfg::CfgSplit),
+            Self::Cfg => Box::new(cfg::CfgSplit {
+                patch_mode: opts.patch_mode,
+            }),
             Self::Async => Box::new(asyncdiff::AsyncDiff {
                 warmup: opts.warmup,
+                stride: opts.stride,
                 stages: PlanCache::new(opts.stages),
             }),
             Self::Hybrid => Box::new(hybrid::Hybrid {
                 switch: opts.switch,
                 stages: PlanCache::new(opts.stages),
                 guidance: opts.pipelined_guidance,
+                patch_mode: opts.patch_mode.unwrap_or(patch::PatchMode::Sync),
+                warmup: opts.warmup,
+                layout: opts.pipeline_layout,
             }),
             Self::Patch => Box::new(patch::PatchParallel {
-                mode: opts.patch_mode,
+                mode: opts.patch_mode.unwrap_or(patch::PatchMode::Displaced),
                 warmup: opts.warmup,
                 cfg_split: opts.cfg_split,
             }),
@@ -191,6 +225,10 @@ pub struct StepOutput {
     /// compute (stage outputs sent one step ahead, displaced patch activations); the rest of
     /// what it sent is on the step's critical path. See [`crate::latency`].
     pub overlapped: Sent,
+    /// When the step's ranks computed one after another (a sequential fill or warm-up): in
+    /// how many independent chains (the ranks split into that many equal consecutive groups,
+    /// each a chain); 0 when the ranks computed side by side. See [`crate::latency`].
+    pub chain_groups: usize,
 }
 
 /// Bytes and messages sent.
@@ -231,6 +269,7 @@ impl StepOutput {
             compute_seconds,
             reference_extra_bytes: 0,
             overlapped: Sent::default(),
+            chain_groups: 0,
         }
     }
 
@@ -247,6 +286,7 @@ impl StepOutput {
             compute_seconds,
             reference_extra_bytes: 0,
             overlapped: Sent::default(),
+            chain_groups: 0,
         })
     }
 }
@@ -290,11 +330,57 @@ pub trait Strategy: Sync {
     fn plan_summary(&self, _job: &Job, _world_size: usize) -> Result<Option<serde_json::Value>> {
         Ok(None)
     }
+    /// The step cache every rank applies to its forwards (see [`crate::cache`]).
+    fn cache(&self) -> Option<&crate::cache::CacheSpec> {
+        None
+    }
+}
+
+/// A strategy with step caching: the same layout and worker, every forward of every rank
+/// going through that rank's [`crate::cache::StepCache`] (set up by [`run_rank`]).
+pub struct Cached {
+    pub inner: Box<dyn Strategy>,
+    pub spec: crate::cache::CacheSpec,
+}
+
+impl Strategy for Cached {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn check(&self, job: &Job, world_size: usize) -> Result<()> {
+        self.inner.check(job, world_size)?;
+        self.spec.skip_range(job.model).map(|_| ())
+    }
+    fn worker<'a>(
+        &'a self,
+        job: &'a Job<'a>,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<Box<dyn Worker + 'a>> {
+        self.inner.worker(job, rank, world_size)
+    }
+    fn without_cfg(&self) -> &'static str {
+        self.inner.without_cfg()
+    }
+    fn describe(&self, job: &Job, world_size: usize) -> String {
+        let inner = self.inner.describe(job, world_size);
+        if inner.is_empty() {
+            self.spec.to_string()
+        } else {
+            format!("{inner} + {}", self.spec)
+        }
+    }
+    fn plan_summary(&self, job: &Job, world_size: usize) -> Result<Option<serde_json::Value>> {
+        self.inner.plan_summary(job, world_size)
+    }
+    fn cache(&self) -> Option<&crate::cache::CacheSpec> {
+        Some(&self.spec)
+    }
 }
 
 /// One exact step without classifier-free guidance: rank 0 runs the conditional branch
-/// at batch 1 and hands the prediction to the other ranks, who have nothing to split
-/// (the fallback of `cfg` and `hybrid` when `guidance <= 1`).
+/// at batch 1 and hands the prediction to any other ranks (`serial`'s step when
+/// `guidance <= 1`; the multi-rank strategies split that branch into bands instead).
 pub fn conditional_step(
     job: &Job,
     comm: &mut dyn Communicator,
@@ -400,6 +486,12 @@ pub struct RankStep {
     /// The part of the sent bytes and messages that may overlap compute.
     pub overlapped: Sent,
     pub reference_extra_bytes: u64,
+    /// What this rank's step cache did (forwards computed and saved, modules reused).
+    pub cache: crate::cache::StepRecord,
+    /// FLOPs this rank's denoiser calls counted in the step ([`crate::work::Counted`]).
+    pub flops: f64,
+    /// See [`StepOutput::chain_groups`].
+    pub chain_groups: usize,
 }
 
 /// What one rank returns from a run.
@@ -410,13 +502,25 @@ pub struct RankOutput {
     pub steps: Vec<RankStep>,
 }
 
-/// Runs the sampling loop on one rank with `strategy` providing the predictions.
-pub fn run_rank<'a>(
-    strategy: &'a dyn Strategy,
-    job: &'a Job<'a>,
+/// Runs the sampling loop on one rank with `strategy` providing the predictions. Every
+/// forward goes through this rank's [`crate::cache::StepCache`], which counts forwards
+/// and, with `strategy.cache()`, decides each step whether it is cached; below it,
+/// [`crate::work::Counted`] counts the FLOPs of what is actually computed.
+pub fn run_rank(
+    strategy: &dyn Strategy,
+    job: &Job,
     comm: &mut dyn Communicator,
 ) -> Result<RankOutput> {
+    let hw = (job.inputs.latents.dim(2)?, job.inputs.latents.dim(3)?);
+    // Every denoiser call of this rank is counted here, whatever the strategy.
+    let counted = crate::work::Counted::new(job.model);
+    let cache = crate::cache::StepCache::new(&counted, strategy.cache().copied(), hw)?;
+    let job = &Job {
+        model: &cache,
+        ..*job
+    };
     let mut worker = strategy.worker(job, comm.rank(), comm.world_size())?;
+    counted.take();
     let mut sampler = Sampler::new(job)?;
     let mut steps = Vec::with_capacity(job.steps);
     let mut step_latents = Vec::with_capacity(job.steps);
@@ -425,7 +529,9 @@ pub fn run_rank<'a>(
         let sent0 = Sent::so_far(comm);
         let x = sampler.model_input(i)?;
         let t = sampler.timestep(i);
+        let plan = cache.plan_step(i, job.steps, comm, job, &x, t)?;
         let out = worker.step(comm, i, &x, t)?;
+        let record = cache.end_step(plan);
         match &out.prediction {
             Prediction::Branches(u, c) => sampler.step_guided(i, u, c)?,
             Prediction::Guided(eps) => sampler.step(i, eps)?,
@@ -440,12 +546,15 @@ pub fn run_rank<'a>(
             slope: out.slope,
             tau1: out.tau1,
             tau2: out.tau2,
-            compute_seconds: out.compute_seconds,
+            compute_seconds: out.compute_seconds + record.probe_seconds,
             wall_seconds: start.elapsed().as_secs_f64(),
             bytes_sent: comm.bytes_sent() - sent0.bytes,
             messages_sent: comm.messages_sent() - sent0.messages,
             overlapped: out.overlapped,
             reference_extra_bytes: out.reference_extra_bytes,
+            cache: record,
+            flops: counted.take(),
+            chain_groups: out.chain_groups,
         });
         if comm.rank() == 0 {
             if let Some(p) = job.progress {

@@ -12,8 +12,15 @@
 //! - `displaced` (DistriFusion): the first `--warmup` steps are `sync`; afterwards a rank
 //!   sends its fresh values right after computing them and uses the peers' values from the
 //!   previous step, received when the layer next runs (they have long arrived), so
-//!   communication overlaps compute. The last warm-up step keeps what it received for the
+//!   communication overlaps compute. The warm-up steps keep what they received for the
 //!   first displaced step; the last step sends nothing, so no message is left unread.
+//!
+//! With step caching (`--cache`) a cached step may skip modules, and every band skips the
+//! same ones. Layer ids are numbered per module, so they stay put. A displaced layer whose
+//! peers sent at the previous step reads those values; one that did not run then reads the
+//! last values it kept. Values sent for a layer that this step skips are received all the
+//! same, at the point the layer would have run (messages stay in send order), and kept for
+//! the next step that runs it.
 //!
 //! Each step ends with an `all_gather` of every rank's band prediction (fresh, exact),
 //! so every rank steps the same latents. Bytes: halos go to the two neighbours, GroupNorm
@@ -25,8 +32,9 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use hybridiff_comm::Communicator;
-use hybridiff_models::{patch::split_rows, Band, Conditioning, PatchContext};
+use hybridiff_models::{Band, Conditioning, PatchContext};
 
+use super::layout::BandLayout;
 use super::{Prediction, StepOutput, Strategy, Worker};
 use crate::trace::StepMode;
 use crate::{Error, Job, Result};
@@ -71,60 +79,25 @@ pub struct PatchParallel {
     pub cfg_split: bool,
 }
 
-/// How a job's ranks are laid out.
-struct Layout {
-    /// Rank groups: 2 when the CFG branches are split, else 1.
-    groups: usize,
-    /// Bands per group.
-    bands: usize,
-    /// `(first row, rows)` of each band.
-    rows: Vec<(usize, usize)>,
-}
-
 impl PatchParallel {
-    fn layout(&self, job: &Job, world_size: usize) -> Result<Layout> {
-        let groups = if job.cfg() && self.cfg_split { 2 } else { 1 };
-        if world_size == 0 {
-            return Err(Error::Options(
-                "--world-size 0: the patch strategy needs at least 1 rank".into(),
-            ));
-        }
-        if !world_size.is_multiple_of(groups) {
-            // Only with classifier-free guidance on (guidance > 1) are there two branches.
-            return Err(Error::refused(
-                crate::Field::Guidance,
-                format!(
-                    "--world-size {world_size}: the patch strategy with the CFG split needs an even number of ranks (two groups of P bands); use --no-cfg-split for an odd number"
-                ),
-                format!(
-                    "`guidance_scale` {}: this service's patch strategy runs on {world_size} ranks, which cannot be split between the two branches of classifier-free guidance; use guidance_scale 1 or below",
-                    job.guidance
-                ),
-            ));
-        }
-        let bands = world_size / groups;
-        let Some((align, min_rows)) = job.model.patch_alignment() else {
+    fn layout(&self, job: &Job, world_size: usize) -> Result<BandLayout> {
+        if job.model.patch_alignment().is_none() {
             return Err(Error::Options(
                 "--strategy patch: this model does not support patch parallelism".into(),
             ));
-        };
-        let dims = job.inputs.latents.dims();
-        let rows = dims.get(2).copied().unwrap_or(0);
-        let split = split_rows(rows, bands, align, min_rows).map_err(|e| {
-            let per = if groups == 2 { " per CFG branch" } else { "" };
-            Error::refused(
-                crate::Field::Size,
-                format!("--world-size {world_size} (patch, {bands} bands{per}): {e}"),
-                format!(
-                    "`size`: the image is {rows} latent rows high, too few for this service's patch strategy, which cuts it into {bands} horizontal bands{per} of at least {} latent rows each, at multiples of {align} rows; use a taller size",
-                    min_rows.max(align)
-                ),
-            )
-        })?;
-        Ok(Layout {
-            groups,
-            bands,
-            rows: split,
+        }
+        let branches = if job.cfg() && self.cfg_split { 2 } else { 1 };
+        BandLayout::new(job, world_size, branches, "patch").map_err(|e| {
+            const HINT: &str = " (--no-cfg-split runs W bands with both branches on every rank)";
+            match e {
+                // The service's wording has no flags to suggest; the command line's gets the hint.
+                Error::Refused(mut r) if branches == 2 => {
+                    r.flags.push_str(HINT);
+                    Error::Refused(r)
+                }
+                e if branches == 2 => Error::Options(format!("{e}{HINT}")),
+                e => e,
+            }
         })
     }
 
@@ -133,13 +106,17 @@ impl PatchParallel {
             // One band per group exchanges nothing: it is `cfg` (or `serial`) by another name.
             Ok(l) if l.bands == 1 => format!(
                 "1 band{} (no exchange)",
-                if l.groups == 2 { " x 2 CFG groups" } else { "" }
+                if l.branches == 2 {
+                    " x 2 CFG groups"
+                } else {
+                    ""
+                }
             ),
             Ok(l) => format!(
                 "{} {} bands{}{}",
                 self.mode,
                 l.bands,
-                if l.groups == 2 {
+                if l.branches == 2 {
                     " x 2 CFG groups"
                 } else if job.cfg() {
                     ", CFG batched"
@@ -157,17 +134,39 @@ impl PatchParallel {
     }
 }
 
+/// Refuses `--warmup 0` with displaced bands (the first step has nothing to displace).
+pub(crate) fn check_warmup(mode: PatchMode, warmup: usize) -> Result<()> {
+    if mode == PatchMode::Displaced && warmup == 0 {
+        return Err(Error::Options(
+            "--warmup 0: displaced patch parallelism needs at least 1 synchronous step (the first step has no earlier activations to reuse)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The layout as JSON for traces.
+pub(crate) fn layout_json(
+    l: &BandLayout,
+    mode: PatchMode,
+    warmup: usize,
+    steps: usize,
+) -> serde_json::Value {
+    serde_json::json!({
+        "patch_mode": mode.to_string(),
+        "bands": l.bands,
+        "band_rows": l.rows.iter().map(|&(r0, n)| [r0, n]).collect::<Vec<_>>(),
+        "cfg_groups": l.branches,
+        "warmup": if mode == PatchMode::Displaced { warmup } else { steps },
+    })
+}
+
 impl Strategy for PatchParallel {
     fn name(&self) -> &'static str {
         "patch"
     }
 
     fn check(&self, job: &Job, world_size: usize) -> Result<()> {
-        if self.mode == PatchMode::Displaced && self.warmup == 0 {
-            return Err(Error::Options(
-                "--warmup 0: displaced patch parallelism needs at least 1 synchronous step (the first step has no earlier activations to reuse)".into(),
-            ));
-        }
+        check_warmup(self.mode, self.warmup)?;
         self.layout(job, world_size).map(|_| ())
     }
 
@@ -182,13 +181,7 @@ impl Strategy for PatchParallel {
 
     fn plan_summary(&self, job: &Job, world_size: usize) -> Result<Option<serde_json::Value>> {
         let l = self.layout(job, world_size)?;
-        Ok(Some(serde_json::json!({
-            "patch_mode": self.mode.to_string(),
-            "bands": l.bands,
-            "band_rows": l.rows.iter().map(|&(r0, n)| [r0, n]).collect::<Vec<_>>(),
-            "cfg_groups": l.groups,
-            "warmup": if self.mode == PatchMode::Displaced { self.warmup } else { job.steps },
-        })))
+        Ok(Some(layout_json(&l, self.mode, self.warmup, job.steps)))
     }
 
     fn worker<'a>(
@@ -198,11 +191,67 @@ impl Strategy for PatchParallel {
         world_size: usize,
     ) -> Result<Box<dyn Worker + 'a>> {
         let l = self.layout(job, world_size)?;
-        let group = rank / l.bands;
-        let index = rank % l.bands;
+        Ok(Box::new(PatchWorker(BandStep::new(
+            job,
+            l,
+            rank,
+            self.mode,
+            self.warmup,
+        )?)))
+    }
+}
+
+struct PatchWorker<'a>(BandStep<'a>);
+
+impl Worker for PatchWorker<'_> {
+    fn step(
+        &mut self,
+        comm: &mut dyn Communicator,
+        i: usize,
+        x: &Tensor,
+        t: f64,
+    ) -> Result<StepOutput> {
+        self.0.step(comm, i, x, t)
+    }
+}
+
+/// One rank's share of band-parallel steps over a [`BandLayout`]: the mechanism `patch`,
+/// `cfg` (sync) and `hybrid`'s exact steps share. Keeps what displaced steps carry from one
+/// step to the next.
+pub struct BandStep<'a> {
+    job: &'a Job<'a>,
+    layout: BandLayout,
+    mode: PatchMode,
+    warmup: usize,
+    band: Band,
+    /// First rank of this rank's group.
+    base: usize,
+    cond: Conditioning,
+    /// Values kept for a later displaced step, keyed by (layer, peer rank): what the
+    /// warm-up received, and what was sent for a layer that a cached step skipped.
+    stash: HashMap<(usize, usize), Tensor>,
+    /// Banded steps since the last start: the first `warmup` of a displaced run are sync.
+    run: usize,
+    /// The layers whose values peers sent ahead at the last displaced step, in send order,
+    /// each with the peers that sent: what the next banded step reads (or, for layers a
+    /// cached step skips, keeps), and what [`settle`](Self::settle) drains otherwise.
+    pending: Vec<(usize, Vec<usize>)>,
+}
+
+impl<'a> BandStep<'a> {
+    /// Rank `rank`'s share of `layout` in `mode` (`warmup` sync steps first when displaced).
+    pub fn new(
+        job: &'a Job<'a>,
+        layout: BandLayout,
+        rank: usize,
+        mode: PatchMode,
+        warmup: usize,
+    ) -> Result<Self> {
+        let group = layout.group_of(rank);
+        let index = layout.band_of(rank);
         let cond = if !job.cfg() {
             job.inputs.cond.clone()
-        } else if l.groups == 2 {
+        } else if layout.branches == 2 {
             if group == 0 {
                 job.inputs.uncond.clone()
             } else {
@@ -211,39 +260,166 @@ impl Strategy for PatchParallel {
         } else {
             Conditioning::cat(&job.inputs.uncond, &job.inputs.cond)?
         };
-        let (row0, rows) = l.rows[index];
-        let full_rows = l.rows.iter().map(|r| r.1).sum();
-        Ok(Box::new(PatchWorker {
+        let (row0, rows) = layout.rows[index];
+        let full_rows = layout.rows.iter().map(|r| r.1).sum();
+
+        Ok(Self {
             job,
-            mode: self.mode,
-            warmup: self.warmup,
-            groups: l.groups,
             band: Band {
                 index,
-                count: l.bands,
+                count: layout.bands,
                 row0,
                 rows,
                 full_rows,
             },
-            base: group * l.bands,
+            base: group * layout.bands,
+            layout,
+            mode,
+            warmup,
             cond,
             stash: HashMap::new(),
-        }))
+            run: 0,
+            pending: Vec::new(),
+        })
     }
-}
 
-struct PatchWorker<'a> {
-    job: &'a Job<'a>,
-    mode: PatchMode,
-    warmup: usize,
-    groups: usize,
-    band: Band,
-    /// First rank of this rank's group.
-    base: usize,
-    cond: Conditioning,
-    /// Values received in the last synchronous step, for the first displaced one,
-    /// keyed by (layer, peer rank).
-    stash: HashMap<(usize, usize), Tensor>,
+    /// The layout this rank takes part in.
+    pub fn layout(&self) -> &BandLayout {
+        &self.layout
+    }
+
+    /// Before a step that is not banded (a pipelined one): receives and drops what the peers'
+    /// last displaced step sent ahead (point-to-point channels are FIFO, and the next step's
+    /// messages must not meet them), drops the stash, and makes the next banded step start
+    /// its warm-up again (its displaced values would be many steps old).
+    pub fn settle(&mut self, comm: &mut dyn Communicator) -> Result<()> {
+        for (_, peers) in std::mem::take(&mut self.pending) {
+            for peer in peers {
+                comm.recv(peer)?;
+            }
+        }
+        self.stash.clear();
+        self.run = 0;
+        Ok(())
+    }
+
+    /// Step `i` over the whole layout; every rank gets the whole prediction (both branches).
+    pub fn step(
+        &mut self,
+        comm: &mut dyn Communicator,
+        i: usize,
+        x: &Tensor,
+        t: f64,
+    ) -> Result<StepOutput> {
+        Ok(self.run(comm, i, x, t, false)?.0)
+    }
+
+    /// [`step`](Self::step), also returning this rank's band of every module's output
+    /// (module order; see [`hybridiff_models::Denoiser::band_dim`]): what a stage pipeline
+    /// starts from. Needs two or more bands.
+    pub fn step_keeping_outputs(
+        &mut self,
+        comm: &mut dyn Communicator,
+        i: usize,
+        x: &Tensor,
+        t: f64,
+    ) -> Result<(StepOutput, Vec<Vec<Tensor>>)> {
+        let (out, kept) = self.run(comm, i, x, t, true)?;
+        let kept = kept.ok_or_else(|| {
+            Error::Options("band outputs are kept only with two or more bands".into())
+        })?;
+        Ok((out, kept))
+    }
+
+    fn run(
+        &mut self,
+        comm: &mut dyn Communicator,
+        i: usize,
+        x: &Tensor,
+        t: f64,
+        keep_outputs: bool,
+    ) -> Result<(StepOutput, Option<Vec<Vec<Tensor>>>)> {
+        let job = self.job;
+        // One band exchanges nothing, so there is nothing to displace.
+        let displaced = self.mode == PatchMode::Displaced && self.band.count > 1;
+        let c = self.run;
+        let next = i + 1 < job.steps;
+        let sync = !displaced || c < self.warmup;
+        let plan = StepPlan {
+            sync,
+            keep: displaced && sync && next,
+            send: next,
+        };
+        self.run += 1;
+        let band = self.band;
+        let batched = job.cfg() && self.layout.branches == 1;
+        let start = Instant::now();
+        let sent0 = super::Sent::so_far(&*comm);
+        let mut kept = None;
+        let eps = if band.count == 1 {
+            // The whole image: the plain forward, exactly as `serial` and `cfg` run it.
+            let xb = if batched {
+                Tensor::cat(&[x, x], 0)?
+            } else {
+                x.clone()
+            };
+            job.model.forward(&xb, t, &self.cond)?
+        } else {
+            let xb = x.narrow(2, band.row0, band.rows)?;
+            let xb = if batched {
+                Tensor::cat(&[&xb, &xb], 0)?
+            } else {
+                xb
+            };
+            let ctx = Exchange {
+                comm: &*comm,
+                band,
+                base: self.base,
+                plan,
+                stash: std::cell::RefCell::new(&mut self.stash),
+                pending: std::cell::RefCell::new(std::mem::take(&mut self.pending).into()),
+                sent: std::cell::RefCell::new(Vec::new()),
+                kept: keep_outputs.then(|| std::cell::RefCell::new(Vec::new())),
+            };
+            let eps = job.model.forward_patch(&xb, t, &self.cond, &ctx)?;
+            // Values sent a step ago for layers this step skipped (cached steps).
+            ctx.drain_before(usize::MAX)?;
+            kept = ctx.kept.map(|k| k.into_inner());
+            self.pending = ctx.sent.into_inner();
+            eps
+        };
+        // A GPU runs queued kernels after the call returns: wait for them before the clock.
+        eps.device().synchronize()?;
+        let secs = start.elapsed().as_secs_f64();
+        // Displaced activations are sent as soon as computed and read a step later, so they
+        // overlap compute; sync ones and the gather below are waited for.
+        let in_forward = super::Sent::so_far(&*comm).since(sent0);
+        // Every rank's band prediction, fresh: rank r holds group r / P's band r % P.
+        let all = comm.all_gather(&eps.contiguous()?)?;
+        let p = band.count;
+        let whole = |g: usize| -> Result<Tensor> {
+            if p == 1 {
+                return Ok(all[g].clone());
+            }
+            Ok(Tensor::cat(&all[g * p..(g + 1) * p], 2)?)
+        };
+        let mut out = if !job.cfg() {
+            StepOutput::conditional(whole(0)?, secs)
+        } else if self.layout.branches == 2 {
+            StepOutput::exact(whole(0)?, whole(1)?, secs)?
+        } else {
+            let e = whole(0)?;
+            StepOutput::exact(e.narrow(0, 0, 1)?, e.narrow(0, 1, 1)?, secs)?
+        };
+        if !sync {
+            out.mode = StepMode::Pipelined;
+            out.overlapped = in_forward;
+        }
+        if let Prediction::Guided(_) = out.prediction {
+            out.rel_mae = 0.0;
+        }
+        Ok((out, kept))
+    }
 }
 
 /// What this step does with the exchanged values.
@@ -251,10 +427,8 @@ struct PatchWorker<'a> {
 struct StepPlan {
     /// Receive this step's values (exact).
     sync: bool,
-    /// Keep what is received for the next (first displaced) step.
+    /// Keep what is received for a later displaced step.
     keep: bool,
-    /// Displaced: take the peers' values from the stash, not from the wire.
-    from_stash: bool,
     /// Displaced: send fresh values (not in the last step: nobody would read them).
     send: bool,
 }
@@ -266,6 +440,12 @@ struct Exchange<'s> {
     base: usize,
     plan: StepPlan,
     stash: std::cell::RefCell<&'s mut HashMap<(usize, usize), Tensor>>,
+    /// What peers sent at the previous step, not yet received (front first).
+    pending: std::cell::RefCell<std::collections::VecDeque<(usize, Vec<usize>)>>,
+    /// What this step sends for the next one to read.
+    sent: std::cell::RefCell<Vec<(usize, Vec<usize>)>>,
+    /// Every module's output on this band, when asked for.
+    kept: Option<std::cell::RefCell<Vec<Vec<Tensor>>>>,
 }
 
 fn model_err(e: impl std::fmt::Display) -> hybridiff_models::Error {
@@ -273,8 +453,30 @@ fn model_err(e: impl std::fmt::Display) -> hybridiff_models::Error {
 }
 
 impl Exchange<'_> {
+    /// Receives what peers sent at the previous step for layers before `layer` that this
+    /// step skipped (a cached step), and keeps it; with `layer` = `usize::MAX`, for every
+    /// layer left (the end of the step).
+    fn drain_before(&self, layer: usize) -> hybridiff_models::Result<()> {
+        loop {
+            let due = self
+                .pending
+                .borrow()
+                .front()
+                .is_some_and(|(l, _)| *l < layer);
+            let Some((l, peers)) = due.then(|| self.pending.borrow_mut().pop_front()).flatten()
+            else {
+                return Ok(());
+            };
+            for peer in peers {
+                let t = self.comm.recv(peer).map_err(model_err)?;
+                self.stash.borrow_mut().insert((l, peer), t);
+            }
+        }
+    }
+
     /// Sends `mine` to each of `peers` (when this step sends), then returns each peer's
-    /// value for this layer: this step's (sync) or the previous step's (displaced).
+    /// value for this layer: this step's (sync) or the previous step's (displaced: from the
+    /// wire when the peers sent it then, else the last one kept).
     fn exchange(
         &self,
         layer: usize,
@@ -282,26 +484,39 @@ impl Exchange<'_> {
         from: &[usize],
     ) -> hybridiff_models::Result<Vec<Tensor>> {
         let p = self.plan;
+        self.drain_before(layer)?;
         if p.sync || p.send {
             for (peer, t) in out {
                 self.comm.send(t, *peer).map_err(model_err)?;
             }
         }
+        if !p.sync && p.send {
+            self.sent.borrow_mut().push((layer, from.to_vec()));
+        }
+        let on_wire = !p.sync
+            && self
+                .pending
+                .borrow()
+                .front()
+                .is_some_and(|(l, _)| *l == layer);
+        if on_wire {
+            self.pending.borrow_mut().pop_front();
+        }
         let mut got = Vec::with_capacity(from.len());
         for &peer in from {
-            let t = if !p.sync && p.from_stash {
+            let t = if p.sync || on_wire {
+                self.comm.recv(peer).map_err(model_err)?
+            } else {
                 self.stash
                     .borrow_mut()
                     .remove(&(layer, peer))
                     .ok_or_else(|| {
                         model_err(format!(
-                            "no value of layer {layer} from rank {peer} kept from the warm-up"
+                            "no value of layer {layer} from rank {peer} kept from an earlier step"
                         ))
                     })?
-            } else {
-                self.comm.recv(peer).map_err(model_err)?
             };
-            if p.keep {
+            if p.sync && p.keep {
                 self.stash.borrow_mut().insert((layer, peer), t.clone());
             }
             got.push(t);
@@ -313,6 +528,18 @@ impl Exchange<'_> {
 impl PatchContext for Exchange<'_> {
     fn band(&self) -> Band {
         self.band
+    }
+
+    fn keeps_outputs(&self) -> bool {
+        self.kept.is_some()
+    }
+
+    fn module_output(&self, idx: usize, output: &[Tensor]) {
+        if let Some(k) = &self.kept {
+            let mut k = k.borrow_mut();
+            debug_assert_eq!(k.len(), idx, "modules hand their outputs over in order");
+            k.push(output.to_vec());
+        }
     }
 
     fn halo(
@@ -372,77 +599,5 @@ impl PatchContext for Exchange<'_> {
                 }
             })
             .collect())
-    }
-}
-
-impl Worker for PatchWorker<'_> {
-    fn step(
-        &mut self,
-        comm: &mut dyn Communicator,
-        i: usize,
-        x: &Tensor,
-        t: f64,
-    ) -> Result<StepOutput> {
-        let job = self.job;
-        // One band exchanges nothing, so there is nothing to displace.
-        let displaced = self.mode == PatchMode::Displaced && self.band.count > 1;
-        let sync = !displaced || i < self.warmup;
-        let plan = StepPlan {
-            sync,
-            keep: displaced && i + 1 == self.warmup && i + 1 < job.steps,
-            from_stash: displaced && i == self.warmup,
-            send: i + 1 < job.steps,
-        };
-        let band = self.band;
-        let xb = x.narrow(2, band.row0, band.rows)?;
-        let batched = job.cfg() && self.groups == 1;
-        let xb = if batched {
-            Tensor::cat(&[&xb, &xb], 0)?
-        } else {
-            xb
-        };
-        let start = Instant::now();
-        let sent0 = super::Sent::so_far(&*comm);
-        let eps = {
-            let ctx = Exchange {
-                comm: &*comm,
-                band,
-                base: self.base,
-                plan,
-                stash: std::cell::RefCell::new(&mut self.stash),
-            };
-            job.model.forward_patch(&xb, t, &self.cond, &ctx)?
-        };
-        // A GPU runs queued kernels after the call returns: wait for them before the clock.
-        eps.device().synchronize()?;
-        let secs = start.elapsed().as_secs_f64();
-        // Displaced activations are sent as soon as computed and read a step later, so they
-        // overlap compute; sync ones and the gather below are waited for.
-        let in_forward = super::Sent::so_far(&*comm).since(sent0);
-        // Every rank's band prediction, fresh: rank r holds group r / P's band r % P.
-        let all = comm.all_gather(&eps.contiguous()?)?;
-        let p = band.count;
-        let whole = |g: usize| Tensor::cat(&all[g * p..(g + 1) * p], 2);
-        let mode = if sync {
-            StepMode::Exact
-        } else {
-            StepMode::Pipelined
-        };
-        let mut out = if !job.cfg() {
-            StepOutput::conditional(whole(0)?, secs)
-        } else if self.groups == 2 {
-            StepOutput::exact(whole(0)?, whole(1)?, secs)?
-        } else {
-            let e = whole(0)?;
-            StepOutput::exact(e.narrow(0, 0, 1)?, e.narrow(0, 1, 1)?, secs)?
-        };
-        out.mode = mode;
-        if !sync {
-            out.overlapped = in_forward;
-        }
-        if let Prediction::Guided(_) = out.prediction {
-            out.rel_mae = 0.0;
-        }
-        Ok(out)
     }
 }

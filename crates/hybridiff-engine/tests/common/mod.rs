@@ -127,3 +127,144 @@ pub fn assert_steps_close(got: &Tensor, want: &Tensor, what: &str) {
         assert!(d < tol, "{what}: step {i}: max abs diff {d} >= {tol}");
     }
 }
+
+/// A denoiser that records, per calling thread (one per rank with one thread per rank),
+/// every module it computes with a fingerprint of the data that module computes on, so a
+/// test can find two ranks computing the same module on the same input. Module by module
+/// (`run_module`, and the plain `forward`, which goes through it at one thread), and for a
+/// band forward every module under a key of the band's rows and its inputs. Results are the
+/// inner denoiser's.
+pub struct Audit<'a> {
+    pub inner: &'a dyn hybridiff_models::Denoiser,
+    log: std::sync::Mutex<Vec<(std::thread::ThreadId, String)>>,
+}
+
+fn fingerprint(ts: &[&Tensor], extra: f64) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    extra.to_bits().hash(&mut h);
+    for t in ts {
+        t.dims().hash(&mut h);
+        let v: Vec<f32> = t
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for x in v {
+            x.to_bits().hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
+fn cond_tensors(c: &hybridiff_models::Conditioning) -> Vec<&Tensor> {
+    let mut v = vec![&c.prompt_embeds];
+    v.extend(c.pooled.iter());
+    v.extend(c.time_ids.iter());
+    v
+}
+
+impl<'a> Audit<'a> {
+    pub fn new(inner: &'a dyn hybridiff_models::Denoiser) -> Self {
+        Self {
+            inner,
+            log: Default::default(),
+        }
+    }
+
+    fn record(&self, key: String) {
+        self.log
+            .lock()
+            .unwrap()
+            .push((std::thread::current().id(), key));
+    }
+
+    /// Takes the record; returns the keys computed by more than one thread.
+    pub fn duplicates(&self) -> Vec<String> {
+        let log = std::mem::take(&mut *self.log.lock().unwrap());
+        let mut by_key: std::collections::HashMap<String, std::collections::HashSet<_>> =
+            Default::default();
+        for (thread, key) in log {
+            by_key.entry(key).or_default().insert(thread);
+        }
+        let mut d: Vec<String> = by_key
+            .into_iter()
+            .filter(|(_, t)| t.len() > 1)
+            .map(|(k, _)| k)
+            .collect();
+        d.sort();
+        d
+    }
+}
+
+impl hybridiff_models::Denoiser for Audit<'_> {
+    fn module_names(&self) -> &[String] {
+        self.inner.module_names()
+    }
+    fn module_flops(&self, h: usize, w: usize) -> Vec<f64> {
+        self.inner.module_flops(h, w)
+    }
+    fn module_output_count(&self, idx: usize) -> usize {
+        self.inner.module_output_count(idx)
+    }
+    fn module_reads(&self, idx: usize) -> Vec<hybridiff_models::OutputRef> {
+        self.inner.module_reads(idx)
+    }
+    fn begin(
+        &self,
+        x: &Tensor,
+        t: f64,
+        c: &hybridiff_models::Conditioning,
+    ) -> hybridiff_models::Result<hybridiff_models::State> {
+        self.inner.begin(x, t, c)
+    }
+    fn run_module(
+        &self,
+        idx: usize,
+        st: &hybridiff_models::State,
+    ) -> hybridiff_models::Result<Vec<Tensor>> {
+        // What a module can read: the activation, the embedding, the text and the skips.
+        let mut ts = vec![&st.hidden, &st.temb, &st.context];
+        ts.extend(st.skips.iter());
+        self.record(format!("module {idx} on {:x}", fingerprint(&ts, 0.0)));
+        self.inner.run_module(idx, st)
+    }
+    fn apply_module(
+        &self,
+        idx: usize,
+        st: &mut hybridiff_models::State,
+        out: Vec<Tensor>,
+    ) -> hybridiff_models::Result<()> {
+        self.inner.apply_module(idx, st, out)
+    }
+    fn end(&self, st: hybridiff_models::State) -> hybridiff_models::Result<Tensor> {
+        self.inner.end(st)
+    }
+    fn patch_alignment(&self) -> Option<(usize, usize)> {
+        self.inner.patch_alignment()
+    }
+    fn band_dim(&self, idx: usize, index: usize) -> Option<usize> {
+        self.inner.band_dim(idx, index)
+    }
+    fn forward_patch(
+        &self,
+        x: &Tensor,
+        t: f64,
+        c: &hybridiff_models::Conditioning,
+        ctx: &dyn hybridiff_models::PatchContext,
+    ) -> hybridiff_models::Result<Tensor> {
+        let b = ctx.band();
+        let mut ts = vec![x];
+        ts.extend(cond_tensors(c));
+        let fp = fingerprint(&ts, t);
+        for idx in 0..self.inner.module_names().len() {
+            self.record(format!(
+                "module {idx} of rows {}+{} on {fp:x}",
+                b.row0, b.rows
+            ));
+        }
+        self.inner.forward_patch(x, t, c, ctx)
+    }
+}

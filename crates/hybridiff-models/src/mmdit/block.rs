@@ -391,6 +391,13 @@ impl JointTransformerBlock {
         self.ff_context.is_none()
     }
 
+    /// `norm1`'s output for the image tokens `x` (`[B, N, D]`): the layer-normalised input
+    /// shifted and scaled by `temb`'s `shift_msa`, `scale_msa` (TeaCache's indicator).
+    pub(crate) fn modulated_input(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let m = self.norm1.forward(temb)?;
+        norm_modulate(x, 1e-6, &m[1], &m[0])
+    }
+
     /// Returns `(new context or None when context_pre_only, new hidden)`.
     /// With `patch`, `x` is one band's image tokens (see [`JointAttention::forward`]).
     pub(crate) fn forward(

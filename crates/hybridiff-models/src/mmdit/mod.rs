@@ -20,7 +20,7 @@ use crate::kernels::Linear;
 
 pub use config::MMDiTConfig;
 
-use crate::patch::{Band, Patch, PatchContext};
+use crate::patch::{Band, Patch};
 use crate::unet::timestep_embedding;
 use crate::weights::ComponentSource;
 use crate::{Conditioning, Denoiser, Error, OutputRef, Result, State};
@@ -285,6 +285,21 @@ impl SD3Transformer2DModel {
         )?;
         self.check_inputs(if band.is_some() { &whole } else { sample }, cond)?;
         let hidden = self.patch_embed(&sample.to_dtype(self.dtype)?, row0, full_rows)?;
+        let temb = self.temb(timestep, b, cond)?;
+        let context = self
+            .context_embedder
+            .forward(&cond.prompt_embeds.to_dtype(self.dtype)?)?;
+        Ok(State {
+            hidden,
+            context,
+            temb,
+            skips: Vec::new(),
+            sample_hw: (h, w),
+        })
+    }
+
+    /// The time + pooled-text embedding (`time_text_embed`), `[b, D]`; `cond` is checked.
+    fn temb(&self, timestep: f64, b: usize, cond: &Conditioning) -> Result<Tensor> {
         // The pipeline hands diffusers an f32 timestep (e.g. 981.87...); projecting it in
         // f32 keeps the low bits that the embedding MLP amplifies.
         let t_proj = timestep_embedding(
@@ -300,22 +315,11 @@ impl SD3Transformer2DModel {
             .as_ref()
             .expect("checked")
             .to_dtype(self.dtype)?;
-        let temb =
-            (self.timestep_embedder.forward(&t_proj)? + self.text_embedder.forward(&pooled)?)?;
-        let context = self
-            .context_embedder
-            .forward(&cond.prompt_embeds.to_dtype(self.dtype)?)?;
-        Ok(State {
-            hidden,
-            context,
-            temb,
-            skips: Vec::new(),
-            sample_hw: (h, w),
-        })
+        Ok((self.timestep_embedder.forward(&t_proj)? + self.text_embedder.forward(&pooled)?)?)
     }
 
     /// One module on the whole image, or on one band's tokens with `p`.
-    fn run_module_patch(&self, idx: usize, s: &State, p: Option<&Patch>) -> Result<Vec<Tensor>> {
+    fn run_module_on(&self, idx: usize, s: &State, p: Option<&Patch>) -> Result<Vec<Tensor>> {
         if let Some(block) = self.blocks.get(idx) {
             let (ctx, hidden) = block.forward(&s.hidden, &s.context, &s.temb, p)?;
             return Ok(match ctx {
@@ -497,7 +501,7 @@ impl Denoiser for SD3Transformer2DModel {
     }
 
     fn run_module(&self, idx: usize, s: &State) -> Result<Vec<Tensor>> {
-        self.run_module_patch(idx, s, None)
+        self.run_module_on(idx, s, None)
     }
 
     fn patch_size(&self) -> usize {
@@ -508,20 +512,49 @@ impl Denoiser for SD3Transformer2DModel {
         Some((self.config.patch_size, self.config.patch_size))
     }
 
-    fn forward_patch(
+    /// Blocks and `norm_out` output image tokens `[B, L, D]` (a band's are a run of rows of
+    /// patches: dim 1) and, but the last block, the text stream `[B, Lc, D]`, which every band
+    /// computes whole; `proj_out` outputs the band's rows of the prediction (dim 2).
+    fn band_dim(&self, idx: usize, index: usize) -> Option<usize> {
+        if idx + 1 == self.names.len() {
+            return Some(2);
+        }
+        let texts = self.module_output_count(idx) - 1;
+        if index < texts {
+            None
+        } else {
+            Some(1)
+        }
+    }
+
+    fn begin_patch(
         &self,
         sample: &Tensor,
         timestep: f64,
         cond: &Conditioning,
-        ctx: &dyn PatchContext,
-    ) -> Result<Tensor> {
-        let p = Patch::new(ctx);
-        let mut state = self.begin_band(sample, timestep, cond, Some(p.band()))?;
-        for idx in 0..self.names.len() {
-            let out = self.run_module_patch(idx, &state, Some(&p))?;
-            self.apply_module(idx, &mut state, out)?;
-        }
-        self.end(state)
+        band: Band,
+    ) -> Result<State> {
+        self.begin_band(sample, timestep, cond, Some(band))
+    }
+
+    fn run_module_patch(&self, idx: usize, s: &State, p: &Patch) -> Result<Vec<Tensor>> {
+        self.run_module_on(idx, s, Some(p))
+    }
+
+    fn modulated_input(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        cond: &Conditioning,
+    ) -> Result<Option<Tensor>> {
+        let Some(first) = self.blocks.first() else {
+            return Ok(None);
+        };
+        self.check_inputs(sample, cond)?;
+        let (b, _, h, _) = sample.dims4()?;
+        let hidden = self.patch_embed(&sample.to_dtype(self.dtype)?, 0, h)?;
+        let temb = self.temb(timestep, b, cond)?;
+        Ok(Some(first.modulated_input(&hidden, &temb)?))
     }
 
     fn apply_module(&self, idx: usize, s: &mut State, mut out: Vec<Tensor>) -> Result<()> {

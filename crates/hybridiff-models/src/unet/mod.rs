@@ -16,7 +16,7 @@ pub use config::{BlockKind, RawUNetConfig, UNetConfig, MAX_CHANNELS, MAX_LAYERS,
 pub use transformer::{CrossAttention, Transformer2DModel, TransformerConfig};
 
 use crate::nn::{conv2d, Conv2d, ResnetBlock2D, ResnetConfig};
-use crate::patch::{self, GroupNorm, Patch, PatchContext};
+use crate::patch::{self, GroupNorm, Patch};
 use crate::weights::ComponentSource;
 use crate::{Conditioning, Denoiser, Error, OutputRef, Result, State};
 
@@ -490,7 +490,7 @@ impl UNet2DConditionModel {
     }
 
     /// One module on the whole image, or on one band with `p`.
-    fn run_module_patch(&self, idx: usize, s: &State, p: Option<&Patch>) -> Result<Vec<Tensor>> {
+    fn run_module_on(&self, idx: usize, s: &State, p: Option<&Patch>) -> Result<Vec<Tensor>> {
         let m = self.modules.get(idx).ok_or_else(|| {
             Error::Input(format!(
                 "module index {idx} out of range ({} modules)",
@@ -762,27 +762,52 @@ impl Denoiser for UNet2DConditionModel {
     }
 
     fn run_module(&self, idx: usize, s: &State) -> Result<Vec<Tensor>> {
-        self.run_module_patch(idx, s, None)
+        self.run_module_on(idx, s, None)
     }
 
     fn patch_alignment(&self) -> Option<(usize, usize)> {
         Some((1 << (self.config.block_out_channels.len() - 1), 1))
     }
 
-    fn forward_patch(
+    /// Every module outputs `[B, C, h, w]` activations: a band's are rows (dim 2).
+    fn band_dim(&self, _idx: usize, _index: usize) -> Option<usize> {
+        Some(2)
+    }
+
+    fn begin_patch(
         &self,
         sample: &Tensor,
         timestep: f64,
         cond: &Conditioning,
-        ctx: &dyn PatchContext,
-    ) -> Result<Tensor> {
-        let p = Patch::new(ctx);
-        let mut state = self.begin(sample, timestep, cond)?;
-        for idx in 0..self.modules.len() {
-            let out = self.run_module_patch(idx, &state, Some(&p))?;
-            self.apply_module(idx, &mut state, out)?;
-        }
-        self.end(state)
+        _band: crate::Band,
+    ) -> Result<State> {
+        // Nothing before the first module depends on where the band lies.
+        self.begin(sample, timestep, cond)
+    }
+
+    fn run_module_patch(&self, idx: usize, s: &State, p: &Patch) -> Result<Vec<Tensor>> {
+        self.run_module_on(idx, s, Some(p))
+    }
+
+    /// The first down block's first resnet where the time embedding is added (a U-Net's
+    /// timestep-modulated input), after `conv_in`.
+    fn modulated_input(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        cond: &Conditioning,
+    ) -> Result<Option<Tensor>> {
+        let (Some(Module_::ConvIn(conv_in)), Some(Module_::Down(down))) =
+            (self.modules.first(), self.modules.get(1))
+        else {
+            return Ok(None);
+        };
+        let Some(first) = down.resnets.first() else {
+            return Ok(None);
+        };
+        let state = self.begin(sample, timestep, cond)?;
+        let h = conv_in.forward(&state.hidden)?;
+        Ok(Some(first.modulated(&h, &state.temb)?))
     }
 
     fn apply_module(&self, idx: usize, s: &mut State, mut out: Vec<Tensor>) -> Result<()> {
