@@ -13,7 +13,8 @@ library only:
    `--repeats`, runs interleaved so that drift in the machine's load hits all alike),
    the median per-image denoising time and per-step overhead (from the manifest), the
    sample-forwards computed per image, and quality against serial without a cache:
-   mean PSNR and SSIM (`hybridiff compare`), and LPIPS when `compare --lpips` exists.
+   mean PSNR and SSIM (`hybridiff compare`), and LPIPS with `--lpips WEIGHTS` (the file
+   `tools/lpips_weights.py convert` writes from torchvision's AlexNet checkpoint).
 2. For time at real widths: the 1/5-width SDXL U-Net and the small SD3 MMDiT
    (`hybridiff init` from configs/, random weights), `hybridiff bench` at 32x32 latents:
    serial, serial + cache, hybrid, hybrid + cache (2 ranks x 1 thread).
@@ -22,7 +23,7 @@ Prints Markdown tables (and writes them with `--markdown F`, the raw numbers wit
 `--json F`), with the load average before and after.
 
     python3 tools/bench_cache.py [--bin target/release/hybridiff] [--steps 20,50]
-        [--seeds 1,2,3] [--repeats 3] [--specs SPEC;SPEC;...] [--no-configs]
+        [--seeds 1,2,3] [--repeats 3] [--lpips WEIGHTS] [--specs SPEC;SPEC;...] [--no-configs]
         [--markdown F] [--json F] [--work DIR]
 """
 
@@ -106,14 +107,14 @@ def generate(binary, env, batch, out, flags):
 
 
 def compare(binary, ref, out, lpips):
-    v = json.loads(sh([binary, "compare", ref, out, "--json", *(["--lpips"] if lpips else [])]))
+    v = json.loads(sh([binary, "compare", ref, out, "--json", *(["--lpips", lpips] if lpips else [])]))
     identical = v.get("identical", 0)
     return dict(psnr=v["mean_psnr_db"], ssim=v["mean_ssim"], identical=identical,
                 lpips=v.get("mean_lpips"))
 
 
 def default_model(a, env, work):
-    lpips = "--lpips" in sh([a.bin, "compare", "--help"])
+    lpips = a.lpips
     rows = []
     for steps in a.steps:
         items = [dict(prompt=p, seed=s) for p in PROMPTS for s in a.seeds]
@@ -226,6 +227,7 @@ def main():
     ap.add_argument("--steps", default="20,50")
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--lpips", help="LPIPS weights (tools/lpips_weights.py convert) for compare --lpips")
     ap.add_argument("--specs", default=";".join(DEFAULT_SPECS),
                     help="cache settings of the default model's sweep, separated by ;")
     ap.add_argument("--unet-spec", default="deepcache:interval=3,branch=0,warmup=3")
