@@ -1,27 +1,24 @@
 #!/usr/bin/env python3
 """The README's sampler table: every sampler on the embedded default model, ours against
-diffusers' on the same random numbers.
+diffusers' from the same seed.
 
 For each sampler (same prompt, seed, 20 steps, guidance 5): runs the release binary
-(`hybridiff generate`, no `--model`: what a new user gets) `--repeats` times and keeps the
-median wall time of the process and of the denoising (the trace's `total_seconds`); then
-diffusers' StableDiffusionPipeline on models/default with that sampler's class
-(`from_config` of the folder's scheduler config plus the same options), started from our
-starting latents and, for the stochastic samplers, given our per-step noise (its
-`randn_tensor` replaced in the scheduler's module by a function that returns our noise of
-the current step), so that the two images are comparable pixel for pixel. Our numbers
-come from `cargo run --release -p hybridiff-engine --example noise_dump` (hybridiff's
-`Noise`: ChaCha8 from the seed, a stream per step). Finally `hybridiff compare` gives PSNR
-and SSIM between the two folders.
+(`hybridiff generate`, no `--model`: what a new user gets) with `--noise torch` `--repeats`
+times and keeps the median wall time of the process and of the denoising (the trace's
+`total_seconds`); then diffusers' StableDiffusionPipeline on models/default with that
+sampler's class (`from_config` of the folder's scheduler config plus the same options) and
+`generator=torch.Generator("cpu").manual_seed(seed)`: diffusers draws the starting latents
+and every stochastic step's noise from that generator, and `--noise torch` replays the same
+draws, so the two images are comparable pixel for pixel with nothing injected. Finally
+`hybridiff compare` gives PSNR and SSIM between the two folders.
 
 Writes docs/images/samplers.png (top row ours, bottom row diffusers, 4x nearest-neighbour
 upscale, one column per sampler in the table's order) and docs/images/samplers.json, and
 prints the Markdown table. `--ours-only` (no torch or diffusers needed, only Pillow) runs
-our side alone: one row of images, the table without diffusers' columns. Timings are only comparable within one run; note the load
-average it prints.
+our side alone (default noise): one row of images, the table without diffusers' columns.
+Timings are only comparable within one run; note the load average it prints.
 
     cargo build --release -p hybridiff-cli
-    cargo build --release -p hybridiff-engine --example noise_dump
     /work/venv/bin/python tools/sampler_demo.py [--bin target/release/hybridiff] [--repeats 3]
 """
 
@@ -87,35 +84,14 @@ def ours(binary, cache, out_dir, label, flags, repeats):
     return png, statistics.median(walls), statistics.median(denoise)
 
 
-def noise_dump(shape):
-    from safetensors.torch import load_file
-
-    out = os.path.join(tempfile.mkdtemp(), "noise.safetensors")
-    c, h, w = shape
-    subprocess.run(["cargo", "run", "--quiet", "--release", "-p", "hybridiff-engine", "--example", "noise_dump", "--",
-                    str(SEED), str(c), str(h), str(w), str(STEPS), out], cwd=ROOT, check=True)
-    return load_file(out)
-
-
-def diffusers_image(pipe, cls_name, overrides, kwargs, noise, out_png):
+def diffusers_image(pipe, cls_name, overrides, kwargs, out_png):
     import diffusers
     import torch
-    from diffusers.schedulers import (scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete,
-                                      scheduling_lcm)
 
-    sched = getattr(diffusers, cls_name).from_config(pipe.base_scheduler_config, **overrides)
-    pipe.scheduler = sched
-    step_noise = noise["step_noise"]
-
-    def ours_for_this_step(shape, generator=None, device=None, dtype=None, layout=None):
-        i = sched.step_index
-        assert tuple(shape) == tuple(step_noise.shape[1:]), shape
-        return step_noise[i].to(dtype or torch.float32)
-
-    for m in (scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete, scheduling_lcm):
-        m.randn_tensor = ours_for_this_step
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.base_scheduler_config, **overrides)
+    generator = torch.Generator("cpu").manual_seed(SEED)
     t = time.perf_counter()
-    img = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=noise["latents"].clone(),
+    img = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=generator,
                output_type="pil", **kwargs).images[0]
     seconds = time.perf_counter() - t
     img.save(out_png)
@@ -148,16 +124,14 @@ def main():
                                                    torch_dtype=torch.float32, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     pipe.base_scheduler_config = pipe.scheduler.config
-    side = pipe.unet.config.sample_size
-    noise = noise_dump((pipe.unet.config.in_channels, side, side))
 
     rows = []
     for label, flags, cls_name, overrides, kwargs in SAMPLERS:
-        png, wall, denoise = ours(args.bin, cache, ours_dir, label, flags, args.repeats)
+        png, wall, denoise = ours(args.bin, cache, ours_dir, label, [*flags, "--noise", "torch"], args.repeats)
         theirs_png = os.path.join(theirs_dir, file_name(label))
-        diffusers_image(pipe, cls_name, overrides, kwargs, noise, theirs_png)  # warm-up
+        diffusers_image(pipe, cls_name, overrides, kwargs, theirs_png)  # warm-up
         d_seconds = statistics.median(
-            diffusers_image(pipe, cls_name, overrides, kwargs, noise, theirs_png) for _ in range(args.repeats))
+            diffusers_image(pipe, cls_name, overrides, kwargs, theirs_png) for _ in range(args.repeats))
         rows.append(dict(label=label, flags=" ".join(flags), diffusers=cls_name, overrides=overrides,
                          pipeline_kwargs=kwargs, file=file_name(label), wall_seconds=wall,
                          denoise_seconds=denoise, diffusers_seconds=d_seconds))

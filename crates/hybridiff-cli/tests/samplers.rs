@@ -261,3 +261,72 @@ fn image_i_of_a_batch_is_its_own_run_with_a_stochastic_sampler_on_any_strategy()
         by_noise[0].0, by_noise[3].0
     );
 }
+
+/// `generate --noise torch --seed S` gives diffusers' picture from
+/// `generator=torch.Generator("cpu").manual_seed(S)` on the embedded default model, for the
+/// samplers that draw noise in every step (euler-a, dpmpp-2m-sde) or between steps (lcm)
+/// and two that draw none, on serial and on the condition split (fixtures:
+/// tools/make_sampler_torch_fixtures.py, diffusers' StableDiffusionPipeline).
+#[test]
+fn torch_noise_gives_diffusers_images_for_the_stochastic_samplers() {
+    let root = fixture("samplers-torch");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("expected.json")).unwrap())
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let number = |k: &str| expected[k].as_f64().unwrap().to_string();
+    let (seed, steps, guidance) = (number("seed"), number("steps"), number("guidance"));
+    for case in expected["cases"].as_array().unwrap() {
+        let file = case["file"].as_str().unwrap();
+        let flags: Vec<&str> = case["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap())
+            .collect();
+        let want = image::open(root.join(file)).unwrap().to_rgb8();
+        for strategy in [
+            &["--strategy", "serial"][..],
+            &["--strategy", "cfg", "--world-size", "2"],
+        ] {
+            let out = dir.path().join(format!("{}-{file}", strategy[1]));
+            let mut args = vec![
+                "generate",
+                "--prompt",
+                expected["prompt"].as_str().unwrap(),
+                "--seed",
+                &seed,
+                "--steps",
+                &steps,
+                "--guidance",
+                &guidance,
+                "--noise",
+                "torch",
+                "--threads-per-rank",
+                "1",
+                "--out",
+                s(&out),
+            ];
+            args.extend_from_slice(&flags);
+            args.extend_from_slice(strategy);
+            let o = hybridiff(&args);
+            assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+            let got = image::open(&out).unwrap().to_rgb8();
+            assert_eq!(got.dimensions(), want.dimensions(), "{file}");
+            // Float rounding between PyTorch's kernels and ours may move a pixel by a level
+            // or two in the samplers that add noise every step; the picture is the same.
+            let worst = got
+                .as_raw()
+                .iter()
+                .zip(want.as_raw())
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            let psnr = hybridiff_engine::metrics::psnr_u8(got.as_raw(), want.as_raw());
+            assert!(
+                worst <= 8 && psnr >= 50.0,
+                "{file} {strategy:?}: worst pixel difference {worst}, PSNR {psnr:.1} dB against diffusers"
+            );
+        }
+    }
+}
