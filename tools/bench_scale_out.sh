@@ -60,7 +60,7 @@ bench_model() {
         --markdown "$tag.md" --json "$tag.json" --trace-dir "traces/$tag" | tail -n +1
     done
   done
-  for d in traces/$m-*; do
+  for d in traces/"$m"-*; do
     for link in nvlink pcie4; do
       "$B" bench --from-trace "$d" --simulate-link "$link" > "$d/predicted-$link.md"
     done

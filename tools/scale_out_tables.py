@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """The tables of docs/benchmarks/scale-out.md from the folder tools/bench_scale_out.sh wrote.
 
-    python3 tools/scale_out_tables.py OUT
+    python3 tools/scale_out_tables.py OUT [LATENT]
+
+LATENT: the latent size bench_scale_out.sh ran the random-weight models at (default 32),
+for the tables' titles.
 
 Prints Markdown: the default model's images against serial (mean PSNR / SSIM per layout and
 rank count), the random-weight models' final latents against serial (worst relative
@@ -146,11 +149,12 @@ def layout1024(out: Path) -> str:
 
 def main():
     if len(sys.argv) < 2:
-        sys.exit("usage: scale_out_tables.py OUT")
+        sys.exit("usage: scale_out_tables.py OUT [LATENT]")
     out = Path(sys.argv[1])
+    n = sys.argv[2] if len(sys.argv) > 2 else "32"
     print(images(out))
-    print(latents(out, "sdxl5", "1/5-width SDXL U-Net, 32x32 latents, 50 DDIM steps"))
-    print(latents(out, "sd3s", "small SD3 MMDiT, 32x32 latents, 50 flow-Euler steps"))
+    print(latents(out, "sdxl5", f"1/5-width SDXL U-Net, {n}x{n} latents, 50 DDIM steps"))
+    print(latents(out, "sd3s", f"small SD3 MMDiT, {n}x{n} latents, 50 flow-Euler steps"))
     print(layout1024(out))
 
 
