@@ -258,6 +258,12 @@ pub fn run(args: GenerateArgs, launch: &crate::launch::Launch) -> Result<()> {
                 "--negative-prompt: guidance {g} (from {from}) turns classifier-free guidance off, so the negative prompt would not be used (as in diffusers); leave it out, or give --guidance above 1"
             );
         }
+        if g <= 1.0 && args.run.guidance_rescale > 0.0 {
+            bail!(
+                "--guidance-rescale {}: guidance {g} turns classifier-free guidance off, and the rescale acts on the guided prediction only (as in diffusers); leave it out, or give --guidance above 1",
+                args.run.guidance_rescale
+            );
+        }
     }
     let mut run = args.run.resolve(&defaults, steps, launch.processes())?;
     let device = run.device.clone();

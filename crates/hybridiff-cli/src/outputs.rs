@@ -55,9 +55,13 @@ const IMAGE_EXTENSIONS: &[&str] = &[
 /// Refuses `-` and a name whose extension says another format than `format`.
 pub fn check_name(flag: &str, path: &Path, format: Format) -> Result<()> {
     if path.as_os_str() == "-" {
-        bail!(
-            "{flag} -: nothing is written to standard output; give a file name (./- for a file named `-`)"
-        );
+        // `./-` is a file named `-`, which only a format without a required extension takes.
+        let named = if format == Format::Png {
+            ""
+        } else {
+            " (./- for a file named `-`)"
+        };
+        bail!("{flag} -: nothing is written to standard output; give a file name{named}");
     }
     let ext = path
         .extension()

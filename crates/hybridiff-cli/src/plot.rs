@@ -25,6 +25,7 @@ pub struct PlotArgs {
 }
 
 pub fn run(args: PlotArgs) -> Result<()> {
+    crate::outputs::check_name("--out", &args.out, crate::outputs::Format::Png)?;
     hybridiff_engine::io::check_output_path(&args.out, "--out")?;
     hybridiff_engine::io::check_distinct_paths(&[("--out", &args.out)], &[("TRACE", &args.trace)])?;
     let text = hybridiff_models::weights::read_text_bounded(&args.trace, 64 << 20)

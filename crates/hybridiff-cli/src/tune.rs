@@ -72,7 +72,8 @@ pub struct TuneArgs {
     /// else 7 for SD3, 5 otherwise].
     #[arg(long, allow_hyphen_values = true)]
     pub guidance: Option<f64>,
-    /// ddim, euler, dpmpp-2m or flow-euler [default: the model's scheduler_config.json]
+    /// The sampler, as `generate --scheduler` takes it (our name or diffusers' class name;
+    /// see README, "Samplers") [default: the model's scheduler_config.json]
     #[arg(long)]
     pub scheduler: Option<String>,
     /// f32 or f16 (bf16 on CUDA builds).
@@ -536,6 +537,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
             args.report.display()
         );
     }
+    crate::outputs::check_name("--out", &args.out, crate::outputs::Format::Json)?;
     check_output_path(&args.out, "--out")?;
     check_report_dir(&args.report)?;
     let mut inputs_flags: Vec<(&str, &Path)> = Vec::new();

@@ -330,3 +330,31 @@ fn torch_noise_gives_diffusers_images_for_the_stochastic_samplers() {
         }
     }
 }
+
+/// `--guidance-rescale` acts on the guided prediction only: with guidance <= 1 it would be
+/// ignored, so it is refused (as `--negative-prompt` is), before anything is written.
+#[test]
+fn guidance_rescale_without_classifier_free_guidance_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("g.png");
+    let o = hybridiff(&[
+        "generate",
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "4",
+        "--guidance",
+        "1",
+        "--guidance-rescale",
+        "0.7",
+        "--out",
+        s(&out),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("--guidance-rescale 0.7") && err.contains("--guidance above 1"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

@@ -454,3 +454,40 @@ fn a_bare_denoiser_folder_is_tuned_on_latents() {
     assert!(j["runs"][0]["quality"]["ssim"].is_null());
     assert!(out.is_file());
 }
+
+/// `tune --out` (JSON) and `plot --out` (PNG) follow the output rules of every command:
+/// `-` is refused (nothing is written to standard output), a PNG plot must end in .png and
+/// the JSON may not carry an image extension; refused before anything is read.
+#[test]
+fn tune_and_plot_outputs_refuse_dash_and_wrong_extensions() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("t.json");
+    for (out, want) in [
+        ("-", "nothing is written to standard output"),
+        ("p.jpg", "PNG images only"),
+        ("p.json", "PNG images only"),
+    ] {
+        let o = hybridiff(&["plot", s(&trace), "--out", out]);
+        assert_eq!(o.status.code(), Some(1), "plot --out {out}");
+        assert!(
+            stderr(&o).contains(want),
+            "plot --out {out}: {}",
+            stderr(&o)
+        );
+    }
+    for (out, want) in [
+        ("-", "nothing is written to standard output"),
+        ("t.png", "not an image"),
+    ] {
+        let report = dir.path().join("report");
+        let o = hybridiff(&["tune", "--out", out, "--report", s(&report)]);
+        assert_eq!(o.status.code(), Some(1), "tune --out {out}");
+        assert!(
+            stderr(&o).contains(want),
+            "tune --out {out}: {}",
+            stderr(&o)
+        );
+        assert!(!report.exists());
+    }
+    assert!(!std::path::Path::new("-").exists());
+}

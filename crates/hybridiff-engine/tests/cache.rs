@@ -473,6 +473,19 @@ fn caches_that_do_not_fit_the_model_are_refused_before_compute() {
             assert_eq!(steps_done.load(std::sync::atomic::Ordering::SeqCst), 0);
         }
     }
+    // async at stride 2 never computes a stage's output of the previous step: deepcache is
+    // refused there (teacache runs).
+    let stride2 = StrategyOptions {
+        stride: 2,
+        ..with_cache("deepcache")
+    };
+    let e = run_steps(&unet, 6, StrategyKind::Async, 3, &stride2)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--cache deepcache") && e.contains("--stride 1"),
+        "{e}"
+    );
     // branch 2 of 3 skips only the mid block: it fits.
     let out = run_steps(
         &unet,

@@ -92,4 +92,16 @@ fn lpips_refuses_small_images_and_wrong_weights() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("missing.safetensors"), "{err}");
+    // Negative heads would give negative distances: refused, naming the head.
+    let mut t = candle_core::safetensors::load(weights(tmp.path()), &Device::Cpu).unwrap();
+    let lin2 = "lin2.model.1.weight".to_string();
+    let neg = t[&lin2].neg().unwrap();
+    t.insert(lin2, neg);
+    let p = tmp.path().join("negative.safetensors");
+    candle_core::safetensors::save(&t, &p).unwrap();
+    let err = Lpips::load(&p, &Device::Cpu).unwrap_err().to_string();
+    assert!(
+        err.contains("lin2.model.1.weight") && err.contains("non-negative"),
+        "{err}"
+    );
 }

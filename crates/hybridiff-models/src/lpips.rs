@@ -84,12 +84,24 @@ impl Lpips {
             weights.bytes_in(DType::F32),
         )
         .map_err(Error::Weights)?;
-        Self::new(weights.into_var_builder(DType::F32, device)).map_err(|e| {
+        let net = Self::new(weights.into_var_builder(DType::F32, device)).map_err(|e| {
             Error::Weights(format!(
                 "{}: not LPIPS (AlexNet) weights: {e}; expected torchvision's features.{{0,3,6,8,10}}.{{weight,bias}} and the lpips package's lin{{0..4}}.model.1.weight (tools/lpips_weights.py writes them)",
                 path.display()
             ))
-        })
+        })?;
+        // The lpips package clamps its heads at 0 when it trains them: a negative weight
+        // would make a distance negative, which no LPIPS value is.
+        for (layer, lin) in net.lins.iter().enumerate() {
+            let least = lin.flatten_all()?.min(0)?.to_scalar::<f32>()?;
+            if least.is_nan() || least < 0.0 {
+                return Err(Error::Weights(format!(
+                    "{}: lin{layer}.model.1.weight has {least}; LPIPS heads are non-negative (the lpips package keeps them >= 0), so this is not an LPIPS weights file",
+                    path.display()
+                )));
+            }
+        }
+        Ok(net)
     }
 
     /// LPIPS distance of each pair of images `x0[n]`, `x1[n]` (`[N, 3, H, W]`, values in

@@ -159,7 +159,11 @@ impl StrategyKind {
     pub fn build(self, opts: &StrategyOptions) -> Box<dyn Strategy> {
         let inner = self.build_uncached(opts);
         match opts.cache {
-            Some(spec) => Box::new(Cached { inner, spec }),
+            Some(spec) => Box::new(Cached {
+                inner,
+                spec,
+                async_stride: (self == Self::Async).then_some(opts.stride),
+            }),
             None => inner,
         }
     }
@@ -341,6 +345,8 @@ pub trait Strategy: Sync {
 pub struct Cached {
     pub inner: Box<dyn Strategy>,
     pub spec: crate::cache::CacheSpec,
+    /// `async`'s stride, when the inner strategy is `async`.
+    pub async_stride: Option<usize>,
 }
 
 impl Strategy for Cached {
@@ -349,6 +355,17 @@ impl Strategy for Cached {
     }
     fn check(&self, job: &Job, world_size: usize) -> Result<()> {
         self.inner.check(job, world_size)?;
+        // At stride 2 each rank computes its stage once per two steps, at the next step's
+        // timestep: no stage has its own output of the previous step to reuse, so deepcache
+        // would only mark steps cached while computing them all.
+        if self.async_stride == Some(2)
+            && matches!(self.spec, crate::cache::CacheSpec::DeepCache { .. })
+        {
+            return Err(Error::Options(format!(
+                "--cache {}: deepcache reuses a stage's output of the previous step, which async --stride 2 never computes (each stage runs once per two steps); use --stride 1, or --cache teacache",
+                self.spec
+            )));
+        }
         self.spec.skip_range(job.model).map(|_| ())
     }
     fn worker<'a>(
