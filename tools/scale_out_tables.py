@@ -124,8 +124,8 @@ def layout1024(out: Path) -> str:
     if not d.is_dir() or not list(d.glob("sdxl-layout-*")):
         return ""
     s = "\n#### SDXL's layout at 1024x1024: predicted speedup over serial\n\n"
-    s += "| layout | W | NVLink, 330 ms/step | NVLink, 100 ms/step | NVLink, 50 ms/step | PCIe 4, 330 ms/step | PCIe 4, 100 ms/step | PCIe 4, 50 ms/step |\n"
-    s += "|---|---|---|---|---|---|---|---|\n"
+    s += "| layout | W | NVLink, 330 ms/step | NVLink, 100 ms/step | NVLink, 50 ms/step | PCIe 4, 330 ms/step | PCIe 4, 100 ms/step | PCIe 4, 50 ms/step | final latents' PSNR vs serial (dB) |\n"
+    s += "|---|---|---|---|---|---|---|---|---|\n"
     for tdir in sorted(d.glob("sdxl-layout-w*")):
         m = re.match(r"sdxl-layout-w(\d+)-(.+)$", tdir.name)
         w, tag = int(m.group(1)), m.group(2)
@@ -143,6 +143,14 @@ def layout1024(out: Path) -> str:
                             if len(c) > 10 and c[1] == strategy:
                                 v = c[10]
                     cells.append(v)
+            psnr = "-"
+            bench = out / f"{tdir.name}.md"
+            if bench.is_file():
+                for line in bench.read_text().splitlines():
+                    c = [x.strip() for x in line.strip("|").split("|")]
+                    if len(c) > 11 and c[0] == strategy:
+                        psnr = c[11]
+            cells.append(psnr)
             s += f"| {dict(LAYOUTS).get(name, name)} | {w} | " + " | ".join(cells) + " |\n"
     return s
 
