@@ -336,3 +336,31 @@ fn bad_single_file_input_is_refused_naming_the_file() {
         stderr(&o)
     );
 }
+
+/// A `--vae` of another family (SD3's 16 latent channels beside the default model's
+/// 4-channel U-Net) is refused before the first step, naming both channel counts and
+/// `--vae`; nothing is written.
+#[test]
+fn a_vae_of_another_family_is_refused_before_compute() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("v.png");
+    let vae = fixture("tiny-sd3").join("vae");
+    let o = hybridiff(&[
+        "generate",
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "10000",
+        "--vae",
+        s(&vae),
+        "--out",
+        s(&out),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("16 latent channels") && err.contains("makes 4") && err.contains("--vae"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

@@ -232,7 +232,17 @@ impl Model {
                 "the model has no VAE (no vae/ folder, or no first_stage_model. tensors in the file); cannot decode: pass --vae FOLDER|FILE",
             ));
         };
-        Ok(PipelineVae::load_source(vae, self.dtype, &self.device)?)
+        let vae = PipelineVae::load_source(vae, self.dtype, &self.device)?;
+        // A VAE of another family (e.g. SD3's 16-channel one beside a 4-channel U-Net) would
+        // only fail at the decode, after every step: refused here, before compute.
+        let (theirs, ours) = (vae.config.latent_channels, self.input_spec.latent_channels);
+        if theirs != ours {
+            return Err(Error::Input(format!(
+                "{}: the VAE has {theirs} latent channels but the denoiser makes {ours}: they are not of one family; a --vae must match the model (SD 1.x, 2.x, SDXL: 4 channels; SD3: 16)",
+                self.dir.display()
+            )));
+        }
+        Ok(vae)
     }
 }
 
