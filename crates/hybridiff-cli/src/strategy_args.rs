@@ -273,6 +273,7 @@ impl StrategyArgs {
                 pipeline_layout: self
                     .pipeline_layout
                     .as_deref()
+                    .or(defaults.pipeline_layout.as_deref())
                     .map(str::parse)
                     .transpose()?,
                 cfg_split: !self.no_cfg_split,
@@ -382,6 +383,9 @@ pub struct ModelDefaults {
     /// `--pipelined-guidance` (hybrid).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pipelined_guidance: Option<String>,
+    /// `--pipeline-layout` (hybrid at 4 and 8 ranks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_layout: Option<String>,
     /// What `hybridiff tune` measured for these values (world size, floor, quality, speedup,
     /// runs); a record for people, not read by runs.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -422,7 +426,7 @@ impl ModelDefaults {
         .with_context(|| format!("reading {}", p.display()))?;
         let mut d: Self = serde_json::from_str(&text).with_context(|| {
             format!(
-                "{}: expected {{steps, guidance, l_slope, eps_slope, k, tau_cap, stages, pipelined_guidance, cache, tune}}",
+                "{}: expected {{steps, guidance, l_slope, eps_slope, k, tau_cap, stages, pipelined_guidance, pipeline_layout, cache, tune}}",
                 p.display()
             )
         })?;
@@ -433,6 +437,10 @@ impl ModelDefaults {
         if let Some(g) = &d.pipelined_guidance {
             g.parse::<PipelinedGuidance>()
                 .with_context(|| format!("{}: `pipelined_guidance` = {g:?}", p.display()))?;
+        }
+        if let Some(l) = &d.pipeline_layout {
+            l.parse::<hybridiff_engine::strategy::hybrid::PipelineLayout>()
+                .with_context(|| format!("{}: `pipeline_layout` = {l:?}", p.display()))?;
         }
         d.path = Some(p.clone());
         if d.steps == Some(0) {

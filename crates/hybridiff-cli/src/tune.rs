@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
+use hybridiff_engine::cache::CacheSpec;
 use hybridiff_engine::io::{
     check_distinct_paths, check_output_path, check_outside_folder, check_writable_folder,
     write_bytes_atomic,
@@ -22,9 +23,10 @@ use hybridiff_engine::io::{
 use hybridiff_engine::latency::Link;
 use hybridiff_engine::pipeline::{Pipeline, Request};
 use hybridiff_engine::stages::PlanKind;
+use hybridiff_engine::strategy::hybrid::PipelineLayout;
 use hybridiff_engine::switch::SwitchParams;
 use hybridiff_engine::tune::{
-    self, Floor, FloorOn, Grid, Knobs, Outcome, Plan, Quality, Schedule, StepCosts,
+    self, CacheKnob, Floor, FloorOn, Grid, Knobs, Outcome, Plan, Quality, Schedule, StepCosts,
 };
 use hybridiff_engine::{
     DenoiseInputs, Job, Model, PipelinedGuidance, RunOptions, Runner, StrategyKind,
@@ -121,6 +123,18 @@ pub struct TuneArgs {
     /// Grid: pipelined-step predictions (none, reuse).
     #[arg(long, value_delimiter = ',', default_value = "none,reuse")]
     pub pipelined_guidance: Vec<String>,
+    /// Grid: pipelined steps' layouts at --world-size 4 or 8 (across, per-branch; see
+    /// README, "Which strategy for 2, 4 and 8 devices"); per-branch runs with
+    /// --pipelined-guidance none only [default: the default layout].
+    #[arg(long, value_delimiter = ',')]
+    pub pipeline_layout: Option<Vec<String>>,
+    /// Grid: a step cache on top of each candidate, as `generate --cache` takes it
+    /// (repeatable; every candidate also runs without a cache). Leave the method's first
+    /// parameter out to try several values: `teacache` tries threshold 0.05, 0.1, 0.15,
+    /// 0.2, 0.25, 0.3; `deepcache` interval 2 to 5. Hybridiff's detection steps always
+    /// compute, so the schedules stay predicted from serial's curve.
+    #[arg(long, value_name = "METHOD[:KEY=VALUE,...]")]
+    pub cache: Vec<String>,
     /// Where to write the chosen values (the `hybridiff.json` that generate, denoise, bench
     /// and serve read from a model folder; `--model DIR --out DIR/hybridiff.json` writes the
     /// model's own).
@@ -357,19 +371,68 @@ fn grid_of(args: &TuneArgs, steps: usize) -> Result<Grid> {
         .iter()
         .map(|s| s.trim().parse::<PipelinedGuidance>())
         .collect::<Result<Vec<_>, _>>()?;
-    grid.knobs = stages
-        .iter()
-        .flat_map(|&stages| {
-            guidance.iter().map(move |&pipelined_guidance| Knobs {
-                stages,
-                pipelined_guidance,
-            })
-        })
-        .collect();
-    grid.knobs.sort();
-    grid.knobs.dedup();
+    let layouts: Vec<Option<PipelineLayout>> = match &args.pipeline_layout {
+        None => vec![None],
+        Some(v) => v
+            .iter()
+            .map(|s| s.trim().parse::<PipelineLayout>().map(Some))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    let caches = cache_grid(&args.cache)?;
+    let mut knobs = Vec::new();
+    for &stages in &stages {
+        for &pipelined_guidance in &guidance {
+            for &pipeline_layout in &layouts {
+                // per-branch pipelined steps are guided already: reuse does not apply.
+                if pipeline_layout == Some(PipelineLayout::PerBranch)
+                    && pipelined_guidance == PipelinedGuidance::Reuse
+                {
+                    continue;
+                }
+                for &cache in &caches {
+                    knobs.push(Knobs {
+                        stages,
+                        pipelined_guidance,
+                        pipeline_layout,
+                        cache,
+                    });
+                }
+            }
+        }
+    }
+    knobs.sort();
+    knobs.dedup();
+    if knobs.is_empty() && !guidance.is_empty() && !layouts.is_empty() {
+        bail!("--pipeline-layout per-branch runs with --pipelined-guidance none only (its pipelined steps compute both branches); add none to --pipelined-guidance");
+    }
+    grid.knobs = knobs;
     grid.check()?;
     Ok(grid)
+}
+
+/// `--cache` values: no cache, then each spec, the ones without their method's first
+/// parameter swept over [`tune::cache_sweep`].
+fn cache_grid(specs: &[String]) -> Result<Vec<Option<CacheKnob>>> {
+    let mut out = vec![None];
+    for s in specs {
+        let spec = CacheSpec::parse(s, "--cache")?;
+        let first = spec.knobs()[0].name;
+        let given = s.split_once(':').is_some_and(|(_, params)| {
+            params
+                .split(',')
+                .any(|kv| kv.split_once('=').is_some_and(|(k, _)| k.trim() == first))
+        });
+        if given {
+            out.push(Some(CacheKnob(spec)));
+        } else {
+            out.extend(
+                tune::cache_sweep(spec)
+                    .into_iter()
+                    .map(|c| Some(CacheKnob(c))),
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// Refuses a --report that exists and is not an empty folder, or whose parent cannot take
@@ -739,6 +802,17 @@ pub fn run(args: TuneArgs) -> Result<()> {
             .build(&opts)
             .check(&probe_job, world)
             .with_context(|| format!("hybrid on {world} ranks with {knobs}"))?;
+        if let Some(c) = knobs.cache {
+            c.0.check_steps(steps)?;
+            c.0.skip_range(model.denoiser.as_ref())?;
+            if let Subject::Pipeline(p) = &subject {
+                p.check_memory(
+                    &ctx.request("", None, 0),
+                    StrategyKind::Hybrid.build(&opts).as_ref(),
+                    &run_opts(world),
+                )?;
+            }
+        }
     }
     drop(first);
 
@@ -846,7 +920,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
     // 4. Latency from measured step costs.
     let serial_refs: Vec<&Trace> = serial_traces.iter().collect();
     let serial_costs = StepCosts::measure(&serial_refs)?;
-    let serial_seconds = serial_costs.predict(steps, None, &link)?;
+    let serial_seconds = serial_costs.predict(steps, None, &[], &link)?;
     let mut costs: Vec<(Knobs, StepCosts)> = Vec::new();
     for knobs in &grid.knobs {
         let traces: Vec<&Trace> = hybrid_traces
@@ -865,8 +939,9 @@ pub fn run(args: TuneArgs) -> Result<()> {
             .expect("every knob set ran")
             .1
     };
-    for (spec, r) in plan.runs.iter().zip(results.iter_mut()) {
-        r.predicted_seconds = costs_of(&spec.knobs).predict(steps, r.pipelined, &link)?;
+    for ((spec, r), (_, trace)) in plan.runs.iter().zip(results.iter_mut()).zip(&hybrid_traces) {
+        r.predicted_seconds =
+            costs_of(&spec.knobs).predict(steps, r.pipelined, &tune::cached_steps(trace), &link)?;
     }
     let run_quality: Vec<Quality> = results.iter().map(|r| r.quality).collect();
     let run_seconds: Vec<f64> = results.iter().map(|r| r.predicted_seconds).collect();
@@ -902,7 +977,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
                 let q = ctx.quality(&reference, &out)?;
                 values.push(floor.value(&q).unwrap_or(f64::NAN));
                 let p = Schedule::of_trace(&ht).and_then(|s| s.pipelined(steps));
-                pred.push(costs_of(&c.knobs).predict(steps, p, &link)?);
+                pred.push(costs_of(&c.knobs).predict(steps, p, &tune::cached_steps(&ht), &link)?);
                 ms.push(st.total_seconds);
                 mh.push(ht.total_seconds);
                 tau1.push(ht.tau1);
@@ -987,8 +1062,14 @@ pub fn run(args: TuneArgs) -> Result<()> {
         tau_cap: Some(c.switch.tau_cap),
         stages: Some(c.knobs.stages.to_string()),
         pipelined_guidance: Some(c.knobs.pipelined_guidance.to_string()),
-        // Not tuned here: the model's step-cache recommendation is kept as it was.
-        cache: defaults.cache,
+        pipeline_layout: c.knobs.pipeline_layout.map(|l| l.to_string()),
+        // Tuned only with --cache (the choice may be none); otherwise the model's
+        // recommendation is kept as it was.
+        cache: if args.cache.is_empty() {
+            defaults.cache
+        } else {
+            c.knobs.cache.map(|k| k.0)
+        },
         path: None,
         tune: Some(serde_json::json!({
             "world_size": world,
@@ -1008,6 +1089,12 @@ pub fn run(args: TuneArgs) -> Result<()> {
         &args.out,
         (serde_json::to_string_pretty(&rec)? + "\n").as_bytes(),
     )?;
+    if e.speedup < 1.0 {
+        eprintln!(
+            "hybridiff: warning: the choice is predicted {:.2}x serial, slower than serial on one rank: at this model size the exchanges and per-step costs outweigh the split (see the report's step costs); serial or --strategy cfg may serve better",
+            e.speedup
+        );
+    }
     println!(
         "chose {} ({} class member(s)): {} worst {:.4}, mean {:.4}, predicted {:.3} s ({:.2}x serial){}",
         c,
@@ -1048,6 +1135,8 @@ fn options_for(switch: &SwitchParams, knobs: &Knobs) -> StrategyOptions {
         switch: *switch,
         stages: knobs.stages,
         pipelined_guidance: knobs.pipelined_guidance,
+        pipeline_layout: knobs.pipeline_layout,
+        cache: knobs.cache.map(|c| c.0),
         ..Default::default()
     }
 }
@@ -1215,9 +1304,11 @@ fn markdown(info: &ReportInfo) -> String {
             let c = info.plan.candidates[ci];
             let e = &o.evaluations[ci];
             s += &format!(
-                "`--l-slope {} --eps-slope {:e} --k {} --tau-cap {} --stages {} --pipelined-guidance {}` (one of {} candidates with identical runs; its schedules tau1-tau2 per input: {})\n\n",
+                "`--l-slope {} --eps-slope {:e} --k {} --tau-cap {} --stages {} --pipelined-guidance {}{}{}` (one of {} candidates with identical runs; its schedules tau1-tau2 per input: {})\n\n",
                 c.switch.l_slope, c.switch.eps_slope, c.switch.k, c.switch.tau_cap,
                 c.knobs.stages, c.knobs.pipelined_guidance,
+                c.knobs.pipeline_layout.map(|l| format!(" --pipeline-layout {l}")).unwrap_or_default(),
+                c.knobs.cache.map(|k| format!(" --cache {}", k.0)).unwrap_or_default(),
                 o.classes[e.class].len(),
                 schedules_cell(info, ci)
             );
@@ -1318,7 +1409,14 @@ fn markdown(info: &ReportInfo) -> String {
 
 fn tune_json(info: &ReportInfo) -> serde_json::Value {
     let o = info.outcome;
-    let knobs_json = |k: &Knobs| serde_json::json!({"stages": k.stages.to_string(), "pipelined_guidance": k.pipelined_guidance.to_string()});
+    let knobs_json = |k: &Knobs| {
+        serde_json::json!({
+            "stages": k.stages.to_string(),
+            "pipelined_guidance": k.pipelined_guidance.to_string(),
+            "pipeline_layout": k.pipeline_layout.map(|l| l.to_string()),
+            "cache": k.cache.map(|c| c.0.to_string()),
+        })
+    };
     let candidates: Vec<serde_json::Value> = info
         .plan
         .candidates

@@ -228,6 +228,17 @@ fn bad_tune_requests_fail_before_any_run() {
         (vec![("--report", s(&full))], "the folder is not empty"),
         (vec![("--out", s(&inner))], "is inside --report"),
         (vec![("--out", s(&model_file))], "inside --model"),
+        (vec![("--cache", "nocache")], "unknown method `nocache`"),
+        (
+            vec![("--cache", "teacache:warmup=11")],
+            "leaves none of the 12 steps",
+        ),
+        (vec![("--cache", "deepcache:branch=7")], "branch is 0 to"),
+        (
+            vec![("--pipeline-layout", "per-branch")],
+            "per-branch (the flag, or a model's hybridiff.json",
+        ),
+        (vec![("--pipeline-layout", "diagonal")], "diagonal"),
     ];
     let check = |args: Vec<&str>, needle: &str| {
         let start = std::time::Instant::now();
@@ -490,4 +501,204 @@ fn tune_and_plot_outputs_refuse_dash_and_wrong_extensions() {
         assert!(!report.exists());
     }
     assert!(!std::path::Path::new("-").exists());
+}
+
+/// `--cache` joins the grid: every candidate runs with and without the cache, the cache
+/// leaves the schedules predicted (no mismatch), cached steps cost less in the latency
+/// model, and the choice's cache is what hybridiff.json recommends.
+#[test]
+fn tune_searches_a_step_cache_on_top_of_the_schedules() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = prompts_file(dir.path());
+    let model = fixture("tiny-sdxl-pipeline");
+    let out = dir.path().join("hybridiff.json");
+    let report = dir.path().join("report");
+    let mut args = tune_args(s(&model), s(&prompts), s(&out), s(&report));
+    args.extend([
+        "--min-psnr",
+        "5",
+        "--cache",
+        "teacache:threshold=0.5,warmup=1",
+        "--cache",
+        "deepcache:warmup=1",
+    ]);
+    let o = hybridiff(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("tune.json")).unwrap()).unwrap();
+    // 16 switching candidates x (no cache, teacache 0.5, deepcache interval 2..=5).
+    assert_eq!(j["grid_runs"].as_u64().unwrap(), 16 * 6 * 2);
+    assert_eq!(
+        j["schedules_mismatched"], 0,
+        "the cache left every schedule predicted"
+    );
+    let candidates = j["candidates"].as_array().unwrap();
+    let cache_of = |c: &serde_json::Value| c["knobs"]["cache"].as_str().map(str::to_string);
+    let specs: std::collections::BTreeSet<String> =
+        candidates.iter().filter_map(cache_of).collect();
+    assert_eq!(
+        specs.into_iter().collect::<Vec<_>>(),
+        [
+            "deepcache:interval=2,branch=0,warmup=1",
+            "deepcache:interval=3,branch=0,warmup=1",
+            "deepcache:interval=4,branch=0,warmup=1",
+            "deepcache:interval=5,branch=0,warmup=1",
+            "teacache:threshold=0.5,warmup=1",
+        ]
+    );
+    // Each cached candidate is predicted faster than its uncached twin (same thresholds).
+    let key = |c: &serde_json::Value| {
+        format!(
+            "{} {} {} {}",
+            c["l_slope"], c["eps_slope"], c["k"], c["tau_cap"]
+        )
+    };
+    let mut faster = 0;
+    for c in candidates.iter().filter(|c| cache_of(c).is_some()) {
+        let twin = candidates
+            .iter()
+            .find(|u| cache_of(u).is_none() && key(u) == key(c))
+            .unwrap();
+        let (a, b) = (
+            c["predicted_seconds"].as_f64().unwrap(),
+            twin["predicted_seconds"].as_f64().unwrap(),
+        );
+        assert!(a <= b * 1.05, "{c} predicted slower than uncached {b}");
+        faster += (a < b) as usize;
+    }
+    assert!(faster > 0, "no cached candidate predicted faster");
+    let rec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let chosen = &candidates[j["chosen"].as_u64().unwrap() as usize];
+    assert_eq!(
+        rec["cache"].as_str().map(str::to_string),
+        cache_of(chosen),
+        "{rec}"
+    );
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(md.contains("cache teacache:threshold=0.5"), "{md}");
+}
+
+/// A cache method that does not fit the model is refused before any run.
+#[test]
+fn tune_refuses_a_cache_that_does_not_fit_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("bare");
+    std::fs::create_dir(&model).unwrap();
+    for part in ["transformer", "scheduler"] {
+        std::os::unix::fs::symlink(fixture("tiny-sd3").join(part), model.join(part)).unwrap();
+    }
+    std::fs::write(
+        model.join("model_index.json"),
+        r#"{"_class_name": "StableDiffusion3Pipeline"}"#,
+    )
+    .unwrap();
+    let (out, report) = (dir.path().join("h.json"), dir.path().join("r"));
+    let start = std::time::Instant::now();
+    let o = hybridiff(&[
+        "tune",
+        "--model",
+        s(&model),
+        "--steps",
+        "8",
+        "--cache",
+        "deepcache",
+        "--threads-per-rank",
+        "1",
+        "--out",
+        s(&out),
+        "--report",
+        s(&report),
+    ]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("deepcache fits U-Nets") && err.contains("use --cache teacache"),
+        "{err}"
+    );
+    assert!(start.elapsed().as_secs_f64() < 20.0);
+    assert!(!out.exists() && !report.exists());
+}
+
+/// At 4 ranks the pipelined steps' layout is a knob: both layouts run, each keeps its
+/// predicted schedule, and a per-branch choice is written to hybridiff.json.
+#[test]
+fn tune_searches_the_pipeline_layout_at_four_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("bare");
+    std::fs::create_dir(&model).unwrap();
+    for part in ["unet", "scheduler"] {
+        std::os::unix::fs::symlink(fixture("tiny-sdxl").join(part), model.join(part)).unwrap();
+    }
+    std::fs::write(
+        model.join("model_index.json"),
+        r#"{"_class_name": "StableDiffusionXLPipeline"}"#,
+    )
+    .unwrap();
+    let (out, report) = (dir.path().join("h.json"), dir.path().join("r"));
+    let o = hybridiff(&[
+        "tune",
+        "--model",
+        s(&model),
+        "--steps",
+        "8",
+        "--world-size",
+        "4",
+        "--l-slope",
+        "2",
+        "--eps-slope",
+        "2e-2",
+        "--k",
+        "2",
+        "--tau-cap",
+        "3,4",
+        "--pipelined-guidance",
+        "none,reuse",
+        "--pipeline-layout",
+        "across,per-branch",
+        "--holdout-seeds",
+        "0",
+        "--threads-per-rank",
+        "1",
+        "--min-psnr",
+        "10",
+        "--out",
+        s(&out),
+        "--report",
+        s(&report),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("tune.json")).unwrap()).unwrap();
+    assert_eq!(j["schedules_mismatched"], 0);
+    let layouts: std::collections::BTreeSet<(String, String)> = j["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["knobs"]["pipeline_layout"].as_str().unwrap().to_string(),
+                c["knobs"]["pipelined_guidance"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
+        .collect();
+    // per-branch steps are guided already: no reuse with them.
+    assert_eq!(
+        layouts.into_iter().collect::<Vec<_>>(),
+        [
+            ("across".to_string(), "none".to_string()),
+            ("across".to_string(), "reuse".to_string()),
+            ("per-branch".to_string(), "none".to_string()),
+        ]
+    );
+    let rec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let chosen = &j["candidates"][j["chosen"].as_u64().unwrap() as usize];
+    assert_eq!(
+        rec["pipeline_layout"], chosen["knobs"]["pipeline_layout"],
+        "{rec}"
+    );
 }

@@ -630,10 +630,13 @@ impl<'a> StepCache<'a> {
     }
 
     /// Decides step `i` (of `steps`) for `x` at timestep `t`, the same on every rank: see
-    /// the module docs. Call on every rank before the step's forwards.
+    /// the module docs. Call on every rank before the step's forwards. `hold` (the same on
+    /// every rank: [`crate::strategy::Worker::detecting`]) makes the step compute, as a
+    /// warm-up step does.
     ///
     /// # Errors
     /// The indicator's forward or the broadcast failed.
+    #[allow(clippy::too_many_arguments)]
     pub fn plan_step(
         &self,
         i: usize,
@@ -642,6 +645,7 @@ impl<'a> StepCache<'a> {
         job: &Job,
         x: &Tensor,
         t: f64,
+        hold: bool,
     ) -> Result<StepRecord> {
         let mut record = StepRecord::default();
         let mut plan = lock(&self.plan);
@@ -650,7 +654,7 @@ impl<'a> StepCache<'a> {
             None => false,
             Some(CacheSpec::DeepCache {
                 interval, warmup, ..
-            }) => i >= warmup.max(1) && !(i - warmup).is_multiple_of(interval),
+            }) => !hold && i >= warmup.max(1) && !(i - warmup).is_multiple_of(interval),
             Some(CacheSpec::TeaCache { threshold, warmup }) => {
                 let mine = if comm.rank() == 0 {
                     let start = std::time::Instant::now();
@@ -671,7 +675,7 @@ impl<'a> StepCache<'a> {
                         None => 0.0,
                     };
                     plan.previous = Some(probe);
-                    let cache = if i < warmup.max(1) || i + 1 == steps {
+                    let cache = if hold || i < warmup.max(1) || i + 1 == steps {
                         false
                     } else {
                         plan.accumulated += change;

@@ -19,22 +19,31 @@
 
 use std::collections::HashMap;
 
+use crate::cache::CacheSpec;
 use crate::latency::{Link, RankCost, StepCost};
 use crate::stages::PlanKind;
+use crate::strategy::hybrid::PipelineLayout;
 use crate::strategy::PipelinedGuidance;
 use crate::switch::{PartialSwitch, SwitchParams, Switcher};
 use crate::trace::{StepMode, Trace};
 use crate::{Error, Result};
 
-/// The run knobs besides the switching thresholds. A new knob (a step-cache threshold, a
-/// rank layout) is a field here: it then joins the grid ([`Grid::knobs`]), the run key (two
-/// candidates share a run only when their knobs are equal), the report and `hybridiff.json`.
+/// The run knobs besides the switching thresholds. A new knob is a field here: it then joins
+/// the grid ([`Grid::knobs`]), the run key (two candidates share a run only when their
+/// knobs are equal), the report and `hybridiff.json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Knobs {
     /// `--stages`: how the pipelined steps' stages are planned.
     pub stages: PlanKind,
     /// `--pipelined-guidance`: the prediction of pipelined steps.
     pub pipelined_guidance: PipelinedGuidance,
+    /// `--pipeline-layout`: the pipelined steps' rank layout (`None`: the default at the
+    /// run's world size).
+    pub pipeline_layout: Option<PipelineLayout>,
+    /// `--cache`: a step cache on top of the schedule (`None`: off). Hybridiff's detection
+    /// steps compute whatever the cache ([`crate::strategy::Worker::detecting`]), so a
+    /// cached run keeps the schedule predicted from serial's curve.
+    pub cache: Option<CacheKnob>,
 }
 
 impl std::fmt::Display for Knobs {
@@ -43,7 +52,85 @@ impl std::fmt::Display for Knobs {
             f,
             "stages {}, pipelined guidance {}",
             self.stages, self.pipelined_guidance
-        )
+        )?;
+        if let Some(l) = self.pipeline_layout {
+            write!(f, ", layout {l}")?;
+        }
+        match self.cache {
+            Some(c) => write!(f, ", cache {}", c.0),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Default for Knobs {
+    /// The default stage plan, unguided pipelined steps, the default layout, no cache.
+    fn default() -> Self {
+        Self {
+            stages: PlanKind::Default,
+            pipelined_guidance: PipelinedGuidance::None,
+            pipeline_layout: None,
+            cache: None,
+        }
+    }
+}
+
+/// A step cache as a knob: a [`CacheSpec`] with the equality, hash and order a run key
+/// needs (a threshold compared by its bits: tune's values are parsed, never computed).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CacheKnob(pub CacheSpec);
+
+impl CacheKnob {
+    fn key(&self) -> (u8, [u64; 3]) {
+        match self.0 {
+            CacheSpec::DeepCache {
+                interval,
+                branch,
+                warmup,
+            } => (0, [interval as u64, branch as u64, warmup as u64]),
+            CacheSpec::TeaCache { threshold, warmup } => {
+                (1, [threshold.to_bits(), warmup as u64, 0])
+            }
+        }
+    }
+}
+
+impl Eq for CacheKnob {}
+
+impl std::hash::Hash for CacheKnob {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key().hash(state);
+    }
+}
+
+impl PartialOrd for CacheKnob {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for CacheKnob {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
+/// The values `tune` tries for a cache method's speed knob when `--cache METHOD` leaves it
+/// out: teacache's threshold (raw relative L1, as `docs/benchmarks/cache.md` measured it)
+/// and deepcache's interval.
+pub fn cache_sweep(spec: CacheSpec) -> Vec<CacheSpec> {
+    match spec {
+        CacheSpec::TeaCache { warmup, .. } => [0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
+            .into_iter()
+            .map(|threshold| CacheSpec::TeaCache { threshold, warmup })
+            .collect(),
+        CacheSpec::DeepCache { branch, warmup, .. } => (2..=5)
+            .map(|interval| CacheSpec::DeepCache {
+                interval,
+                branch,
+                warmup,
+            })
+            .collect(),
     }
 }
 
@@ -100,8 +187,8 @@ impl Grid {
             knobs: [PipelinedGuidance::None, PipelinedGuidance::Reuse]
                 .into_iter()
                 .map(|g| Knobs {
-                    stages: PlanKind::Default,
                     pipelined_guidance: g,
+                    ..Default::default()
                 })
                 .collect(),
         }
@@ -123,7 +210,10 @@ impl Grid {
             ("--eps-slope", self.eps_slope.is_empty()),
             ("--k", self.k.is_empty()),
             ("--tau-cap", self.tau_cap.is_empty()),
-            ("--stages / --pipelined-guidance", self.knobs.is_empty()),
+            (
+                "--stages / --pipelined-guidance / --pipeline-layout / --cache",
+                self.knobs.is_empty(),
+            ),
         ] {
             if empty {
                 return Err(Error::Options(format!(
@@ -355,6 +445,19 @@ pub struct StepCosts {
     pub exact: StepCost,
     pub fill: Option<StepCost>,
     pub pipelined: Option<StepCost>,
+    /// Exact and pipelined steps the step cache skipped (`--cache`); `None` where none was
+    /// measured. A fill step always computes, whatever its decision.
+    pub exact_cached: Option<StepCost>,
+    pub pipelined_cached: Option<StepCost>,
+}
+
+/// Whether the trace's step `i` was cached (`--cache`).
+pub fn cached_steps(trace: &Trace) -> Vec<bool> {
+    trace
+        .steps
+        .iter()
+        .map(|s| s.cache.as_ref().is_some_and(|c| c.decision == "cached"))
+        .collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -396,17 +499,18 @@ fn median_cost(steps: &[StepCost]) -> Option<StepCost> {
 }
 
 impl StepCosts {
-    /// Medians over every step of `traces` (runs of one layout), by step mode.
+    /// Medians over every step of `traces` (runs of one layout), by step mode and, for
+    /// exact and pipelined steps, whether the step cache skipped them.
     ///
     /// # Errors
     /// No exact step in the traces, traces of different rank counts, or traces without
     /// per-rank counts ([`crate::latency::costs_of`]).
     pub fn measure(traces: &[&Trace]) -> Result<Self> {
-        let mut by_mode: [Vec<StepCost>; 3] = Default::default();
+        let mut by_mode: [Vec<StepCost>; 5] = Default::default();
         let mut ranks = None;
         for t in traces {
             let costs = crate::latency::costs_of(t)?;
-            for (s, c) in t.steps.iter().zip(costs) {
+            for ((s, c), cached) in t.steps.iter().zip(costs).zip(cached_steps(t)) {
                 if *ranks.get_or_insert(c.ranks.len()) != c.ranks.len() {
                     return Err(Error::Input(format!(
                         "trace of {}: steps of {} ranks among steps of {}",
@@ -415,25 +519,31 @@ impl StepCosts {
                         ranks.unwrap_or(0)
                     )));
                 }
-                let m = match s.mode {
-                    StepMode::Exact => 0,
-                    StepMode::Fill => 1,
-                    StepMode::Pipelined => 2,
+                let m = match (s.mode, cached) {
+                    (StepMode::Exact, false) => 0,
+                    (StepMode::Fill, _) => 1,
+                    (StepMode::Pipelined, false) => 2,
+                    (StepMode::Exact, true) => 3,
+                    (StepMode::Pipelined, true) => 4,
                 };
                 by_mode[m].push(c);
             }
         }
-        let [exact, fill, pipelined] = by_mode;
+        let [exact, fill, pipelined, exact_cached, pipelined_cached] = by_mode;
         Ok(Self {
             exact: median_cost(&exact)
                 .ok_or_else(|| Error::Input("no exact step in the traces".into()))?,
             fill: median_cost(&fill),
             pipelined: median_cost(&pipelined),
+            exact_cached: median_cost(&exact_cached),
+            pipelined_cached: median_cost(&pipelined_cached),
         })
     }
 
     /// The predicted seconds of a run of `steps` steps that pipelines `pipelined` (first,
-    /// last), on `link`.
+    /// last), on `link`, whose step `i` the step cache skipped when `cached[i]` (missing
+    /// entries: computed). A cached step of a kind never measured cached costs what it
+    /// costs computed.
     ///
     /// # Errors
     /// The schedule needs a fill or pipelined step and none was measured.
@@ -441,14 +551,20 @@ impl StepCosts {
         &self,
         steps: usize,
         pipelined: Option<(usize, usize)>,
+        cached: &[bool],
         link: &Link,
     ) -> Result<f64> {
         let mut run = Vec::with_capacity(steps);
         for i in 0..steps {
-            let cost = match step_mode(i, pipelined) {
-                StepMode::Exact => Some(&self.exact),
-                StepMode::Fill => self.fill.as_ref(),
-                StepMode::Pipelined => self.pipelined.as_ref(),
+            let skipped = cached.get(i).copied().unwrap_or(false);
+            let cost = match (step_mode(i, pipelined), skipped) {
+                (StepMode::Exact, true) => self.exact_cached.as_ref().or(Some(&self.exact)),
+                (StepMode::Exact, false) => Some(&self.exact),
+                (StepMode::Fill, _) => self.fill.as_ref(),
+                (StepMode::Pipelined, true) => {
+                    self.pipelined_cached.as_ref().or(self.pipelined.as_ref())
+                }
+                (StepMode::Pipelined, false) => self.pipelined.as_ref(),
             };
             run.push(
                 cost.ok_or_else(|| {
@@ -819,10 +935,7 @@ mod tests {
             eps_slope: vec![1e-9, 1e-3, 1e-2],
             k: vec![3, 4],
             tau_cap: vec![6, 15, 18],
-            knobs: vec![Knobs {
-                stages: PlanKind::Default,
-                pipelined_guidance: PipelinedGuidance::None,
-            }],
+            knobs: vec![Knobs::default()],
         };
         let curves = vec![curve(20), curve(20)];
         let plan = Plan::new(&grid, &curves, 20).unwrap();
@@ -927,18 +1040,35 @@ mod tests {
             exact: side_by_side(vec![rank(1.0), rank(1.0)]),
             fill: Some(side_by_side(vec![rank(2.0), rank(2.0)])),
             pipelined: Some(side_by_side(vec![rank(0.5), rank(0.6)])),
+            exact_cached: None,
+            pipelined_cached: None,
         };
         let l = free_link();
-        assert_eq!(costs.predict(10, None, &l).unwrap(), 10.0);
+        assert_eq!(costs.predict(10, None, &[], &l).unwrap(), 10.0);
         // 6 exact, 1 fill, 3 pipelined (the slower rank sets each step).
-        let s = costs.predict(10, Some((4, 7)), &l).unwrap();
+        let s = costs.predict(10, Some((4, 7)), &[], &l).unwrap();
         assert!((s - (6.0 + 2.0 + 3.0 * 0.6)).abs() < 1e-12, "{s}");
+        // Cached steps: their own cost where measured, else the computed step's; a cached
+        // fill step costs a fill.
+        let mut cached = vec![false; 10];
+        for i in [1, 4, 5, 9] {
+            cached[i] = true;
+        }
+        assert!((costs.predict(10, Some((4, 7)), &cached, &l).unwrap() - s).abs() < 1e-12);
+        let with_cached = StepCosts {
+            exact_cached: Some(side_by_side(vec![rank(0.1), rank(0.2)])),
+            pipelined_cached: Some(side_by_side(vec![rank(0.05), rank(0.05)])),
+            ..costs.clone()
+        };
+        let c = with_cached.predict(10, Some((4, 7)), &cached, &l).unwrap();
+        let want = 4.0 + 2.0 * 0.2 + 2.0 + 2.0 * 0.6 + 0.05;
+        assert!((c - want).abs() < 1e-12, "{c} vs {want}");
         let none = StepCosts {
             pipelined: None,
             ..costs
         };
-        assert!(none.predict(10, Some((4, 7)), &l).is_err());
-        assert_eq!(none.predict(10, Some((4, 4)), &l).unwrap(), 9.0 + 2.0);
+        assert!(none.predict(10, Some((4, 7)), &[], &l).is_err());
+        assert_eq!(none.predict(10, Some((4, 4)), &[], &l).unwrap(), 9.0 + 2.0);
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
     }
@@ -946,10 +1076,7 @@ mod tests {
     fn plan_of(curves: usize, runs: &[&[usize]]) -> Plan {
         let c = Candidate {
             switch: params(2, 1e-3, 2, 4),
-            knobs: Knobs {
-                stages: PlanKind::Default,
-                pipelined_guidance: PipelinedGuidance::None,
-            },
+            knobs: Knobs::default(),
         };
         Plan {
             steps: 10,

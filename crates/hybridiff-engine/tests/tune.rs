@@ -5,10 +5,9 @@
 mod common;
 
 use common::*;
-use hybridiff_engine::stages::PlanKind;
 use hybridiff_engine::switch::SwitchParams;
 use hybridiff_engine::tune::{predict_schedule, step_mode, Grid, Knobs, Plan, Schedule};
-use hybridiff_engine::{PipelinedGuidance, StrategyKind, StrategyOptions};
+use hybridiff_engine::{StrategyKind, StrategyOptions};
 
 fn options(l: usize, eps: f64, k: usize, cap: usize) -> StrategyOptions {
     StrategyOptions {
@@ -33,25 +32,35 @@ fn check_predictions(name: &'static str, candidates: &[(usize, f64, usize, usize
         "{name}: serial records every step's rel-MAE"
     );
     let mut fallbacks = 0;
+    let mut cached = 0;
     for &(l, eps, k, cap) in candidates {
-        let o = options(l, eps, k, cap);
-        let predicted = predict_schedule(curve, o.switch).unwrap();
-        fallbacks += predicted.fallback() as usize;
-        let out = run(&s, StrategyKind::Hybrid, 2, &o).unwrap();
-        let actual = Schedule::of_trace(&out.trace).unwrap();
-        assert_eq!(
-            predicted, actual,
-            "{name} L {l} eps {eps} k {k} tau_cap {cap}"
-        );
-        let p = predicted.pipelined(20);
-        for st in &out.trace.steps {
-            assert_eq!(st.mode, step_mode(st.index, p), "{name}: step {}", st.index);
-            // Before the decision the exact steps are serial's, value for value.
-            if st.index <= actual.decided_at {
-                assert_eq!(st.rel_mae, curve[st.index], "{name}: step {}", st.index);
+        // Without and with a step cache that would skip most steps from step 1 on: the
+        // detection steps compute (`Worker::detecting`), so the schedule stays predicted.
+        for cache in [None, Some("teacache:threshold=0.5,warmup=1")] {
+            let o = StrategyOptions {
+                cache: cache.map(|c| c.parse().unwrap()),
+                ..options(l, eps, k, cap)
+            };
+            let predicted = predict_schedule(curve, o.switch).unwrap();
+            fallbacks += (cache.is_none() && predicted.fallback()) as usize;
+            let out = run(&s, StrategyKind::Hybrid, 2, &o).unwrap();
+            let actual = Schedule::of_trace(&out.trace).unwrap();
+            assert_eq!(
+                predicted, actual,
+                "{name} L {l} eps {eps} k {k} tau_cap {cap} cache {cache:?}"
+            );
+            let p = predicted.pipelined(20);
+            for st in &out.trace.steps {
+                assert_eq!(st.mode, step_mode(st.index, p), "{name}: step {}", st.index);
+                // Before the decision the exact steps are serial's, value for value.
+                if st.index <= actual.decided_at {
+                    assert_eq!(st.rel_mae, curve[st.index], "{name}: step {}", st.index);
+                }
             }
+            cached += out.trace.cached_steps;
         }
     }
+    assert!(cached > 0, "{name}: the cache skipped no step");
     assert!(
         fallbacks > 0 && fallbacks < candidates.len(),
         "{name}: both paths covered"
@@ -85,10 +94,7 @@ fn candidates_sharing_a_planned_run_give_the_same_output() {
         eps_slope: vec![1e-9, 1e-3, 0.01, 0.05],
         k: vec![3],
         tau_cap: vec![8, 12],
-        knobs: vec![Knobs {
-            stages: PlanKind::Default,
-            pipelined_guidance: PipelinedGuidance::None,
-        }],
+        knobs: vec![Knobs::default()],
     };
     let plan = Plan::new(&grid, std::slice::from_ref(&serial.trace.rel_mae_log), 20).unwrap();
     assert!(

@@ -45,7 +45,7 @@ use crate::trace::StepMode;
 use crate::{Error, Job, Result};
 
 /// How pipelined steps use the ranks (see the module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PipelineLayout {
     /// `2P` stages across both branch groups, one prediction, unguided.
     Across,
@@ -147,7 +147,7 @@ impl Hybrid {
         if layout == PipelineLayout::PerBranch {
             if p < 2 {
                 return Err(Error::Options(format!(
-                    "--pipeline-layout per-branch: needs 2 or more ranks per CFG branch group (--world-size 4 or 8); with {} the group's one rank would run its whole branch, which is cfg; use --pipeline-layout across",
+                    "--pipeline-layout per-branch (the flag, or a model's hybridiff.json `pipeline_layout` tuned for more ranks): needs 2 or more ranks per CFG branch group (--world-size 4 or 8); with {} the group's one rank would run its whole branch, which is cfg; use --pipeline-layout across",
                     2 * p
                 )));
             }
@@ -431,5 +431,9 @@ impl Worker for HybridWorker<'_> {
         out.tau1 = self.switcher.tau1;
         out.tau2 = self.switcher.tau2;
         Ok(out)
+    }
+
+    fn detecting(&self) -> bool {
+        self.job.cfg() && self.switcher.tau1.is_none()
     }
 }

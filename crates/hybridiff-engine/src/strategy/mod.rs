@@ -305,6 +305,15 @@ pub trait Worker {
         x: &Tensor,
         t: f64,
     ) -> Result<StepOutput>;
+
+    /// Whether the step about to run feeds a detector that needs computed predictions:
+    /// Hybridiff's exact steps until `tau1` is decided. The step cache holds off for them,
+    /// since a cached step's predictions repeat the previous step's and would read as a
+    /// flat rel-MAE curve (an early `tau1`); so a run's `tau1` and `tau2` are those of the
+    /// run without a cache, and `tune` can predict them from serial's curve.
+    fn detecting(&self) -> bool {
+        false
+    }
 }
 
 /// A way of sharing each step's work among ranks.
@@ -546,7 +555,7 @@ pub fn run_rank(
         let sent0 = Sent::so_far(comm);
         let x = sampler.model_input(i)?;
         let t = sampler.timestep(i);
-        let plan = cache.plan_step(i, job.steps, comm, job, &x, t)?;
+        let plan = cache.plan_step(i, job.steps, comm, job, &x, t, worker.detecting())?;
         let out = worker.step(comm, i, &x, t)?;
         let record = cache.end_step(plan);
         match &out.prediction {
