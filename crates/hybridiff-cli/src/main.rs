@@ -20,6 +20,22 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_purge_delay` (mimalloc.h, v2 and v3 alike; libmimalloc-sys names
+/// no constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keeps memory the process freed for its next allocations instead of returning it to the
+/// OS after mimalloc's purge delay: a forward frees and reallocates the same large
+/// activation and attention buffers every step, and each purge made the next step fault
+/// them in again, zeroed by the kernel (perf: `clear_page_erms` 17% of a 20-step batch on
+/// the default model, 1% without purging). The process's peak memory, which the memory
+/// estimate already bounds, stays reserved until it exits.
+fn keep_freed_memory() {
+    // SAFETY: sets one integer option of the allocator this binary links; mimalloc reads
+    // its options atomically, so setting one while threads allocate is allowed.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Fast text-to-image diffusion on several devices (Hybridiff, AsyncDiff, CFG split).
@@ -131,6 +147,7 @@ pub(crate) fn progress_bar(steps: usize, shown: bool) -> indicatif::ProgressBar 
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let Some((_, sub)) = matches.subcommand() {

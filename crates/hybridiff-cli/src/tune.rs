@@ -536,7 +536,6 @@ struct RunResult {
     quality: Quality,
     /// The schedule the run took (`None` if it never switched: a bug).
     schedule: Option<Schedule>,
-    pipelined: Option<(usize, usize)>,
     measured_seconds: f64,
     predicted_seconds: f64,
 }
@@ -899,7 +898,6 @@ pub fn run(args: TuneArgs) -> Result<()> {
         results.push(RunResult {
             quality,
             schedule,
-            pipelined: schedule.and_then(|s| s.pipelined(steps)),
             measured_seconds: trace.total_seconds,
             predicted_seconds: f64::NAN,
         });
@@ -940,8 +938,12 @@ pub fn run(args: TuneArgs) -> Result<()> {
             .1
     };
     for ((spec, r), (_, trace)) in plan.runs.iter().zip(results.iter_mut()).zip(&hybrid_traces) {
-        r.predicted_seconds =
-            costs_of(&spec.knobs).predict(steps, r.pipelined, &tune::cached_steps(trace), &link)?;
+        // The trace's own modes: a whole-prediction cache may move the fill.
+        r.predicted_seconds = costs_of(&spec.knobs).predict_modes(
+            &trace_modes(trace),
+            &tune::cached_steps(trace),
+            &link,
+        )?;
     }
     let run_quality: Vec<Quality> = results.iter().map(|r| r.quality).collect();
     let run_seconds: Vec<f64> = results.iter().map(|r| r.predicted_seconds).collect();
@@ -976,8 +978,11 @@ pub fn run(args: TuneArgs) -> Result<()> {
                 bar.inc(1);
                 let q = ctx.quality(&reference, &out)?;
                 values.push(floor.value(&q).unwrap_or(f64::NAN));
-                let p = Schedule::of_trace(&ht).and_then(|s| s.pipelined(steps));
-                pred.push(costs_of(&c.knobs).predict(steps, p, &tune::cached_steps(&ht), &link)?);
+                pred.push(costs_of(&c.knobs).predict_modes(
+                    &trace_modes(&ht),
+                    &tune::cached_steps(&ht),
+                    &link,
+                )?);
                 ms.push(st.total_seconds);
                 mh.push(ht.total_seconds);
                 tau1.push(ht.tau1);
@@ -1128,6 +1133,10 @@ pub fn run(args: TuneArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn trace_modes(trace: &Trace) -> Vec<hybridiff_engine::trace::StepMode> {
+    trace.steps.iter().map(|s| s.mode).collect()
 }
 
 fn options_for(switch: &SwitchParams, knobs: &Knobs) -> StrategyOptions {

@@ -592,6 +592,9 @@ pub struct StepCache<'a> {
     patch: Mutex<Memo>,
     staged: Mutex<StagedMemo>,
     account: Mutex<Account>,
+    /// Sample-forwards (computed and saved) of this rank's last computed step: what a step
+    /// skipped whole saves.
+    last_forwards: Mutex<f64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -626,6 +629,7 @@ impl<'a> StepCache<'a> {
             patch: Mutex::new(Memo::default()),
             staged: Mutex::new(StagedMemo::default()),
             account: Mutex::new(Account::default()),
+            last_forwards: Mutex::new(0.0),
         })
     }
 
@@ -721,6 +725,30 @@ impl<'a> StepCache<'a> {
         record.served = a.served.into_iter().collect();
         record.forwards = a.forwards;
         record.saved = a.saved;
+        if a.forwards > 0.0 {
+            *lock(&self.last_forwards) = a.forwards + a.saved;
+        }
+        record
+    }
+
+    /// Whether a cached step skips the whole network (`teacache` on a U-Net: the
+    /// prediction is reused). `run_rank` then skips the step before any layout runs it,
+    /// and the sampler takes its last prediction again ([`crate::Sampler::last_prediction`]):
+    /// the same as reusing each path's last output where the last step was exact, and no
+    /// compute where it had none (a fill step, the first exact step after pipelining).
+    pub fn skips_whole_steps(&self) -> bool {
+        self.range.is_some_and(|r| {
+            r.kind == Substitute::Reuse && r.start == 0 && r.end == self.inner.module_names().len()
+        })
+    }
+
+    /// The record of a step skipped whole: every module served from the last step, nothing
+    /// computed, and saved what this rank computed in its last computed step.
+    pub fn skip_step(&self, mut record: StepRecord) -> StepRecord {
+        *lock(&self.account) = Account::default();
+        record.served = (0..self.inner.module_names().len()).collect();
+        record.forwards = 0.0;
+        record.saved = *lock(&self.last_forwards);
         record
     }
 

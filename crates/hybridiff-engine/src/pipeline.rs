@@ -557,8 +557,10 @@ impl Pipeline {
         progress: Option<&(dyn Fn(usize, usize) + Sync)>,
     ) -> Result<Generated> {
         self.check_memory(req, strategy, opts)?;
-        self.generate_with(req, progress, |job| denoise(job, strategy, opts).map(Some))
-            .map(|g| g.expect("the in-process run returns the image"))
+        self.generate_with(req, progress, None, |job| {
+            denoise(job, strategy, opts).map(Some)
+        })
+        .map(|g| g.expect("the in-process run returns the image"))
     }
 
     /// Makes one image on `runner`'s warm ranks: the same image as [`Pipeline::generate`]
@@ -572,7 +574,7 @@ impl Pipeline {
         cancel: Option<&std::sync::atomic::AtomicBool>,
     ) -> Result<Generated> {
         self.check_memory(req, strategy, runner.options())?;
-        self.generate_with(req, progress, |job| {
+        self.generate_with(req, progress, Some(runner.host_pool()), |job| {
             runner.denoise(job, strategy, cancel).map(Some)
         })
         .map(|g| g.expect("the in-process run returns the image"))
@@ -589,15 +591,18 @@ impl Pipeline {
         progress: Option<&(dyn Fn(usize, usize) + Sync)>,
         comm: &mut dyn hybridiff_comm::Communicator,
     ) -> Result<Option<Generated>> {
-        self.generate_with(req, progress, |job| {
+        self.generate_with(req, progress, None, |job| {
             crate::denoise_rank(job, strategy, opts, comm)
         })
     }
 
+    /// `decode_on`: the pool the VAE decode runs in (the warm ranks' cores), else the
+    /// calling thread's.
     fn generate_with(
         &self,
         req: &Request,
         progress: Option<&(dyn Fn(usize, usize) + Sync)>,
+        decode_on: Option<&rayon::ThreadPool>,
         run: impl FnOnce(&Job) -> Result<Option<crate::DenoiseOutput>>,
     ) -> Result<Option<Generated>> {
         let scheduler = self.check_sampling(req)?;
@@ -616,9 +621,11 @@ impl Pipeline {
         let Some(out) = run(&job)? else {
             return Ok(None);
         };
-        let image = self
-            .vae
-            .decode_latents(&out.latents.to_dtype(DType::F32)?)?;
+        let latents = out.latents.to_dtype(DType::F32)?;
+        let image = match decode_on {
+            Some(pool) => pool.install(|| self.vae.decode_latents(&latents))?,
+            None => self.vae.decode_latents(&latents)?,
+        };
         let (width, height, rgb) = to_rgb8(&image)?;
         Ok(Some(Generated {
             width,

@@ -21,6 +21,9 @@ use crate::{denoise_on, DenoiseOutput, Error, Job, Result, RunOptions, Strategy}
 pub struct Runner {
     ranks: WarmRanks,
     opts: RunOptions,
+    /// Every core the ranks compute on, for the work of an image outside its job (the VAE
+    /// decode), when the ranks wait.
+    host: rayon::ThreadPool,
 }
 
 impl Runner {
@@ -40,7 +43,21 @@ impl Runner {
         }
         let ranks = WarmRanks::start(opts.world_size, opts.threads_per_rank, opts.comm_timeout)
             .map_err(|e| Error::Options(e.to_string()))?;
-        Ok(Self { ranks, opts })
+        let host = rayon::ThreadPoolBuilder::new()
+            .num_threads(opts.world_size.saturating_mul(opts.threads_per_rank))
+            .thread_name(|i| format!("hybridiff-host-{i}"))
+            .build()
+            .map_err(|e| Error::Options(format!("could not start the host threads: {e}")))?;
+        Ok(Self { ranks, opts, host })
+    }
+
+    /// A pool of as many threads as the ranks compute with (world size x threads per
+    /// rank), for an image's work outside its denoising job while the ranks wait: the VAE
+    /// decode runs there ([`crate::pipeline::Pipeline::generate_on`]), its convolutions
+    /// split over every core the job used (the same values as on one thread: their bands
+    /// do not depend on the thread count).
+    pub fn host_pool(&self) -> &rayon::ThreadPool {
+        &self.host
     }
 
     /// The layout the ranks were started with.

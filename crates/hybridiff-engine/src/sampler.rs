@@ -162,6 +162,9 @@ pub struct Sampler {
     guidance: f64,
     guidance_rescale: f64,
     noise: NoiseStream,
+    /// The prediction the last step took (guided, rescaled), for a step cache that repeats
+    /// it ([`Sampler::last_prediction`]).
+    last: Option<Tensor>,
 }
 
 /// `mean|eps_c - eps_u| / (mean|eps_u| + 1e-12)`: the branches' relative discrepancy.
@@ -218,6 +221,7 @@ impl Sampler {
             guidance: job.guidance,
             guidance_rescale: job.sampling.guidance_rescale,
             noise: job.sampling.noise.stream(),
+            last: None,
         })
     }
 
@@ -249,6 +253,13 @@ impl Sampler {
         self.step(i, &eps)
     }
 
+    /// The prediction the last step took, after guidance and rescale, as the scheduler saw
+    /// it; `None` before the first step. Stepping with it again is what a cached step of a
+    /// whole-prediction cache (`teacache` on a U-Net) does, whatever layout computed it.
+    pub fn last_prediction(&self) -> Option<Tensor> {
+        self.last.clone()
+    }
+
     fn rescale(&self, eps: Tensor, cond: &Tensor) -> Result<Tensor> {
         if self.guidance_rescale > 0.0 {
             rescale_noise_cfg(&eps, cond, self.guidance_rescale)
@@ -263,6 +274,7 @@ impl Sampler {
     /// when the scheduler needs it.
     pub fn step(&mut self, i: usize, eps: &Tensor) -> Result<()> {
         let eps = eps.to_dtype(self.latents.dtype())?;
+        self.last = Some(eps.clone());
         let noise = if self.scheduler.needs_noise(i) {
             let n = self
                 .noise

@@ -445,9 +445,11 @@ pub struct StepCosts {
     pub exact: StepCost,
     pub fill: Option<StepCost>,
     pub pipelined: Option<StepCost>,
-    /// Exact and pipelined steps the step cache skipped (`--cache`); `None` where none was
-    /// measured. A fill step always computes, whatever its decision.
+    /// Steps the step cache marked cached (`--cache`), by mode; `None` where none was
+    /// measured. (A cached fill step of a module-level cache still computes; one of a
+    /// whole-prediction cache is skipped whole.)
     pub exact_cached: Option<StepCost>,
+    pub fill_cached: Option<StepCost>,
     pub pipelined_cached: Option<StepCost>,
 }
 
@@ -499,14 +501,14 @@ fn median_cost(steps: &[StepCost]) -> Option<StepCost> {
 }
 
 impl StepCosts {
-    /// Medians over every step of `traces` (runs of one layout), by step mode and, for
-    /// exact and pipelined steps, whether the step cache skipped them.
+    /// Medians over every step of `traces` (runs of one layout), by step mode and whether
+    /// the step cache marked the step cached.
     ///
     /// # Errors
     /// No exact step in the traces, traces of different rank counts, or traces without
     /// per-rank counts ([`crate::latency::costs_of`]).
     pub fn measure(traces: &[&Trace]) -> Result<Self> {
-        let mut by_mode: [Vec<StepCost>; 5] = Default::default();
+        let mut by_mode: [Vec<StepCost>; 6] = Default::default();
         let mut ranks = None;
         for t in traces {
             let costs = crate::latency::costs_of(t)?;
@@ -519,31 +521,29 @@ impl StepCosts {
                         ranks.unwrap_or(0)
                     )));
                 }
-                let m = match (s.mode, cached) {
-                    (StepMode::Exact, false) => 0,
-                    (StepMode::Fill, _) => 1,
-                    (StepMode::Pipelined, false) => 2,
-                    (StepMode::Exact, true) => 3,
-                    (StepMode::Pipelined, true) => 4,
+                let m = match s.mode {
+                    StepMode::Exact => 0,
+                    StepMode::Fill => 1,
+                    StepMode::Pipelined => 2,
                 };
-                by_mode[m].push(c);
+                by_mode[m + 3 * usize::from(cached)].push(c);
             }
         }
-        let [exact, fill, pipelined, exact_cached, pipelined_cached] = by_mode;
+        let [exact, fill, pipelined, exact_cached, fill_cached, pipelined_cached] = by_mode;
         Ok(Self {
             exact: median_cost(&exact)
                 .ok_or_else(|| Error::Input("no exact step in the traces".into()))?,
             fill: median_cost(&fill),
             pipelined: median_cost(&pipelined),
             exact_cached: median_cost(&exact_cached),
+            fill_cached: median_cost(&fill_cached),
             pipelined_cached: median_cost(&pipelined_cached),
         })
     }
 
     /// The predicted seconds of a run of `steps` steps that pipelines `pipelined` (first,
-    /// last), on `link`, whose step `i` the step cache skipped when `cached[i]` (missing
-    /// entries: computed). A cached step of a kind never measured cached costs what it
-    /// costs computed.
+    /// last), on `link`, whose step `i` the step cache marked cached when `cached[i]`
+    /// (missing entries: computed); see [`StepCosts::predict_modes`].
     ///
     /// # Errors
     /// The schedule needs a fill or pipelined step and none was measured.
@@ -554,23 +554,35 @@ impl StepCosts {
         cached: &[bool],
         link: &Link,
     ) -> Result<f64> {
-        let mut run = Vec::with_capacity(steps);
-        for i in 0..steps {
+        let modes: Vec<StepMode> = (0..steps).map(|i| step_mode(i, pipelined)).collect();
+        self.predict_modes(&modes, cached, link)
+    }
+
+    /// The predicted seconds of a run whose steps have `modes` (a run's trace, where a
+    /// cache may have moved the fill) and `cached` decisions, on `link`. A cached step of
+    /// a kind never measured cached costs what it costs computed.
+    ///
+    /// # Errors
+    /// A fill or pipelined step and none was measured.
+    pub fn predict_modes(&self, modes: &[StepMode], cached: &[bool], link: &Link) -> Result<f64> {
+        let mut run = Vec::with_capacity(modes.len());
+        for (i, &mode) in modes.iter().enumerate() {
             let skipped = cached.get(i).copied().unwrap_or(false);
-            let cost = match (step_mode(i, pipelined), skipped) {
-                (StepMode::Exact, true) => self.exact_cached.as_ref().or(Some(&self.exact)),
-                (StepMode::Exact, false) => Some(&self.exact),
-                (StepMode::Fill, _) => self.fill.as_ref(),
-                (StepMode::Pipelined, true) => {
-                    self.pipelined_cached.as_ref().or(self.pipelined.as_ref())
-                }
-                (StepMode::Pipelined, false) => self.pipelined.as_ref(),
+            let computed = match mode {
+                StepMode::Exact => Some(&self.exact),
+                StepMode::Fill => self.fill.as_ref(),
+                StepMode::Pipelined => self.pipelined.as_ref(),
+            };
+            let cost = match (mode, skipped) {
+                (_, false) => computed,
+                (StepMode::Exact, true) => self.exact_cached.as_ref().or(computed),
+                (StepMode::Fill, true) => self.fill_cached.as_ref().or(computed),
+                (StepMode::Pipelined, true) => self.pipelined_cached.as_ref().or(computed),
             };
             run.push(
                 cost.ok_or_else(|| {
                     Error::Input(format!(
-                        "step {i} of the schedule is {:?} but no such step was measured",
-                        step_mode(i, pipelined)
+                        "step {i} of the schedule is {mode:?} but no such step was measured"
                     ))
                 })?
                 .clone(),
@@ -1041,6 +1053,7 @@ mod tests {
             fill: Some(side_by_side(vec![rank(2.0), rank(2.0)])),
             pipelined: Some(side_by_side(vec![rank(0.5), rank(0.6)])),
             exact_cached: None,
+            fill_cached: None,
             pipelined_cached: None,
         };
         let l = free_link();
@@ -1048,8 +1061,7 @@ mod tests {
         // 6 exact, 1 fill, 3 pipelined (the slower rank sets each step).
         let s = costs.predict(10, Some((4, 7)), &[], &l).unwrap();
         assert!((s - (6.0 + 2.0 + 3.0 * 0.6)).abs() < 1e-12, "{s}");
-        // Cached steps: their own cost where measured, else the computed step's; a cached
-        // fill step costs a fill.
+        // Cached steps: their own cost where measured, else the computed step's.
         let mut cached = vec![false; 10];
         for i in [1, 4, 5, 9] {
             cached[i] = true;
@@ -1063,6 +1075,20 @@ mod tests {
         let c = with_cached.predict(10, Some((4, 7)), &cached, &l).unwrap();
         let want = 4.0 + 2.0 * 0.2 + 2.0 + 2.0 * 0.6 + 0.05;
         assert!((c - want).abs() < 1e-12, "{c} vs {want}");
+        // A fill skipped whole (a whole-prediction cache), and the fill it moved to the
+        // next pipelined step (the modes of the run's trace).
+        let skips_fill = StepCosts {
+            fill_cached: Some(side_by_side(vec![rank(0.01), rank(0.01)])),
+            ..with_cached.clone()
+        };
+        let c = skips_fill.predict(10, Some((4, 7)), &cached, &l).unwrap();
+        assert!((c - (want - 2.0 + 0.01)).abs() < 1e-12, "{c}");
+        let mut modes: Vec<StepMode> = (0..10).map(|i| step_mode(i, Some((4, 7)))).collect();
+        modes[4] = StepMode::Pipelined;
+        modes[6] = StepMode::Fill;
+        let c = skips_fill.predict_modes(&modes, &cached, &l).unwrap();
+        let moved = 4.0 + 2.0 * 0.2 + 0.05 + 0.05 + 2.0 + 0.6;
+        assert!((c - moved).abs() < 1e-12, "{c} vs {moved}");
         let none = StepCosts {
             pipelined: None,
             ..costs

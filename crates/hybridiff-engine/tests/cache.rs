@@ -553,3 +553,53 @@ fn caches_that_do_not_fit_the_model_are_refused_before_compute() {
         vec!["mid_block".to_string()]
     );
 }
+
+/// teacache on a U-Net reuses the prediction the sampler took, whatever layout made it: on
+/// hybrid a cached fill step and a cached first exact step after pipelining compute
+/// nothing on any rank (the stages fill at the next computed pipelined step), and the
+/// cached step's latents are the sampler's step with the last prediction.
+#[test]
+fn a_whole_prediction_cache_skips_hybrid_steps_of_every_mode() {
+    let s = setup();
+    let steps = 16;
+    let o = StrategyOptions {
+        cache: Some("teacache:threshold=10,warmup=1".parse().unwrap()),
+        ..short()
+    };
+    for world in [2, 4] {
+        let out = run_steps(&s, steps, StrategyKind::Hybrid, world, &o).unwrap();
+        let d = detection_end(&out);
+        let want: Vec<bool> = (0..steps).map(|i| i > d && i + 1 < steps).collect();
+        assert_eq!(decisions(&out), want, "{world} ranks");
+        let (tau1, tau2) = (out.trace.tau1.unwrap(), out.trace.tau2.unwrap());
+        for (i, st) in out.trace.steps.iter().enumerate() {
+            if want[i] {
+                assert_eq!(st.forwards, 0.0, "{world} ranks: step {i} computed");
+                assert!(
+                    st.cache.as_ref().unwrap().forwards_saved > 0.0,
+                    "{world} ranks: step {i} saved nothing"
+                );
+            }
+        }
+        // The pipelined phase is there, its steps all skipped: no fill ran.
+        let first = tau1.max(d + 1);
+        assert!(
+            first <= tau2 && want[first],
+            "{world} ranks: {first}..={tau2}"
+        );
+        assert!(out
+            .trace
+            .steps
+            .iter()
+            .all(|st| st.mode != hybridiff_engine::trace::StepMode::Fill));
+        // Each skipped step is the scheduler's step with the last prediction: the
+        // latents move on (a repeated prediction still steps them).
+        for i in (d + 1)..steps - 1 {
+            let (a, b) = (
+                out.step_latents.get(i - 1).unwrap(),
+                out.step_latents.get(i).unwrap(),
+            );
+            assert!(!same_bits(&a, &b), "{world} ranks: step {i} did not step");
+        }
+    }
+}

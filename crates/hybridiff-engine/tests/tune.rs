@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use hybridiff_engine::switch::SwitchParams;
+use hybridiff_engine::trace::StepMode;
 use hybridiff_engine::tune::{predict_schedule, step_mode, Grid, Knobs, Plan, Schedule};
 use hybridiff_engine::{StrategyKind, StrategyOptions};
 
@@ -51,7 +52,19 @@ fn check_predictions(name: &'static str, candidates: &[(usize, f64, usize, usize
             );
             let p = predicted.pipelined(20);
             for st in &out.trace.steps {
-                assert_eq!(st.mode, step_mode(st.index, p), "{name}: step {}", st.index);
+                let want = step_mode(st.index, p);
+                if cache.is_none() {
+                    assert_eq!(st.mode, want, "{name}: step {}", st.index);
+                } else {
+                    // A step skipped whole (teacache on a U-Net) may move the fill into a
+                    // later pipelined step; the pipelined range is the predicted one.
+                    assert_eq!(
+                        st.mode == StepMode::Exact,
+                        want == StepMode::Exact,
+                        "{name}: step {} with {cache:?}",
+                        st.index
+                    );
+                }
                 // Before the decision the exact steps are serial's, value for value.
                 if st.index <= actual.decided_at {
                     assert_eq!(st.rel_mae, curve[st.index], "{name}: step {}", st.index);

@@ -132,6 +132,39 @@ pub struct PromptEncoder {
     force_zeros_for_empty_prompt: bool,
     dtype: DType,
     device: Device,
+    /// The last texts encoded, most recent first (see [`EncodeMemo`]).
+    memo: std::sync::Mutex<EncodeMemo>,
+}
+
+/// One text through every encoder: `(embeds, pooled, ids per tokenizer)`.
+type Encoded = (Tensor, Option<Tensor>, Vec<Vec<u32>>);
+
+/// The encodings of the last [`EncodeMemo::CAPACITY`] texts: a batch or a service
+/// encodes the same negative prompt (usually empty) for every image and often the same
+/// prompt for several seeds. Encoding is deterministic, so a remembered encoding is the
+/// one a new run would compute, bit for bit.
+#[derive(Debug, Default)]
+struct EncodeMemo {
+    entries: std::collections::VecDeque<(String, Encoded)>,
+}
+
+impl EncodeMemo {
+    /// A few prompts' worth: SDXL's two encoders give 77 x 2048 values per text (630 KB).
+    const CAPACITY: usize = 16;
+
+    fn get(&mut self, text: &str) -> Option<Encoded> {
+        let at = self.entries.iter().position(|(t, _)| t == text)?;
+        let entry = self.entries.remove(at)?;
+        let value = entry.1.clone();
+        self.entries.push_front(entry);
+        Some(value)
+    }
+
+    fn put(&mut self, text: &str, value: Encoded) {
+        self.entries.retain(|(t, _)| t != text);
+        self.entries.push_front((text.to_string(), value));
+        self.entries.truncate(Self::CAPACITY);
+    }
 }
 
 /// `model_index.json`'s `[library, class]` entry for `key`, or `None` when the
@@ -383,6 +416,7 @@ impl PromptEncoder {
             force_zeros_for_empty_prompt: parts.force_zeros_for_empty_prompt,
             dtype,
             device: device.clone(),
+            memo: Default::default(),
         })
     }
 
@@ -394,6 +428,7 @@ impl PromptEncoder {
     /// SD3's T5 sequence length (diffusers' `max_sequence_length`, 256 by default).
     pub fn set_max_sequence_length(&mut self, n: usize) {
         self.max_sequence_length = n;
+        *self.memo.get_mut().unwrap_or_else(|e| e.into_inner()) = EncodeMemo::default();
     }
 
     /// Encodes `prompt` and `negative_prompt` as the pipeline's `encode_prompt` with
@@ -437,8 +472,27 @@ impl PromptEncoder {
         })
     }
 
-    /// One text through every encoder: `(embeds, pooled, ids per tokenizer)`.
-    fn encode_one(&self, text: &str) -> Result<(Tensor, Option<Tensor>, Vec<Vec<u32>>)> {
+    /// One text through every encoder: `(embeds, pooled, ids per tokenizer)`, remembered
+    /// for the next texts ([`EncodeMemo`]).
+    fn encode_one(&self, text: &str) -> Result<Encoded> {
+        // A panic elsewhere leaves the memo consistent (whole entries only).
+        let hit = self
+            .memo
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(text);
+        if let Some(hit) = hit {
+            return Ok(hit);
+        }
+        let value = self.encode_uncached(text)?;
+        self.memo
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(text, value.clone());
+        Ok(value)
+    }
+
+    fn encode_uncached(&self, text: &str) -> Result<Encoded> {
         let runs = self
             .clips
             .iter()
@@ -519,5 +573,36 @@ fn pad_last_dim(x: &Tensor, width: usize) -> candle_core::Result<Tensor> {
         shape[last] = width - w;
         let zeros = Tensor::zeros(shape, x.dtype(), x.device())?;
         Tensor::cat(&[x, &zeros], D::Minus1)
+    }
+}
+
+#[cfg(test)]
+mod memo_tests {
+    use super::*;
+
+    fn value(v: f32) -> Encoded {
+        (
+            Tensor::new(&[v], &Device::Cpu).unwrap(),
+            None,
+            vec![vec![v as u32]],
+        )
+    }
+
+    #[test]
+    fn the_memo_keeps_the_most_recent_texts() {
+        let mut m = EncodeMemo::default();
+        for i in 0..EncodeMemo::CAPACITY {
+            m.put(&i.to_string(), value(i as f32));
+        }
+        // A hit moves "0" to the front; the next new text evicts the oldest, "1".
+        assert_eq!(m.get("0").unwrap().2, vec![vec![0]]);
+        m.put("new", value(99.0));
+        assert_eq!(m.entries.len(), EncodeMemo::CAPACITY);
+        assert!(m.get("1").is_none());
+        assert!(m.get("0").is_some() && m.get("2").is_some() && m.get("new").is_some());
+        // Putting a remembered text again keeps one entry.
+        m.put("new", value(7.0));
+        assert_eq!(m.entries.iter().filter(|(t, _)| t == "new").count(), 1);
+        assert_eq!(m.get("new").unwrap().2, vec![vec![7]]);
     }
 }

@@ -151,3 +151,49 @@ fn missing_component_folder_is_named() {
         .to_string();
     assert!(err.contains("model_index.json"), "{err}");
 }
+
+/// The encoder remembers its last texts: a batch that repeats prompts (and the negative
+/// prompt of every image) gets, from one encoder, what a fresh encoder gives for each,
+/// bit for bit, including after more distinct texts than it remembers.
+#[test]
+fn remembered_encodings_equal_fresh_ones() {
+    let bits = |t: &candle_core::Tensor| -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    let shared = PromptEncoder::load(&pipeline(), DType::F32, &Device::Cpu).unwrap();
+    let texts: Vec<String> = (0..20).map(|i| format!("prompt number {i}")).collect();
+    let order = [
+        0, 1, 0, 2, 1, 0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 0, 1,
+    ];
+    for (k, &i) in order.iter().enumerate() {
+        let negative = if k % 3 == 0 {
+            ""
+        } else {
+            texts[(i + 1) % 20].as_str()
+        };
+        let got = shared.encode(&texts[i], negative).unwrap();
+        let fresh = PromptEncoder::load(&pipeline(), DType::F32, &Device::Cpu)
+            .unwrap()
+            .encode(&texts[i], negative)
+            .unwrap();
+        assert_eq!(bits(&got.prompt_embeds), bits(&fresh.prompt_embeds), "{k}");
+        assert_eq!(
+            bits(&got.negative_prompt_embeds),
+            bits(&fresh.negative_prompt_embeds),
+            "{k}"
+        );
+        assert_eq!(
+            bits(got.pooled_prompt_embeds.as_ref().unwrap()),
+            bits(fresh.pooled_prompt_embeds.as_ref().unwrap()),
+            "{k}"
+        );
+        assert_eq!(got.input_ids, fresh.input_ids, "{k}");
+        assert_eq!(got.negative_input_ids, fresh.negative_input_ids, "{k}");
+    }
+}

@@ -38,7 +38,7 @@ use hybridiff_models::Conditioning;
 
 use super::cfg::{exact_layout, NO_BRANCHES};
 use super::patch::{check_warmup, BandStep, PatchMode};
-use super::{PipelinedGuidance, Prediction, StepOutput, Strategy, Worker};
+use super::{PipelinedGuidance, Prediction, Skipped, StepOutput, Strategy, Worker};
 use crate::stages::{PlanCache, StagePlan, StageRanks, StagedRunner};
 use crate::switch::{Phase, SwitchParams, Switcher};
 use crate::trace::StepMode;
@@ -435,5 +435,20 @@ impl Worker for HybridWorker<'_> {
 
     fn detecting(&self) -> bool {
         self.job.cfg() && self.switcher.tau1.is_none()
+    }
+
+    fn skip(&mut self, i: usize) -> Skipped {
+        let mode = match (self.job.cfg(), self.switcher.phase(i)) {
+            (true, Phase::Pipelined) => StepMode::Pipelined,
+            _ => StepMode::Exact,
+        };
+        if self.job.cfg() {
+            self.switcher.record(i, 0.0);
+        }
+        Skipped {
+            mode,
+            tau1: self.switcher.tau1,
+            tau2: self.switcher.tau2,
+        }
     }
 }

@@ -314,6 +314,26 @@ pub trait Worker {
     fn detecting(&self) -> bool {
         false
     }
+
+    /// Step `i` was skipped whole (a whole-prediction step cache): keep the worker's own
+    /// schedule in step, and say what the step was. The default suits workers whose steps
+    /// are all alike.
+    fn skip(&mut self, _i: usize) -> Skipped {
+        Skipped {
+            mode: StepMode::Exact,
+            tau1: None,
+            tau2: None,
+        }
+    }
+}
+
+/// What a worker reports for a step it did not compute ([`Worker::skip`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Skipped {
+    /// The mode the step had in the worker's schedule.
+    pub mode: StepMode,
+    pub tau1: Option<usize>,
+    pub tau2: Option<usize>,
 }
 
 /// A way of sharing each step's work among ranks.
@@ -556,8 +576,35 @@ pub fn run_rank(
         let x = sampler.model_input(i)?;
         let t = sampler.timestep(i);
         let plan = cache.plan_step(i, job.steps, comm, job, &x, t, worker.detecting())?;
-        let out = worker.step(comm, i, &x, t)?;
-        let record = cache.end_step(plan);
+        // A whole-prediction cache skips the step before any layout runs it: the sampler
+        // takes the last prediction again, so the step costs nothing on any rank whatever
+        // its mode (a fill, the first exact step after pipelining).
+        let repeat = match plan.cached && cache.skips_whole_steps() {
+            true => sampler.last_prediction(),
+            false => None,
+        };
+        let (out, record) = match repeat {
+            Some(eps) => {
+                let s = worker.skip(i);
+                let out = StepOutput {
+                    mode: s.mode,
+                    prediction: Prediction::Guided(eps),
+                    rel_mae: 0.0,
+                    slope: None,
+                    tau1: s.tau1,
+                    tau2: s.tau2,
+                    compute_seconds: 0.0,
+                    reference_extra_bytes: 0,
+                    overlapped: Sent::default(),
+                    chain_groups: 0,
+                };
+                (out, cache.skip_step(plan))
+            }
+            None => {
+                let out = worker.step(comm, i, &x, t)?;
+                (out, cache.end_step(plan))
+            }
+        };
         match &out.prediction {
             Prediction::Branches(u, c) => sampler.step_guided(i, u, c)?,
             Prediction::Guided(eps) => sampler.step(i, eps)?,
