@@ -24,7 +24,7 @@ Prints Markdown tables (and writes them with `--markdown F`, the raw numbers wit
 
     python3 tools/bench_cache.py [--bin target/release/hybridiff] [--steps 20,50]
         [--seeds 1,2,3] [--repeats 3] [--lpips WEIGHTS] [--specs SPEC;SPEC;...] [--no-configs]
-        [--markdown F] [--json F] [--work DIR]
+        [--tuned HYBRIDIFF_JSON,...] [--markdown F] [--json F] [--work DIR]
 """
 
 import argparse
@@ -125,15 +125,31 @@ def default_model(a, env, work):
         for spec in a.specs:
             spec = scale_warmup(spec, 20, steps)
             configs += [("serial", spec), ("hybrid", spec)]
+        # hybrid with a `hybridiff tune --cache` choice: its thresholds, k and cache.
+        tuned = {}
+        for path in a.tuned:
+            with open(path) as f:
+                rec = json.load(f)
+            if rec.get("steps") != steps:
+                continue
+            label = (f"hybrid L {rec['l_slope']} eps {rec['eps_slope']:g} k {rec['k']} "
+                     f"tau_cap {rec['tau_cap']} ({os.path.basename(path)})")
+            c = (label, rec.get("cache"))
+            tuned[c] = ["--l-slope", str(rec["l_slope"]), "--eps-slope", str(rec["eps_slope"]),
+                        "--k", str(rec["k"]), "--tau-cap", str(rec["tau_cap"]),
+                        "--pipelined-guidance", rec.get("pipelined_guidance", "none")]
+            configs.append(c)
         walls = {c: [] for c in configs}
         manifests = {}
         for rep in range(a.repeats):
             for c in configs:
                 strategy, spec = c
-                flags = ["--steps", str(steps), *(ONE_RANK if strategy == "serial" else TWO_RANKS)]
+                flags = ["--steps", str(steps), *(ONE_RANK if strategy == "serial" else TWO_RANKS),
+                         *tuned.get(c, [])]
                 if spec:
                     flags += ["--cache", spec]
-                out = os.path.join(work, f"s{steps}-{strategy}-{spec or 'none'}".replace(":", "_"))
+                name = f"s{steps}-{strategy}-{spec or 'none'}"
+                out = os.path.join(work, "".join(ch if ch.isalnum() or ch in "-=.," else "_" for ch in name))
                 wall, manifest = generate(a.bin, env, batch, out, flags)
                 walls[c].append(wall)
                 manifests[c] = (out, manifest)
@@ -153,7 +169,7 @@ def default_model(a, env, work):
                 overhead_ms=statistics.median(e["step_overhead_ms"] for e in manifest),
                 forwards=statistics.mean(e["forwards"] for e in manifest),
                 cached_steps=statistics.mean(e.get("cached_steps", 0) for e in manifest),
-                tau1=[e["tau1"] for e in manifest] if c[0] == "hybrid" else None,
+                tau1=[e["tau1"] for e in manifest] if c[0] != "serial" else None,
                 quality=q,
             ))
     return rows
@@ -234,6 +250,9 @@ def main():
     ap.add_argument("--dit-spec", default="teacache:threshold=0.1,warmup=3")
     ap.add_argument("--config-steps", type=int, default=20)
     ap.add_argument("--no-configs", action="store_true", help="only the default model")
+    ap.add_argument("--tuned", default="",
+                    help="hybridiff.json files written by `hybridiff tune --cache` (comma-separated): "
+                         "a hybrid row with each one's thresholds, k and cache, at its steps")
     ap.add_argument("--markdown")
     ap.add_argument("--json")
     ap.add_argument("--work", help="working folder (default: a temporary one, removed)")
@@ -241,6 +260,7 @@ def main():
     a.steps = [int(s) for s in a.steps.split(",")]
     a.seeds = [int(s) for s in a.seeds.split(",")]
     a.specs = [s for s in a.specs.split(";") if s]
+    a.tuned = [t for t in a.tuned.split(",") if t]
     if not os.access(a.bin, os.X_OK):
         sys.exit(f"{a.bin}: no binary; run `cargo build --release -p hybridiff-cli` first")
     work = a.work or tempfile.mkdtemp(prefix="hybridiff-cache-bench-")

@@ -538,6 +538,8 @@ struct RunResult {
     schedule: Option<Schedule>,
     measured_seconds: f64,
     predicted_seconds: f64,
+    /// Steps the step cache skipped (`--cache`).
+    cached_steps: usize,
 }
 
 /// The held-out check of the chosen candidate.
@@ -900,6 +902,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
             schedule,
             measured_seconds: trace.total_seconds,
             predicted_seconds: f64::NAN,
+            cached_steps: trace.cached_steps,
         });
         hybrid_traces.push((spec.knobs, trace));
         bar.inc(1);
@@ -1453,6 +1456,7 @@ fn tune_json(info: &ReportInfo) -> serde_json::Value {
                 "pipelined": r.pipelined, "knobs": knobs_json(&r.knobs),
                 "representative": r.representative, "quality": m.quality,
                 "predicted_seconds": m.predicted_seconds, "measured_seconds": m.measured_seconds,
+                "cached_steps": m.cached_steps,
             })
         })
         .collect();

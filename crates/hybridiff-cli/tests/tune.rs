@@ -546,27 +546,28 @@ fn tune_searches_a_step_cache_on_top_of_the_schedules() {
             "teacache:threshold=0.5,warmup=1",
         ]
     );
-    // Each cached candidate is predicted faster than its uncached twin (same thresholds).
+    // Each cached candidate has an uncached twin (same thresholds) and its own runs; the
+    // runs of cached candidates skipped steps (the latency model's cached step costs are
+    // checked in the engine's unit tests, without timing).
     let key = |c: &serde_json::Value| {
         format!(
             "{} {} {} {}",
             c["l_slope"], c["eps_slope"], c["k"], c["tau_cap"]
         )
     };
-    let mut faster = 0;
     for c in candidates.iter().filter(|c| cache_of(c).is_some()) {
         let twin = candidates
             .iter()
             .find(|u| cache_of(u).is_none() && key(u) == key(c))
             .unwrap();
-        let (a, b) = (
-            c["predicted_seconds"].as_f64().unwrap(),
-            twin["predicted_seconds"].as_f64().unwrap(),
-        );
-        assert!(a <= b * 1.05, "{c} predicted slower than uncached {b}");
-        faster += (a < b) as usize;
+        assert_ne!(c["runs"], twin["runs"], "{c}");
     }
-    assert!(faster > 0, "no cached candidate predicted faster");
+    let runs = j["runs"].as_array().unwrap();
+    assert!(
+        runs.iter()
+            .any(|r| r["knobs"]["cache"].is_string() && r["cached_steps"].as_u64().unwrap() > 0),
+        "no cached run skipped a step"
+    );
     let rec: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let chosen = &candidates[j["chosen"].as_u64().unwrap() as usize];
