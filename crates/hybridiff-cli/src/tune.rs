@@ -1223,6 +1223,15 @@ fn step_costs_line(c: &StepCosts) -> String {
     if let Some(p) = &c.pipelined {
         s += &format!(", pipelined {:.4} s", slowest(&p.ranks));
     }
+    for (name, cost) in [
+        ("cached exact", &c.exact_cached),
+        ("cached fill", &c.fill_cached),
+        ("cached pipelined", &c.pipelined_cached),
+    ] {
+        if let Some(x) = cost {
+            s += &format!(", {name} {:.4} s", slowest(&x.ranks));
+        }
+    }
     s
 }
 

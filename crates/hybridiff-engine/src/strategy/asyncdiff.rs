@@ -178,6 +178,13 @@ impl AsyncWorker<'_> {
 }
 
 impl Worker for AsyncWorker<'_> {
+    /// Never skipped whole: a stride-2 round's second step takes what its first computed
+    /// a step ahead, and the warm-up fills stage by stage; cached steps reuse each stage's
+    /// modules instead (the step cache's module-level path).
+    fn skip(&mut self, _i: usize) -> Option<super::Skipped> {
+        None
+    }
+
     fn step(
         &mut self,
         comm: &mut dyn Communicator,

@@ -437,7 +437,7 @@ impl Worker for HybridWorker<'_> {
         self.job.cfg() && self.switcher.tau1.is_none()
     }
 
-    fn skip(&mut self, i: usize) -> Skipped {
+    fn skip(&mut self, i: usize) -> Option<Skipped> {
         let mode = match (self.job.cfg(), self.switcher.phase(i)) {
             (true, Phase::Pipelined) => StepMode::Pipelined,
             _ => StepMode::Exact,
@@ -445,10 +445,10 @@ impl Worker for HybridWorker<'_> {
         if self.job.cfg() {
             self.switcher.record(i, 0.0);
         }
-        Skipped {
+        Some(Skipped {
             mode,
             tau1: self.switcher.tau1,
             tau2: self.switcher.tau2,
-        }
+        })
     }
 }

@@ -315,15 +315,16 @@ pub trait Worker {
         false
     }
 
-    /// Step `i` was skipped whole (a whole-prediction step cache): keep the worker's own
-    /// schedule in step, and say what the step was. The default suits workers whose steps
-    /// are all alike.
-    fn skip(&mut self, _i: usize) -> Skipped {
-        Skipped {
+    /// Step `i` is cached by a whole-prediction step cache: skip it whole, keeping the
+    /// worker's own schedule in step, and say what the step was; or `None` (the same on
+    /// every rank) to run it, its modules then reused one by one. The default suits
+    /// workers whose steps are all alike.
+    fn skip(&mut self, _i: usize) -> Option<Skipped> {
+        Some(Skipped {
             mode: StepMode::Exact,
             tau1: None,
             tau2: None,
-        }
+        })
     }
 }
 
@@ -580,12 +581,13 @@ pub fn run_rank(
         // takes the last prediction again, so the step costs nothing on any rank whatever
         // its mode (a fill, the first exact step after pipelining).
         let repeat = match plan.cached && cache.skips_whole_steps() {
-            true => sampler.last_prediction(),
+            true => sampler
+                .last_prediction()
+                .and_then(|eps| worker.skip(i).map(|s| (eps, s))),
             false => None,
         };
         let (out, record) = match repeat {
-            Some(eps) => {
-                let s = worker.skip(i);
+            Some((eps, s)) => {
                 let out = StepOutput {
                     mode: s.mode,
                     prediction: Prediction::Guided(eps),
