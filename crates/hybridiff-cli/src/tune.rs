@@ -415,6 +415,12 @@ fn grid_of(args: &TuneArgs, steps: usize) -> Result<Grid> {
 fn cache_grid(specs: &[String]) -> Result<Vec<Option<CacheKnob>>> {
     let mut out = vec![None];
     for s in specs {
+        if matches!(s.trim(), "default" | "none") {
+            bail!(
+                "--cache {}: tune searches step caches, so it takes a method to try: teacache (its thresholds swept) or deepcache (its intervals), or METHOD:KEY=VALUE for one setting; every candidate also runs without a cache",
+                s.trim()
+            );
+        }
         let spec = CacheSpec::parse(s, "--cache")?;
         let first = spec.knobs()[0].name;
         let given = s.split_once(':').is_some_and(|(_, params)| {

@@ -229,6 +229,7 @@ fn bad_tune_requests_fail_before_any_run() {
         (vec![("--out", s(&inner))], "is inside --report"),
         (vec![("--out", s(&model_file))], "inside --model"),
         (vec![("--cache", "nocache")], "unknown method `nocache`"),
+        (vec![("--cache", "default")], "tune searches step caches"),
         (
             vec![("--cache", "teacache:warmup=11")],
             "leaves none of the 12 steps",
@@ -408,22 +409,27 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A bare denoiser folder as `hybridiff init` writes one (a model_index.json of `class`,
+/// no text encoder or VAE) in `dir`, linking the fixture's denoiser and scheduler.
+#[cfg(unix)]
+fn bare_folder(dir: &Path, fixture_name: &str, denoiser: &str, class: &str) -> PathBuf {
+    let model = dir.join("bare");
+    std::fs::create_dir(&model).unwrap();
+    for part in [denoiser, "scheduler"] {
+        std::os::unix::fs::symlink(fixture(fixture_name).join(part), model.join(part)).unwrap();
+    }
+    let index = format!(r#"{{"_class_name": "{class}"}}"#);
+    std::fs::write(model.join("model_index.json"), index).unwrap();
+    model
+}
+
 /// A bare denoiser folder (as `hybridiff init` writes: a model_index.json but no text
 /// encoder or VAE) is tuned in latent space on seeded random embeddings.
 #[cfg(unix)]
 #[test]
 fn a_bare_denoiser_folder_is_tuned_on_latents() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("bare");
-    std::fs::create_dir(&model).unwrap();
-    for part in ["unet", "scheduler"] {
-        std::os::unix::fs::symlink(fixture("tiny-sdxl").join(part), model.join(part)).unwrap();
-    }
-    std::fs::write(
-        model.join("model_index.json"),
-        r#"{"_class_name": "StableDiffusionXLPipeline"}"#,
-    )
-    .unwrap();
+    let model = bare_folder(dir.path(), "tiny-sdxl", "unet", "StableDiffusionXLPipeline");
     let (out, report) = (dir.path().join("h.json"), dir.path().join("r"));
     let o = hybridiff(&[
         "tune",
@@ -581,19 +587,16 @@ fn tune_searches_a_step_cache_on_top_of_the_schedules() {
 }
 
 /// A cache method that does not fit the model is refused before any run.
+#[cfg(unix)]
 #[test]
 fn tune_refuses_a_cache_that_does_not_fit_the_model() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("bare");
-    std::fs::create_dir(&model).unwrap();
-    for part in ["transformer", "scheduler"] {
-        std::os::unix::fs::symlink(fixture("tiny-sd3").join(part), model.join(part)).unwrap();
-    }
-    std::fs::write(
-        model.join("model_index.json"),
-        r#"{"_class_name": "StableDiffusion3Pipeline"}"#,
-    )
-    .unwrap();
+    let model = bare_folder(
+        dir.path(),
+        "tiny-sd3",
+        "transformer",
+        "StableDiffusion3Pipeline",
+    );
     let (out, report) = (dir.path().join("h.json"), dir.path().join("r"));
     let start = std::time::Instant::now();
     let o = hybridiff(&[
@@ -623,19 +626,11 @@ fn tune_refuses_a_cache_that_does_not_fit_the_model() {
 
 /// At 4 ranks the pipelined steps' layout is a knob: both layouts run, each keeps its
 /// predicted schedule, and a per-branch choice is written to hybridiff.json.
+#[cfg(unix)]
 #[test]
 fn tune_searches_the_pipeline_layout_at_four_ranks() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("bare");
-    std::fs::create_dir(&model).unwrap();
-    for part in ["unet", "scheduler"] {
-        std::os::unix::fs::symlink(fixture("tiny-sdxl").join(part), model.join(part)).unwrap();
-    }
-    std::fs::write(
-        model.join("model_index.json"),
-        r#"{"_class_name": "StableDiffusionXLPipeline"}"#,
-    )
-    .unwrap();
+    let model = bare_folder(dir.path(), "tiny-sdxl", "unet", "StableDiffusionXLPipeline");
     let (out, report) = (dir.path().join("h.json"), dir.path().join("r"));
     let o = hybridiff(&[
         "tune",
