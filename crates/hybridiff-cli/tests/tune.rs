@@ -423,18 +423,12 @@ fn bare_folder(dir: &Path, fixture_name: &str, denoiser: &str, class: &str) -> P
     model
 }
 
-/// A bare denoiser folder (as `hybridiff init` writes: a model_index.json but no text
-/// encoder or VAE) is tuned in latent space on seeded random embeddings.
-#[cfg(unix)]
-#[test]
-fn a_bare_denoiser_folder_is_tuned_on_latents() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = bare_folder(dir.path(), "tiny-sdxl", "unet", "StableDiffusionXLPipeline");
-    let (out, report) = (dir.path().join("h.json"), dir.path().join("r"));
-    let o = hybridiff(&[
+/// A small tune of a bare denoiser folder: 8 steps, two candidates, no held-out seed.
+fn bare_tune_args<'a>(model: &'a str, out: &'a str, report: &'a str) -> Vec<&'a str> {
+    vec![
         "tune",
         "--model",
-        s(&model),
+        model,
         "--steps",
         "8",
         "--l-slope",
@@ -454,10 +448,21 @@ fn a_bare_denoiser_folder_is_tuned_on_latents() {
         "--min-psnr",
         "10",
         "--out",
-        s(&out),
+        out,
         "--report",
-        s(&report),
-    ]);
+        report,
+    ]
+}
+
+/// A bare denoiser folder (as `hybridiff init` writes: a model_index.json but no text
+/// encoder or VAE) is tuned in latent space on seeded random embeddings.
+#[cfg(unix)]
+#[test]
+fn a_bare_denoiser_folder_is_tuned_on_latents() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = bare_folder(dir.path(), "tiny-sdxl", "unet", "StableDiffusionXLPipeline");
+    let (out, report) = (dir.path().join("h.json"), dir.path().join("r"));
+    let o = hybridiff(&bare_tune_args(s(&model), s(&out), s(&report)));
     assert!(o.status.success(), "{}", stderr(&o));
     let md = std::fs::read_to_string(report.join("report.md")).unwrap();
     assert!(md.contains("latent space"), "{md}");
@@ -632,37 +637,14 @@ fn tune_searches_the_pipeline_layout_at_four_ranks() {
     let dir = tempfile::tempdir().unwrap();
     let model = bare_folder(dir.path(), "tiny-sdxl", "unet", "StableDiffusionXLPipeline");
     let (out, report) = (dir.path().join("h.json"), dir.path().join("r"));
-    let o = hybridiff(&[
-        "tune",
-        "--model",
-        s(&model),
-        "--steps",
-        "8",
-        "--world-size",
-        "4",
-        "--l-slope",
-        "2",
-        "--eps-slope",
-        "2e-2",
-        "--k",
-        "2",
-        "--tau-cap",
-        "3,4",
-        "--pipelined-guidance",
-        "none,reuse",
-        "--pipeline-layout",
-        "across,per-branch",
-        "--holdout-seeds",
-        "0",
-        "--threads-per-rank",
-        "1",
-        "--min-psnr",
-        "10",
-        "--out",
-        s(&out),
-        "--report",
-        s(&report),
-    ]);
+    let o = hybridiff(&with(
+        bare_tune_args(s(&model), s(&out), s(&report)),
+        &[
+            ("--world-size", "4"),
+            ("--pipelined-guidance", "none,reuse"),
+            ("--pipeline-layout", "across,per-branch"),
+        ],
+    ));
     assert!(o.status.success(), "{}", stderr(&o));
     let j: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(report.join("tune.json")).unwrap()).unwrap();
