@@ -804,18 +804,17 @@ pub fn run(args: TuneArgs) -> Result<()> {
         sampling: Default::default(),
     };
     for knobs in &grid.knobs {
-        let opts = options_for(&fitting[0].switch, knobs);
-        StrategyKind::Hybrid
-            .build(&opts)
+        // With a cache, the strategy's check also fits the method to the model.
+        let strategy = StrategyKind::Hybrid.build(&options_for(&fitting[0].switch, knobs));
+        strategy
             .check(&probe_job, world)
             .with_context(|| format!("hybrid on {world} ranks with {knobs}"))?;
         if let Some(c) = knobs.cache {
             c.0.check_steps(steps)?;
-            c.0.skip_range(model.denoiser.as_ref())?;
             if let Subject::Pipeline(p) = &subject {
                 p.check_memory(
                     &ctx.request("", None, 0),
-                    StrategyKind::Hybrid.build(&opts).as_ref(),
+                    strategy.as_ref(),
                     &run_opts(world),
                 )?;
             }
@@ -927,7 +926,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
     // 4. Latency from measured step costs.
     let serial_refs: Vec<&Trace> = serial_traces.iter().collect();
     let serial_costs = StepCosts::measure(&serial_refs)?;
-    let serial_seconds = serial_costs.predict(steps, None, &[], &link)?;
+    let serial_seconds = serial_costs.predict(steps, None, &link)?;
     let mut costs: Vec<(Knobs, StepCosts)> = Vec::new();
     for knobs in &grid.knobs {
         let traces: Vec<&Trace> = hybrid_traces
@@ -947,12 +946,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
             .1
     };
     for ((spec, r), (_, trace)) in plan.runs.iter().zip(results.iter_mut()).zip(&hybrid_traces) {
-        // The trace's own modes: a whole-prediction cache may move the fill.
-        r.predicted_seconds = costs_of(&spec.knobs).predict_modes(
-            &trace_modes(trace),
-            &tune::cached_steps(trace),
-            &link,
-        )?;
+        r.predicted_seconds = costs_of(&spec.knobs).predict_trace(trace, &link)?;
     }
     let run_quality: Vec<Quality> = results.iter().map(|r| r.quality).collect();
     let run_seconds: Vec<f64> = results.iter().map(|r| r.predicted_seconds).collect();
@@ -987,11 +981,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
                 bar.inc(1);
                 let q = ctx.quality(&reference, &out)?;
                 values.push(floor.value(&q).unwrap_or(f64::NAN));
-                pred.push(costs_of(&c.knobs).predict_modes(
-                    &trace_modes(&ht),
-                    &tune::cached_steps(&ht),
-                    &link,
-                )?);
+                pred.push(costs_of(&c.knobs).predict_trace(&ht, &link)?);
                 ms.push(st.total_seconds);
                 mh.push(ht.total_seconds);
                 tau1.push(ht.tau1);
@@ -1142,10 +1132,6 @@ pub fn run(args: TuneArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn trace_modes(trace: &Trace) -> Vec<hybridiff_engine::trace::StepMode> {
-    trace.steps.iter().map(|s| s.mode).collect()
 }
 
 fn options_for(switch: &SwitchParams, knobs: &Knobs) -> StrategyOptions {

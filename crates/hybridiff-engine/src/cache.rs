@@ -496,6 +496,11 @@ impl SkipRange {
     fn contains(&self, m: usize) -> bool {
         (self.start..self.end).contains(&m)
     }
+
+    /// Whether every one of a model's `modules` is reused: the last prediction stands.
+    fn whole(&self, modules: usize) -> bool {
+        self.kind == Substitute::Reuse && self.start == 0 && self.end == modules
+    }
 }
 
 /// What one rank's cache did in one step.
@@ -737,17 +742,15 @@ impl<'a> StepCache<'a> {
     /// the same as reusing each path's last output where the last step was exact, and no
     /// compute where it had none (a fill step, the first exact step after pipelining).
     pub fn skips_whole_steps(&self) -> bool {
-        self.range.is_some_and(|r| {
-            r.kind == Substitute::Reuse && r.start == 0 && r.end == self.inner.module_names().len()
-        })
+        let modules = self.inner.module_names().len();
+        self.range.is_some_and(|r| r.whole(modules))
     }
 
     /// The record of a step skipped whole: every module served from the last step, nothing
     /// computed, and saved what this rank computed in its last computed step.
-    pub fn skip_step(&self, mut record: StepRecord) -> StepRecord {
-        *lock(&self.account) = Account::default();
+    pub fn skip_step(&self, record: StepRecord) -> StepRecord {
+        let mut record = self.end_step(record);
         record.served = (0..self.inner.module_names().len()).collect();
-        record.forwards = 0.0;
         record.saved = *lock(&self.last_forwards);
         record
     }
@@ -779,7 +782,7 @@ impl<'a> StepCache<'a> {
         let mut memo = lock(memo);
         let key = sample.dims().to_vec();
         let n = self.inner.module_names().len();
-        let whole = range.kind == Substitute::Reuse && range.start == 0 && range.end == n;
+        let whole = range.whole(n);
         let reuse = cached && memo.usable(step, &key, &range, whole);
         let batch = sample.dim(0)? as f64;
         if whole && reuse {

@@ -703,10 +703,7 @@ fn assemble(
             .iter()
             .filter_map(|s| s.cache.as_ref())
             .fold(0.0, |a, c| a + c.forwards_saved),
-        cached_steps: steps
-            .iter()
-            .filter(|s| s.cache.as_ref().is_some_and(|c| c.decision == "cached"))
-            .count(),
+        cached_steps: steps.iter().filter(|s| s.cached()).count(),
         steps,
     };
     let step_latents = Tensor::cat(&rank0.step_latents, 0)?;

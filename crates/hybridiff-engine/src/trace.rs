@@ -72,6 +72,13 @@ pub struct StepTrace {
     pub cache: Option<StepCacheTrace>,
 }
 
+impl StepTrace {
+    /// Whether the step cache marked the step cached (`--cache`).
+    pub fn cached(&self) -> bool {
+        self.cache.as_ref().is_some_and(|c| c.decision == "cached")
+    }
+}
+
 /// One step of the step cache (`--cache`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepCacheTrace {

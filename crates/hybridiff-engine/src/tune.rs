@@ -453,15 +453,6 @@ pub struct StepCosts {
     pub pipelined_cached: Option<StepCost>,
 }
 
-/// Whether the trace's step `i` was cached (`--cache`).
-pub fn cached_steps(trace: &Trace) -> Vec<bool> {
-    trace
-        .steps
-        .iter()
-        .map(|s| s.cache.as_ref().is_some_and(|c| c.decision == "cached"))
-        .collect()
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -512,7 +503,7 @@ impl StepCosts {
         let mut ranks = None;
         for t in traces {
             let costs = crate::latency::costs_of(t)?;
-            for ((s, c), cached) in t.steps.iter().zip(costs).zip(cached_steps(t)) {
+            for (s, c) in t.steps.iter().zip(costs) {
                 if *ranks.get_or_insert(c.ranks.len()) != c.ranks.len() {
                     return Err(Error::Input(format!(
                         "trace of {}: steps of {} ranks among steps of {}",
@@ -526,7 +517,7 @@ impl StepCosts {
                     StepMode::Fill => 1,
                     StepMode::Pipelined => 2,
                 };
-                by_mode[m + 3 * usize::from(cached)].push(c);
+                by_mode[m + 3 * usize::from(s.cached())].push(c);
             }
         }
         let [exact, fill, pipelined, exact_cached, fill_cached, pipelined_cached] = by_mode;
@@ -542,8 +533,7 @@ impl StepCosts {
     }
 
     /// The predicted seconds of a run of `steps` steps that pipelines `pipelined` (first,
-    /// last), on `link`, whose step `i` the step cache marked cached when `cached[i]`
-    /// (missing entries: computed); see [`StepCosts::predict_modes`].
+    /// last), on `link`, every step computed.
     ///
     /// # Errors
     /// The schedule needs a fill or pipelined step and none was measured.
@@ -551,16 +541,26 @@ impl StepCosts {
         &self,
         steps: usize,
         pipelined: Option<(usize, usize)>,
-        cached: &[bool],
         link: &Link,
     ) -> Result<f64> {
         let modes: Vec<StepMode> = (0..steps).map(|i| step_mode(i, pipelined)).collect();
-        self.predict_modes(&modes, cached, link)
+        self.predict_modes(&modes, &[], link)
     }
 
-    /// The predicted seconds of a run whose steps have `modes` (a run's trace, where a
-    /// cache may have moved the fill) and `cached` decisions, on `link`. A cached step of
-    /// a kind never measured cached costs what it costs computed.
+    /// The predicted seconds of the run `trace` records, on `link`: its own step modes (a
+    /// whole-prediction cache may move the fill) and cache decisions.
+    ///
+    /// # Errors
+    /// As [`StepCosts::predict_modes`].
+    pub fn predict_trace(&self, trace: &Trace, link: &Link) -> Result<f64> {
+        let modes: Vec<StepMode> = trace.steps.iter().map(|s| s.mode).collect();
+        let cached: Vec<bool> = trace.steps.iter().map(|s| s.cached()).collect();
+        self.predict_modes(&modes, &cached, link)
+    }
+
+    /// The predicted seconds of a run whose steps have `modes` and `cached` decisions
+    /// (missing entries: computed), on `link`. A cached step of a kind never measured
+    /// cached costs what it costs computed.
     ///
     /// # Errors
     /// A fill or pipelined step and none was measured.
@@ -1057,22 +1057,23 @@ mod tests {
             pipelined_cached: None,
         };
         let l = free_link();
-        assert_eq!(costs.predict(10, None, &[], &l).unwrap(), 10.0);
+        assert_eq!(costs.predict(10, None, &l).unwrap(), 10.0);
         // 6 exact, 1 fill, 3 pipelined (the slower rank sets each step).
-        let s = costs.predict(10, Some((4, 7)), &[], &l).unwrap();
+        let s = costs.predict(10, Some((4, 7)), &l).unwrap();
         assert!((s - (6.0 + 2.0 + 3.0 * 0.6)).abs() < 1e-12, "{s}");
         // Cached steps: their own cost where measured, else the computed step's.
         let mut cached = vec![false; 10];
         for i in [1, 4, 5, 9] {
             cached[i] = true;
         }
-        assert!((costs.predict(10, Some((4, 7)), &cached, &l).unwrap() - s).abs() < 1e-12);
+        let modes: Vec<StepMode> = (0..10).map(|i| step_mode(i, Some((4, 7)))).collect();
+        assert!((costs.predict_modes(&modes, &cached, &l).unwrap() - s).abs() < 1e-12);
         let with_cached = StepCosts {
             exact_cached: Some(side_by_side(vec![rank(0.1), rank(0.2)])),
             pipelined_cached: Some(side_by_side(vec![rank(0.05), rank(0.05)])),
             ..costs.clone()
         };
-        let c = with_cached.predict(10, Some((4, 7)), &cached, &l).unwrap();
+        let c = with_cached.predict_modes(&modes, &cached, &l).unwrap();
         let want = 4.0 + 2.0 * 0.2 + 2.0 + 2.0 * 0.6 + 0.05;
         assert!((c - want).abs() < 1e-12, "{c} vs {want}");
         // A fill skipped whole (a whole-prediction cache), and the fill it moved to the
@@ -1081,9 +1082,9 @@ mod tests {
             fill_cached: Some(side_by_side(vec![rank(0.01), rank(0.01)])),
             ..with_cached.clone()
         };
-        let c = skips_fill.predict(10, Some((4, 7)), &cached, &l).unwrap();
+        let c = skips_fill.predict_modes(&modes, &cached, &l).unwrap();
         assert!((c - (want - 2.0 + 0.01)).abs() < 1e-12, "{c}");
-        let mut modes: Vec<StepMode> = (0..10).map(|i| step_mode(i, Some((4, 7)))).collect();
+        let mut modes = modes;
         modes[4] = StepMode::Pipelined;
         modes[6] = StepMode::Fill;
         let c = skips_fill.predict_modes(&modes, &cached, &l).unwrap();
@@ -1093,8 +1094,8 @@ mod tests {
             pipelined: None,
             ..costs
         };
-        assert!(none.predict(10, Some((4, 7)), &[], &l).is_err());
-        assert_eq!(none.predict(10, Some((4, 4)), &[], &l).unwrap(), 9.0 + 2.0);
+        assert!(none.predict(10, Some((4, 7)), &l).is_err());
+        assert_eq!(none.predict(10, Some((4, 4)), &l).unwrap(), 9.0 + 2.0);
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
     }
